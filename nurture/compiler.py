@@ -303,7 +303,7 @@ def _check_send(
 ) -> None:
     name = step.get("template")
     primary = step.get("send")
-    fallback = step.get("fallback") if isinstance(step.get("fallback"), list) else []
+    fallback: list[Any] = step["fallback"] if isinstance(step.get("fallback"), list) else []
     if not isinstance(name, str) or not name:
         return
     channels = [primary, *fallback]
@@ -355,9 +355,9 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[KeyPath, bool]:
 
 def _lookup(data: Any, path: KeyPath) -> Any:
     for part in path:
-        if (isinstance(data, dict) and part in data) or (isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)):
+        try:
             data = data[part]
-        else:
+        except (KeyError, IndexError, TypeError):
             return None
     return data
 

@@ -116,7 +116,7 @@ class Deliverer:
                 continue
             address = str(profile.traits[ADDRESS_TRAITS[channel]])
             result = await self.channels[channel].deliver(
-                message, address=address, idempotency_key=f"{request.idempotency_key}:{channel}"
+                message, address=address, idempotency_key=request.idempotency_key
             )
             log.info(
                 "send %s step=%s channel=%s to=%s status=%s",

@@ -38,7 +38,7 @@ class ExpressionError(ValueError):
 
 # --- compilation -------------------------------------------------------------------------------
 
-_BINOPS: dict[type[nodes.Expr], str] = {
+_BINOPS: dict[type[nodes.Node], str] = {
     nodes.Add: "+",
     nodes.Sub: "-",
     nodes.Mul: "*",

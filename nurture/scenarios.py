@@ -163,6 +163,18 @@ class Observed:
         return head + text
 
 
+@dataclass(frozen=True)
+class Step:
+    """One scenario input: a track event or an identify, at an offset."""
+
+    at: int
+    user: str
+    event: Event | None = None
+    traits: dict[str, Any] | None = None
+    opted_out: frozenset[str] | None = None
+    """With identify: the channels the user is now opted out of (``None``: unchanged)."""
+
+
 @dataclass
 class Scenario:
     """A loaded scenario file."""
@@ -173,8 +185,7 @@ class Scenario:
     journeys: list[str]
     users: dict[str, dict[str, Any]]
     opted_out: dict[str, list[str]]
-    events: list[tuple[int, str, Event | None, dict[str, Any] | None]]
-    """(offset, user, track event or None, identify traits or None)."""
+    events: list[Step]
     expect: list[Expectation] = field(default_factory=list)
 
     def instant(self, offset: int) -> datetime:
@@ -219,7 +230,7 @@ def load_scenario(path: Path, project: Project) -> Scenario:
             return ""
         return only_user
 
-    events: list[tuple[int, str, Event | None, dict[str, Any] | None]] = []
+    events: list[Step] = []
     for index, item in enumerate(doc.events):
         offset = parse_offset(item.at)
         user = who(item.user, ("events", index))
@@ -229,9 +240,13 @@ def load_scenario(path: Path, project: Project) -> Scenario:
         if item.event is not None:
             message_id = item.message_id or f"{path.stem}-{index}"
             event = Event(item.event, start + timedelta(seconds=offset), item.properties, message_id)
-            events.append((offset, user, event, None))
+            events.append(Step(offset, user, event=event))
         else:
-            events.append((offset, user, None, dict(item.identify or {})))
+            traits = dict(item.identify or {})
+            channels = traits.pop("opted_out", None)
+            events.append(
+                Step(offset, user, traits=traits, opted_out=None if channels is None else frozenset(channels))
+            )
     expectations: list[Expectation] = []
     last = -1
     for index, want in enumerate(doc.expect):
@@ -336,14 +351,12 @@ def build_simulator(scenario: Scenario, project: Project, deliverer: Deliverer) 
     sim = Simulator(project.select(scenario.journeys), deliverer, scenario.start)
     for user_id, traits in scenario.users.items():
         sim.add_user(user_id, traits, scenario.opted_out.get(user_id, ()))
-    for offset, user, event, traits in scenario.events:
-        when = scenario.instant(offset)
-        if event is not None:
-            sim.track(when, user, event)
+    for step in scenario.events:
+        when = scenario.instant(step.at)
+        if step.event is not None:
+            sim.track(when, step.user, step.event)
         else:
-            assert traits is not None
-            opted = traits.pop("opted_out", None)
-            sim.identify(when, user, traits, opted)
+            sim.identify(when, step.user, step.traits or {}, step.opted_out)
     return sim
 
 

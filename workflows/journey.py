@@ -9,7 +9,6 @@ happens in activities.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -154,7 +153,7 @@ class JourneyWorkflow:
             self._waiting = True
             try:
                 await workflow.wait_condition(lambda: bool(self._inbox), timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._waiting = False
                 return run.resume(None, self._now())
             self._waiting = False

@@ -37,6 +37,7 @@ from nurture.ir import journey_to_dict
 from nurture.model import Event, SendOutcome, SendRequest
 from nurture.scenarios import Scenario
 from nurture.simulator import Outcome
+from nurture.templates import TemplateStore
 
 from .activities import JourneyActivities
 from .journey import JourneyWorkflow
@@ -80,10 +81,13 @@ class TemporalRuntime:
 
     name = "temporal"
 
-    def __init__(self) -> None:
+    def __init__(self, templates: TemplateStore | None = None) -> None:
+        self._templates = templates or TemplateStore(Path("templates"))
         self._env: WorkflowEnvironment | None = None
         self._worker: Worker | None = None
         self._activities: JourneyActivities | None = None
+        self.handles: dict[str, WorkflowHandle[Any, Any]] = {}
+        """The workflow handles of the last scenario played, by run id."""
 
     async def __aenter__(self) -> TemporalRuntime:
         with _quiet_stdout():
@@ -92,7 +96,7 @@ class TemporalRuntime:
             )
         outbox = Outbox()
         self._activities = JourneyActivities(
-            Deliverer(_NoTemplates(), dict.fromkeys(("email", "sms", "wechat"), outbox)),
+            Deliverer(self._templates, dict.fromkeys(("email", "sms", "wechat"), outbox)),
             MemoryProfiles(),
             MemoryRecorder(),
         )
@@ -135,17 +139,15 @@ class TemporalRuntime:
         journeys = project.select(scenario.journeys)
         offset = scenario.start - await env.get_current_time()
         play = _Play(self.client, scenario, offset, recorder, uuid.uuid4().hex[:8])
-        for at, user_id, event, traits in sorted(scenario.events, key=lambda e: e[0]):
-            delta = scenario.instant(at) - (await env.get_current_time() + offset)
+        self.handles = play.handles
+        for step in sorted(scenario.events, key=lambda e: e.at):
+            delta = scenario.instant(step.at) - (await env.get_current_time() + offset)
             if delta > timedelta(0):
                 await env.sleep(delta)
-            if event is None:
-                assert traits is not None
-                traits = dict(traits)
-                opted = traits.pop("opted_out", None)
-                profiles.update_now(user_id, traits, None if opted is None else frozenset(opted))
-                continue
-            await play.track(user_id, event, journeys, profiles)
+            if step.event is None:
+                profiles.update_now(step.user, step.traits or {}, step.opted_out)
+            else:
+                await play.track(step.user, step.event, journeys, profiles)
         for handle in play.handles.values():  # one at a time: each wait unlocks time skipping
             await handle.result()
         return sorted(recorder.outcomes, key=lambda o: o.at)
@@ -170,13 +172,6 @@ def _quiet_stdout() -> Iterator[None]:
         os.dup2(saved, 1)
         os.close(saved)
         os.close(devnull)
-
-
-class _NoTemplates:
-    """Placeholder until the first scenario sets the project's templates."""
-
-    def render(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("no project loaded")
 
 
 @dataclass
@@ -243,10 +238,8 @@ class _Play:
         await self._settle(touched)
 
     async def _signal(self, run_id: str, name: str, arg: Any) -> None:
-        try:
+        with contextlib.suppress(RPCError):  # the run ended in between: nothing left to tell it
             await self.handles[run_id].signal(name, arg)
-        except RPCError:
-            pass  # the run ended in between: nothing left to tell it
 
     async def _settle(self, run_ids: list[str]) -> None:
         """Wait until each run has handled its signals and is waiting (or has ended)."""

@@ -1,0 +1,51 @@
+"""Recorded histories replay on the current workflow code: in-flight runs survive upgrades.
+
+A change to the interpreter or the workflow that would send different commands for an existing
+history fails here; gate it with ``workflow.patched`` (see docs/architecture.md) and record new
+histories with ``python tests/record_histories.py`` beside the old ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from workflows.journey import JourneyWorkflow
+
+HISTORIES = sorted((Path(__file__).parent / "histories").rglob("*.json"))
+
+
+def test_histories_are_recorded() -> None:
+    assert len(HISTORIES) >= 6
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[f"{p.parent.name}/{p.stem}" for p in HISTORIES])
+async def test_history_replays(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    history = WorkflowHistory.from_json(f"replay-{path.stem}", text)
+    result = await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history)
+    assert result.replay_failure is None
+    assert json.loads(text)["events"][0]["eventType"] in ("EVENT_TYPE_WORKFLOW_EXECUTION_STARTED", "WorkflowExecutionStarted")
+
+
+async def test_changed_workflow_code_fails_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard works: a run whose steps now issue different commands does not replay."""
+    from nurture import interpreter
+
+    original = interpreter.Run._step
+
+    def skip_waits(self: interpreter.Run, step: object):  # type: ignore[no-untyped-def]
+        if type(step).__name__ == "Wait":
+            return None
+            yield  # pragma: no cover - keeps this a generator
+        return (yield from original(self, step))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(interpreter.Run, "_step", skip_waits)
+    path = next(p for p in HISTORIES if "welcome_full_series" in p.name)
+    history = WorkflowHistory.from_json("replay-changed", path.read_text(encoding="utf-8"))
+    result = await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is not None
