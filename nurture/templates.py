@@ -1,0 +1,870 @@
+"""Message templates: where they live, how they are checked and how they render.
+
+A template store is a directory with one subdirectory per channel::
+
+    email/<name>.mjml             MJML + Jinja2 with YAML front matter (subject, preheader)
+    email/<name>.<locale>.mjml    a locale variant, e.g. welcome.zh-CN.mjml
+    sms/<name>.txt                Jinja2 text
+    wechat/<name>.yaml            template_id, data: {field: Jinja2 text}, url, miniprogram
+
+``check`` finds every problem in a template at once, each pointing at a line and column of the
+file. ``render`` turns a template and a context (``user``, ``event``, ``last_event``, ``journey``)
+into a :class:`RenderedMessage`. MJML is compiled once per file content and the resulting HTML is
+rendered by Jinja per recipient, so rendering thousands of messages costs one Jinja pass each.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import html
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, NoReturn
+
+import jinja2
+import mrml
+import yaml
+from jinja2 import ChainableUndefined, meta, nodes
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from nurture.diagnostics import Diagnostic, did_you_mean
+
+CHANNELS: dict[str, tuple[str, str]] = {
+    "email": ("email", ".mjml"),
+    "sms": ("sms", ".txt"),
+    "wechat": ("wechat", ".yaml"),
+}
+"""Channel -> (subdirectory of the store, file suffix)."""
+
+TEMPLATE_NAMES = ("user", "event", "last_event", "journey")
+"""The only top-level names a template may use."""
+
+MJML_TAGS = frozenset(
+    {
+        "mjml",
+        "mj-head",
+        "mj-body",
+        "mj-section",
+        "mj-column",
+        "mj-group",
+        "mj-text",
+        "mj-button",
+        "mj-image",
+        "mj-divider",
+        "mj-spacer",
+        "mj-table",
+        "mj-raw",
+        "mj-hero",
+        "mj-navbar",
+        "mj-navbar-link",
+        "mj-social",
+        "mj-social-element",
+        "mj-accordion",
+        "mj-accordion-element",
+        "mj-accordion-title",
+        "mj-accordion-text",
+        "mj-carousel",
+        "mj-carousel-image",
+        "mj-wrapper",
+        "mj-attributes",
+        "mj-all",
+        "mj-class",
+        "mj-breakpoint",
+        "mj-font",
+        "mj-html-attributes",
+        "mj-html-attribute",
+        "mj-selector",
+        "mj-preview",
+        "mj-style",
+        "mj-title",
+        "mj-include",
+    }
+)
+
+EMAIL_KEYS = ("subject", "preheader")
+WECHAT_KEYS = ("template_id", "data", "url", "miniprogram")
+MINIPROGRAM_KEYS = ("appid", "pagepath")
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_JINJA_SPAN = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)
+_MJ_TAG = re.compile(r"<(/?)(mjml|mj-[A-Za-z0-9-]*)((?:\"[^\"]*\"|'[^']*'|[^'\">])*?)(/?)>")
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_MRML_POSITION = re.compile(r"\s*in root template(?: at position (\d+):(\d+))?")
+_BODY_TAG = re.compile(r"<body\b[^>]*>", re.I)
+# The hidden block MJML itself emits for <mj-preview>: inbox clients show it next to the subject.
+_PREHEADER_DIV = (
+    '<div style="display:none;font-size:1px;color:#ffffff;line-height:1px;max-height:0px;'
+    'max-width:0px;opacity:0;overflow:hidden;">{}</div>'
+)
+
+
+class TemplateError(Exception):
+    """A template could not be rendered: it has errors, or the data broke it at run time."""
+
+
+@dataclass(frozen=True)
+class RenderedMessage:
+    """One message ready for a channel adapter; JSON-serialisable through ``to_dict``."""
+
+    channel: str
+    """``email``, ``sms`` or ``wechat``."""
+    template: str
+    """Template name, without locale or suffix."""
+    locale: str | None
+    """The locale variant used; ``None`` when the base file was used."""
+    subject: str | None = None
+    """Email subject line."""
+    preheader: str | None = None
+    """Email preview text shown next to the subject in the inbox."""
+    html: str | None = None
+    """Email HTML: MJML compiled, Jinja rendered."""
+    text: str | None = None
+    """SMS body; for email, a plain-text alternative derived from the HTML."""
+    template_id: str | None = None
+    """WeChat template id."""
+    data: Mapping[str, str] | None = None
+    """WeChat template fields, rendered."""
+    url: str | None = None
+    """WeChat link opened by the message."""
+    miniprogram: Mapping[str, str] | None = None
+    """WeChat mini program to open instead of ``url``: ``appid`` and ``pagepath``."""
+
+    def searchable_text(self) -> str:
+        """Everything a recipient reads, for scenario ``contains:`` checks."""
+        parts: list[str | None]
+        if self.channel == "wechat":
+            parts = [*(self.data or {}).values(), self.url]
+        else:
+            parts = [self.subject, self.preheader, self.text]
+        return "\n".join(part for part in parts if part)
+
+    def preview(self, width: int = 80) -> str:
+        """One short line for timelines."""
+        if self.channel == "email":
+            line = f"Subject: {self.subject or ''}"
+        elif self.channel == "wechat":
+            line = ", ".join(f"{key}: {value}" for key, value in (self.data or {}).items())
+        else:
+            line = self.text or ""
+        line = " ".join(line.split())
+        if len(line) <= width:
+            return line
+        return line[: max(width - 1, 0)].rstrip() + "…"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name != "locale":
+                continue
+            out[f.name] = dict(value) if isinstance(value, Mapping) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RenderedMessage:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown RenderedMessage fields: {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {name: data.get(name) for name in known}
+        for name in ("data", "miniprogram"):
+            if values[name] is not None:
+                values[name] = dict(values[name])
+        return cls(**values)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The Jinja sandbox, made loud about violations and friendly to dict-shaped data."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
+        # Jinja's default returns an Undefined, which ChainableUndefined prints as "" -- a probe
+        # of internals must fail the render instead of passing silently.
+        raise SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is not allowed"
+        )
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        # `event.properties.items` must be the property, not the bound dict.items method.
+        if isinstance(obj, Mapping):
+            try:
+                return obj[attribute]
+            except (KeyError, TypeError):
+                pass
+        return super().getattr(obj, attribute)
+
+
+def _default(value: Any, default_value: Any = "", boolean: bool = False) -> Any:
+    """Jinja's ``default`` filter, which also replaces ``None`` (a null trait)."""
+    if isinstance(value, jinja2.Undefined) or value is None or (boolean and not value):
+        return default_value
+    return value
+
+
+def _finalize(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _environment(*, autoescape: bool) -> _Sandbox:
+    env = _Sandbox(
+        undefined=ChainableUndefined,
+        autoescape=autoescape,
+        finalize=_finalize,
+        trim_blocks=not autoescape,
+        lstrip_blocks=not autoescape,
+    )
+    env.filters["default"] = env.filters["d"] = _default
+    return env
+
+
+_TEXT_ENV = _environment(autoescape=False)
+_HTML_ENV = _environment(autoescape=True)
+_ALLOWED_NAMES = frozenset(TEMPLATE_NAMES) | frozenset(_HTML_ENV.globals)
+
+
+@dataclass(frozen=True)
+class _File:
+    """One template file as read from disk."""
+
+    label: str
+    text: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class _FrontMatter:
+    """Where the front matter and the body of an email template are in the file."""
+
+    front: str
+    front_line: int
+    front_offset: int
+    body: str
+    body_line: int
+    body_offset: int
+
+
+@dataclass(frozen=True)
+class _Email:
+    subject: jinja2.Template
+    preheader: jinja2.Template | None
+    html: jinja2.Template
+    text: jinja2.Template | None
+    """The plain-text alternative as a template, or None to derive it from each rendered HTML."""
+
+
+@dataclass(frozen=True)
+class _Sms:
+    text: jinja2.Template
+
+
+@dataclass(frozen=True)
+class _WeChat:
+    template_id: str
+    data: dict[str, jinja2.Template]
+    url: jinja2.Template | None
+    miniprogram: dict[str, jinja2.Template] | None
+
+
+_Compiled = _Email | _Sms | _WeChat
+
+
+class TemplateStore:
+    """Templates under one root directory, checked and rendered with caching."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._checked: dict[str, tuple[str, list[Diagnostic]]] = {}
+        self._mjml: dict[str, tuple[str, str]] = {}
+        self._compiled: dict[str, tuple[str, _Compiled]] = {}
+
+    def names(self, channel: str) -> list[str]:
+        """Base template names present for a channel (locale variants left out)."""
+        directory, suffix = self._location(channel)
+        return sorted(
+            filename[: -len(suffix)]
+            for filename in _listdir(directory)
+            if filename.endswith(suffix)
+            and not filename.startswith(".")
+            and "." not in filename[: -len(suffix)]
+        )
+
+    def exists(self, channel: str, name: str) -> bool:
+        return _valid_name(name) and self.path(channel, name).is_file()
+
+    def path(self, channel: str, name: str, locale: str | None = None) -> Path:
+        """Where the file is or would be; the name is not validated (see ``exists``)."""
+        directory, suffix = self._location(channel)
+        middle = f".{locale}" if locale else ""
+        return directory / f"{name}{middle}{suffix}"
+
+    def locales(self, channel: str, name: str) -> list[str]:
+        """Locales that have a variant of this template, as spelled in the file names."""
+        directory, suffix = self._location(channel)
+        prefix = f"{name}."
+        found = []
+        for filename in _listdir(directory):
+            if filename.startswith(prefix) and filename.endswith(suffix):
+                locale = filename[len(prefix) : -len(suffix)]
+                if locale and "." not in locale:
+                    found.append(locale)
+        return sorted(found)
+
+    def version(self, channel: str, name: str) -> str:
+        """A short hash of the base file and every locale variant."""
+        digest = hashlib.blake2b(digest_size=6)
+        for path in [self.path(channel, name)] + [
+            self.path(channel, name, locale) for locale in self.locales(channel, name)
+        ]:
+            digest.update(path.name.encode() + b"\0")
+            try:
+                digest.update(path.read_bytes())
+            except OSError:
+                digest.update(b"\0missing")
+            digest.update(b"\0")
+        return digest.hexdigest()
+
+    def check(self, channel: str, name: str) -> list[Diagnostic]:
+        """Every problem in the base file and each locale variant."""
+        if not _valid_name(name):
+            return [Diagnostic(str(self.path(channel, name)), 0, 0, _INVALID_NAME.format(name))]
+        paths = [self.path(channel, name)]
+        paths += [self.path(channel, name, locale) for locale in self.locales(channel, name)]
+        found: list[Diagnostic] = []
+        for path in paths:
+            file = _read(path)
+            if isinstance(file, Diagnostic):
+                found.append(file)
+            else:
+                found.extend(self._check_file(channel, file))
+        return found
+
+    def render(
+        self,
+        channel: str,
+        name: str,
+        context: Mapping[str, Any],
+        *,
+        locale: str | None = None,
+    ) -> RenderedMessage:
+        """Render for one recipient; ``locale`` picks ``zh-CN``, else ``zh``, else the base."""
+        if not _valid_name(name):
+            raise TemplateError(_INVALID_NAME.format(name))
+        path, used = self._resolve(channel, name, locale)
+        file = _read(path)
+        if isinstance(file, Diagnostic):
+            raise TemplateError(file.headline())
+        compiled = self._compile(channel, file)
+        values = dict(context)
+        try:
+            if isinstance(compiled, _Email):
+                return _render_email(compiled, values, name, used)
+            if isinstance(compiled, _Sms):
+                text = compiled.text.render(values).strip()
+                return RenderedMessage(channel="sms", template=name, locale=used, text=text)
+            return _render_wechat(compiled, values, name, used)
+        except SecurityError as exc:
+            raise TemplateError(f"{file.label}: not allowed in a template: {exc}") from exc
+        except Exception as exc:
+            # Template code and recipient data can raise anything (TypeError, ZeroDivisionError,
+            # UndefinedError...); the caller needs to know which template broke and why.
+            raise TemplateError(f"{file.label}: could not render: {exc}") from exc
+
+    def _location(self, channel: str) -> tuple[Path, str]:
+        if channel not in CHANNELS:
+            raise ValueError(f"unknown channel {channel!r}{did_you_mean(channel, CHANNELS)}")
+        subdirectory, suffix = CHANNELS[channel]
+        return self.root / subdirectory, suffix
+
+    def _resolve(self, channel: str, name: str, locale: str | None) -> tuple[Path, str | None]:
+        if locale:
+            wanted = _normalise_locale(locale)
+            variants = {_normalise_locale(v): v for v in self.locales(channel, name)}
+            for candidate in (wanted, wanted.split("-")[0]):
+                if candidate in variants:
+                    return self.path(channel, name, variants[candidate]), variants[candidate]
+        return self.path(channel, name), None
+
+    def _check_file(self, channel: str, file: _File) -> list[Diagnostic]:
+        cached = self._checked.get(file.label)
+        if cached is not None and cached[0] == file.digest:
+            return list(cached[1])
+        checker = _Checker(file)
+        if channel == "email":
+            self._check_email(checker)
+        elif channel == "sms":
+            checker.jinja(file.text, _TEXT_ENV, first_line=1, span=(0, len(file.text)))
+        else:
+            _check_wechat(checker)
+        found = sorted(checker.found, key=lambda d: (d.line, d.column))
+        self._checked[file.label] = (file.digest, found)
+        return list(found)
+
+    def _check_email(self, checker: _Checker) -> None:
+        parts = _split_front_matter(checker.file.text)
+        if isinstance(parts, str):
+            checker.add(1, 1, parts)
+            return
+        _check_front_matter(checker, parts)
+        body = parts.body
+        span = (parts.body_offset, len(checker.file.text))
+        body_ok = checker.jinja(body, _HTML_ENV, first_line=parts.body_line, span=span)
+        if not _check_mjml_tags(checker, parts):
+            return
+        try:
+            compiled = self._compile_mjml(checker.file, body)
+        except OSError as exc:
+            _report_mrml(checker, parts, str(exc))
+            return
+        try:
+            _HTML_ENV.parse(compiled)
+        except jinja2.TemplateSyntaxError as exc:
+            if body_ok:
+                checker.add(
+                    parts.body_line,
+                    1,
+                    f"Jinja code does not survive MJML compilation ({exc.message}); "
+                    "keep {{ }} and {% %} inside text or attribute values",
+                )
+
+    def _compile_mjml(self, file: _File, body: str) -> str:
+        cached = self._mjml.get(file.label)
+        if cached is not None and cached[0] == file.digest:
+            return cached[1]
+        compiled = mrml.to_html(body).content
+        self._mjml[file.label] = (file.digest, compiled)
+        return compiled
+
+    def _compile(self, channel: str, file: _File) -> _Compiled:
+        cached = self._compiled.get(file.label)
+        if cached is not None and cached[0] == file.digest:
+            return cached[1]
+        errors = [d for d in self._check_file(channel, file) if d.severity == "error"]
+        if errors:
+            raise TemplateError(
+                f"{file.label} has {len(errors)} error(s):\n" + "\n".join(d.headline() for d in errors)
+            )
+        compiled: _Compiled
+        if channel == "email":
+            parts = _split_front_matter(file.text)
+            assert isinstance(parts, _FrontMatter)  # check() passed
+            front = yaml.safe_load(parts.front)
+            preheader = front.get("preheader")
+            markup = self._compile_mjml(file, parts.body)
+            compiled = _Email(
+                subject=_TEXT_ENV.from_string(front["subject"]),
+                preheader=None if preheader is None else _TEXT_ENV.from_string(preheader),
+                html=_HTML_ENV.from_string(markup),
+                text=_text_template(markup),
+            )
+        elif channel == "sms":
+            compiled = _Sms(text=_TEXT_ENV.from_string(file.text))
+        else:
+            spec = yaml.safe_load(file.text)
+            mini = spec.get("miniprogram")
+            compiled = _WeChat(
+                template_id=spec["template_id"],
+                data={key: _TEXT_ENV.from_string(value) for key, value in spec["data"].items()},
+                url=_TEXT_ENV.from_string(spec["url"]) if "url" in spec else None,
+                miniprogram=None
+                if mini is None
+                else {key: _TEXT_ENV.from_string(value) for key, value in mini.items()},
+            )
+        self._compiled[file.label] = (file.digest, compiled)
+        return compiled
+
+
+def _render_email(compiled: _Email, values: dict[str, Any], name: str, locale: str | None) -> RenderedMessage:
+    subject = " ".join(compiled.subject.render(values).split())
+    preheader = None
+    if compiled.preheader is not None:
+        preheader = " ".join(compiled.preheader.render(values).split())
+    body = compiled.html.render(values)
+    text = html_to_text(body) if compiled.text is None else _tidy(compiled.text.render(values))
+    if preheader:
+        hidden = _PREHEADER_DIV.format(html.escape(preheader))
+        match = _BODY_TAG.search(body)
+        at = match.end() if match else 0
+        body = body[:at] + hidden + body[at:]
+    return RenderedMessage(
+        channel="email",
+        template=name,
+        locale=locale,
+        subject=subject,
+        preheader=preheader,
+        html=body,
+        text=text,
+    )
+
+
+def _render_wechat(
+    compiled: _WeChat, values: dict[str, Any], name: str, locale: str | None
+) -> RenderedMessage:
+    mini = compiled.miniprogram
+    return RenderedMessage(
+        channel="wechat",
+        template=name,
+        locale=locale,
+        template_id=compiled.template_id,
+        data={key: tpl.render(values).strip() for key, tpl in compiled.data.items()},
+        url=None if compiled.url is None else compiled.url.render(values).strip(),
+        miniprogram=None if mini is None else {key: tpl.render(values).strip() for key, tpl in mini.items()},
+    )
+
+
+_INVALID_NAME = "invalid template name {!r}: use letters, digits, '-' and '_' only"
+
+
+def _valid_name(name: str) -> bool:
+    # A dot would be read as a locale; slashes would leave the store.
+    return bool(name) and not any(c in name for c in "./\\")
+
+
+def _listdir(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def _normalise_locale(locale: str) -> str:
+    return locale.replace("_", "-").lower()
+
+
+def _read(path: Path) -> _File | Diagnostic:
+    label = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return Diagnostic(label, 0, 0, "template file not found: create it or fix the name")
+    except OSError as exc:
+        return Diagnostic(label, 0, 0, f"cannot read template: {exc.strerror}")
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        return Diagnostic(label, 0, 0, "template is not UTF-8 text: save it as UTF-8")
+    return _File(label, text, hashlib.blake2b(data, digest_size=16).hexdigest())
+
+
+class _Checker:
+    """Collects diagnostics for one file and maps offsets in it to lines and columns."""
+
+    def __init__(self, file: _File) -> None:
+        self.file = file
+        self.found: list[Diagnostic] = []
+        self._lines = file.text.splitlines()
+
+    def add(self, line: int, column: int, message: str, key: str = "") -> None:
+        self.found.append(Diagnostic(self.file.label, line, column, message, key=key))
+
+    def add_at(self, offset: int, message: str, key: str = "") -> None:
+        self.add(*self.position(offset), message, key=key)
+
+    def position(self, offset: int) -> tuple[int, int]:
+        text = self.file.text
+        line = text.count("\n", 0, offset) + 1
+        return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+    def jinja(self, source: str, env: jinja2.Environment, *, first_line: int, span: tuple[int, int]) -> bool:
+        """Check Jinja text that starts at ``first_line`` and sits at ``span`` in the file.
+
+        Returns whether the text parsed, so callers can skip checks that would only repeat it.
+        """
+        try:
+            ast = env.parse(source)
+        except jinja2.TemplateSyntaxError as exc:
+            line = min(first_line + (exc.lineno or 1) - 1, max(len(self._lines), 1))
+            self.add(line, self._code_column(line), f"Jinja syntax error: {exc.message}")
+            return False
+        region = self.file.text[span[0] : span[1]]
+        for name in sorted(meta.find_undeclared_variables(ast) - _ALLOWED_NAMES):
+            hint = did_you_mean(name, TEMPLATE_NAMES)
+            if not hint:
+                hint = ": templates can use only user, event, last_event and journey"
+            self.add_at(span[0] + _find_name(region, name), f"unknown name '{name}'{hint}")
+        loaders = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
+        for node in ast.find_all(loaders):
+            tag = type(node).__name__.lower().replace("fromimport", "from")
+            self.add(
+                first_line + node.lineno - 1,
+                1,
+                f"{{% {tag} %}} is not available in message templates: copy the shared part into this file",
+            )
+        return True
+
+    def _code_column(self, line: int) -> int:
+        if not 1 <= line <= len(self._lines):
+            return 1
+        text = self._lines[line - 1]
+        starts = [i for i in (text.find("{{"), text.find("{%")) if i >= 0]
+        if starts:
+            return min(starts) + 1
+        return len(text) - len(text.lstrip()) + 1
+
+
+def _find_name(region: str, name: str) -> int:
+    """Offset in ``region`` of the first use of ``name`` inside Jinja delimiters."""
+    token = re.compile(rf"(?<![\w.]){re.escape(name)}\b")
+    for span in _JINJA_SPAN.finditer(region):
+        found = token.search(span.group())
+        if found:
+            return span.start() + found.start()
+    return 0
+
+
+def _split_front_matter(text: str) -> _FrontMatter | str:
+    """Split an email template, or say what is wrong with its front matter."""
+    lines = text.splitlines(keepends=True)
+    if not lines or lines[0].strip() != "---":
+        return (
+            "email template needs YAML front matter with a subject: start the file with a "
+            "'---' line, then 'subject: ...', then another '---' line"
+        )
+    for index in range(1, len(lines)):
+        if lines[index].rstrip() == "---":
+            body_offset = sum(len(line) for line in lines[: index + 1])
+            return _FrontMatter(
+                front="".join(lines[1:index]),
+                front_line=2,
+                front_offset=len(lines[0]),
+                body=text[body_offset:],
+                body_line=index + 2,
+                body_offset=body_offset,
+            )
+    return "front matter is not closed: add a '---' line after the subject and preheader"
+
+
+def _yaml_root(checker: _Checker, source: str, first_line: int, what: str) -> yaml.Node | None:
+    """Compose YAML, reporting a syntax error at its place in the file."""
+    try:
+        return yaml.compose(source, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = first_line + (mark.line if mark else 0)
+        column = mark.column + 1 if mark else 1
+        hint = ""
+        if "{{" in source or "{%" in source:
+            hint = "; a value that starts with {{ or contains ': ' must be quoted"
+        checker.add(line, column, f"{what} is not valid YAML: {exc.problem}{hint}")
+    except yaml.YAMLError as exc:
+        checker.add(first_line, 1, f"{what} is not valid YAML: {exc}")
+    return None
+
+
+def _mapping_items(
+    checker: _Checker, node: yaml.MappingNode, allowed: tuple[str, ...], base: int, prefix: str
+) -> dict[str, yaml.Node]:
+    """Known keys of a mapping node; unknown and duplicate keys are reported."""
+    items: dict[str, yaml.Node] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        where = base + key_node.start_mark.index
+        if key in items:
+            checker.add_at(where, f"duplicate key '{key}': keep only one", prefix.rstrip("."))
+        elif allowed and key not in allowed:
+            hint = did_you_mean(key, allowed) or f": use {', '.join(allowed)}"
+            checker.add_at(where, f"unknown key '{key}'{hint}", prefix.rstrip("."))
+        else:
+            items[key] = value_node
+    return items
+
+
+def _text_value(checker: _Checker, node: yaml.Node, base: int, key: str, *, jinja: bool = True) -> None:
+    """Check that a YAML value is text and, if ``jinja``, valid Jinja."""
+    where = base + node.start_mark.index
+    if not isinstance(node, yaml.ScalarNode) or node.tag != _STR_TAG:
+        raw = checker.file.text[where : where + 2]
+        hint = "; quote it" if isinstance(node, yaml.ScalarNode) or raw == "{{" else ""
+        checker.add_at(where, f"must be text{hint}", key)
+        return
+    if jinja:
+        line, _ = checker.position(where)
+        span = (where, base + node.end_mark.index)
+        checker.jinja(str(node.value), _TEXT_ENV, first_line=line, span=span)
+
+
+def _check_front_matter(checker: _Checker, parts: _FrontMatter) -> None:
+    before = len(checker.found)
+    root = _yaml_root(checker, parts.front, parts.front_line, "front matter")
+    if len(checker.found) > before:
+        return
+    base = parts.front_offset
+    if root is not None and not isinstance(root, yaml.MappingNode):
+        checker.add_at(base + root.start_mark.index, "front matter must be keys like 'subject: …'")
+        return
+    items = _mapping_items(checker, root, EMAIL_KEYS, base, "") if root else {}
+    if "subject" not in items:
+        checker.add(1, 1, "front matter needs a subject: add 'subject: …' between the '---' lines")
+    for key, value in items.items():
+        _text_value(checker, value, base, key)
+
+
+def _check_wechat(checker: _Checker) -> None:
+    before = len(checker.found)
+    root = _yaml_root(checker, checker.file.text, 1, "WeChat template")
+    if len(checker.found) > before:
+        return
+    if root is None:
+        checker.add(1, 1, "WeChat template is empty: add template_id and data")
+        return
+    if not isinstance(root, yaml.MappingNode):
+        checker.add_at(root.start_mark.index, "WeChat template must be keys: template_id, data")
+        return
+    items = _mapping_items(checker, root, WECHAT_KEYS, 0, "")
+    for required, example in (("template_id", "<id from the WeChat console>"), ("data", "…")):
+        if required not in items:
+            checker.add(1, 1, f"'{required}' is required: add '{required}: {example}'")
+    if "template_id" in items:
+        _text_value(checker, items["template_id"], 0, "template_id", jinja=False)
+    if "url" in items:
+        _text_value(checker, items["url"], 0, "url")
+    data = items.get("data")
+    if data is not None:
+        if not isinstance(data, yaml.MappingNode) or not data.value:
+            msg = "must map each template field to its text, e.g. 'first: Hi {{ user.id }}'"
+            checker.add_at(data.start_mark.index, msg, "data")
+        else:
+            for key, node in _mapping_items(checker, data, (), 0, "data.").items():
+                _text_value(checker, node, 0, f"data.{key}")
+    mini = items.get("miniprogram")
+    if mini is not None:
+        if not isinstance(mini, yaml.MappingNode):
+            checker.add_at(mini.start_mark.index, "needs appid and pagepath", "miniprogram")
+            return
+        found = _mapping_items(checker, mini, MINIPROGRAM_KEYS, 0, "miniprogram.")
+        for key in MINIPROGRAM_KEYS:
+            if key in found:
+                _text_value(checker, found[key], 0, f"miniprogram.{key}", jinja=key == "pagepath")
+            else:
+                checker.add_at(mini.start_mark.index, f"needs {key}", "miniprogram")
+
+
+def _check_mjml_tags(checker: _Checker, parts: _FrontMatter) -> bool:
+    """Report unknown and unbalanced ``mj-`` tags; False when the structure is broken."""
+    # Blank out comments, keeping offsets, so commented-out markup is ignored.
+    body = _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), parts.body)
+    base = parts.body_offset
+    open_tags: list[tuple[str, int]] = []
+    balanced = True
+    for match in _MJ_TAG.finditer(body):
+        closing, tag, self_closing = match.group(1), match.group(2), match.group(4)
+        where = base + match.start()
+        if not closing and tag not in MJML_TAGS:
+            close = difflib.get_close_matches(tag, sorted(MJML_TAGS), n=1, cutoff=0.6)
+            hint = f" (did you mean <{close[0]}>?)" if close else ""
+            checker.add_at(where, f"unknown MJML tag <{tag}>{hint}")
+        if self_closing:
+            continue
+        if not closing:
+            open_tags.append((tag, where))
+            continue
+        if not any(name == tag for name, _ in open_tags):
+            checker.add_at(where, f"</{tag}> closes nothing: no <{tag}> is open here")
+            balanced = False
+            continue
+        while open_tags[-1][0] != tag:
+            name, opened = open_tags.pop()
+            checker.add_at(opened, f"<{name}> is not closed: add </{name}> before </{tag}>")
+            balanced = False
+        open_tags.pop()
+    for name, opened in open_tags:
+        checker.add_at(opened, f"<{name}> is not closed: add </{name}>")
+        balanced = False
+    return balanced
+
+
+def _report_mrml(checker: _Checker, parts: _FrontMatter, message: str) -> None:
+    position = _MRML_POSITION.search(message)
+    offset = parts.body_offset
+    if position:
+        message = message[: position.start()] + message[position.end() :]
+        if position.group(1):
+            # mrml counts bytes of the MJML it was given.
+            prefix = parts.body.encode()[: int(position.group(1))].decode("utf-8", "ignore")
+            rest = parts.body[len(prefix) :]
+            # A text token starts with the whitespace before it; point at the text itself.
+            offset += len(prefix) + len(rest) - len(rest.lstrip())
+    if "parse" in message:
+        message += " (write a literal '<' in text as &lt;, and quote every attribute value)"
+    elif "include" in message:
+        message += " (mj-include is not supported: copy the shared part into this file)"
+    checker.add_at(offset, f"invalid MJML: {message}")
+
+
+class _TextExtractor(HTMLParser):
+    """Readable text from email HTML: no head or styles, links kept as ``text (url)``."""
+
+    _SKIP = frozenset({"head", "style", "script", "title"})
+    _BLOCK = frozenset(
+        {"p", "div", "br", "tr", "table", "li", "ul", "ol", "hr", "section", "blockquote"}
+        | {f"h{n}" for n in range(1, 7)}
+    )
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skipping = 0
+        self._links: list[tuple[str | None, int]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SKIP:
+            self._skipping += 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+        elif tag == "td":
+            self.parts.append(" ")
+        elif tag == "a":
+            self._links.append((dict(attrs).get("href"), len(self.parts)))
+        elif tag == "img" and self._links and not self._skipping:
+            # A linked logo or banner reads as its alt text, e.g. "Shop (https://…)".
+            self.parts.append(dict(attrs).get("alt") or "")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.handle_starttag(tag, attrs)
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP:
+            self._skipping = max(self._skipping - 1, 0)
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+        elif tag == "a" and self._links:
+            href, start = self._links.pop()
+            label = " ".join("".join(self.parts[start:]).split())
+            if href and href.startswith(("http://", "https://")) and href != label:
+                self.parts.append(f" ({href})" if label else f" {href} ")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skipping:
+            self.parts.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    """A plain-text alternative for an HTML email."""
+    parser = _TextExtractor()
+    parser.feed(markup)
+    parser.close()
+    return _tidy("".join(parser.parts))
+
+
+def _tidy(text: str) -> str:
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _text_template(markup: str) -> jinja2.Template | None:
+    """The text alternative of compiled MJML, still holding its Jinja code.
+
+    Parsing HTML costs far more than rendering Jinja, so the text is derived once per template
+    rather than from every recipient's HTML. None when the Jinja does not survive the conversion.
+    """
+    try:
+        return _TEXT_ENV.from_string(html_to_text(markup))
+    except jinja2.TemplateSyntaxError:
+        return None
