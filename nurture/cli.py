@@ -211,7 +211,7 @@ class _maybe_context:
 @click.option(
     "--scenario",
     type=click.Path(path_type=Path),
-    default=Path("journeys/tests/cart_abandonment_buys_after_reminder.yaml"),
+    default=Path("journeys/tests/cart_reminder_then_last_call.yaml"),
     show_default=True,
 )
 def demo(journeys_dir: Path, templates_dir: Path, config: Path | None, scenario: Path) -> None:

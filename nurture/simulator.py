@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any, Literal
 
 from . import ir
-from .clock import format_instant
 from .delivery import Deliverer, MemoryProfiles
 from .interpreter import (
     AwaitEvent,
@@ -185,7 +184,7 @@ class Simulator:
             elif isinstance(command, Sleep):
                 self._schedule(live, command.until)
                 verb = "deferred" if command.reason == "quiet_hours" else "waiting"
-                self._note(run.user_id, run.journey.id, command.step_id, verb, f"until {format_instant(command.until)}")
+                self._note(run.user_id, run.journey.id, command.step_id, verb, f"until {self._local(command.until)}")
                 return
             else:
                 assert isinstance(command, AwaitEvent)
@@ -195,9 +194,13 @@ class Simulator:
                     run.journey.id,
                     command.step_id,
                     "waiting for",
-                    f"{command.event} until {format_instant(command.until)}",
+                    f"{command.event} until {self._local(command.until)}",
                 )
                 return
+
+    def _local(self, instant: datetime) -> str:
+        """An instant in the simulation's own zone (its start's offset), for timelines."""
+        return instant.astimezone(self.start.tzinfo).strftime("%a %m-%d %H:%M")
 
     def _schedule(self, live: _Live, until: datetime) -> None:
         live.token += 1
