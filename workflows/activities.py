@@ -22,6 +22,8 @@ class Recorder(Protocol):
 
     async def send(self, request: SendRequest, outcome: SendOutcome) -> None: ...
 
+    async def start(self, record: Mapping[str, Any]) -> None: ...
+
     async def end(self, record: Mapping[str, Any]) -> None: ...
 
     async def conversion(self, record: Mapping[str, Any]) -> None: ...
@@ -57,6 +59,10 @@ class JourneyActivities:
         """Apply an ``update`` step."""
         await self.profiles.update(payload["user_id"], payload["traits"])
 
+    @activity.defn(name="nurture.record_start")
+    async def record_start(self, payload: dict[str, Any]) -> None:
+        await self.recorder.start(payload)
+
     @activity.defn(name="nurture.record_end")
     async def record_end(self, payload: dict[str, Any]) -> None:
         await self.recorder.end(payload)
@@ -67,4 +73,11 @@ class JourneyActivities:
 
     def all(self) -> Sequence[Callable[..., Any]]:
         """Every activity, for ``Worker(activities=...)``."""
-        return [self.send, self.read_profile, self.write_traits, self.record_end, self.record_conversion]
+        return [
+            self.send,
+            self.read_profile,
+            self.write_traits,
+            self.record_start,
+            self.record_end,
+            self.record_conversion,
+        ]

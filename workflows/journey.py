@@ -65,6 +65,16 @@ class JourneyWorkflow:
         self._signals += 1
         self._inbox.append(event)
 
+    @workflow.signal(name="trigger")
+    def trigger(self, payload: dict[str, Any]) -> None:
+        """A triggering event for this run's (journey, user, key), with the journey to run.
+
+        The event API sends it with signal-with-start: it starts the run when none is active,
+        and otherwise reaches the active run, which applies the re-entry rule.
+        """
+        self._signals += 1
+        self._inbox.append({"__trigger__": payload})
+
     @workflow.signal(name="stop")
     def stop(self, reason: str) -> None:
         """End the run from outside (``restarted`` when a newer trigger replaces it)."""
@@ -85,13 +95,28 @@ class JourneyWorkflow:
     async def run(self, params: dict[str, Any]) -> dict[str, Any]:
         journey = ir.journey_from_dict(params["journey"])
         self._offset = timedelta(seconds=float(params.get("clock_offset", 0)))
+        info = workflow.info()
         run = Run(
             journey,
-            run_id=params["run_id"],
+            run_id=params.get("run_id") or info.run_id,
             user_id=params["user_id"],
             key=params.get("key", ""),
             event=Event.from_dict(params["event"]),
             entered_at=self._now(),
+        )
+        self._restart: dict[str, Any] | None = None
+        await workflow.execute_local_activity(
+            "nurture.record_start",
+            {
+                "run_id": run.run_id,
+                "workflow_id": info.workflow_id,
+                "journey": journey.id,
+                "version": journey.version,
+                "user_id": run.user_id,
+                "key": run.key,
+                "at": format_instant(run.entered_at),
+            },
+            start_to_close_timeout=LOCAL,
         )
         command: Command | Ended = run.start()
         while not isinstance(command, Ended):
@@ -105,6 +130,7 @@ class JourneyWorkflow:
             "nurture.record_end",
             {
                 "run_id": run.run_id,
+                "workflow_id": info.workflow_id,
                 "journey": journey.id,
                 "version": journey.version,
                 "user_id": run.user_id,
@@ -115,6 +141,17 @@ class JourneyWorkflow:
             },
             start_to_close_timeout=LOCAL,
         )
+        if self._restart is not None:
+            # Same workflow id, fresh history: the new run takes the journey as deployed now.
+            workflow.continue_as_new(
+                {
+                    "journey": self._restart["journey"],
+                    "user_id": run.user_id,
+                    "key": run.key,
+                    "event": self._restart["event"],
+                    "clock_offset": self._offset.total_seconds(),
+                }
+            )
         self._waiting = True
         return {"reason": command.reason, "variants": run.variants}
 
@@ -167,6 +204,8 @@ class JourneyWorkflow:
         try:
             if "__stop__" in raw:
                 return run.end(str(raw["__stop__"]), self._now())
+            if "__trigger__" in raw:
+                return self._retrigger(run, raw["__trigger__"])
             event = Event.from_dict(raw)
             traits = await self._traits(run.user_id) if run.event_reads_profile(event) else None
             effect = run.on_event(event, self._now(), traits)
@@ -190,6 +229,16 @@ class JourneyWorkflow:
             return None
         finally:
             self._handled += 1
+
+    def _retrigger(self, run: Run, payload: dict[str, Any]) -> Ended | None:
+        """A trigger reaching an active run: ``restart`` ends it and starts anew; others ignore it."""
+        event = Event.from_dict(payload["event"])
+        if event.message_id is not None and event.message_id == run.event.message_id:
+            return None  # signal-with-start delivers the starting event as a signal too
+        if payload["journey"].get("re_entry") != "restart":
+            return None
+        self._restart = payload
+        return run.end("restarted", self._now())
 
     async def _traits(self, user_id: str) -> dict[str, Any]:
         traits: dict[str, Any] = await workflow.execute_local_activity(

@@ -61,11 +61,15 @@ class MemoryRecorder:
     """Run results kept in memory, as scenario outcomes."""
 
     outcomes: list[Outcome] = field(default_factory=list)
+    started: set[str] = field(default_factory=set)
     ended: set[str] = field(default_factory=set)
     conversions: list[Mapping[str, Any]] = field(default_factory=list)
 
     async def send(self, request: SendRequest, outcome: SendOutcome) -> None:
         self.outcomes.append(Outcome(outcome.at, request.user_id, request.journey, request.run_id, send=outcome))
+
+    async def start(self, record: Mapping[str, Any]) -> None:
+        self.started.add(record["run_id"])
 
     async def end(self, record: Mapping[str, Any]) -> None:
         self.ended.add(record["run_id"])

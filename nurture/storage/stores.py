@@ -1,0 +1,302 @@
+"""The database behind the engine's protocols: profiles, run records, routes, events, outbox.
+
+Calls are synchronous SQLAlchemy; the async methods used by activities run them in a thread so
+the worker's event loop never blocks on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from channels import DeliveryResult, split_idempotency_key
+from nurture.clock import parse_instant
+from nurture.model import ADDRESS_TRAITS, Profile, SendOutcome, SendRequest
+from nurture.templates import RenderedMessage
+
+from .db import Database
+from .models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord, utcnow
+
+IDENTITY = ("email", "phone", "wechat_openid")
+
+
+class DbProfiles:
+    """Profiles in the ``profiles`` table (the engine's ``ProfileStore``)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def read(self, user_id: str) -> Profile:
+        with self.db.session() as session:
+            row = session.get(ProfileRecord, user_id)
+            if row is None:
+                return Profile(user_id)
+            return Profile(user_id, dict(row.traits), frozenset(row.opted_out))
+
+    def record(self, user_id: str) -> ProfileRecord | None:
+        with self.db.session() as session:
+            return session.get(ProfileRecord, user_id)
+
+    def merge(
+        self, user_id: str, traits: Mapping[str, Any], opted_out: Sequence[str] | None = None
+    ) -> Profile:
+        """Merge ``traits`` into the profile (creating it); ``opted_out`` replaces the opt-outs."""
+        for _ in range(3):
+            try:
+                with self.db.session() as session:
+                    row = session.get(ProfileRecord, user_id, with_for_update=True)
+                    if row is None:
+                        row = ProfileRecord(user_id=user_id)
+                        session.add(row)
+                    row.traits = {**row.traits, **traits}
+                    for name in IDENTITY:
+                        value = row.traits.get(name)
+                        setattr(row, name, str(value) if value else None)
+                    if opted_out is not None:
+                        row.opted_out = sorted(set(opted_out))
+                    row.updated_at = utcnow()
+                    return Profile(user_id, dict(row.traits), frozenset(row.opted_out))
+            except IntegrityError:  # created concurrently: merge into that row instead
+                continue
+        raise RuntimeError(f"could not update profile {user_id}")
+
+    def set_opt_out(self, user_id: str, channel: str, opted_out: bool) -> Profile:
+        current = self.read(user_id)
+        channels = set(current.opted_out)
+        (channels.add if opted_out else channels.discard)(channel)
+        return self.merge(user_id, {}, sorted(channels))
+
+    async def get(self, user_id: str) -> Profile:
+        return await asyncio.to_thread(self.read, user_id)
+
+    async def update(self, user_id: str, traits: Mapping[str, Any]) -> Profile:
+        return await asyncio.to_thread(self.merge, user_id, traits)
+
+
+class DbRecorder:
+    """Runs, routes and message outcomes, written by the workflow's activities."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def start(self, record: Mapping[str, Any]) -> None:
+        await asyncio.to_thread(self._start, record)
+
+    def _start(self, record: Mapping[str, Any]) -> None:
+        with self.db.session() as session:
+            if session.get(RunRecord, record["run_id"]) is not None:
+                return  # a retried activity
+            session.add(
+                RunRecord(
+                    run_id=record["run_id"],
+                    workflow_id=record["workflow_id"],
+                    journey=record["journey"],
+                    version=record["version"],
+                    user_id=record["user_id"],
+                    key=record.get("key", ""),
+                    entered_at=parse_instant(record["at"]),
+                )
+            )
+
+    async def end(self, record: Mapping[str, Any]) -> None:
+        await asyncio.to_thread(self._end, record)
+
+    def _end(self, record: Mapping[str, Any]) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(RunRecord)
+                .where(col(RunRecord.run_id) == record["run_id"])
+                .values(
+                    status="ended",
+                    ended_at=parse_instant(record["at"]),
+                    end_reason=record["reason"],
+                    variants=dict(record.get("variants") or {}),
+                )
+            )
+            if record["reason"] != "restarted" and record.get("workflow_id"):
+                session.execute(
+                    update(Route)
+                    .where(col(Route.workflow_id) == record["workflow_id"])
+                    .values(active=False, updated_at=utcnow())
+                )
+
+    async def conversion(self, record: Mapping[str, Any]) -> None:
+        await asyncio.to_thread(self._conversion, record)
+
+    def _conversion(self, record: Mapping[str, Any]) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(RunRecord)
+                .where(col(RunRecord.run_id) == record["run_id"])
+                .where(col(RunRecord.converted_at).is_(None))
+                .values(converted_at=parse_instant(record["at"]))
+            )
+
+    async def send(self, request: SendRequest, outcome: SendOutcome) -> None:
+        await asyncio.to_thread(self._send, request, outcome)
+
+    def _send(self, request: SendRequest, outcome: SendOutcome) -> None:
+        key = request.idempotency_key
+        values: dict[str, Any] = {
+            "run_id": request.run_id,
+            "user_id": request.user_id,
+            "journey": request.journey,
+            "step_id": request.step_id,
+            "channel": outcome.channel,
+            "template": outcome.template,
+            "provider": outcome.provider,
+            "provider_id": outcome.provider_id,
+            "status": outcome.status,
+            "reason": outcome.reason,
+            "variant": outcome.variant,
+            "locale": outcome.locale,
+            "preview": outcome.preview or None,
+        }
+        for _ in range(3):
+            try:
+                with self.db.session() as session:
+                    row = session.execute(
+                        select(MessageRecord).where(col(MessageRecord.idempotency_key) == key)
+                    ).scalar_one_or_none()
+                    if row is None:
+                        session.add(MessageRecord.model_validate({"idempotency_key": key, **values}))
+                    else:
+                        for name, value in values.items():
+                            setattr(row, name, value)
+                return
+            except IntegrityError:
+                continue
+
+
+class DbOutbox:
+    """The embedded channel: every message is stored, rendered, in the ``messages`` table."""
+
+    provider = "outbox"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def deliver(
+        self, message: RenderedMessage, *, address: str, idempotency_key: str
+    ) -> DeliveryResult:
+        return await asyncio.to_thread(self._deliver, message, address, idempotency_key)
+
+    def _deliver(self, message: RenderedMessage, address: str, key: str) -> DeliveryResult:
+        provider_id = "outbox-" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+        run_id, step_id = split_idempotency_key(key)
+        try:
+            with self.db.session() as session:
+                existing = session.execute(
+                    select(col(MessageRecord.id)).where(col(MessageRecord.idempotency_key) == key)
+                ).first()
+                if existing is None:
+                    session.add(
+                        MessageRecord(
+                            idempotency_key=key,
+                            run_id=run_id or key,
+                            step_id=step_id or "",
+                            channel=message.channel,
+                            template=message.template,
+                            provider=self.provider,
+                            provider_id=provider_id,
+                            status="sent",
+                            locale=message.locale,
+                            address=address,
+                            subject=message.subject,
+                            preview=message.preview(),
+                            content=message.to_dict(),
+                        )
+                    )
+        except IntegrityError:
+            pass  # the same key was delivered concurrently: that delivery stands
+        return DeliveryResult(status="sent", provider=self.provider, provider_id=provider_id)
+
+
+class Events:
+    """The ``events`` table: accepted calls, de-duplicated on ``message_id``."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add(
+        self,
+        *,
+        message_id: str,
+        kind: str,
+        user_id: str,
+        name: str | None,
+        properties: Mapping[str, Any],
+        timestamp: datetime,
+    ) -> bool:
+        """Store an event; ``False`` when its ``message_id`` was seen before."""
+        try:
+            with self.db.session() as session:
+                session.add(
+                    EventRecord(
+                        message_id=message_id,
+                        kind=kind,
+                        user_id=user_id,
+                        name=name,
+                        properties=dict(properties),
+                        timestamp=timestamp.astimezone(UTC),
+                    )
+                )
+            return True
+        except IntegrityError:
+            return False
+
+
+class Routes:
+    """Which workflows a user's events go to."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def activate(
+        self, workflow_id: str, *, user_id: str, journey: str, key: str, listens: Sequence[str]
+    ) -> None:
+        with self.db.session() as session:
+            row = session.get(Route, workflow_id)
+            if row is None:
+                row = Route(workflow_id=workflow_id, user_id=user_id, journey=journey, key=key)
+                session.add(row)
+            row.listens = sorted(set(listens))
+            row.active = True
+            row.updated_at = utcnow()
+
+    def active_for(self, user_id: str) -> list[Route]:
+        with self.db.session() as session:
+            rows = session.execute(
+                select(Route).where(col(Route.user_id) == user_id).where(col(Route.active).is_(True))
+            )
+            return list(rows.scalars())
+
+    def is_active(self, workflow_id: str) -> bool:
+        with self.db.session() as session:
+            row = session.get(Route, workflow_id)
+            return bool(row and row.active)
+
+
+def has_run(db: Database, journey: str, user_id: str, key: str) -> bool:
+    """Whether (journey, user, key) ever had a run (the ``once`` re-entry rule)."""
+    with db.session() as session:
+        row = session.execute(
+            select(col(RunRecord.run_id))
+            .where(col(RunRecord.journey) == journey)
+            .where(col(RunRecord.user_id) == user_id)
+            .where(col(RunRecord.key) == key)
+            .limit(1)
+        ).first()
+        return row is not None
+
+
+def address_of(profile: Profile, channel: str) -> str | None:
+    value = profile.traits.get(ADDRESS_TRAITS[channel])
+    return str(value) if value else None
