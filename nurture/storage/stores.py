@@ -271,6 +271,12 @@ class Routes:
             row.active = True
             row.updated_at = utcnow()
 
+    def deactivate(self, workflow_id: str) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(Route).where(col(Route.workflow_id) == workflow_id).values(active=False, updated_at=utcnow())
+            )
+
     def active_for(self, user_id: str) -> list[Route]:
         with self.db.session() as session:
             rows = session.execute(
