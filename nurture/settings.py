@@ -1,0 +1,105 @@
+"""Service settings, from the environment only (secrets never come from files in the repo).
+
+One object serves the worker, the event API and ``nurture up``; each reads what it needs and
+fails fast, naming the variable, when a value it needs is missing or malformed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from temporalio.client import Client, TLSConfig
+
+from .storage.db import database_url
+
+
+class SettingsError(SystemExit):
+    """A missing or malformed setting; the message names the variable."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the running service is configured with."""
+
+    temporal_address: str = "localhost:7233"
+    """``TEMPORAL_ADDRESS``: the Temporal frontend, host:port."""
+    namespace: str = "default"
+    """``TEMPORAL_NAMESPACE``."""
+    task_queue: str = "nurture"
+    """``NURTURE_TASK_QUEUE``: the queue journey workflows run on."""
+    tls: bool = False
+    """``TEMPORAL_TLS=1`` (implied by any TLS file below): connect with TLS."""
+    tls_cert: Path | None = None
+    """``TEMPORAL_TLS_CERT``: client certificate (PEM) for mTLS, with ``TEMPORAL_TLS_KEY``."""
+    tls_key: Path | None = None
+    """``TEMPORAL_TLS_KEY``: the client certificate's private key (PEM)."""
+    tls_ca: Path | None = None
+    """``TEMPORAL_TLS_CA``: CA bundle that signs the server's certificate."""
+    home: Path = Path(".nurture")
+    """``NURTURE_HOME``: local state (SQLite database, dev server data, logs)."""
+    database: str = ""
+    """``DATABASE_URL`` (default: SQLite in ``NURTURE_HOME``)."""
+    journeys: Path = Path("journeys")
+    """``NURTURE_JOURNEYS``: directory of journey files."""
+    templates: Path = Path("templates")
+    """``NURTURE_TEMPLATES``: directory of templates."""
+    write_keys: tuple[str, ...] = ()
+    """``NURTURE_WRITE_KEYS``: comma-separated keys accepted by the event API."""
+    metrics_port: int | None = None
+    """``NURTURE_METRICS_PORT``: where the worker serves Prometheus metrics (unset: off)."""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def path(name: str) -> Path | None:
+            return Path(env[name]) if env.get(name) else None
+
+        cert, key, ca = path("TEMPORAL_TLS_CERT"), path("TEMPORAL_TLS_KEY"), path("TEMPORAL_TLS_CA")
+        if bool(cert) != bool(key):
+            raise SettingsError("TEMPORAL_TLS_CERT and TEMPORAL_TLS_KEY go together: set both or neither")
+        metrics = env.get("NURTURE_METRICS_PORT", "").strip()
+        if metrics and not metrics.isdigit():
+            raise SettingsError(f"NURTURE_METRICS_PORT must be a port number, got {metrics!r}")
+        home = Path(env.get("NURTURE_HOME", ".nurture"))
+        return cls(
+            temporal_address=env.get("TEMPORAL_ADDRESS", cls.temporal_address),
+            namespace=env.get("TEMPORAL_NAMESPACE", cls.namespace),
+            task_queue=env.get("NURTURE_TASK_QUEUE", cls.task_queue),
+            tls=env.get("TEMPORAL_TLS", "").lower() in ("1", "true", "yes") or bool(cert or ca),
+            tls_cert=cert,
+            tls_key=key,
+            tls_ca=ca,
+            home=home,
+            database=database_url(env, home),
+            journeys=Path(env.get("NURTURE_JOURNEYS", "journeys")),
+            templates=Path(env.get("NURTURE_TEMPLATES", "templates")),
+            write_keys=tuple(k.strip() for k in env.get("NURTURE_WRITE_KEYS", "").split(",") if k.strip()),
+            metrics_port=int(metrics) if metrics else None,
+        )
+
+    def require_write_keys(self) -> tuple[str, ...]:
+        """The API's keys; refusing to serve an unauthenticated API."""
+        if not self.write_keys:
+            raise SettingsError(
+                "NURTURE_WRITE_KEYS is not set: the event API needs at least one write key "
+                "(e.g. NURTURE_WRITE_KEYS=$(python -c 'import secrets; print(secrets.token_urlsafe(24))'))"
+            )
+        return self.write_keys
+
+    def tls_config(self) -> TLSConfig | bool:
+        if not self.tls:
+            return False
+        return TLSConfig(
+            server_root_ca_cert=self.tls_ca.read_bytes() if self.tls_ca else None,
+            client_cert=self.tls_cert.read_bytes() if self.tls_cert else None,
+            client_private_key=self.tls_key.read_bytes() if self.tls_key else None,
+        )
+
+    async def connect(self) -> Client:
+        """A Temporal client for these settings."""
+        return await Client.connect(self.temporal_address, namespace=self.namespace, tls=self.tls_config())
