@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from temporalio.client import Client, TLSConfig
@@ -50,7 +50,6 @@ class Settings:
     """``NURTURE_WRITE_KEYS``: comma-separated keys accepted by the event API."""
     metrics_port: int | None = None
     """``NURTURE_METRICS_PORT``: where the worker serves Prometheus metrics (unset: off)."""
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -11,6 +11,8 @@ A template store is a directory with one subdirectory per channel::
 file. ``render`` turns a template and a context (``user``, ``event``, ``last_event``, ``journey``)
 into a :class:`RenderedMessage`. MJML is compiled once per file content and the resulting HTML is
 rendered by Jinja per recipient, so rendering thousands of messages costs one Jinja pass each.
+A render checks the file's ``os.stat`` and re-reads it only when that changes, so an edited
+template takes effect at the next render without being read from disk every time.
 """
 
 from __future__ import annotations
@@ -92,7 +94,14 @@ WECHAT_KEYS = ("template_id", "data", "url", "miniprogram")
 MINIPROGRAM_KEYS = ("appid", "pagepath")
 
 _STR_TAG = "tag:yaml.org,2002:str"
-_JINJA_SPAN = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)
+# One piece of Jinja code: an expression, a statement or a comment. Quoted strings are skipped
+# whole, so `{{ "}}" }}` is one piece.
+_JINJA_CODE = re.compile(
+    r"""\{\{(?:"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|[^"'}]|\}(?!\}))*\}\}"""
+    r"""|\{%(?:"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|[^"'%]|%(?!\}))*%\}"""
+    r"|\{#.*?#\}",
+    re.S,
+)
 _MJ_TAG = re.compile(r"<(/?)(mjml|mj-[A-Za-z0-9-]*)((?:\"[^\"]*\"|'[^']*'|[^'\">])*?)(/?)>")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
 _MRML_POSITION = re.compile(r"\s*in root template(?: at position (\d+):(\d+))?")
