@@ -22,6 +22,8 @@ import hashlib
 import html
 import os
 import re
+import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from html.parser import HTMLParser
@@ -236,6 +238,18 @@ _HTML_ENV = _environment(autoescape=True)
 _ALLOWED_NAMES = frozenset(TEMPLATE_NAMES) | frozenset(_HTML_ENV.globals)
 
 
+def _template(env: _Sandbox, source: str) -> jinja2.Template:
+    """``env.from_string`` with the template's globals flattened into a plain dict.
+
+    Jinja gives a template a ChainMap over the environment's globals and copies and iterates it
+    into every render's context, which cost more than rendering a subject line. The two
+    environments never change their globals, so a flat copy behaves the same.
+    """
+    template = env.from_string(source)
+    template.globals = dict(template.globals)
+    return template
+
+
 @dataclass(frozen=True)
 class _File:
     """One template file as read from disk."""
@@ -287,8 +301,12 @@ class TemplateStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._directories = {channel: self.root / sub for channel, (sub, _) in CHANNELS.items()}
+        self._files: dict[str, tuple[_Stamp, _File]] = {}
+        self._listings: dict[Path, tuple[_Stamp, tuple[str, ...]]] = {}
+        self._resolved: dict[tuple[str, str, str | None], tuple[tuple[str, ...] | None, Path, str | None]] = {}
         self._checked: dict[str, tuple[str, list[Diagnostic]]] = {}
-        self._mjml: dict[str, tuple[str, str]] = {}
+        self._mjml: dict[str, tuple[str, _Markup]] = {}
         self._compiled: dict[str, tuple[str, _Compiled]] = {}
 
     def names(self, channel: str) -> list[str]:
@@ -296,7 +314,7 @@ class TemplateStore:
         directory, suffix = self._location(channel)
         return sorted(
             filename[: -len(suffix)]
-            for filename in _listdir(directory)
+            for filename in self._listing(directory)
             if filename.endswith(suffix)
             and not filename.startswith(".")
             and "." not in filename[: -len(suffix)]
@@ -316,7 +334,7 @@ class TemplateStore:
         directory, suffix = self._location(channel)
         prefix = f"{name}."
         found = []
-        for filename in _listdir(directory):
+        for filename in self._listing(directory):
             if filename.startswith(prefix) and filename.endswith(suffix):
                 locale = filename[len(prefix) : -len(suffix)]
                 if locale and "." not in locale:
@@ -345,7 +363,7 @@ class TemplateStore:
         paths += [self.path(channel, name, locale) for locale in self.locales(channel, name)]
         found: list[Diagnostic] = []
         for path in paths:
-            file = _read(path)
+            file = self._file(path)
             if isinstance(file, Diagnostic):
                 found.append(file)
             else:
@@ -361,13 +379,7 @@ class TemplateStore:
         locale: str | None = None,
     ) -> RenderedMessage:
         """Render for one recipient; ``locale`` picks ``zh-CN``, else ``zh``, else the base."""
-        if not _valid_name(name):
-            raise TemplateError(_INVALID_NAME.format(name))
-        path, used = self._resolve(channel, name, locale)
-        file = _read(path)
-        if isinstance(file, Diagnostic):
-            raise TemplateError(file.headline())
-        compiled = self._compile(channel, file)
+        file, compiled, used = self._prepare(channel, name, locale)
         values = dict(context)
         try:
             if isinstance(compiled, _Email):
@@ -383,20 +395,79 @@ class TemplateStore:
             # UndefinedError...); the caller needs to know which template broke and why.
             raise TemplateError(f"{file.label}: could not render: {exc}") from exc
 
+    def prepare(self, channel: str, name: str, *, locale: str | None = None) -> str | None:
+        """Everything ``render`` does before it renders: the locale variant it would use.
+
+        Raises :class:`TemplateError` as ``render`` does for a missing file or a template with
+        errors; only failures that depend on the recipient's data need a real render.
+        """
+        return self._prepare(channel, name, locale)[2]
+
+    def _prepare(self, channel: str, name: str, locale: str | None) -> tuple[_File, _Compiled, str | None]:
+        if not _valid_name(name):
+            raise TemplateError(_INVALID_NAME.format(name))
+        path, used = self._resolve(channel, name, locale)
+        file = self._file(path)
+        if isinstance(file, Diagnostic):
+            raise TemplateError(file.headline())
+        return file, self._compile(channel, file), used
+
     def _location(self, channel: str) -> tuple[Path, str]:
         if channel not in CHANNELS:
             raise ValueError(f"unknown channel {channel!r}{did_you_mean(channel, CHANNELS)}")
-        subdirectory, suffix = CHANNELS[channel]
-        return self.root / subdirectory, suffix
+        return self._directories[channel], CHANNELS[channel][1]
 
     def _resolve(self, channel: str, name: str, locale: str | None) -> tuple[Path, str | None]:
+        """The file a render reads and its locale variant, kept until the directory changes."""
+        listing = self._listing(self._location(channel)[0]) if locale else None
+        cached = self._resolved.get((channel, name, locale))
+        if cached is not None and cached[0] is listing:
+            return cached[1], cached[2]
+        path, used = self.path(channel, name), None
         if locale:
             wanted = _normalise_locale(locale)
             variants = {_normalise_locale(v): v for v in self.locales(channel, name)}
             for candidate in (wanted, wanted.split("-")[0]):
                 if candidate in variants:
-                    return self.path(channel, name, variants[candidate]), variants[candidate]
-        return self.path(channel, name), None
+                    path, used = self.path(channel, name, variants[candidate]), variants[candidate]
+                    break
+        self._resolved[(channel, name, locale)] = (listing, path, used)
+        return path, used
+
+    def _file(self, path: Path) -> _File | Diagnostic:
+        """The file as it is now, read again only when its ``os.stat`` changes."""
+        label = str(path)
+        try:
+            info = os.stat(label)
+        except OSError:
+            return _read(path)  # reports the missing or unreadable file
+        stamp = _stamp(info)
+        cached = self._files.get(label)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        file = _read(path)
+        if isinstance(file, _File) and _settled(info):
+            self._files[label] = (stamp, file)
+        else:
+            self._files.pop(label, None)
+        return file
+
+    def _listing(self, directory: Path) -> tuple[str, ...]:
+        """File names in ``directory``, listed again only when its ``os.stat`` changes."""
+        try:
+            info = os.stat(directory)
+        except OSError:
+            return ()
+        stamp = _stamp(info)
+        cached = self._listings.get(directory)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        names = tuple(_listdir(directory))
+        if _settled(info):
+            self._listings[directory] = (stamp, names)
+        else:
+            self._listings.pop(directory, None)
+        return names
 
     def _check_file(self, channel: str, file: _File) -> list[Diagnostic]:
         cached = self._checked.get(file.label)
@@ -425,28 +496,36 @@ class TemplateStore:
         if not _check_mjml_tags(checker, parts):
             return
         try:
-            compiled = self._compile_mjml(checker.file, body)
-        except OSError as exc:
-            _report_mrml(checker, parts, str(exc))
+            markup = self._compile_mjml(checker.file, body)
+        except _MjmlError as exc:
+            checker.add_at(parts.body_offset + exc.offset, exc.message)
+            return
+        if not body_ok:
             return
         try:
-            _HTML_ENV.parse(compiled)
+            _HTML_ENV.parse(markup.html)
         except jinja2.TemplateSyntaxError as exc:
-            if body_ok:
-                checker.add(
-                    parts.body_line,
-                    1,
+            if markup.copied:
+                checker.add_at(
+                    parts.body_offset + markup.copied[0].start,
+                    f"MJML repeats this Jinja code elsewhere in the HTML (an mj-title is also "
+                    f"the body's label) and the copy is not valid Jinja ({exc.message}); "
+                    "keep each {% %} block inside one element",
+                )
+            else:
+                checker.add_at(
+                    parts.body_offset,
                     f"Jinja code does not survive MJML compilation ({exc.message}); "
                     "keep {{ }} and {% %} inside text or attribute values",
                 )
 
-    def _compile_mjml(self, file: _File, body: str) -> str:
+    def _compile_mjml(self, file: _File, body: str) -> _Markup:
         cached = self._mjml.get(file.label)
         if cached is not None and cached[0] == file.digest:
             return cached[1]
-        compiled = mrml.to_html(body).content
-        self._mjml[file.label] = (file.digest, compiled)
-        return compiled
+        markup = _mjml_to_html(body)
+        self._mjml[file.label] = (file.digest, markup)
+        return markup
 
     def _compile(self, channel: str, file: _File) -> _Compiled:
         cached = self._compiled.get(file.label)
@@ -463,25 +542,25 @@ class TemplateStore:
             assert isinstance(parts, _FrontMatter)  # check() passed
             front = yaml.safe_load(parts.front)
             preheader = front.get("preheader")
-            markup = self._compile_mjml(file, parts.body)
+            markup = self._compile_mjml(file, parts.body).html
             compiled = _Email(
-                subject=_TEXT_ENV.from_string(front["subject"]),
-                preheader=None if preheader is None else _TEXT_ENV.from_string(preheader),
-                html=_HTML_ENV.from_string(markup),
+                subject=_template(_TEXT_ENV, front["subject"]),
+                preheader=None if preheader is None else _template(_TEXT_ENV, preheader),
+                html=_template(_HTML_ENV, markup),
                 text=_text_template(markup),
             )
         elif channel == "sms":
-            compiled = _Sms(text=_TEXT_ENV.from_string(file.text))
+            compiled = _Sms(text=_template(_TEXT_ENV, file.text))
         else:
             spec = yaml.safe_load(file.text)
             mini = spec.get("miniprogram")
             compiled = _WeChat(
                 template_id=spec["template_id"],
-                data={key: _TEXT_ENV.from_string(value) for key, value in spec["data"].items()},
-                url=_TEXT_ENV.from_string(spec["url"]) if "url" in spec else None,
+                data={key: _template(_TEXT_ENV, value) for key, value in spec["data"].items()},
+                url=_template(_TEXT_ENV, spec["url"]) if "url" in spec else None,
                 miniprogram=None
                 if mini is None
-                else {key: _TEXT_ENV.from_string(value) for key, value in mini.items()},
+                else {key: _template(_TEXT_ENV, value) for key, value in mini.items()},
             )
         self._compiled[file.label] = (file.digest, compiled)
         return compiled
@@ -531,6 +610,22 @@ _INVALID_NAME = "invalid template name {!r}: use letters, digits, '-' and '_' on
 def _valid_name(name: str) -> bool:
     # A dot would be read as a locale; slashes would leave the store.
     return bool(name) and not any(c in name for c in "./\\")
+
+
+_Stamp = tuple[int, int, int]
+
+_RACY_NS = 2_000_000_000
+"""File systems stamp modifications coarsely (a few ms; 1-2 s on some), so a file changed this
+recently could change again without its stat changing: its content is not cached yet."""
+
+
+def _stamp(info: os.stat_result) -> _Stamp:
+    # The inode catches an editor's save-as-new-file-and-rename; mtime and size catch the rest.
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def _settled(info: os.stat_result) -> bool:
+    return time.time_ns() - info.st_mtime_ns >= _RACY_NS
 
 
 def _listdir(directory: Path) -> list[str]:
@@ -618,7 +713,9 @@ class _Checker:
 def _find_name(region: str, name: str) -> int:
     """Offset in ``region`` of the first use of ``name`` inside Jinja delimiters."""
     token = re.compile(rf"(?<![\w.]){re.escape(name)}\b")
-    for span in _JINJA_SPAN.finditer(region):
+    for span in _JINJA_CODE.finditer(region):
+        if span.group().startswith("{#"):
+            continue
         found = token.search(span.group())
         if found:
             return span.start() + found.start()
@@ -786,22 +883,133 @@ def _check_mjml_tags(checker: _Checker, parts: _FrontMatter) -> bool:
     return balanced
 
 
-def _report_mrml(checker: _Checker, parts: _FrontMatter, message: str) -> None:
+class _MjmlError(Exception):
+    """MJML that does not compile, with the offset in the MJML body to report it at."""
+
+    def __init__(self, message: str, offset: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+
+
+@dataclass(frozen=True)
+class _Code:
+    """One piece of Jinja code in MJML, and the placeholder that stands in for it."""
+
+    source: str
+    start: int
+    """Offset in the MJML body."""
+    placeholder: str
+    at: int
+    """Offset of the placeholder in the protected MJML."""
+    optional: bool
+    """Inside an HTML comment, which mrml may drop."""
+
+
+@dataclass(frozen=True)
+class _Protected:
+    """MJML with its Jinja code replaced by placeholders mrml leaves alone."""
+
+    text: str
+    codes: tuple[_Code, ...]
+    pattern: re.Pattern[str]
+    """Matches any placeholder; group 1 is its index in ``codes``."""
+
+    def restore(self, text: str) -> str:
+        return self.pattern.sub(lambda match: self.codes[int(match.group(1))].source, text)
+
+    def body_offset(self, offset: int) -> int:
+        """Where an offset in the protected MJML falls in the original body."""
+        shift = 0
+        for code in self.codes:
+            if offset < code.at:
+                break
+            end = code.at + len(code.placeholder)
+            if offset < end:
+                return code.start
+            shift = code.start + len(code.source) - end
+        return offset + shift
+
+
+@dataclass(frozen=True)
+class _Markup:
+    """Compiled MJML: HTML holding the template's Jinja code as written."""
+
+    html: str
+    copied: tuple[_Code, ...]
+    """Jinja code that mrml wrote more than once (e.g. an mj-title is also an aria-label)."""
+
+
+def _protect(body: str) -> _Protected:
+    """Replace each piece of Jinja code by a placeholder of letters and digits.
+
+    mrml treats Jinja as text: with inlined CSS it re-serialises the HTML and escapes '>' and '&'
+    inside `{% if n > 1 %}`, and a '<' or a quote inside Jinja breaks its parser. A placeholder
+    carries none of these; an index ends with 'z' so that no placeholder is a prefix of another.
+    """
+    prefix = "nurturejinja"
+    while prefix in body:
+        prefix += "x"
+    comments = [match.span() for match in _COMMENT.finditer(body)]
+    pieces: list[str] = []
+    codes: list[_Code] = []
+    at = last = 0
+    for index, match in enumerate(_JINJA_CODE.finditer(body)):
+        text = body[last : match.start()]
+        pieces.append(text)
+        at += len(text)
+        placeholder = f"{prefix}{index}z"
+        optional = any(start <= match.start() < end for start, end in comments)
+        codes.append(_Code(match.group(), match.start(), placeholder, at, optional))
+        pieces.append(placeholder)
+        at += len(placeholder)
+        last = match.end()
+    pieces.append(body[last:])
+    return _Protected("".join(pieces), tuple(codes), re.compile(rf"{prefix}(\d+)z"))
+
+
+def _mjml_to_html(body: str) -> _Markup:
+    """Compile MJML to HTML with its Jinja code intact; raises :class:`_MjmlError`."""
+    protected = _protect(body)
+    try:
+        compiled = mrml.to_html(protected.text).content
+    except OSError as exc:
+        raise _mrml_error(protected, str(exc)) from None
+    found = Counter(int(match.group(1)) for match in protected.pattern.finditer(compiled))
+    for index, code in enumerate(protected.codes):
+        if not found[index] and not code.optional:
+            raise _MjmlError(
+                f"MJML compilation drops this Jinja code ({_shorten(code.source)}): use Jinja "
+                "only in text and in attribute values MJML keeps as written (href, src, alt)",
+                code.start,
+            )
+    copied = tuple(code for index, code in enumerate(protected.codes) if found[index] > 1)
+    return _Markup(protected.restore(compiled), copied)
+
+
+def _mrml_error(protected: _Protected, message: str) -> _MjmlError:
     position = _MRML_POSITION.search(message)
-    offset = parts.body_offset
+    offset = 0
     if position:
         message = message[: position.start()] + message[position.end() :]
         if position.group(1):
             # mrml counts bytes of the MJML it was given.
-            prefix = parts.body.encode()[: int(position.group(1))].decode("utf-8", "ignore")
-            rest = parts.body[len(prefix) :]
+            text = protected.text
+            prefix = text.encode()[: int(position.group(1))].decode("utf-8", "ignore")
+            rest = text[len(prefix) :]
             # A text token starts with the whitespace before it; point at the text itself.
-            offset += len(prefix) + len(rest) - len(rest.lstrip())
+            offset = protected.body_offset(len(prefix) + len(rest) - len(rest.lstrip()))
+    message = protected.restore(message)
     if "parse" in message:
         message += " (write a literal '<' in text as &lt;, and quote every attribute value)"
     elif "include" in message:
         message += " (mj-include is not supported: copy the shared part into this file)"
-    checker.add_at(offset, f"invalid MJML: {message}")
+    return _MjmlError(f"invalid MJML: {message}", offset)
+
+
+def _shorten(source: str, width: int = 40) -> str:
+    line = " ".join(source.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 class _TextExtractor(HTMLParser):
@@ -874,6 +1082,6 @@ def _text_template(markup: str) -> jinja2.Template | None:
     rather than from every recipient's HTML. None when the Jinja does not survive the conversion.
     """
     try:
-        return _TEXT_ENV.from_string(html_to_text(markup))
+        return _template(_TEXT_ENV, html_to_text(markup))
     except jinja2.TemplateSyntaxError:
         return None

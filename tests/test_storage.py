@@ -66,7 +66,7 @@ def test_routes_and_runs(database: Database) -> None:
     asyncio.run(recorder.start(record))
     asyncio.run(recorder.start(record))  # a retried activity changes nothing
     assert has_run(database, "j", "u1", "") and not has_run(database, "j", "u1", "other")
-    asyncio.run(recorder.end({**record, "reason": "restarted", "at": "2026-03-02T03:00:00Z"}))
+    asyncio.run(recorder.end({**record, "reason": "restarted", "at": "2026-03-02T03:00:00Z", "continued": True}))
     assert routes.is_active("wf1"), "a restarted run keeps its route for the run that replaces it"
     asyncio.run(
         recorder.end({**record, "reason": "goal", "at": "2026-03-02T04:00:00Z", "variants": {"x": "a"}})

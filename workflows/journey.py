@@ -58,6 +58,7 @@ class JourneyWorkflow:
         self._handled = 0
         self._waiting = False
         self._state = "starting"
+        self._restart: dict[str, Any] | None = None
 
     @workflow.signal(name="event")
     def event(self, event: dict[str, Any]) -> None:
@@ -104,7 +105,6 @@ class JourneyWorkflow:
             event=Event.from_dict(params["event"]),
             entered_at=self._now(),
         )
-        self._restart: dict[str, Any] | None = None
         await workflow.execute_local_activity(
             "nurture.record_start",
             {
@@ -126,6 +126,8 @@ class JourneyWorkflow:
                 continue
             command = await self._execute(run, command)
         self._state = f"ended:{command.reason}"
+        if self._restart is None:
+            self._restart = self._pending_trigger(run)
         await workflow.execute_local_activity(
             "nurture.record_end",
             {
@@ -138,6 +140,7 @@ class JourneyWorkflow:
                 "reason": command.reason,
                 "at": format_instant(self._now()),
                 "variants": run.variants,
+                "continued": self._restart is not None,
             },
             start_to_close_timeout=LOCAL,
         )
@@ -229,6 +232,16 @@ class JourneyWorkflow:
             return None
         finally:
             self._handled += 1
+
+    def _pending_trigger(self, run: Run) -> dict[str, Any] | None:
+        """A trigger that arrived while the run was finishing starts the next run right away."""
+        for raw in self._inbox:
+            payload = raw.get("__trigger__")
+            if payload is None or payload["journey"].get("re_entry") == "once":
+                continue
+            if payload["event"].get("message_id") != run.event.message_id:
+                return dict(payload)
+        return None
 
     def _retrigger(self, run: Run, payload: dict[str, Any]) -> Ended | None:
         """A trigger reaching an active run: ``restart`` ends it and starts anew; others ignore it."""

@@ -120,7 +120,7 @@ class DbRecorder:
                     variants=dict(record.get("variants") or {}),
                 )
             )
-            if record["reason"] != "restarted" and record.get("workflow_id"):
+            if not record.get("continued") and record.get("workflow_id"):
                 session.execute(
                     update(Route)
                     .where(col(Route.workflow_id) == record["workflow_id"])
