@@ -110,7 +110,8 @@ def compile_project(
             journeys[journey.id] = journey
     errors = sink.errors
     project = None if errors else Project(journeys, templates, settings, sink.warnings)
-    return CompileResult(project, sink.items, [str(p) for p in files])
+    ordered = sorted(sink.items, key=lambda d: (d.path, d.line, d.column))
+    return CompileResult(project, ordered, [str(p) for p in files])
 
 
 def load_project(journeys_dir: Path, templates_dir: Path, config: Path | None = None) -> Project:
@@ -459,7 +460,10 @@ def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) ->
         seen.add((report_path, message))
         diagnostic = smap.diagnostic(report_path, message, at_key=use_key)
         if column_shift:
-            diagnostic = dataclasses.replace(diagnostic, column=diagnostic.column + column_shift)
+            lines = smap.text.splitlines()
+            line = lines[diagnostic.line - 1] if 0 < diagnostic.line <= len(lines) else ""
+            quoted = line[diagnostic.column - 1 : diagnostic.column] in ("'", '"')
+            diagnostic = dataclasses.replace(diagnostic, column=diagnostic.column + column_shift + quoted)
         out.append(diagnostic)
     return out
 

@@ -63,7 +63,9 @@ def compile_expression(source: str) -> Expr:
             token = parser.stream.current
             raise ExpressionError(f"unexpected '{token.value}' after the expression")
     except TemplateSyntaxError as exc:
-        raise ExpressionError(_syntax_message(exc)) from None
+        message = _syntax_message(exc)
+        column = len(source.rstrip()) + 1 if "ends too early" in message else 1
+        raise ExpressionError(message, column) from None
     names: list[str] = []
     tree = _lower(node, names)
     return Expr(source=source, tree=tree, names=tuple(dict.fromkeys(names)))
@@ -97,6 +99,8 @@ def compile_value(source: Any) -> Expr:
 
 def _syntax_message(exc: TemplateSyntaxError) -> str:
     message = exc.message or "invalid expression"
+    if "end of template" in message or "end of print statement" in message:
+        return "expression syntax error: the expression ends too early (an operand or a closing bracket is missing)"
     return f"expression syntax error: {message}"
 
 
