@@ -445,7 +445,8 @@ def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) ->
         elif kind == "literal_error":
             expected = ctx.get("expected", "")
             options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",") if o.strip()]
-            hint = did_you_mean(str(value), options) if isinstance(value, str) else ""
+            # Options are short words (mon, sms): a looser match still helps.
+            hint = did_you_mean(str(value), options, cutoff=0.5) if isinstance(value, str) else ""
             message = f"{_describe(value)} is not allowed{hint}; expected {expected}"
         elif kind in ("too_short", "string_too_short"):
             message = "must not be empty"

@@ -38,7 +38,8 @@ _CLOCK = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
 
 
 def _fail(kind: str, message: str, **ctx: Any) -> PydanticCustomError:
-    return PydanticCustomError(kind, message.replace("{", "{{").replace("}", "}}"), ctx or None)
+    # pydantic fills {name} placeholders from ctx only; any other braces are kept as written.
+    return PydanticCustomError(kind, message, ctx or None)
 
 
 def check_ident(value: str) -> str:

@@ -251,6 +251,24 @@ def _template(env: _Sandbox, source: str) -> jinja2.Template:
     return template
 
 
+_GLOBALS = dict(_HTML_ENV.globals)
+"""Names every template sees besides the context (range, dict, ...); the same in both environments."""
+
+
+def _render(template: jinja2.Template, values: dict[str, Any]) -> str:
+    """``template.render(values)`` for ``values`` that already hold :data:`_GLOBALS`.
+
+    ``render`` copies its argument and the globals into a new dict for every call; the parts of
+    one message (subject, preheader, HTML, text; WeChat fields) share one such dict instead.
+    Rendering never writes to it: ``{% set %}`` goes to each render's own context.
+    """
+    context = template.new_context(values, shared=True)
+    try:
+        return "".join(template.root_render_func(context))
+    except Exception:
+        template.environment.handle_exception()
+
+
 @dataclass(frozen=True)
 class _File:
     """One template file as read from disk."""
@@ -381,12 +399,12 @@ class TemplateStore:
     ) -> RenderedMessage:
         """Render for one recipient; ``locale`` picks ``zh-CN``, else ``zh``, else the base."""
         file, compiled, used = self._prepare(channel, name, locale)
-        values = dict(context)
+        values = {**_GLOBALS, **context}
         try:
             if isinstance(compiled, _Email):
                 return _render_email(compiled, values, name, used)
             if isinstance(compiled, _Sms):
-                text = compiled.text.render(values).strip()
+                text = _render(compiled.text, values).strip()
                 return RenderedMessage(channel="sms", template=name, locale=used, text=text)
             return _render_wechat(compiled, values, name, used)
         except SecurityError as exc:
@@ -568,12 +586,12 @@ class TemplateStore:
 
 
 def _render_email(compiled: _Email, values: dict[str, Any], name: str, locale: str | None) -> RenderedMessage:
-    subject = " ".join(compiled.subject.render(values).split())
+    subject = " ".join(_render(compiled.subject, values).split())
     preheader = None
     if compiled.preheader is not None:
-        preheader = " ".join(compiled.preheader.render(values).split())
-    body = compiled.html.render(values)
-    text = html_to_text(body) if compiled.text is None else _tidy(compiled.text.render(values))
+        preheader = " ".join(_render(compiled.preheader, values).split())
+    body = _render(compiled.html, values)
+    text = html_to_text(body) if compiled.text is None else _tidy(_render(compiled.text, values))
     if preheader:
         hidden = _PREHEADER_DIV.format(html.escape(preheader))
         match = _BODY_TAG.search(body)
@@ -599,9 +617,9 @@ def _render_wechat(
         template=name,
         locale=locale,
         template_id=compiled.template_id,
-        data={key: tpl.render(values).strip() for key, tpl in compiled.data.items()},
-        url=None if compiled.url is None else compiled.url.render(values).strip(),
-        miniprogram=None if mini is None else {key: tpl.render(values).strip() for key, tpl in mini.items()},
+        data={key: _render(tpl, values).strip() for key, tpl in compiled.data.items()},
+        url=None if compiled.url is None else _render(compiled.url, values).strip(),
+        miniprogram=None if mini is None else {key: _render(tpl, values).strip() for key, tpl in mini.items()},
     )
 
 
