@@ -20,18 +20,19 @@ def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
     if name:
         try:
             return ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # a folder ("Europe"), a bad path
             pass
     return ZoneInfo(default)
 
 
-def local_instant(day: date, minute: int, tz: ZoneInfo) -> datetime:
-    """The UTC instant of ``day`` at ``minute`` after local midnight in ``tz``."""
-    wall = datetime.combine(day, time(minute // 60, minute % 60), tzinfo=tz)
-    instant = wall.astimezone(UTC)
-    # A wall time inside a forward gap does not round-trip; zoneinfo resolves it with the
-    # offset before the gap, which lands *after* the gap once normalised. Keep that instant.
-    return instant
+def local_instant(day: date, minute: int, tz: ZoneInfo, *, fold: int = 0) -> datetime:
+    """The UTC instant of ``day`` at ``minute`` after local midnight in ``tz``.
+
+    A wall time inside a forward gap resolves with the offset before the gap, which lands after
+    the gap once normalised; ``fold=1`` picks the second occurrence of a repeated wall time.
+    """
+    wall = datetime.combine(day, time(minute // 60, minute % 60, fold=fold), tzinfo=tz)
+    return wall.astimezone(UTC)
 
 
 def next_local_time(now: datetime, minute: int, days: tuple[int, ...], tz: ZoneInfo) -> datetime:
@@ -60,7 +61,9 @@ def in_quiet_hours(now: datetime, quiet: QuietHours, tz: ZoneInfo) -> datetime |
         end_day = local.date() + timedelta(days=1) if minute >= start else local.date()
     if not inside:
         return None
-    return local_instant(end_day, end, tz)
+    first = local_instant(end_day, end, tz)
+    # Inside the repeated hour after clocks go back, the end's first occurrence may be past.
+    return first if first > now else local_instant(end_day, end, tz, fold=1)
 
 
 def parse_instant(text: str) -> datetime:
