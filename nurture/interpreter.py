@@ -164,7 +164,12 @@ class Run:
         self.converted = False
         self.ended: str | None = None
         self.pending: Command | None = None
-        self._steps = self._main()
+        # How the trigger event, the latest wait_for event and the run itself look to conditions
+        # and templates: built once (timestamps are formatted) and shared, as no reader writes.
+        self._event_scope = event.scope()
+        self._last_scope: dict[str, Any] | None = None
+        self._journey_scope = {"id": journey.id, "key": key, "entered_at": format_instant(entered_at)}
+        self._steps = self._steps_of(journey.steps)
 
     # driving
 
@@ -190,7 +195,7 @@ class Run:
             command = self._steps.send(reply)
         except StopIteration as stop:
             self.pending = None
-            self.ended = str(stop.value)
+            self.ended = stop.value or "completed"
             return Ended(self.ended)
         self.pending = command
         return command
@@ -250,74 +255,71 @@ class Run:
 
     # scope
 
-    def journey_scope(self) -> dict[str, Any]:
-        return {"id": self.journey.id, "key": self.key, "entered_at": format_instant(self.entered_at)}
-
     def _scope(self, traits: Mapping[str, Any], *, event: Event | None = None) -> dict[str, Any]:
         return {
             "user": user_scope(self.user_id, traits),
-            "event": (event or self.event).scope(),
-            "last_event": self.last_event.scope() if self.last_event else MISSING,
-            "journey": self.journey_scope(),
+            "event": self._event_scope if event is None else event.scope(),
+            "last_event": MISSING if self._last_scope is None else self._last_scope,
+            "journey": self._journey_scope,
         }
 
     # the steps
 
-    def _main(self) -> Generator[Command, Any, str]:
-        reason = yield from self._steps_of(self.journey.steps)
-        return reason or "completed"
-
     def _steps_of(self, steps: tuple[ir.Step, ...]) -> Generator[Command, Any, str | None]:
+        """Run ``steps`` in order; returns the end reason when an ``exit`` step ends the run."""
         for step in steps:
             reason = yield from self._step(step)
             if reason is not None:
                 return reason
         return None
 
-    def _traits_if(self, needed: bool) -> Generator[Command, Any, Mapping[str, Any]]:
-        if not needed:
-            return {}
-        traits = yield ReadProfile()
-        return dict(traits or {})
-
     def _step(self, step: ir.Step) -> Generator[Command, Any, str | None]:
-        if isinstance(step, ir.Wait):
+        # Everything a step needs is written inline rather than in helper generators: each
+        # command passes through every generator of the chain on its way out and back in.
+        if isinstance(step, ir.Send):
+            request = self._request(step)
+            while True:
+                result: SendResult = yield Deliver(request)
+                if result.defer_until is None:
+                    return None
+                yield Sleep(result.defer_until, step.id, "quiet_hours")
+        elif isinstance(step, ir.Wait):
             yield Sleep(self.now + timedelta(seconds=step.seconds), step.id, "wait")
         elif isinstance(step, ir.WaitUntil):
-            traits = yield from self._traits_if(True)
+            traits = (yield ReadProfile()) or {}
             tz = zone(_text(traits.get("timezone")), self.journey.timezone)
             until = next_local_time(self.now, step.minute, step.days, tz)
             yield Sleep(until, step.id, "wait_until")
-        elif isinstance(step, ir.Send):
-            yield from self._send(step)
         elif isinstance(step, ir.WaitFor):
             arrived = yield AwaitEvent(step.id, step.event, self.now + timedelta(seconds=step.timeout))
-            if arrived is not None:
-                self.last_event = arrived
-                return (yield from self._steps_of(step.then))
-            return (yield from self._steps_of(step.otherwise))
+            if arrived is None:
+                return (yield from self._steps_of(step.otherwise))
+            self.last_event = arrived
+            self._last_scope = arrived.scope()
+            return (yield from self._steps_of(step.then))
         elif isinstance(step, ir.Branch):
             needs = any(arm.cond.reads_user for arm in step.arms)
-            scope = self._scope((yield from self._traits_if(needs)))
+            scope = self._scope(((yield ReadProfile()) or {}) if needs else {})
             for arm in step.arms:
                 if is_true(arm.cond, scope):
                     return (yield from self._steps_of(arm.steps))
             return (yield from self._steps_of(step.otherwise))
         elif isinstance(step, ir.Split):
             variant = choose_variant(step.experiment, self.user_id, step.variants)
+            self.variants.pop(step.experiment, None)  # re-insert: the latest split comes last
             self.variants[step.experiment] = variant.name
             return (yield from self._steps_of(variant.steps))
         elif isinstance(step, ir.Update):
             needs = any(t.value.reads_user for t in step.traits)
-            scope = self._scope((yield from self._traits_if(needs)))
+            scope = self._scope(((yield ReadProfile()) or {}) if needs else {})
             values = {t.name: _plain(evaluate(t.value, scope)) for t in step.traits}
             yield WriteTraits(step.id, values)
         elif isinstance(step, ir.Exit):
             return step.reason
         return None
 
-    def _send(self, step: ir.Send) -> Generator[Command, Any, None]:
-        request = SendRequest(
+    def _request(self, step: ir.Send) -> SendRequest:
+        return SendRequest(
             run_id=self.run_id,
             journey=self.journey.id,
             version=self.journey.version,
@@ -329,17 +331,8 @@ class Run:
             timezone=self.journey.timezone,
             quiet_hours=self.journey.quiet_hours,
             variant=self.current_variant,
-            context={
-                "event": self.event.scope(),
-                "last_event": self.last_event.scope() if self.last_event else None,
-                "journey": self.journey_scope(),
-            },
+            context={"event": self._event_scope, "last_event": self._last_scope, "journey": self._journey_scope},
         )
-        while True:
-            result: SendResult = yield Deliver(request)
-            if result.defer_until is None:
-                return
-            yield Sleep(result.defer_until, step.id, "quiet_hours")
 
     @property
     def current_variant(self) -> str | None:
