@@ -64,7 +64,8 @@ class Routed:
 class Ingest:
     """Accepts events and identifies for a compiled project."""
 
-    def __init__(self, project: Project, db: Database, client: Client, task_queue: str) -> None:
+    def __init__(self, project: Project, db: Database, client: Client | None, task_queue: str) -> None:
+        """``client`` may be ``None`` for a profile-only router (identify works without Temporal)."""
         self.project = project
         self.db = db
         self.client = client
@@ -89,6 +90,15 @@ class Ingest:
         )
         if not fresh:
             return Routed(duplicate=True)
+        try:
+            return await self._route(user_id, event)
+        except RPCError:
+            # Stored but not (fully) routed: forget it so the client's retry, with the same
+            # messageId, is routed instead of dropped as a duplicate. Runs ignore repeats.
+            await asyncio.to_thread(self.events.forget, event.message_id)
+            raise
+
+    async def _route(self, user_id: str, event: Event) -> Routed:
         routed = Routed()
         payload = event.to_dict()
         for route in await asyncio.to_thread(self.routes.active_for, user_id):
@@ -133,6 +143,7 @@ class Ingest:
             routed.skipped.append(journey.id)
             return
         params = {"journey": self._payloads[journey.id], "user_id": user_id, "key": key, "event": event}
+        assert self.client is not None, "routing track events needs a Temporal client"
         try:
             await self.client.start_workflow(
                 WORKFLOW_NAME,
@@ -159,6 +170,7 @@ class Ingest:
         routed.triggered.append(wid)
 
     async def _signal(self, wid: str, name: str, payload: Mapping[str, Any]) -> bool:
+        assert self.client is not None, "routing track events needs a Temporal client"
         try:
             await self.client.get_workflow_handle(wid).signal(name, payload)
         except RPCError as exc:

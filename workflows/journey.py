@@ -59,11 +59,18 @@ class JourneyWorkflow:
         self._waiting = False
         self._state = "starting"
         self._restart: dict[str, Any] | None = None
+        self._seen: set[str] = set()
 
     @workflow.signal(name="event")
     def event(self, event: dict[str, Any]) -> None:
-        """A track event of this run's user."""
+        """A track event of this run's user; a repeated message id (a retried call) is ignored."""
         self._signals += 1
+        message_id = event.get("message_id")
+        if message_id is not None:
+            if message_id in self._seen:
+                self._handled += 1
+                return
+            self._seen.add(message_id)
         self._inbox.append(event)
 
     @workflow.signal(name="trigger")

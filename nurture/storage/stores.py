@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -251,6 +251,12 @@ class Events:
             return True
         except IntegrityError:
             return False
+
+
+    def forget(self, message_id: str) -> None:
+        """Drop a stored event (it could not be routed; the client will retry it)."""
+        with self.db.session() as session:
+            session.execute(delete(EventRecord).where(col(EventRecord.message_id) == message_id))
 
 
 class Routes:

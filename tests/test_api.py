@@ -1,0 +1,646 @@
+"""The event API in process (httpx on the ASGI app) on SQLite and PostgreSQL, with a real Temporal
+dev server and a worker: calls reach journeys, bad calls name the field at fault and change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from sqlmodel import SQLModel, col, select
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from nurture.api import create_app
+from nurture.compiler import Project, load_project
+from nurture.ingest import workflow_id
+from nurture.settings import Settings, SettingsError
+from nurture.storage.db import Database
+from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord
+from worker import build_worker
+
+KEY = "test-key-0123456789"
+OTHER_KEY = "second-key-abcdef"
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+async def temporal_client(dev_server: str) -> Client:
+    return await Client.connect(dev_server)
+
+
+@dataclass
+class Api:
+    http: httpx.AsyncClient
+    db: Database
+    temporal: Client
+
+    async def post(self, path: str, body: Any, **kwargs: Any) -> httpx.Response:
+        return await self.http.post(path, json=body, **kwargs)
+
+    async def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return await self.http.get(path, **kwargs)
+
+
+@asynccontextmanager
+async def serving(project: Project, db: Database, temporal: Client) -> AsyncIterator[Api]:
+    """The app on ``db`` and a worker on its own task queue, so tests never share workers."""
+    queue = f"test-api-{uuid.uuid4().hex[:10]}"
+    settings = Settings(write_keys=(KEY, OTHER_KEY), task_queue=queue, database=db.url)
+    app = create_app(settings, project=project, db=db, client=temporal)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        build_worker(temporal, project, db, queue),
+        httpx.AsyncClient(transport=transport, base_url="http://nurture", auth=(KEY, "")) as http,
+    ):
+        yield Api(http, db, temporal)
+
+
+@pytest.fixture
+async def api(project: Project, database: Database, temporal_client: Client) -> AsyncIterator[Api]:
+    async with serving(project, database, temporal_client) as api:
+        yield api
+
+
+def utc(value: datetime) -> datetime:
+    """SQLite hands back naive UTC; PostgreSQL, aware in the session's zone."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def new_user() -> str:
+    return f"u-{uuid.uuid4().hex[:10]}"
+
+
+def rows(db: Database, model: type[SQLModel], **where: Any) -> list[Any]:
+    with db.session() as session:
+        query = select(model)
+        for name, value in where.items():
+            query = query.where(col(getattr(model, name)) == value)
+        return list(session.exec(query).all())
+
+
+async def eventually(check: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
+    """Poll ``check`` (run in a thread: it reads the database) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
+        await asyncio.sleep(0.1)
+
+
+def order(user: str, order_id: str, **properties: Any) -> dict[str, Any]:
+    return {
+        "userId": user,
+        "event": "Order Completed",
+        "properties": {"order_id": order_id, "total": 99, **properties},
+    }
+
+
+async def buyer(api: Api) -> str:
+    """A user with a phone: post_purchase texts them a transactional SMS at once, at any hour."""
+    user = new_user()
+    answer = await api.post(
+        "/v1/identify", {"userId": user, "traits": {"phone": "+8613800138000", "timezone": "UTC"}}
+    )
+    assert answer.status_code == 200, answer.text
+    return user
+
+
+async def test_track_runs_the_journey_into_the_outbox(api: Api) -> None:
+    user = await buyer(api)
+
+    answer = await api.post("/v1/track", order(user, "o-1", course_name="Python 101"))
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["success"] is True and body["duplicate"] is False
+    assert body["triggered"] == [workflow_id("post_purchase", user, "o-1")]
+    [message] = await eventually(lambda: rows(api.db, MessageRecord, user_id=user), what="the SMS")
+    assert (message.channel, message.template, message.status, message.provider) == (
+        "sms",
+        "course_access",
+        "sent",
+        "outbox",
+    )
+    assert "o-1" in message.content["text"] and "Python 101" in message.content["text"]
+
+
+JOURNEY = """\
+journey: vip_check
+trigger: {event: Checked In}
+steps:
+  - branch:
+      - if: "user.vip"
+        then:
+          - {send: sms, template: vip_yes, category: transactional}
+      - else:
+          - {send: sms, template: vip_no, category: transactional}
+"""
+
+
+@pytest.fixture
+def vip_project(tmp_path: Path) -> Project:
+    """One journey whose condition reads a trait, so an identify visibly changes its course."""
+    (tmp_path / "journeys").mkdir()
+    (tmp_path / "journeys" / "vip_check.yaml").write_text(JOURNEY)
+    (tmp_path / "templates" / "sms").mkdir(parents=True)
+    (tmp_path / "templates" / "sms" / "vip_yes.txt").write_text("Welcome back, VIP {{ user.first_name }}")
+    (tmp_path / "templates" / "sms" / "vip_no.txt").write_text("Welcome back, {{ user.first_name }}")
+    return load_project(tmp_path / "journeys", tmp_path / "templates")
+
+
+async def test_identify_updates_the_profile_that_conditions_read(
+    vip_project: Project, database: Database, temporal_client: Client
+) -> None:
+    async with serving(vip_project, database, temporal_client) as api:
+        user = new_user()
+        traits = {"phone": "+8613800138000", "first_name": "Li", "vip": True}
+        assert (await api.post("/v1/identify", {"userId": user, "traits": traits})).status_code == 200
+
+        first = await api.post("/v1/track", {"userId": user, "event": "Checked In"})
+        assert first.status_code == 200 and len(first.json()["triggered"]) == 1
+        await eventually(
+            lambda: rows(api.db, RunRecord, user_id=user, status="ended"), what="first run ended"
+        )
+
+        assert (await api.post("/v1/identify", {"userId": user, "traits": {"vip": False}})).status_code == 200
+        assert (await api.post("/v1/track", {"userId": user, "event": "Checked In"})).status_code == 200
+
+        def both() -> list[Any]:
+            sent = rows(api.db, MessageRecord, user_id=user)
+            return sent if len(sent) == 2 else []
+
+        messages = sorted(await eventually(both, what="two messages"), key=lambda m: m.id)
+    assert [m.template for m in messages] == ["vip_yes", "vip_no"]
+    assert messages[0].content["text"] == "Welcome back, VIP Li"
+    profile = rows(database, ProfileRecord, user_id=user)[0]
+    assert profile.traits == {"phone": "+8613800138000", "first_name": "Li", "vip": False}
+
+
+def basic(key: str) -> str:
+    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, basic("wrong-key"), "Bearer wrong-key", basic(KEY[:-1]), "Bearer ", "Basic not-base64!"],
+    ids=["missing", "wrong-basic", "wrong-bearer", "prefix-of-key", "empty-bearer", "malformed-basic"],
+)
+async def test_a_write_key_is_required(api: Api, authorization: str | None) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    user = new_user()
+    for method, path, body in [
+        ("POST", "/v1/track", {"userId": user, "event": "Signed Up"}),
+        ("POST", "/v1/identify", {"userId": user, "traits": {"vip": True}}),
+        ("GET", f"/v1/users/{user}", None),
+        ("GET", "/v1/outbox", None),
+    ]:
+        answer = await api.http.request(method, path, json=body, headers=headers, auth=None)
+        assert answer.status_code == 401, (path, answer.text)
+        assert answer.headers["WWW-Authenticate"] == 'Basic realm="nurture"'
+        assert answer.json()["error"] == "unauthorized"
+    assert rows(api.db, EventRecord, user_id=user) == []
+
+
+@pytest.mark.parametrize(
+    "authorization", [basic(KEY), basic(OTHER_KEY), f"Bearer {KEY}", f"Bearer {OTHER_KEY}"]
+)
+async def test_either_form_of_either_key_is_accepted(api: Api, authorization: str) -> None:
+    user = new_user()
+    headers = {"Authorization": authorization}
+    answer = await api.http.post(
+        "/v1/identify", json={"userId": user, "traits": {"plan": "pro"}}, headers=headers, auth=None
+    )
+    assert answer.status_code == 200, answer.text
+    profile = await api.http.get(f"/v1/users/{user}", headers=headers, auth=None)
+    assert profile.status_code == 200 and profile.json()["traits"] == {"plan": "pro"}
+
+
+def big(size: int) -> str:
+    return "x" * size
+
+
+BAD_CALLS: list[tuple[str, str, Any, int, str, str]] = [
+    # (id, path, body, status, field, words of the message)
+    (
+        "anonymous",
+        "/v1/track",
+        {"anonymousId": "a-1", "event": "Signed Up"},
+        400,
+        "userId",
+        "userId is required",
+    ),
+    ("no-user", "/v1/identify", {"traits": {"vip": True}}, 400, "userId", "userId is required"),
+    ("empty-user", "/v1/track", {"userId": "", "event": "Signed Up"}, 400, "userId", "at least 1 character"),
+    ("numeric-user", "/v1/track", {"userId": 42, "event": "Signed Up"}, 400, "userId", "valid string"),
+    (
+        "no-event",
+        "/v1/track",
+        {"userId": "{user}", "properties": {}},
+        400,
+        "event",
+        "event is required for track",
+    ),
+    (
+        "bad-timestamp",
+        "/v1/track",
+        {"userId": "{user}", "event": "Signed Up", "timestamp": "last tuesday"},
+        400,
+        "timestamp",
+        "ISO 8601",
+    ),
+    (
+        "epoch-timestamp",
+        "/v1/track",
+        {"userId": "{user}", "event": "Signed Up", "timestamp": 1772416800},
+        400,
+        "timestamp",
+        "ISO 8601",
+    ),
+    (
+        "properties-list",
+        "/v1/track",
+        {"userId": "{user}", "event": "Signed Up", "properties": [1, 2]},
+        400,
+        "properties",
+        "must be a JSON object",
+    ),
+    (
+        "traits-string",
+        "/v1/identify",
+        {"userId": "{user}", "traits": "vip"},
+        400,
+        "traits",
+        "must be a JSON object",
+    ),
+    (
+        "unknown-opt-out",
+        "/v1/identify",
+        {"userId": "{user}", "traits": {"opted_out": ["sms", "fax"]}},
+        400,
+        "traits.opted_out[1]",
+        "'fax'",
+    ),
+    (
+        "unknown-batch-type",
+        "/v1/batch",
+        {
+            "batch": [
+                {"type": "track", "userId": "{user}", "event": "Signed Up"},
+                {"type": "page", "userId": "{user}", "name": "Home"},
+            ]
+        },
+        400,
+        "batch[1].type",
+        "'page' is not supported",
+    ),
+    (
+        "batch-item-without-event",
+        "/v1/batch",
+        {"batch": [{"type": "identify", "userId": "{user}"}, {"type": "track", "userId": "{user}"}]},
+        400,
+        "batch[1].event",
+        "event is required for track",
+    ),
+    (
+        "batch-item-bad-property",
+        "/v1/batch",
+        {"batch": [{"type": "track", "userId": "{user}", "event": "A", "properties": "x"}]},
+        400,
+        "batch[0].properties",
+        "must be a JSON object",
+    ),
+    ("batch-not-list", "/v1/batch", {"batch": {"type": "track"}}, 400, "batch", "valid list"),
+    ("not-an-object", "/v1/track", ["{user}", "Signed Up"], 400, "body", "JSON object"),
+    (
+        "oversize-call",
+        "/v1/track",
+        {"userId": "{user}", "event": "Signed Up", "properties": {"blob": big(33 * 1024)}},
+        413,
+        "body",
+        "at most 32768 bytes",
+    ),
+    (
+        "oversize-batch",
+        "/v1/batch",
+        {
+            "batch": [{"type": "track", "userId": "{user}", "event": "A", "properties": {"b": big(20_000)}}]
+            * 26
+        },
+        413,
+        "body",
+        "at most 512000 bytes",
+    ),
+    (
+        "oversize-batch-item",
+        "/v1/batch",
+        {"batch": [{"type": "track", "userId": "{user}", "event": "A", "properties": {"b": big(40_000)}}]},
+        413,
+        "batch[0]",
+        "at most 32768 bytes",
+    ),
+]
+
+
+def fill(value: Any, user: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{user}", user)
+    if isinstance(value, list):
+        return [fill(v, user) for v in value]
+    if isinstance(value, dict):
+        return {k: fill(v, user) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field", "words"), [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS]
+)
+async def test_a_bad_call_names_the_field_and_changes_nothing(
+    api: Api, path: str, body: Any, status: int, field: str, words: str
+) -> None:
+    user = new_user()
+
+    answer = await api.post(path, fill(body, user))
+
+    assert answer.status_code == status, answer.text
+    error = answer.json()
+    assert error["error"] == ("payload_too_large" if status == 413 else "invalid_request")
+    fields = {d["field"]: d["message"] for d in error["detail"]}
+    assert field in fields, fields
+    assert words in fields[field]
+    for model in (EventRecord, ProfileRecord, RunRecord, Route, MessageRecord):
+        assert rows(api.db, model) == [], f"{model.__tablename__} changed"
+
+
+async def test_invalid_json_is_a_400_on_the_body(api: Api) -> None:
+    answer = await api.http.post(
+        "/v1/track", content=b'{"userId": "u", "event": ', headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["detail"][0]["field"] == "body"
+    assert "not valid JSON" in answer.json()["detail"][0]["message"]
+
+
+async def test_a_batch_with_one_bad_item_starts_nothing(api: Api) -> None:
+    user = await buyer(api)
+    calls = [
+        {"type": "track", **order(user, "o-9")},
+        {"type": "track", "userId": user, "event": "Cart Updated", "properties": {"item_count": "two"}},
+        {"type": "alias", "userId": user, "previousId": "x"},
+    ]
+
+    answer = await api.post("/v1/batch", {"batch": calls})
+
+    assert answer.status_code == 400
+    assert [d["field"] for d in answer.json()["detail"]] == ["batch[2].type"]
+    await asyncio.sleep(0.5)
+    assert rows(api.db, EventRecord, kind="track") == [] and rows(api.db, RunRecord, user_id=user) == []
+    with pytest.raises(RPCError):  # the valid order did not start its run either
+        await api.temporal.get_workflow_handle(workflow_id("post_purchase", user, "o-9")).describe()
+
+
+async def test_a_repeated_message_id_changes_nothing(api: Api) -> None:
+    user = await buyer(api)
+    call = {**order(user, "o-2"), "messageId": f"m-{user}", "timestamp": "2026-03-02T10:00:00+08:00"}
+
+    first = await api.post("/v1/track", call)
+    await eventually(lambda: rows(api.db, MessageRecord, user_id=user), what="the SMS")
+    again = await api.post("/v1/track", {**call, "properties": {"order_id": "o-3", "total": 5}})
+
+    assert first.json()["duplicate"] is False and first.json()["messageId"] == f"m-{user}"
+    assert again.status_code == 200
+    assert again.json() == {
+        "success": True,
+        "type": "track",
+        "messageId": f"m-{user}",
+        "duplicate": True,
+        "triggered": [],
+        "signalled": [],
+        "skipped": [],
+    }
+    await asyncio.sleep(1.0)  # long enough for a second run to have sent its SMS
+    assert len(rows(api.db, MessageRecord, user_id=user)) == 1
+    assert len(rows(api.db, RunRecord, user_id=user)) == 1
+    [event] = rows(api.db, EventRecord, kind="track", user_id=user)
+    assert event.properties["order_id"] == "o-2"
+    assert utc(event.timestamp) == datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
+
+
+async def test_calls_without_message_id_get_fresh_ones(api: Api) -> None:
+    user = new_user()
+    answers = [await api.post("/v1/identify", {"userId": user, "traits": {"n": n}}) for n in (1, 2)]
+    ids = [a.json()["messageId"] for a in answers]
+    assert ids[0] != ids[1] and all(uuid.UUID(i) for i in ids)
+    assert [a.json()["duplicate"] for a in answers] == [False, False]
+
+
+async def test_a_batched_order_ends_the_cart_run_with_its_goal(api: Api) -> None:
+    user = new_user()
+    traits = {"email": "li@example.com", "phone": "+8613800138000", "timezone": "UTC"}
+    cart = workflow_id("cart_abandonment", user, "c-1")
+    calls = [
+        {"type": "identify", "userId": user, "traits": traits},
+        {
+            "type": "track",
+            "userId": user,
+            "event": "Cart Updated",
+            "properties": {"cart_id": "c-1", "item_count": 2},
+        },
+        {"type": "track", **order(user, "o-4", cart_id="c-1")},
+    ]
+
+    answer = await api.post("/v1/batch", {"batch": calls})
+
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [r["type"] for r in results] == ["identify", "track", "track"]
+    assert results[1]["triggered"] == [cart]
+    assert results[2]["signalled"] == [cart], "the order reaches the cart run started one item before"
+    assert results[2]["triggered"] == [workflow_id("post_purchase", user, "o-4")]
+
+    def cart_run() -> RunRecord | None:
+        runs = rows(api.db, RunRecord, user_id=user, journey="cart_abandonment", status="ended")
+        return runs[0] if runs else None
+
+    run = await eventually(cart_run, what="the cart run's end")
+    assert run.end_reason == "goal" and run.converted_at is not None
+    await eventually(lambda: rows(api.db, MessageRecord, user_id=user), what="the order SMS")
+    assert [m.template for m in rows(api.db, MessageRecord, user_id=user)] == ["course_access"]
+
+
+async def test_read_endpoints(api: Api, project: Project) -> None:
+    user = new_user()
+    identify = {
+        "userId": user,
+        "traits": {
+            "phone": "+8613800138000",
+            "first_name": "Li",
+            "timezone": "UTC",
+            "opted_out": ["sms", "sms"],
+        },
+    }
+    assert (await api.post("/v1/identify", identify)).status_code == 200
+    assert (await api.post("/v1/track", order(user, "o-5"))).status_code == 200
+    await eventually(lambda: rows(api.db, MessageRecord, user_id=user), what="the SMS")
+
+    profile = (await api.get(f"/v1/users/{user}")).json()
+    assert profile["traits"] == {
+        "phone": "+8613800138000",
+        "first_name": "Li",
+        "timezone": "UTC",
+        "last_order_id": "o-5",  # post_purchase's update step
+    }
+    assert profile["opted_out"] == ["sms"]
+    assert profile["created_at"].endswith("Z") and profile["updated_at"] >= profile["created_at"]
+
+    [run] = (await api.get(f"/v1/users/{user}/runs")).json()
+    assert (run["journey"], run["key"], run["status"], run["end_reason"]) == (
+        "post_purchase",
+        "o-5",
+        "active",
+        None,
+    )
+    assert run["version"] == project.journeys["post_purchase"].version
+
+    [message] = (await api.get(f"/v1/users/{user}/messages")).json()
+    assert message["template"] == "course_access" and message["status"] == "sent", (
+        "transactional ignores opt-outs"
+    )
+    assert message["content"] is None and message["preview"].startswith("Nurture Academy")
+    [full] = (await api.get(f"/v1/users/{user}/messages", params={"content": "true"})).json()
+    assert "o-5" in full["content"]["text"]
+
+    outbox = (await api.get("/v1/outbox", params={"limit": 1})).json()
+    assert len(outbox) == 1
+    assert (outbox[0]["user_id"], outbox[0]["address"], outbox[0]["provider"]) == (
+        user,
+        "+8613800138000",
+        "outbox",
+    )
+    assert "o-5" in outbox[0]["content"]["text"]
+
+    missing = await api.get(f"/v1/users/{new_user()}")
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    assert (await api.get(f"/v1/users/{new_user()}/runs")).json() == []
+
+
+async def test_outbox_lists_newest_first(api: Api) -> None:
+    user = await buyer(api)
+    for n in (1, 2, 3):
+        assert (await api.post("/v1/track", order(user, f"o-n{n}"))).status_code == 200
+
+    def three() -> list[Any]:
+        sent = rows(api.db, MessageRecord, user_id=user)
+        return sent if len(sent) == 3 else []
+
+    await eventually(three, what="three messages")
+    outbox = (await api.get("/v1/outbox", params={"limit": 2})).json()
+    assert len(outbox) == 2
+    assert outbox[0]["created_at"] >= outbox[1]["created_at"]
+    newest = max(rows(api.db, MessageRecord, user_id=user), key=lambda m: (m.created_at, m.id))
+    assert outbox[0]["id"] == newest.id
+    bad = await api.get("/v1/outbox", params={"limit": 0})
+    assert bad.status_code == 400 and bad.json()["detail"][0]["field"] == "limit"
+
+
+async def test_health_needs_no_key(api: Api) -> None:
+    answer = await api.http.get("/healthz", auth=None)
+    assert answer.status_code == 200
+    assert answer.json() == {
+        "ok": True,
+        "database": {"ok": True, "error": None},
+        "temporal": {"ok": True, "error": None},
+    }
+
+
+async def test_health_reports_an_unreachable_temporal(project: Project, database: Database) -> None:
+    settings = Settings(write_keys=(KEY,), database=database.url, temporal_address="127.0.0.1:9")
+    app = create_app(settings, project=project, db=database)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://nurture") as http:
+        health = await http.get("/healthz")
+        track = await http.post(
+            "/v1/track", json={"userId": "u", "event": "Signed Up", "messageId": "m-503"}, auth=(KEY, "")
+        )
+    assert health.status_code == 503
+    assert health.json()["database"]["ok"] is True and health.json()["temporal"]["ok"] is False
+    assert track.status_code == 503 and "same messageId" in track.json()["message"]
+    assert rows(database, EventRecord) == [], "a call that was not routed is not remembered"
+
+
+def test_the_api_refuses_to_start_without_write_keys(project: Project, database: Database) -> None:
+    with pytest.raises(SettingsError, match="NURTURE_WRITE_KEYS"):
+        create_app(Settings(database=database.url), project=project, db=database)
+
+
+async def test_openapi_documents_the_api(api: Api) -> None:
+    doc = (await api.http.get("/openapi.json", auth=None)).json()
+
+    assert doc["info"]["title"] == "Nurture event API" and doc["info"]["version"]
+    assert "messageId" in doc["info"]["description"]
+    assert {
+        "/v1/track",
+        "/v1/identify",
+        "/v1/batch",
+        "/v1/users/{user_id}",
+        "/v1/users/{user_id}/runs",
+        "/v1/users/{user_id}/messages",
+        "/v1/outbox",
+        "/healthz",
+    } <= set(doc["paths"])
+    track = doc["paths"]["/v1/track"]["post"]
+    assert {"400", "401", "413", "200"} <= set(track["responses"]) and "422" not in track["responses"]
+    assert {"HTTPBasic", "HTTPBearer"} <= set(doc["components"]["securitySchemes"])
+    assert (await api.http.get("/docs", auth=None)).status_code == 200
+
+
+class RefusingTemporal:
+    """Stands in for a Temporal client whose server refuses every call."""
+
+    async def start_workflow(self, *args: Any, **kwargs: Any) -> None:
+        raise RPCError("frontend unavailable", RPCStatusCode.UNAVAILABLE, b"")
+
+
+async def test_a_call_temporal_refused_is_routed_when_retried(api: Api, project: Project) -> None:
+    settings = Settings(write_keys=(KEY,), database=api.db.url)
+    refusing = create_app(settings, project=project, db=api.db, client=RefusingTemporal())  # type: ignore[arg-type]
+    user = new_user()
+    call = {"userId": user, "event": "Signed Up", "messageId": f"m-{user}"}
+    transport = httpx.ASGITransport(app=refusing)
+    async with httpx.AsyncClient(transport=transport, base_url="http://nurture", auth=(KEY, "")) as http:
+        refused = await http.post("/v1/track", json=call)
+
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    assert "same messageId" in refused.json()["message"]
+    assert rows(api.db, EventRecord, user_id=user) == [], "a call that was not routed is not remembered"
+    retried = await api.post("/v1/track", call)
+    assert retried.status_code == 200 and retried.json()["duplicate"] is False
+    assert retried.json()["triggered"] == [workflow_id("welcome_series", user, "")]
+
+
+async def test_logs_never_show_addresses(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    user = f"li.{uuid.uuid4().hex[:6]}@example.com"
+    traits = {"email": user, "phone": "+8613800138000"}
+    with caplog.at_level(logging.INFO, logger="nurture.api"):
+        assert (await api.post("/v1/identify", {"userId": user, "traits": traits})).status_code == 200
+        assert (
+            await api.post("/v1/track", {"userId": "+8613800138000", "event": "Browsed"})
+        ).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "nurture.api"]
+    assert len(lines) == 2, lines
+    assert 'call="identify" user="l***@example.com"' in lines[0] and '"email", "phone"' in lines[0]
+    assert 'user="+86*******8000" event="Browsed"' in lines[1] and "triggered=0" in lines[1]
+    assert not any(user in line or "+8613800138000" in line for line in lines)
