@@ -170,6 +170,22 @@ def compile_text(
     """Compile journey source text; ``path`` is used for messages and the id check."""
     before = len(sink.errors)
     try:
+        return _compile_text(text, path, templates, settings, sink, checked_templates, before)
+    except RecursionError:
+        sink.add(Diagnostic(path, 1, 1, "the document is nested too deeply to read: simplify it"))
+        return None
+
+
+def _compile_text(
+    text: str,
+    path: str,
+    templates: TemplateStore,
+    settings: Settings,
+    sink: DiagnosticSink,
+    checked_templates: set[tuple[str, str]] | None,
+    before: int,
+) -> ir.Journey | None:
+    try:
         data, smap = load_yaml(text, path)
     except SourceError as exc:
         sink.extend(exc.diagnostics)
@@ -345,7 +361,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[KeyPath, bool]:
         if skip:
             skip = False
             continue
-        if part == "[key]":
+        if part == "[key]" and index == len(loc) - 1 and index > 0:
             at_key = True
             continue
         out.append(part)
@@ -542,18 +558,47 @@ def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journe
         exit_on=tuple(_rule(r) for r in doc.exit_on),
         timezone=doc.timezone or settings.timezone,
         quiet_hours=_quiet(doc.quiet_hours) or settings.quiet_hours,
-        steps=_build_steps(doc.steps, "s"),
+        steps=_Ids(doc).steps(doc.steps, "s"),
         source=source,
     )
     return dataclasses.replace(journey, version=ir.content_version(journey))
 
 
-def _build_steps(docs: list[Any], prefix: str) -> tuple[ir.Step, ...]:
-    separator = "" if prefix == "s" else "."
-    return tuple(_build_step(d, d.id or f"{prefix}{separator}{n}") for n, d in enumerate(docs, 1))
+class _Ids:
+    """Generated step ids (``s2``, ``s3.then.1``) that never take an id a step declares."""
+
+    def __init__(self, doc: JourneyDoc) -> None:
+        self.taken: set[str] = set()
+        self._collect(doc.steps)
+
+    def _collect(self, docs: list[Any]) -> None:
+        for step in docs:
+            if step.id is not None:
+                self.taken.add(step.id)
+            if isinstance(step, WaitForDoc):
+                self._collect(step.then)
+                self._collect(step.else_)
+            elif isinstance(step, BranchDoc):
+                for arm in step.branch:
+                    self._collect(arm.then if isinstance(arm, ArmDoc) else arm.else_)
+            elif isinstance(step, SplitDoc):
+                for variant in step.variants.values():
+                    self._collect(variant.steps)
+
+    def steps(self, docs: list[Any], prefix: str) -> tuple[ir.Step, ...]:
+        separator = "" if prefix == "s" else "."
+        out = []
+        for number, step in enumerate(docs, 1):
+            step_id = step.id
+            if step_id is None:
+                step_id = f"{prefix}{separator}{number}"
+                while step_id in self.taken:
+                    step_id += "_"
+            out.append(_build_step(step, step_id, self))
+        return tuple(out)
 
 
-def _build_step(doc: StepDoc, step_id: str) -> ir.Step:
+def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
     if isinstance(doc, WaitDoc):
         return ir.Wait(id=step_id, seconds=parse_duration(doc.wait))
     if isinstance(doc, WaitUntilDoc):
@@ -573,8 +618,8 @@ def _build_step(doc: StepDoc, step_id: str) -> ir.Step:
             event=doc.wait_for,
             timeout=parse_duration(doc.timeout),
             cond=compile_expression(doc.if_) if doc.if_ else None,
-            then=_build_steps(doc.then, f"{step_id}.then"),
-            otherwise=_build_steps(doc.else_, f"{step_id}.else"),
+            then=ids.steps(doc.then, f"{step_id}.then"),
+            otherwise=ids.steps(doc.else_, f"{step_id}.else"),
         )
     if isinstance(doc, BranchDoc):
         arms = []
@@ -584,19 +629,19 @@ def _build_step(doc: StepDoc, step_id: str) -> ir.Step:
                 arms.append(
                     ir.Arm(
                         cond=compile_expression(arm.if_),
-                        steps=_build_steps(arm.then, f"{step_id}.arm{number}"),
+                        steps=ids.steps(arm.then, f"{step_id}.arm{number}"),
                     )
                 )
             else:
                 assert isinstance(arm, ElseArmDoc)
-                otherwise = _build_steps(arm.else_, f"{step_id}.else")
+                otherwise = ids.steps(arm.else_, f"{step_id}.else")
         return ir.Branch(id=step_id, arms=tuple(arms), otherwise=otherwise)
     if isinstance(doc, SplitDoc):
         return ir.Split(
             id=step_id,
             experiment=doc.split,
             variants=tuple(
-                ir.Variant(name=name, weight=v.weight, steps=_build_steps(v.steps, f"{step_id}.{name}"))
+                ir.Variant(name=name, weight=v.weight, steps=ids.steps(v.steps, f"{step_id}.{name}"))
                 for name, v in doc.variants.items()
             ),
         )

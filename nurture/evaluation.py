@@ -181,7 +181,8 @@ def _text(value: Any) -> str:
 
 
 def _default(value: Any, fallback: Any = "", boolean: bool = False) -> Any:
-    if value is MISSING or (boolean and not value):
+    # A trait set to null reads like a missing one, as it does in templates.
+    if value is MISSING or value is None or (boolean and not value):
         return fallback
     return value
 

@@ -66,8 +66,13 @@ def compile_expression(source: str) -> Expr:
         message = _syntax_message(exc)
         column = len(source.rstrip()) + 1 if "ends too early" in message else 1
         raise ExpressionError(message, column) from None
+    except RecursionError:
+        raise ExpressionError("the expression is nested too deeply: simplify it") from None
     names: list[str] = []
-    tree = _lower(node, names)
+    try:
+        tree = _lower(node, names)
+    except RecursionError:
+        raise ExpressionError("the expression is nested too deeply: simplify it") from None
     return Expr(source=source, tree=tree, names=tuple(dict.fromkeys(names)))
 
 
@@ -83,6 +88,7 @@ def compile_value(source: Any) -> Expr:
         raise ExpressionError(_syntax_message(exc)) from None
     parts: list[Any] = []
     names: list[str] = []
+    expressions = 0
     for statement in template.body:
         if not isinstance(statement, nodes.Output):
             raise ExpressionError("values may use {{ expression }} but not {% %} blocks")
@@ -90,9 +96,10 @@ def compile_value(source: Any) -> Expr:
             if isinstance(child, nodes.TemplateData):
                 parts.append(["const", child.data])
             else:
+                expressions += 1
                 parts.append(_lower(child, names))
     unique = tuple(dict.fromkeys(names))
-    if len(parts) == 1 and parts[0][0] != "const":
+    if len(parts) == 1 and expressions == 1:  # exactly one {{ expr }}: keep its type
         return Expr(source=source, tree=parts[0], names=unique)
     return Expr(source=source, tree=["concat", parts], names=unique)
 

@@ -84,16 +84,21 @@ def format_path(path: Path) -> str:
     return out
 
 
+MAX_NODES = 50_000
+"""More values than any journey has: past it, aliases are expanding into a bomb."""
+
+
 def load_yaml(text: str, path: str) -> tuple[Any, SourceMap]:
     """Parse one YAML document and record where everything in it is."""
     smap = SourceMap(path=path, text=text)
-    loader = yaml.SafeLoader(text)
+    problems: list[Diagnostic] = []
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None, smap
-        problems: list[Diagnostic] = []
-        data = _convert(loader, node, (), smap, problems)
+        data = _convert(loader, node, (), smap, problems, _Walk())
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -102,13 +107,40 @@ def load_yaml(text: str, path: str) -> tuple[Any, SourceMap]:
         raise SourceError(
             [Diagnostic(path, line, column, f"YAML syntax error: {problem}{hint}")]
         ) from None
+    except yaml.reader.ReaderError as exc:
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        raise SourceError(
+            [
+                Diagnostic(
+                    path,
+                    line,
+                    column,
+                    f"character {exc.character!r} is not allowed in YAML: delete it "
+                    "(control characters often come from pasting text from a word processor)",
+                )
+            ]
+        ) from None
     except yaml.YAMLError as exc:
         raise SourceError([Diagnostic(path, 1, 1, f"YAML error: {exc}")]) from None
+    except _TooLarge as exc:
+        raise SourceError([Diagnostic(path, 1, 1, str(exc))]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if problems:
         raise SourceError(problems)
     return data, smap
+
+
+class _TooLarge(Exception):
+    """An alias that refers to itself, or aliases that expand past :data:`MAX_NODES`."""
+
+
+@dataclass
+class _Walk:
+    nodes: int = 0
+    open: set[int] = field(default_factory=set)
 
 
 def _syntax_hint(problem: str) -> str:
@@ -135,13 +167,43 @@ def _convert(
     path: Path,
     smap: SourceMap,
     problems: list[Diagnostic],
+    walk: _Walk,
 ) -> Any:
-    smap.values[path] = _mark(node)
+    walk.nodes += 1
+    if walk.nodes > MAX_NODES:
+        raise _TooLarge(f"the document expands to more than {MAX_NODES} values: check its aliases (*name)")
+    if id(node) in walk.open:
+        mark = _mark(node)
+        raise _TooLarge(f"an alias on line {mark.line} refers to the value that contains it: remove the loop")
+    smap.values.setdefault(path, _mark(node))
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        walk.open.add(id(node))
+        try:
+            return _convert_collection(loader, node, path, smap, problems, walk)
+        finally:
+            walk.open.discard(id(node))
+    assert isinstance(node, yaml.ScalarNode)
+    if node.style is None and _CLOCK.match(node.value):
+        return node.value
+    try:
+        return loader.construct_object(node, deep=True)
+    except ValueError:  # an impossible date such as 2026-02-30: keep it as text
+        return node.value
+
+
+def _convert_collection(
+    loader: yaml.SafeLoader,
+    node: yaml.MappingNode | yaml.SequenceNode,
+    path: Path,
+    smap: SourceMap,
+    problems: list[Diagnostic],
+    walk: _Walk,
+) -> Any:
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = _convert(loader, key_node, path + ("<key>",), smap, problems)
+            key = _convert(loader, key_node, path + ("<key>",), smap, problems, walk)
             if not isinstance(key, str):
                 key = str(key).lower() if isinstance(key, bool) else str(key)
             child = path + (key,)
@@ -158,18 +220,13 @@ def _convert(
                 )
                 continue
             smap.keys[child] = _mark(key_node)
-            out[key] = _convert(loader, value_node, child, smap, problems)
+            out[key] = _convert(loader, value_node, child, smap, problems, walk)
         smap.values.pop(path + ("<key>",), None)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _convert(loader, item, path + (index,), smap, problems)
-            for index, item in enumerate(node.value)
-        ]
-    assert isinstance(node, yaml.ScalarNode)
-    if node.style is None and _CLOCK.match(node.value):
-        return node.value
-    return loader.construct_object(node, deep=True)
+    return [
+        _convert(loader, item, path + (index,), smap, problems, walk)
+        for index, item in enumerate(node.value)
+    ]
 
 
 def iter_paths(data: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
