@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
+from . import cli_events
 from .compiler import Project, compile_project
 from .diagnostics import CompileError, format_all
 from .graph import mermaid
@@ -221,6 +222,10 @@ def demo(journeys_dir: Path, templates_dir: Path, config: Path | None, scenario:
         click.echo(f"ok  {journey.id:<20} version {journey.version}")
     click.echo("")
     click.echo(asyncio.run(_timeline(scenario, project)), nl=False)
+
+
+main.add_command(cli_events.track)
+main.add_command(cli_events.identify)
 
 
 if __name__ == "__main__":
