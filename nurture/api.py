@@ -50,6 +50,7 @@ from channels import mask_address
 from .compiler import Project, load_project
 from .ingest import Ingest, Routed
 from .model import Event
+from .observability import configure_logging
 from .settings import Settings
 from .storage.db import Database
 from .storage.models import MessageRecord, ProfileRecord, RunRecord
@@ -931,7 +932,7 @@ def create_app(
 
 def app_from_env() -> FastAPI:
     """ASGI factory: ``uvicorn nurture.api:app_from_env --factory``."""
-    _log_to_stderr()
+    configure_logging()
     return create_app(Settings.from_env())
 
 
@@ -944,8 +945,9 @@ async def serve(
     app: FastAPI | None = None,
 ) -> None:
     """Serve the API with uvicorn until interrupted (or until ``stop`` is set)."""
-    _log_to_stderr()
-    server = uvicorn.Server(uvicorn.Config(app or create_app(settings), host=host, port=port))
+    configure_logging()
+    config = uvicorn.Config(app or create_app(settings), host=host, port=port, log_config=None)
+    server = uvicorn.Server(config)
 
     async def watch(event: asyncio.Event) -> None:
         await event.wait()
@@ -957,13 +959,3 @@ async def serve(
     finally:
         if watcher is not None:
             watcher.cancel()
-
-
-def _log_to_stderr() -> None:
-    """Our log lines beside uvicorn's, unless the application configured logging itself."""
-    logger = logging.getLogger("nurture")
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import cli_events
+from . import cli_events, cli_service
 from .compiler import Project, compile_project
 from .diagnostics import CompileError, format_all
 from .graph import mermaid
@@ -224,8 +224,8 @@ def demo(journeys_dir: Path, templates_dir: Path, config: Path | None, scenario:
     click.echo(asyncio.run(_timeline(scenario, project)), nl=False)
 
 
-main.add_command(cli_events.track)
-main.add_command(cli_events.identify)
+for command in (cli_events.track, cli_events.identify, cli_service.up, cli_service.worker, cli_service.outbox):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

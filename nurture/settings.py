@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from temporalio.client import Client, TLSConfig
+from temporalio.runtime import Runtime
 
 from .storage.db import database_url
 
@@ -99,6 +100,8 @@ class Settings:
             client_private_key=self.tls_key.read_bytes() if self.tls_key else None,
         )
 
-    async def connect(self) -> Client:
-        """A Temporal client for these settings."""
-        return await Client.connect(self.temporal_address, namespace=self.namespace, tls=self.tls_config())
+    async def connect(self, runtime: Runtime | None = None) -> Client:
+        """A Temporal client for these settings (on ``runtime``, else the SDK's default)."""
+        return await Client.connect(
+            self.temporal_address, namespace=self.namespace, tls=self.tls_config(), runtime=runtime
+        )

@@ -184,7 +184,8 @@ class JourneyWorkflow:
             raw = await workflow.execute_activity(
                 "nurture.send",
                 {"request": command.request.to_dict(), "now": format_instant(self._now())},
-                start_to_close_timeout=timedelta(minutes=2),
+                # Short: after a worker crash mid-send, the retry starts this much later.
+                start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=SEND_RETRY,
             )
             return run.resume(SendResult.from_dict(raw), self._now())

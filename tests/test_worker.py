@@ -1,0 +1,392 @@
+"""The operator's worker: refuses bad journeys, serves metrics, masks logs, stops on SIGTERM.
+
+The process tests run ``python worker.py`` for real against the ``dev_server`` fixture and feed
+it through the service's own router (:class:`nurture.ingest.Ingest`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT, free_port
+from sqlalchemy import text
+from temporalio.client import Client
+
+import worker
+from channels import mask_address
+from nurture.compiler import load_project
+from nurture.diagnostics import CompileError
+from nurture.ingest import Ingest
+from nurture.model import Event
+from nurture.observability import METRIC_NAMES, JsonFormatter, MaskingFilter, configure_logging, mask_text
+from nurture.settings import Settings, SettingsError
+from nurture.storage.db import Database
+
+EMAIL = "ada.lovelace@example.com"
+PHONE = "+8613800138000"
+
+BROKEN = """\
+journey: broken
+trigger:
+  event: Signed Up
+steps:
+  - send: email
+    template: welcom
+"""
+
+
+def project_dir(tmp_path: Path, *extra: tuple[str, str]) -> Path:
+    """The repo's journeys (no nurture.yaml: no quiet hours) plus ``extra`` (name, text) files."""
+    journeys = tmp_path / "journeys"
+    journeys.mkdir()
+    for path in (ROOT / "journeys").glob("*.yaml"):
+        shutil.copy(path, journeys / path.name)
+    for name, content in extra:
+        (journeys / name).write_text(content, encoding="utf-8")
+    return journeys
+
+
+def worker_env(tmp_path: Path, journeys: Path, address: str, **extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("NURTURE_", "TEMPORAL_")) and key != "DATABASE_URL"
+    }
+    env.update(
+        TEMPORAL_ADDRESS=address,
+        NURTURE_HOME=str(tmp_path / "home"),
+        NURTURE_JOURNEYS=str(journeys),
+        NURTURE_TEMPLATES=str(ROOT / "templates"),
+        NURTURE_TASK_QUEUE=f"test-worker-{uuid.uuid4().hex[:8]}",
+        **extra,
+    )
+    return env
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# Start-up refusals (no server needed) --------------------------------------------------------
+
+
+def test_compile_errors_stop_the_worker_before_it_connects(tmp_path: Path) -> None:
+    journeys = project_dir(tmp_path, ("broken.yaml", BROKEN))
+    env = worker_env(tmp_path, journeys, f"127.0.0.1:{free_port()}")  # nothing listens there
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "worker.py")], env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == 1
+    assert f"{journeys / 'broken.yaml'}:6:15: steps[0].template: no email template 'welcom'" in done.stderr
+    assert "did you mean 'welcome'?" in done.stderr
+    assert "cannot connect" not in done.stderr  # it refused before trying Temporal
+    assert "worker ready" not in done.stderr
+
+
+async def test_run_raises_the_diagnostics_with_their_location(tmp_path: Path) -> None:
+    journeys = project_dir(tmp_path, ("broken.yaml", BROKEN))
+    settings = Settings.from_env(worker_env(tmp_path, journeys, f"127.0.0.1:{free_port()}"))
+
+    with pytest.raises(CompileError) as raised:
+        await worker.run(settings, asyncio.Event())
+
+    assert "broken.yaml:6:15: steps[0].template" in str(raised.value)
+    assert not (tmp_path / "home" / "nurture.db").exists()  # nothing was touched
+
+
+@pytest.mark.parametrize("taken", ["NURTURE_METRICS_PORT", "NURTURE_TEMPORAL_METRICS_PORT", None])
+def test_start_up_failures_exit_1_naming_the_cause(tmp_path: Path, taken: str | None) -> None:
+    temporal = free_port()  # nothing listens there
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        ports = {"NURTURE_METRICS_PORT": str(free_port()), "NURTURE_TEMPORAL_METRICS_PORT": str(free_port())}
+        if taken is not None:
+            ports[taken] = str(busy.getsockname()[1])
+        env = worker_env(tmp_path, project_dir(tmp_path), f"127.0.0.1:{temporal}", **ports)
+
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "worker.py")], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    assert done.returncode == 1
+    errors = [json.loads(line) for line in done.stderr.splitlines() if '"ERROR"' in line]
+    assert len(errors) == 1
+    expected = {
+        "NURTURE_METRICS_PORT": f"not starting: cannot serve metrics on :{ports['NURTURE_METRICS_PORT']} (NURTURE_METRICS_PORT)",
+        "NURTURE_TEMPORAL_METRICS_PORT": (
+            f"not starting: cannot serve Temporal SDK metrics on :{ports['NURTURE_TEMPORAL_METRICS_PORT']} "
+            "(NURTURE_TEMPORAL_METRICS_PORT)"
+        ),
+        None: f"not starting: cannot connect to Temporal at 127.0.0.1:{temporal}",
+    }[taken]
+    assert errors[0]["message"].startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("NURTURE_SHUTDOWN_TIMEOUT", "soon", "NURTURE_SHUTDOWN_TIMEOUT must be a number of seconds"),
+        ("NURTURE_SHUTDOWN_TIMEOUT", "-1", "NURTURE_SHUTDOWN_TIMEOUT must not be negative"),
+        ("NURTURE_TEMPORAL_METRICS_PORT", "x", "NURTURE_TEMPORAL_METRICS_PORT must be a port number"),
+    ],
+)
+def test_bad_worker_options_name_the_variable(variable: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        worker.WorkerOptions.from_env(Settings(), {variable: value})
+
+
+def test_worker_options_defaults() -> None:
+    assert worker.WorkerOptions.from_env(Settings(), {}) == worker.WorkerOptions(
+        shutdown_timeout=10.0, temporal_metrics_port=None
+    )
+    with_metrics = Settings(metrics_port=9464)
+    assert worker.WorkerOptions.from_env(with_metrics, {}).temporal_metrics_port == 9465
+    assert (
+        worker.WorkerOptions.from_env(
+            with_metrics, {"NURTURE_TEMPORAL_METRICS_PORT": "0"}
+        ).temporal_metrics_port
+        is None
+    )
+    assert (
+        worker.WorkerOptions.from_env(Settings(), {"NURTURE_SHUTDOWN_TIMEOUT": "2.5"}).shutdown_timeout == 2.5
+    )
+
+
+# Masked JSON logs (unit) ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A logger whose records go through the masking filter into JSON lines."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(MaskingFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(f"test.masking.{uuid.uuid4().hex}")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    yield logger, stream
+    logger.removeHandler(handler)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_addresses_in_message_arguments_are_masked(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = captured
+
+    logger.info("sent to %s and %s", EMAIL, PHONE)
+
+    (line,) = lines(stream)
+    assert line["message"] == "sent to a***@example.com and +86*******8000"
+    assert line["level"] == "INFO"
+    assert line["logger"] == logger.name
+    assert datetime.fromisoformat(str(line["time"])).tzinfo is not None
+    assert EMAIL not in stream.getvalue() and PHONE not in stream.getvalue()
+
+
+def test_addresses_in_fields_containers_and_tracebacks_are_masked(
+    captured: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, stream = captured
+
+    try:
+        raise ValueError(f"provider rejected {PHONE}")
+    except ValueError:
+        logger.exception(
+            "profile %s",
+            {"email": EMAIL, "phone": PHONE},
+            extra={"user": EMAIL, "workflow_id": "nurture/welcome_series/ada%40example.com/", "attempt": 3},
+        )
+
+    (line,) = lines(stream)
+    assert line["message"] == "profile {'email': 'a***@example.com', 'phone': '+86*******8000'}"
+    assert line["user"] == "a***@example.com"
+    assert line["workflow_id"] == "nurture/welcome_series/a***%40example.com/"
+    assert line["attempt"] == 3
+    assert "ValueError: provider rejected +86*******8000" in str(line["exception"])
+    assert EMAIL not in stream.getvalue() and PHONE not in stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("raw", "masked"),
+    [
+        ("to li@example.com.", "to l***@example.com."),
+        ("李 li.wei+promo@mail.example.cn", "李 l***@mail.example.cn"),
+        ("sms to +14155552671 ok", "sms to +14*****2671 ok"),
+        ("call 13800138000", "call *******8000"),
+        ("user %2B8613800138000 quoted", "user %2B86*******8000 quoted"),
+        ("already l***@example.com and +86*******8000", "already l***@example.com and +86*******8000"),
+        # Not addresses: ids, times, ports, amounts and short numbers stay readable.
+        ("run 8890eb76-7a7e-465b-9f25-cb3efcc3ada8", "run 8890eb76-7a7e-465b-9f25-cb3efcc3ada8"),
+        ("at 2026-03-02T10:00:00+08:00 on :8000", "at 2026-03-02T10:00:00+08:00 on :8000"),
+        ("order 123456 total 1234.567890123", "order 123456 total 1234.567890123"),
+    ],
+)
+def test_mask_text(raw: str, masked: str) -> None:
+    assert mask_text(raw) == masked
+
+
+def test_configure_logging_installs_one_masking_handler() -> None:
+    root = logging.getLogger()
+    level = root.level
+    first, second = io.StringIO(), io.StringIO()
+    access = logging.getLogger("uvicorn.access")
+    saved = (list(access.handlers), access.propagate, access.level, access.disabled)
+    access.addHandler(logging.StreamHandler(io.StringIO()))  # as the uvicorn CLI configures it
+    access.propagate, access.disabled = False, False
+    access.setLevel(logging.INFO)
+    try:
+        configure_logging(stream=first, env={"NURTURE_LOG_FORMAT": "text", "NURTURE_LOG_LEVEL": "warning"})
+        handler = configure_logging(stream=second, env={"NURTURE_LOG_LEVEL": "INFO"})
+        logging.getLogger("nurture.test").info("hello %s", EMAIL)
+        access.info('%s - "GET /v1/users/%s HTTP/1.1" 200', "127.0.0.1:5000", EMAIL)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        handlers, propagate, access_level, disabled = saved
+        access.handlers, access.propagate, access.disabled = handlers, propagate, disabled
+        access.setLevel(access_level)
+
+    assert [h for h in root.handlers if h.get_name() == "nurture"] == []
+    assert first.getvalue() == ""  # replaced, not duplicated
+    hello, request = (json.loads(line) for line in second.getvalue().splitlines())
+    assert hello["message"] == "hello a***@example.com"
+    # uvicorn's access logger had its own handler and did not propagate: it was rerouted to ours.
+    assert (request["logger"], request["message"]) == (
+        "uvicorn.access",
+        '127.0.0.1:5000 - "GET /v1/users/a***@example.com HTTP/1.1" 200',
+    )
+    with pytest.raises(SettingsError, match="NURTURE_LOG_FORMAT"):
+        configure_logging(env={"NURTURE_LOG_FORMAT": "xml"})
+
+
+# The worker process ----------------------------------------------------------------------------
+
+
+def log_lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def scrape(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def messages_sent(db: Database, user_id: str) -> int:
+    with db.engine.connect() as connection:
+        count = connection.execute(
+            text("SELECT count(*) FROM messages WHERE user_id = :user AND status = 'sent'"), {"user": user_id}
+        ).scalar_one()
+    return int(count)
+
+
+async def test_worker_process_counts_masks_and_stops_on_sigterm(dev_server: str, tmp_path: Path) -> None:
+    journeys = project_dir(tmp_path)
+    metrics_port, sdk_port = free_port(), free_port()
+    env = worker_env(
+        tmp_path,
+        journeys,
+        dev_server,
+        NURTURE_METRICS_PORT=str(metrics_port),
+        NURTURE_TEMPORAL_METRICS_PORT=str(sdk_port),
+        NURTURE_SHUTDOWN_TIMEOUT="5",
+    )
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "worker.py")], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_until(lambda: "worker ready" in log_path.read_text(), 30, "the worker to be ready")
+
+        # A user whose id is their email orders a learning kit: post_purchase sends the
+        # transactional shipping SMS at once (no quiet hours).
+        user_id = f"{uuid.uuid4().hex[:6]}.{EMAIL}"
+        settings = Settings.from_env(env)
+        db = Database(settings.database)
+        ingest = Ingest(
+            load_project(journeys, ROOT / "templates"),
+            db,
+            await Client.connect(dev_server),
+            settings.task_queue,
+        )
+        now = datetime.now(UTC)
+        await ingest.identify(
+            user_id,
+            {"email": user_id, "phone": PHONE, "first_name": "Ada"},
+            message_id=uuid.uuid4().hex,
+            event=Event("identify", now),
+        )
+        routed = await ingest.track(
+            user_id,
+            Event(
+                "Order Completed",
+                now,
+                {"order_id": "o-1", "tracking_number": "SF1", "total": 0},
+                uuid.uuid4().hex,
+            ),
+        )
+        assert len(routed.triggered) == 1
+        wait_until(lambda: messages_sent(db, user_id) == 1, 30, "the shipping SMS")
+
+        send_latency = 'nurture_activity_duration_seconds_count{activity="nurture.send",outcome="ok"} 1.0'
+        wait_until(lambda: send_latency in scrape(metrics_port), 10, "the send's latency to be observed")
+        metrics = scrape(metrics_port)
+        for name in METRIC_NAMES:
+            assert f"# TYPE {name} " in metrics
+        assert 'nurture_sends_total{channel="sms",journey="post_purchase",status="sent"} 1.0' in metrics
+        assert 'nurture_runs_started_total{journey="post_purchase"} 1.0' in metrics
+        assert 'nurture_journey_info{journey="post_purchase",version="' in metrics
+        sdk = httpx.get(f"http://127.0.0.1:{sdk_port}/metrics", timeout=10).text
+        assert f'task_queue="{settings.task_queue}"' in sdk
+        assert "temporal_request" in sdk
+
+        stopping = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - stopping < 5 + 5  # the shutdown timeout, plus slack for a busy machine
+        db.dispose()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    records = log_lines(log_path)  # every line is JSON with the four base fields
+    assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
+    messages = [record["message"] for record in records]
+    assert "SIGTERM received" in messages
+    assert messages[-1] == "worker stopped"
+    started = [r for r in records if r["logger"] == "nurture.runs" and r.get("journey") == "post_purchase"]
+    assert started and started[0]["user"] == mask_address(user_id)
+    assert any(mask_address(PHONE) in str(message) for message in messages)
+    raw = log_path.read_text(encoding="utf-8")
+    assert user_id not in raw and EMAIL not in raw and PHONE not in raw
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
