@@ -23,6 +23,7 @@ import subprocess
 import time
 from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -498,9 +499,16 @@ def _quiet_note(project: Project) -> str:
         return ""
     window = f"{quiet.start // 60:02d}:{quiet.start % 60:02d}-{quiet.end // 60:02d}:{quiet.end % 60:02d}"
     return (
-        f"\n  (Quiet hours {window} apply to marketing sends: inside them the welcome email waits\n"
-        f"   until they end in the user's timezone, UTC in this example.)\n"
+        f"\n  (Quiet hours {window} apply to marketing sends in the user's time zone; the example\n"
+        f"   user's zone, {daytime_zone()}, is one where it is daytime now, so the email goes at once.)\n"
     )
+
+
+def daytime_zone(now: datetime | None = None) -> str:
+    """A fixed-offset zone where it is about 13:00 now, so the example is outside quiet hours."""
+    now = now or datetime.now(UTC)
+    offset = (13 - now.hour + 12) % 24 - 12  # hours ahead of UTC, in -12..+11
+    return "UTC" if offset == 0 else f"Etc/GMT{-offset:+d}"  # POSIX signs: Etc/GMT-8 is UTC+8
 
 
 def curl_example(api: str, key: str, *, user_id: str = "user-1", email: str = "ada@example.com") -> str:
@@ -510,7 +518,7 @@ def curl_example(api: str, key: str, *, user_id: str = "user-1", email: str = "a
             {
                 "type": "identify",
                 "userId": user_id,
-                "traits": {"email": email, "first_name": "Ada", "timezone": "UTC"},
+                "traits": {"email": email, "first_name": "Ada", "timezone": daytime_zone()},
             },
             {"type": "track", "userId": user_id, "event": "Signed Up"},
         ]
