@@ -17,7 +17,7 @@ from channels import Channel
 from channels import mask_address as mask_address
 
 from .clock import in_quiet_hours, zone
-from .model import ADDRESS_TRAITS, Profile, SendOutcome, SendRequest, SendResult
+from .model import ADDRESS_TRAITS, Profile, SendOutcome, SendRequest, SendResult, Status
 from .templates import TemplateError, TemplateStore
 
 log = logging.getLogger("nurture.delivery")
@@ -88,11 +88,21 @@ def render_context(request: SendRequest, profile: Profile) -> dict[str, Any]:
 
 
 class Deliverer:
-    """Renders and delivers sends through the configured channel of each kind."""
+    """Renders and delivers sends through the configured channel of each kind.
 
-    def __init__(self, templates: TemplateStore, channels: Mapping[str, Channel]) -> None:
+    With ``render=False`` it decides each send's channel, quiet-hour deferral and outcome by the
+    same rules but neither renders nor delivers, for bulk "what would happen" simulations: the
+    outcome has no ``text``, ``preview`` or provider, a template that is missing or has errors
+    still fails over as ``template_error``, and a render that only some recipients' data would
+    break, or a provider rejection, counts as sent.
+    """
+
+    def __init__(
+        self, templates: TemplateStore, channels: Mapping[str, Channel], *, render: bool = True
+    ) -> None:
         self.templates = templates
         self.channels = channels
+        self.render = render
 
     async def send(self, request: SendRequest, profile: Profile, now: datetime) -> SendResult:
         """Apply the send rules at ``now`` and return the outcome or the deferral instant."""
@@ -104,11 +114,14 @@ class Deliverer:
             until = in_quiet_hours(now, request.quiet_hours, tz)
             if until is not None:
                 return SendResult(defer_until=until)
-        context = render_context(request, profile)
+        context = render_context(request, profile) if self.render else None
         locale = _text(profile.traits.get("locale"))
         failure = "no_channel"
         for channel in usable:
             try:
+                if context is None:
+                    used = self.templates.prepare(channel, request.template, locale=locale)
+                    return SendResult(self._outcome(request, now, channel, "sent", None, locale=used))
                 message = self.templates.render(channel, request.template, context, locale=locale)
             except TemplateError as exc:
                 log.warning("render failed for %s %s: %s", channel, request.template, exc)
@@ -118,14 +131,15 @@ class Deliverer:
             result = await self.channels[channel].deliver(
                 message, address=address, idempotency_key=request.idempotency_key
             )
-            log.info(
-                "send %s step=%s channel=%s to=%s status=%s",
-                request.run_id,
-                request.step_id,
-                channel,
-                mask_address(address),
-                result.status,
-            )
+            if log.isEnabledFor(logging.INFO):  # masking costs more than the check
+                log.info(
+                    "send %s step=%s channel=%s to=%s status=%s",
+                    request.run_id,
+                    request.step_id,
+                    channel,
+                    mask_address(address),
+                    result.status,
+                )
             if result.status == "sent":
                 return SendResult(
                     self._outcome(
@@ -149,9 +163,14 @@ class Deliverer:
         request: SendRequest,
         now: datetime,
         channel: str,
-        status: Any,
+        status: Status,
         reason: str | None,
-        **extra: Any,
+        *,
+        provider: str | None = None,
+        provider_id: str | None = None,
+        text: str = "",
+        preview: str = "",
+        locale: str | None = None,
     ) -> SendOutcome:
         return SendOutcome(
             step_id=request.step_id,
@@ -161,7 +180,11 @@ class Deliverer:
             at=now,
             reason=reason,
             variant=request.variant,
-            **extra,
+            provider=provider,
+            provider_id=provider_id,
+            text=text,
+            preview=preview,
+            locale=locale,
         )
 
 

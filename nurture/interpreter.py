@@ -228,6 +228,8 @@ class Run:
         if self.ended is not None:
             return EventEffect()
         self.now = max(self.now, now)
+        if not self._conditions_for(event):
+            return EventEffect()  # no goal, exit_on or pending wait_for names it: skip the scope
         scope = self._scope(traits or {}, event=event)
         converted = False
         goal = self.journey.goal

@@ -71,9 +71,12 @@ class Simulator:
     """Runs journeys for many users against scheduled events on a virtual clock."""
 
     journeys: list[ir.Journey]
+    """The journeys that events can start, fixed when the simulator is made."""
     deliverer: Deliverer
     start: datetime
     profiles: MemoryProfiles = field(default_factory=MemoryProfiles)
+    timeline: bool = True
+    """Record :attr:`entries`, the step-by-step timeline; outcomes are recorded either way."""
     now: datetime = field(init=False)
     outcomes: list[Outcome] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
@@ -86,6 +89,10 @@ class Simulator:
         self._active: dict[tuple[str, str, str], _Live] = {}
         self._by_user: dict[str, list[_Live]] = {}
         self._history: dict[tuple[str, str, str], int] = {}
+        self._triggered_by: dict[str, list[ir.Journey]] = {}
+        """Journeys by trigger event name, in declared order: most events start nothing."""
+        for journey in self.journeys:
+            self._triggered_by.setdefault(journey.trigger.event, []).append(journey)
 
     # scheduling input
 
@@ -115,28 +122,30 @@ class Simulator:
                 await self._on_track(item[1], item[2])
             elif item[0] == "identify":
                 self.profiles.update_now(item[1], item[2], item[3])
-                self._note(item[1], "", "", "identify", ", ".join(f"{k}={v}" for k, v in item[2].items()))
+                if self.timeline:
+                    self._note(item[1], "", "", "identify", ", ".join(f"{k}={v}" for k, v in item[2].items()))
             else:
                 live, token = item[1], item[2]
                 if live.token == token and live.run.ended is None:
                     await self._drive(live, live.run.resume(None, self.now))
 
     async def _on_track(self, user_id: str, event: Event) -> None:
-        traits = self.profiles.get_now(user_id).traits
-        self._note(user_id, "", "", "event", event.name)
+        if self.timeline:
+            self._note(user_id, "", "", "event", event.name)
         for live in list(self._by_user.get(user_id, ())):
             run = live.run
             fresh = self.profiles.get_now(user_id).traits if run.event_reads_profile(event) else None
             effect = run.on_event(event, self.now, fresh)
             if effect.converted:
                 self.conversions.append((self.now, user_id, run.journey.id, run.current_variant))
-                self._note(user_id, run.journey.id, "goal", "converted", event.name)
+                if self.timeline:
+                    self._note(user_id, run.journey.id, "goal", "converted", event.name)
             if effect.end is not None:
                 self._finish(live, run.end(effect.end, self.now))
             elif effect.resume:
                 live.token += 1
                 await self._drive(live, run.resume(event, self.now))
-        for journey in self.journeys:
+        for journey in self._triggered_by.get(event.name, ()):
             traits = self.profiles.get_now(user_id).traits
             if not trigger_matches(journey, event, traits, user_id):
                 continue
@@ -145,7 +154,8 @@ class Simulator:
             current = self._active.get(slot)
             decision = entry_decision(journey, active=current is not None, ran_before=slot in self._history)
             if decision == "ignore":
-                self._note(user_id, journey.id, "", "not entered", f"re_entry {journey.re_entry}")
+                if self.timeline:
+                    self._note(user_id, journey.id, "", "not entered", f"re_entry {journey.re_entry}")
                 continue
             if decision == "restart" and current is not None:
                 self._finish(current, current.run.end("restarted", self.now))
@@ -159,43 +169,43 @@ class Simulator:
         live = _Live(Run(journey, run_id=run_id, user_id=user_id, key=key, event=event, entered_at=self.now))
         self._active[slot] = live
         self._by_user.setdefault(user_id, []).append(live)
-        self._note(user_id, journey.id, "", "entered", f"key={key}" if key else "")
+        if self.timeline:
+            self._note(user_id, journey.id, "", "entered", f"key={key}" if key else "")
         await self._drive(live, live.run.start())
 
     async def _drive(self, live: _Live, command: Command | Ended) -> None:
         run = live.run
         while True:
-            if isinstance(command, Ended):
-                self._finish(live, command)
-                return
-            if isinstance(command, ReadProfile):
-                command = run.resume(self.profiles.get_now(run.user_id).traits, self.now)
-            elif isinstance(command, WriteTraits):
-                self.profiles.update_now(run.user_id, command.traits)
-                detail = ", ".join(f"{k}={v}" for k, v in command.traits.items())
-                self._note(run.user_id, run.journey.id, command.step_id, "update", detail)
-                command = run.resume(None, self.now)
-            elif isinstance(command, Deliver):
+            if isinstance(command, Deliver):
                 profile = self.profiles.get_now(run.user_id)
                 result = await self.deliverer.send(command.request, profile, self.now)
                 if result.outcome is not None:
                     self._record_send(run, result.outcome)
                 command = run.resume(result, self.now)
+            elif isinstance(command, Ended):
+                self._finish(live, command)
+                return
+            elif isinstance(command, ReadProfile):
+                command = run.resume(self.profiles.get_now(run.user_id).traits, self.now)
+            elif isinstance(command, WriteTraits):
+                self.profiles.update_now(run.user_id, command.traits)
+                if self.timeline:
+                    detail = ", ".join(f"{k}={v}" for k, v in command.traits.items())
+                    self._note(run.user_id, run.journey.id, command.step_id, "update", detail)
+                command = run.resume(None, self.now)
             elif isinstance(command, Sleep):
                 self._schedule(live, command.until)
-                verb = "deferred" if command.reason == "quiet_hours" else "waiting"
-                self._note(run.user_id, run.journey.id, command.step_id, verb, f"until {self._local(command.until)}")
+                if self.timeline:
+                    verb = "deferred" if command.reason == "quiet_hours" else "waiting"
+                    until = f"until {self._local(command.until)}"
+                    self._note(run.user_id, run.journey.id, command.step_id, verb, until)
                 return
             else:
                 assert isinstance(command, AwaitEvent)
                 self._schedule(live, command.until)
-                self._note(
-                    run.user_id,
-                    run.journey.id,
-                    command.step_id,
-                    "waiting for",
-                    f"{command.event} until {self._local(command.until)}",
-                )
+                if self.timeline:
+                    detail = f"{command.event} until {self._local(command.until)}"
+                    self._note(run.user_id, run.journey.id, command.step_id, "waiting for", detail)
                 return
 
     def _local(self, instant: datetime) -> str:
@@ -208,6 +218,8 @@ class Simulator:
 
     def _record_send(self, run: Run, outcome: SendOutcome) -> None:
         self.outcomes.append(Outcome(self.now, run.user_id, run.journey.id, run.run_id, send=outcome))
+        if not self.timeline:
+            return
         what: Literal["sent", "skipped", "failed"] = outcome.status
         detail = f"{outcome.channel} {outcome.template}"
         if outcome.reason:
@@ -228,7 +240,8 @@ class Simulator:
             runs.remove(live)
         live.token += 1
         self.outcomes.append(Outcome(self.now, run.user_id, run.journey.id, run.run_id, exit=ended.reason))
-        self._note(run.user_id, run.journey.id, "", "ended", ended.reason)
+        if self.timeline:
+            self._note(run.user_id, run.journey.id, "", "ended", ended.reason)
 
     def _note(self, user: str, journey: str, step: str, what: str, detail: str = "") -> None:
         self.entries.append(Entry(self.now, user, journey, step, what, detail))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import mrml
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nurture import templates
 from nurture.templates import RenderedMessage, TemplateError, TemplateStore
@@ -658,3 +662,215 @@ def test_well_formed_templates_check_clean(root: Path, store: TemplateStore) -> 
     assert store.check("email", "welcome") == []
     assert store.check("wechat", "order") == []
     assert store.check("sms", "t") == []
+
+
+# Reading files: a stat check per render, a read only when the file changed
+
+SETTLED = 1_700_000_000  # a modification time long past: the store may cache such a file
+
+
+def settle(path: Path, seconds: int = SETTLED) -> None:
+    os.utime(path, (seconds, seconds))
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    reads: list[Path] = []
+    real = templates._read
+
+    def counting(path: Path) -> Any:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(templates, "_read", counting)
+    return reads
+
+
+def test_an_unchanged_file_is_read_once(root: Path, store: TemplateStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = count_reads(monkeypatch)
+    settle(write(root, "sms/t.txt", "Hi {{ user.first_name }}"))
+
+    for _ in range(3):
+        assert store.render("sms", "t", CONTEXT).text == "Hi Li"
+
+    assert len(reads) == 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda path: (path.write_text("Yo {{ user.first_name }}", encoding="utf-8"), settle(path, SETTLED + 1)), "mtime"),
+        (lambda path: (path.write_text("Hi {{ user.first_name }}!!", encoding="utf-8"), settle(path)), "size"),
+        (lambda path: _replace(path, "Yo {{ user.first_name }}"), "inode"),
+    ],
+)
+def test_an_edit_takes_effect_at_the_next_render(
+    root: Path, store: TemplateStore, edit: Any, why: str
+) -> None:
+    path = write(root, "sms/t.txt", "Hi {{ user.first_name }}")
+    settle(path)
+    before = store.render("sms", "t", CONTEXT).text
+
+    edit(path)
+
+    assert store.render("sms", "t", CONTEXT).text != before, why
+
+
+def _replace(path: Path, text: str) -> None:
+    """An editor's save: a new file of the same size and mtime renamed over the old one."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_text(text, encoding="utf-8")
+    settle(fresh)
+    os.replace(fresh, path)
+
+
+def test_a_file_changed_just_now_is_read_every_time(
+    root: Path, store: TemplateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A same-size edit within the file system's timestamp granularity leaves the stat as it was,
+    so a file modified in the last two seconds is not trusted to the cache."""
+    reads = count_reads(monkeypatch)
+    path = write(root, "sms/t.txt", "Hi {{ user.first_name }}")
+    assert store.render("sms", "t", CONTEXT).text == "Hi Li"
+    stat = path.stat()
+
+    path.write_text("Yo {{ user.first_name }}", encoding="utf-8")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    assert store.render("sms", "t", CONTEXT).text == "Yo Li"
+    assert len(reads) == 2
+
+
+def test_a_new_locale_variant_is_found(root: Path, store: TemplateStore) -> None:
+    write(root, "sms/hello.txt", "base")
+    settle(root / "sms")
+    assert store.render("sms", "hello", CONTEXT, locale="zh-CN").locale is None
+
+    write(root, "sms/hello.zh-CN.txt", "简体")
+
+    message = store.render("sms", "hello", CONTEXT, locale="zh-CN")
+    assert (message.locale, message.text) == ("zh-CN", "简体")
+
+
+def test_a_deleted_template_fails_to_render(root: Path, store: TemplateStore) -> None:
+    path = write(root, "sms/t.txt", "Hi")
+    settle(path)
+    store.render("sms", "t", CONTEXT)
+
+    path.unlink()
+
+    with pytest.raises(TemplateError, match="template file not found"):
+        store.render("sms", "t", CONTEXT)
+
+
+def test_prepare_checks_without_rendering(root: Path, store: TemplateStore) -> None:
+    write(root, "sms/hello.txt", "Hi {{ event.properties.total / 0 }}")
+    write(root, "sms/hello.zh.txt", "你好")
+    write(root, "sms/broken.txt", "Hi {{ usr }}")
+
+    assert store.prepare("sms", "hello") is None
+    assert store.prepare("sms", "hello", locale="zh-CN") == "zh"
+    with pytest.raises(TemplateError, match="1 error"):
+        store.prepare("sms", "broken")
+    with pytest.raises(TemplateError, match="template file not found"):
+        store.prepare("sms", "missing")
+
+
+@given(st.lists(st.sampled_from(["a", " ", "\t", "\n", "\r\n", "\r", "\x0b", "\x1f", "\x85", "\u2028", "\u3000", "\xa0"]), max_size=40).map("".join))
+def test_tidy_is_the_plain_definition(text: str) -> None:
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    assert templates._tidy(text) == re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+# Jinja inside MJML: protected from mrml, which would otherwise rewrite it
+
+INLINE_CSS = '<mj-head><mj-style inline="inline">.x { color: red; }</mj-style></mj-head>'
+
+
+def email(body: str, head: str = INLINE_CSS) -> str:
+    """An email template; ``body`` is inside one column and starts on line 6."""
+    return (
+        f"---\nsubject: Hi\n---\n<mjml>\n{head}<mj-body><mj-section><mj-column>\n"
+        f"{body}\n</mj-column></mj-section></mj-body>\n</mjml>\n"
+    )
+
+
+def test_comparison_after_markup_survives_inlined_css(root: Path, store: TemplateStore) -> None:
+    """With inlined CSS mrml re-serialises text and writes `>` as `&gt;` inside `{% if n > 1 %}`."""
+    source = "<mj-text><strong>{{ user.first_name }}</strong>{% if user.n > 1 %} and {{ user.n - 1 }} more{% endif %}</mj-text>"
+    write(root, "email/t.mjml", email(source))
+
+    assert store.check("email", "t") == []
+    assert store.render("email", "t", user(first_name="Li", n=3)).text == "Li and 2 more"
+    assert store.render("email", "t", user(first_name="Li", n=1)).text == "Li"
+
+
+@pytest.mark.parametrize(
+    ("body", "traits", "text"),
+    [
+        ('<mj-button href="https://x.example.com/{% if user.n > 1 %}many{% else %}one{% endif %}">Go</mj-button>', {"n": 2}, "Go (https://x.example.com/many)"),
+        ('<mj-button href="https://x.example.com/{{ user.page | default("home") }}">Go</mj-button>', {}, "Go (https://x.example.com/home)"),
+        ('<mj-text><a href="https://x.example.com/?q={{ user.q }}&amp;n={{ user.n }}">link</a></mj-text>', {"q": "a", "n": 1}, "link (https://x.example.com/?q=a&n=1)"),
+        ('<mj-text>{{ "Tom & Jerry" if user.n > 0 else "<nobody>" }}</mj-text>', {"n": 1}, "Tom & Jerry"),
+        ('<mj-text>{{ "Tom & Jerry" if user.n > 0 else "<nobody>" }}</mj-text>', {"n": 0}, "<nobody>"),
+        ("<mj-text>a{# n > 1 and <b> #}b</mj-text>", {}, "ab"),
+        ('<mj-text>{{ "}}" }}</mj-text>', {}, "}}"),
+    ],
+    ids=["statement-in-attribute", "quotes-in-attribute", "expressions-in-inner-link", "markup-in-strings", "markup-in-strings-else", "comment", "closing-braces-in-a-string"],
+)
+def test_jinja_in_text_and_attributes_compiles_as_written(
+    root: Path, store: TemplateStore, body: str, traits: dict[str, Any], text: str
+) -> None:
+    write(root, "email/t.mjml", email(body))
+
+    assert store.check("email", "t") == []
+    assert store.render("email", "t", user(**traits)).text == text
+
+
+def test_jinja_in_a_title_is_kept_in_every_copy(root: Path, store: TemplateStore) -> None:
+    head = "<mj-head><mj-title>{% if user.vip %}VIP {% endif %}{{ user.first_name }}</mj-title></mj-head>"
+    write(root, "email/t.mjml", email("<mj-text>x</mj-text>", head=head))
+
+    assert store.check("email", "t") == []
+    html_ = store.render("email", "t", user(first_name="Li", vip=True)).html or ""
+    assert "<title>VIP Li</title>" in html_
+    assert 'aria-label="VIP Li"' in html_
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (
+            email('<mj-image src="https://x.example.com/a.png" width="{{ user.width }}" />'),
+            (6, 52, "MJML compilation drops this Jinja code ({{ user.width }})"),
+        ),
+        (
+            email("<mj-text>x{% endif %}</mj-text>", head="<mj-head><mj-title>{% if user.vip %}VIP</mj-title></mj-head>"),
+            (5, 20, "MJML repeats this Jinja code elsewhere in the HTML"),
+        ),
+        (
+            "---\nsubject: Hi\n---\n<mjml>\n  <mj-body>\n  <mj-section><mj-column><mj-text>{{ user.first_name | default('someone with a long name') }}</mj-text></mj-column></mj-section>\n  </mj-body>\n  <mj-text>x</mj-text>\n</mjml>\n",
+            (8, 3, "invalid MJML: unexpected element"),
+        ),
+        (
+            "---\nsubject: Hi\n---\n<mjml>\n  <mj-body>\n  </mj-body>\n  {{ user.id }}<mj-text>x</mj-text>\n</mjml>\n",
+            (7, 3, "invalid MJML: unexpected token"),
+        ),
+    ],
+    ids=["dropped-attribute", "copied-half-block", "mrml-error-after-jinja", "mrml-error-at-jinja"],
+)
+def test_jinja_that_mjml_cannot_keep_is_reported_at_its_line(
+    root: Path, store: TemplateStore, source: str, expected: tuple[int, int, str]
+) -> None:
+    write(root, "email/t.mjml", source)
+
+    [diagnostic] = store.check("email", "t")
+
+    assert (diagnostic.line, diagnostic.column) == expected[:2]
+    assert diagnostic.message.startswith(expected[2]), diagnostic.message
+
+
+def test_jinja_in_a_dropped_comment_is_not_an_error(root: Path, store: TemplateStore) -> None:
+    head = "<mj-head><!-- for {{ user.id }} --><mj-title>T</mj-title></mj-head>"
+    write(root, "email/t.mjml", email("<mj-text>x</mj-text>", head=head))
+
+    assert store.check("email", "t") == []
