@@ -121,19 +121,18 @@ class Expectation:
         )
 
     def describe(self) -> str:
-        head = f"{format_duration(self.at) if self.at else '0s':>8}  {self.user}  {self.journey}  "
-        if self.exit is not None:
-            return head + f"exit: {self.exit}"
-        text = f"send: {self.send} {self.template or ''}".rstrip()
-        if (self.status or "sent") != "sent":
-            text += f" {self.status}"
-        if self.reason:
-            text += f" ({self.reason})"
-        if self.variant:
-            text += f" [variant {self.variant}]"
-        if self.contains:
-            text += f" contains {self.contains!r}"
-        return head + text
+        return _describe(
+            self.at,
+            self.user,
+            self.journey,
+            self.exit,
+            self.send,
+            self.template,
+            self.status or "sent",
+            self.reason,
+            self.variant,
+            self.contains,
+        )
 
 
 @dataclass(frozen=True)
@@ -152,17 +151,46 @@ class Observed:
     exit: str | None = None
 
     def describe(self) -> str:
-        head = f"{format_duration(self.at) if self.at else '0s':>8}  {self.user}  {self.journey}  "
-        if self.exit is not None:
-            return head + f"exit: {self.exit}"
-        text = f"send: {self.send} {self.template}"
-        if self.status != "sent":
-            text += f" {self.status}"
-        if self.reason:
-            text += f" ({self.reason})"
-        if self.variant:
-            text += f" [variant {self.variant}]"
-        return head + text
+        return _describe(
+            self.at,
+            self.user,
+            self.journey,
+            self.exit,
+            self.send,
+            self.template,
+            self.status or "sent",
+            self.reason,
+            self.variant,
+            None,
+        )
+
+
+def _describe(
+    at: int,
+    user: str,
+    journey: str,
+    exit: str | None,
+    send: str | None,
+    template: str | None,
+    status: str,
+    reason: str | None,
+    variant: str | None,
+    contains: str | None,
+) -> str:
+    """One expected or actual outcome as a line of a scenario report."""
+    head = f"{format_duration(at) if at else '0s':>8}  {user}  {journey}  "
+    if exit is not None:
+        return head + f"exit: {exit}"
+    text = f"send: {send} {template or ''}".rstrip()
+    if status != "sent":
+        text += f" {status}"
+    if reason:
+        text += f" ({reason})"
+    if variant:
+        text += f" [variant {variant}]"
+    if contains:
+        text += f" contains {contains!r}"
+    return head + text
 
 
 @dataclass(frozen=True)
@@ -210,7 +238,9 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     for index, name in enumerate(doc.journeys or []):
         if name not in project.journeys:
             problems.append(
-                smap.diagnostic(("journeys", index), f"unknown journey '{name}'{did_you_mean(name, project.journeys)}")
+                smap.diagnostic(
+                    ("journeys", index), f"unknown journey '{name}'{did_you_mean(name, project.journeys)}"
+                )
             )
     start = doc.start if doc.start.tzinfo else doc.start.replace(tzinfo=UTC)
     users: dict[str, dict[str, Any]] = {}
@@ -225,7 +255,11 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     def who(given: str | None, where: tuple[str | int, ...]) -> str:
         if given is not None:
             if given not in users:
-                problems.append(smap.diagnostic(where, f"unknown user '{given}'{did_you_mean(given, users)}; declare it under users:"))
+                problems.append(
+                    smap.diagnostic(
+                        where, f"unknown user '{given}'{did_you_mean(given, users)}; declare it under users:"
+                    )
+                )
             return given
         if only_user is None:
             problems.append(smap.diagnostic(where, "user is required when the scenario has several users"))
@@ -254,15 +288,26 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     for index, want in enumerate(doc.expect):
         offset = parse_offset(want.at)
         if offset < last:
-            problems.append(smap.diagnostic(("expect", index, "at"), "expectations must be listed in time order"))
+            problems.append(
+                smap.diagnostic(("expect", index, "at"), "expectations must be listed in time order")
+            )
         last = offset
         journey = want.journey
         if journey is None:
             if len(journeys) != 1:
-                problems.append(smap.diagnostic(("expect", index), "journey is required when the scenario has several journeys"))
+                problems.append(
+                    smap.diagnostic(
+                        ("expect", index), "journey is required when the scenario has several journeys"
+                    )
+                )
             journey = journeys[0] if journeys else ""
         elif journey not in project.journeys:
-            problems.append(smap.diagnostic(("expect", index, "journey"), f"unknown journey '{journey}'{did_you_mean(journey, project.journeys)}"))
+            problems.append(
+                smap.diagnostic(
+                    ("expect", index, "journey"),
+                    f"unknown journey '{journey}'{did_you_mean(journey, project.journeys)}",
+                )
+            )
         if (want.exit is None) == (want.send is None):
             problems.append(smap.diagnostic(("expect", index), "an expectation has either send: or exit:"))
         expectations.append(
@@ -293,7 +338,11 @@ def observe(scenario: Scenario, outcomes: Sequence[Outcome]) -> list[Observed]:
         at = round((item.at - start).total_seconds())
         s = item.send
         if s is not None:
-            out.append(Observed(at, item.user, item.journey, s.channel, s.template, s.status, s.reason, s.variant, s.text))
+            out.append(
+                Observed(
+                    at, item.user, item.journey, s.channel, s.template, s.status, s.reason, s.variant, s.text
+                )
+            )
         else:
             out.append(Observed(at, item.user, item.journey, exit=item.exit))
     out.sort(key=_offset)
