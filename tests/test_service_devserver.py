@@ -7,7 +7,6 @@ now, goals and restarts that end sleeping runs, duplicates, and refused calls.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 import uuid
@@ -29,6 +28,7 @@ from temporalio.service import RPCError
 from nurture.api import create_app
 from nurture.client import AsyncClient, NurtureError
 from nurture.compiler import Project
+from nurture.devserver import free_port
 from nurture.ingest import workflow_id
 from nurture.settings import Settings
 from nurture.storage.db import Database
@@ -47,10 +47,6 @@ def daytime_zone() -> str:
     return f"Etc/GMT{-offset:+d}"  # POSIX signs: Etc/GMT-3 is UTC+3
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -25,11 +25,12 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, free_port
+from conftest import ROOT
 from sqlmodel import col, select
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from nurture.cli_service import outbox
+from nurture.devserver import free_port
 from nurture.storage.db import Database
 from nurture.storage.models import RunRecord
 from nurture.storage.stores import DbOutbox

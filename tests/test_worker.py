@@ -24,13 +24,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT
 from sqlalchemy import text
 from temporalio.client import Client
 
 import worker
 from channels import mask_address
 from nurture.compiler import load_project
+from nurture.devserver import free_port
 from nurture.diagnostics import CompileError
 from nurture.ingest import Ingest
 from nurture.model import Event

