@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from sqlmodel import SQLModel, col, select
+from support import eventually, new_user, rows
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -78,28 +77,10 @@ def utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def new_user() -> str:
-    return f"u-{uuid.uuid4().hex[:10]}"
 
 
-def rows(db: Database, model: type[SQLModel], **where: Any) -> list[Any]:
-    with db.session() as session:
-        query = select(model)
-        for name, value in where.items():
-            query = query.where(col(getattr(model, name)) == value)
-        return list(session.exec(query).all())
 
 
-async def eventually(check: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
-    """Poll ``check`` (run in a thread: it reads the database) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
-        await asyncio.sleep(0.1)
 
 
 def order(user: str, order_id: str, **properties: Any) -> dict[str, Any]:

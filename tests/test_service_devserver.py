@@ -7,11 +7,9 @@ now, goals and restarts that end sleeping runs, duplicates, and refused calls.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,15 +18,13 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-import uvicorn
-from sqlmodel import SQLModel, col, select
+from support import eventually, new_user, rows, uvicorn_thread
 from temporalio.client import Client as TemporalClient
 from temporalio.service import RPCError
 
 from nurture.api import create_app
 from nurture.client import AsyncClient, NurtureError
 from nurture.compiler import Project
-from nurture.devserver import free_port
 from nurture.ingest import workflow_id
 from nurture.settings import Settings
 from nurture.storage.db import Database
@@ -49,22 +45,6 @@ def daytime_zone() -> str:
 
 
 
-@contextmanager
-def uvicorn_thread(app: Any) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @dataclass
@@ -94,27 +74,10 @@ async def service(dev_server: str, database: Database, project: Project) -> Asyn
             yield Service(url, api, database, temporal)
 
 
-def new_user() -> str:
-    return f"u-{uuid.uuid4().hex[:10]}"
 
 
-def rows(db: Database, model: type[SQLModel], **where: Any) -> list[Any]:
-    with db.session() as session:
-        query = select(model)
-        for name, value in where.items():
-            query = query.where(col(getattr(model, name)) == value)
-        return list(session.exec(query).all())
 
 
-async def eventually(check: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
-        await asyncio.sleep(0.05)
 
 
 def runs_of(db: Database, user: str, journey: str, count: int = 1) -> Callable[[], list[Any]]:

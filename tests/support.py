@@ -1,0 +1,63 @@
+"""Helpers shared by the service tests: polling, table reads, an API served in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import uvicorn
+from sqlmodel import SQLModel, col, select
+
+from nurture.devserver import free_port
+from nurture.storage.db import Database
+
+T = TypeVar("T")
+
+
+def new_user() -> str:
+    return f"u-{uuid.uuid4().hex[:10]}"
+
+
+def rows(db: Database, model: type[SQLModel], **where: Any) -> list[Any]:
+    """The rows of ``model`` whose columns equal ``where``."""
+    with db.session() as session:
+        query = select(model)
+        for name, value in where.items():
+            query = query.where(col(getattr(model, name)) == value)
+        return list(session.exec(query).all())
+
+
+async def eventually(check: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
+    """Poll ``check`` (run in a thread: it reads the database) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
+        await asyncio.sleep(0.05)
+
+
+@contextmanager
+def uvicorn_thread(app: Any) -> Iterator[str]:
+    """Serve ``app`` on a free loopback port in a background thread; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
