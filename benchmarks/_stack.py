@@ -29,6 +29,7 @@ import psycopg
 
 from nurture.devserver import Service, command_line, free_port, stop, wait_for_port
 from nurture.storage.db import Database, database_url
+from nurture.storage.models import ProfileRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_QUEUE = "nurture-bench"
@@ -48,6 +49,14 @@ def wait_for_text(path: Path, text: str, process: subprocess.Popen[bytes], timeo
             raise RuntimeError(f"{command_line(process)} exited with {process.returncode}:\n{tail}")
         time.sleep(0.05)
     raise TimeoutError(f"'{text}' not in {path} after {timeout}s")
+
+
+def seed(db: Database, users: list[str]) -> None:
+    """Profiles with a phone number (written before a run, not timed), so every SMS is delivered."""
+    with db.session() as session:
+        for index, user in enumerate(users):
+            phone = f"+8613{index:09d}"
+            session.add(ProfileRecord(user_id=user, traits={"phone": phone}, phone=phone))
 
 
 @contextlib.contextmanager

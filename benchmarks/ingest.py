@@ -64,6 +64,7 @@ from _stack import (
     machine,
     paced,
     percentile,
+    seed,
 )
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -77,7 +78,7 @@ from nurture.ingest import workflow_id
 from nurture.ir import Journey, journey_to_dict
 from nurture.model import Event
 from nurture.storage.db import Database
-from nurture.storage.models import MessageRecord, ProfileRecord
+from nurture.storage.models import MessageRecord
 from workflows.journey import WORKFLOW_NAME
 
 THROUGHPUT_GOAL = 0.80
@@ -258,13 +259,6 @@ class Bench:
             ).all()
         return {user: _utc(created).timestamp() for user, created in rows}
 
-
-def seed(db: Database, users: list[str]) -> None:
-    """Profiles with a phone number (not timed), so every SMS is delivered."""
-    with db.session() as session:
-        for index, user in enumerate(users):
-            phone = f"+8613{index:09d}"
-            session.add(ProfileRecord(user_id=user, traits={"phone": phone}, phone=phone))
 
 
 def sent_count(db: Database, tag: str) -> int:

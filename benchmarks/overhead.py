@@ -38,6 +38,7 @@ from _stack import (
     database,
     machine,
     percentile,
+    seed,
 )
 from handwritten import WORKFLOW_NAME as HANDWRITTEN
 from sqlalchemy import func
@@ -53,7 +54,7 @@ from nurture.ingest import workflow_id
 from nurture.ir import Journey, Send, journey_to_dict
 from nurture.model import Event
 from nurture.storage.db import Database
-from nurture.storage.models import MessageRecord, ProfileRecord
+from nurture.storage.models import MessageRecord
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WALL_GOAL = 1.10
@@ -184,13 +185,6 @@ class Bench:
             raise SystemExit(f"{kind} run {handle.id} ended with {result}; measure nothing")
         return time.perf_counter() - start, handle
 
-
-def seed(db: Database, users: list[str]) -> None:
-    """Profiles with a phone number, so every SMS is delivered to the outbox."""
-    with db.session() as session:
-        for index, user in enumerate(users):
-            phone = f"+8613{index:09d}"
-            session.add(ProfileRecord(user_id=user, traits={"phone": phone}, phone=phone))
 
 
 def sent_messages(db: Database, users: list[str]) -> int:
