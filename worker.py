@@ -35,7 +35,7 @@ from temporalio.runtime import (
 from temporalio.worker import Worker
 
 from nurture.compiler import Project, compile_project
-from nurture.delivery import Deliverer
+from nurture.delivery import Deliverer, for_every_channel
 from nurture.diagnostics import CompileError
 from nurture.observability import JOURNEYS, ActivityMetrics, InstrumentedRecorder, configure_logging
 from nurture.settings import Settings, SettingsError
@@ -123,7 +123,7 @@ def build_worker(
     """The journey workflow and its activities on the database-backed stores, instrumented."""
     outbox = DbOutbox(db)
     activities = JourneyActivities(
-        Deliverer(project.templates, dict.fromkeys(("email", "sms", "wechat"), outbox)),
+        Deliverer(project.templates, for_every_channel(outbox)),
         DbProfiles(db),
         InstrumentedRecorder(DbRecorder(db)),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+from nurture.model import idempotency_key, split_idempotency_key
 from nurture.templates import RenderedMessage
 
 __all__ = [
@@ -43,20 +44,6 @@ class Channel(Protocol):
     async def deliver(
         self, message: RenderedMessage, *, address: str, idempotency_key: str
     ) -> DeliveryResult: ...
-
-
-def idempotency_key(run_id: str, step_id: str) -> str:
-    """The key for one send step of one run: a user never gets the same step twice."""
-    return f"{run_id}:{step_id}"
-
-
-def split_idempotency_key(key: str) -> tuple[str | None, str | None]:
-    """``(run_id, step_id)`` from a key made by :func:`idempotency_key`."""
-    # Run ids may contain ':' themselves; step ids never do.
-    run_id, separator, step_id = key.rpartition(":")
-    if not separator or not run_id or not step_id:
-        return None, None
-    return run_id, step_id
 
 
 def mask_address(address: str) -> str:

@@ -112,14 +112,14 @@ def simulate(scenario: Path, journeys_dir: Path, templates_dir: Path, config: Pa
 async def _timeline(path: Path, project: Project) -> str:
     from channels.outbox import Outbox
 
-    from .delivery import Deliverer
+    from .delivery import Deliverer, for_every_channel
 
     try:
         scenario = load_scenario(path, project)
     except CompileError as exc:
         raise click.ClickException(format_all(exc.diagnostics)) from None
     outbox = Outbox()
-    sim = build_simulator(scenario, project, Deliverer(project.templates, dict.fromkeys(("email", "sms", "wechat"), outbox)))
+    sim = build_simulator(scenario, project, Deliverer(project.templates, for_every_channel(outbox)))
     await sim.run()
     lines = [f"scenario: {scenario.name}  ({path})", f"start:    {scenario.start.isoformat()}", ""]
     for entry in sim.entries:

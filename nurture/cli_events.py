@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 import click
 
 from .client import DEFAULT_URL, Accepted, Client, NurtureError
+from .model import CHANNELS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-CHANNELS = ("email", "sms", "wechat")
 
 
 def connection_options(func: F) -> F:

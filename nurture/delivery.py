@@ -17,7 +17,7 @@ from channels import Channel
 from channels import mask_address as mask_address
 
 from .clock import in_quiet_hours, zone
-from .model import ADDRESS_TRAITS, Profile, SendOutcome, SendRequest, SendResult, Status
+from .model import ADDRESS_TRAITS, CHANNELS, Profile, SendOutcome, SendRequest, SendResult, Status
 from .templates import TemplateError, TemplateStore
 
 log = logging.getLogger("nurture.delivery")
@@ -57,6 +57,11 @@ class MemoryProfiles:
         )
         self.profiles[user_id] = profile
         return profile
+
+
+def for_every_channel(channel: Channel) -> dict[str, Channel]:
+    """One adapter for email, SMS and WeChat alike (the outbox)."""
+    return dict.fromkeys(CHANNELS, channel)
 
 
 def usable_channels(

@@ -26,9 +26,9 @@ from pydantic_core import PydanticCustomError
 from .diagnostics import did_you_mean
 from .durations import DurationError, parse_duration
 from .expressions import ExpressionError, compile_expression, compile_value
+from .model import CHANNELS
 
 IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
-CHANNELS = ("email", "sms", "wechat")
 STEP_KINDS = ("wait", "wait_until", "send", "wait_for", "branch", "split", "update", "exit")
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _CLOCK = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")

@@ -16,6 +16,22 @@ from .ir import QuietHours
 
 ADDRESS_TRAITS: dict[str, str] = {"email": "email", "sms": "phone", "wechat": "wechat_openid"}
 """The trait holding each channel's address."""
+CHANNELS: tuple[str, ...] = tuple(ADDRESS_TRAITS)
+"""Every channel a send may use."""
+
+
+def idempotency_key(run_id: str, step_id: str) -> str:
+    """The key for one send step of one run: a user never gets the same step twice."""
+    return f"{run_id}:{step_id}"
+
+
+def split_idempotency_key(key: str) -> tuple[str | None, str | None]:
+    """``(run_id, step_id)`` from a key made by :func:`idempotency_key`."""
+    # Run ids may contain ':' themselves; step ids never do.
+    run_id, separator, step_id = key.rpartition(":")
+    if not separator or not run_id or not step_id:
+        return None, None
+    return run_id, step_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +94,7 @@ class SendRequest:
     @property
     def idempotency_key(self) -> str:
         """One delivery per (run, step): retries and replays reuse it."""
-        return f"{self.run_id}:{self.step_id}"
+        return idempotency_key(self.run_id, self.step_id)
 
     def to_dict(self) -> dict[str, Any]:
         quiet = self.quiet_hours

@@ -20,13 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from channels.outbox import Outbox
 
 from .compiler import Project, _validation_diagnostics
-from .delivery import Deliverer
+from .delivery import Deliverer, for_every_channel
 from .diagnostics import CompileError, Diagnostic, did_you_mean
 from .durations import UNITS, format_duration
 from .model import Event
 from .simulator import Outcome, Simulator
 from .source import SourceError, load_yaml
-from .templates import CHANNELS
 
 _OFFSET = re.compile(r"^(?:\d+[smhdw])+$")
 
@@ -430,7 +429,7 @@ class SimRuntime:
 
     async def play(self, scenario: Scenario, project: Project) -> list[Outcome]:
         # A fresh outbox per scenario: its de-duplication by run and step must not span scenarios.
-        channels = dict.fromkeys(CHANNELS, Outbox()) if self.render else {}
+        channels = for_every_channel(Outbox()) if self.render else {}
         deliverer = Deliverer(project.templates, channels, render=self.render)
         sim = build_simulator(scenario, project, deliverer, timeline=False)
         await sim.run()

@@ -31,7 +31,7 @@ from temporalio.worker import Worker
 from channels.outbox import Outbox
 from nurture.clock import parse_instant
 from nurture.compiler import Project
-from nurture.delivery import Deliverer, MemoryProfiles
+from nurture.delivery import Deliverer, MemoryProfiles, for_every_channel
 from nurture.interpreter import entry_decision, run_key, trigger_matches
 from nurture.ir import journey_to_dict
 from nurture.model import Event, SendOutcome, SendRequest
@@ -100,7 +100,7 @@ class TemporalRuntime:
             )
         outbox = Outbox()
         self._activities = JourneyActivities(
-            Deliverer(self._templates, dict.fromkeys(("email", "sms", "wechat"), outbox)),
+            Deliverer(self._templates, for_every_channel(outbox)),
             MemoryProfiles(),
             MemoryRecorder(),
         )
@@ -137,7 +137,7 @@ class TemporalRuntime:
         outbox = Outbox()
         acts.profiles = profiles
         acts.recorder = recorder
-        acts.deliverer = Deliverer(project.templates, dict.fromkeys(("email", "sms", "wechat"), outbox))
+        acts.deliverer = Deliverer(project.templates, for_every_channel(outbox))
         for user_id, traits in scenario.users.items():
             profiles.update_now(user_id, traits, frozenset(scenario.opted_out.get(user_id, ())))
         journeys = project.select(scenario.journeys)

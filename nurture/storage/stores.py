@@ -18,7 +18,7 @@ from sqlmodel import col, select
 
 from channels import DeliveryResult, split_idempotency_key
 from nurture.clock import parse_instant
-from nurture.model import ADDRESS_TRAITS, Profile, SendOutcome, SendRequest
+from nurture.model import Profile, SendOutcome, SendRequest
 from nurture.templates import RenderedMessage
 
 from .db import Database
@@ -308,7 +308,3 @@ def has_run(db: Database, journey: str, user_id: str, key: str) -> bool:
         ).first()
         return row is not None
 
-
-def address_of(profile: Profile, channel: str) -> str | None:
-    value = profile.traits.get(ADDRESS_TRAITS[channel])
-    return str(value) if value else None
