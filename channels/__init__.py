@@ -1,38 +1,98 @@
 """Delivery channels: one small protocol, one adapter module per provider.
 
-An adapter takes a :class:`~nurture.templates.RenderedMessage`, an address and an idempotency key
-and returns a :class:`DeliveryResult`. Delivering twice with the same key must not send twice.
+An adapter takes a :class:`~nurture.templates.RenderedMessage` and an :class:`Envelope` (address,
+idempotency key, who and why) and either returns a :class:`DeliveryResult` once the provider has
+accepted the message, or raises:
+
+- :class:`PermanentError` when the provider refused it for good (invalid number, unsubscribed
+  recipient, a request it will never accept). The send is recorded as ``failed:<reason>`` and the
+  step's next fallback channel is tried.
+- :class:`TransientError` (or any other exception) when it may work later (timeouts, dropped
+  connections, 429, 5xx, bad credentials an operator can fix). The send activity fails and
+  Temporal retries it with backoff: an outage delays messages, it never drops them.
+
+Adapters do not de-duplicate: :class:`nurture.delivery.Deliverer` writes the message row with its
+unique idempotency key before it calls an adapter, so a retried activity never calls twice for a
+message the provider accepted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from nurture.model import idempotency_key, split_idempotency_key
 from nurture.templates import RenderedMessage
 
 __all__ = [
     "Channel",
+    "DeliveryError",
     "DeliveryResult",
+    "Envelope",
+    "PermanentError",
+    "TransientError",
     "idempotency_key",
     "mask_address",
     "split_idempotency_key",
 ]
 
 
+@dataclass(frozen=True, kw_only=True)
+class Envelope:
+    """Where a message goes and what it belongs to."""
+
+    address: str
+    """Email address, E.164 phone number or WeChat openid."""
+    idempotency_key: str
+    """``run:step``; the same for every retry of the same send."""
+    user_id: str = ""
+    """The recipient's user id."""
+    journey: str = ""
+    """The journey sending it."""
+    category: str = "marketing"
+    """``marketing`` or ``transactional``; marketing email carries unsubscribe headers."""
+    unsubscribe_url: str | None = None
+    """Signed one-click unsubscribe link for this user and channel, when links are configured."""
+
+    @property
+    def run_id(self) -> str | None:
+        return split_idempotency_key(self.idempotency_key)[0]
+
+    @property
+    def step_id(self) -> str | None:
+        return split_idempotency_key(self.idempotency_key)[1]
+
+
 @dataclass(frozen=True)
 class DeliveryResult:
-    """What a provider said about one delivery."""
+    """The provider accepted a message."""
 
-    status: Literal["sent", "failed"]
-    """``sent`` once the provider accepted the message; ``failed`` for a permanent rejection."""
     provider: str
-    """The adapter's provider name, e.g. ``outbox``."""
+    """The adapter's provider name, e.g. ``twilio``."""
     provider_id: str | None = None
-    """The provider's id for the message, for support and webhooks."""
-    reason: str | None = None
-    """For ``failed``: a short machine-friendly reason such as ``invalid_number``."""
+    """The provider's id for the message (Twilio SID, SendGrid message id, WeChat msgid)."""
+
+
+class DeliveryError(Exception):
+    """A provider did not accept a message; ``reason`` is short and machine-friendly."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class PermanentError(DeliveryError):
+    """Refused for good: recorded as ``failed:<reason>``; the next fallback channel is tried."""
+
+
+class TransientError(DeliveryError):
+    """May work later: the send is retried by Temporal with backoff."""
+
+    def __init__(self, reason: str, detail: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(reason, detail)
+        self.retry_after = retry_after
+        """Seconds the provider asked us to wait (``Retry-After``), if it said."""
 
 
 @runtime_checkable
@@ -41,9 +101,7 @@ class Channel(Protocol):
 
     provider: str
 
-    async def deliver(
-        self, message: RenderedMessage, *, address: str, idempotency_key: str
-    ) -> DeliveryResult: ...
+    async def deliver(self, message: RenderedMessage, envelope: Envelope) -> DeliveryResult: ...
 
 
 def mask_address(address: str) -> str:

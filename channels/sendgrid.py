@@ -1,0 +1,254 @@
+"""Email through Twilio SendGrid's v3 Mail Send API, with the official ``sendgrid`` SDK.
+
+Each mail carries the run, step, journey, user and idempotency key as ``custom_args``, which
+SendGrid echoes in its event webhook, so events find their message. Marketing mail with an
+unsubscribe link gets RFC 8058 one-click ``List-Unsubscribe`` headers.
+
+SendGrid's documented answers (https://www.twilio.com/docs/sendgrid/api-reference/mail-send)
+sort into permanent refusals of this mail (400, 413) and transient failures (401/403 credentials
+an operator fixes, 429, 5xx, network trouble): see :func:`classify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import re
+import time
+import urllib.error
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.message import Message
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from python_http_client.exceptions import HTTPError
+from sendgrid import SendGridAPIClient
+from sendgrid.helpers.mail import (
+    Category,
+    CustomArg,
+    From,
+    Header,
+    HtmlContent,
+    Mail,
+    PlainTextContent,
+    ReplyTo,
+    To,
+)
+
+from channels import (
+    DeliveryError,
+    DeliveryResult,
+    Envelope,
+    PermanentError,
+    TransientError,
+    mask_address,
+)
+from nurture.templates import RenderedMessage
+
+__all__ = ["PROVIDER", "SendGridEmail", "classify"]
+
+PROVIDER = "sendgrid"
+DEFAULT_HOST = "https://api.sendgrid.com"
+
+log = logging.getLogger(__name__)
+
+# The SDK's HTTP layer logs whole requests at DEBUG, API key and recipients included; keep it
+# quiet unless someone chose its level on purpose.
+_http_log = logging.getLogger("python_http_client.client")
+if _http_log.level == logging.NOTSET:
+    _http_log.setLevel(logging.INFO)
+
+_EMAIL = re.compile(r"[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+\.[A-Za-z]{2,}")
+
+Headers = Mapping[str, str] | Message
+"""Response headers: a mapping, or the ``http.client`` message urllib returns."""
+
+
+def classify(status: int, body: bytes | str, headers: Headers | None = None) -> DeliveryError:
+    """The error to raise for a SendGrid error answer: HTTP ``status``, its body and headers.
+
+    400 is a permanent ``bad_request`` (detail: SendGrid's first error and its field), 413 a
+    permanent ``too_large``; 401/403 are transient ``auth``, 429 transient ``rate_limited`` (with
+    ``Retry-After`` or ``X-RateLimit-Reset``), 5xx transient ``provider_error``; any other 4xx is
+    a permanent ``rejected`` naming the status.
+    """
+    detail = _safe(_first_error(body) or f"HTTP {status}")
+    if status == 400:
+        return PermanentError("bad_request", detail)
+    if status == 413:
+        return PermanentError("too_large", detail)
+    if status in (401, 403):
+        return TransientError("auth", detail)
+    if status == 429:
+        return TransientError("rate_limited", detail, retry_after=_retry_after(headers))
+    if status >= 500:
+        return TransientError("provider_error", detail)
+    if 400 <= status < 500:
+        return PermanentError("rejected", f"HTTP {status}: {detail}")
+    return TransientError("provider_error", f"unexpected HTTP {status}: {detail}")
+
+
+class SendGridEmail:
+    """A :class:`channels.Channel` sending ``email`` messages through SendGrid."""
+
+    provider = PROVIDER
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        from_email: str,
+        from_name: str | None = None,
+        reply_to: str | None = None,
+        host: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """``from_email``/``from_name``: the sender; ``reply_to``: optional Reply-To address;
+        ``host``: the API base URL, for a proxy or a test server; ``timeout``: seconds per request."""
+        self.from_email = from_email
+        self.from_name = from_name
+        self.reply_to = reply_to
+        self.timeout = timeout
+        self._client = SendGridAPIClient(api_key=api_key, host=(host or DEFAULT_HOST).rstrip("/"))
+
+    def build(self, message: RenderedMessage, envelope: Envelope) -> dict[str, Any]:
+        """The v3 Mail Send request body for ``message`` to ``envelope.address``."""
+        if message.channel != "email" or not message.subject or not (message.html or message.text):
+            raise ValueError(
+                f"SendGridEmail sends email with a subject and a body, got a {message.channel} message"
+            )
+        mail = Mail(
+            from_email=From(self.from_email, self.from_name),
+            to_emails=To(envelope.address),
+            subject=message.subject,
+            plain_text_content=PlainTextContent(message.text) if message.text else None,
+            html_content=HtmlContent(message.html) if message.html else None,
+        )
+        if self.reply_to:
+            mail.reply_to = ReplyTo(self.reply_to)
+        custom_args = {
+            "run_id": envelope.run_id,
+            "step_id": envelope.step_id,
+            "journey": envelope.journey,
+            "user_id": envelope.user_id,
+            "idempotency_key": envelope.idempotency_key,
+        }
+        # On the (only) personalization: SendGrid's spec types a mail-level custom_args as a
+        # string, while a personalization's is an object, and it wins over the mail-level one.
+        # Values must be strings; an empty one says nothing.
+        mail.custom_arg = [CustomArg(key, str(value), p=0) for key, value in custom_args.items() if value]
+        if envelope.journey:
+            mail.category = Category(envelope.journey)
+        if envelope.unsubscribe_url and envelope.category == "marketing":
+            mail.header = [
+                Header("List-Unsubscribe", f"<{envelope.unsubscribe_url}>"),
+                Header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+            ]
+        body: dict[str, Any] = mail.get()
+        return body
+
+    async def deliver(self, message: RenderedMessage, envelope: Envelope) -> DeliveryResult:
+        """Send ``message`` to ``envelope.address``; returns SendGrid's ``X-Message-Id``."""
+        body = self.build(message, envelope)
+        message_id = await asyncio.to_thread(self._send, body, envelope)
+        log.info(
+            "sendgrid accepted %s for %s (%s)",
+            message_id,
+            mask_address(envelope.address),
+            envelope.idempotency_key,
+        )
+        return DeliveryResult(provider=PROVIDER, provider_id=message_id)
+
+    def _send(self, body: dict[str, Any], envelope: Envelope) -> str | None:
+        try:
+            response = self._client.client.mail.send.post(request_body=body, timeout=self.timeout)
+        except HTTPError as error:
+            failure = classify(int(error.status_code), error.body or b"", error.headers)
+            self._log_failure(failure, envelope)
+            raise failure from None
+        except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            failure = _network_error(error, self.timeout)
+            self._log_failure(failure, envelope)
+            raise failure from error
+        message_id = response.headers.get("X-Message-Id")
+        return str(message_id) if message_id else None
+
+    @staticmethod
+    def _log_failure(failure: DeliveryError, envelope: Envelope) -> None:
+        level = logging.WARNING if isinstance(failure, TransientError) else logging.INFO
+        log.log(
+            level,
+            "sendgrid did not take %s for %s: %s",
+            envelope.idempotency_key,
+            mask_address(envelope.address),
+            failure,
+        )
+
+
+def _network_error(error: BaseException, timeout: float) -> TransientError:
+    """``timeout`` or ``connection``: urllib raises timeouts bare while reading, wrapped in
+    ``URLError`` while connecting."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, TimeoutError):
+        return TransientError("timeout", f"no answer from SendGrid within {timeout}s")
+    return TransientError("connection", f"{type(reason).__name__}: {reason}")
+
+
+def _first_error(body: bytes | str) -> str | None:
+    """``message (field: x)`` of the first entry in SendGrid's ``{"errors": [...]}``."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        return text.strip()[:200] or None
+    errors = data.get("errors") if isinstance(data, dict) else None
+    if not errors or not isinstance(errors[0], dict):
+        return None
+    first = errors[0]
+    message = str(first.get("message") or "").strip()[:300]
+    field = first.get("field")
+    if field and field != "null":
+        return f"{message} (field: {field})"
+    return message or None
+
+
+def _header(headers: Headers | None, name: str) -> str | None:
+    if headers is None:
+        return None
+    if isinstance(headers, Message):
+        value = headers.get(name)
+        return str(value) if value is not None else None
+    lowered = name.lower()
+    return next((value for key, value in headers.items() if key.lower() == lowered), None)
+
+
+def _retry_after(headers: Headers | None) -> float | None:
+    """Seconds to wait: ``Retry-After`` (seconds or an HTTP date), else ``X-RateLimit-Reset``
+    (the Unix time the limit resets), else ``None``."""
+    value = (_header(headers, "Retry-After") or "").strip()
+    if value:
+        try:
+            return max(float(value), 0.0)
+        except ValueError:
+            pass
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            when = None
+        if when is not None:
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+    reset = (_header(headers, "X-RateLimit-Reset") or "").strip()
+    try:
+        return max(float(reset) - time.time(), 0.0) if reset else None
+    except ValueError:
+        return None
+
+
+def _safe(text: str) -> str:
+    """``text`` with email addresses masked, fit for logs and the message table."""
+    return _EMAIL.sub(lambda match: mask_address(match.group()), text)
