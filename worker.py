@@ -6,8 +6,9 @@ All configuration comes from the environment (see :class:`nurture.settings.Setti
 :class:`WorkerOptions`). The journeys are compiled at start-up and the worker refuses to start on
 any compile error (the diagnostics go to stderr, the exit code is 1). SIGTERM or SIGINT stops it
 gracefully: it stops polling, gives in-flight activities ``NURTURE_SHUTDOWN_TIMEOUT`` seconds to
-finish, and exits 0. Until providers are configured every channel delivers to the outbox:
-rendered messages in the ``messages`` table.
+finish, and exits 0. Each channel goes through the provider ``providers:`` in ``nurture.yaml``
+names (default: the outbox, rendered messages in the ``messages`` table); the worker refuses to
+start while a configured provider's environment variables are missing.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ from temporalio.runtime import (
 )
 from temporalio.worker import Worker
 
+from channels import Channel
 from nurture.compiler import Project, compile_project
-from nurture.delivery import Deliverer, for_every_channel
+from nurture.delivery import Deliverer, UnsubscribeUrl, for_every_channel
 from nurture.diagnostics import CompileError
 from nurture.observability import JOURNEYS, ActivityMetrics, InstrumentedRecorder, configure_logging
+from nurture.providers import Channels, build_channels
 from nurture.settings import Settings, SettingsError
 from nurture.storage.db import Database
-from nurture.storage.stores import DbOutbox, DbProfiles, DbRecorder
+from nurture.storage.stores import DbLedger, DbOutbox, DbProfiles, DbRecorder
 from workflows.activities import JourneyActivities
 from workflows.journey import JourneyWorkflow
 
@@ -119,11 +122,21 @@ def build_worker(
     task_queue: str,
     *,
     shutdown_timeout: float = WorkerOptions.shutdown_timeout,
+    channels: Mapping[str, Channel] | None = None,
+    links: UnsubscribeUrl | None = None,
 ) -> Worker:
-    """The journey workflow and its activities on the database-backed stores, instrumented."""
-    outbox = DbOutbox(db)
+    """The journey workflow and its activities on the database-backed stores, instrumented.
+
+    ``channels`` maps each channel to its provider adapter (default: the outbox for all);
+    ``links`` makes the signed unsubscribe URL for marketing messages.
+    """
     activities = JourneyActivities(
-        Deliverer(project.templates, for_every_channel(outbox)),
+        Deliverer(
+            project.templates,
+            channels if channels is not None else for_every_channel(DbOutbox()),
+            ledger=DbLedger(db),
+            links=links,
+        ),
         DbProfiles(db),
         InstrumentedRecorder(DbRecorder(db)),
     )
@@ -135,6 +148,18 @@ def build_worker(
         interceptors=[ActivityMetrics()],
         graceful_shutdown_timeout=timedelta(seconds=shutdown_timeout),
     )
+
+
+def provider_channels(project: Project, db: Database, env: Mapping[str, str] | None = None) -> Channels:
+    """The adapters ``nurture.yaml`` asks for, or :class:`StartupError` naming what is missing."""
+    env = os.environ if env is None else env
+    try:
+        channels = build_channels(project.settings.providers, env, db=db, outbox=DbOutbox())
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    for channel, adapter in channels.by_channel.items():
+        log.info("%s via %s", channel, adapter.provider, extra={"channel": channel, "provider": adapter.provider})
+    return channels
 
 
 async def run(
@@ -169,8 +194,10 @@ async def run(
         JOURNEYS.labels(journey.id, journey.version).set(1)
     db = Database(settings.database)
     metrics_server = None
+    channels: Channels | None = None
     try:
         db.migrate()
+        channels = provider_channels(project, db)
         if settings.metrics_port:
             try:
                 metrics_server, _ = start_http_server(settings.metrics_port)
@@ -197,7 +224,13 @@ async def run(
                     f"(namespace {settings.namespace}): {exc}"
                 ) from None
         worker = build_worker(
-            client, project, db, settings.task_queue, shutdown_timeout=options.shutdown_timeout
+            client,
+            project,
+            db,
+            settings.task_queue,
+            shutdown_timeout=options.shutdown_timeout,
+            channels=channels.by_channel,
+            links=unsubscribe_url(settings),
         )
         async with worker:
             log.info(
@@ -220,11 +253,19 @@ async def run(
                 extra={"shutdown_timeout": options.shutdown_timeout},
             )
     finally:
+        if channels is not None:
+            await channels.aclose()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
         db.dispose()
     log.info("worker stopped")
+
+
+def unsubscribe_url(settings: Settings) -> UnsubscribeUrl | None:
+    """Signed one-click unsubscribe links, when ``NURTURE_PUBLIC_URL`` and ``NURTURE_SECRET`` are set."""
+    links = settings.unsubscribe_links()
+    return None if links is None else links.url
 
 
 def _stopper(stop: asyncio.Event, sig: signal.Signals) -> Callable[[], None]:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from channels import DeliveryResult, split_idempotency_key
+from channels import DeliveryResult, Envelope, split_idempotency_key
 from nurture.templates import RenderedMessage
 
 PROVIDER = "outbox"
@@ -64,10 +64,17 @@ class OutboxRecord:
         )
 
 
+def outbox_id(key: str) -> str:
+    """The outbox's message id: derived from the key, so a replay or a restart yields the same id."""
+    return "outbox-" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
 class Outbox:
     """A :class:`channels.Channel` for every channel that records instead of sending."""
 
     provider = PROVIDER
+    idempotent = True
+    """Delivering again with the same key returns the first record: safe to call on any retry."""
 
     def __init__(
         self,
@@ -87,16 +94,14 @@ class Outbox:
                 if line.strip():
                     self._remember(OutboxRecord.from_dict(json.loads(line)))
 
-    async def deliver(
-        self, message: RenderedMessage, *, address: str, idempotency_key: str
-    ) -> DeliveryResult:
-        if not address:
+    async def deliver(self, message: RenderedMessage, envelope: Envelope) -> DeliveryResult:
+        if not envelope.address:
             raise ValueError("cannot deliver without an address")
         with self._lock:
-            record = self._by_key.get(idempotency_key)
+            record = self._by_key.get(envelope.idempotency_key)
             if record is None:
-                record = self._accept(message, address, idempotency_key)
-        return DeliveryResult(status="sent", provider=PROVIDER, provider_id=record.provider_id)
+                record = self._accept(message, envelope.address, envelope.idempotency_key)
+        return DeliveryResult(provider=PROVIDER, provider_id=record.provider_id)
 
     def messages(self) -> list[OutboxRecord]:
         """Every accepted message, oldest first."""
@@ -110,8 +115,7 @@ class Outbox:
             address=address,
             message=message,
             sent_at=self._now(),
-            # Derived from the key, so a replay or a restart yields the same id.
-            provider_id="outbox-" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest(),
+            provider_id=outbox_id(key),
             run_id=run_id,
             step_id=step_id,
         )

@@ -32,6 +32,13 @@ def rows(db: Database, model: type[SQLModel], **where: Any) -> list[Any]:
         return list(session.exec(query).all())
 
 
+def messages(db: Database, **where: Any) -> list[Any]:
+    """The message rows matching ``where`` whose outcome is recorded (not still ``sending``)."""
+    from nurture.storage.models import MessageRecord
+
+    return [row for row in rows(db, MessageRecord, **where) if row.status != "sending"]
+
+
 async def eventually(check: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
     """Poll ``check`` (run in a thread: it reads the database) until it returns something truthy."""
     deadline = time.monotonic() + timeout

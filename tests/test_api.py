@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from support import eventually, new_user, rows
+from support import eventually, messages, new_user, rows
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -110,7 +110,7 @@ async def test_track_runs_the_journey_into_the_outbox(api: Api) -> None:
     body = answer.json()
     assert body["success"] is True and body["duplicate"] is False
     assert body["triggered"] == [workflow_id("post_purchase", user, "o-1")]
-    [message] = await eventually(lambda: rows(api.db, MessageRecord, user_id=user), what="the SMS")
+    [message] = await eventually(lambda: messages(api.db, user_id=user), what="the SMS")
     assert (message.channel, message.template, message.status, message.provider) == (
         "sms",
         "course_access",
@@ -162,12 +162,12 @@ async def test_identify_updates_the_profile_that_conditions_read(
         assert (await api.post("/v1/track", {"userId": user, "event": "Checked In"})).status_code == 200
 
         def both() -> list[Any]:
-            sent = rows(api.db, MessageRecord, user_id=user)
+            sent = messages(api.db, user_id=user)
             return sent if len(sent) == 2 else []
 
-        messages = sorted(await eventually(both, what="two messages"), key=lambda m: m.id)
-    assert [m.template for m in messages] == ["vip_yes", "vip_no"]
-    assert messages[0].content["text"] == "Welcome back, VIP Li"
+        sent = sorted(await eventually(both, what="two messages"), key=lambda m: m.id)
+    assert [m.template for m in sent] == ["vip_yes", "vip_no"]
+    assert sent[0].content["text"] == "Welcome back, VIP Li"
     profile = rows(database, ProfileRecord, user_id=user)[0]
     assert profile.traits == {"phone": "+8613800138000", "first_name": "Li", "vip": False}
 
@@ -399,7 +399,7 @@ async def test_a_repeated_message_id_changes_nothing(api: Api) -> None:
     call = {**order(user, "o-2"), "messageId": f"m-{user}", "timestamp": "2026-03-02T10:00:00+08:00"}
 
     first = await api.post("/v1/track", call)
-    await eventually(lambda: rows(api.db, MessageRecord, user_id=user), what="the SMS")
+    await eventually(lambda: messages(api.db, user_id=user), what="the SMS")
     again = await api.post("/v1/track", {**call, "properties": {"order_id": "o-3", "total": 5}})
 
     assert first.json()["duplicate"] is False and first.json()["messageId"] == f"m-{user}"
@@ -414,7 +414,7 @@ async def test_a_repeated_message_id_changes_nothing(api: Api) -> None:
         "skipped": [],
     }
     await asyncio.sleep(1.0)  # long enough for a second run to have sent its SMS
-    assert len(rows(api.db, MessageRecord, user_id=user)) == 1
+    assert len(messages(api.db, user_id=user)) == 1
     assert len(rows(api.db, RunRecord, user_id=user)) == 1
     [event] = rows(api.db, EventRecord, kind="track", user_id=user)
     assert event.properties["order_id"] == "o-2"
@@ -459,8 +459,8 @@ async def test_a_batched_order_ends_the_cart_run_with_its_goal(api: Api) -> None
 
     run = await eventually(cart_run, what="the cart run's end")
     assert run.end_reason == "goal" and run.converted_at is not None
-    await eventually(lambda: rows(api.db, MessageRecord, user_id=user), what="the order SMS")
-    assert [m.template for m in rows(api.db, MessageRecord, user_id=user)] == ["course_access"]
+    await eventually(lambda: messages(api.db, user_id=user), what="the order SMS")
+    assert [m.template for m in messages(api.db, user_id=user)] == ["course_access"]
 
 
 async def test_read_endpoints(api: Api, project: Project) -> None:
@@ -476,7 +476,7 @@ async def test_read_endpoints(api: Api, project: Project) -> None:
     }
     assert (await api.post("/v1/identify", identify)).status_code == 200
     assert (await api.post("/v1/track", order(user, "o-5"))).status_code == 200
-    await eventually(lambda: rows(api.db, MessageRecord, user_id=user), what="the SMS")
+    await eventually(lambda: messages(api.db, user_id=user), what="the SMS")
 
     profile = (await api.get(f"/v1/users/{user}")).json()
     assert profile["traits"] == {
@@ -525,14 +525,14 @@ async def test_outbox_lists_newest_first(api: Api) -> None:
         assert (await api.post("/v1/track", order(user, f"o-n{n}"))).status_code == 200
 
     def three() -> list[Any]:
-        sent = rows(api.db, MessageRecord, user_id=user)
+        sent = messages(api.db, user_id=user)
         return sent if len(sent) == 3 else []
 
     await eventually(three, what="three messages")
     outbox = (await api.get("/v1/outbox", params={"limit": 2})).json()
     assert len(outbox) == 2
     assert outbox[0]["created_at"] >= outbox[1]["created_at"]
-    newest = max(rows(api.db, MessageRecord, user_id=user), key=lambda m: (m.created_at, m.id))
+    newest = max(messages(api.db, user_id=user), key=lambda m: (m.created_at, m.id))
     assert outbox[0]["id"] == newest.id
     bad = await api.get("/v1/outbox", params={"limit": 0})
     assert bad.status_code == 400 and bad.json()["detail"][0]["field"] == "limit"

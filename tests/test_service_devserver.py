@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from support import eventually, new_user, rows, uvicorn_thread
+from support import eventually, messages, new_user, rows, uvicorn_thread
 from temporalio.client import Client as TemporalClient
 from temporalio.service import RPCError
 
@@ -98,7 +98,7 @@ async def test_events_become_workflows_and_outbox_messages(service: Service) -> 
 
     assert signed_up["triggered"] == [workflow_id("welcome_series", user, "")]
     [message] = await eventually(
-        lambda: rows(service.db, MessageRecord, user_id=user), what="the welcome email"
+        lambda: messages(service.db, user_id=user), what="the welcome email"
     )
     assert (message.journey, message.channel, message.template, message.status) == (
         "welcome_series",
@@ -137,7 +137,7 @@ async def test_a_goal_ends_a_sleeping_run_at_once(service: Service) -> None:
     assert run.end_reason == "goal" and run.converted_at is not None
     await asyncio.sleep(0.3)
     assert [
-        m.template for m in rows(service.db, MessageRecord, user_id=user, journey="cart_abandonment")
+        m.template for m in messages(service.db, user_id=user, journey="cart_abandonment")
     ] == []
     assert rows(service.db, Route, workflow_id=started.workflow_id)[0].active is False
 
@@ -179,11 +179,11 @@ async def test_a_repeated_message_id_sends_nothing_twice(service: Service) -> No
     )
 
     assert sorted(a["duplicate"] for a in answers) == [False, True, True]
-    [message] = await eventually(lambda: rows(service.db, MessageRecord, user_id=user), what="the SMS")
+    [message] = await eventually(lambda: messages(service.db, user_id=user), what="the SMS")
     assert (message.template, message.status) == ("shipping_notice", "sent")  # transactional: any hour
     assert "SF123" in message.content["text"]
     await asyncio.sleep(1.0)
-    assert len(rows(service.db, MessageRecord, user_id=user)) == 1
+    assert len(messages(service.db, user_id=user)) == 1
     assert len(rows(service.db, RunRecord, user_id=user)) == 1
     assert len(rows(service.db, EventRecord, user_id=user, kind="track")) == 1
 

@@ -8,10 +8,11 @@ from datetime import UTC, datetime
 from sqlalchemy import inspect
 from sqlmodel import select
 
+from nurture.delivery import Claim
 from nurture.model import SendOutcome, SendRequest
 from nurture.storage.db import Database, database_url
 from nurture.storage.models import MessageRecord, RunRecord
-from nurture.storage.stores import DbOutbox, DbProfiles, DbRecorder, Events, Routes, has_run
+from nurture.storage.stores import DbLedger, DbProfiles, DbRecorder, Events, Routes, has_run
 from nurture.templates import RenderedMessage
 
 NOW = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
@@ -19,7 +20,16 @@ NOW = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
 
 def test_migration_creates_every_table(database: Database) -> None:
     tables = set(inspect(database.engine).get_table_names())
-    assert {"profiles", "events", "runs", "routes", "messages", "alembic_version"} <= tables
+    assert {
+        "profiles",
+        "events",
+        "runs",
+        "routes",
+        "messages",
+        "message_events",
+        "provider_tokens",
+        "alembic_version",
+    } <= tables
     database.migrate()  # idempotent
 
 
@@ -82,19 +92,14 @@ def test_routes_and_runs(database: Database) -> None:
         )
 
 
-def test_outbox_then_outcome_is_one_row(database: Database) -> None:
-    outbox = DbOutbox(database)
-    message = RenderedMessage(channel="sms", template="coupon", locale=None, text="Hi Li")
-    first = asyncio.run(outbox.deliver(message, address="+8613800138000", idempotency_key="run1:s1"))
-    second = asyncio.run(outbox.deliver(message, address="+8613800138000", idempotency_key="run1:s1"))
-    assert first == second and first.status == "sent"
-    request = SendRequest(
+def _request(step: str = "s1") -> SendRequest:
+    return SendRequest(
         run_id="run1",
         journey="j",
         version="v",
-        step_id="s1",
+        step_id=step,
         user_id="u1",
-        channels=("sms",),
+        channels=("sms", "email"),
         template="coupon",
         category="marketing",
         timezone="UTC",
@@ -102,26 +107,85 @@ def test_outbox_then_outcome_is_one_row(database: Database) -> None:
         variant="a",
         context={},
     )
+
+
+SMS = RenderedMessage(channel="sms", template="coupon", locale=None, text="Hi Li")
+
+
+def test_ledger_row_is_written_before_delivery_and_outcome_joins_it(database: Database) -> None:
+    ledger, request = DbLedger(database), _request()
+    claim = asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS))
+    assert claim == Claim("new")
+    with database.session() as session:
+        row = session.exec(select(MessageRecord)).one()
+        assert (row.status, row.address, row.content, row.provider) == (
+            "sending",
+            "+8613800138000",
+            SMS.to_dict(),
+            "twilio",
+        )
+        assert [a["state"] for a in row.attempts] == ["pending"]
+    # A second attempt while the first never answered: the outcome is unknown, not "go ahead".
+    assert asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS)).state == "unknown"
+    asyncio.run(ledger.settle(request, "sms", "sent", provider_id="SM1"))
+    assert asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS)) == Claim(
+        "sent", provider_id="SM1"
+    )
     outcome = SendOutcome(
         step_id="s1",
         channel="sms",
         template="coupon",
         status="sent",
         at=NOW,
-        provider="outbox",
-        provider_id=first.provider_id,
+        provider="twilio",
+        provider_id="SM1",
         variant="a",
     )
     asyncio.run(DbRecorder(database).send(request, outcome))
     with database.session() as session:
         rows = session.exec(select(MessageRecord)).all()
     assert len(rows) == 1
-    assert (rows[0].user_id, rows[0].journey, rows[0].variant, rows[0].content["text"]) == (
+    assert (rows[0].status, rows[0].user_id, rows[0].variant, rows[0].content["text"]) == (
+        "sent",
         "u1",
-        "j",
         "a",
         "Hi Li",
     )
+
+
+def test_ledger_retry_failure_and_fallback_attempts(database: Database) -> None:
+    ledger, request = DbLedger(database), _request()
+    asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS))
+    asyncio.run(ledger.settle(request, "sms", "retry", reason="rate_limited"))
+    # A transient failure leaves the way open: the retry calls the provider again.
+    assert asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS)) == Claim("new")
+    asyncio.run(ledger.settle(request, "sms", "failed", reason="invalid_number"))
+    assert asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS)) == Claim(
+        "failed", reason="invalid_number"
+    )
+    email = RenderedMessage(channel="email", template="coupon", locale=None, subject="Hi", html="<p>Hi</p>")
+    assert asyncio.run(ledger.claim(request, "email", "sendgrid", "li@example.com", email)) == Claim("new")
+    with database.session() as session:
+        row = session.exec(select(MessageRecord)).one()
+    assert [(a["channel"], a["state"], a.get("reason")) for a in row.attempts] == [
+        ("sms", "failed", "invalid_number"),
+        ("email", "pending", None),
+    ]
+    assert (row.channel, row.address, row.subject) == ("email", "li@example.com", "Hi")
+
+
+def test_concurrent_claims_let_exactly_one_attempt_through(database: Database) -> None:
+    ledger, request = DbLedger(database), _request("s9")
+
+    async def race() -> list[Claim]:
+        return list(
+            await asyncio.gather(
+                *(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS) for _ in range(8))
+            )
+        )
+
+    states = sorted(claim.state for claim in asyncio.run(race()))
+    assert states == ["new"] + ["unknown"] * 7
 
 
 def test_database_url_from_environment(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -31,9 +31,10 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from nurture.cli_service import outbox
 from nurture.devserver import free_port
+from nurture.model import SendRequest
 from nurture.storage.db import Database
 from nurture.storage.models import RunRecord
-from nurture.storage.stores import DbOutbox
+from nurture.storage.stores import DbLedger
 from nurture.templates import RenderedMessage
 
 BANNER_END = "Ctrl-C stops everything"
@@ -292,7 +293,7 @@ async def test_outbox_shows_each_channel_newest_first_with_masked_addresses(tmp_
     assert runner.invoke(outbox, ["--home", str(home)]).output.startswith("The outbox is empty")
     db = Database(f"sqlite:///{home / 'nurture.db'}")
     db.migrate()
-    box = DbOutbox(db)
+    ledger = DbLedger(db)
     sent = [
         (
             RenderedMessage(
@@ -320,7 +321,22 @@ async def test_outbox_shows_each_channel_newest_first_with_masked_addresses(tmp_
         ),
     ]
     for index, (message, address) in enumerate(sent):
-        await box.deliver(message, address=address, idempotency_key=f"run-{index}:step")
+        request = SendRequest(
+            run_id=f"run-{index}",
+            journey="j",
+            version="v",
+            step_id="step",
+            user_id="ada",
+            channels=(message.channel,),
+            template=message.template,
+            category="marketing",
+            timezone="UTC",
+            quiet_hours=None,
+            variant=None,
+            context={},
+        )
+        await ledger.claim(request, message.channel, "outbox", address, message)
+        await ledger.settle(request, message.channel, "sent", provider_id=f"outbox-{index}")
     db.dispose()
 
     text = runner.invoke(outbox, ["--home", str(home)]).output

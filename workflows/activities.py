@@ -8,10 +8,13 @@ so the same activities run against in-memory stores (scenario runner) and the da
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Protocol
 
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
+from channels import TransientError
 from nurture.clock import parse_instant
 from nurture.delivery import Deliverer, ProfileStore
 from nurture.model import SendOutcome, SendRequest
@@ -43,7 +46,12 @@ class JourneyActivities:
         request = SendRequest.from_dict(payload["request"])
         now = parse_instant(payload["now"])
         profile = await self.profiles.get(request.user_id)
-        result = await self.deliverer.send(request, profile, now)
+        try:
+            result = await self.deliverer.send(request, profile, now)
+        except TransientError as exc:
+            # Retried by the workflow's retry policy; a provider's Retry-After sets the next delay.
+            delay = None if exc.retry_after is None else timedelta(seconds=exc.retry_after)
+            raise ApplicationError(str(exc), type=f"transient:{exc.reason}", next_retry_delay=delay) from exc
         if result.outcome is not None:
             await self.recorder.send(request, result.outcome)
         return result.to_dict()

@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,10 +29,11 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from channels import Channel
 from channels.outbox import Outbox
 from nurture.clock import parse_instant
 from nurture.compiler import Project
-from nurture.delivery import Deliverer, MemoryProfiles, for_every_channel
+from nurture.delivery import Deliverer, MemoryLedger, MemoryProfiles, UnsubscribeUrl, for_every_channel
 from nurture.interpreter import entry_decision, run_key, trigger_matches
 from nurture.ir import journey_to_dict
 from nurture.model import Event, SendOutcome, SendRequest
@@ -54,6 +56,10 @@ def binary(name: str) -> str:
     if found is None:
         raise RuntimeError(f"'{name}' not found: install the project (pip install -e .) to get it")
     return found
+
+
+SETTLE_TIMEOUT = 60.0
+"""Seconds a run may take to handle its signals and wait again."""
 
 
 @dataclass
@@ -129,7 +135,16 @@ class TemporalRuntime:
         assert self._env is not None, "use 'async with TemporalRuntime()'"
         return self._env.client
 
-    async def play(self, scenario: Scenario, project: Project) -> list[Outcome]:
+    async def play(
+        self,
+        scenario: Scenario,
+        project: Project,
+        *,
+        channels: Mapping[str, Channel] | None = None,
+        links: UnsubscribeUrl | None = None,
+    ) -> list[Outcome]:
+        """Play ``scenario``; ``channels`` replaces the outbox with provider adapters, ``links``
+        makes unsubscribe URLs."""
         assert self._env is not None and self._activities is not None
         env, acts = self._env, self._activities
         profiles = MemoryProfiles()
@@ -137,7 +152,12 @@ class TemporalRuntime:
         outbox = Outbox()
         acts.profiles = profiles
         acts.recorder = recorder
-        acts.deliverer = Deliverer(project.templates, for_every_channel(outbox))
+        acts.deliverer = Deliverer(
+            project.templates,
+            for_every_channel(outbox) if channels is None else channels,
+            ledger=MemoryLedger(),
+            links=links,
+        )
         for user_id, traits in scenario.users.items():
             profiles.update_now(user_id, traits, frozenset(scenario.opted_out.get(user_id, ())))
         journeys = project.select(scenario.journeys)
@@ -249,9 +269,11 @@ class _Play:
         """Wait until each run has handled its signals and is waiting (or has ended)."""
         for run_id in run_ids:
             handle = self.handles[run_id]
-            for _ in range(2000):
-                if not self.active(run_id):
-                    break
+            # Generous: a send retried after provider faults waits out real backoff delays.
+            deadline = time.monotonic() + SETTLE_TIMEOUT
+            while self.active(run_id):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"run {run_id} did not settle within {SETTLE_TIMEOUT:g}s")
                 try:
                     progress = await handle.query("progress")
                 except RPCError:
@@ -260,6 +282,4 @@ class _Play:
                 if progress["handled"] >= progress["signals"] and progress["waiting"]:
                     break
                 await asyncio.sleep(0.005)
-            else:
-                raise TimeoutError(f"run {run_id} did not settle")
 

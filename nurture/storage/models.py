@@ -1,4 +1,4 @@
-"""The tables: profiles, events, runs, routes and messages.
+"""The tables: profiles, events, runs, routes, messages, message events and provider tokens.
 
 Columns the service queries are real columns with indexes; free-form data (traits, properties,
 rendered content) is JSON, which SQLite and PostgreSQL both store natively.
@@ -17,8 +17,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _when(**kwargs: Any) -> Any:
-    return Field(sa_column=Column(DateTime(timezone=True), **kwargs))
+def _when(*, nullable: bool, default: Any = None) -> Any:
+    """A timezone-aware timestamp column; the default is pydantic's, so validated rows get it too."""
+    column = Column(DateTime(timezone=True), nullable=nullable)
+    if default is not None:
+        return Field(default_factory=default, sa_column=column)
+    if nullable:
+        return Field(default=None, sa_column=column)
+    return Field(sa_column=column)
 
 
 class ProfileRecord(SQLModel, table=True):
@@ -104,9 +110,9 @@ class MessageRecord(SQLModel, table=True):
     channel: str = Field(max_length=16)
     template: str = Field(max_length=255)
     provider: str | None = Field(default=None, max_length=32)
-    provider_id: str | None = Field(default=None, max_length=255)
+    provider_id: str | None = Field(default=None, max_length=255, index=True)
     status: str = Field(max_length=16)
-    """``sent``, ``skipped`` or ``failed``."""
+    """``sending`` until the outcome is known, then ``sent``, ``skipped`` or ``failed``."""
     reason: str | None = Field(default=None, max_length=255)
     variant: str | None = Field(default=None, max_length=64)
     locale: str | None = Field(default=None, max_length=16)
@@ -115,4 +121,40 @@ class MessageRecord(SQLModel, table=True):
     preview: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     content: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     """The rendered message as sent (RenderedMessage.to_dict())."""
+    attempts: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """One entry per channel tried, written *before* the provider call: ``channel``, ``provider``,
+    ``state`` (``pending``, ``retry``, ``sent`` or ``failed``), ``reason``, ``provider_id``, ``at``."""
+    delivery_status: str | None = Field(default=None, max_length=32)
+    """The latest provider feedback: ``delivered``, ``bounce``, ``open``, ``click``, ..."""
     created_at: datetime = _when(nullable=False, default=utcnow)
+    updated_at: datetime | None = _when(nullable=True)
+
+
+class MessageEvent(SQLModel, table=True):
+    """Provider feedback about a message (delivered, bounce, open, click, unsubscribe, ...)."""
+
+    __tablename__ = "message_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider: str = Field(max_length=32)
+    event: str = Field(max_length=32, index=True)
+    provider_event_id: str | None = Field(default=None, max_length=255, unique=True)
+    """The provider's own id for the event (SendGrid ``sg_event_id``): repeats are ignored."""
+    idempotency_key: str | None = Field(default=None, max_length=512, index=True)
+    provider_id: str | None = Field(default=None, max_length=255, index=True)
+    user_id: str | None = Field(default=None, max_length=255, index=True)
+    at: datetime = _when(nullable=False)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    received_at: datetime = _when(nullable=False, default=utcnow)
+
+
+class ProviderToken(SQLModel, table=True):
+    """A provider access token shared by every worker (WeChat's expires every two hours)."""
+
+    __tablename__ = "provider_tokens"
+
+    name: str = Field(primary_key=True, max_length=128)
+    """e.g. ``wechat:<app id>``."""
+    token: str = Field(sa_column=Column(Text, nullable=False))
+    expires_at: datetime = _when(nullable=False)
+    updated_at: datetime = _when(nullable=False, default=utcnow)

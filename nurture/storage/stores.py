@@ -7,17 +7,18 @@ the worker's event loop never blocks on the database.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
-from channels import DeliveryResult, split_idempotency_key
+from channels import DeliveryResult, Envelope
+from channels.outbox import outbox_id
 from nurture.clock import parse_instant
+from nurture.delivery import Claim, claim_of
 from nurture.model import Profile, SendOutcome, SendRequest
 from nurture.templates import RenderedMessage
 
@@ -176,47 +177,117 @@ class DbRecorder:
 
 
 class DbOutbox:
-    """The embedded channel: every message is stored, rendered, in the ``messages`` table."""
+    """The embedded channel: it sends nothing, and the message row is the record.
+
+    :class:`DbLedger` writes every message, rendered, to the ``messages`` table before any
+    channel is called; for the outbox that row *is* the delivery.
+    """
 
     provider = "outbox"
+    idempotent = True
+
+    async def deliver(self, message: RenderedMessage, envelope: Envelope) -> DeliveryResult:
+        return DeliveryResult(provider=self.provider, provider_id=outbox_id(envelope.idempotency_key))
+
+
+class DbLedger:
+    """The engine's :class:`~nurture.delivery.SendLedger` on the ``messages`` table.
+
+    One row per (run, step), unique on the idempotency key, with one ``attempts`` entry per
+    channel tried. The row is committed before the provider is called; the row lock (PostgreSQL)
+    or the database write lock (SQLite) makes two concurrent attempts of one send see each other.
+    """
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def deliver(
-        self, message: RenderedMessage, *, address: str, idempotency_key: str
-    ) -> DeliveryResult:
-        return await asyncio.to_thread(self._deliver, message, address, idempotency_key)
+    async def claim(
+        self, request: SendRequest, channel: str, provider: str, address: str, message: RenderedMessage
+    ) -> Claim:
+        return await asyncio.to_thread(self._claim, request, channel, provider, address, message)
 
-    def _deliver(self, message: RenderedMessage, address: str, key: str) -> DeliveryResult:
-        provider_id = "outbox-" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
-        run_id, step_id = split_idempotency_key(key)
-        try:
-            with self.db.session() as session:
-                existing = session.execute(
-                    select(col(MessageRecord.id)).where(col(MessageRecord.idempotency_key) == key)
-                ).first()
-                if existing is None:
-                    session.add(
-                        MessageRecord(
-                            idempotency_key=key,
-                            run_id=run_id or key,
-                            step_id=step_id or "",
-                            channel=message.channel,
-                            template=message.template,
-                            provider=self.provider,
-                            provider_id=provider_id,
-                            status="sent",
-                            locale=message.locale,
-                            address=address,
-                            subject=message.subject,
-                            preview=message.preview(),
-                            content=message.to_dict(),
+    def _claim(
+        self, request: SendRequest, channel: str, provider: str, address: str, message: RenderedMessage
+    ) -> Claim:
+        key = request.idempotency_key
+        pending = {"channel": channel, "provider": provider, "state": "pending", "at": utcnow().isoformat()}
+        content: dict[str, Any] = {
+            "channel": channel,
+            "template": message.template,
+            "provider": provider,
+            "provider_id": None,
+            "status": "sending",
+            "locale": message.locale,
+            "address": address,
+            "subject": message.subject,
+            "preview": message.preview(),
+            "content": message.to_dict(),
+            "updated_at": utcnow(),
+        }
+        for _ in range(3):
+            try:
+                with self.db.session() as session:
+                    row = self._row(session, key)
+                    if row is None:
+                        session.add(
+                            MessageRecord.model_validate(
+                                {
+                                    "idempotency_key": key,
+                                    "run_id": request.run_id,
+                                    "user_id": request.user_id,
+                                    "journey": request.journey,
+                                    "step_id": request.step_id,
+                                    "variant": request.variant,
+                                    "attempts": [pending],
+                                    **content,
+                                }
+                            )
                         )
-                    )
-        except IntegrityError:
-            pass  # the same key was delivered concurrently: that delivery stands
-        return DeliveryResult(status="sent", provider=self.provider, provider_id=provider_id)
+                        return Claim("new")
+                    attempts = list(row.attempts)
+                    earlier = next((a for a in attempts if a.get("channel") == channel), None)
+                    if earlier is not None and earlier.get("state") != "retry":
+                        return claim_of(earlier)
+                    row.attempts = [a for a in attempts if a.get("channel") != channel] + [pending]
+                    for name, value in content.items():
+                        setattr(row, name, value)
+                    return Claim("new")
+            except IntegrityError:  # inserted concurrently: read that row instead
+                continue
+        raise RuntimeError(f"could not claim message {key}")
+
+    async def settle(
+        self,
+        request: SendRequest,
+        channel: str,
+        state: Literal["sent", "failed", "retry"],
+        *,
+        provider_id: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        await asyncio.to_thread(self._settle, request.idempotency_key, channel, state, provider_id, reason)
+
+    def _settle(
+        self, key: str, channel: str, state: str, provider_id: str | None, reason: str | None
+    ) -> None:
+        with self.db.session() as session:
+            row = self._row(session, key)
+            if row is None:
+                return
+            attempts = []
+            for attempt in row.attempts:
+                if attempt.get("channel") == channel:
+                    attempt = {**attempt, "state": state, "reason": reason, "provider_id": provider_id}
+                attempts.append(attempt)
+            row.attempts = attempts
+            if state == "sent":
+                row.status, row.provider_id, row.reason = "sent", provider_id, None
+            row.updated_at = utcnow()
+
+    def _row(self, session: Session, key: str) -> MessageRecord | None:
+        return session.execute(
+            select(MessageRecord).where(col(MessageRecord.idempotency_key) == key).with_for_update()
+        ).scalar_one_or_none()
 
 
 class Events:

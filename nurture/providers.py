@@ -1,0 +1,243 @@
+"""Which provider carries each channel: ``providers:`` in ``nurture.yaml``, secrets from the environment.
+
+``nurture.yaml`` says *what* is used (a provider per channel, the sender), never a secret::
+
+    providers:
+      email: {provider: sendgrid, from: "Nurture <hello@nurture.example>"}
+      sms: {provider: twilio, messaging_service: MG0123456789abcdef0123456789abcdef}
+      wechat: wechat
+
+A channel left out, or set to ``outbox``, records its messages in the database instead of
+sending them. :func:`required_env` lists what each configured provider needs from the
+environment; the worker refuses to start while any of it is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+if TYPE_CHECKING:
+    from channels import Channel
+    from nurture.storage.db import Database
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # `email: sendgrid` is short for `email: {provider: sendgrid}`.
+        return {"provider": data} if isinstance(data, str) else data
+
+
+class EmailProviderDoc(_Doc):
+    """How email is sent."""
+
+    provider: Literal["outbox", "sendgrid", "smtp"] = "outbox"
+    """``outbox`` (record only), ``sendgrid`` or ``smtp``."""
+    sender: str | None = Field(default=None, alias="from")
+    """The From address, ``hello@example.com`` or ``Name <hello@example.com>``."""
+    reply_to: str | None = None
+    """Optional Reply-To address."""
+
+    @model_validator(mode="after")
+    def _needs_sender(self) -> EmailProviderDoc:
+        if self.provider != "outbox" and not self.sender:
+            raise PydanticCustomError(
+                "sender", f'email via {self.provider} needs a sender: add from: "Name <you@example.com>"'
+            )
+        return self
+
+
+class SmsProviderDoc(_Doc):
+    """How SMS is sent."""
+
+    provider: Literal["outbox", "twilio"] = "outbox"
+    """``outbox`` (record only) or ``twilio``."""
+    sender: str | None = Field(default=None, alias="from")
+    """The E.164 number (or alphanumeric sender id) messages come from."""
+    messaging_service: str | None = None
+    """A Twilio Messaging Service SID (``MG...``), instead of ``from``."""
+
+    @model_validator(mode="after")
+    def _one_sender(self) -> SmsProviderDoc:
+        if self.provider == "twilio" and bool(self.sender) == bool(self.messaging_service):
+            raise PydanticCustomError(
+                "sender", 'sms via twilio needs exactly one of from: "+1..." or messaging_service: MG...'
+            )
+        return self
+
+
+class WeChatProviderDoc(_Doc):
+    """How WeChat template messages are sent."""
+
+    provider: Literal["outbox", "wechat"] = "outbox"
+    """``outbox`` (record only) or ``wechat`` (an Official Account)."""
+
+
+class ProvidersDoc(BaseModel):
+    """``providers:`` in ``nurture.yaml``: one provider per channel (default: the outbox)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    email: EmailProviderDoc = EmailProviderDoc()
+    sms: SmsProviderDoc = SmsProviderDoc()
+    wechat: WeChatProviderDoc = WeChatProviderDoc()
+
+    def configured(self) -> dict[str, str]:
+        """Channel -> provider for every channel that does not use the outbox."""
+        chosen = {"email": self.email.provider, "sms": self.sms.provider, "wechat": self.wechat.provider}
+        return {channel: provider for channel, provider in chosen.items() if provider != "outbox"}
+
+
+PROVIDER_DOCS: dict[str, type[BaseModel]] = {
+    "email": EmailProviderDoc,
+    "sms": SmsProviderDoc,
+    "wechat": WeChatProviderDoc,
+}
+
+# What each provider reads from the environment: (variable, required, what it is).
+ENV: dict[str, tuple[tuple[str, bool, str], ...]] = {
+    "sendgrid": (
+        ("SENDGRID_API_KEY", True, "SendGrid API key with Mail Send permission"),
+        ("SENDGRID_API_URL", False, "API host, for a proxy or a test server"),
+    ),
+    "smtp": (
+        ("SMTP_HOST", True, "SMTP server host"),
+        ("SMTP_PORT", False, "port (default 587)"),
+        ("SMTP_USERNAME", False, "login, with SMTP_PASSWORD"),
+        ("SMTP_PASSWORD", False, "password"),
+        ("SMTP_SECURITY", False, "starttls (default), ssl or none"),
+    ),
+    "twilio": (
+        ("TWILIO_ACCOUNT_SID", True, "account SID (AC...)"),
+        ("TWILIO_AUTH_TOKEN", True, "auth token; also checks the webhooks' signatures"),
+        ("TWILIO_API_URL", False, "API base URL, for a proxy or a test server"),
+    ),
+    "wechat": (
+        ("WECHAT_APP_ID", True, "Official Account AppID"),
+        ("WECHAT_APP_SECRET", True, "Official Account AppSecret"),
+        ("WECHAT_API_URL", False, "API base URL (default https://api.weixin.qq.com)"),
+    ),
+}
+# Marketing email carries a signed one-click unsubscribe link, so real email needs both.
+LINK_ENV = (
+    ("NURTURE_PUBLIC_URL", "public base URL of the event API (unsubscribe links, webhooks)"),
+    ("NURTURE_SECRET", "secret that signs unsubscribe links"),
+)
+
+
+def required_env(providers: ProvidersDoc, env: Mapping[str, str]) -> list[str]:
+    """One line per missing environment variable a configured provider needs (empty: all set)."""
+    missing: list[str] = []
+    for channel, provider in providers.configured().items():
+        for name, required, what in ENV[provider]:
+            if required and not env.get(name, "").strip():
+                missing.append(f"{name} ({what}): needed because nurture.yaml sends {channel} via {provider}")
+        if channel == "email":
+            for name, what in LINK_ENV:
+                if not env.get(name, "").strip():
+                    missing.append(f"{name} ({what}): needed because nurture.yaml sends email via {provider}")
+    if env.get("SMTP_USERNAME") and not env.get("SMTP_PASSWORD") and providers.email.provider == "smtp":
+        missing.append("SMTP_PASSWORD: SMTP_USERNAME is set without it")
+    return missing
+
+
+@dataclass
+class Channels:
+    """The adapter for each channel, and what to close when the worker stops."""
+
+    by_channel: dict[str, Channel]
+    closers: list[Any] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        for closer in self.closers:
+            await closer()
+
+
+def build_channels(
+    providers: ProvidersDoc, env: Mapping[str, str], *, db: Database, outbox: Channel
+) -> Channels:
+    """Adapters for ``providers`` configured from ``env``; ``outbox`` serves the other channels.
+
+    Raises :class:`ValueError` naming every missing variable (see :func:`required_env`).
+    """
+    missing = required_env(providers, env)
+    if missing:
+        raise ValueError("missing provider settings:\n  " + "\n  ".join(missing))
+    chosen: dict[str, Channel] = {"email": outbox, "sms": outbox, "wechat": outbox}
+    closers: list[Any] = []
+    public_url = env.get("NURTURE_PUBLIC_URL", "").strip().rstrip("/")
+    if providers.email.provider == "sendgrid":
+        from channels.sendgrid import SendGridEmail
+
+        chosen["email"] = SendGridEmail(
+            api_key=env["SENDGRID_API_KEY"],
+            from_email=_address(providers.email.sender),
+            from_name=_name(providers.email.sender),
+            reply_to=providers.email.reply_to,
+            host=env.get("SENDGRID_API_URL") or None,
+        )
+    elif providers.email.provider == "smtp":
+        from channels.smtp import SmtpEmail
+
+        security = env.get("SMTP_SECURITY", "starttls").strip().lower() or "starttls"
+        if security not in ("starttls", "ssl", "none"):
+            raise ValueError(f"SMTP_SECURITY must be starttls, ssl or none, got {security!r}")
+        port = env.get("SMTP_PORT", "").strip()
+        if port and not port.isdigit():
+            raise ValueError(f"SMTP_PORT must be a port number, got {port!r}")
+        chosen["email"] = SmtpEmail(
+            host=env["SMTP_HOST"],
+            port=int(port) if port else (465 if security == "ssl" else 587),
+            username=env.get("SMTP_USERNAME") or None,
+            password=env.get("SMTP_PASSWORD") or None,
+            security=security,  # type: ignore[arg-type]  # checked just above
+            from_address=providers.email.sender or "",
+            reply_to=providers.email.reply_to,
+        )
+    if providers.sms.provider == "twilio":
+        from channels.twilio import TwilioSms
+
+        chosen["sms"] = TwilioSms(
+            account_sid=env["TWILIO_ACCOUNT_SID"],
+            auth_token=env["TWILIO_AUTH_TOKEN"],
+            from_number=providers.sms.sender,
+            messaging_service_sid=providers.sms.messaging_service,
+            status_callback=f"{public_url}/webhooks/twilio/status" if public_url else None,
+            base_url=env.get("TWILIO_API_URL") or None,
+        )
+    if providers.wechat.provider == "wechat":
+        from channels.wechat import WeChatTemplate
+        from nurture.storage.tokens import DbTokens
+
+        wechat = WeChatTemplate(
+            app_id=env["WECHAT_APP_ID"],
+            app_secret=env["WECHAT_APP_SECRET"],
+            tokens=DbTokens(db),
+            base_url=env.get("WECHAT_API_URL") or "https://api.weixin.qq.com",
+        )
+        chosen["wechat"] = wechat
+        closers.append(wechat.aclose)
+    return Channels(chosen, closers)
+
+
+def _address(sender: str | None) -> str:
+    """``hello@x`` from ``Name <hello@x>``."""
+    text = (sender or "").strip()
+    if text.endswith(">") and "<" in text:
+        return text[text.rindex("<") + 1 : -1].strip()
+    return text
+
+
+def _name(sender: str | None) -> str | None:
+    text = (sender or "").strip()
+    if text.endswith(">") and "<" in text:
+        return text[: text.rindex("<")].strip().strip('"') or None
+    return None
