@@ -54,6 +54,8 @@ from .observability import configure_logging
 from .settings import Settings
 from .storage.db import Database
 from .storage.models import MessageRecord, ProfileRecord, RunRecord
+from .webhooks import BODY_LIMITS as WEBHOOK_LIMITS
+from .webhooks import webhook_router
 
 log = logging.getLogger("nurture.api")
 
@@ -920,11 +922,13 @@ def create_app(
     app.state.nurture = service
     app.include_router(v1)
     app.include_router(meta)
+    app.include_router(webhook_router(settings, db))
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_middleware(
-        BodyLimit, limits={"/v1/track": CALL_LIMIT, "/v1/identify": CALL_LIMIT, "/v1/batch": BATCH_LIMIT}
+        BodyLimit,
+        limits={"/v1/track": CALL_LIMIT, "/v1/identify": CALL_LIMIT, "/v1/batch": BATCH_LIMIT, **WEBHOOK_LIMITS},
     )
     log.info("event API for %d journeys: %s", len(project.journeys), ", ".join(sorted(project.journeys)))
     return app

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from temporalio.client import Client, TLSConfig
 from temporalio.runtime import Runtime
 
+from .links import UnsubscribeLinks
 from .storage.db import database_url
+
+MIN_SECRET = 16
+"""Characters ``NURTURE_SECRET`` needs at least: a short secret makes links guessable."""
 
 
 class SettingsError(SystemExit):
@@ -51,6 +55,14 @@ class Settings:
     """``NURTURE_WRITE_KEYS``: comma-separated keys accepted by the event API."""
     metrics_port: int | None = None
     """``NURTURE_METRICS_PORT``: where the worker serves Prometheus metrics (unset: off)."""
+    public_url: str = ""
+    """``NURTURE_PUBLIC_URL``: the API's address as the outside world sees it (no trailing slash)."""
+    secret: str = field(default="", repr=False)
+    """``NURTURE_SECRET``: signs unsubscribe links (at least 16 characters)."""
+    twilio_auth_token: str = field(default="", repr=False)
+    """``TWILIO_AUTH_TOKEN``: checks the signature of Twilio's webhooks."""
+    sendgrid_webhook_public_key: str = field(default="", repr=False)
+    """``SENDGRID_WEBHOOK_PUBLIC_KEY``: checks the signature of SendGrid's Event Webhook."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -66,6 +78,15 @@ class Settings:
         if metrics and not metrics.isdigit():
             raise SettingsError(f"NURTURE_METRICS_PORT must be a port number, got {metrics!r}")
         home = Path(env.get("NURTURE_HOME", ".nurture"))
+        public_url = env.get("NURTURE_PUBLIC_URL", "").strip().rstrip("/")
+        if public_url and not public_url.startswith(("https://", "http://")):
+            raise SettingsError(f"NURTURE_PUBLIC_URL must start with https:// (or http://), got {public_url!r}")
+        secret = env.get("NURTURE_SECRET", "").strip()
+        if secret and len(secret) < MIN_SECRET:
+            raise SettingsError(
+                f"NURTURE_SECRET must be at least {MIN_SECRET} characters "
+                "(e.g. $(python -c 'import secrets; print(secrets.token_urlsafe(32))'))"
+            )
         return cls(
             temporal_address=env.get("TEMPORAL_ADDRESS", cls.temporal_address),
             namespace=env.get("TEMPORAL_NAMESPACE", cls.namespace),
@@ -80,6 +101,10 @@ class Settings:
             templates=Path(env.get("NURTURE_TEMPLATES", "templates")),
             write_keys=tuple(k.strip() for k in env.get("NURTURE_WRITE_KEYS", "").split(",") if k.strip()),
             metrics_port=int(metrics) if metrics else None,
+            public_url=public_url,
+            secret=secret,
+            twilio_auth_token=env.get("TWILIO_AUTH_TOKEN", "").strip(),
+            sendgrid_webhook_public_key=env.get("SENDGRID_WEBHOOK_PUBLIC_KEY", "").strip(),
         )
 
     def require_write_keys(self) -> tuple[str, ...]:
@@ -90,6 +115,12 @@ class Settings:
                 "(e.g. NURTURE_WRITE_KEYS=$(python -c 'import secrets; print(secrets.token_urlsafe(24))'))"
             )
         return self.write_keys
+
+    def unsubscribe_links(self) -> UnsubscribeLinks | None:
+        """Signed unsubscribe links, when ``NURTURE_SECRET`` and ``NURTURE_PUBLIC_URL`` are both set."""
+        if not self.secret or not self.public_url:
+            return None
+        return UnsubscribeLinks(secret=self.secret, public_url=self.public_url)
 
     def tls_config(self) -> TLSConfig | bool:
         if not self.tls:
