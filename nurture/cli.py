@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import cli_events, cli_service
+from . import cli_events, cli_preview, cli_service
 from .compiler import Project, compile_project
 from .diagnostics import CompileError, format_all
 from .graph import mermaid
@@ -224,7 +224,14 @@ def demo(journeys_dir: Path, templates_dir: Path, config: Path | None, scenario:
     click.echo(asyncio.run(_timeline(scenario, project)), nl=False)
 
 
-for command in (cli_events.track, cli_events.identify, cli_service.up, cli_service.worker, cli_service.outbox):
+for command in (
+    cli_events.track,
+    cli_events.identify,
+    cli_service.up,
+    cli_service.worker,
+    cli_service.outbox,
+    cli_preview.preview,
+):
     main.add_command(command)
 
 

@@ -43,6 +43,7 @@ from .language import (
     allowed_keys,
     step_kind,
 )
+from .providers import PROVIDER_DOCS, ProvidersDoc
 from .source import Path as KeyPath
 from .source import SourceError, SourceMap, load_yaml
 from .templates import TemplateStore
@@ -57,6 +58,10 @@ class Settings:
     timezone: str = "UTC"
     quiet_hours: ir.QuietHours | None = None
     source: str | None = None
+    sms_max_segments: int = 3
+    """Warn when an SMS template needs more segments than this, whatever the data."""
+    providers: ProvidersDoc = field(default_factory=ProvidersDoc)
+    """Which provider carries each channel (default: the outbox for all)."""
 
 
 @dataclass
@@ -140,6 +145,8 @@ def load_settings(path: Path, sink: DiagnosticSink) -> Settings:
         timezone=doc.timezone,
         quiet_hours=_quiet(doc.quiet_hours),
         source=str(path),
+        sms_max_segments=doc.sms_max_segments,
+        providers=doc.providers,
     )
 
 
@@ -198,7 +205,7 @@ def _compile_text(
         doc = JourneyDoc.model_validate(data)
     except ValidationError as exc:
         sink.extend(_validation_diagnostics(exc, data, smap))
-    _check_raw(data, smap, path, templates, sink, checked_templates)
+    _check_raw(data, smap, path, templates, sink, checked_templates, settings.sms_max_segments)
     if doc is None or len(sink.errors) > before:
         return None
     return build_journey(doc, settings, path)
@@ -256,6 +263,7 @@ def _check_raw(
     templates: TemplateStore,
     sink: DiagnosticSink,
     checked_templates: set[tuple[str, str]] | None,
+    sms_max_segments: int | None = None,
 ) -> None:
     journey_id = data.get("journey")
     stem = Path(path).stem
@@ -282,7 +290,7 @@ def _check_raw(
             else:
                 seen_ids[step_id] = step_path
         if step_kind(step) == "send":
-            _check_send(step, step_path, smap, templates, sink, checked_templates)
+            _check_send(step, step_path, smap, templates, sink, checked_templates, sms_max_segments)
         if step_kind(step) == "split":
             variants = step.get("variants")
             if isinstance(variants, dict) and variants:
@@ -317,6 +325,7 @@ def _check_send(
     templates: TemplateStore,
     sink: DiagnosticSink,
     checked_templates: set[tuple[str, str]] | None,
+    sms_max_segments: int | None = None,
 ) -> None:
     name = step.get("template")
     primary = step.get("send")
@@ -346,7 +355,7 @@ def _check_send(
             if (channel, name) in checked_templates:
                 continue
             checked_templates.add((channel, name))
-        sink.extend(templates.check(channel, name))
+        sink.extend(templates.check(channel, name, sms_max_segments=sms_max_segments))
 
 
 # --- pydantic errors as marketer-facing diagnostics --------------------------------------------
@@ -383,6 +392,7 @@ _MODEL_AT = {
     "trigger": EventRuleDoc,
     "goal": GoalDoc,
     "quiet_hours": QuietHoursDoc,
+    "providers": ProvidersDoc,
 }
 
 
@@ -396,6 +406,8 @@ def _keys_for(path: KeyPath, value: Any) -> tuple[str, ...]:
         model = JourneyDoc if "journey" in (value or {}) or "steps" in (value or {}) else ProjectDoc
     elif path[-1] in _MODEL_AT:
         model = _MODEL_AT[str(path[-1])]
+    elif len(path) == 2 and path[0] == "providers" and path[1] in PROVIDER_DOCS:
+        model = PROVIDER_DOCS[str(path[1])]
     elif len(path) >= 2 and path[-2] == "exit_on":
         model = EventRuleDoc
     elif len(path) >= 2 and path[-2] == "variants":

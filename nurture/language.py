@@ -27,6 +27,7 @@ from .diagnostics import did_you_mean
 from .durations import DurationError, parse_duration
 from .expressions import ExpressionError, compile_expression, compile_value
 from .model import CHANNELS
+from .providers import ProvidersDoc
 
 IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
 STEP_KINDS = ("wait", "wait_until", "send", "wait_for", "branch", "split", "update", "exit")
@@ -278,6 +279,9 @@ class ProjectDoc(Doc):
 
     timezone: TimezoneName = "UTC"
     quiet_hours: QuietHoursDoc | None = None
+    sms_max_segments: int = Field(3, ge=1)
+    """Warn at compile time when an SMS template needs more segments than this, whatever the data."""
+    providers: ProvidersDoc = ProvidersDoc()
 
 
 for _model in (WaitForDoc, ArmDoc, ElseArmDoc, VariantDoc, JourneyDoc):

@@ -38,6 +38,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nurture.diagnostics import Diagnostic, did_you_mean
+from nurture.sms import minimum_text, non_gsm7, sms_info
 
 CHANNELS: dict[str, tuple[str, str]] = {
     "email": ("email", ".mjml"),
@@ -46,7 +47,7 @@ CHANNELS: dict[str, tuple[str, str]] = {
 }
 """Channel -> (subdirectory of the store, file suffix)."""
 
-TEMPLATE_NAMES = ("user", "event", "last_event", "journey")
+TEMPLATE_NAMES = ("user", "event", "last_event", "journey", "unsubscribe_url")
 """The only top-level names a template may use."""
 
 MJML_TAGS = frozenset(
@@ -385,8 +386,12 @@ class TemplateStore:
             digest.update(b"\0")
         return digest.hexdigest()
 
-    def check(self, channel: str, name: str) -> list[Diagnostic]:
-        """Every problem in the base file and each locale variant."""
+    def check(self, channel: str, name: str, *, sms_max_segments: int | None = None) -> list[Diagnostic]:
+        """Every problem in the base file and each locale variant.
+
+        With ``sms_max_segments``, an SMS file that needs more segments than that whatever the
+        data (see :func:`nurture.sms.minimum_text`) gets a warning.
+        """
         if not _valid_name(name):
             return [Diagnostic(str(self.path(channel, name)), 0, 0, _INVALID_NAME.format(name))]
         paths = [self.path(channel, name)]
@@ -396,8 +401,11 @@ class TemplateStore:
             file = self._file(path)
             if isinstance(file, Diagnostic):
                 found.append(file)
-            else:
-                found.extend(self._check_file(channel, file))
+                continue
+            problems = self._check_file(channel, file)
+            found.extend(problems)
+            if channel == "sms" and sms_max_segments is not None and not problems:
+                found.extend(_check_segments(file, sms_max_segments))
         return found
 
     def render(
@@ -596,6 +604,25 @@ class TemplateStore:
         return compiled
 
 
+def _check_segments(file: _File, limit: int) -> list[Diagnostic]:
+    """A warning when the SMS text needs more than ``limit`` segments even with empty data."""
+    shortest = minimum_text(_TEXT_ENV.parse(file.text))
+    least = sms_info(shortest)
+    if least.segments <= limit:
+        return []
+    message = (
+        f"at least {least.segments} SMS segments ({least.encoding}, {least.characters} characters); "
+        f"the project allows {limit} (sms_max_segments in nurture.yaml)"
+    )
+    if least.encoding == "UCS-2":
+        forcing = non_gsm7(shortest)
+        if sum(shortest.count(char) for char in forcing) <= 3:
+            # A stray curly quote or dash makes a Latin text UCS-2, which holds less than half.
+            listed = ", ".join(repr(char) for char in forcing)
+            message += f"; only {listed} keep{'s' if len(forcing) == 1 else ''} it from GSM-7"
+    return [Diagnostic(file.label, 1, 1, message, severity="warning")]
+
+
 def _render_email(compiled: _Email, values: dict[str, Any], name: str, locale: str | None) -> RenderedMessage:
     subject = " ".join(_render(compiled.subject, values).split())
     preheader = None
@@ -718,7 +745,7 @@ class _Checker:
         for name in sorted(meta.find_undeclared_variables(ast) - _ALLOWED_NAMES):
             hint = did_you_mean(name, TEMPLATE_NAMES)
             if not hint:
-                hint = ": templates can use only user, event, last_event and journey"
+                hint = ": templates can use only user, event, last_event, journey and unsubscribe_url"
             self.add_at(span[0] + _find_name(region, name), f"unknown name '{name}'{hint}")
         loaders = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
         for node in ast.find_all(loaders):

@@ -467,7 +467,7 @@ CHECK_CASES: list[tuple[str, str, str, list[tuple[int, int, str]]]] = [
             (
                 8,
                 13,
-                "unknown name 'profile': templates can use only user, event, last_event and journey",
+                "unknown name 'profile': templates can use only user, event, last_event, journey and unsubscribe_url",
             )
         ],
     ),
