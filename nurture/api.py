@@ -895,7 +895,7 @@ def create_app(
     """
     keys = settings.require_write_keys()
     if project is None:
-        project = load_project(settings.journeys, settings.templates)
+        project = load_project(settings.journeys, settings.templates, settings.config)
     owns_db = db is None
     if db is None:
         db = Database(settings.database)

@@ -101,6 +101,8 @@ def compile_project(
 ) -> CompileResult:
     """Compile every ``*.yaml`` directly in ``journeys_dir`` against ``templates_dir``."""
     sink = DiagnosticSink()
+    if config is not None and not config.is_file():
+        sink.add(Diagnostic(str(config), 0, 0, "project file not found (check --config or NURTURE_CONFIG)"))
     config = config if config is not None else journeys_dir.parent / "nurture.yaml"
     settings = load_settings(config, sink)
     templates = TemplateStore(templates_dir)

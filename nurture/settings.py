@@ -51,6 +51,8 @@ class Settings:
     """``NURTURE_JOURNEYS``: directory of journey files."""
     templates: Path = Path("templates")
     """``NURTURE_TEMPLATES``: directory of templates."""
+    config: Path | None = None
+    """``NURTURE_CONFIG``: the project file (default: ``nurture.yaml`` beside the journeys directory)."""
     write_keys: tuple[str, ...] = ()
     """``NURTURE_WRITE_KEYS``: comma-separated keys accepted by the event API."""
     metrics_port: int | None = None
@@ -99,6 +101,7 @@ class Settings:
             database=database_url(env, home),
             journeys=Path(env.get("NURTURE_JOURNEYS", "journeys")),
             templates=Path(env.get("NURTURE_TEMPLATES", "templates")),
+            config=path("NURTURE_CONFIG"),
             write_keys=tuple(k.strip() for k in env.get("NURTURE_WRITE_KEYS", "").split(",") if k.strip()),
             metrics_port=int(metrics) if metrics else None,
             public_url=public_url,

@@ -234,20 +234,23 @@ def _finalize(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _environment(*, autoescape: bool) -> _Sandbox:
+def _environment(*, autoescape: bool, trim: bool) -> _Sandbox:
     env = _Sandbox(
         undefined=ChainableUndefined,
         autoescape=autoescape,
         finalize=_finalize,
-        trim_blocks=not autoescape,
-        lstrip_blocks=not autoescape,
+        trim_blocks=trim,
+        lstrip_blocks=trim,
     )
     env.filters["default"] = env.filters["d"] = _default
     return env
 
 
-_TEXT_ENV = _environment(autoescape=False)
-_HTML_ENV = _environment(autoescape=True)
+_TEXT_ENV = _environment(autoescape=False, trim=True)
+_HTML_ENV = _environment(autoescape=True, trim=False)
+# An email's text alternative comes from its HTML, where a newline after `{% endif %}` separates
+# words as it does in the HTML: it must not be trimmed there.
+_TEXT_ALT_ENV = _environment(autoescape=False, trim=False)
 _ALLOWED_NAMES = frozenset(TEMPLATE_NAMES) | frozenset(_HTML_ENV.globals)
 
 
@@ -1145,6 +1148,6 @@ def _text_template(text: str) -> jinja2.Template | None:
     """The text alternative as a template; None when its Jinja does not parse (a block that
     starts in text and ends in markup the text leaves out), and each render derives the text."""
     try:
-        return _template(_TEXT_ENV, text)
+        return _template(_TEXT_ALT_ENV, text)
     except jinja2.TemplateSyntaxError:
         return None

@@ -206,7 +206,7 @@ class _Inbox:
     def __init__(self) -> None:
         self.messages: list[bytes] = []
 
-    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
         self.messages.append(envelope.content)  # type: ignore[attr-defined]
         return "250 OK"
 

@@ -874,3 +874,15 @@ def test_jinja_in_a_dropped_comment_is_not_an_error(root: Path, store: TemplateS
     write(root, "email/t.mjml", email("<mj-text>x</mj-text>", head=head))
 
     assert store.check("email", "t") == []
+
+
+def test_text_alternative_keeps_the_break_after_a_block_tag() -> None:
+    store = TemplateStore(Path(__file__).resolve().parents[1] / "templates")
+    context = {
+        "user": {"first_name": "Li", "id": "u1"},
+        "event": {"properties": {"top_item": "Python", "item_count": 2, "cart_total": 99, "currency": "USD"}},
+        "last_event": {},
+        "journey": {},
+    }
+    message = store.render("email", "cart_reminder", context)
+    assert "waiting for you.\nCart total: USD 99." in (message.text or "")

@@ -162,7 +162,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         started.append(process)
         return process
 
-    yield {"up": up, "home": home, "ports": ports, "api": f"http://127.0.0.1:{ports['api']}"}
+    yield {"up": up, "home": home, "ports": ports, "api": f"http://127.0.0.1:{ports['api']}", "args": args}
     for process in started:
         process.kill()
 
@@ -366,3 +366,39 @@ def test_up_refuses_journeys_that_do_not_compile(stack: dict[str, Any], tmp_path
     assert "broken.yaml:4:" in tail(process.log)
     assert not listening(stack["ports"]["temporal"])  # refused before starting anything
     assert not stack["home"].exists()
+
+
+def test_a_new_user_tries_real_providers_against_the_mocks(stack: dict[str, Any], tmp_path: Path) -> None:
+    """README: start the mock providers, source their environment, run ``nurture up``, paste the
+    curl: the welcome email goes out through the real SendGrid SDK and reaches the mock."""
+    env_file = tmp_path / "mocks.env"
+    with (tmp_path / "mocks.out").open("w") as out:
+        mocks = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "provider_mocks.py"), "--env-file", str(env_file),
+             "--public-url", stack["api"]],
+            env=clean_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    try:
+        wait_until(env_file.exists, 60, "the mocks' environment file", tmp_path / "mocks.out")
+        env = clean_env()
+        env.update(line.split("=", 1) for line in env_file.read_text().splitlines() if line)
+        up = Up(stack["args"], env, tmp_path / "up.log")
+        try:
+            banner = up.banner()
+            curl = subprocess.run(["sh", "-c", curl_command(banner)], capture_output=True, text=True, timeout=60)
+            assert curl.returncode == 0, curl.stderr
+            wait_until(
+                lambda: "sendgrid  a***@example.com  Welcome to Nurture Academy, Ada!"
+                in (tmp_path / "mocks.out").read_text(),
+                60,
+                "the welcome email at the SendGrid mock",
+                tmp_path / "up.log",
+            )
+            assert "REJECTED" not in (tmp_path / "mocks.out").read_text()
+            assert "ada@example.com" not in (tmp_path / "mocks.out").read_text()
+            assert up.stop(signal.SIGINT) == 0
+        finally:
+            up.kill()
+    finally:
+        mocks.send_signal(signal.SIGTERM)
+        mocks.wait(timeout=30)

@@ -147,6 +147,33 @@ def test_start_up_failures_exit_1_naming_the_cause(tmp_path: Path, taken: str | 
     assert errors[0]["message"].startswith(expected)
 
 
+def test_a_configured_provider_without_its_secrets_stops_the_worker(tmp_path: Path) -> None:
+    config = tmp_path / "providers.yaml"
+    config.write_text(
+        'providers:\n  email: {provider: sendgrid, from: "Nurture <hello@example.com>"}\n'
+        '  sms: {provider: twilio, messaging_service: MG0123}\n',
+        encoding="utf-8",
+    )
+    env = worker_env(
+        tmp_path, project_dir(tmp_path), f"127.0.0.1:{free_port()}", NURTURE_CONFIG=str(config)
+    )
+    env["TWILIO_ACCOUNT_SID"] = "AC" + "0" * 32  # one of Twilio's two is there
+    env.pop("TWILIO_AUTH_TOKEN", None)
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "worker.py")], env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == 1
+    [error] = [json.loads(line) for line in done.stderr.splitlines() if '"ERROR"' in line]
+    message = error["message"]
+    assert message.startswith("not starting: missing provider settings:")
+    for variable in ("SENDGRID_API_KEY", "NURTURE_PUBLIC_URL", "NURTURE_SECRET", "TWILIO_AUTH_TOKEN"):
+        assert f"{variable} (" in message
+    assert "TWILIO_ACCOUNT_SID" not in message
+    assert "cannot connect" not in done.stderr  # refused before trying Temporal
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [

@@ -62,17 +62,18 @@ class WeChatServer:
         *,
         app_id: str = "wx-test-app",
         app_secret: str = "test-secret",
-        openids: Iterable[str] = ("o-alice", "o-bob"),
+        openids: Iterable[str] | None = ("o-alice", "o-bob"),
         non_followers: Iterable[str] = (),
         templates: Iterable[str] | None = None,
         token_lifetime: int = 7200,
         hang: float = 2.0,
     ) -> None:
-        """``templates``: the template ids that exist (``None``: any); ``hang``: how long a
+        """``openids``: the followers (``None``: any openid follows); ``templates``: the template
+        ids that exist (``None``: any); ``hang``: how long a
         ``timeout`` fault keeps the client waiting."""
         self.app_id = app_id
         self.app_secret = app_secret
-        self.openids = set(openids)
+        self.openids = None if openids is None else set(openids)
         self.non_followers = set(non_followers)
         self.templates = None if templates is None else set(templates)
         self.token_lifetime = token_lifetime
@@ -211,10 +212,10 @@ class WeChatServer:
         if self.templates is not None and body["template_id"] not in self.templates:
             return {"errcode": 40037, "errmsg": "invalid template_id"}
         openid = body["touser"]
-        if openid not in self.openids and openid not in self.non_followers:
-            return {"errcode": 40003, "errmsg": "invalid openid"}
         if openid in self.non_followers:
             return {"errcode": 43004, "errmsg": "require subscribe"}
+        if self.openids is not None and openid not in self.openids:
+            return {"errcode": 40003, "errmsg": "invalid openid"}
         with self._lock:
             key = body.get("client_msg_id")
             if key is not None and (openid, key) in self._state.by_client_msg_id:
