@@ -40,7 +40,7 @@ from nurture.compiler import Project, compile_project
 from nurture.delivery import Deliverer, UnsubscribeUrl, for_every_channel
 from nurture.diagnostics import CompileError
 from nurture.observability import JOURNEYS, ActivityMetrics, InstrumentedRecorder, configure_logging
-from nurture.providers import Channels, build_channels
+from nurture.providers import Channels, advisories, build_channels
 from nurture.settings import Settings, SettingsError
 from nurture.storage.db import Database
 from nurture.storage.stores import DbLedger, DbOutbox, DbProfiles, DbRecorder
@@ -159,6 +159,8 @@ def provider_channels(project: Project, db: Database, env: Mapping[str, str] | N
         raise StartupError(str(exc)) from None
     for channel, adapter in channels.by_channel.items():
         log.info("%s via %s", channel, adapter.provider, extra={"channel": channel, "provider": adapter.provider})
+    for note in advisories(project.settings.providers, env):
+        log.warning("%s", note)
     return channels
 
 

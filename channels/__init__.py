@@ -11,13 +11,17 @@ accepted the message, or raises:
   connections, 429, 5xx, bad credentials an operator can fix). The send activity fails and
   Temporal retries it with backoff: an outage delays messages, it never drops them.
 
-Adapters do not de-duplicate: :class:`nurture.delivery.Deliverer` writes the message row with its
-unique idempotency key before it calls an adapter, so a retried activity never calls twice for a
-message the provider accepted.
+:class:`nurture.delivery.Deliverer` writes the message row with its unique idempotency key before
+it calls an adapter, so a retried activity never calls twice for a message the provider accepted.
+When a call fails after the request reached the provider (``TransientError(maybe_sent=True)``) or
+the process died during it, the provider may have the message: an adapter that can look it up
+(:class:`Reconciling`) is asked before sending again; otherwise the send is recorded
+``failed:unknown_outcome`` rather than risk a second copy.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -30,9 +34,12 @@ __all__ = [
     "DeliveryResult",
     "Envelope",
     "PermanentError",
+    "Reconciling",
     "TransientError",
     "idempotency_key",
     "mask_address",
+    "mask_in_text",
+    "mask_user_id",
     "split_idempotency_key",
 ]
 
@@ -89,10 +96,15 @@ class PermanentError(DeliveryError):
 class TransientError(DeliveryError):
     """May work later: the send is retried by Temporal with backoff."""
 
-    def __init__(self, reason: str, detail: str = "", *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, detail: str = "", *, retry_after: float | None = None, maybe_sent: bool = False
+    ) -> None:
         super().__init__(reason, detail)
         self.retry_after = retry_after
         """Seconds the provider asked us to wait (``Retry-After``), if it said."""
+        self.maybe_sent = maybe_sent
+        """The request had reached the provider when it failed (a read timeout, a connection
+        dropped before the answer): the provider may have accepted the message."""
 
 
 @runtime_checkable
@@ -102,6 +114,15 @@ class Channel(Protocol):
     provider: str
 
     async def deliver(self, message: RenderedMessage, envelope: Envelope) -> DeliveryResult: ...
+
+
+@runtime_checkable
+class Reconciling(Protocol):
+    """An adapter that can ask its provider whether it already has a message."""
+
+    async def find(self, message: RenderedMessage, envelope: Envelope) -> DeliveryResult | None:
+        """The provider's record of this message if it accepted it, else ``None``."""
+        ...
 
 
 def mask_address(address: str) -> str:
@@ -121,3 +142,36 @@ def mask_address(address: str) -> str:
     if len(address) <= 6:
         return "***"
     return f"{address[:3]}***{address[-3:]}"
+
+
+# An email address: no whitespace, brackets, quotes or list separators, and a domain ending in a
+# top-level label of letters (any script: SMTPUTF8 addresses end in e.g. ``.中国``).
+_EMAIL = re.compile(r"[^\s<>\"'(),;:\[\]]+@[^\s<>\"'(),;:\[\]@]+\.[^\W\d_]{2,}")
+# A phone number: seven or more digits, optionally after a "+", with at most two of " ()-" between
+# them. It must stand alone (not inside an id such as a Twilio SID or a hash) and must not be an
+# ISO date; dots are not separators so IP addresses and version numbers stay readable.
+_PHONE = re.compile(r"(?<![\w.+-])(?!\d{4}-\d\d-\d\d(?!\d))\+?\(?\d(?:[ ()-]{0,2}\d){6,}(?!\w)")
+
+
+def mask_user_id(user_id: str) -> str:
+    """A user id fit for logs: ids that are email addresses or phone numbers are masked."""
+    digits = user_id.lstrip("+")
+    if "@" in user_id or (digits.isdigit() and len(digits) >= 7):
+        return mask_address(user_id)
+    return user_id
+
+
+def mask_in_text(text: str, *addresses: str) -> str:
+    """``text`` fit for logs and stored error details: each of ``addresses`` (any kind, e.g. an
+    openid, matched regardless of case) and anything shaped like an email address or a phone
+    number is replaced by its :func:`mask_address` form.
+
+    Providers quote recipients in their error messages, sometimes re-formatted or re-cased, so
+    the known addresses alone are not enough; the patterns alone would miss ids such as openids.
+    """
+    known = sorted({a.strip() for a in addresses if a and a.strip()}, key=len, reverse=True)
+    if known:  # longest first, so an address containing another is masked whole
+        pattern = re.compile("|".join(map(re.escape, known)), re.IGNORECASE)
+        text = pattern.sub(lambda match: mask_address(match.group()), text)
+    text = _EMAIL.sub(lambda match: mask_address(match.group()), text)
+    return _PHONE.sub(lambda match: mask_address(re.sub(r"[^\d+]", "", match.group())), text)

@@ -6,7 +6,10 @@ unsubscribe link gets RFC 8058 one-click ``List-Unsubscribe`` headers.
 
 SendGrid's documented answers (https://www.twilio.com/docs/sendgrid/api-reference/mail-send)
 sort into permanent refusals of this mail (400, 413) and transient failures (401/403 credentials
-an operator fixes, 429, 5xx, network trouble): see :func:`classify`.
+and 404/405 a wrong API URL, which an operator fixes; 429, 5xx, network trouble): see
+:func:`classify`. A failure after the request was written (a read timeout, the connection dropped
+before the answer) says ``maybe_sent``: SendGrid may have queued the mail, and it offers no
+lookup by our key, so the send is recorded as an unknown outcome rather than repeated.
 """
 
 from __future__ import annotations
@@ -15,13 +18,9 @@ import asyncio
 import http.client
 import json
 import logging
-import re
+import math
 import time
 import urllib.error
-from collections.abc import Mapping
-from datetime import UTC, datetime
-from email.message import Message
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from python_http_client.exceptions import HTTPError
@@ -45,6 +44,15 @@ from channels import (
     PermanentError,
     TransientError,
     mask_address,
+    mask_in_text,
+)
+from channels._common import (
+    Headers,
+    header,
+    log_failure,
+    request_written,
+    retry_after,
+    transport_failure,
 )
 from nurture.templates import RenderedMessage
 
@@ -61,29 +69,33 @@ _http_log = logging.getLogger("python_http_client.client")
 if _http_log.level == logging.NOTSET:
     _http_log.setLevel(logging.INFO)
 
-_EMAIL = re.compile(r"[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+\.[A-Za-z]{2,}")
-
-Headers = Mapping[str, str] | Message
-"""Response headers: a mapping, or the ``http.client`` message urllib returns."""
+# urllib wraps a failure to connect or to write the request in URLError (nothing reached
+# SendGrid); a timeout raised bare came while waiting for the answer (the request was written).
+_UNSENT = (urllib.error.URLError,)
+_WRITTEN = (TimeoutError,)
 
 
 def classify(status: int, body: bytes | str, headers: Headers | None = None) -> DeliveryError:
     """The error to raise for a SendGrid error answer: HTTP ``status``, its body and headers.
 
     400 is a permanent ``bad_request`` (detail: SendGrid's first error and its field), 413 a
-    permanent ``too_large``; 401/403 are transient ``auth``, 429 transient ``rate_limited`` (with
+    permanent ``too_large``; 401/403 are transient ``auth``, 404/405 transient ``endpoint`` (the
+    configured API URL is wrong: the mail waits for the fix), 429 transient ``rate_limited`` (with
     ``Retry-After`` or ``X-RateLimit-Reset``), 5xx transient ``provider_error``; any other 4xx is
     a permanent ``rejected`` naming the status.
     """
-    detail = _safe(_first_error(body) or f"HTTP {status}")
+    # SendGrid quotes addresses in its errors; details end up in logs and the message table.
+    detail = mask_in_text(_first_error(body) or f"HTTP {status}")
     if status == 400:
         return PermanentError("bad_request", detail)
     if status == 413:
         return PermanentError("too_large", detail)
     if status in (401, 403):
         return TransientError("auth", detail)
+    if status in (404, 405):
+        return TransientError("endpoint", f"HTTP {status}: {detail}")
     if status == 429:
-        return TransientError("rate_limited", detail, retry_after=_retry_after(headers))
+        return TransientError("rate_limited", detail, retry_after=_rate_limit_wait(headers))
     if status >= 500:
         return TransientError("provider_error", detail)
     if 400 <= status < 500:
@@ -166,35 +178,16 @@ class SendGridEmail:
         try:
             response = self._client.client.mail.send.post(request_body=body, timeout=self.timeout)
         except HTTPError as error:
-            failure = classify(int(error.status_code), error.body or b"", error.headers)
-            self._log_failure(failure, envelope)
+            failure: DeliveryError = classify(int(error.status_code), error.body or b"", error.headers)
+            log_failure(log, PROVIDER, failure, envelope)
             raise failure from None
-        except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError) as error:
-            failure = _network_error(error, self.timeout)
-            self._log_failure(failure, envelope)
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+            sent = request_written(error, unsent=_UNSENT, written=_WRITTEN)
+            failure = transport_failure(error, peer="SendGrid", timeout=self.timeout, sent=sent)
+            log_failure(log, PROVIDER, failure, envelope)
             raise failure from error
         message_id = response.headers.get("X-Message-Id")
         return str(message_id) if message_id else None
-
-    @staticmethod
-    def _log_failure(failure: DeliveryError, envelope: Envelope) -> None:
-        level = logging.WARNING if isinstance(failure, TransientError) else logging.INFO
-        log.log(
-            level,
-            "sendgrid did not take %s for %s: %s",
-            envelope.idempotency_key,
-            mask_address(envelope.address),
-            failure,
-        )
-
-
-def _network_error(error: BaseException, timeout: float) -> TransientError:
-    """``timeout`` or ``connection``: urllib raises timeouts bare while reading, wrapped in
-    ``URLError`` while connecting."""
-    reason = error.reason if isinstance(error, urllib.error.URLError) else error
-    if isinstance(reason, TimeoutError):
-        return TransientError("timeout", f"no answer from SendGrid within {timeout}s")
-    return TransientError("connection", f"{type(reason).__name__}: {reason}")
 
 
 def _first_error(body: bytes | str) -> str | None:
@@ -215,40 +208,14 @@ def _first_error(body: bytes | str) -> str | None:
     return message or None
 
 
-def _header(headers: Headers | None, name: str) -> str | None:
-    if headers is None:
-        return None
-    if isinstance(headers, Message):
-        value = headers.get(name)
-        return str(value) if value is not None else None
-    lowered = name.lower()
-    return next((value for key, value in headers.items() if key.lower() == lowered), None)
-
-
-def _retry_after(headers: Headers | None) -> float | None:
+def _rate_limit_wait(headers: Headers | None) -> float | None:
     """Seconds to wait: ``Retry-After`` (seconds or an HTTP date), else ``X-RateLimit-Reset``
-    (the Unix time the limit resets), else ``None``."""
-    value = (_header(headers, "Retry-After") or "").strip()
-    if value:
-        try:
-            return max(float(value), 0.0)
-        except ValueError:
-            pass
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            when = None
-        if when is not None:
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=UTC)
-            return max((when - datetime.now(UTC)).total_seconds(), 0.0)
-    reset = (_header(headers, "X-RateLimit-Reset") or "").strip()
+    (the Unix time SendGrid's limit resets), else ``None``."""
+    wait = retry_after(headers)
+    if wait is not None:
+        return wait
     try:
-        return max(float(reset) - time.time(), 0.0) if reset else None
+        reset = float((header(headers, "X-RateLimit-Reset") or "").strip())
     except ValueError:
         return None
-
-
-def _safe(text: str) -> str:
-    """``text`` with email addresses masked, fit for logs and the message table."""
-    return _EMAIL.sub(lambda match: mask_address(match.group()), text)
+    return max(reset - time.time(), 0.0) if math.isfinite(reset) else None

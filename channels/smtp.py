@@ -7,9 +7,11 @@ idempotency key, so every retry of a send carries the same id and receivers or b
 can tie them together; marketing email carries RFC 8058 one-click unsubscribe headers.
 
 SMTP replies are mapped by their class: a 5xx refusal of the recipient or of the content is
-permanent, a 4xx is "try later" (greylisting, full mailbox, rate limits), and failed
+permanent (552 for the sender or the content is ``too_large``: the same mail would be refused
+again), a 4xx is "try later" (greylisting, full mailbox, rate limits), and failed
 authentication, TLS or connection problems are transient: an operator can fix them, and the
-messages wait rather than fall back.
+messages wait rather than fall back. A connection lost or timed out once the DATA command went
+out says ``maybe_sent``: the server may have queued the message before its answer was lost.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import smtplib
 import ssl
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from channels import (
     DeliveryError,
@@ -31,8 +33,13 @@ from channels import (
     PermanentError,
     TransientError,
     mask_address,
+    mask_in_text,
 )
+from channels._common import log_failure, transport_failure
 from nurture.templates import RenderedMessage
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 __all__ = ["SmtpEmail", "message_id"]
 
@@ -46,6 +53,10 @@ _WHITESPACE = re.compile(r"\s+")
 # One plain addr-spec: no display name, list separator, quoting or line break, so a stored address
 # can never add recipients or headers. Non-ASCII is allowed (SMTPUTF8).
 _ADDRESS = re.compile(r'[^@\s,;:<>()\[\]\\"]+@[^@\s,;:<>()\[\]\\"]+')
+
+# "Requested mail action aborted: exceeded storage allocation"; for MAIL FROM with SIZE (RFC 1870)
+# and after DATA it means the message is larger than the server takes.
+_TOO_LARGE = 552
 
 
 def message_id(idempotency_key: str, domain: str = "nurture") -> str:
@@ -130,23 +141,32 @@ class SmtpEmail:
         try:
             email = self.build(message, envelope)
         except (ValueError, TypeError) as exc:
-            raise PermanentError("bad_request", _hide(str(exc), envelope.address)) from None
-        await asyncio.to_thread(self._send, email, envelope.address)
+            raise PermanentError("bad_request", mask_in_text(str(exc), envelope.address)) from None
+        try:
+            await asyncio.to_thread(self._send, email, envelope.address)
+        except DeliveryError as failure:
+            log_failure(log, PROVIDER, failure, envelope)
+            raise
         log.info("email %s sent to %s via %s", email["Message-ID"], mask_address(envelope.address), self.host)
         return DeliveryResult(provider=PROVIDER, provider_id=str(email["Message-ID"]))
 
     def _send(self, email: EmailMessage, address: str) -> None:
+        attempt = _Attempt()
         try:
-            self._transmit(email, address)
+            self._transmit_once(email, address, attempt)
         except DeliveryError:
             raise
         except smtplib.SMTPRecipientsRefused as exc:
             code, reply = next(iter(exc.recipients.values()), (0, b""))
             raise _refused(code, _text(reply), address, "rejected_recipient") from None
         except smtplib.SMTPSenderRefused as exc:
+            if exc.smtp_code == _TOO_LARGE:
+                raise PermanentError("too_large", _reply(exc, address)) from None
             # The server will not take mail from our From address: a configuration problem.
-            raise TransientError("sender_refused", f"{exc.smtp_code} {_text(exc.smtp_error)}") from None
+            raise TransientError("sender_refused", _reply(exc, address)) from None
         except smtplib.SMTPDataError as exc:
+            if exc.smtp_code == _TOO_LARGE:
+                raise PermanentError("too_large", _reply(exc, address)) from None
             raise _refused(exc.smtp_code, _text(exc.smtp_error), address, "rejected") from None
         except smtplib.SMTPAuthenticationError as exc:
             raise TransientError("auth", f"{exc.smtp_code} {_text(exc.smtp_error)}") from None
@@ -155,33 +175,42 @@ class SmtpEmail:
             raise PermanentError(
                 "rejected_recipient", "address needs SMTPUTF8, not offered by the server"
             ) from None
-        except smtplib.SMTPServerDisconnected as exc:
-            # smtplib reports a read that timed out as a disconnection.
-            if isinstance(exc.__context__, TimeoutError):
-                raise TransientError("timeout", self._waited()) from None
-            raise TransientError("connection", f"disconnected: {exc}") from None
         except smtplib.SMTPResponseException as exc:
-            detail = f"{exc.smtp_code} {_hide(_text(exc.smtp_error), address)}"
-            raise TransientError("deferred" if 400 <= exc.smtp_code < 500 else "smtp_error", detail) from None
+            reason = "deferred" if 400 <= exc.smtp_code < 500 else "smtp_error"
+            raise TransientError(reason, _reply(exc, address)) from None
+        except smtplib.SMTPServerDisconnected as exc:
+            # smtplib reports a read that timed out as a disconnection; the chain keeps the timeout.
+            raise self._lost(exc, sent=attempt.data_started) from None
         except smtplib.SMTPException as exc:
-            raise TransientError("smtp_error", _hide(str(exc), address)) from None
+            raise TransientError("smtp_error", mask_in_text(str(exc), address)) from None
         except ssl.SSLError as exc:
+            if attempt.data_started:
+                raise self._lost(exc, sent=True) from None
             raise TransientError("tls", f"{type(exc).__name__}: {exc}") from None
-        except TimeoutError:
-            raise TransientError("timeout", self._waited()) from None
-        except OSError as exc:
-            raise TransientError("connection", f"{self.host}:{self.port}: {exc}") from None
+        except OSError as exc:  # refused, unknown host, reset, timed out
+            raise self._lost(exc, sent=attempt.data_started) from None
 
-    def _waited(self) -> str:
-        return f"no answer from {self.host}:{self.port} within {self.timeout}s"
+    def _lost(self, error: BaseException, *, sent: bool) -> TransientError:
+        return transport_failure(error, peer=f"{self.host}:{self.port}", timeout=self.timeout, sent=sent)
 
-    def _transmit(self, email: EmailMessage, address: str) -> None:
+    def _transmit_once(self, email: EmailMessage, address: str, attempt: _Attempt) -> None:
+        try:
+            self._transmit(email, address, attempt)
+        except (smtplib.SMTPException, OSError) as exc:
+            if not attempt.accepted:
+                raise
+            # Only the goodbye failed (smtplib raises when QUIT is not answered 221): the server
+            # took the message, and failing the send would have it retried and delivered twice.
+            log.info("%s:%s took the message, then QUIT failed: %s", self.host, self.port, type(exc).__name__)
+
+    def _transmit(self, email: EmailMessage, address: str, attempt: _Attempt) -> None:
         context = self._tls_context or ssl.create_default_context()
-        client: smtplib.SMTP
+        client: _Client
         if self.security == "ssl":
-            client = smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=context)
+            client = _TlsClient(self.host, self.port, timeout=self.timeout, context=context)
         else:
-            client = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+            client = _Client(self.host, self.port, timeout=self.timeout)
+        attempt.client = client
         with client:
             client.ehlo()
             if self.security == "starttls":
@@ -196,10 +225,40 @@ class SmtpEmail:
                 client.login(self.username, self._password or "")
             # The envelope names exactly one recipient, whatever the headers say.
             client.send_message(email, from_addr=self._sender, to_addrs=[address])
+            attempt.accepted = True
+
+
+class _Client(smtplib.SMTP):
+    """An SMTP connection that notes when the DATA command goes out: from then on the server may
+    have the message whatever happens to the connection. (The moment between DATA and the server's
+    354 counts too: there the message has not been sent, but calling it "maybe sent" costs a
+    delivery marked unknown, while the opposite mistake would send the user a second copy.)"""
+
+    data_started = False
+
+    def data(self, msg: ReadableBuffer | str) -> tuple[int, bytes]:
+        self.data_started = True
+        return super().data(msg)
+
+
+class _TlsClient(_Client, smtplib.SMTP_SSL):
+    """:class:`_Client` over TLS from the first byte."""
+
+
+class _Attempt:
+    """How far one send got: its connection (did DATA go out?) and whether the server accepted
+    the message, so a failure can tell what the server may have."""
+
+    client: _Client | None = None
+    accepted = False
+
+    @property
+    def data_started(self) -> bool:
+        return self.client is not None and self.client.data_started
 
 
 def _refused(code: int, reply: str, address: str, reason: str) -> DeliveryError:
-    detail = f"{code} {_hide(reply, address)}"
+    detail = f"{code} {mask_in_text(reply, address)}"
     if 500 <= code < 600:
         return PermanentError(reason, detail)
     return TransientError("deferred", detail)
@@ -209,9 +268,9 @@ def _text(reply: bytes | str) -> str:
     return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
 
 
-def _hide(text: str, address: str) -> str:
+def _reply(error: smtplib.SMTPResponseException, address: str) -> str:
     # Servers often quote the recipient in their replies; details end up in logs and history.
-    return text.replace(address, mask_address(address)) if address else text
+    return f"{error.smtp_code} {mask_in_text(_text(error.smtp_error), address)}"
 
 
 def _domain(address: str) -> str:

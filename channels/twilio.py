@@ -3,24 +3,31 @@
 Twilio answers a refused message with an HTTP status and one of its documented error codes
 (https://www.twilio.com/docs/api/errors). :data:`ERROR_CODES` sorts the codes this adapter knows
 into permanent refusals (the number is wrong, the recipient opted out: try the next channel) and
-transient ones (credentials or sender configuration an operator fixes, rate limits: retry later);
-:func:`classify` applies it, and to statuses without a known code.
+transient ones (credentials or sender configuration an operator fixes, rate limits and full
+queues: retry later); :func:`classify` applies it, and to statuses without a known code.
+
+When the answer to a send is lost (a read timeout, the connection dropped after the request went
+out) the error says ``maybe_sent``, and :meth:`TwilioSms.find` can ask Twilio whether it has the
+message before it is sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import threading
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import requests
-from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+import urllib3
+from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
+from twilio.http.response import Response
 from twilio.rest import Client
 
 from channels import (
@@ -30,14 +37,18 @@ from channels import (
     PermanentError,
     TransientError,
     mask_address,
+    mask_in_text,
 )
+from channels._common import log_failure, request_written, retry_after, transport_failure
 from nurture.templates import RenderedMessage
 
-__all__ = ["ERROR_CODES", "PROVIDER", "TwilioSms", "classify"]
+__all__ = ["ERROR_CODES", "FIND_WINDOW", "PROVIDER", "TwilioSms", "classify"]
 
 PROVIDER = "twilio"
 
 Kind = Literal["permanent", "transient"]
+
+_T = TypeVar("_T")
 
 ERROR_CODES: dict[int, tuple[Kind, str]] = {
     # The recipient cannot get this SMS, whenever we try: fall back to the next channel.
@@ -50,6 +61,8 @@ ERROR_CODES: dict[int, tuple[Kind, str]] = {
     # Our own configuration is wrong: an operator fixes it, the message is delayed, not lost.
     20003: ("transient", "auth"),  # authentication failed
     20429: ("transient", "rate_limited"),  # too many requests
+    # The sender's queue is full (it holds at most about 4 hours of sending): it drains by itself.
+    21611: ("transient", "rate_limited"),  # 'From' has exceeded the maximum number of queued messages
     21601: ("transient", "sender_config"),  # 'From' is not an SMS-capable number of the account
     21603: ("transient", "sender_config"),  # neither 'From' nor 'MessagingServiceSid' given
     21606: ("transient", "sender_config"),  # 'From' cannot send to this destination/account
@@ -61,10 +74,21 @@ ERROR_CODES: dict[int, tuple[Kind, str]] = {
 }
 """Twilio error code -> (kind, reason) for the codes with a meaning of their own."""
 
+FIND_WINDOW = timedelta(days=1)
+"""How far back :meth:`TwilioSms.find` looks: a lost answer is reconciled by the send's next
+retries, well within a day, and an identical text sent to the same number earlier (a reminder
+repeated every week) must not be taken for it."""
+
+_FIND_LIMIT = 50
+"""Messages :meth:`TwilioSms.find` reads (one page, newest first)."""
+
 log = logging.getLogger(__name__)
 
-# Phone numbers appear in Twilio's error messages ("The 'To' number +1555... is not valid").
-_PHONE = re.compile(r"\+?\d[\d ().-]{5,}\d")
+# requests' failures that say where the request was: connect-phase ones (nothing reached Twilio;
+# urllib3's NewConnectionError covers refused and unknown hosts) and read-phase ones (the request
+# was written; Twilio may have created the message).
+_UNSENT = (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)
+_WRITTEN = (requests.exceptions.ReadTimeout, requests.exceptions.ChunkedEncodingError)
 
 
 def classify(
@@ -73,10 +97,12 @@ def classify(
     """The error to raise for a Twilio error answer: HTTP ``status``, Twilio ``code``, its message.
 
     Known codes decide first (:data:`ERROR_CODES`); then 429 and 5xx are transient, 401 is a
-    credentials problem, and any other 4xx is a permanent ``rejected`` naming the code.
-    ``retry_after`` (seconds, from ``Retry-After``) is kept on a transient error.
+    credentials problem, 404 and 405 a wrong API URL (transient ``endpoint``: an operator fixes
+    the configuration, the messages wait), and any other 4xx is a permanent ``rejected`` naming
+    the code. ``retry_after`` (seconds, from ``Retry-After``) is kept on a transient error.
     """
-    detail = _safe(f"{code}: {message}" if code is not None else message)
+    # Phone numbers appear in Twilio's error messages ("The 'To' number +1555... is not valid").
+    detail = mask_in_text(f"{code}: {message}" if code is not None else message)
     kind, reason = ERROR_CODES.get(code, _by_status(status)) if code is not None else _by_status(status)
     if kind == "permanent":
         return PermanentError(reason, detail)
@@ -90,6 +116,8 @@ def _by_status(status: int) -> tuple[Kind, str]:
         return "transient", "provider_error"
     if status == 401:
         return "transient", "auth"
+    if status in (404, 405):
+        return "transient", "endpoint"
     if 400 <= status < 500:
         return "permanent", "rejected"
     return "transient", "provider_error"
@@ -151,64 +179,106 @@ class TwilioSms:
         )
         return DeliveryResult(provider=PROVIDER, provider_id=sid)
 
+    async def find(self, message: RenderedMessage, envelope: Envelope) -> DeliveryResult | None:
+        """Twilio's record of ``message`` to ``envelope.address`` if it has one: the newest
+        message of the last :data:`FIND_WINDOW` to that number with the same text, sent from our
+        number or Messaging Service. Any failure to ask is a plain :class:`TransientError`."""
+        if message.channel != "sms" or not message.text:
+            return None
+        sid = await asyncio.to_thread(self._find, message.text, envelope)
+        if sid is not None:
+            log.info(
+                "twilio already had %s for %s (%s)",
+                sid,
+                mask_address(envelope.address),
+                envelope.idempotency_key,
+            )
+        return None if sid is None else DeliveryResult(provider=PROVIDER, provider_id=sid)
+
     def _create(self, params: dict[str, Any], envelope: Envelope) -> str:
+        try:
+            created = self._call(lambda: self._client.messages.create(**params))
+        except DeliveryError as failure:
+            log_failure(log, PROVIDER, failure, envelope)
+            raise
+        return str(created.sid)
+
+    def _find(self, text: str, envelope: Envelope) -> str | None:
+        since = datetime.now(UTC) - FIND_WINDOW
+        try:
+            listed = self._call(
+                lambda: self._client.messages.list(
+                    to=envelope.address, date_sent_after=since, limit=_FIND_LIMIT
+                )
+            )
+        except DeliveryError as failure:
+            # A lookup changes nothing at Twilio: whatever went wrong, asking again is safe.
+            retry = failure.retry_after if isinstance(failure, TransientError) else None
+            log.warning(
+                "twilio could not look up %s for %s: %s",
+                envelope.idempotency_key,
+                mask_address(envelope.address),
+                failure,
+            )
+            raise TransientError(failure.reason, f"looking up: {failure.detail}", retry_after=retry) from None
+        for sent in listed:
+            if sent.body == text and self._ours(sent.from_, sent.messaging_service_sid):
+                return str(sent.sid)
+        return None
+
+    def _ours(self, sender: str | None, service: str | None) -> bool:
+        """Whether a message was sent as this adapter sends: from its number, or through its
+        Messaging Service (whose sender Twilio picks)."""
+        if self.messaging_service_sid:
+            return service == self.messaging_service_sid
+        return sender is not None and _number(sender) == _number(self.from_number or "")
+
+    def _call(self, request: Callable[[], _T]) -> _T:
+        """``request()`` through the SDK, its failures turned into :class:`DeliveryError`."""
         self._responses.last = None
         try:
-            created = self._client.messages.create(**params)
+            return request()
         except (TwilioRestException, TwilioServiceException) as error:
             detail = error.msg if isinstance(error, TwilioRestException) else (error.detail or error.title)
             status = int(error.status)
             code = int(error.code) if error.code is not None else None
-            retry_after = _retry_after(self._responses.last) if status == 429 or code == 20429 else None
-            failure = classify(status, None if code == status else code, str(detail), retry_after=retry_after)
-            self._log_failure(failure, envelope)
-            raise failure from None
-        except requests.exceptions.Timeout as error:
-            failure = TransientError(
-                "timeout", f"no answer from Twilio within {self.timeout}s ({type(error).__name__})"
-            )
-            self._log_failure(failure, envelope)
-            raise failure from error
+            limited = status == 429 or code == 20429
+            wait = retry_after(self._last_headers()) if limited else None
+            raise classify(status, None if code == status else code, str(detail), retry_after=wait) from None
+        except TwilioException as error:
+            # A list page that did not load is a bare TwilioException holding the raw response.
+            response = error.args[1] if len(error.args) > 1 else None
+            if not isinstance(response, Response):
+                raise TransientError("provider_error", mask_in_text(str(error))) from None
+            code, message = _error_body(response.text)
+            wait = retry_after(self._last_headers()) if response.status_code == 429 or code == 20429 else None
+            raise classify(response.status_code, code, message, retry_after=wait) from None
         except requests.exceptions.RequestException as error:
-            failure = TransientError("connection", f"{type(error).__name__}: {error}")
-            self._log_failure(failure, envelope)
-            raise failure from error
-        return str(created.sid)
+            sent = request_written(error, unsent=_UNSENT, written=_WRITTEN)
+            raise transport_failure(error, peer="Twilio", timeout=self.timeout, sent=sent) from error
+
+    def _last_headers(self) -> requests.structures.CaseInsensitiveDict[str] | None:
+        response: requests.Response | None = self._responses.last
+        return None if response is None else response.headers
 
     def _keep_response(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
         self._responses.last = response
 
-    @staticmethod
-    def _log_failure(failure: DeliveryError, envelope: Envelope) -> None:
-        level = logging.WARNING if isinstance(failure, TransientError) else logging.INFO
-        log.log(
-            level,
-            "twilio did not take %s for %s: %s",
-            envelope.idempotency_key,
-            mask_address(envelope.address),
-            failure,
-        )
 
-
-def _retry_after(response: requests.Response | None) -> float | None:
-    """Seconds from a ``Retry-After`` header: a number of seconds or an HTTP date."""
-    value = response.headers.get("Retry-After") if response is not None else None
-    if not value:
-        return None
-    value = str(value).strip()
+def _error_body(text: str) -> tuple[int | None, str]:
+    """Twilio's error ``code`` and ``message`` from an error answer's body, as far as it has them."""
     try:
-        return max(float(value), 0.0)
+        body = json.loads(text)
     except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+        return None, text.strip()[:200]
+    if not isinstance(body, dict):
+        return None, text.strip()[:200]
+    code = body.get("code")
+    message = body.get("message") or body.get("detail") or body.get("title") or ""
+    return (code if isinstance(code, int) else None), str(message)
 
 
-def _safe(text: str) -> str:
-    """``text`` with phone numbers masked, fit for logs and the message table."""
-    return _PHONE.sub(lambda match: mask_address(re.sub(r"[^\d+]", "", match.group())), text)
+def _number(sender: str) -> str:
+    """A sender without formatting, so ``+1 (555) 000-1111`` matches ``+15550001111``;
+    alphanumeric sender ids keep their letters."""
+    return re.sub(r"[\s().-]", "", sender)

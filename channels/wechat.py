@@ -17,7 +17,8 @@ new one and is retried once.
 
 Each send carries a ``client_msg_id`` derived from the idempotency key. WeChat sends one message
 per openid and ``client_msg_id`` (for about ten minutes), so a retry after an answer was lost on
-the way back does not reach the user twice.
+the way back does not reach the user twice: unlike the other adapters, a transport failure here
+never says ``maybe_sent``.
 
 WeChat answers errors with HTTP 200 and an ``errcode``; :data:`ERRCODES` maps the documented
 global codes to :class:`~channels.PermanentError` or :class:`~channels.TransientError`.
@@ -43,9 +44,11 @@ from channels import (
     TransientError,
     mask_address,
 )
+from channels._common import retry_after, transport_failure
 from nurture.templates import RenderedMessage
 
 __all__ = [
+    "DEFAULT_URL",
     "ERRCODES",
     "REFRESH_MARGIN",
     "TOKEN_ERRCODES",
@@ -60,6 +63,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PROVIDER = "wechat"
+
+DEFAULT_URL = "https://api.weixin.qq.com"
+"""WeChat's API host; ``base_url`` replaces it for a proxy or a test server."""
 
 REFRESH_MARGIN = timedelta(minutes=5)
 """A stored token is replaced this long before it expires, so no send races its expiry."""
@@ -96,6 +102,9 @@ ERRCODES: dict[int, tuple[type[DeliveryError], str]] = {
 _DUPLICATE_CLIENT_MSG_ID = 45065
 
 _SENSITIVE_PARAMS = ("access_token", "secret")
+
+# httpx's timeouts do not always wrap the built-in TimeoutError.
+_TIMEOUTS = (httpx.TimeoutException,)
 
 
 class TokenStore(Protocol):
@@ -200,7 +209,7 @@ class WeChatTemplate:
         app_id: str,
         app_secret: str,
         tokens: TokenStore,
-        base_url: str = "https://api.weixin.qq.com",
+        base_url: str = DEFAULT_URL,
         timeout: float = 10.0,
         http: httpx.AsyncClient | None = None,
     ) -> None:
@@ -329,15 +338,22 @@ class WeChatTemplate:
                 headers=headers,
                 timeout=self._timeout,
             )
-        except httpx.TimeoutException as exc:
-            raise TransientError("timeout", f"{path}: {type(exc).__name__}") from None
         except httpx.TransportError as exc:
-            raise TransientError("connection", f"{path}: {type(exc).__name__}: {exc}") from None
+            # Never maybe_sent, even when the request was written: the send carries its
+            # client_msg_id, so WeChat drops a retry of a message it already took (the token call
+            # changes nothing). The detail names the failure, never the URL with its credentials.
+            raise transport_failure(
+                exc, peer=f"WeChat {path}", timeout=self._timeout, sent=False, timeouts=_TIMEOUTS
+            ) from None
         if response.status_code == 429:
-            raise TransientError("rate_limited", f"{path}: HTTP 429", retry_after=_retry_after(response))
+            raise TransientError(
+                "rate_limited", f"{path}: HTTP 429", retry_after=retry_after(response.headers)
+            )
         if response.status_code >= 500:
             raise TransientError(
-                "server_error", f"{path}: HTTP {response.status_code}", retry_after=_retry_after(response)
+                "server_error",
+                f"{path}: HTTP {response.status_code}",
+                retry_after=retry_after(response.headers),
             )
         if response.status_code != 200:
             # WeChat answers every API error with 200; anything else is a proxy or a wrong base_url.
@@ -361,14 +377,6 @@ def _errcode(body: dict[str, Any]) -> int:
 
 def _hide(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    try:
-        return None if value is None else max(float(value), 0.0)
-    except ValueError:
-        return None
 
 
 def _redact(url: httpx.URL) -> httpx.URL:

@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from channels import mask_address
+from channels import mask_user_id
 
 from .compiler import Project, load_project
 from .ingest import Ingest, Routed
@@ -491,18 +491,10 @@ class Service:
         return Check(ok=True) if serving else Check(ok=False, error="not serving")
 
 
-def _loggable(user_id: str) -> str:
-    """User ids are sometimes email addresses or phone numbers: those are masked."""
-    digits = user_id.lstrip("+")
-    if "@" in user_id or (digits.isdigit() and len(digits) >= 7):
-        return mask_address(user_id)
-    return user_id
-
-
 def _log_track(user_id: str, event: Event, routed: Routed) -> None:
     fields = {
         "call": "track",
-        "user": _loggable(user_id),
+        "user": mask_user_id(user_id),
         "event": event.name,
         "message_id": event.message_id,
         "duplicate": routed.duplicate,
@@ -523,7 +515,7 @@ def _log_identify(
 ) -> None:
     fields = {
         "call": "identify",
-        "user": _loggable(user_id),
+        "user": mask_user_id(user_id),
         "message_id": message_id,
         "duplicate": duplicate,
         "traits": sorted(traits),  # names only: values may be addresses

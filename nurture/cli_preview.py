@@ -29,9 +29,10 @@ import yaml
 
 from .clock import format_instant, parse_instant
 from .compiler import Settings, load_settings
-from .delivery import render_context
+from .delivery import render_context, text_value
 from .diagnostics import DiagnosticSink, did_you_mean, format_all
 from .model import ADDRESS_TRAITS, CHANNELS, Event, Profile, SendRequest
+from .settings import Settings as ServiceSettings
 from .sms import sms_info
 from .templates import RenderedMessage, TemplateError, TemplateStore
 
@@ -122,9 +123,9 @@ def preview(
     settings = _settings(config if config is not None else journeys_dir.parent / "nurture.yaml")
     profile = load_user(user_file)
     event = load_event(event_file) if event_file else {}
-    wanted = locale or _text(profile.traits.get("locale"))
+    wanted = locale or text_value(profile.traits.get("locale"))
     message = _render(store, channel, name, preview_context(profile, event, channel, name, settings), wanted)
-    address = _text(profile.traits.get(ADDRESS_TRAITS[channel]))
+    address = text_value(profile.traits.get(ADDRESS_TRAITS[channel]))
     if channel == "email":
         _show_email(message, address, _locale_line(store, message, wanted))
         if html_file:
@@ -196,6 +197,10 @@ def load_event(path: Path) -> dict[str, Any]:
     return Event(name, _timestamp(path, data.get("timestamp")), _plain(properties)).scope()
 
 
+PREVIEW_LINK_BASE = "https://nurture.example"
+"""Where the preview's unsubscribe link points when NURTURE_PUBLIC_URL and NURTURE_SECRET are unset."""
+
+
 def preview_context(
     profile: Profile, event: Mapping[str, Any], channel: str, name: str, settings: Settings
 ) -> dict[str, Any]:
@@ -215,7 +220,9 @@ def preview_context(
         variant=None,
         context={"event": dict(event), "last_event": dict(event) or None, "journey": journey},
     )
-    return render_context(request, profile)
+    links = ServiceSettings.from_env().unsubscribe_links()
+    url = links.url(profile.user_id, channel) if links is not None else f"{PREVIEW_LINK_BASE}/u/preview"
+    return render_context(request, profile, unsubscribe_url=url)
 
 
 def find_browser() -> str:
@@ -437,6 +444,3 @@ def _plain(value: Any) -> Any:
         return value.isoformat()
     return value
 
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None

@@ -7,13 +7,14 @@ reads the profile at send time, so an opt-out or a new address counts from the m
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from channels import Channel, DeliveryResult, Envelope, PermanentError
+from channels import Channel, DeliveryResult, Envelope, PermanentError, Reconciling, TransientError
 from channels import mask_address as mask_address
 
 from .clock import in_quiet_hours, zone
@@ -102,13 +103,22 @@ def render_context(
     }
 
 
+AttemptState = Literal["sent", "failed", "retry", "uncertain"]
+"""How an attempt ended: accepted, refused for good, not taken (retry may call again), or the
+request reached the provider and the answer was lost (``uncertain``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What the ledger knows about one channel's attempt at a send, before the provider call."""
+    """What the ledger knows about a send before a channel's provider is called."""
 
-    state: Literal["new", "sent", "failed", "unknown"]
-    """``new``: go ahead and call the provider; ``sent``/``failed``: an earlier attempt's result;
-    ``unknown``: an earlier attempt called the provider and never learned the answer."""
+    state: Literal["new", "sent", "failed", "unknown", "uncertain"]
+    """``new``: go ahead and call the provider. ``sent``/``failed``: an earlier attempt's result.
+    ``unknown``: an earlier attempt is still marked in flight (its process died, or it is running
+    concurrently). ``uncertain``: an earlier attempt's answer was lost after the request reached
+    the provider. For the last two the provider may have the message."""
+    channel: str = ""
+    """The channel the earlier attempt used (it may differ from the one asked about)."""
     provider_id: str | None = None
     reason: str | None = None
 
@@ -118,56 +128,91 @@ class SendLedger(Protocol):
 
     async def claim(
         self, request: SendRequest, channel: str, provider: str, address: str, message: RenderedMessage
-    ) -> Claim: ...
+    ) -> Claim:
+        """Mark ``channel``'s attempt in flight and answer ``new``, unless an earlier attempt
+        (on any channel) decides the send."""
+        ...
 
     async def settle(
         self,
         request: SendRequest,
         channel: str,
-        state: Literal["sent", "failed", "retry"],
+        state: AttemptState,
         *,
         provider_id: str | None = None,
         reason: str | None = None,
     ) -> None: ...
 
 
+def earlier_claim(attempts: Sequence[Mapping[str, Any]], channel: str) -> Claim | None:
+    """The claim the recorded ``attempts`` of a send decide for ``channel``, or ``None`` (go ahead).
+
+    A message accepted, or possibly accepted, on any channel decides the send: a fallback is only
+    tried after the earlier channels failed for good.
+    """
+    for attempt in attempts:
+        state, used = attempt.get("state"), str(attempt.get("channel", ""))
+        if state == "sent":
+            return Claim("sent", used, provider_id=attempt.get("provider_id"))
+        if state == "pending":
+            return Claim("unknown", used)
+        if state == "uncertain":
+            return Claim("uncertain", used)
+    for attempt in attempts:
+        if attempt.get("state") == "failed" and attempt.get("channel") == channel:
+            return Claim("failed", channel, reason=attempt.get("reason"))
+    return None
+
+
+def with_attempt(attempts: Sequence[Mapping[str, Any]], channel: str, **changes: Any) -> list[dict[str, Any]]:
+    """``attempts`` with ``channel``'s entry updated (appended when there is none)."""
+    out = [dict(a) for a in attempts if a.get("channel") != channel]
+    current = next((dict(a) for a in attempts if a.get("channel") == channel), {"channel": channel})
+    return [*out, {**current, **changes}]
+
+
 @dataclass
 class MemoryLedger:
     """A :class:`SendLedger` in a dict, for the scenario runner and tests."""
 
-    attempts: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    attempts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     async def claim(
         self, request: SendRequest, channel: str, provider: str, address: str, message: RenderedMessage
     ) -> Claim:
-        key = (request.idempotency_key, channel)
-        attempt = self.attempts.get(key)
-        if attempt is None or attempt["state"] == "retry":
-            self.attempts[key] = {"state": "pending", "provider": provider, "address": address}
-            return Claim("new")
-        return claim_of(attempt)
+        attempts = self.attempts.get(request.idempotency_key, [])
+        decided = earlier_claim(attempts, channel)
+        if decided is not None:
+            return decided
+        self.attempts[request.idempotency_key] = with_attempt(
+            attempts, channel, provider=provider, address=address, state="pending", reason=None
+        )
+        return Claim("new", channel)
 
     async def settle(
         self,
         request: SendRequest,
         channel: str,
-        state: Literal["sent", "failed", "retry"],
+        state: AttemptState,
         *,
         provider_id: str | None = None,
         reason: str | None = None,
     ) -> None:
-        attempt = self.attempts[(request.idempotency_key, channel)]
-        attempt.update(state=state, provider_id=provider_id, reason=reason)
+        key = request.idempotency_key
+        self.attempts[key] = with_attempt(
+            self.attempts.get(key, []), channel, state=state, provider_id=provider_id, reason=reason
+        )
 
 
-def claim_of(attempt: Mapping[str, Any]) -> Claim:
-    """The claim an existing, not-retryable attempt record stands for."""
-    state = attempt.get("state")
-    if state == "sent":
-        return Claim("sent", provider_id=attempt.get("provider_id"))
-    if state == "failed":
-        return Claim("failed", reason=attempt.get("reason"))
-    return Claim("unknown")
+def has_content(message: RenderedMessage) -> bool:
+    """Whether a rendered message has anything to send (a template may render empty for a user)."""
+    if message.channel == "email":
+        return bool(
+            (message.subject or "").strip() and ((message.html or "").strip() or (message.text or "").strip())
+        )
+    if message.channel == "wechat":
+        return bool(message.template_id)
+    return bool((message.text or "").strip())
 
 
 class Deliverer:
@@ -175,10 +220,12 @@ class Deliverer:
 
     With a ``ledger``, every provider call is preceded by a claim on the message row (unique per
     run and step), so a retried activity that finds an earlier attempt reuses its result instead
-    of sending again. An attempt found still pending means the process died while the provider
-    had the message: it is recorded ``failed:unknown_outcome`` and neither re-sent nor passed to
-    a fallback channel (the user may have it). Channels that are idempotent by key themselves
-    (``idempotent = True``, like the outbox) are simply called again.
+    of sending again. An attempt whose answer was lost (its process died mid-call, or the
+    connection broke after the request reached the provider) may have been accepted: a provider
+    that can look messages up (:class:`channels.Reconciling`) is asked, and the message is sent
+    again only if it does not have it; otherwise the send is recorded ``failed:unknown_outcome``
+    and neither re-sent nor passed to a fallback channel (the user may have it). Channels that are
+    idempotent by key themselves (``idempotent = True``, like the outbox) are simply called again.
 
     With ``render=False`` it decides each send's channel, quiet-hour deferral and outcome by the
     same rules but neither renders nor delivers, for bulk "what would happen" simulations: the
@@ -211,11 +258,11 @@ class Deliverer:
         if not usable:
             return SendResult(self._outcome(request, now, request.channels[0], "skipped", reason))
         if request.category == "marketing" and request.quiet_hours is not None:
-            tz = zone(_text(profile.traits.get("timezone")), request.timezone)
+            tz = zone(text_value(profile.traits.get("timezone")), request.timezone)
             until = in_quiet_hours(now, request.quiet_hours, tz)
             if until is not None:
                 return SendResult(defer_until=until)
-        locale = _text(profile.traits.get("locale"))
+        locale = text_value(profile.traits.get("locale"))
         failure = "no_channel"
         for channel in usable:
             if not self.render:
@@ -235,6 +282,10 @@ class Deliverer:
                 log.warning("render failed for %s %s: %s", channel, request.template, exc)
                 failure = "template_error"
                 continue
+            if not has_content(message):
+                log.warning("%s %s rendered empty for this user", channel, request.template)
+                failure = "empty_message"
+                continue
             envelope = Envelope(
                 address=str(profile.traits[ADDRESS_TRAITS[channel]]),
                 idempotency_key=request.idempotency_key,
@@ -244,18 +295,19 @@ class Deliverer:
                 unsubscribe_url=unsubscribe,
             )
             attempt = await self._attempt(request, channel, message, envelope)
-            if isinstance(attempt, DeliveryResult):
+            if isinstance(attempt, tuple):
+                used, accepted = attempt
                 return SendResult(
                     self._outcome(
                         request,
                         now,
-                        channel,
+                        used,
                         "sent",
                         None,
-                        provider=attempt.provider,
-                        provider_id=attempt.provider_id,
-                        text=message.searchable_text(),
-                        preview=message.preview(),
+                        provider=accepted.provider,
+                        provider_id=accepted.provider_id,
+                        text=message.searchable_text() if used == channel else "",
+                        preview=message.preview() if used == channel else "",
                         locale=message.locale,
                     )
                 )
@@ -266,25 +318,22 @@ class Deliverer:
 
     async def _attempt(
         self, request: SendRequest, channel: str, message: RenderedMessage, envelope: Envelope
-    ) -> DeliveryResult | str:
-        """Deliver through one channel: the provider's acceptance, or why it failed for good."""
+    ) -> tuple[str, DeliveryResult] | str:
+        """Deliver through one channel: the channel that carried the message and the provider's
+        acceptance (an earlier attempt's, on another channel, counts), or why it failed for good."""
         adapter = self.channels[channel]
         if self.ledger is not None:
             claim = await self.ledger.claim(request, channel, adapter.provider, envelope.address, message)
             if claim.state == "sent":
-                return DeliveryResult(adapter.provider, claim.provider_id)
+                return claim.channel, DeliveryResult(self.channels[claim.channel].provider, claim.provider_id)
             if claim.state == "failed":
                 return claim.reason or "rejected"
-            if claim.state == "unknown" and not getattr(adapter, "idempotent", False):
-                log.warning(
-                    "send %s step=%s channel=%s: an earlier attempt died waiting for %s; not sending again",
-                    request.run_id,
-                    request.step_id,
-                    channel,
-                    adapter.provider,
-                )
-                await self.ledger.settle(request, channel, "failed", reason=UNKNOWN_OUTCOME)
-                return UNKNOWN_OUTCOME
+            if claim.state in ("unknown", "uncertain"):
+                found = await self._recover(request, claim, channel, adapter, message, envelope)
+                if isinstance(found, DeliveryResult):
+                    return channel, found
+                if found is not None:
+                    return found
         try:
             result = await adapter.deliver(message, envelope)
         except PermanentError as exc:
@@ -292,16 +341,74 @@ class Deliverer:
             if self.ledger is not None:
                 await self.ledger.settle(request, channel, "failed", reason=exc.reason)
             return exc.reason
-        except BaseException as exc:
-            # Transient (or a bug): the provider did not take the message, so a retry may call again.
-            self._log(request, channel, envelope, f"retry:{getattr(exc, 'reason', type(exc).__name__)}")
+        except asyncio.CancelledError:
+            # Cancelled mid-call (a worker shutting down): the provider may have the message,
+            # so the attempt stays in flight and the retry treats its outcome as unknown.
+            raise
+        except Exception as exc:
+            maybe_sent = isinstance(exc, TransientError) and exc.maybe_sent
+            reason = getattr(exc, "reason", type(exc).__name__)
+            self._log(request, channel, envelope, f"{'uncertain' if maybe_sent else 'retry'}:{reason}")
             if self.ledger is not None:
-                await self.ledger.settle(request, channel, "retry", reason=getattr(exc, "reason", None))
+                await self.ledger.settle(
+                    request, channel, "uncertain" if maybe_sent else "retry", reason=reason
+                )
             raise
         self._log(request, channel, envelope, "sent")
         if self.ledger is not None:
             await self.ledger.settle(request, channel, "sent", provider_id=result.provider_id)
-        return result
+        return channel, result
+
+    async def _recover(
+        self,
+        request: SendRequest,
+        claim: Claim,
+        channel: str,
+        adapter: Channel,
+        message: RenderedMessage,
+        envelope: Envelope,
+    ) -> DeliveryResult | str | None:
+        """After an attempt whose answer was lost: its acceptance, ``unknown_outcome``, or ``None``
+        when it is safe to call the provider (again)."""
+        assert self.ledger is not None
+        if claim.channel == channel and getattr(adapter, "idempotent", False):
+            await self._reclaim(request, channel, adapter, message, envelope)
+            return None
+        if claim.channel == channel and isinstance(adapter, Reconciling):
+            found = await adapter.find(message, envelope)
+            if found is not None:
+                log.info(
+                    "send %s step=%s: %s had the message already",
+                    request.run_id,
+                    request.step_id,
+                    adapter.provider,
+                )
+                await self.ledger.settle(request, channel, "sent", provider_id=found.provider_id)
+                return found
+            await self._reclaim(request, channel, adapter, message, envelope)
+            return None
+        log.warning(
+            "send %s step=%s: an earlier attempt on %s never heard back; not sending again",
+            request.run_id,
+            request.step_id,
+            claim.channel,
+        )
+        return UNKNOWN_OUTCOME
+
+    async def _reclaim(
+        self,
+        request: SendRequest,
+        channel: str,
+        adapter: Channel,
+        message: RenderedMessage,
+        envelope: Envelope,
+    ) -> None:
+        """Clear a lost attempt the provider does not have, and mark the new one in flight."""
+        assert self.ledger is not None
+        await self.ledger.settle(request, channel, "retry", reason="not found at the provider")
+        claim = await self.ledger.claim(request, channel, adapter.provider, envelope.address, message)
+        if claim.state != "new":  # another attempt got there first
+            raise TransientError("concurrent", f"another attempt of this send is {claim.state}")
 
     @staticmethod
     def _log(request: SendRequest, channel: str, envelope: Envelope, status: str) -> None:
@@ -345,5 +452,6 @@ class Deliverer:
         )
 
 
-def _text(value: Any) -> str | None:
+def text_value(value: Any) -> str | None:
+    """A trait that should be text (a time zone, a locale, an address): the text, or ``None``."""
     return value if isinstance(value, str) and value else None

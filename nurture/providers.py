@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from email.utils import parseaddr
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -52,6 +53,11 @@ class EmailProviderDoc(_Doc):
             raise PydanticCustomError(
                 "sender", f'email via {self.provider} needs a sender: add from: "Name <you@example.com>"'
             )
+        for value in (self.sender, self.reply_to):
+            if value and "@" not in sender_address(value):
+                raise PydanticCustomError(
+                    "sender", f"'{value}' is not an email address: write you@example.com or \"Name <you@example.com>\""
+                )
         return self
 
 
@@ -138,14 +144,16 @@ def required_env(providers: ProvidersDoc, env: Mapping[str, str]) -> list[str]:
     missing: list[str] = []
     for channel, provider in providers.configured().items():
         for name, required, what in ENV[provider]:
-            if required and not env.get(name, "").strip():
+            if required and not _value(env, name):
                 missing.append(f"{name} ({what}): needed because nurture.yaml sends {channel} via {provider}")
         if channel == "email":
             for name, what in LINK_ENV:
-                if not env.get(name, "").strip():
+                if not _value(env, name):
                     missing.append(f"{name} ({what}): needed because nurture.yaml sends email via {provider}")
-    if env.get("SMTP_USERNAME") and not env.get("SMTP_PASSWORD") and providers.email.provider == "smtp":
-        missing.append("SMTP_PASSWORD: SMTP_USERNAME is set without it")
+    if providers.email.provider == "smtp" and bool(_value(env, "SMTP_USERNAME")) != bool(
+        _value(env, "SMTP_PASSWORD")
+    ):
+        missing.append("SMTP_USERNAME and SMTP_PASSWORD go together: set both or neither")
     return missing
 
 
@@ -173,31 +181,31 @@ def build_channels(
         raise ValueError("missing provider settings:\n  " + "\n  ".join(missing))
     chosen: dict[str, Channel] = {"email": outbox, "sms": outbox, "wechat": outbox}
     closers: list[Any] = []
-    public_url = env.get("NURTURE_PUBLIC_URL", "").strip().rstrip("/")
+    public_url = _value(env, "NURTURE_PUBLIC_URL").rstrip("/")
     if providers.email.provider == "sendgrid":
         from channels.sendgrid import SendGridEmail
 
         chosen["email"] = SendGridEmail(
-            api_key=env["SENDGRID_API_KEY"],
-            from_email=_address(providers.email.sender),
-            from_name=_name(providers.email.sender),
+            api_key=_value(env, "SENDGRID_API_KEY"),
+            from_email=sender_address(providers.email.sender),
+            from_name=sender_name(providers.email.sender),
             reply_to=providers.email.reply_to,
-            host=env.get("SENDGRID_API_URL") or None,
+            host=_value(env, "SENDGRID_API_URL") or None,
         )
     elif providers.email.provider == "smtp":
         from channels.smtp import SmtpEmail
 
-        security = env.get("SMTP_SECURITY", "starttls").strip().lower() or "starttls"
+        security = _value(env, "SMTP_SECURITY").lower() or "starttls"
         if security not in ("starttls", "ssl", "none"):
             raise ValueError(f"SMTP_SECURITY must be starttls, ssl or none, got {security!r}")
-        port = env.get("SMTP_PORT", "").strip()
+        port = _value(env, "SMTP_PORT")
         if port and not port.isdigit():
             raise ValueError(f"SMTP_PORT must be a port number, got {port!r}")
         chosen["email"] = SmtpEmail(
-            host=env["SMTP_HOST"],
+            host=_value(env, "SMTP_HOST"),
             port=int(port) if port else (465 if security == "ssl" else 587),
-            username=env.get("SMTP_USERNAME") or None,
-            password=env.get("SMTP_PASSWORD") or None,
+            username=_value(env, "SMTP_USERNAME") or None,
+            password=_value(env, "SMTP_PASSWORD") or None,
             security=security,  # type: ignore[arg-type]  # checked just above
             from_address=providers.email.sender or "",
             reply_to=providers.email.reply_to,
@@ -206,38 +214,56 @@ def build_channels(
         from channels.twilio import TwilioSms
 
         chosen["sms"] = TwilioSms(
-            account_sid=env["TWILIO_ACCOUNT_SID"],
-            auth_token=env["TWILIO_AUTH_TOKEN"],
+            account_sid=_value(env, "TWILIO_ACCOUNT_SID"),
+            auth_token=_value(env, "TWILIO_AUTH_TOKEN"),
             from_number=providers.sms.sender,
             messaging_service_sid=providers.sms.messaging_service,
             status_callback=f"{public_url}/webhooks/twilio/status" if public_url else None,
-            base_url=env.get("TWILIO_API_URL") or None,
+            base_url=_value(env, "TWILIO_API_URL") or None,
         )
     if providers.wechat.provider == "wechat":
+        from channels.wechat import DEFAULT_URL as DEFAULT_WECHAT_URL
         from channels.wechat import WeChatTemplate
         from nurture.storage.tokens import DbTokens
 
         wechat = WeChatTemplate(
-            app_id=env["WECHAT_APP_ID"],
-            app_secret=env["WECHAT_APP_SECRET"],
+            app_id=_value(env, "WECHAT_APP_ID"),
+            app_secret=_value(env, "WECHAT_APP_SECRET"),
             tokens=DbTokens(db),
-            base_url=env.get("WECHAT_API_URL") or "https://api.weixin.qq.com",
+            base_url=_value(env, "WECHAT_API_URL") or DEFAULT_WECHAT_URL,
         )
         chosen["wechat"] = wechat
         closers.append(wechat.aclose)
     return Channels(chosen, closers)
 
 
-def _address(sender: str | None) -> str:
-    """``hello@x`` from ``Name <hello@x>``."""
-    text = (sender or "").strip()
-    if text.endswith(">") and "<" in text:
-        return text[text.rindex("<") + 1 : -1].strip()
-    return text
+def sender_address(sender: str | None) -> str:
+    """``hello@x`` from ``Name <hello@x>`` (or from ``hello@x``)."""
+    return parseaddr(sender or "")[1]
 
 
-def _name(sender: str | None) -> str | None:
-    text = (sender or "").strip()
-    if text.endswith(">") and "<" in text:
-        return text[: text.rindex("<")].strip().strip('"') or None
-    return None
+def sender_name(sender: str | None) -> str | None:
+    """``Name`` from ``Name <hello@x>``; ``None`` without one."""
+    return parseaddr(sender or "")[0] or None
+
+
+def advisories(providers: ProvidersDoc, env: Mapping[str, str]) -> list[str]:
+    """What works less well with the environment as it is, though sending works."""
+    notes: list[str] = []
+    configured = providers.configured()
+    if "twilio" in configured.values() and not _value(env, "NURTURE_PUBLIC_URL"):
+        notes.append(
+            "NURTURE_PUBLIC_URL is not set: Twilio gets no status callback URL, and the STOP/START "
+            "webhook cannot check Twilio's signatures"
+        )
+    if "sendgrid" in configured.values() and not _value(env, "SENDGRID_WEBHOOK_PUBLIC_KEY"):
+        notes.append(
+            "SENDGRID_WEBHOOK_PUBLIC_KEY is not set: the event API answers SendGrid's event webhook "
+            "with 503, so unsubscribes and spam reports there do not become opt-outs"
+        )
+    return notes
+
+
+def _value(env: Mapping[str, str], name: str) -> str:
+    # A secret pasted with a trailing newline must not pass the check and then fail every call.
+    return env.get(name, "").strip()

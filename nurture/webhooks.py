@@ -35,7 +35,7 @@ from sendgrid.helpers.eventwebhook import (  # type: ignore[import-untyped, unus
 from starlette.datastructures import ImmutableMultiDict
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped, unused-ignore]
 
-from channels import mask_address
+from channels import mask_address, mask_user_id
 
 from .links import InvalidLink, UnsubscribeLinks, UnsubscribeTarget
 from .model import idempotency_key
@@ -141,12 +141,6 @@ def _page(title: str, text: str, *, status: int = 200, confirm: bool = False) ->
 def _what(target: UnsubscribeTarget) -> str:
     words = _CHANNEL_WORDS.get(target.channel, f"{target.channel} messages")
     return f"{words} about {target.topic}" if target.topic else f"our {words}"
-
-
-def _who(user_id: str) -> str:
-    """User ids are sometimes addresses: those are masked in logs."""
-    digits = user_id.lstrip("+")
-    return mask_address(user_id) if "@" in user_id or (digits.isdigit() and len(digits) >= 7) else user_id
 
 
 # Signatures ----------------------------------------------------------------------------------
@@ -364,7 +358,7 @@ def webhook_router(settings: Settings, db: Database) -> APIRouter:
         if isinstance(target, Response):
             return target
         await asyncio.to_thread(_unsubscribe, db, target)
-        log.info("unsubscribed %s from %s (topic %s)", _who(target.user_id), target.channel, target.topic)
+        log.info("unsubscribed %s from %s (topic %s)", mask_user_id(target.user_id), target.channel, target.topic)
         return _page("You are unsubscribed", f"You will no longer receive {_what(target)}.")
 
     return router

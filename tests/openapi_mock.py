@@ -4,8 +4,12 @@ Contract tests point the real provider SDK at :class:`OpenApiMock`. Each request
 operation of the spec, its credentials are checked against the spec's security schemes, and its
 parameters and body are validated with ``openapi-core``; a request the spec does not allow gets a
 4xx answer naming the violation, so an adapter that drifts from the provider's API fails its tests
-instead of failing in production. Faults (429, 5xx, timeouts, dropped connections) and documented
-error bodies can be scripted for the next requests.
+instead of failing in production. Faults (429, 5xx, timeouts, dropped connections, an answer lost
+after the request was accepted) and documented error bodies can be scripted for the next requests.
+
+Created resources are remembered: the answer to a create describes the request (its fields, the
+path's ids, the current time), and a ``GET`` of the same collection lists what was accepted there,
+newest first and filtered by its query, so a client can look up a message whose answer it lost.
 """
 
 from __future__ import annotations
@@ -18,25 +22,36 @@ import re
 import threading
 import uuid
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
-from openapi_core import OpenAPI
+from openapi_core import Config, OpenAPI
 from openapi_core.datatypes import RequestParameters
 from openapi_core.templating.paths.exceptions import OperationNotFound, PathError
 from openapi_core.templating.paths.finders import APICallPathFinder
 from openapi_core.validation.request.exceptions import SecurityValidationError
+from openapi_core.validation.schemas.datatypes import FormatValidatorsDict
 from openapi_core.validation.schemas.exceptions import InvalidSchemaValue
+from openapi_schema_validator import oas30_format_checker, oas31_format_checker
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
 __all__ = ["FAULTS", "OpenApiMock", "RecordedRequest", "provider_spec"]
 
-FAULTS = ("429", "500", "503", "timeout", "drop")
+FAULTS = ("429", "500", "503", "timeout", "drop", "accept_then_drop")
 """The kinds :meth:`OpenApiMock.fail_next` can inject."""
+
+_KNOWN_FORMATS = frozenset(oas30_format_checker.checkers) | frozenset(oas31_format_checker.checkers)
+
+_PAGING = frozenset({"PageSize", "Page", "PageToken"})
+"""List query parameters that page rather than filter."""
+_DEFAULT_PAGE_SIZE = 50
 
 _JSON = "application/json"
 
@@ -69,8 +84,12 @@ class RecordedRequest:
     """The body as sent."""
     response_id: str | None = None
     """For accepted requests: the id the mock answered with (a ``sid`` or ``X-Message-Id``)."""
+    response: Any = None
+    """For accepted requests: the body the mock answered with (or would have, had the answer not
+    been lost)."""
     fault: str | None = None
-    """For faulted requests: the fault kind, or ``answer:<status>`` for :meth:`OpenApiMock.answer_next`."""
+    """For faulted requests: the fault kind, or ``answer:<status>`` for :meth:`OpenApiMock.answer_next`;
+    for accepted ones, ``accept_then_drop`` when the answer was never sent."""
 
 
 @dataclass
@@ -79,6 +98,8 @@ class _Scripted:
     status: int = 0
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    reads: bool = False
+    """For lookups (GET) instead of sends."""
 
 
 class _SpecRequest:
@@ -90,10 +111,17 @@ class _SpecRequest:
         self.method = record.method.lower()
         self.body: bytes | None = record.raw_body or None
         self.content_type = record.headers.get("content-type", "").lower()
-        query = [(k, v) for k, vs in record.query.items() for v in (vs if isinstance(vs, list) else [vs])]
         self.parameters = RequestParameters(
-            query=ImmutableMultiDict(query), header=Headers(list(record.headers.items()))
+            query=ImmutableMultiDict(_pairs(record.query)), header=Headers(list(record.headers.items()))
         )
+
+
+@dataclass(frozen=True)
+class _Operation:
+    """The spec's operation a request matched, and the values of its path's variables."""
+
+    spec: dict[str, Any]
+    path_variables: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -117,9 +145,14 @@ def _load_spec(path: Path) -> _Spec:
             document = json.loads(path.read_text(encoding="utf-8"))
             servers = document.get("servers") or [{"url": "http://localhost"}]
             parts = urlsplit(servers[0]["url"])
+            # Formats a provider names without defining (Twilio's phone-number, uri-map...):
+            # openapi-core refuses a parameter whose format it does not know, so any string of
+            # the parameter's schema type is taken, as the provider documents them as strings.
+            custom: FormatValidatorsDict = {name: _is_text for name in _formats(document) - _KNOWN_FORMATS}
+            config = Config(extra_format_validators=custom)
             spec = _Spec(
                 document=document,
-                api=OpenAPI.from_dict(document),
+                api=OpenAPI.from_dict(document, config=config),
                 # Requests are validated as if sent to the spec's first server, wherever the mock listens.
                 host_url=f"{parts.scheme}://{parts.netloc}",
                 lock=threading.Lock(),
@@ -132,9 +165,11 @@ class OpenApiMock:
     """A threaded HTTP server on loopback answering as the API described by an OpenAPI document.
 
     Use as a context manager; ``url`` is its base URL. Every request is validated: ``accepted``
-    holds those answered with a success generated from the spec, ``rejected`` the
-    ``(request, violation)`` pairs answered 401/404/405/422, and ``faulted`` the valid requests
-    that got a scripted fault or answer instead.
+    holds those answered with a success generated from the spec (and those accepted whose answer
+    was then held or lost), which the provider therefore has, ``reads`` the ``GET``/``HEAD``
+    requests answered with a success (lookups change nothing, so they are kept apart),
+    ``rejected`` the ``(request, violation)`` pairs answered 401/404/405/422, and ``faulted`` the
+    valid requests that got a scripted fault or answer instead, which the provider does not have.
     """
 
     def __init__(self, spec_path: Path, *, port: int = 0, timeout_hold: float = 5.0) -> None:
@@ -144,6 +179,7 @@ class OpenApiMock:
         self.port = port
         self.timeout_hold = timeout_hold
         self.accepted: list[RecordedRequest] = []
+        self.reads: list[RecordedRequest] = []
         self.rejected: list[tuple[RecordedRequest, str]] = []
         self.faulted: list[RecordedRequest] = []
         self._spec = _load_spec(spec_path)
@@ -201,25 +237,35 @@ class OpenApiMock:
     ) -> None:
         self.stop()
 
-    def fail_next(self, kind: str, count: int = 1) -> None:
+    def fail_next(self, kind: str, count: int = 1, *, reads: bool = False) -> None:
         """Fault the next ``count`` valid requests: ``429`` (with ``Retry-After: 1``), ``500``,
-        ``503``, ``timeout`` (hold, then close without answering) or ``drop`` (close at once)."""
+        ``503``, ``timeout`` (hold, then close without answering), ``drop`` (close at once), or
+        ``accept_then_drop`` (accept the request, recorded in ``accepted``, then close without
+        answering: the answer is lost on its way back). Faults are for sends; ``reads=True``
+        faults the next lookups (GET) instead."""
         if kind not in FAULTS:
             raise ValueError(f"unknown fault {kind!r}; use one of {', '.join(FAULTS)}")
         with self._lock:
-            self._script.extend(_Scripted(kind) for _ in range(count))
+            self._script.extend(_Scripted(kind, reads=reads) for _ in range(count))
 
     def answer_next(
-        self, status: int, body: dict[str, Any] | str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        body: dict[str, Any] | str,
+        headers: dict[str, str] | None = None,
+        *,
+        reads: bool = False,
     ) -> None:
-        """Answer the next valid request with ``status`` and ``body`` (a dict is sent as JSON)."""
+        """Answer the next valid send (``reads=True``: lookup) with ``status`` and ``body`` (a
+        dict is sent as JSON)."""
         with self._lock:
-            self._script.append(_Scripted("answer", status, body, dict(headers or {})))
+            self._script.append(_Scripted("answer", status, body, dict(headers or {}), reads=reads))
 
     def hold_next(self, count: int = 1) -> None:
         """Accept the next ``count`` valid requests (they are recorded in ``accepted`` at once)
-        but hold their answers until :meth:`release` or :meth:`stop`: the provider has the
-        message and the client has not heard back, as when the sending process dies."""
+        but hold their answers until :meth:`release` (then they are answered) or :meth:`stop`
+        (then the connection is closed): the provider has the message and the client has not
+        heard back, as when the sending process dies or the client times out."""
         with self._lock:
             self._script.extend(_Scripted("hold") for _ in range(count))
 
@@ -231,6 +277,7 @@ class OpenApiMock:
         """Forget recorded requests and scripted faults."""
         with self._lock:
             self.accepted.clear()
+            self.reads.clear()
             self.rejected.clear()
             self.faulted.clear()
             self._script.clear()
@@ -255,19 +302,33 @@ class OpenApiMock:
             self._reject(handler, record, status, "; ".join(_describe(e) for e in result.errors))
             return
         with self._lock:
-            scripted = self._script.popleft() if self._script else None
-        if scripted is not None and scripted.kind != "hold":
+            # Faults scripted for sends are not used up by a lookup in between, nor the reverse.
+            reading = record.method in ("GET", "HEAD")
+            scripted = next((x for x in self._script if x.reads == reading), None)
+            if scripted is not None:
+                self._script.remove(scripted)
+        if scripted is not None and scripted.kind not in ("hold", "accept_then_drop"):
             self._fault(handler, record, scripted)
             return
-        status, body, headers, response_id = self._success(record, operation)
-        with self._lock:
-            self.accepted.append(_with(record, response_id=response_id))
+        with self._lock:  # a listing must not see a create half recorded
+            status, body, headers, response_id = self._success(record, operation)
+            lost = scripted is not None and scripted.kind == "accept_then_drop"
+            recorded = _with(
+                record, response_id=response_id, response=body, fault="accept_then_drop" if lost else None
+            )
+            (self.reads if record.method in ("GET", "HEAD") else self.accepted).append(recorded)
+        if lost:
+            handler.drop()
+            return
         if scripted is not None:
             while not (self._released.is_set() or self._stopping.is_set()):
                 self._released.wait(0.05)
+            if self._stopping.is_set():  # the client gave up long ago; a stopping server says nothing
+                handler.drop()
+                return
         handler.answer(status, body, headers)
 
-    def _operation(self, record: RecordedRequest) -> dict[str, Any] | tuple[int, str]:
+    def _operation(self, record: RecordedRequest) -> _Operation | tuple[int, str]:
         """The spec's operation for ``record``, or the status and text to reject it with."""
         try:
             found = self._finder.find(record.method.lower(), self._spec.host_url + record.path)
@@ -276,16 +337,15 @@ class OpenApiMock:
         except PathError as error:
             return 404, str(error)
         _, template, method = found.operation.parts
-        operation: dict[str, Any] = self._spec.document["paths"][template][method]
-        return operation
+        return _Operation(self._spec.document["paths"][template][method], dict(found.path_result.variables))
 
-    def _credentials_problem(self, record: RecordedRequest, operation: dict[str, Any]) -> str | None:
+    def _credentials_problem(self, record: RecordedRequest, operation: _Operation) -> str | None:
         """Why the request's credentials do not satisfy the operation's security, or ``None``.
 
         ``openapi-core`` only checks that the header is there; a real API also refuses a header
         that is not a well-formed credential of the scheme it requires.
         """
-        requirements = operation.get("security", self._spec.document.get("security", []))
+        requirements = operation.spec.get("security", self._spec.document.get("security", []))
         if not requirements:
             return None
         schemes = self._spec.document.get("components", {}).get("securitySchemes", {})
@@ -333,10 +393,12 @@ class OpenApiMock:
             handler.drop()
 
     def _success(
-        self, record: RecordedRequest, operation: dict[str, Any]
+        self, record: RecordedRequest, operation: _Operation
     ) -> tuple[int, Any, dict[str, str], str | None]:
-        """The lowest documented 2xx answer, its body from the spec's example or schema."""
-        responses = operation.get("responses", {})
+        """The lowest documented 2xx answer, its body from the spec's example or schema, made to
+        describe this request: a created resource gets the request's fields, a listing holds
+        what was created in the same collection. Called holding ``_lock``."""
+        responses = operation.spec.get("responses", {})
         codes = sorted(code for code in responses if code.isdigit() and code.startswith("2"))
         status = int(codes[0]) if codes else 200
         response = self._resolve(responses[codes[0]]) if codes else {}
@@ -354,12 +416,75 @@ class OpenApiMock:
         response_id: str | None = None
         if isinstance(body, dict):
             body = dict(body)
-            _echo(body, record.body)
+            schema = self._resolve(media.get("schema", {}))
+            if record.method == "GET" and self._list_key(schema) is not None:
+                self._list(body, schema, record)
+                return status, body, headers, None
+            _echo(body, record.body, self._request_fields(operation))
+            _echo(body, operation.path_variables)
+            self._stamp(body, schema)
             if isinstance(body.get("sid"), str):
                 # A new sid each time, keeping the resource's prefix (SM for messages).
                 prefix = body["sid"][:2] if body["sid"][:2].isalpha() else "SM"
                 body["sid"] = response_id = prefix.upper() + uuid.uuid4().hex
         return status, body, headers, response_id
+
+    def _request_fields(self, operation: _Operation) -> set[str]:
+        """The form or JSON fields the operation's request body can have."""
+        content = self._resolve(operation.spec.get("requestBody", {})).get("content", {})
+        fields: set[str] = set()
+        for media in content.values():
+            fields.update(self._resolve(media.get("schema", {})).get("properties", {}))
+        return fields
+
+    def _stamp(self, body: dict[str, Any], schema: dict[str, Any]) -> None:
+        """Set the answer's timestamps (``date_created``...) to now, in the format the spec gives."""
+        now = datetime.now(UTC)
+        for name, prop in schema.get("properties", {}).items():
+            kind = self._resolve(prop).get("format")
+            if name in body and name.startswith("date_") and kind == "date-time-rfc-2822":
+                body[name] = format_datetime(now)
+            elif name in body and name.startswith("date_") and kind == "date-time":
+                body[name] = now.isoformat().replace("+00:00", "Z")
+
+    def _list_key(self, schema: dict[str, Any]) -> str | None:
+        """The one array property of a list answer (``messages``), if the answer is a list."""
+        arrays = [
+            name
+            for name, prop in schema.get("properties", {}).items()
+            if self._resolve(prop).get("type") == "array"
+        ]
+        return arrays[0] if len(arrays) == 1 else None
+
+    def _list(self, body: dict[str, Any], schema: dict[str, Any], record: RecordedRequest) -> None:
+        """Fill a list answer with the resources accepted in this collection, newest first,
+        filtered by the query (``To=...`` keeps those whose ``to`` matches; ``DateSent>=`` style
+        bounds compare dates) and cut to ``PageSize``: one page, no next one."""
+        key = self._list_key(schema)
+        assert key is not None
+        created = [
+            dict(r.response)
+            for r in reversed(self.accepted)
+            if r.path == record.path and isinstance(r.response, dict)
+        ]
+        for name, value in record.query.items():
+            if name not in _PAGING and isinstance(value, str):
+                created = [item for item in created if _matches(item, name, value)]
+        size = record.query.get("PageSize")
+        page_size = int(size) if isinstance(size, str) and size.isdigit() else _DEFAULT_PAGE_SIZE
+        body[key] = created[:page_size]
+        uri = record.path + (f"?{urlencode(_pairs(record.query))}" if record.query else "")
+        meta = {
+            "page": 0,
+            "page_size": page_size,
+            "start": 0,
+            "end": max(len(body[key]) - 1, 0),
+            "first_page_uri": uri,
+            "uri": uri,
+            "next_page_uri": None,
+            "previous_page_uri": None,
+        }
+        body.update({name: value for name, value in meta.items() if name in body})
 
     def _example(self, media: dict[str, Any]) -> Any:
         if "example" in media:
@@ -411,7 +536,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: tests read ``accepted``/``rejected`` instead of a log."""
+        """Quiet: tests read ``accepted``/``reads``/``rejected`` instead of a log."""
 
 
 def _read(handler: _Handler) -> RecordedRequest:
@@ -439,6 +564,20 @@ def _read(handler: _Handler) -> RecordedRequest:
         body=body,
         raw_body=raw,
     )
+
+
+def _formats(node: Any) -> set[str]:
+    """Every ``format`` named anywhere in ``node``."""
+    if isinstance(node, list):
+        return set().union(*(_formats(item) for item in node))
+    if not isinstance(node, dict):
+        return set()
+    found = {node["format"]} if isinstance(node.get("format"), str) else set()
+    return found.union(*(_formats(value) for value in node.values()))
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
 
 
 def _flatten(values: dict[str, list[str]]) -> dict[str, str | list[str]]:
@@ -491,15 +630,76 @@ def _describe(error: BaseException) -> str:
 _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
 
 
-def _echo(body: dict[str, Any], request_body: Any) -> None:
-    """Copy request fields into the answer (``To`` -> ``to``, ``MessagingServiceSid`` ->
-    ``messaging_service_sid``), so the answer describes the request rather than the example."""
-    if not isinstance(request_body, dict):
+def _snake(name: str) -> str:
+    return _SNAKE.sub("_", name).lower()
+
+
+def _echo(body: dict[str, Any], values: Any, fields: Collection[str] = ()) -> None:
+    """Copy request values into the answer (``To`` -> ``to``, ``MessagingServiceSid`` ->
+    ``messaging_service_sid``, ``AccountSid`` from the path -> ``account_sid``), so the answer
+    describes the request rather than the example. Of ``fields`` (all the request could have
+    sent), those it did not send are emptied: a message sent through a Messaging Service does not
+    come back with the example's ``from`` number."""
+    if not isinstance(values, dict):
         return
-    for name, value in request_body.items():
-        key = _SNAKE.sub("_", name).lower()
+    for name in set(fields) - values.keys():
+        key = _snake(name)
+        if key in body and key != "sid" and isinstance(body[key], str):
+            body[key] = None
+    for name, value in values.items():
+        key = _snake(name)
         if key in body and key != "sid" and isinstance(value, str) and isinstance(body[key], str | None):
             body[key] = value
+
+
+def _matches(item: dict[str, Any], name: str, wanted: str) -> bool:
+    """Whether a listed resource passes the filter ``name=wanted``: ``To`` compares ``to``;
+    ``DateSent``, ``DateSent<`` and ``DateSent>`` compare ``date_sent`` with a date (same day,
+    on or before, on or after) or a date-time. Unknown names do not filter."""
+    bound = name[-1] if name[-1] in "<>" else "="
+    key = _snake(name.rstrip("<>"))
+    if key not in item:
+        return True
+    value = item[key]
+    if not key.startswith("date_"):
+        return bool(value == wanted)
+    when = _when(value)
+    limit = _bound(wanted)
+    if when is None or limit is None:
+        return False
+    if isinstance(limit, datetime):
+        return {"<": when <= limit, ">": when >= limit, "=": when == limit}[bound]
+    day = when.astimezone(UTC).date()
+    return {"<": day <= limit, ">": day >= limit, "=": day == limit}[bound]
+
+
+def _when(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _bound(value: str) -> datetime | date | None:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _pairs(query: dict[str, str | list[str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, vs in query.items() for v in (vs if isinstance(vs, list) else [vs])]
 
 
 def _sample(schema: Any, resolve: Any, depth: int = 0) -> Any:

@@ -32,6 +32,28 @@ def rows(db: Database, model: type[SQLModel], **where: Any) -> list[Any]:
         return list(session.exec(query).all())
 
 
+def send_request(**changes: Any) -> Any:
+    """A :class:`~nurture.model.SendRequest` for unit tests: run ``run-1``, step ``s1``, user
+    ``u1``, SMS then email, marketing, UTC, no quiet hours; ``changes`` override any field."""
+    from nurture.model import SendRequest
+
+    fields: dict[str, Any] = {
+        "run_id": "run-1",
+        "journey": "welcome_series",
+        "version": "v1",
+        "step_id": "s1",
+        "user_id": "u1",
+        "channels": ("sms", "email"),
+        "template": "hello",
+        "category": "marketing",
+        "timezone": "UTC",
+        "quiet_hours": None,
+        "variant": None,
+        "context": {},
+    }
+    return SendRequest(**{**fields, **changes})
+
+
 def messages(db: Database, **where: Any) -> list[Any]:
     """The message rows matching ``where`` whose outcome is recorded (not still ``sending``)."""
     from nurture.storage.models import MessageRecord

@@ -4,18 +4,29 @@ validates every request with SendGrid's own OpenAPI description of ``POST /v3/ma
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import logging
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from email.message import Message
-from email.utils import format_datetime
 from typing import Any
 
 import httpx
 import pytest
+from channel_support import (
+    FAULT_CASES,
+    LOST_ANSWERS,
+    assert_wait,
+    closed_port,
+    envelope,
+    fault_then_retry,
+    http_date_in,
+    lose_answer,
+)
 from openapi_mock import OpenApiMock, provider_spec
 
 from channels import Channel, DeliveryError, Envelope, PermanentError, TransientError
@@ -35,14 +46,7 @@ EMAIL = RenderedMessage(
     html="<html><body><p>Welcome!</p></body></html>",
     text="Welcome!",
 )
-ENVELOPE = Envelope(
-    address=RECIPIENT,
-    idempotency_key="run-1:s1",
-    user_id="u1",
-    journey="welcome_series",
-    category="marketing",
-    unsubscribe_url="https://n.example/u/tok",
-)
+ENVELOPE = envelope(RECIPIENT)
 MINIMAL_MAIL = {
     "personalizations": [{"to": [{"email": RECIPIENT}]}],
     "from": {"email": "hello@n.example"},
@@ -67,10 +71,6 @@ def adapter(mock: OpenApiMock, **options: Any) -> SendGridEmail:
     }
     settings.update(options)
     return SendGridEmail(**settings)
-
-
-def envelope(**changes: Any) -> Envelope:
-    return dataclasses.replace(ENVELOPE, **changes)
 
 
 # -- successful sends ---------------------------------------------------------------------------
@@ -121,7 +121,7 @@ async def test_marketing_mail_is_valid_and_complete(mock: OpenApiMock) -> None:
 async def test_no_unsubscribe_headers_without_marketing_and_a_link(
     mock: OpenApiMock, changes: dict[str, Any]
 ) -> None:
-    await adapter(mock).deliver(EMAIL, envelope(**changes))
+    await adapter(mock).deliver(EMAIL, dataclasses.replace(ENVELOPE, **changes))
 
     assert mock.rejected == []
     [request] = mock.accepted
@@ -229,7 +229,10 @@ ERROR_CASES: list[tuple[int, dict[str, Any] | str, type[DeliveryError], str, str
     (500, sendgrid_errors("internal error"), TransientError, "provider_error", "internal error"),
     (502, "<html>Bad Gateway</html>", TransientError, "provider_error", "Bad Gateway"),
     (503, "", TransientError, "provider_error", "HTTP 503"),
-    (404, sendgrid_errors("resource not found"), PermanentError, "rejected", "HTTP 404"),
+    # A wrong API URL: transient, so the mail waits for the operator's fix instead of falling back.
+    (404, sendgrid_errors("resource not found"), TransientError, "endpoint", "HTTP 404"),
+    (405, sendgrid_errors("method not allowed"), TransientError, "endpoint", "HTTP 405"),
+    (409, sendgrid_errors("conflict"), PermanentError, "rejected", "HTTP 409"),
 ]
 
 
@@ -249,8 +252,17 @@ async def test_error_answers_through_the_sdk(
 
     assert caught.value.reason == reason
     assert detail in caught.value.detail
+    assert not getattr(caught.value, "maybe_sent", False)  # SendGrid answered: it did not take it
     assert mock.accepted == [] and mock.rejected == []
     assert [request.fault for request in mock.faulted] == [f"answer:{status}"]
+
+
+async def test_a_wrong_api_url_is_transient(mock: OpenApiMock) -> None:
+    # The mock answers 404 for a path outside the spec, as SendGrid does.
+    with pytest.raises(TransientError) as caught:
+        await adapter(mock, host=mock.url + "/api").deliver(EMAIL, ENVELOPE)
+    assert caught.value.reason == "endpoint"
+    assert mock.accepted == [] and len(mock.rejected) == 1
 
 
 @pytest.mark.parametrize(("status", "body", "error", "reason", "detail"), ERROR_CASES)
@@ -274,10 +286,6 @@ def test_classify_masks_addresses() -> None:
 
 def in_seconds(seconds: int) -> str:
     return str(int(time.time()) + seconds)
-
-
-def http_date_in(seconds: int) -> str:
-    return format_datetime(datetime.now(UTC) + timedelta(seconds=seconds), usegmt=True)
 
 
 def as_message(headers: dict[str, str]) -> Message:
@@ -309,10 +317,7 @@ RATE_LIMIT_CASES: list[tuple[str, Callable[[], Any], tuple[float, float] | None]
 def test_classify_rate_limit_wait(headers: Callable[[], Any], expected: tuple[float, float] | None) -> None:
     failure = classify(429, b"", headers())
     assert isinstance(failure, TransientError) and failure.reason == "rate_limited"
-    if expected is None:
-        assert failure.retry_after is None
-    else:
-        assert failure.retry_after is not None and expected[0] <= failure.retry_after <= expected[1]
+    assert_wait(failure, expected)
 
 
 @pytest.mark.parametrize(
@@ -327,57 +332,88 @@ async def test_rate_limit_wait_through_the_sdk(
     with pytest.raises(TransientError) as caught:
         await adapter(mock).deliver(EMAIL, ENVELOPE)
     assert caught.value.reason == "rate_limited"
-    if expected is None:
-        assert caught.value.retry_after is None
-    else:
-        assert caught.value.retry_after is not None and expected[0] <= caught.value.retry_after <= expected[1]
+    assert_wait(caught.value, expected)
 
 
 # -- faults -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("fault", "reason"),
-    [
-        ("429", "rate_limited"),
-        ("500", "provider_error"),
-        ("503", "provider_error"),
-        ("timeout", "timeout"),
-        ("drop", "connection"),
-    ],
-)
+@pytest.mark.parametrize(("fault", "reason", "maybe_sent"), FAULT_CASES)
 async def test_fault_is_transient_and_the_retry_sends_once(
-    mock: OpenApiMock, fault: str, reason: str
+    mock: OpenApiMock, fault: str, reason: str, maybe_sent: bool
 ) -> None:
     email = adapter(mock)
-    mock.fail_next(fault)
 
-    with pytest.raises(TransientError) as caught:
-        await email.deliver(EMAIL, ENVELOPE)
+    failure = await fault_then_retry(mock, fault, lambda: email.deliver(EMAIL, ENVELOPE))
 
-    assert caught.value.reason == reason
+    assert failure.reason == reason
+    assert failure.maybe_sent is maybe_sent
     if fault == "429":
-        assert caught.value.retry_after == 1.0
-    assert mock.accepted == []
-
-    result = await email.deliver(EMAIL, ENVELOPE)
-
-    assert len(mock.accepted) == 1
-    assert result.provider_id == mock.accepted[0].response_id
-    assert [request.fault for request in mock.faulted] == [fault]
-    assert mock.rejected == []
+        assert failure.retry_after == 1.0
 
 
-async def test_connection_refused_is_transient() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+@pytest.mark.parametrize(("how", "reason"), LOST_ANSWERS)
+async def test_an_answer_lost_after_acceptance_may_have_sent(
+    mock: OpenApiMock, how: str, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    failure = await lose_answer(mock, how, lambda: adapter(mock).deliver(EMAIL, ENVELOPE))
+
+    assert failure.reason == reason
+    assert "after the request was sent" in failure.detail
+    assert "sendgrid may have taken run-1:s1 for l***@example.com" in caplog.text
+    assert RECIPIENT not in caplog.text
+
+
+async def test_connection_refused_is_plain_transient() -> None:
     email = SendGridEmail(
-        api_key=API_KEY, from_email="hello@n.example", host=f"http://127.0.0.1:{port}", timeout=0.3
+        api_key=API_KEY, from_email="hello@n.example", host=f"http://127.0.0.1:{closed_port()}", timeout=0.3
     )
     with pytest.raises(TransientError) as caught:
         await email.deliver(EMAIL, ENVELOPE)
     assert caught.value.reason == "connection"
+    assert not caught.value.maybe_sent  # nothing reached SendGrid: sending again is safe
+    assert "ConnectionRefusedError" in caught.value.detail
+
+
+# What urllib raises in each phase: it wraps failures to connect or to write the request in
+# URLError, and lets those while reading the answer through bare. (error, reason, maybe_sent)
+URLLIB_FAILURES: list[tuple[Callable[[], BaseException], str, bool]] = [
+    (lambda: urllib.error.URLError(TimeoutError("timed out")), "timeout", False),
+    (lambda: urllib.error.URLError(ConnectionRefusedError(111, "refused")), "connection", False),
+    (lambda: urllib.error.URLError(ConnectionResetError(104, "reset")), "connection", False),
+    (lambda: urllib.error.URLError(socket.gaierror(-2, "Name or service not known")), "connection", False),
+    (lambda: TimeoutError("timed out"), "timeout", True),
+    (lambda: http.client.RemoteDisconnected("Remote end closed connection"), "connection", True),
+    (lambda: ConnectionResetError(104, "reset"), "connection", True),
+    (lambda: http.client.IncompleteRead(b"{"), "connection", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "reason", "maybe_sent"),
+    URLLIB_FAILURES,
+    ids=[
+        "connect-timeout",
+        "refused",
+        "reset-sending",
+        "dns",
+        "read-timeout",
+        "closed",
+        "reset",
+        "truncated",
+    ],
+)
+async def test_transport_failures_say_whether_sendgrid_may_have_the_mail(
+    monkeypatch: pytest.MonkeyPatch, error: Callable[[], BaseException], reason: str, maybe_sent: bool
+) -> None:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error()
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", fail)
+    email = SendGridEmail(api_key=API_KEY, from_email="hello@n.example", host="http://127.0.0.1:9")
+    with pytest.raises(TransientError) as caught:
+        await email.deliver(EMAIL, ENVELOPE)
+    assert (caught.value.reason, caught.value.maybe_sent) == (reason, maybe_sent)
 
 
 async def test_logs_never_show_the_address_or_the_key(

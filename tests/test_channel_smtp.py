@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
@@ -13,11 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, Literal
 
+import channel_support
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -41,21 +43,8 @@ EMAIL = RenderedMessage(
 )
 
 
-def envelope(
-    key: str = "run-1:s1",
-    *,
-    address: str = ADDRESS,
-    category: str = "marketing",
-    unsubscribe_url: str | None = "https://n.example/u/tok",
-) -> Envelope:
-    return Envelope(
-        address=address,
-        idempotency_key=key,
-        user_id="u1",
-        journey="welcome_series",
-        category=category,
-        unsubscribe_url=unsubscribe_url,
-    )
+def envelope(key: str = "run-1:s1", *, address: str = ADDRESS, **changes: Any) -> Envelope:
+    return channel_support.envelope(address, key, **changes)
 
 
 @dataclass
@@ -68,15 +57,27 @@ class Received:
 
 @dataclass
 class Mailbox:
-    """An aiosmtpd handler: records what it accepts, refuses what it is told to."""
+    """An aiosmtpd handler: records what it accepts, refuses what it is told to.
+
+    ``after_rcpt``/``after_data``: ``drop`` closes the connection instead of answering (at RCPT
+    nothing is recorded; after DATA the message is recorded first, as a server that queued it
+    and then lost the connection); ``hang`` records the message and answers only after
+    ``hang_for`` seconds, long after the client gave up."""
 
     messages: list[Received] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
+    after_rcpt: Literal["answer", "drop"] = "answer"
+    after_data: Literal["answer", "drop", "hang"] = "answer"
+    hang_for: float = 2.0
+    quit_reply: str | None = None
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
+        if self.after_rcpt == "drop":
+            server.transport.close()
+            return "250 OK"  # never reaches the client
         if address in self.rcpt_replies:
             return self.rcpt_replies[address]
         envelope.rcpt_tos.append(address)
@@ -90,7 +91,14 @@ class Mailbox:
         self.messages.append(
             Received(envelope.mail_from, list(envelope.rcpt_tos), parsed, bool(session.authenticated))
         )
+        if self.after_data == "drop":
+            server.transport.close()
+        elif self.after_data == "hang":
+            await asyncio.sleep(self.hang_for)
         return "250 2.0.0 Ok: queued"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str | object:
+        return self.quit_reply or MISSING
 
 
 def check_password(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
@@ -298,6 +306,7 @@ async def test_recipient_refused_with_450_is_transient(server: Server) -> None:
     ("reply", "kind", "reason"),
     [
         ("554 5.7.1 Message rejected as spam", PermanentError, "rejected"),
+        ("552 5.3.4 Message too big for system", PermanentError, "too_large"),
         ("451 4.3.0 Try later", TransientError, "deferred"),
     ],
 )
@@ -309,6 +318,17 @@ async def test_content_refused(server: Server, reply: str, kind: type[Exception]
 
     assert type(caught.value) is kind
     assert getattr(caught.value, "reason", None) == reason
+    assert not getattr(caught.value, "maybe_sent", False)  # the server answered
+
+
+async def test_a_message_over_the_size_limit_is_permanent_too_large() -> None:
+    # The server announces SIZE; smtplib declares the size in MAIL FROM and the server refuses
+    # the sender with 552. The same mail would always be refused: fall back, do not retry.
+    with smtp_server(data_size_limit=200) as server, pytest.raises(PermanentError) as caught:
+        await plain(server).deliver(EMAIL, envelope())
+    assert caught.value.reason == "too_large"
+    assert caught.value.detail.startswith("552 ")
+    assert server.mailbox.messages == []
 
 
 @pytest.mark.parametrize(
@@ -341,6 +361,39 @@ async def test_server_down_is_transient() -> None:
     with pytest.raises(TransientError) as caught:
         await channel.deliver(EMAIL, envelope())
     assert caught.value.reason == "connection"
+    assert not caught.value.maybe_sent  # refused: nothing was sent
+
+
+@pytest.mark.parametrize(("after_data", "reason"), [("drop", "connection"), ("hang", "timeout")])
+async def test_a_connection_lost_after_data_may_have_sent(
+    after_data: Literal["drop", "hang"], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with smtp_server() as server:
+        server.mailbox.after_data = after_data
+        with pytest.raises(TransientError) as caught:
+            await plain(server, timeout=0.3).deliver(EMAIL, envelope())
+    assert caught.value.reason == reason
+    assert caught.value.maybe_sent  # the server had the message: it may deliver it
+    assert len(server.mailbox.messages) == 1
+    assert "smtp may have taken run-1:s1 for l***@example.com" in caplog.text
+    assert ADDRESS not in caplog.text
+
+
+async def test_an_odd_goodbye_after_acceptance_is_still_a_success(server: Server) -> None:
+    # smtplib raises when QUIT is not answered 221, after the server took the message: failing
+    # the send then would have it retried and delivered twice.
+    server.mailbox.quit_reply = "250 2.0.0 Bye"
+    result = await plain(server).deliver(EMAIL, envelope())
+    assert result.provider_id == received_one(server)["Message-ID"]
+
+
+async def test_a_connection_lost_before_data_is_plain_transient(server: Server) -> None:
+    server.mailbox.after_rcpt = "drop"
+    with pytest.raises(TransientError) as caught:
+        await plain(server, timeout=0.3).deliver(EMAIL, envelope())
+    assert caught.value.reason == "connection"
+    assert not caught.value.maybe_sent  # DATA never went out: the server cannot have the message
+    assert server.mailbox.messages == []
 
 
 @contextlib.contextmanager
@@ -382,6 +435,7 @@ async def test_silent_server_times_out() -> None:
         with pytest.raises(TransientError) as caught:
             await channel.deliver(EMAIL, envelope())
     assert caught.value.reason == "timeout"
+    assert not caught.value.maybe_sent  # no greeting, so no DATA either
 
 
 async def test_server_hanging_up_is_transient() -> None:
@@ -392,6 +446,7 @@ async def test_server_hanging_up_is_transient() -> None:
         with pytest.raises(TransientError) as caught:
             await channel.deliver(EMAIL, envelope())
     assert caught.value.reason == "connection"
+    assert not caught.value.maybe_sent
 
 
 # -- authentication and TLS ------------------------------------------------------------------

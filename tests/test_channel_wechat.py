@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from channel_support import WECHAT_APP_ID as APP_ID
+from channel_support import WECHAT_MESSAGE as MESSAGE
+from channel_support import WECHAT_SECRET as SECRET
+from channel_support import WECHAT_TEMPLATE as TEMPLATE
+from channel_support import assert_wait, http_date_in
+from channel_support import wechat_envelope as envelope
 from wechat_server import WeChatServer
 
-from channels import Channel, DeliveryResult, Envelope, PermanentError, TransientError
+from channels import Channel, DeliveryResult, PermanentError, TransientError
 from channels.wechat import (
     ERRCODES,
     TOKEN_ERRCODES,
@@ -24,18 +30,6 @@ from channels.wechat import (
 from nurture.devserver import free_port
 from nurture.templates import RenderedMessage
 
-APP_ID = "wx-test-app"
-SECRET = "s3cret-app-secret-value"
-TEMPLATE = "tpl-order-shipped"
-
-MESSAGE = RenderedMessage(
-    channel="wechat",
-    template="order_shipped",
-    locale="zh-CN",
-    template_id=TEMPLATE,
-    data={"first": "您的订单已发货", "keyword1": "NU-1024", "remark": "感谢惠顾"},
-    url="https://shop.example/orders/NU-1024",
-)
 MINI = RenderedMessage(
     channel="wechat",
     template="order_shipped",
@@ -44,17 +38,6 @@ MINI = RenderedMessage(
     data={"keyword1": "NU-1024"},
     miniprogram={"appid": "wx-mini", "pagepath": "pages/order?id=NU-1024"},
 )
-
-
-def envelope(openid: str = "o-alice", key: str = "run-1:s1") -> Envelope:
-    return Envelope(
-        address=openid,
-        idempotency_key=key,
-        user_id="u1",
-        journey="welcome_series",
-        category="marketing",
-        unsubscribe_url="https://n.example/u/tok",
-    )
 
 
 @pytest.fixture
@@ -335,6 +318,8 @@ async def test_faults_are_transient_and_a_retry_sends_once(
     with pytest.raises(TransientError) as caught:
         await wechat.deliver(MESSAGE, envelope(key="run-1:s1"))
     assert caught.value.reason == reason
+    # The retry carries the same client_msg_id, so WeChat de-duplicates it: never "maybe sent".
+    assert not caught.value.maybe_sent
 
     result = await wechat.deliver(MESSAGE, envelope(key="run-1:s1"))
     assert [m.body["client_msg_id"] for m in server.messages] == [
@@ -362,8 +347,10 @@ async def test_answer_lost_after_accept_is_not_sent_twice(
     await wechat.deliver(MESSAGE, envelope(key="run-0:s1"))
     server.fail_next("drop_after_accept")
 
-    with pytest.raises(TransientError):
+    with pytest.raises(TransientError) as caught:
         await wechat.deliver(MESSAGE, envelope(key="run-1:s1"))
+    assert caught.value.reason == "connection"
+    assert not caught.value.maybe_sent  # the retry below is safe, and proves it
     result = await wechat.deliver(MESSAGE, envelope(key="run-1:s1"))
 
     assert len(server.messages) == 2
@@ -389,6 +376,31 @@ async def test_server_down_is_transient() -> None:
         with pytest.raises(TransientError) as caught:
             await channel.deliver(MESSAGE, envelope())
     assert caught.value.reason == "connection"
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "reason", "expected"),
+    [
+        (429, lambda: {"Retry-After": "7"}, "rate_limited", (7.0, 7.0)),
+        (503, lambda: {"Retry-After": http_date_in(120)}, "server_error", (110.0, 120.0)),
+        (503, lambda: {"Retry-After": "later"}, "server_error", None),
+        (502, lambda: {}, "server_error", None),
+    ],
+    ids=["429-seconds", "503-http-date", "503-unreadable", "502-absent"],
+)
+async def test_http_errors_keep_the_retry_after(
+    status: int, headers: Callable[[], dict[str, str]], reason: str, expected: tuple[float, float] | None
+) -> None:
+    # A proxy in front of WeChat answers in HTTP; the wait it asks for is kept, in either form.
+    sent = headers()
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda _: httpx.Response(status, headers=sent)))
+    channel = WeChatTemplate(app_id=APP_ID, app_secret=SECRET, tokens=MemoryTokens(), http=client)
+    with pytest.raises(TransientError) as caught:
+        await channel.deliver(MESSAGE, envelope())
+    await client.aclose()
+    assert caught.value.reason == reason
+    assert not caught.value.maybe_sent
+    assert_wait(caught.value, expected)
 
 
 async def test_non_json_and_wrong_base_url_are_transient(server: WeChatServer) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from support import send_request
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -56,20 +58,7 @@ def templates(tmp_path: Path) -> TemplateStore:
 
 
 def request(step: str = "s1", category: str = "marketing") -> SendRequest:
-    return SendRequest(
-        run_id="run-1",
-        journey="welcome_series",
-        version="v1",
-        step_id=step,
-        user_id="u1",
-        channels=("sms", "email"),
-        template="hello",
-        category=category,  # type: ignore[arg-type]
-        timezone="UTC",
-        quiet_hours=None,
-        variant=None,
-        context={},
-    )
+    return send_request(step_id=step, category=category)  # type: ignore[no-any-return]
 
 
 async def test_permanent_failure_falls_back_to_the_next_channel(templates: TemplateStore) -> None:
@@ -178,3 +167,85 @@ async def test_send_activity_turns_retry_after_into_the_next_retry_delay(templat
     assert caught.value.type == "transient:rate_limited"
     assert caught.value.next_retry_delay == timedelta(seconds=7)
     assert not caught.value.non_retryable
+
+
+@dataclass
+class Findable(Scripted):
+    """A provider that can be asked whether it has a message (like Twilio's message list)."""
+
+    kept: list[str] = field(default_factory=list)
+    """Keys of messages the provider took although the answer never came back."""
+    lookups: int = 0
+
+    async def find(self, message: RenderedMessage, envelope: Envelope) -> DeliveryResult | None:
+        self.lookups += 1
+        if envelope.idempotency_key in self.kept:
+            return DeliveryResult(self.provider, "found-1")
+        return None
+
+
+async def test_a_lost_answer_is_looked_up_before_sending_again(templates: TemplateStore) -> None:
+    lost = TransientError("connection", "dropped after sending", maybe_sent=True)
+    sms = Findable("twilio", [lost], kept=[request().idempotency_key])
+    deliverer = Deliverer(templates, {"sms": sms, "email": Scripted("sendgrid")}, ledger=MemoryLedger())
+    with pytest.raises(TransientError):
+        await deliverer.send(request(), USER, NOW)
+
+    result = await deliverer.send(request(), USER, NOW)
+
+    assert result.outcome is not None and (result.outcome.label, result.outcome.provider_id) == (
+        "sent",
+        "found-1",
+    )
+    assert (sms.calls, sms.lookups) == (1, 1)  # found it: not sent again
+
+
+async def test_a_lost_answer_the_provider_does_not_have_is_sent_again(templates: TemplateStore) -> None:
+    sms = Findable("twilio", [TransientError("timeout", maybe_sent=True)])
+    deliverer = Deliverer(templates, {"sms": sms}, ledger=MemoryLedger())
+    with pytest.raises(TransientError):
+        await deliverer.send(request(), USER, NOW)
+    result = await deliverer.send(request(), USER, NOW)
+    assert result.outcome is not None and result.outcome.label == "sent"
+    assert (sms.calls, sms.lookups, len(sms.accepted)) == (2, 1, 1)
+
+
+async def test_a_lost_answer_without_a_lookup_is_an_unknown_outcome(templates: TemplateStore) -> None:
+    sms = Scripted("sendgrid-like", [TransientError("timeout", maybe_sent=True)])
+    email = Scripted("sendgrid")
+    deliverer = Deliverer(templates, {"sms": sms, "email": email}, ledger=MemoryLedger())
+    with pytest.raises(TransientError):
+        await deliverer.send(request(), USER, NOW)
+    result = await deliverer.send(request(), USER, NOW)
+    assert result.outcome is not None and result.outcome.label == f"failed:{UNKNOWN_OUTCOME}"
+    assert sms.calls == 1 and email.calls == 0
+
+
+async def test_cancelled_mid_call_is_never_called_again(templates: TemplateStore) -> None:
+    sms = Scripted("twilio", [asyncio.CancelledError()])
+    deliverer = Deliverer(templates, {"sms": sms, "email": Scripted("sendgrid")}, ledger=MemoryLedger())
+    with pytest.raises(asyncio.CancelledError):
+        await deliverer.send(request(), USER, NOW)
+    result = await deliverer.send(request(), USER, NOW)
+    assert result.outcome is not None and result.outcome.label == f"failed:{UNKNOWN_OUTCOME}"
+    assert sms.calls == 1
+
+
+async def test_an_empty_rendering_falls_back(tmp_path: Path) -> None:
+    (tmp_path / "sms").mkdir()
+    (tmp_path / "email").mkdir()
+    (tmp_path / "sms" / "hello.txt").write_text("{{ user.nickname }}", encoding="utf-8")
+    (tmp_path / "email" / "hello.mjml").write_text(
+        "---\nsubject: Hi\n---\n<mjml><mj-body><mj-section><mj-column><mj-text>Hi</mj-text>"
+        "</mj-column></mj-section></mj-body></mjml>\n",
+        encoding="utf-8",
+    )
+    sms, email = Scripted("twilio"), Scripted("sendgrid")
+    result = await Deliverer(TemplateStore(tmp_path), {"sms": sms, "email": email}).send(request(), USER, NOW)
+    assert result.outcome is not None and (result.outcome.channel, result.outcome.label) == ("email", "sent")
+    assert sms.calls == 0
+    only_sms = Profile("u1", {"phone": "+8613800138000"})
+    result = await Deliverer(TemplateStore(tmp_path), {"sms": sms, "email": email}).send(
+        request(), only_sms, NOW
+    )
+    assert result.outcome is not None and result.outcome.label == "failed:empty_message"

@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 
 from nurture.cli import main
 from nurture.cli_preview import BROWSERS
+from nurture.links import UnsubscribeLinks
 from nurture.sms import sms_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,9 @@ def preview(*args: str | Path, env: dict[str, str] | None = None) -> Result:
 
 def test_email_for_a_chinese_user_uses_the_chinese_variant(files: Path) -> None:
     html = files / "welcome.html"
-    result = preview("email/welcome", "--user", files / "li.yaml", "--event", files / "cart.yaml", "--html", html)
+    result = preview(
+        "email/welcome", "--user", files / "li.yaml", "--event", files / "cart.yaml", "--html", html
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[:4] == [
@@ -100,13 +103,24 @@ def test_sms_in_chinese_is_ucs2(files: Path) -> None:
 def test_sms_in_english_is_gsm7_and_warns_past_the_projects_limit(files: Path) -> None:
     config = files / "nurture.yaml"
     config.write_text("sms_max_segments: 1\n", encoding="utf-8")
-    result = preview("sms/cart_last_call", "--user", files / "anna.yaml", "--event", files / "cart.yaml", "--config", config)
+    result = preview(
+        "sms/cart_last_call",
+        "--user",
+        files / "anna.yaml",
+        "--event",
+        files / "cart.yaml",
+        "--config",
+        config,
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[3].startswith("Nurture Academy: Anna, Python for Data Analysis is still in your cart.")
     assert len(lines[3]) == 190  # plain Latin text: one septet per character
     assert lines[5] == "GSM-7, 2 segments (190/306 characters)" == sms_info(lines[3]).describe()
-    assert lines[6] == "warning: 2 segments is more than the project allows (1, sms_max_segments in nurture.yaml)"
+    assert (
+        lines[6]
+        == "warning: 2 segments is more than the project allows (1, sms_max_segments in nurture.yaml)"
+    )
 
 
 def test_wechat_prints_the_provider_request_body(files: Path) -> None:
@@ -126,7 +140,10 @@ def test_wechat_prints_the_provider_request_body(files: Path) -> None:
 def test_a_name_in_two_channels_must_be_qualified(files: Path) -> None:
     result = preview("cart_last_call", "--user", files / "li.yaml")
     assert result.exit_code == 1
-    assert "'cart_last_call' is a template in 2 channels; name one: sms/cart_last_call, wechat/cart_last_call" in result.output
+    assert (
+        "'cart_last_call' is a template in 2 channels; name one: sms/cart_last_call, wechat/cart_last_call"
+        in result.output
+    )
 
 
 @pytest.mark.parametrize(
@@ -152,13 +169,24 @@ def test_template_errors_exit_1_with_the_message(files: Path) -> None:
     (templates / "sms" / "divide.txt").write_text("{{ 10 // event.properties.n }} left\n", encoding="utf-8")
     (files / "zero.yaml").write_text("name: Count\nproperties: {n: 0}\n", encoding="utf-8")
     runner = CliRunner()
-    broken = runner.invoke(main, ["preview", "broken", "--user", str(files / "anna.yaml"), "--templates", str(templates)])
+    broken = runner.invoke(
+        main, ["preview", "broken", "--user", str(files / "anna.yaml"), "--templates", str(templates)]
+    )
     assert broken.exit_code == 1
     assert f"{templates / 'sms' / 'broken.txt'}:1:" in broken.output
     assert "Jinja syntax error" in broken.output
     data = runner.invoke(
         main,
-        ["preview", "divide", "--user", str(files / "anna.yaml"), "--event", str(files / "zero.yaml"), "--templates", str(templates)],
+        [
+            "preview",
+            "divide",
+            "--user",
+            str(files / "anna.yaml"),
+            "--event",
+            str(files / "zero.yaml"),
+            "--templates",
+            str(templates),
+        ],
     )
     assert data.exit_code == 1
     assert "could not render: integer division or modulo by zero" in data.output
@@ -169,7 +197,11 @@ def test_template_errors_exit_1_with_the_message(files: Path) -> None:
     [
         ("user.yaml", "first_name: Li\n", "the user needs an id"),
         ("user.yaml", "- id: u1\n", "must be a mapping"),
-        ("event.yaml", "name: Cart Updated\nprops: {a: 1}\n", "unknown key 'props' (did you mean 'properties'?)"),
+        (
+            "event.yaml",
+            "name: Cart Updated\nprops: {a: 1}\n",
+            "unknown key 'props' (did you mean 'properties'?)",
+        ),
         ("event.yaml", "properties: {a: 1}\n", "the event needs a name"),
         ("event.yaml", "name: X\ntimestamp: yesterday\n", "timestamp 'yesterday' is not ISO-8601"),
     ],
@@ -192,7 +224,12 @@ def test_png_and_html_are_for_email_only(files: Path) -> None:
 def test_a_missing_browser_says_how_to_install_one(files: Path) -> None:
     png = files / "welcome.png"
     result = preview(
-        "email/welcome", "--user", files / "li.yaml", "--png", png, env={"NURTURE_CHROMIUM": str(files / "no-such-browser")}
+        "email/welcome",
+        "--user",
+        files / "li.yaml",
+        "--png",
+        png,
+        env={"NURTURE_CHROMIUM": str(files / "no-such-browser")},
     )
     assert result.exit_code == 1
     assert "NURTURE_CHROMIUM" in result.output
@@ -202,7 +239,14 @@ def test_a_missing_browser_says_how_to_install_one(files: Path) -> None:
 
     empty = files / "empty-bin"
     empty.mkdir()
-    result = preview("email/welcome", "--user", files / "li.yaml", "--png", png, env={"NURTURE_CHROMIUM": "", "PATH": str(empty)})
+    result = preview(
+        "email/welcome",
+        "--user",
+        files / "li.yaml",
+        "--png",
+        png,
+        env={"NURTURE_CHROMIUM": "", "PATH": str(empty)},
+    )
     assert result.exit_code == 1
     assert "none was found (chromium, chromium-browser, google-chrome on PATH)" in result.output
     assert "apt-get install chromium" in result.output
@@ -215,10 +259,15 @@ def _browser() -> str | None:
     return next((found for found in map(shutil.which, BROWSERS) if found), None)
 
 
-@pytest.mark.skipif(_browser() is None, reason="no Chromium found (NURTURE_CHROMIUM, chromium, chromium-browser, google-chrome)")
+@pytest.mark.skipif(
+    _browser() is None,
+    reason="no Chromium found (NURTURE_CHROMIUM, chromium, chromium-browser, google-chrome)",
+)
 def test_png_screenshot_with_headless_chromium(files: Path) -> None:
     png = files / "welcome.png"
-    result = preview("email/welcome", "--user", files / "anna.yaml", "--event", files / "cart.yaml", "--png", png)
+    result = preview(
+        "email/welcome", "--user", files / "anna.yaml", "--event", files / "cart.yaml", "--png", png
+    )
     assert result.exit_code == 0, result.output
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -228,3 +277,24 @@ def test_png_screenshot_with_headless_chromium(files: Path) -> None:
     assert 400 < height < 2000
     assert len(data) > 10_000
     assert f"screenshot written to {png}" in result.stderr
+
+
+def test_the_unsubscribe_link_is_shown_signed_when_links_are_configured(files: Path) -> None:
+    html = files / "welcome.html"
+    plain = preview(
+        "email/welcome",
+        "--user",
+        files / "li.yaml",
+        "--html",
+        html,
+        env={"NURTURE_PUBLIC_URL": "", "NURTURE_SECRET": ""},
+    )
+    assert plain.exit_code == 0, plain.output
+    assert 'href="https://nurture.example/u/preview"' in html.read_text(encoding="utf-8")
+
+    env = {"NURTURE_PUBLIC_URL": "https://n.example", "NURTURE_SECRET": "s" * 32}
+    signed = preview("email/welcome", "--user", files / "li.yaml", "--html", html, env=env)
+    assert signed.exit_code == 0, signed.output
+    token = html.read_text(encoding="utf-8").split('href="https://n.example/u/')[1].split('"')[0]
+    target = UnsubscribeLinks(secret="s" * 32, public_url="https://n.example").verify(token)
+    assert (target.user_id, target.channel) == ("u_1024", "email")

@@ -10,7 +10,7 @@ from channels.sendgrid import SendGridEmail
 from channels.smtp import SmtpEmail
 from channels.twilio import TwilioSms
 from nurture.compiler import compile_project
-from nurture.providers import ProvidersDoc, build_channels, required_env
+from nurture.providers import ProvidersDoc, advisories, build_channels, required_env
 from nurture.storage.db import Database
 from nurture.storage.stores import DbOutbox
 
@@ -68,7 +68,7 @@ def test_required_env_names_each_missing_variable_and_why() -> None:
         "NURTURE_PUBLIC_URL",
         "NURTURE_SECRET",
         "TWILIO_ACCOUNT_SID",
-        "SMTP_PASSWORD:",
+        "SMTP_USERNAME",
     ]
     assert "needed because nurture.yaml sends sms via twilio" in missing[2]
     assert required_env(ProvidersDoc(), {}) == []
@@ -106,3 +106,24 @@ def test_smtp_settings(tmp_path: Path, security: str, port: int) -> None:
     assert (smtp.host, smtp.port, smtp.security) == ("mail.example", port, security)
     with pytest.raises(ValueError, match="SMTP_SECURITY must be starttls, ssl or none"):
         build_channels(doc, {**env, "SMTP_SECURITY": "tls"}, db=db, outbox=DbOutbox())
+
+
+def test_advisories_name_what_the_webhooks_will_miss() -> None:
+    doc = ProvidersDoc.model_validate(
+        {
+            "email": {"provider": "sendgrid", "from": "a@b.example"},
+            "sms": {"provider": "twilio", "from": "+1555"},
+        }
+    )
+    notes = advisories(doc, {})
+    assert len(notes) == 2
+    assert notes[0].startswith("NURTURE_PUBLIC_URL is not set") and notes[1].startswith(
+        "SENDGRID_WEBHOOK_PUBLIC_KEY"
+    )
+    assert advisories(doc, {"NURTURE_PUBLIC_URL": "https://n", "SENDGRID_WEBHOOK_PUBLIC_KEY": "k"}) == []
+
+
+def test_secrets_with_stray_whitespace_are_trimmed(tmp_path: Path) -> None:
+    doc = ProvidersDoc.model_validate({"sms": {"provider": "twilio", "from": "+1555"}})
+    env = {"TWILIO_ACCOUNT_SID": " AC" + "0" * 32 + "\n", "TWILIO_AUTH_TOKEN": "  \n"}
+    assert [line.split(" ")[0] for line in required_env(doc, env)] == ["TWILIO_AUTH_TOKEN"]

@@ -142,13 +142,15 @@ async def test_marketing_email_carries_a_working_unsubscribe_link(
 
 
 FAULTY = """\
-scenario: provider faults delay sends; a rejected number falls back to WeChat
+scenario: provider faults delay sends, lost answers are looked up, a rejected number falls back
 start: 2026-03-02T10:00:00+08:00
 journeys: [welcome_series]
 users:
-  u1: {email: na.li@example.com, phone: "+8613800138000", wechat_openid: o-faulty, first_name: Na, timezone: Asia/Shanghai}
+  na: {email: na.li@example.com, phone: "+8613800138000", wechat_openid: o-na, first_name: Na, timezone: Asia/Shanghai}
+  bo: {email: bo@example.com, phone: "+8613800138001", wechat_openid: o-bo, first_name: Bo, timezone: Asia/Shanghai}
 events:
-  - {at: 0s, user: u1, event: Signed Up, properties: {interest: Python}}
+  - {at: 0s, user: na, event: Signed Up, properties: {interest: Python}}
+  - {at: 1h, user: bo, event: Signed Up, properties: {interest: Python}}
 expect: []
 """
 
@@ -160,45 +162,55 @@ async def test_faults_delay_and_fall_back_without_duplicates(
     path.write_text(FAULTY, encoding="utf-8")
     scenario = load_scenario(path, project)
     with (
-        OpenApiMock(provider_spec("twilio_api_v2010.json")) as twilio,
-        OpenApiMock(provider_spec("sendgrid_mail_v3.json"), timeout_hold=3.0) as sendgrid,
-        WeChatServer(openids=["o-faulty"]) as wechat,
+        OpenApiMock(provider_spec("twilio_api_v2010.json"), timeout_hold=3.0) as twilio,
+        OpenApiMock(provider_spec("sendgrid_mail_v3.json")) as sendgrid,
+        WeChatServer(openids=["o-na", "o-bo"]) as wechat,
     ):
         channels: dict[str, Channel] = {
-            "email": SendGridEmail(
-                api_key="SG.k", from_email="hello@academy.example.com", host=sendgrid.url, timeout=1.0
-            ),
+            "email": SendGridEmail(api_key="SG.k", from_email="hello@academy.example.com", host=sendgrid.url),
             "sms": TwilioSms(
-                account_sid="AC" + "2" * 32, auth_token="t", from_number="+15005550006", base_url=twilio.url
+                account_sid="AC" + "2" * 32,
+                auth_token="t",
+                from_number="+15005550006",
+                base_url=twilio.url,
+                timeout=1.0,
             ),
             "wechat": WeChatTemplate(
                 app_id=wechat.app_id, app_secret=wechat.app_secret, tokens=MemoryTokens(), base_url=wechat.url
             ),
         }
-        # The welcome email meets every transient fault in turn before SendGrid takes it.
-        for kind in ("429", "500", "503", "timeout", "drop"):
+        # Na's welcome email meets a 429 and two 5xx before SendGrid takes it.
+        for kind in ("429", "500", "503"):
             sendgrid.fail_next(kind)
-        # Twilio rejects the number for good (21211): the coupon goes to WeChat, which is busy once.
+        # Na's coupon: Twilio never answers (it did not take it), then takes it and the answer is
+        # lost; each retry asks Twilio first, so she gets it exactly once.
+        twilio.fail_next("timeout")
+        twilio.fail_next("accept_then_drop")
+        # Bo's number is rejected for good (21211): his coupon goes to WeChat, which is busy once.
         twilio.answer_next(400, {"code": 21211, "message": "The 'To' number is not valid.", "status": 400})
         wechat.fail_next("busy")
 
         outcomes = await temporal.play(scenario, project, channels=channels)
 
-        # The retries delay the welcome email (and so every later step) by their backoff.
-        sends = [(o.send.channel, o.send.template, o.send.label) for o in outcomes if o.send is not None]
-        assert sends == [
-            ("email", "welcome", "sent"),
-            ("email", "popular_courses", "sent"),
-            ("email", "live_session_preview", "sent"),
-            ("wechat", "welcome_coupon", "sent"),
-        ]
-        assert [o.exit for o in outcomes if o.exit] == ["completed"]
-        assert "WELCOME30" in next(o.send.text for o in outcomes if o.send and o.send.channel == "wechat")
-        assert [f.fault for f in sendgrid.faulted] == ["429", "500", "503", "timeout", "drop"]
-        subjects = [r.body["subject"] for r in sendgrid.accepted]
-        assert len(subjects) == 3 and len(set(subjects)) == 3  # one request per email step
-        assert twilio.accepted == [] and [f.fault for f in twilio.faulted] == ["answer:400"]
-        assert len(wechat.messages) == 1
+        sends = {
+            user: [
+                (o.send.channel, o.send.template, o.send.label) for o in outcomes if o.send and o.user == user
+            ]
+            for user in ("na", "bo")
+        }
+        emails = [("email", t, "sent") for t in ("welcome", "popular_courses", "live_session_preview")]
+        assert sends == {
+            "na": [*emails, ("sms", "welcome_coupon", "sent")],
+            "bo": [*emails, ("wechat", "welcome_coupon", "sent")],
+        }
+        assert sorted(o.exit for o in outcomes if o.exit) == ["completed", "completed"]
+        assert [f.fault for f in sendgrid.faulted] == ["429", "500", "503"]
+        assert len(sendgrid.accepted) == 6  # one request per email step
+        coupons = [r for r in twilio.accepted if r.body["To"] == "+8613800138000"]
+        assert len(coupons) == 1 and "WELCOME30" in coupons[0].body["Body"]
+        assert [f.fault for f in twilio.faulted] == ["timeout", "answer:400"]
+        assert len(twilio.reads) == 2  # a lookup before each retry of Na's coupon
+        assert [m.body["touser"] for m in wechat.messages] == ["o-bo"]
         await channels["wechat"].aclose()  # type: ignore[attr-defined]
 
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import inspect
 from sqlmodel import select
+from support import send_request
 
 from nurture.delivery import Claim
 from nurture.model import SendOutcome, SendRequest
@@ -76,7 +77,9 @@ def test_routes_and_runs(database: Database) -> None:
     asyncio.run(recorder.start(record))
     asyncio.run(recorder.start(record))  # a retried activity changes nothing
     assert has_run(database, "j", "u1", "") and not has_run(database, "j", "u1", "other")
-    asyncio.run(recorder.end({**record, "reason": "restarted", "at": "2026-03-02T03:00:00Z", "continued": True}))
+    asyncio.run(
+        recorder.end({**record, "reason": "restarted", "at": "2026-03-02T03:00:00Z", "continued": True})
+    )
     assert routes.is_active("wf1"), "a restarted run keeps its route for the run that replaces it"
     asyncio.run(
         recorder.end({**record, "reason": "goal", "at": "2026-03-02T04:00:00Z", "variants": {"x": "a"}})
@@ -93,20 +96,7 @@ def test_routes_and_runs(database: Database) -> None:
 
 
 def _request(step: str = "s1") -> SendRequest:
-    return SendRequest(
-        run_id="run1",
-        journey="j",
-        version="v",
-        step_id=step,
-        user_id="u1",
-        channels=("sms", "email"),
-        template="coupon",
-        category="marketing",
-        timezone="UTC",
-        quiet_hours=None,
-        variant="a",
-        context={},
-    )
+    return send_request(run_id="run1", journey="j", version="v", step_id=step, template="coupon", variant="a")  # type: ignore[no-any-return]
 
 
 SMS = RenderedMessage(channel="sms", template="coupon", locale=None, text="Hi Li")
@@ -115,7 +105,7 @@ SMS = RenderedMessage(channel="sms", template="coupon", locale=None, text="Hi Li
 def test_ledger_row_is_written_before_delivery_and_outcome_joins_it(database: Database) -> None:
     ledger, request = DbLedger(database), _request()
     claim = asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS))
-    assert claim == Claim("new")
+    assert claim == Claim("new", "sms")
     with database.session() as session:
         row = session.exec(select(MessageRecord)).one()
         assert (row.status, row.address, row.content, row.provider) == (
@@ -129,7 +119,7 @@ def test_ledger_row_is_written_before_delivery_and_outcome_joins_it(database: Da
     assert asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS)).state == "unknown"
     asyncio.run(ledger.settle(request, "sms", "sent", provider_id="SM1"))
     assert asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS)) == Claim(
-        "sent", provider_id="SM1"
+        "sent", "sms", provider_id="SM1"
     )
     outcome = SendOutcome(
         step_id="s1",
@@ -158,13 +148,19 @@ def test_ledger_retry_failure_and_fallback_attempts(database: Database) -> None:
     asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS))
     asyncio.run(ledger.settle(request, "sms", "retry", reason="rate_limited"))
     # A transient failure leaves the way open: the retry calls the provider again.
-    assert asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS)) == Claim("new")
+    assert asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS)) == Claim("new", "sms")
     asyncio.run(ledger.settle(request, "sms", "failed", reason="invalid_number"))
     assert asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS)) == Claim(
-        "failed", reason="invalid_number"
+        "failed", "sms", reason="invalid_number"
     )
     email = RenderedMessage(channel="email", template="coupon", locale=None, subject="Hi", html="<p>Hi</p>")
-    assert asyncio.run(ledger.claim(request, "email", "sendgrid", "li@example.com", email)) == Claim("new")
+    assert asyncio.run(ledger.claim(request, "email", "sendgrid", "li@example.com", email)) == Claim(
+        "new", "email"
+    )
+    # While email is in flight, nothing else may go out for this step: not even SMS again.
+    assert asyncio.run(ledger.claim(request, "sms", "twilio", "+8613800138000", SMS)) == Claim(
+        "unknown", "email"
+    )
     with database.session() as session:
         row = session.exec(select(MessageRecord)).one()
     assert [(a["channel"], a["state"], a.get("reason")) for a in row.attempts] == [

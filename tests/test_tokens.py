@@ -8,8 +8,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from channel_support import WECHAT_APP_ID as APP_ID
+from channel_support import WECHAT_MESSAGE as MESSAGE
+from channel_support import WECHAT_SECRET as SECRET
+from channel_support import wechat_envelope as envelope
 from support import rows
-from test_channel_wechat import APP_ID, MESSAGE, SECRET, envelope
 from wechat_server import WeChatServer
 
 from channels.wechat import MemoryTokens, TokenStore, WeChatTemplate

@@ -27,11 +27,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import ROOT
 from sqlmodel import col, select
+from support import send_request
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from nurture.cli_service import outbox
 from nurture.devserver import free_port
-from nurture.model import SendRequest
 from nurture.storage.db import Database
 from nurture.storage.models import RunRecord
 from nurture.storage.stores import DbLedger
@@ -321,19 +321,12 @@ async def test_outbox_shows_each_channel_newest_first_with_masked_addresses(tmp_
         ),
     ]
     for index, (message, address) in enumerate(sent):
-        request = SendRequest(
+        request = send_request(
             run_id=f"run-{index}",
-            journey="j",
-            version="v",
             step_id="step",
             user_id="ada",
             channels=(message.channel,),
             template=message.template,
-            category="marketing",
-            timezone="UTC",
-            quiet_hours=None,
-            variant=None,
-            context={},
         )
         await ledger.claim(request, message.channel, "outbox", address, message)
         await ledger.settle(request, message.channel, "sent", provider_id=f"outbox-{index}")
@@ -385,11 +378,15 @@ def test_a_new_user_tries_real_providers_against_the_mocks(stack: dict[str, Any]
         up = Up(stack["args"], env, tmp_path / "up.log")
         try:
             banner = up.banner()
-            curl = subprocess.run(["sh", "-c", curl_command(banner)], capture_output=True, text=True, timeout=60)
+            curl = subprocess.run(
+                ["sh", "-c", curl_command(banner)], capture_output=True, text=True, timeout=60
+            )
             assert curl.returncode == 0, curl.stderr
             wait_until(
-                lambda: "sendgrid  a***@example.com  Welcome to Nurture Academy, Ada!"
-                in (tmp_path / "mocks.out").read_text(),
+                lambda: (
+                    "sendgrid  a***@example.com  Welcome to Nurture Academy, Ada!"
+                    in (tmp_path / "mocks.out").read_text()
+                ),
                 60,
                 "the welcome email at the SendGrid mock",
                 tmp_path / "up.log",

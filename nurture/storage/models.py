@@ -124,6 +124,8 @@ class MessageRecord(SQLModel, table=True):
     attempts: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     """One entry per channel tried, written *before* the provider call: ``channel``, ``provider``,
     ``state`` (``pending``, ``retry``, ``sent`` or ``failed``), ``reason``, ``provider_id``, ``at``."""
+    revision: int = Field(default=0)
+    """Bumped by every change to ``attempts``: concurrent writers compare and set on it."""
     delivery_status: str | None = Field(default=None, max_length=32)
     """The latest provider feedback: ``delivered``, ``bounce``, ``open``, ``click``, ..."""
     created_at: datetime = _when(nullable=False, default=utcnow)

@@ -7,18 +7,18 @@ the worker's event loop never blocks on the database.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
 
 from channels import DeliveryResult, Envelope
 from channels.outbox import outbox_id
 from nurture.clock import parse_instant
-from nurture.delivery import Claim, claim_of
+from nurture.delivery import AttemptState, Claim, earlier_claim, with_attempt
 from nurture.model import Profile, SendOutcome, SendRequest
 from nurture.templates import RenderedMessage
 
@@ -46,9 +46,13 @@ class DbProfiles:
             return session.get(ProfileRecord, user_id)
 
     def merge(
-        self, user_id: str, traits: Mapping[str, Any], opted_out: Sequence[str] | None = None
+        self,
+        user_id: str,
+        traits: Mapping[str, Any],
+        opted_out: Sequence[str] | Callable[[set[str]], set[str]] | None = None,
     ) -> Profile:
-        """Merge ``traits`` into the profile (creating it); ``opted_out`` replaces the opt-outs."""
+        """Merge ``traits`` into the profile (creating it); ``opted_out`` replaces the opt-outs, or
+        changes them when it is a function (applied to the locked row, so changes don't race)."""
         for _ in range(3):
             try:
                 with self.db.session() as session:
@@ -60,7 +64,9 @@ class DbProfiles:
                     for name in IDENTITY:
                         value = row.traits.get(name)
                         setattr(row, name, str(value) if value else None)
-                    if opted_out is not None:
+                    if callable(opted_out):
+                        row.opted_out = sorted(opted_out(set(row.opted_out)))
+                    elif opted_out is not None:
                         row.opted_out = sorted(set(opted_out))
                     row.updated_at = utcnow()
                     return Profile(user_id, dict(row.traits), frozenset(row.opted_out))
@@ -69,10 +75,8 @@ class DbProfiles:
         raise RuntimeError(f"could not update profile {user_id}")
 
     def set_opt_out(self, user_id: str, channel: str, opted_out: bool) -> Profile:
-        current = self.read(user_id)
-        channels = set(current.opted_out)
-        (channels.add if opted_out else channels.discard)(channel)
-        return self.merge(user_id, {}, sorted(channels))
+        """Opt the user out of ``channel`` (or back in)."""
+        return self.merge(user_id, {}, lambda current: current | {channel} if opted_out else current - {channel})
 
     async def get(self, user_id: str) -> Profile:
         return await asyncio.to_thread(self.read, user_id)
@@ -194,8 +198,10 @@ class DbLedger:
     """The engine's :class:`~nurture.delivery.SendLedger` on the ``messages`` table.
 
     One row per (run, step), unique on the idempotency key, with one ``attempts`` entry per
-    channel tried. The row is committed before the provider is called; the row lock (PostgreSQL)
-    or the database write lock (SQLite) makes two concurrent attempts of one send see each other.
+    channel tried. The row is committed before the provider is called. Every change to the
+    attempts is a compare-and-set on ``revision`` (``UPDATE ... WHERE revision = :seen``), and the
+    first insert is guarded by the unique key, so of two concurrent attempts of one send exactly
+    one gets ``new``, on SQLite and PostgreSQL alike.
     """
 
     def __init__(self, db: Database) -> None:
@@ -210,7 +216,7 @@ class DbLedger:
         self, request: SendRequest, channel: str, provider: str, address: str, message: RenderedMessage
     ) -> Claim:
         key = request.idempotency_key
-        pending = {"channel": channel, "provider": provider, "state": "pending", "at": utcnow().isoformat()}
+        attempt = {"provider": provider, "state": "pending", "reason": None, "at": utcnow().isoformat()}
         content: dict[str, Any] = {
             "channel": channel,
             "template": message.template,
@@ -224,43 +230,38 @@ class DbLedger:
             "content": message.to_dict(),
             "updated_at": utcnow(),
         }
-        for _ in range(3):
-            try:
-                with self.db.session() as session:
-                    row = self._row(session, key)
-                    if row is None:
+        for _ in range(20):
+            row = self._read(key)
+            if row is None:
+                try:
+                    with self.db.session() as session:
                         session.add(
-                            MessageRecord.model_validate(
-                                {
-                                    "idempotency_key": key,
-                                    "run_id": request.run_id,
-                                    "user_id": request.user_id,
-                                    "journey": request.journey,
-                                    "step_id": request.step_id,
-                                    "variant": request.variant,
-                                    "attempts": [pending],
-                                    **content,
-                                }
+                            MessageRecord(
+                                idempotency_key=key,
+                                run_id=request.run_id,
+                                user_id=request.user_id,
+                                journey=request.journey,
+                                step_id=request.step_id,
+                                variant=request.variant,
+                                attempts=with_attempt([], channel, **attempt),
+                                **content,
                             )
                         )
-                        return Claim("new")
-                    attempts = list(row.attempts)
-                    earlier = next((a for a in attempts if a.get("channel") == channel), None)
-                    if earlier is not None and earlier.get("state") != "retry":
-                        return claim_of(earlier)
-                    row.attempts = [a for a in attempts if a.get("channel") != channel] + [pending]
-                    for name, value in content.items():
-                        setattr(row, name, value)
-                    return Claim("new")
-            except IntegrityError:  # inserted concurrently: read that row instead
-                continue
-        raise RuntimeError(f"could not claim message {key}")
+                    return Claim("new", channel)
+                except IntegrityError:  # inserted concurrently: decide on that row
+                    continue
+            decided = earlier_claim(row.attempts, channel)
+            if decided is not None:
+                return decided
+            if self._swap(row, with_attempt(row.attempts, channel, **attempt), content):
+                return Claim("new", channel)
+        raise RuntimeError(f"could not claim message {key}: too much contention")
 
     async def settle(
         self,
         request: SendRequest,
         channel: str,
-        state: Literal["sent", "failed", "retry"],
+        state: AttemptState,
         *,
         provider_id: str | None = None,
         reason: str | None = None,
@@ -268,26 +269,36 @@ class DbLedger:
         await asyncio.to_thread(self._settle, request.idempotency_key, channel, state, provider_id, reason)
 
     def _settle(
-        self, key: str, channel: str, state: str, provider_id: str | None, reason: str | None
+        self, key: str, channel: str, state: AttemptState, provider_id: str | None, reason: str | None
     ) -> None:
-        with self.db.session() as session:
-            row = self._row(session, key)
+        extra: dict[str, Any] = {"updated_at": utcnow()}
+        if state == "sent":
+            extra.update(status="sent", provider_id=provider_id, reason=None)
+        for _ in range(20):
+            row = self._read(key)
             if row is None:
                 return
-            attempts = []
-            for attempt in row.attempts:
-                if attempt.get("channel") == channel:
-                    attempt = {**attempt, "state": state, "reason": reason, "provider_id": provider_id}
-                attempts.append(attempt)
-            row.attempts = attempts
-            if state == "sent":
-                row.status, row.provider_id, row.reason = "sent", provider_id, None
-            row.updated_at = utcnow()
+            attempts = with_attempt(row.attempts, channel, state=state, provider_id=provider_id, reason=reason)
+            if self._swap(row, attempts, extra):
+                return
+        raise RuntimeError(f"could not record the attempt of message {key}: too much contention")
 
-    def _row(self, session: Session, key: str) -> MessageRecord | None:
-        return session.execute(
-            select(MessageRecord).where(col(MessageRecord.idempotency_key) == key).with_for_update()
-        ).scalar_one_or_none()
+    def _read(self, key: str) -> MessageRecord | None:
+        with self.db.session() as session:
+            return session.execute(
+                select(MessageRecord).where(col(MessageRecord.idempotency_key) == key)
+            ).scalar_one_or_none()
+
+    def _swap(self, row: MessageRecord, attempts: list[dict[str, Any]], values: Mapping[str, Any]) -> bool:
+        """Write ``attempts`` (and ``values``) if nobody changed the row since it was read."""
+        with self.db.session() as session:
+            done = session.execute(
+                update(MessageRecord)
+                .where(col(MessageRecord.id) == row.id)
+                .where(col(MessageRecord.revision) == row.revision)
+                .values(attempts=attempts, revision=row.revision + 1, **values)
+            )
+            return bool(getattr(done, "rowcount", 0))
 
 
 class Events:

@@ -19,6 +19,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.add_column(sa.Column("attempts", sa.JSON(), nullable=False, server_default="[]"))
+        batch_op.add_column(sa.Column("revision", sa.Integer(), nullable=False, server_default="0"))
         batch_op.add_column(sa.Column("delivery_status", sa.String(length=32), nullable=True))
         batch_op.add_column(sa.Column("updated_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index(batch_op.f("ix_messages_provider_id"), ["provider_id"], unique=False)
@@ -68,4 +69,5 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_messages_provider_id"))
         batch_op.drop_column("updated_at")
         batch_op.drop_column("delivery_status")
+        batch_op.drop_column("revision")
         batch_op.drop_column("attempts")
