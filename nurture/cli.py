@@ -5,47 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
 from . import cli_events, cli_preview, cli_service
+from .cli_options import project_options
 from .compiler import Project, compile_project
 from .diagnostics import CompileError, format_all
 from .graph import mermaid
 from .language import journey_schema
 from .scenarios import Runtime, SimRuntime, build_simulator, compare, load_scenario, scenario_files
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def project_options(func: F) -> F:
-    """``--journeys``, ``--templates`` and ``--config`` on every command that reads them."""
-    func = click.option(
-        "--config",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="Project defaults file [default: nurture.yaml beside the journeys directory].",
-    )(func)
-    func = click.option(
-        "--templates",
-        "templates_dir",
-        type=click.Path(path_type=Path),
-        default=Path("templates"),
-        show_default=True,
-        help="Templates directory.",
-    )(func)
-    func = click.option(
-        "--journeys",
-        "journeys_dir",
-        type=click.Path(path_type=Path),
-        default=Path("journeys"),
-        show_default=True,
-        help="Journeys directory.",
-    )(func)
-    return func
 
 
 def _compile(journeys_dir: Path, templates_dir: Path, config: Path | None) -> Project:

@@ -27,6 +27,7 @@ from typing import Any
 import click
 import yaml
 
+from .cli_options import project_options
 from .clock import format_instant, parse_instant
 from .compiler import Settings, load_settings
 from .delivery import render_context, text_value
@@ -79,28 +80,7 @@ _EVENT_KEYS = ("name", "properties", "timestamp")
     default=None,
     help="Email only: write the rendered HTML.",
 )
-@click.option(
-    "--templates",
-    "templates_dir",
-    type=click.Path(path_type=Path),
-    default=Path("templates"),
-    show_default=True,
-    help="Templates directory.",
-)
-@click.option(
-    "--journeys",
-    "journeys_dir",
-    type=click.Path(path_type=Path),
-    default=Path("journeys"),
-    show_default=True,
-    help="Journeys directory (nurture.yaml is read from beside it).",
-)
-@click.option(
-    "--config",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Project defaults file [default: nurture.yaml beside the journeys directory].",
-)
+@project_options
 def preview(
     template: str,
     user_file: Path,

@@ -57,10 +57,10 @@ _JSON = "application/json"
 
 
 def provider_spec(name: str) -> Path:
-    """The shared provider spec ``name``: from ``$NURTURE_PROVIDER_SPECS``, else ``../shared/specs``
-    next to the project. Fails (never skips) when it is missing: the contract tests need it."""
+    """The provider spec ``name``: from ``$NURTURE_PROVIDER_SPECS``, else the copy in
+    ``tests/specs``. Fails (never skips) when it is missing: the contract tests need it."""
     folder = os.environ.get("NURTURE_PROVIDER_SPECS")
-    path = (Path(folder) if folder else Path(__file__).resolve().parents[2] / "shared" / "specs") / name
+    path = (Path(folder) if folder else Path(__file__).resolve().parent / "specs") / name
     if not path.is_file():
         raise FileNotFoundError(f"provider spec {path} is missing; set NURTURE_PROVIDER_SPECS to its folder")
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import uuid
@@ -17,6 +18,13 @@ from nurture.devserver import free_port
 from nurture.storage.db import Database
 
 T = TypeVar("T")
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without Nurture's, Temporal's or the providers' settings: what a
+    worker or ``nurture up`` subprocess starts from before a test adds its own."""
+    prefixes = ("NURTURE_", "TEMPORAL_", "TWILIO_", "SENDGRID_", "SMTP_", "WECHAT_")
+    return {key: value for key, value in os.environ.items() if not key.startswith(prefixes) and key != "DATABASE_URL"}
 
 
 def new_user() -> str:

@@ -15,7 +15,6 @@ every run from history, and the events that release the runs must reach it.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 from conftest import ROOT
 from sqlalchemy import text
+from support import clean_env
 from temporalio.client import Client
 
 from nurture.compiler import load_project
@@ -112,11 +112,7 @@ async def test_kill_9_mid_journey_sends_every_message_exactly_once(dev_server: s
     database = f"sqlite:///{tmp_path / 'nurture.db'}"
     db = Database(database)
     db.migrate()
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("NURTURE_", "TEMPORAL_")) and key != "DATABASE_URL"
-    }
+    env = clean_env()
     env.update(
         TEMPORAL_ADDRESS=dev_server,
         NURTURE_TASK_QUEUE=queue,

@@ -15,7 +15,6 @@ Both runs go on, and their next messages are sent once.
 
 from __future__ import annotations
 
-import os
 import signal
 import uuid
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from openapi_mock import OpenApiMock, provider_spec
 from sqlmodel import select
+from support import clean_env
 from temporalio.client import Client
 from test_crash import start_worker, wait_for
 
@@ -88,11 +88,7 @@ async def test_worker_killed_while_the_provider_holds_the_message(dev_server: st
     db.migrate()
     twilio = OpenApiMock(provider_spec("twilio_api_v2010.json")).start()
     sendgrid = OpenApiMock(provider_spec("sendgrid_mail_v3.json")).start()
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("NURTURE_", "TEMPORAL_", "TWILIO_", "SENDGRID_")) and key != "DATABASE_URL"
-    }
+    env = clean_env()
     env.update(
         TEMPORAL_ADDRESS=dev_server,
         NURTURE_TASK_QUEUE=queue,

@@ -9,7 +9,6 @@ hours, so the welcome email goes out whatever the wall-clock hour.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -27,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import ROOT
 from sqlmodel import col, select
-from support import send_request
+from support import clean_env, send_request
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from nurture.cli_service import outbox
@@ -115,14 +114,6 @@ def outbox_cli(home: Path, *args: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
-
-
-def clean_env() -> dict[str, str]:
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("NURTURE_", "TEMPORAL_")) and key != "DATABASE_URL"
-    }
 
 
 def runs(home: Path) -> dict[str, RunRecord]:

@@ -10,7 +10,6 @@ import asyncio
 import io
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -26,6 +25,7 @@ import httpx
 import pytest
 from conftest import ROOT
 from sqlalchemy import text
+from support import clean_env
 from temporalio.client import Client
 
 import worker
@@ -64,11 +64,7 @@ def project_dir(tmp_path: Path, *extra: tuple[str, str]) -> Path:
 
 
 def worker_env(tmp_path: Path, journeys: Path, address: str, **extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("NURTURE_", "TEMPORAL_")) and key != "DATABASE_URL"
-    }
+    env = clean_env()
     env.update(
         TEMPORAL_ADDRESS=address,
         NURTURE_HOME=str(tmp_path / "home"),
