@@ -62,6 +62,8 @@ class Settings:
     """Warn when an SMS template needs more segments than this, whatever the data."""
     providers: ProvidersDoc = field(default_factory=ProvidersDoc)
     """Which provider carries each channel (default: the outbox for all)."""
+    topics: tuple[str, ...] = ()
+    """Subscription topics a send may name and users may opt out of."""
 
 
 @dataclass
@@ -149,6 +151,7 @@ def load_settings(path: Path, sink: DiagnosticSink) -> Settings:
         source=str(path),
         sms_max_segments=doc.sms_max_segments,
         providers=doc.providers,
+        topics=tuple(doc.topics),
     )
 
 

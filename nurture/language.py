@@ -282,6 +282,8 @@ class ProjectDoc(Doc):
     sms_max_segments: int = Field(3, ge=1)
     """Warn at compile time when an SMS template needs more segments than this, whatever the data."""
     providers: ProvidersDoc = ProvidersDoc()
+    topics: list[Ident] = Field(default_factory=list)
+    """Subscription topics a send may name (``topic: promotions``) and users may opt out of."""
 
 
 for _model in (WaitForDoc, ArmDoc, ElseArmDoc, VariantDoc, JourneyDoc):

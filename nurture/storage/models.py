@@ -124,6 +124,12 @@ class MessageRecord(SQLModel, table=True):
     attempts: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     """One entry per channel tried, written *before* the provider call: ``channel``, ``provider``,
     ``state`` (``pending``, ``retry``, ``sent`` or ``failed``), ``reason``, ``provider_id``, ``at``."""
+    category: str | None = Field(default=None, max_length=16)
+    """``marketing`` or ``transactional``: frequency caps count marketing messages."""
+    topic: str | None = Field(default=None, max_length=64)
+    """The send's topic (``promotions``, ``newsletter``, ...), when it names one."""
+    sent_at: datetime | None = _when(nullable=True)
+    """When the provider accepted it, on the run's clock: what frequency caps count."""
     revision: int = Field(default=0)
     """Bumped by every change to ``attempts``: concurrent writers compare and set on it."""
     delivery_status: str | None = Field(default=None, max_length=32)

@@ -19,10 +19,14 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.add_column(sa.Column("attempts", sa.JSON(), nullable=False, server_default="[]"))
+        batch_op.add_column(sa.Column("category", sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column("topic", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("revision", sa.Integer(), nullable=False, server_default="0"))
         batch_op.add_column(sa.Column("delivery_status", sa.String(length=32), nullable=True))
         batch_op.add_column(sa.Column("updated_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index(batch_op.f("ix_messages_provider_id"), ["provider_id"], unique=False)
+        batch_op.create_index("ix_messages_user_sent", ["user_id", "sent_at"], unique=False)
 
     op.create_table(
         "message_events",
@@ -66,8 +70,12 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_message_events_event"))
     op.drop_table("message_events")
     with op.batch_alter_table("messages", schema=None) as batch_op:
+        batch_op.drop_index("ix_messages_user_sent")
         batch_op.drop_index(batch_op.f("ix_messages_provider_id"))
         batch_op.drop_column("updated_at")
         batch_op.drop_column("delivery_status")
         batch_op.drop_column("revision")
+        batch_op.drop_column("sent_at")
+        batch_op.drop_column("topic")
+        batch_op.drop_column("category")
         batch_op.drop_column("attempts")
