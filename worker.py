@@ -43,7 +43,7 @@ from nurture.observability import JOURNEYS, ActivityMetrics, InstrumentedRecorde
 from nurture.providers import Channels, advisories, build_channels
 from nurture.settings import Settings, SettingsError
 from nurture.storage.db import Database
-from nurture.storage.stores import DbLedger, DbOutbox, DbProfiles, DbRecorder
+from nurture.storage.stores import DbHistory, DbLedger, DbOutbox, DbProfiles, DbRecorder
 from workflows.activities import JourneyActivities
 from workflows.journey import JourneyWorkflow
 
@@ -136,6 +136,8 @@ def build_worker(
             channels if channels is not None else for_every_channel(DbOutbox()),
             ledger=DbLedger(db),
             links=links,
+            history=DbHistory(db),
+            profiles=DbProfiles(db),
         ),
         DbProfiles(db),
         InstrumentedRecorder(DbRecorder(db)),

@@ -28,8 +28,10 @@ from .language import (
     ElseArmDoc,
     EventRuleDoc,
     ExitDoc,
+    FrequencyCapsDoc,
     GoalDoc,
     JourneyDoc,
+    PolicyFields,
     ProjectDoc,
     QuietHoursDoc,
     SendDoc,
@@ -64,6 +66,8 @@ class Settings:
     """Which provider carries each channel (default: the outbox for all)."""
     topics: tuple[str, ...] = ()
     """Subscription topics a send may name and users may opt out of."""
+    policy: ir.Policy = field(default_factory=ir.Policy)
+    """Frequency caps, what to do at a cap, the channel order and per-channel quiet hours."""
 
 
 @dataclass
@@ -152,6 +156,7 @@ def load_settings(path: Path, sink: DiagnosticSink) -> Settings:
         sms_max_segments=doc.sms_max_segments,
         providers=doc.providers,
         topics=tuple(doc.topics),
+        policy=_policy(doc, doc.quiet_hours, ir.Policy()),
     )
 
 
@@ -210,7 +215,7 @@ def _compile_text(
         doc = JourneyDoc.model_validate(data)
     except ValidationError as exc:
         sink.extend(_validation_diagnostics(exc, data, smap))
-    _check_raw(data, smap, path, templates, sink, checked_templates, settings.sms_max_segments)
+    _check_raw(data, smap, path, templates, sink, checked_templates, settings)
     if doc is None or len(sink.errors) > before:
         return None
     return build_journey(doc, settings, path)
@@ -268,7 +273,7 @@ def _check_raw(
     templates: TemplateStore,
     sink: DiagnosticSink,
     checked_templates: set[tuple[str, str]] | None,
-    sms_max_segments: int | None = None,
+    settings: Settings,
 ) -> None:
     journey_id = data.get("journey")
     stem = Path(path).stem
@@ -295,7 +300,10 @@ def _check_raw(
             else:
                 seen_ids[step_id] = step_path
         if step_kind(step) == "send":
-            _check_send(step, step_path, smap, templates, sink, checked_templates, sms_max_segments)
+            order = data.get("channel_order")
+            if not (isinstance(order, list) and all(isinstance(c, str) for c in order)):
+                order = list(settings.policy.channel_order)
+            _check_send(step, step_path, smap, templates, sink, checked_templates, settings, order)
         if step_kind(step) == "split":
             variants = step.get("variants")
             if isinstance(variants, dict) and variants:
@@ -330,18 +338,29 @@ def _check_send(
     templates: TemplateStore,
     sink: DiagnosticSink,
     checked_templates: set[tuple[str, str]] | None,
-    sms_max_segments: int | None = None,
+    settings: Settings,
+    order: list[str],
 ) -> None:
     name = step.get("template")
     primary = step.get("send")
     fallback: list[Any] = step["fallback"] if isinstance(step.get("fallback"), list) else []
+    _check_topic(step, step_path, smap, sink, settings)
+    if primary == "auto" and fallback:
+        sink.add(
+            smap.diagnostic(
+                step_path + ("fallback",),
+                "send: auto falls back through channel_order by itself: remove fallback, or name a channel",
+            )
+        )
+        return
     if not isinstance(name, str) or not name:
         return
-    channels = [primary, *fallback]
+    auto = primary == "auto"
+    channels = order if auto else [primary, *fallback]
     for index, channel in enumerate(channels):
         if not isinstance(channel, str) or channel not in ("email", "sms", "wechat"):
             continue
-        where: KeyPath = step_path + (("template",) if index == 0 else ("fallback", index - 1))
+        where: KeyPath = step_path + (("template",) if index == 0 or auto else ("fallback", index - 1))
         if index > 0 and channel in channels[:index]:
             sink.add(smap.diagnostic(where, f"channel '{channel}' is listed twice; each channel is tried once"))
             continue
@@ -352,7 +371,11 @@ def _check_send(
                 smap.diagnostic(
                     where,
                     f"no {channel} template '{name}'{hint}: create {expected}"
-                    + ("" if index == 0 else f" (needed for the {channel} fallback)"),
+                    + (
+                        f" (send: auto may use any channel of channel_order: {', '.join(order)})"
+                        if auto
+                        else "" if index == 0 else f" (needed for the {channel} fallback)"
+                    ),
                 )
             )
             continue
@@ -360,7 +383,31 @@ def _check_send(
             if (channel, name) in checked_templates:
                 continue
             checked_templates.add((channel, name))
-        sink.extend(templates.check(channel, name, sms_max_segments=sms_max_segments))
+        sink.extend(templates.check(channel, name, sms_max_segments=settings.sms_max_segments))
+
+
+def _check_topic(
+    step: dict[str, Any], step_path: KeyPath, smap: SourceMap, sink: DiagnosticSink, settings: Settings
+) -> None:
+    topic = step.get("topic")
+    if not isinstance(topic, str):
+        return
+    if step.get("category") == "transactional":
+        sink.add(
+            smap.diagnostic(
+                step_path + ("topic",),
+                "a transactional send ignores subscriptions, so it has no topic: remove topic, or make it marketing",
+            )
+        )
+    elif topic not in settings.topics:
+        declared = f"declared topics: {', '.join(settings.topics)}" if settings.topics else "no topics are declared"
+        sink.add(
+            smap.diagnostic(
+                step_path + ("topic",),
+                f"unknown topic '{topic}'{did_you_mean(topic, settings.topics)}; {declared} "
+                "(add it to topics: in nurture.yaml)",
+            )
+        )
 
 
 # --- pydantic errors as marketer-facing diagnostics --------------------------------------------
@@ -398,6 +445,7 @@ _MODEL_AT = {
     "goal": GoalDoc,
     "quiet_hours": QuietHoursDoc,
     "providers": ProvidersDoc,
+    "frequency_caps": FrequencyCapsDoc,
 }
 
 
@@ -544,6 +592,30 @@ def _quiet(doc: QuietHoursDoc | None) -> ir.QuietHours | None:
     return ir.QuietHours(start=_minutes(doc.start), end=_minutes(doc.end))
 
 
+def _policy(doc: PolicyFields, quiet: QuietHoursDoc | None, base: ir.Policy) -> ir.Policy:
+    """``base`` with what ``doc`` sets (a journey's settings override the project's)."""
+    caps = base.caps
+    if doc.frequency_caps is not None:
+        caps = tuple(
+            ir.Cap(scope=scope, per_day=cap.per_day, per_week=cap.per_week)
+            for scope in ("all", "email", "sms", "wechat")
+            if (cap := getattr(doc.frequency_caps, scope)) is not None
+        )
+    quiet_by = base.quiet_by_channel
+    if quiet is not None:
+        quiet_by = tuple(
+            ir.ChannelQuiet(channel, None if own == "off" else ir.QuietHours(_minutes(own.start), _minutes(own.end)))
+            for channel in ("email", "sms", "wechat")
+            if (own := getattr(quiet, channel)) is not None
+        )
+    return ir.Policy(
+        caps=caps,
+        on_cap=doc.on_cap or base.on_cap,
+        channel_order=tuple(doc.channel_order) if doc.channel_order else base.channel_order,
+        quiet_by_channel=quiet_by,
+    )
+
+
 def _minutes(clock: str) -> int:
     hours, minutes = clock.split(":")
     return int(hours) * 60 + int(minutes)
@@ -575,6 +647,7 @@ def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journe
         exit_on=tuple(_rule(r) for r in doc.exit_on),
         timezone=doc.timezone or settings.timezone,
         quiet_hours=_quiet(doc.quiet_hours) or settings.quiet_hours,
+        policy=_policy(doc, doc.quiet_hours, settings.policy),
         steps=_Ids(doc).steps(doc.steps, "s"),
         source=source,
     )
@@ -628,6 +701,7 @@ def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
             template=doc.template,
             fallback=tuple(doc.fallback),
             category=doc.category,
+            topic=doc.topic,
         )
     if isinstance(doc, WaitForDoc):
         return ir.WaitFor(

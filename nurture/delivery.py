@@ -19,6 +19,7 @@ from channels import mask_address as mask_address
 
 from .clock import in_quiet_hours, zone
 from .model import ADDRESS_TRAITS, CHANNELS, Profile, SendOutcome, SendRequest, SendResult, Status
+from .policy import cap_free_at, channel_order, history_start
 from .templates import RenderedMessage, TemplateError, TemplateStore
 
 log = logging.getLogger("nurture.delivery")
@@ -37,6 +38,40 @@ class ProfileStore(Protocol):
 
     async def update(self, user_id: str, traits: Mapping[str, Any]) -> Profile: ...
 
+    async def opt_out(self, user_id: str, name: str) -> None:
+        """Add a channel or topic to the user's opt-outs."""
+        ...
+
+
+class SendHistory(Protocol):
+    """The user's recent marketing sends, which frequency caps count."""
+
+    async def sent(self, user_id: str, since: datetime) -> list[tuple[datetime, str]]:
+        """Marketing messages sent to ``user_id`` at or after ``since``: ``(instant, channel)``."""
+        ...
+
+    async def record(self, request: SendRequest, channel: str, at: datetime) -> None:
+        """Count a marketing message just sent."""
+        ...
+
+
+@dataclass
+class MemoryHistory:
+    """A :class:`SendHistory` in a dict, for the simulator and the scenario runner."""
+
+    sends: dict[str, list[tuple[datetime, str]]] = field(default_factory=dict)
+
+    async def sent(self, user_id: str, since: datetime) -> list[tuple[datetime, str]]:
+        return [(at, channel) for at, channel in self.sends.get(user_id, ()) if at >= since]
+
+    async def record(self, request: SendRequest, channel: str, at: datetime) -> None:
+        self.sends.setdefault(request.user_id, []).append((at, channel))
+
+
+OPT_OUT_REASONS = frozenset({"unsubscribed", "not_following", "refused"})
+"""Permanent failures that mean the user stopped the channel (replied STOP to the number,
+unfollowed the Official Account, refused its messages): recorded as an opt-out as well."""
+
 
 @dataclass
 class MemoryProfiles:
@@ -52,6 +87,10 @@ class MemoryProfiles:
 
     async def update(self, user_id: str, traits: Mapping[str, Any]) -> Profile:
         return self.update_now(user_id, traits)
+
+    async def opt_out(self, user_id: str, name: str) -> None:
+        current = self.get_now(user_id)
+        self.update_now(user_id, {}, current.opted_out | {name})
 
     def update_now(
         self, user_id: str, traits: Mapping[str, Any], opted_out: frozenset[str] | None = None
@@ -242,24 +281,45 @@ class Deliverer:
         render: bool = True,
         ledger: SendLedger | None = None,
         links: UnsubscribeUrl | None = None,
+        history: SendHistory | None = None,
+        profiles: ProfileStore | None = None,
     ) -> None:
+        """``history`` enables frequency caps; ``profiles`` records the opt-outs a provider
+        reports (a STOP reply, an unfollow)."""
         self.templates = templates
         self.channels = channels
         self.render = render
         self.ledger = ledger
         self.links = links
+        self.history = history
+        self.profiles = profiles
 
     async def send(self, request: SendRequest, profile: Profile, now: datetime) -> SendResult:
         """Apply the send rules at ``now`` and return the outcome or the deferral instant.
 
         Raises what a channel raised for a transient failure, so the activity is retried.
         """
-        usable, reason = usable_channels(profile, request.channels, request.category)
+        channels = channel_order(request.channels, request.policy, profile.traits)
+        marketing = request.category == "marketing"
+        if marketing and request.topic is not None and request.topic in profile.opted_out:
+            return SendResult(self._outcome(request, now, channels[0], "skipped", "topic_opted_out"))
+        usable, reason = usable_channels(profile, channels, request.category)
         if not usable:
-            return SendResult(self._outcome(request, now, request.channels[0], "skipped", reason))
-        if request.category == "marketing" and request.quiet_hours is not None:
+            return SendResult(self._outcome(request, now, channels[0], "skipped", reason))
+        if marketing:
             tz = zone(text_value(profile.traits.get("timezone")), request.timezone)
-            until = in_quiet_hours(now, request.quiet_hours, tz)
+            if request.policy.caps and self.history is not None:
+                sent = await self.history.sent(profile.user_id, history_start(now, tz))
+                free = {c: cap_free_at(now, tz, request.policy.caps, sent, c) for c in usable}
+                allowed = [c for c in usable if free[c] is None]
+                if not allowed:
+                    if request.policy.on_cap == "defer":
+                        room = min(t for t in free.values() if t is not None)
+                        return SendResult(defer_until=room, defer_reason="frequency_cap")
+                    return SendResult(self._outcome(request, now, usable[0], "skipped", "frequency_cap"))
+                usable = allowed
+            quiet = request.policy.quiet_for(usable[0], request.quiet_hours)
+            until = None if quiet is None else in_quiet_hours(now, quiet, tz)
             if until is not None:
                 return SendResult(defer_until=until)
         locale = text_value(profile.traits.get("locale"))
@@ -271,6 +331,7 @@ class Deliverer:
                 except TemplateError:
                     failure = "template_error"
                     continue
+                await self._count(request, channel, now)
                 return SendResult(self._outcome(request, now, channel, "sent", None, locale=used))
             unsubscribe = None
             if self.links is not None and request.category == "marketing":
@@ -297,6 +358,7 @@ class Deliverer:
             attempt = await self._attempt(request, channel, message, envelope)
             if isinstance(attempt, tuple):
                 used, accepted = attempt
+                await self._count(request, used, now)
                 return SendResult(
                     self._outcome(
                         request,
@@ -340,6 +402,8 @@ class Deliverer:
             self._log(request, channel, envelope, f"failed:{exc.reason}")
             if self.ledger is not None:
                 await self.ledger.settle(request, channel, "failed", reason=exc.reason)
+            if exc.reason in OPT_OUT_REASONS and self.profiles is not None:
+                await self.profiles.opt_out(request.user_id, channel)
             return exc.reason
         except asyncio.CancelledError:
             # Cancelled mid-call (a worker shutting down): the provider may have the message,
@@ -358,6 +422,10 @@ class Deliverer:
         if self.ledger is not None:
             await self.ledger.settle(request, channel, "sent", provider_id=result.provider_id)
         return channel, result
+
+    async def _count(self, request: SendRequest, channel: str, now: datetime) -> None:
+        if request.category == "marketing" and self.history is not None:
+            await self.history.record(request, channel, now)
 
     async def _recover(
         self,

@@ -33,7 +33,7 @@ class Sleep:
 
     until: datetime
     step_id: str
-    reason: Literal["wait", "wait_until", "quiet_hours"]
+    reason: Literal["wait", "wait_until", "quiet_hours", "frequency_cap"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +284,7 @@ class Run:
                 result: SendResult = yield Deliver(request)
                 if result.defer_until is None:
                     return None
-                yield Sleep(result.defer_until, step.id, "quiet_hours")
+                yield Sleep(result.defer_until, step.id, result.defer_reason)
         elif isinstance(step, ir.Wait):
             yield Sleep(self.now + timedelta(seconds=step.seconds), step.id, "wait")
         elif isinstance(step, ir.WaitUntil):
@@ -334,6 +334,8 @@ class Run:
             quiet_hours=self.journey.quiet_hours,
             variant=self.current_variant,
             context={"event": self._event_scope, "last_event": self._last_scope, "journey": self._journey_scope},
+            topic=step.topic,
+            policy=self.journey.policy,
         )
 
     @property

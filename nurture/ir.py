@@ -15,7 +15,7 @@ import json
 import types
 import typing
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
 from .evaluation import Expr
@@ -55,6 +55,41 @@ class QuietHours:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelQuiet:
+    """A channel's own quiet window; ``None`` turns quiet hours off for it."""
+
+    channel: str
+    quiet: QuietHours | None
+
+
+@dataclass(frozen=True, slots=True)
+class Cap:
+    """At most ``per_day`` marketing messages per local calendar day and ``per_week`` per seven."""
+
+    scope: str
+    """``all`` (every channel together) or one channel."""
+    per_day: int | None = None
+    per_week: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The delivery policy of a journey: the project's, with the journey's overrides applied."""
+
+    caps: tuple[Cap, ...] = ()
+    on_cap: Literal["skip", "defer"] = "skip"
+    channel_order: tuple[str, ...] = ("email", "sms", "wechat")
+    quiet_by_channel: tuple[ChannelQuiet, ...] = ()
+
+    def quiet_for(self, channel: str, default: QuietHours | None) -> QuietHours | None:
+        """``channel``'s quiet window: its own when set (``None`` for off), else ``default``."""
+        for entry in self.quiet_by_channel:
+            if entry.channel == channel:
+                return entry.quiet
+        return default
+
+
+@dataclass(frozen=True, slots=True)
 class Wait:
     kind: ClassVar[str] = "wait"
     id: str
@@ -79,10 +114,12 @@ class Send:
     template: str
     fallback: tuple[str, ...] = ()
     category: Category = "marketing"
+    topic: str | None = None
 
     @property
     def channels(self) -> tuple[str, ...]:
-        return (self.channel, *self.fallback)
+        """The channels in order; empty for ``auto`` (decided per user at send time)."""
+        return () if self.channel == "auto" else (self.channel, *self.fallback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +204,7 @@ class Journey:
     exit_on: tuple[EventRule, ...] = ()
     timezone: str = "UTC"
     quiet_hours: QuietHours | None = None
+    policy: Policy = field(default_factory=Policy)
     source: str = ""
     """The file it was compiled from (not part of the version)."""
 
@@ -257,6 +295,18 @@ def _decode_dataclass(cls: type[Any], data: Mapping[str, Any]) -> Any:
         _HINTS[cls] = hints
     kwargs = {f.name: _decode(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data}
     return cls(**kwargs)
+
+
+def policy_to_dict(policy: Policy) -> dict[str, Any]:
+    result = _encode(policy)
+    assert isinstance(result, dict)
+    return result
+
+
+def policy_from_dict(data: Mapping[str, Any]) -> Policy:
+    result = _decode_dataclass(Policy, data)
+    assert isinstance(result, Policy)
+    return result
 
 
 def journey_to_dict(journey: Journey) -> dict[str, Any]:

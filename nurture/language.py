@@ -20,6 +20,8 @@ from pydantic import (
     Field,
     Tag,
     ValidationInfo,
+    field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -105,6 +107,11 @@ def check_channel(value: str) -> str:
     return value
 
 
+def check_send_channel(value: str) -> str:
+    """A channel, or ``auto``: the user's ``preferred_channel``, then the channel order."""
+    return value if value == "auto" else check_channel(value)
+
+
 def check_trait_name(value: str) -> str:
     if value == "id":
         raise _fail("trait", "'id' is the user's identity and cannot be updated")
@@ -119,6 +126,9 @@ ClockText = Annotated[str, AfterValidator(check_clock), Field(pattern=r"^\d{1,2}
 TimezoneName = Annotated[str, AfterValidator(check_timezone)]
 Condition = Annotated[str, AfterValidator(check_condition)]
 ChannelName = Annotated[str, AfterValidator(check_channel), Field(json_schema_extra={"enum": list(CHANNELS)})]
+SendChannel = Annotated[
+    str, AfterValidator(check_send_channel), Field(json_schema_extra={"enum": [*CHANNELS, "auto"]})
+]
 TraitValue = Annotated[Any, AfterValidator(check_value)]
 
 
@@ -143,11 +153,60 @@ class GoalDoc(EventRuleDoc):
     exit: bool = Field(True, description="Whether the goal ends the run at once.")
 
 
-class QuietHoursDoc(Doc):
-    """A local-time window in which marketing sends wait."""
+class ChannelQuietHoursDoc(Doc):
+    """A channel's own quiet window."""
 
     start: ClockText
     end: ClockText
+
+
+class QuietHoursDoc(Doc):
+    """A local-time window in which marketing sends wait; a channel may have its own, or ``off``."""
+
+    start: ClockText
+    end: ClockText
+    email: ChannelQuietHoursDoc | Literal["off"] | None = None
+    sms: ChannelQuietHoursDoc | Literal["off"] | None = None
+    wechat: ChannelQuietHoursDoc | Literal["off"] | None = None
+
+
+class CapDoc(Doc):
+    """At most so many marketing messages per local calendar day and per seven local days."""
+
+    per_day: int | None = Field(None, ge=1)
+    per_week: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> CapDoc:
+        if self.per_day is None and self.per_week is None:
+            raise _fail("cap", "a cap needs per_day, per_week or both")
+        return self
+
+
+class FrequencyCapsDoc(Doc):
+    """Marketing caps across all journeys: ``all`` counts every channel, a channel only itself."""
+
+    all: CapDoc | None = None
+    email: CapDoc | None = None
+    sms: CapDoc | None = None
+    wechat: CapDoc | None = None
+
+
+class PolicyFields(Doc):
+    """Delivery policy a project sets and a journey may override."""
+
+    frequency_caps: FrequencyCapsDoc | None = None
+    on_cap: Literal["skip", "defer"] | None = None
+    channel_order: list[ChannelName] | None = Field(
+        None, description="Order `send: auto` tries channels in, after the user's preferred_channel."
+    )
+
+    @field_validator("channel_order")
+    @classmethod
+    def _each_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise _fail("channel_order", "each channel is listed once in channel_order")
+        return value
 
 
 class StepDoc(Doc):
@@ -164,10 +223,11 @@ class WaitUntilDoc(StepDoc):
 
 
 class SendDoc(StepDoc):
-    send: ChannelName = Field(description="Channel: email, sms or wechat.")
+    send: SendChannel = Field(description="Channel: email, sms, wechat, or auto (preference, then order).")
     template: str = Field(min_length=1, description="Template name under templates/<channel>/.")
     fallback: list[ChannelName] = Field(default_factory=list, description="Channels to try next.")
     category: Literal["marketing", "transactional"] = "marketing"
+    topic: Ident | None = Field(None, description="Subscription topic from nurture.yaml's topics.")
 
 
 class WaitForDoc(StepDoc):
@@ -254,7 +314,7 @@ STEP_DOCS: dict[str, type[Doc]] = {
 }
 
 
-class JourneyDoc(Doc):
+class JourneyDoc(PolicyFields):
     """A journey file."""
 
     model_config = ConfigDict(title="Nurture journey")
@@ -272,7 +332,7 @@ class JourneyDoc(Doc):
     steps: list[AnyStep] = Field(min_length=1)
 
 
-class ProjectDoc(Doc):
+class ProjectDoc(PolicyFields):
     """``nurture.yaml``: project defaults."""
 
     model_config = ConfigDict(title="Nurture project settings")
@@ -284,6 +344,14 @@ class ProjectDoc(Doc):
     providers: ProvidersDoc = ProvidersDoc()
     topics: list[Ident] = Field(default_factory=list)
     """Subscription topics a send may name (``topic: promotions``) and users may opt out of."""
+
+    @field_validator("topics")
+    @classmethod
+    def _not_channels(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name in CHANNELS or name == "auto":
+                raise _fail("topic", f"'{name}' is a channel, not a topic: opting out of it is by channel already")
+        return value
 
 
 for _model in (WaitForDoc, ArmDoc, ElseArmDoc, VariantDoc, JourneyDoc):

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from .clock import format_instant, parse_instant
-from .ir import QuietHours
+from .ir import Policy, QuietHours, policy_from_dict, policy_to_dict
 
 ADDRESS_TRAITS: dict[str, str] = {"email": "email", "sms": "phone", "wechat": "wechat_openid"}
 """The trait holding each channel's address."""
@@ -90,6 +90,11 @@ class SendRequest:
     variant: str | None
     context: Mapping[str, Any]
     """``event``, ``last_event`` and ``journey`` as templates see them."""
+    topic: str | None = None
+    """The subscription topic the send names, if any."""
+    policy: Policy = field(default_factory=Policy)
+    """Frequency caps, the channel order for ``auto`` (``channels`` is then empty) and
+    per-channel quiet hours."""
 
     @property
     def idempotency_key(self) -> str:
@@ -111,6 +116,8 @@ class SendRequest:
             "quiet_hours": None if quiet is None else {"start": quiet.start, "end": quiet.end},
             "variant": self.variant,
             "context": dict(self.context),
+            "topic": self.topic,
+            "policy": policy_to_dict(self.policy),
         }
 
     @classmethod
@@ -129,6 +136,8 @@ class SendRequest:
             quiet_hours=None if quiet is None else QuietHours(quiet["start"], quiet["end"]),
             variant=data.get("variant"),
             context=dict(data.get("context") or {}),
+            topic=data.get("topic"),
+            policy=policy_from_dict(data["policy"]) if data.get("policy") else Policy(),
         )
 
 
@@ -182,15 +191,17 @@ class SendOutcome:
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """A send's answer: an outcome, or an instant to try again at (quiet hours)."""
+    """A send's answer: an outcome, or an instant to try again at, and why it waits."""
 
     outcome: SendOutcome | None = None
     defer_until: datetime | None = None
+    defer_reason: Literal["quiet_hours", "frequency_cap"] = "quiet_hours"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "outcome": None if self.outcome is None else self.outcome.to_dict(),
             "defer_until": None if self.defer_until is None else format_instant(self.defer_until),
+            "defer_reason": self.defer_reason,
         }
 
     @classmethod
@@ -200,4 +211,5 @@ class SendResult:
         return cls(
             outcome=None if outcome is None else SendOutcome.from_dict(outcome),
             defer_until=None if defer is None else parse_instant(defer),
+            defer_reason=data.get("defer_reason") or "quiet_hours",
         )

@@ -37,8 +37,8 @@ SENDS = Counter(
 )
 DEFERRALS = Counter(
     "nurture_send_deferrals",
-    "Marketing sends deferred to the end of the user's quiet hours.",
-    ["journey"],
+    "Marketing sends deferred: to the end of the user's quiet hours, or until a frequency cap frees.",
+    ["journey", "reason"],
 )
 RUNS_STARTED = Counter("nurture_runs_started", "Journey runs started.", ["journey"])
 RUNS_ENDED = Counter(
@@ -141,7 +141,7 @@ class _TimedActivity(ActivityInboundInterceptor):
             ACTIVITY_SECONDS.labels(name, outcome).observe(time.perf_counter() - started)
         if name == "nurture.send" and isinstance(result, dict) and result.get("defer_until"):
             request = input.args[0].get("request", {}) if input.args else {}
-            DEFERRALS.labels(str(request.get("journey", ""))).inc()
+            DEFERRALS.labels(str(request.get("journey", "")), str(result.get("defer_reason", "quiet_hours"))).inc()
         return result
 
 

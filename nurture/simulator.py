@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from . import ir
-from .delivery import Deliverer, MemoryProfiles
+from .delivery import Deliverer, MemoryHistory, MemoryProfiles
 from .interpreter import (
     AwaitEvent,
     Command,
@@ -84,6 +84,11 @@ class Simulator:
 
     def __post_init__(self) -> None:
         self.now = self.start
+        # Caps count this simulation's own sends; opt-outs providers report land in its profiles.
+        if self.deliverer.history is None:
+            self.deliverer.history = MemoryHistory()
+        if self.deliverer.profiles is None:
+            self.deliverer.profiles = self.profiles
         self._queue: list[tuple[datetime, int, int, Any]] = []
         self._seq = itertools.count()
         self._active: dict[tuple[str, str, str], _Live] = {}
@@ -196,8 +201,11 @@ class Simulator:
             elif isinstance(command, Sleep):
                 self._schedule(live, command.until)
                 if self.timeline:
-                    verb = "deferred" if command.reason == "quiet_hours" else "waiting"
+                    held = command.reason in ("quiet_hours", "frequency_cap")
+                    verb = "deferred" if held else "waiting"
                     until = f"until {self._local(command.until)}"
+                    if held:
+                        until += f" ({command.reason.replace('_', ' ')})"
                     self._note(run.user_id, run.journey.id, command.step_id, verb, until)
                 return
             else:

@@ -33,7 +33,14 @@ from channels import Channel
 from channels.outbox import Outbox
 from nurture.clock import parse_instant
 from nurture.compiler import Project
-from nurture.delivery import Deliverer, MemoryLedger, MemoryProfiles, UnsubscribeUrl, for_every_channel
+from nurture.delivery import (
+    Deliverer,
+    MemoryHistory,
+    MemoryLedger,
+    MemoryProfiles,
+    UnsubscribeUrl,
+    for_every_channel,
+)
 from nurture.interpreter import entry_decision, run_key, trigger_matches
 from nurture.ir import journey_to_dict
 from nurture.model import Event, SendOutcome, SendRequest
@@ -157,6 +164,8 @@ class TemporalRuntime:
             for_every_channel(outbox) if channels is None else channels,
             ledger=MemoryLedger(),
             links=links,
+            history=MemoryHistory(),
+            profiles=profiles,
         )
         for user_id, traits in scenario.users.items():
             profiles.update_now(user_id, traits, frozenset(scenario.opted_out.get(user_id, ())))

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -80,6 +80,9 @@ class DbProfiles:
 
     async def get(self, user_id: str) -> Profile:
         return await asyncio.to_thread(self.read, user_id)
+
+    async def opt_out(self, user_id: str, name: str) -> None:
+        await asyncio.to_thread(self.set_opt_out, user_id, name, True)
 
     async def update(self, user_id: str, traits: Mapping[str, Any]) -> Profile:
         return await asyncio.to_thread(self.merge, user_id, traits)
@@ -228,6 +231,8 @@ class DbLedger:
             "subject": message.subject,
             "preview": message.preview(),
             "content": message.to_dict(),
+            "category": request.category,
+            "topic": request.topic,
             "updated_at": utcnow(),
         }
         for _ in range(20):
@@ -299,6 +304,45 @@ class DbLedger:
                 .values(attempts=attempts, revision=row.revision + 1, **values)
             )
             return bool(getattr(done, "rowcount", 0))
+
+
+class DbHistory:
+    """The engine's :class:`~nurture.delivery.SendHistory` on the ``messages`` table.
+
+    A marketing message counts from the moment its row is claimed (``sending``), before the
+    provider is called, so a second journey sending to the same user a moment later sees it.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def sent(self, user_id: str, since: datetime) -> list[tuple[datetime, str]]:
+        return await asyncio.to_thread(self._sent, user_id, since)
+
+    def _sent(self, user_id: str, since: datetime) -> list[tuple[datetime, str]]:
+        with self.db.session() as session:
+            rows = session.execute(
+                select(col(MessageRecord.sent_at), col(MessageRecord.created_at), col(MessageRecord.channel))
+                .where(col(MessageRecord.user_id) == user_id)
+                .where(col(MessageRecord.category) == "marketing")
+                .where(col(MessageRecord.status).in_(("sent", "sending")))
+                .where(or_(col(MessageRecord.sent_at) >= since, col(MessageRecord.created_at) >= since))
+            ).all()
+        return [(_aware(sent_at or created_at), channel) for sent_at, created_at, channel in rows]
+
+    async def record(self, request: SendRequest, channel: str, at: datetime) -> None:
+        await asyncio.to_thread(self._record, request.idempotency_key, at)
+
+    def _record(self, key: str, at: datetime) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(MessageRecord).where(col(MessageRecord.idempotency_key) == key).values(sent_at=at)
+            )
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands timezone-aware columns back naive (in UTC).
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class Events:
