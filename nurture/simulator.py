@@ -128,7 +128,10 @@ class Simulator:
             elif item[0] == "identify":
                 self.profiles.update_now(item[1], item[2], item[3])
                 if self.timeline:
-                    self._note(item[1], "", "", "identify", ", ".join(f"{k}={v}" for k, v in item[2].items()))
+                    changes = [f"{k}={v}" for k, v in item[2].items()]
+                    if item[3] is not None:
+                        changes.append(f"opted_out=[{', '.join(sorted(item[3]))}]")
+                    self._note(item[1], "", "", "identify", ", ".join(changes))
             else:
                 live, token = item[1], item[2]
                 if live.token == token and live.run.ended is None:

@@ -15,7 +15,7 @@ from nurture.cli import main
 ROOT = Path(__file__).parents[1]
 JOURNEYS = ROOT / "journeys"
 TEMPLATES = ROOT / "templates"
-PROJECT_JOURNEYS = ("cart_abandonment", "chat_recovery", "post_purchase", "welcome_series")
+PROJECT_JOURNEYS = ("cart_abandonment", "chat_recovery", "course_launch", "post_purchase", "welcome_series")
 SCENARIO = JOURNEYS / "tests" / "cart_reminder_then_last_call.yaml"
 
 
@@ -41,13 +41,13 @@ def copy(tmp_path: Path) -> Path:
 # --- validate ------------------------------------------------------------------------------------
 
 
-def test_validate_lists_the_four_journeys() -> None:
+def test_validate_lists_every_journey() -> None:
     result = nurture("validate")
 
     assert result.exit_code == 0, result.output
     listed = [line.split()[1] for line in lines(result.stdout) if line.startswith("ok ")]
     assert sorted(listed) == list(PROJECT_JOURNEYS)
-    assert lines(result.stdout)[-1] == "4 journeys valid."
+    assert lines(result.stdout)[-1] == f"{len(PROJECT_JOURNEYS)} journeys valid."
 
 
 def test_validate_reports_a_misspelled_key_with_its_position(copy: Path) -> None:
