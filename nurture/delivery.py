@@ -27,8 +27,9 @@ log = logging.getLogger("nurture.delivery")
 UNKNOWN_OUTCOME = "unknown_outcome"
 """The reason recorded when a process died between calling a provider and hearing back."""
 
-UnsubscribeUrl = Callable[[str, str], str]
-"""``(user_id, channel) -> signed unsubscribe URL``."""
+UnsubscribeUrl = Callable[[str, str, str | None], str]
+"""``(user_id, channel, topic) -> signed unsubscribe URL``: a send naming a topic unsubscribes
+from that topic only, any other from the channel."""
 
 
 class ProfileStore(Protocol):
@@ -335,7 +336,7 @@ class Deliverer:
                 return SendResult(self._outcome(request, now, channel, "sent", None, locale=used))
             unsubscribe = None
             if self.links is not None and request.category == "marketing":
-                unsubscribe = self.links(profile.user_id, channel)
+                unsubscribe = self.links(profile.user_id, channel, request.topic)
             context = render_context(request, profile, unsubscribe_url=unsubscribe)
             try:
                 message = self.templates.render(channel, request.template, context, locale=locale)

@@ -14,6 +14,7 @@ from temporalio.testing import ActivityEnvironment
 
 from channels import DeliveryResult, Envelope, PermanentError, TransientError
 from nurture.delivery import UNKNOWN_OUTCOME, Deliverer, MemoryLedger, MemoryProfiles
+from nurture.links import UnsubscribeLinks
 from nurture.model import Profile, SendRequest
 from nurture.storage.db import Database
 from nurture.storage.stores import DbLedger
@@ -249,3 +250,15 @@ async def test_an_empty_rendering_falls_back(tmp_path: Path) -> None:
         request(), only_sms, NOW
     )
     assert result.outcome is not None and result.outcome.label == "failed:empty_message"
+
+
+async def test_a_topic_sends_link_unsubscribes_from_that_topic(templates: TemplateStore) -> None:
+    links = UnsubscribeLinks(secret="s" * 32, public_url="https://n.example")
+    email = Scripted("sendgrid")
+    only_email = Profile("u1", {"email": "li@example.com", "first_name": "Li"})
+    await Deliverer(templates, {"email": email}, links=links.url).send(
+        send_request(channels=("email",), topic="promotions"), only_email, NOW
+    )
+    url = email.accepted[0][1].unsubscribe_url or ""
+    target = links.verify(url.rsplit("/", 1)[1])
+    assert (target.user_id, target.channel, target.topic) == ("u1", "email", "promotions")
