@@ -14,7 +14,7 @@ import hmac
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
@@ -47,13 +47,17 @@ from temporalio.service import RPCError
 
 from channels import mask_user_id
 
+from . import privacy
 from .compiler import Project, load_project
+from .diagnostics import did_you_mean
 from .ingest import Ingest, Routed
-from .model import Event
+from .model import CHANNELS, Event
 from .observability import configure_logging
+from .privacy import ForgetReport, UserExport
 from .settings import Settings
 from .storage.db import Database
 from .storage.models import MessageRecord, ProfileRecord, RunRecord
+from .storage.stores import DbProfiles
 from .webhooks import BODY_LIMITS as WEBHOOK_LIMITS
 from .webhooks import webhook_router
 
@@ -80,10 +84,16 @@ must send its own `messageId`** (the same one on every attempt) to be de-duplica
 (Temporal unreachable), retry with the same `messageId`.
 
 **Differences from Segment.** `userId` is required (journeys run for known users; calls with only
-an `anonymousId` answer 400). `context` and `integrations` are accepted and ignored. An
-`identify` may carry the trait `opted_out`, a list of channels (`email`, `sms`, `wechat`) the
-user opted out of: it replaces the stored opt-outs (`[]` opts back in) and is not kept as a
-trait. A `timestamp` without a UTC offset is read as UTC; it defaults to the time of receipt.
+an `anonymousId` answer 400). `context` and `integrations` are accepted and ignored. A
+`timestamp` without a UTC offset is read as UTC; it defaults to the time of receipt.
+
+**Opt-outs.** A user's opt-outs are one set of names: channels (`email`, `sms`, `wechat`) and the
+project's subscription topics (`topics:` in nurture.yaml, e.g. `promotions`). A channel opt-out
+stops marketing sends on that channel; a topic opt-out stops the sends that name the topic, on
+every channel. An `identify` changes them with three traits, none kept as a trait: `opted_out`
+replaces the whole set (`[]` opts back in to everything); `unsubscribe` adds names and `subscribe`
+removes them, keeping the rest, so a client needs no read-modify-write. `opted_out` cannot be
+combined with the other two; a name that is neither a channel nor a declared topic answers 400.
 
 **Errors.** A bad call answers 400 with every field at fault,
 `{"error": "invalid_request", "detail": [{"field": "batch[2].event", "message": "..."}]}`, and
@@ -181,19 +191,72 @@ class TrackCall(Call):
 
 
 class Traits(BaseModel):
-    """Profile traits; any keys, plus ``opted_out``."""
+    """Profile traits; any keys, plus the opt-out fields ``opted_out``, ``subscribe`` and ``unsubscribe``."""
 
     model_config = ConfigDict(extra="allow")
 
-    opted_out: list[Literal["email", "sms", "wechat"]] | None = Field(
+    # Plain strings: the topics are the project's, so names are checked against it per call
+    # (Service.check_opt_outs), which keeps each name's index for the error.
+    opted_out: list[str] | None = Field(
         default=None,
-        description="Channels the user opted out of; replaces the stored opt-outs, `[]` opts back in.",
+        description=(
+            "Channels (`email`, `sms`, `wechat`) and the project's topics the user opted out of; "
+            "replaces the stored opt-outs, `[]` opts back in to everything."
+        ),
+        examples=[["sms", "promotions"]],
+    )
+    subscribe: list[str] | None = Field(
+        default=None,
+        description="Channels and topics to opt back in to; the other opt-outs are kept.",
+        examples=[["sms"]],
+    )
+    unsubscribe: list[str] | None = Field(
+        default=None,
+        description="Channels and topics to opt out of; the other opt-outs are kept.",
+        examples=[["promotions"]],
     )
 
-    @field_validator("opted_out")
-    @classmethod
-    def _unique(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else sorted(set(value))
+    def opt_out_change(self) -> Callable[[set[str]], set[str]] | None:
+        """``subscribe`` and ``unsubscribe`` as a function of the stored opt-outs; None without them."""
+        if self.subscribe is None and self.unsubscribe is None:
+            return None
+        back, out = frozenset(self.subscribe or ()), frozenset(self.unsubscribe or ())
+        return lambda current: (current - back) | out
+
+
+def _opt_out_errors(traits: Traits | None, allowed: Sequence[str], where: str) -> list[dict[str, str]]:
+    """The faults in ``traits``' opt-out fields, as ``detail`` entries under ``where``."""
+    if traits is None:
+        return []
+    errors = []
+    choices = ", ".join(allowed)
+    if len(allowed) == len(CHANNELS):
+        choices += " (declare topics under topics: in nurture.yaml)"
+    for name in ("opted_out", "subscribe", "unsubscribe"):
+        for index, value in enumerate(getattr(traits, name) or ()):
+            if value not in allowed:
+                errors.append(
+                    {
+                        "field": f"{where}.{name}[{index}]",
+                        "message": f"{value!r} is not a channel or a topic of this project"
+                        f"{did_you_mean(value, allowed)}; expected one of {choices}",
+                    }
+                )
+    if traits.opted_out is not None and (traits.subscribe is not None or traits.unsubscribe is not None):
+        errors.append(
+            {
+                "field": f"{where}.opted_out",
+                "message": "opted_out replaces every opt-out, so it cannot be combined with subscribe or "
+                "unsubscribe: send one or the other",
+            }
+        )
+    both = set(traits.subscribe or ()) & set(traits.unsubscribe or ())
+    for index, value in enumerate(traits.unsubscribe or ()):
+        if value in both:
+            errors.append(
+                {"field": f"{where}.unsubscribe[{index}]", "message": f"{value!r} is also in subscribe"}
+            )
+    return errors
 
 
 class IdentifyCall(Call):
@@ -307,7 +370,12 @@ class ProfilePublic(_Public):
 
     user_id: str
     traits: dict[str, Any]
-    opted_out: list[str] = Field(description="Channels the user opted out of (marketing sends).")
+    opted_out: list[str] = Field(
+        description=(
+            "What the user opted out of: channels (`email`, `sms`, `wechat`: no marketing sends "
+            "there) and topics (`promotions`: no sends naming the topic, on any channel)."
+        )
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -410,6 +478,8 @@ class Service:
         self.project = project
         self.db = db
         self.keys = tuple(key.encode() for key in keys)
+        self.opt_out_names = tuple(dict.fromkeys((*CHANNELS, *project.settings.topics)))
+        """What an opt-out may name: the channels, then the project's topics."""
         self._ingest = None if client is None else Ingest(project, db, client, settings.task_queue)
         self._lock = asyncio.Lock()
 
@@ -453,12 +523,21 @@ class Service:
         _log_track(call.user_id, event, routed)
         return Accepted(type="track", message_id=message_id, **routed.to_dict())
 
+    def check_opt_outs(self, calls: Iterable[tuple[str, IdentifyCall]]) -> None:
+        """400 naming every opt-out fault in ``calls`` (each with where its traits are), before any
+        call is handled: a batch with one bad name changes nothing."""
+        detail = [e for where, call in calls for e in _opt_out_errors(call.traits, self.opt_out_names, where)]
+        if detail:
+            raise ApiError(400, "invalid_request", detail=detail)
+
     async def identify(self, call: IdentifyCall) -> Accepted:
         # Profiles live in the database only: identify works while Temporal is unreachable.
         ingest = self._ingest or Ingest(self.project, self.db, None, self.settings.task_queue)
         message_id = call.message_id or str(uuid.uuid4())
-        traits = dict(call.traits.model_extra or {}) if call.traits is not None else {}
-        opted_out = call.traits.opted_out if call.traits is not None else None
+        given = call.traits
+        traits = dict(given.model_extra or {}) if given is not None else {}
+        opted_out = None if given is None or given.opted_out is None else sorted(set(given.opted_out))
+        change = None if given is None else given.opt_out_change()
         timestamp = call.timestamp or datetime.now(UTC)
         fresh = await ingest.identify(
             call.user_id,
@@ -467,7 +546,10 @@ class Service:
             event=Event(name="identify", timestamp=timestamp, properties=traits, message_id=message_id),
             opted_out=opted_out,
         )
-        _log_identify(call.user_id, message_id, traits, opted_out, duplicate=not fresh)
+        if fresh and change is not None:
+            # Applied to the locked row, so a concurrent change to other names (a STOP, a link) stays.
+            await asyncio.to_thread(DbProfiles(self.db).merge, call.user_id, {}, change)
+        _log_identify(call.user_id, message_id, traits, given, duplicate=not fresh)
         return Accepted(type="identify", message_id=message_id, duplicate=not fresh)
 
     def database_ok(self) -> Check:
@@ -509,7 +591,7 @@ def _log_identify(
     user_id: str,
     message_id: str,
     traits: Mapping[str, Any],
-    opted_out: Sequence[str] | None,
+    given: Traits | None,
     *,
     duplicate: bool,
 ) -> None:
@@ -519,7 +601,10 @@ def _log_identify(
         "message_id": message_id,
         "duplicate": duplicate,
         "traits": sorted(traits),  # names only: values may be addresses
-        "opted_out": None if opted_out is None else list(opted_out),
+        # Channel and topic names only, never addresses.
+        "opted_out": None if given is None else given.opted_out,
+        "subscribe": None if given is None else given.subscribe,
+        "unsubscribe": None if given is None else given.unsubscribe,
     }
     log.info(" ".join(f"{k}={json.dumps(v)}" for k, v in fields.items()), extra={"nurture": fields})
 
@@ -590,13 +675,20 @@ async def track(call: TrackCall, service: ServiceDep) -> Accepted:
 
 @v1.post("/identify", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"])
 async def identify(call: IdentifyCall, service: ServiceDep) -> Accepted:
-    """Merge traits into a user's profile (and set channel opt-outs with the `opted_out` trait)."""
+    """Merge traits into a user's profile; the traits `opted_out` (replace), `unsubscribe` (add) and
+    `subscribe` (remove) change its channel and topic opt-outs."""
+    service.check_opt_outs([("traits", call)])
     return await service.identify(call)
 
 
 @v1.post("/batch", response_model=BatchAccepted, responses=WRITE_ERRORS, tags=["events"])
 async def batch(call: BatchCall, service: ServiceDep) -> BatchAccepted:
     """Several track and identify calls, handled in order (validated together: all or none)."""
+    service.check_opt_outs(
+        (f"batch[{index}].traits", item)
+        for index, item in enumerate(call.batch)
+        if isinstance(item, IdentifyCall)
+    )
     results = []
     for item in call.batch:
         if isinstance(item, TrackCall):
@@ -636,6 +728,78 @@ def user_messages(
         for message in messages:
             message.content = None
     return messages
+
+
+def audit_actor(
+    basic: Annotated[HTTPBasicCredentials | None, Security(_basic)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> str:
+    """Who to write in the audit log: a fingerprint of the write key the call was let in with."""
+    key = basic.username if basic is not None else bearer.credentials if bearer is not None else ""
+    return privacy.key_fingerprint(key)
+
+
+ActorDep = Annotated[str, Depends(audit_actor)]
+
+
+# Registered before the profile read: its ``{user_id:path}`` would take ``.../export`` as an id.
+@v1.get(
+    "/users/{user_id:path}/export",
+    response_model=UserExport,
+    responses=ERRORS,
+    tags=["privacy"],
+)
+async def export_user(user_id: str, service: ServiceDep, actor: ActorDep) -> UserExport:
+    """Everything held about the user, as JSON (a data subject access request).
+
+    The profile, every event and identify call, runs, routes, messages with their addresses and
+    rendered content, provider feedback, and the audit entries about this user id. A user with no
+    data gets empty lists and `profile: null`, not a 404. Each export is written to the audit log.
+    Temporal's run histories are not included (the database holds what they carry).
+    """
+    return await asyncio.to_thread(
+        privacy.export_user, service.db, user_id, actor=actor, secret=service.settings.secret
+    )
+
+
+@v1.delete(
+    "/users/{user_id:path}",
+    response_model=ForgetReport,
+    responses={
+        **ERRORS,
+        503: {
+            "model": ErrorBody,
+            "description": "The user has active runs and Temporal is unreachable; nothing changed: retry.",
+        },
+    },
+    tags=["privacy"],
+)
+async def forget_user(user_id: str, service: ServiceDep, actor: ActorDep) -> ForgetReport:
+    """Forget the user (right to erasure): end their runs and erase what is held about them.
+
+    Active runs get the workflow's `stop` signal and end with reason `forgotten` (runs that do not
+    end within 10 s are terminated), and their Temporal histories are deleted. Then, in one
+    transaction, the profile, events, routes and provider events about the user are deleted;
+    messages and runs are kept for counts only, without user id, address, subject, content,
+    workflow id or key. The request is written to the audit log under a hash of the user id.
+
+    Idempotent: forgetting an unknown or already forgotten user answers 200 with zero counts, so
+    a retried erasure request is safe. 503 when the user has active runs and Temporal cannot be
+    reached; nothing changed then, and the call can be retried.
+    """
+    try:
+        client = (await service.ingest()).client
+    except ApiError:
+        client = None  # enough for a user without active runs
+    try:
+        return await privacy.forget(
+            service.db, user_id, temporal=client, actor=actor, secret=service.settings.secret
+        )
+    except privacy.TemporalUnavailable as exc:
+        log.warning("forget refused, nothing changed: %s", exc)
+        raise ApiError(
+            503, "unavailable", f"{exc}; nothing was forgotten: retry the call", headers={"Retry-After": "5"}
+        ) from exc
 
 
 @v1.get(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import cli_events, cli_preview, cli_service
+from . import cli_events, cli_preview, cli_privacy, cli_service
 from .cli_options import project_options
 from .compiler import Project, compile_project
 from .diagnostics import CompileError, format_all
@@ -201,6 +201,8 @@ for command in (
     cli_service.worker,
     cli_service.outbox,
     cli_preview.preview,
+    cli_privacy.forget,
+    cli_privacy.export,
 ):
     main.add_command(command)
 

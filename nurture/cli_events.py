@@ -2,6 +2,7 @@
 
     nurture track u_1024 "Cart Updated" --prop cart_id=c_77 --prop item_count=2
     nurture identify u_1024 email=li@example.com vip=true --opt-out sms
+    nurture identify u_1024 --unsubscribe promotions --subscribe sms
 
 Values in ``key=value`` are read as JSON when they parse (``2``, ``true``, ``null``, ``[1, 2]``)
 and as text otherwise; quote them to force text (``zip='"01234"'``).
@@ -131,14 +132,31 @@ def track(
 @click.command()
 @click.argument("user")
 @click.argument("traits", nargs=-1, metavar="[KEY=VALUE]...")
+# Channel or topic names are not checked here: the topics are the project's, and the API names
+# any unknown one with the choices (and a "did you mean").
 @click.option(
     "--opt-out",
     "opt_outs",
     multiple=True,
-    type=click.Choice(CHANNELS),
-    help="A channel the user opted out of (repeatable); replaces the stored opt-outs.",
+    metavar="NAME",
+    help=f"A channel ({', '.join(CHANNELS)}) or topic the user opted out of (repeatable); "
+    "replaces all the stored opt-outs.",
 )
-@click.option("--clear-opt-outs", is_flag=True, help="Opt the user back in to every channel.")
+@click.option("--clear-opt-outs", is_flag=True, help="Opt the user back in to every channel and topic.")
+@click.option(
+    "--unsubscribe",
+    "unsubscribe",
+    multiple=True,
+    metavar="NAME",
+    help="Opt out of a channel or topic (repeatable), keeping the other opt-outs.",
+)
+@click.option(
+    "--subscribe",
+    "subscribe",
+    multiple=True,
+    metavar="NAME",
+    help="Opt back in to a channel or topic (repeatable), keeping the other opt-outs.",
+)
 @click.option("--message-id", metavar="ID", help="De-duplication id.")
 @connection_options
 def identify(
@@ -146,6 +164,8 @@ def identify(
     traits: tuple[str, ...],
     opt_outs: tuple[str, ...],
     clear_opt_outs: bool,
+    unsubscribe: tuple[str, ...],
+    subscribe: tuple[str, ...],
     message_id: str | None,
     url: str,
     write_key: str | None,
@@ -153,10 +173,22 @@ def identify(
     """Merge traits into USER's profile (email=..., phone=+86..., timezone=..., vip=true)."""
     if opt_outs and clear_opt_outs:
         raise click.UsageError("--opt-out and --clear-opt-outs contradict each other")
+    if (opt_outs or clear_opt_outs) and (subscribe or unsubscribe):
+        raise click.UsageError(
+            "--opt-out/--clear-opt-outs replace every opt-out, so they cannot be combined with "
+            "--subscribe/--unsubscribe: use one or the other"
+        )
     values = parse_pairs(traits, "KEY=VALUE")
     opted_out: list[str] | None = [] if clear_opt_outs else (list(opt_outs) if opt_outs else None)
     call(
         url,
         write_key,
-        lambda client: client.identify(user, values, opted_out=opted_out, message_id=message_id),
+        lambda client: client.identify(
+            user,
+            values,
+            opted_out=opted_out,
+            subscribe=list(subscribe) if subscribe else None,
+            unsubscribe=list(unsubscribe) if unsubscribe else None,
+            message_id=message_id,
+        ),
     )

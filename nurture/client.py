@@ -167,7 +167,7 @@ def _track(
 def _identify(
     user_id: str,
     traits: Mapping[str, Any],
-    opted_out: Iterable[str] | None,
+    opt_outs: Mapping[str, Iterable[str] | None],
     timestamp: datetime | str | None,
     message_id: str | None,
 ) -> dict[str, Any]:
@@ -176,8 +176,9 @@ def _identify(
         "traits": dict(traits),
         "messageId": message_id or str(uuid.uuid4()),
     }
-    if opted_out is not None:
-        body["traits"]["opted_out"] = list(opted_out)
+    for name, names in opt_outs.items():  # opted_out, subscribe, unsubscribe: only those given
+        if names is not None:
+            body["traits"][name] = list(names)
     if timestamp is not None:
         body["timestamp"] = _instant(timestamp)
     return body
@@ -280,11 +281,19 @@ class Client(_Base):
         traits: Mapping[str, Any],
         *,
         opted_out: Iterable[str] | None = None,
+        subscribe: Iterable[str] | None = None,
+        unsubscribe: Iterable[str] | None = None,
         timestamp: datetime | str | None = None,
         message_id: str | None = None,
     ) -> Accepted:
-        """Merge traits into a user's profile; ``opted_out`` replaces the channel opt-outs."""
-        body = _identify(user_id, traits, opted_out, timestamp, message_id)
+        """Merge traits into a user's profile.
+
+        Opt-outs name channels (``email``, ``sms``, ``wechat``) and the project's topics:
+        ``opted_out`` replaces them all; ``unsubscribe`` adds names and ``subscribe`` removes them,
+        keeping the rest (applied atomically by the server, so no read-modify-write is needed).
+        """
+        opt_outs = {"opted_out": opted_out, "subscribe": subscribe, "unsubscribe": unsubscribe}
+        body = _identify(user_id, traits, opt_outs, timestamp, message_id)
         return cast(Accepted, self._request("POST", "/v1/identify", json=body))
 
     def batch(self, items: Iterable[Item | Mapping[str, Any]]) -> BatchAccepted:
@@ -372,10 +381,14 @@ class AsyncClient(_Base):
         traits: Mapping[str, Any],
         *,
         opted_out: Iterable[str] | None = None,
+        subscribe: Iterable[str] | None = None,
+        unsubscribe: Iterable[str] | None = None,
         timestamp: datetime | str | None = None,
         message_id: str | None = None,
     ) -> Accepted:
-        body = _identify(user_id, traits, opted_out, timestamp, message_id)
+        """As :meth:`Client.identify`."""
+        opt_outs = {"opted_out": opted_out, "subscribe": subscribe, "unsubscribe": unsubscribe}
+        body = _identify(user_id, traits, opt_outs, timestamp, message_id)
         return cast(Accepted, await self._request("POST", "/v1/identify", json=body))
 
     async def batch(self, items: Iterable[Item | Mapping[str, Any]]) -> BatchAccepted:

@@ -348,6 +348,8 @@ class ProjectDoc(PolicyFields):
     @field_validator("topics")
     @classmethod
     def _not_channels(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise _fail("topic", "each topic is listed once in topics")
         for name in value:
             if name in CHANNELS or name == "auto":
                 raise _fail("topic", f"'{name}' is a channel, not a topic: opting out of it is by channel already")

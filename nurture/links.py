@@ -2,7 +2,8 @@
 
 A token is ``base64url(payload) + "." + base64url(HMAC-SHA256(key, payload))``, the payload being
 compact JSON with the user id, the channel and an optional topic. Only the holder of
-``NURTURE_SECRET`` can make one, so a link opts out exactly the user and channel it was made for.
+``NURTURE_SECRET`` can make one, so a link opts out exactly the user it was made for: out of its
+topic when it names one (the user keeps the channel for other messages), else out of its channel.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class UnsubscribeTarget:
     user_id: str
     channel: str
     topic: str | None = None
+
+    @property
+    def opts_out_of(self) -> str:
+        """The name the link adds to the user's opt-outs: its topic if it has one, else its channel."""
+        return self.topic or self.channel
 
 
 def _encode(data: bytes) -> str:

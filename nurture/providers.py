@@ -261,6 +261,11 @@ def advisories(providers: ProvidersDoc, env: Mapping[str, str]) -> list[str]:
             "SENDGRID_WEBHOOK_PUBLIC_KEY is not set: the event API answers SendGrid's event webhook "
             "with 503, so unsubscribes and spam reports there do not become opt-outs"
         )
+    if "wechat" in configured.values() and not _value(env, "WECHAT_TOKEN"):
+        notes.append(
+            "WECHAT_TOKEN is not set: the event API cannot check WeChat's follow/unfollow pushes, "
+            "so unfollows there do not become opt-outs (a send to an unfollowed user still does)"
+        )
     return notes
 
 

@@ -65,6 +65,8 @@ class Settings:
     """``TWILIO_AUTH_TOKEN``: checks the signature of Twilio's webhooks."""
     sendgrid_webhook_public_key: str = field(default="", repr=False)
     """``SENDGRID_WEBHOOK_PUBLIC_KEY``: checks the signature of SendGrid's Event Webhook."""
+    wechat_token: str = field(default="", repr=False)
+    """``WECHAT_TOKEN``: the Official Account's server-configuration Token, which signs its pushes."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -108,6 +110,7 @@ class Settings:
             secret=secret,
             twilio_auth_token=env.get("TWILIO_AUTH_TOKEN", "").strip(),
             sendgrid_webhook_public_key=env.get("SENDGRID_WEBHOOK_PUBLIC_KEY", "").strip(),
+            wechat_token=env.get("WECHAT_TOKEN", "").strip(),
         )
 
     def require_write_keys(self) -> tuple[str, ...]:

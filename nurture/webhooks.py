@@ -5,7 +5,11 @@
 - ``POST /webhooks/twilio/status``: SMS status callbacks, into ``messages.delivery_status``.
 - ``POST /webhooks/sendgrid/events``: the SendGrid Event Webhook (delivered, bounce, open, ...);
   unsubscribes and spam reports opt the user out of email.
-- ``GET``/``POST /u/{token}``: signed one-click unsubscribe links (RFC 8058).
+- ``GET``/``POST /webhooks/wechat``: a WeChat Official Account's server URL (plaintext mode): the
+  verification handshake, then pushes; unfollowing opts the openid out of WeChat, following opts
+  it back in.
+- ``GET``/``POST /u/{token}``: signed one-click unsubscribe links (RFC 8058); a link made for a
+  topic opts out of that topic only, otherwise out of its channel.
 
 Every request is authenticated by the provider's signature (or the link's) before anything is
 read into the database: a forged one answers 403 and changes nothing. A route whose secret is not
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -23,10 +29,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
+from xml.etree import ElementTree
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from jinja2 import Environment
 from sendgrid.helpers.eventwebhook import (  # type: ignore[import-untyped, unused-ignore]
     EventWebhook,
@@ -47,6 +54,7 @@ from .storage.feedback import (
     record_event,
     set_opt_out,
     user_ids_by_email,
+    user_ids_by_openid,
     user_ids_by_phone,
 )
 
@@ -55,8 +63,14 @@ log = logging.getLogger("nurture.webhooks")
 TWILIO_INBOUND = "/webhooks/twilio/inbound"
 TWILIO_STATUS = "/webhooks/twilio/status"
 SENDGRID_EVENTS = "/webhooks/sendgrid/events"
+WECHAT_EVENTS = "/webhooks/wechat"
 
-BODY_LIMITS = {TWILIO_INBOUND: 64 * 1024, TWILIO_STATUS: 64 * 1024, SENDGRID_EVENTS: 8 * 1024 * 1024}
+BODY_LIMITS = {
+    TWILIO_INBOUND: 64 * 1024,
+    TWILIO_STATUS: 64 * 1024,
+    SENDGRID_EVENTS: 8 * 1024 * 1024,
+    WECHAT_EVENTS: 64 * 1024,
+}
 """Bytes per webhook body, refused (413) before they are read: far above what providers send."""
 
 STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"})
@@ -68,6 +82,12 @@ SENDGRID_MAX_AGE = 600
 """Seconds a signed SendGrid batch stays acceptable: an older (or replayed) one is refused."""
 SENDGRID_OPT_OUTS = frozenset({"unsubscribe", "group_unsubscribe", "spamreport"})
 """SendGrid events that withdraw consent to email."""
+
+WECHAT_MAX_AGE = 600
+"""Seconds a signed WeChat push stays acceptable. In plaintext mode the signature covers only the
+timestamp and nonce, not the body, so an old signed URL must not be reusable for long."""
+WECHAT_FOLLOWS = {"unsubscribe": True, "subscribe": False}
+"""WeChat follow events, each with whether it opts the follower out of WeChat."""
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"description": "Missing, forged or stale signature: nothing changed."},
@@ -139,8 +159,11 @@ def _page(title: str, text: str, *, status: int = 200, confirm: bool = False) ->
 
 
 def _what(target: UnsubscribeTarget) -> str:
-    words = _CHANNEL_WORDS.get(target.channel, f"{target.channel} messages")
-    return f"{words} about {target.topic}" if target.topic else f"our {words}"
+    """What the link unsubscribes from, in the page's words."""
+    if target.topic:
+        # A topic opt-out holds on every channel, so the page says so rather than naming the link's.
+        return f"messages about {target.topic} on any channel"
+    return "our " + _CHANNEL_WORDS.get(target.channel, f"{target.channel} messages")
 
 
 # Signatures ----------------------------------------------------------------------------------
@@ -169,6 +192,38 @@ def _sendgrid_signed(verifier: EventWebhook, body: bytes, signature: str, timest
         return bool(verifier.verify_signature(payload, signature, timestamp))
     except (UnicodeDecodeError, binascii.Error, ValueError):
         return False
+
+
+def wechat_signature(token: str, timestamp: str, nonce: str) -> str:
+    """WeChat's ``signature``: SHA-1 (hex) of the token, timestamp and nonce, sorted and joined."""
+    # SHA-1 is WeChat's choice, not ours: the Official Account platform signs nothing else.
+    return hashlib.sha1("".join(sorted((token, timestamp, nonce))).encode()).hexdigest()
+
+
+def _wechat_signed(token: str, query: Mapping[str, str], *, max_age: int | None) -> bool:
+    """Whether the query carries WeChat's signature (from the last ``max_age`` seconds, if given)."""
+    signature, timestamp, nonce = (query.get(name, "") for name in ("signature", "timestamp", "nonce"))
+    if not (signature and nonce and timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        return False
+    if max_age is not None and abs(time.time() - int(timestamp)) > max_age:
+        return False
+    # As bytes: compare_digest refuses non-ASCII text, and the query is not ours.
+    return hmac.compare_digest(signature.lower().encode(), wechat_signature(token, timestamp, nonce).encode())
+
+
+def _wechat_push(body: bytes) -> dict[str, str] | None:
+    """The top-level fields of a WeChat push (``<xml><Event>..</Event>..</xml>``); None if it isn't one.
+
+    ElementTree never loads external entities or DTDs (an undeclared entity is a parse error) and
+    the bundled expat refuses entity-expansion bombs; the body is at most 64 KB (BODY_LIMITS).
+    """
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return None
+    if root.tag != "xml":
+        return None
+    return {child.tag: (child.text or "").strip() for child in root}
 
 
 def _public_url(settings: Settings, path: str, request: Request) -> str:
@@ -257,25 +312,17 @@ def webhook_router(settings: Settings, db: Database) -> APIRouter:
             opt_out = False
         sid = _text(form.get("MessageSid"))
         users = await asyncio.to_thread(user_ids_by_phone, db, phone)
-        recorded = await asyncio.to_thread(
-            lambda: record_event(
-                db,
-                provider="twilio",
-                event="inbound" if opt_out is None else "opt_out" if opt_out else "opt_in",
-                at=datetime.now(UTC),
-                provider_event_id=sid,
-                provider_id=sid,
-                user_id=users[0] if len(users) == 1 else None,
-                data={"from": phone, "to": form.get("To", ""), "body": text[:1600], "users": users},
-            )
-        )
-        if recorded.new and opt_out is not None:
-            try:
-                await asyncio.to_thread(set_opt_out, db, users, "sms", opt_out)
-            except Exception:
-                if sid is not None:  # so Twilio's retry applies it
-                    await asyncio.to_thread(forget_event, db, sid)
-                raise
+        event = {
+            "provider": "twilio",
+            "event": "inbound" if opt_out is None else "opt_out" if opt_out else "opt_in",
+            "at": datetime.now(UTC),
+            "provider_event_id": sid,
+            "provider_id": sid,
+            "user_id": users[0] if len(users) == 1 else None,
+            "data": {"from": phone, "to": form.get("To", ""), "body": text[:1600], "users": users},
+        }
+        new = await asyncio.to_thread(_record_opt_in_or_out, db, event, users, "sms", opt_out)
+        if new and opt_out is not None:
             log.info(
                 "sms %s from %s: %d profile(s)",
                 "opt-out" if opt_out else "opt-in",
@@ -341,6 +388,78 @@ def webhook_router(settings: Settings, db: Database) -> APIRouter:
         log.info("sendgrid events: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
         return JSONResponse(counts)
 
+    @router.get(
+        WECHAT_EVENTS,
+        response_class=PlainTextResponse,
+        responses={**_RESPONSES, 200: {"description": "`echostr`, as text.", "content": {"text/plain": {}}}},
+    )
+    async def wechat_verify(request: Request) -> Response:
+        """WeChat's server verification (``signature``, ``timestamp``, ``nonce``, ``echostr``): answers
+        ``echostr`` when the signature is made with ``WECHAT_TOKEN``."""
+        if not settings.wechat_token:
+            return _not_configured("WECHAT_TOKEN", "WeChat's server signature cannot be verified")
+        query = request.query_params
+        # No freshness check here: the handshake only echoes a value back and changes nothing.
+        if not _wechat_signed(settings.wechat_token, query, max_age=None):
+            log.warning("wechat verification refused: bad or missing signature")
+            return _forbidden(
+                "the WeChat signature is missing or does not match (is WECHAT_TOKEN the Token?)"
+            )
+        return PlainTextResponse(query.get("echostr", ""), headers={"X-Content-Type-Options": "nosniff"})
+
+    @router.post(
+        WECHAT_EVENTS,
+        response_class=PlainTextResponse,
+        responses={
+            **_RESPONSES,
+            200: {"description": "`success`, as text.", "content": {"text/plain": {}}},
+            400: {"description": "The body is not a WeChat XML push."},
+        },
+    )
+    async def wechat_events(request: Request) -> Response:
+        """A WeChat push (XML, signed in the query): ``unsubscribe`` (unfollow) opts every profile
+        with that ``wechat_openid`` out of WeChat, ``subscribe`` (follow) opts them back in; the rest
+        is ignored."""
+        if not settings.wechat_token:
+            return _not_configured("WECHAT_TOKEN", "WeChat's pushes cannot be verified")
+        if not _wechat_signed(settings.wechat_token, request.query_params, max_age=WECHAT_MAX_AGE):
+            log.warning("wechat push refused: bad, missing or stale signature")
+            return _forbidden(
+                f"the WeChat signature is missing, does not match or is not from the last {WECHAT_MAX_AGE} "
+                "seconds (is WECHAT_TOKEN the Token?)"
+            )
+        push = _wechat_push(await request.body())
+        if push is None:
+            return _refused(400, "invalid_request", "the body is not a WeChat XML push (<xml>...</xml>)")
+        name = push.get("Event", "").lower()
+        if push.get("MsgType") != "event" or name not in WECHAT_FOLLOWS:
+            # Messages, menu clicks, location reports...: not about consent, and not ours to keep.
+            return PlainTextResponse("success")
+        openid = _text(push.get("FromUserName"), 128)
+        created = push.get("CreateTime", "")
+        if openid is None or not (created.isascii() and created.isdigit() and len(created) <= 12):
+            return _refused(400, "invalid_request", "a follow event needs FromUserName and CreateTime")
+        opt_out = WECHAT_FOLLOWS[name]
+        users = await asyncio.to_thread(user_ids_by_openid, db, openid)
+        event = {
+            "provider": "wechat",
+            "event": name,
+            "at": _instant(created),
+            # WeChat's pushes have no id; its retries repeat the follower, the time and the event.
+            "provider_event_id": f"wechat:{openid}:{created}:{name}",
+            "user_id": users[0] if len(users) == 1 else None,
+            "data": {
+                "openid": openid,
+                "to": _text(push.get("ToUserName")),
+                "event_key": _text(push.get("EventKey")),
+                "users": users,
+            },
+        }
+        if await asyncio.to_thread(_record_opt_in_or_out, db, event, users, "wechat", opt_out):
+            log.info("wechat %s by %s: %d profile(s)", name, mask_address(openid), len(users))
+        # WeChat wants "success" (or an empty body): anything else shows the follower an error.
+        return PlainTextResponse("success")
+
     @router.get("/u/{token}", response_class=HTMLResponse, include_in_schema=False)
     async def unsubscribe_page(token: str) -> Response:
         """The confirmation page. It changes nothing: mail scanners open links before people do."""
@@ -357,8 +476,8 @@ def webhook_router(settings: Settings, db: Database) -> APIRouter:
         target = _target(links, unset, token)
         if isinstance(target, Response):
             return target
-        await asyncio.to_thread(_unsubscribe, db, target)
-        log.info("unsubscribed %s from %s (topic %s)", mask_user_id(target.user_id), target.channel, target.topic)
+        name = await asyncio.to_thread(_unsubscribe, db, target)
+        log.info("unsubscribed %s from %s (link for %s)", mask_user_id(target.user_id), name, target.channel)
         return _page("You are unsubscribed", f"You will no longer receive {_what(target)}.")
 
     return router
@@ -380,16 +499,36 @@ def _target(links: UnsubscribeLinks | None, unset: list[str], token: str) -> Uns
         )
 
 
-def _unsubscribe(db: Database, target: UnsubscribeTarget) -> None:
-    set_opt_out(db, [target.user_id], target.channel, True)
+def _unsubscribe(db: Database, target: UnsubscribeTarget) -> str:
+    """Opt the link's user out of its topic, else its channel; the name opted out of."""
+    # A topic link was sent for one kind of message: the user keeps the channel for the rest.
+    name = target.opts_out_of
+    set_opt_out(db, [target.user_id], name, True)
     record_event(
         db,
         provider="nurture",
         event="unsubscribe",
         at=datetime.now(UTC),
         user_id=target.user_id,
-        data={"channel": target.channel, "topic": target.topic, "via": "link"},
+        data={"channel": target.channel, "topic": target.topic, "opted_out": name, "via": "link"},
     )
+    return name
+
+
+def _record_opt_in_or_out(
+    db: Database, event: Mapping[str, Any], users: list[str], name: str, opt_out: bool | None
+) -> bool:
+    """Record a provider event (``record_event``'s arguments) and, the first time it is seen, opt
+    ``users`` out of ``name`` (or back in; ``None``: neither); whether it was new."""
+    recorded = record_event(db, **event)
+    if recorded.new and opt_out is not None:
+        try:
+            set_opt_out(db, users, name, opt_out)
+        except Exception:
+            if event.get("provider_event_id") is not None:  # so the provider's retry applies it
+                forget_event(db, event["provider_event_id"])
+            raise
+    return recorded.new
 
 
 def _sendgrid_batch(db: Database, events: list[Any]) -> dict[str, int]:

@@ -277,6 +277,27 @@ BAD_CALLS: list[tuple[str, str, Any, int, str, str]] = [
         "'fax'",
     ),
     (
+        "unknown-unsubscribe",
+        "/v1/identify",
+        {"userId": "{user}", "traits": {"vip": True, "unsubscribe": ["emial"]}},
+        400,
+        "traits.unsubscribe[0]",
+        "did you mean 'email'?",
+    ),
+    (
+        "unknown-subscribe-in-batch",
+        "/v1/batch",
+        {
+            "batch": [
+                {"type": "identify", "userId": "{user}", "traits": {"unsubscribe": ["sms"]}},
+                {"type": "identify", "userId": "{user}", "traits": {"subscribe": ["sms", "fax"]}},
+            ]
+        },
+        400,
+        "batch[1].traits.subscribe[1]",
+        "'fax' is not a channel or a topic",
+    ),
+    (
         "unknown-batch-type",
         "/v1/batch",
         {

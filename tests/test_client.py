@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from support import uvicorn_thread
 from temporalio.client import Client as TemporalClient
 
+from nurture import cli_events
 from nurture.api import create_app
 from nurture.cli_events import identify, parse_value, track
 from nurture.client import AsyncClient, Client, NurtureError
@@ -167,6 +168,60 @@ async def test_the_async_client_retries_alike() -> None:
     assert [body["messageId"] for body in script.bodies()] == ["m-1", "m-1", "m-1"]
 
 
+def test_identify_sends_subscribe_and_unsubscribe_as_traits() -> None:
+    script = Script(ok(), ok())
+    nurture = client(script)
+
+    nurture.identify("u1", {"vip": True}, unsubscribe=("promotions", "sms"), subscribe=["email"])
+    nurture.identify("u1", {}, unsubscribe=[])
+
+    first, second = script.bodies()
+    assert first["traits"] == {"vip": True, "unsubscribe": ["promotions", "sms"], "subscribe": ["email"]}
+    assert second["traits"] == {"unsubscribe": []}, "an empty list is sent, not dropped"
+
+
+async def test_the_async_client_sends_subscribe_and_unsubscribe_alike() -> None:
+    script = Script(ok())
+    async with AsyncClient(KEY, transport=httpx.MockTransport(script), backoff=0.0) as nurture:
+        await nurture.identify("u1", {}, subscribe=["promotions"], opted_out=None)
+    assert script.bodies()[0]["traits"] == {"subscribe": ["promotions"]}
+
+
+def cli_script(monkeypatch: pytest.MonkeyPatch, *answers: httpx.Response) -> Script:
+    """The CLI's client talking to a mock server."""
+    script = Script(*answers)
+
+    def mocked(write_key: str, **options: Any) -> Client:
+        return Client(write_key, transport=httpx.MockTransport(script), **options)
+
+    monkeypatch.setattr(cli_events, "Client", mocked)
+    return script
+
+
+def test_cli_identify_subscribe_and_unsubscribe(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = cli_script(monkeypatch, ok(type="identify"))
+
+    result = CliRunner().invoke(
+        identify,
+        ["u1", "vip=true", "--unsubscribe", "promotions", "--subscribe", "sms", "--unsubscribe", "email"]
+        + ["--write-key", KEY],
+    )
+
+    assert result.exit_code == 0, result.output
+    [body] = script.bodies()
+    assert body["traits"] == {"vip": True, "unsubscribe": ["promotions", "email"], "subscribe": ["sms"]}
+
+
+@pytest.mark.parametrize("replacing", [["--opt-out", "sms"], ["--clear-opt-outs"]])
+def test_cli_refuses_to_mix_replacing_and_changing_opt_outs(
+    monkeypatch: pytest.MonkeyPatch, replacing: list[str]
+) -> None:
+    script = cli_script(monkeypatch)
+    result = CliRunner().invoke(identify, ["u1", *replacing, "--subscribe", "email", "--write-key", KEY])
+    assert result.exit_code == 2 and "cannot be combined" in result.output
+    assert script.requests == []
+
+
 # The real API, served by uvicorn ---------------------------------------------------------------
 
 
@@ -214,6 +269,30 @@ def test_the_client_against_the_served_api(url: str) -> None:
     ]
     assert bad.value.status == 400 and [d["field"] for d in bad.value.detail] == ["timestamp"]
     assert missing.value.status == 404 and missing.value.error == "not_found"
+
+
+def test_subscribe_and_unsubscribe_against_the_served_api(url: str) -> None:
+    user = f"u-{uuid.uuid4().hex[:10]}"
+    runner = CliRunner()
+    with Client(KEY, base_url=url) as nurture:
+        nurture.identify(user, {"timezone": "UTC"}, opted_out=["email"])
+        nurture.identify(user, {}, unsubscribe=["sms", "wechat"], subscribe=["email"])
+        changed = nurture.profile(user)
+        with pytest.raises(NurtureError) as unknown:
+            nurture.identify(user, {}, subscribe=["smss"])
+        cli = runner.invoke(identify, [user, "--subscribe", "wechat", "--url", url, "--write-key", KEY])
+        cli_unknown = runner.invoke(
+            identify, [user, "--unsubscribe", "fax", "--url", url, "--write-key", KEY]
+        )
+        after = nurture.profile(user)
+
+    assert changed["opted_out"] == ["sms", "wechat"] and changed["traits"] == {"timezone": "UTC"}
+    assert unknown.value.status == 400
+    [detail] = unknown.value.detail
+    assert detail["field"] == "traits.subscribe[0]" and "did you mean 'sms'?" in detail["message"]
+    assert cli.exit_code == 0, cli.output
+    assert cli_unknown.exit_code == 1 and "traits.unsubscribe[0]: 'fax'" in cli_unknown.output
+    assert after["opted_out"] == ["sms"]
 
 
 def test_a_wrong_key_raises_unauthorized(url: str) -> None:

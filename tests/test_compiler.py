@@ -17,7 +17,7 @@ from nurture.source import load_yaml
 from nurture.templates import TemplateStore
 
 ROOT = Path(__file__).parents[1]
-PROJECT_JOURNEYS = ("cart_abandonment", "chat_recovery", "post_purchase", "welcome_series")
+PROJECT_JOURNEYS = ("cart_abandonment", "chat_recovery", "course_launch", "post_purchase", "welcome_series")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_project_journeys_compile_without_errors(compiled: CompileResult) -> Non
     assert compiled.errors == []
     assert compiled.project is not None
     assert sorted(compiled.project.journeys) == list(PROJECT_JOURNEYS)
-    assert len(compiled.checked) == 4
+    assert len(compiled.checked) == len(PROJECT_JOURNEYS)
 
 
 def test_project_journeys_use_the_project_defaults(compiled: CompileResult) -> None:

@@ -13,11 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nurture import ir
-from nurture.compiler import Settings, compile_text
+from nurture.compiler import Settings, compile_text, load_settings
 from nurture.diagnostics import DiagnosticSink
 from nurture.templates import TemplateStore
 
 ROOT = Path(__file__).parents[1]
+# The samples name the project's topics, which nurture.yaml declares.
+PROJECT_SETTINGS = load_settings(ROOT / "nurture.yaml", DiagnosticSink())
 SAMPLES = {path.stem: path.read_text(encoding="utf-8") for path in sorted((ROOT / "journeys").glob("*.yaml"))}
 STORE = TemplateStore(ROOT / "templates")
 
@@ -316,13 +318,13 @@ def test_mutated_sample_journeys_give_diagnostics_not_exceptions(name: str, data
 def test_unmutated_samples_compile(name: str) -> None:
     """The mutation test starts from valid journeys, so any error it sees comes from a mutation."""
     sink = DiagnosticSink()
-    journey = compile_text(SAMPLES[name], f"journeys/{name}.yaml", STORE, Settings(), sink)
+    journey = compile_text(SAMPLES[name], f"journeys/{name}.yaml", STORE, PROJECT_SETTINGS, sink)
     assert sink.errors == []
     assert journey is not None and journey.id == name
 
 
-def test_samples_are_the_four_project_journeys() -> None:
-    assert sorted(SAMPLES) == ["cart_abandonment", "chat_recovery", "post_purchase", "welcome_series"]
+def test_samples_are_the_project_journeys() -> None:
+    assert sorted(SAMPLES) == ["cart_abandonment", "chat_recovery", "course_launch", "post_purchase", "welcome_series"]
 
 
 # --- inputs found to crash the compiler; kept as regressions ---------------------------------------

@@ -188,3 +188,14 @@ def test_database_url_from_environment(tmp_path) -> None:  # type: ignore[no-unt
     assert database_url({"DATABASE_URL": "postgresql://u@h/db"}) == "postgresql+psycopg://u@h/db"
     assert database_url({"DATABASE_URL": "postgres://u@h/db"}) == "postgresql+psycopg://u@h/db"
     assert database_url({}, home=tmp_path) == f"sqlite:///{tmp_path / 'nurture.db'}"
+
+
+def test_concurrent_opt_out_changes_are_all_kept(database: Database) -> None:
+    """Read-modify-write of one profile from many threads loses nothing, on SQLite too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    profiles = DbProfiles(database)
+    names = [f"topic{n}" for n in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda name: profiles.set_opt_out("u-race", name, True), names))
+    assert profiles.read("u-race").opted_out == frozenset(names)

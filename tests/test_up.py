@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from click.testing import CliRunner
 from conftest import ROOT
 from sqlmodel import col, select
@@ -135,7 +136,9 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     journeys.mkdir(parents=True)
     for path in (ROOT / "journeys").glob("*.yaml"):
         shutil.copy(path, journeys / path.name)
-    (project / "nurture.yaml").write_text("timezone: UTC\n", encoding="utf-8")  # no quiet hours
+    # No quiet hours or caps; the project's topics, which the journeys name.
+    topics = yaml.safe_load((ROOT / "nurture.yaml").read_text(encoding="utf-8"))["topics"]
+    (project / "nurture.yaml").write_text(f"timezone: UTC\ntopics: {list(topics)}\n", encoding="utf-8")
     ports = {"api": free_port(), "temporal": free_port(), "ui": free_port()}
     home = tmp_path / "home"
     args = [

@@ -1,12 +1,14 @@
 """Provider webhooks and unsubscribe links through the real app, on SQLite and PostgreSQL.
 
 Requests are signed the way the providers sign them (Twilio's RequestValidator over the public URL,
-an ECDSA P-256 key for SendGrid); forged, stale or unsigned ones answer 403 and change nothing.
+an ECDSA P-256 key for SendGrid, SHA-1 over the sorted token, timestamp and nonce for WeChat);
+forged, stale or unsigned ones answer 403 and change nothing.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 import uuid
@@ -38,6 +40,9 @@ SENDGRID_KEY = ec.generate_private_key(ec.SECP256R1())
 OTHER_KEY = ec.generate_private_key(ec.SECP256R1())
 PHONE = "+8613800138000"
 OTHER_PHONE = "+8613900139000"
+WECHAT_TOKEN = "wechatToken2026"
+OPENID = "oX3kA5e-Jw7qLmN2pR8sTuVwYz01"
+OTHER_OPENID = "oX3kA5e-Jw7qLmN2pR8sTuVwYz99"
 
 
 def public_key(key: ec.EllipticCurvePrivateKey) -> str:
@@ -52,6 +57,7 @@ SETTINGS = Settings(
     secret=SECRET,
     twilio_auth_token=TWILIO_TOKEN,
     sendgrid_webhook_public_key=public_key(SENDGRID_KEY),
+    wechat_token=WECHAT_TOKEN,
 )
 
 
@@ -69,6 +75,17 @@ class Hooks:
         url = signed_url if signed_url is not None else PUBLIC + target
         signature = RequestValidator(TWILIO_TOKEN).compute_signature(url, dict(form))
         return await self.http.post(target, data=dict(form), headers={"X-Twilio-Signature": signature})
+
+    async def wechat(
+        self, body: str | bytes, *, token: str = WECHAT_TOKEN, timestamp: int | None = None
+    ) -> httpx.Response:
+        """``body`` pushed as WeChat pushes (plaintext mode): signed in the query, not the body."""
+        return await self.http.post(
+            WECHAT,
+            params=wechat_query(token, timestamp),
+            content=body.encode() if isinstance(body, str) else body,
+            headers={"Content-Type": "text/xml"},
+        )
 
     async def sendgrid(
         self,
@@ -107,10 +124,14 @@ async def hooks(project: Project, database: Database) -> AsyncIterator[Hooks]:
 
 
 def profile(
-    db: Database, phone: str | None = None, email: str | None = None, opted_out: list[str] | None = None
+    db: Database,
+    phone: str | None = None,
+    email: str | None = None,
+    opted_out: list[str] | None = None,
+    openid: str | None = None,
 ) -> str:
     user = f"u-{uuid.uuid4().hex[:10]}"
-    traits = {k: v for k, v in (("phone", phone), ("email", email)) if v}
+    traits = {k: v for k, v in (("phone", phone), ("email", email), ("wechat_openid", openid)) if v}
     DbProfiles(db).merge(user, traits, opted_out)
     return user
 
@@ -514,17 +535,48 @@ async def test_one_click_post_unsubscribes(hooks: Hooks, body: dict[str, str] | 
     user = profile(hooks.db, email="ada@example.com", opted_out=["wechat"])
     bystander = profile(hooks.db, email="ada@example.com")
 
-    answer = await hooks.http.post(link_path(user, "email", "weekly digest"), data=body)
+    answer = await hooks.http.post(link_path(user, "email"), data=body)
 
     assert answer.status_code == 200
-    assert "You are unsubscribed" in answer.text and "weekly digest" in answer.text
+    assert "You are unsubscribed" in answer.text and "our emails" in answer.text
     assert opted_out(hooks.db, user) == ["email", "wechat"]
     assert opted_out(hooks.db, bystander) == []
     [event] = rows(hooks.db, MessageEvent)
-    assert (event.event, event.user_id, event.data["topic"]) == ("unsubscribe", user, "weekly digest")
+    assert (event.event, event.user_id, event.data["opted_out"]) == ("unsubscribe", user, "email")
 
-    again = await hooks.http.post(link_path(user, "email", "weekly digest"))  # clicked twice
+    again = await hooks.http.post(link_path(user, "email"))  # clicked twice
     assert again.status_code == 200 and opted_out(hooks.db, user) == ["email", "wechat"]
+
+
+async def test_a_topic_link_opts_out_of_the_topic_only(hooks: Hooks) -> None:
+    """The user leaves promotions on every channel, and keeps email for everything else."""
+    user = profile(hooks.db, email="ada@example.com", opted_out=["wechat"])
+    path = link_path(user, "email", "promotions")
+
+    page = await hooks.http.get(path)
+
+    assert page.status_code == 200
+    assert "Stop receiving messages about promotions on any channel?" in page.text
+    assert "emails" not in page.text, "the page names the topic, not the channel"
+    assert opted_out(hooks.db, user) == ["wechat"], "the page changes nothing"
+
+    answer = await hooks.http.post(path, data={"List-Unsubscribe": "One-Click"})
+
+    assert answer.status_code == 200
+    assert "You will no longer receive messages about promotions on any channel." in answer.text
+    assert opted_out(hooks.db, user) == ["promotions", "wechat"]
+    [event] = rows(hooks.db, MessageEvent)
+    assert (event.data["channel"], event.data["topic"], event.data["opted_out"]) == (
+        "email",
+        "promotions",
+        "promotions",
+    )
+
+
+async def test_a_channel_link_page_names_the_channel(hooks: Hooks) -> None:
+    user = profile(hooks.db, phone=PHONE)
+    page = await hooks.http.get(link_path(user, "sms"))
+    assert page.status_code == 200 and "Stop receiving our text messages?" in page.text
 
 
 async def test_an_sms_link_opts_out_of_sms_only(hooks: Hooks) -> None:
@@ -552,6 +604,195 @@ async def test_a_tampered_link_is_refused(hooks: Hooks, method: str) -> None:
     assert state(hooks.db) == before
 
 
+# WeChat --------------------------------------------------------------------------------------
+
+
+WECHAT = "/webhooks/wechat"
+
+
+def wechat_query(token: str = WECHAT_TOKEN, timestamp: int | None = None, **extra: str) -> dict[str, str]:
+    """The query WeChat signs: SHA-1 of token, timestamp and nonce, sorted and joined (its spec)."""
+    stamp = str(int(time.time()) if timestamp is None else timestamp)
+    nonce = str(uuid.uuid4().int % 10**10)
+    signature = hashlib.sha1("".join(sorted([token, stamp, nonce])).encode()).hexdigest()
+    return {"signature": signature, "timestamp": stamp, "nonce": nonce, **extra}
+
+
+def follow(event: str, openid: str = OPENID, created: int = 1_780_000_000, msg_type: str = "event") -> str:
+    """A push as WeChat sends it, CDATA and all."""
+    return (
+        "<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName>"
+        f"<FromUserName><![CDATA[{openid}]]></FromUserName><CreateTime>{created}</CreateTime>"
+        f"<MsgType><![CDATA[{msg_type}]]></MsgType><Event><![CDATA[{event}]]></Event>"
+        "<EventKey><![CDATA[]]></EventKey></xml>"
+    )
+
+
+async def test_wechat_server_verification_echoes_echostr(hooks: Hooks) -> None:
+    # The handshake is checked for the signature only: the admin may save the form at any time.
+    query = wechat_query(timestamp=1_500_000_000, echostr="6907305366735781642")
+
+    answer = await hooks.http.get(WECHAT, params=query)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.text == "6907305366735781642"
+    assert answer.headers["content-type"].startswith("text/plain")
+
+
+async def test_a_forged_wechat_verification_is_refused(hooks: Hooks) -> None:
+    signed = wechat_query(echostr="12345")
+    queries = {
+        "other token": wechat_query("notTheToken", echostr="12345"),
+        "changed nonce": {**signed, "nonce": signed["nonce"] + "1"},
+        "changed timestamp": {**signed, "timestamp": str(int(signed["timestamp"]) + 1)},
+        "no signature": {k: v for k, v in signed.items() if k != "signature"},
+        "non-ascii signature": {**signed, "signature": "é" * 40},
+        "nothing": {},
+    }
+    for how, query in queries.items():
+        answer = await hooks.http.get(WECHAT, params=query)
+        assert answer.status_code == 403, (how, answer.text)
+        assert "12345" not in answer.text, how
+
+
+async def test_unfollowing_opts_out_of_wechat_and_following_opts_back_in(hooks: Hooks) -> None:
+    first = profile(hooks.db, openid=OPENID, opted_out=["email", "promotions"])
+    second = profile(hooks.db, openid=OPENID)
+    bystander = profile(hooks.db, openid=OTHER_OPENID)
+
+    unfollowed = await hooks.wechat(follow("unsubscribe"))
+
+    assert unfollowed.status_code == 200, unfollowed.text
+    assert unfollowed.text == "success"
+    assert opted_out(hooks.db, first) == ["email", "promotions", "wechat"]
+    assert opted_out(hooks.db, second) == ["wechat"]
+    assert opted_out(hooks.db, bystander) == []
+
+    followed = await hooks.wechat(follow("subscribe", created=1_780_000_060))
+
+    assert followed.status_code == 200 and followed.text == "success"
+    assert opted_out(hooks.db, first) == ["email", "promotions"], "following clears only the WeChat opt-out"
+    assert opted_out(hooks.db, second) == []
+    events = sorted(rows(hooks.db, MessageEvent, provider="wechat"), key=lambda e: e.event)
+    assert [(e.event, e.user_id) for e in events] == [("subscribe", None), ("unsubscribe", None)]
+    assert events[1].data["openid"] == OPENID and sorted(events[1].data["users"]) == sorted([first, second])
+    assert events[1].provider_event_id == f"wechat:{OPENID}:1780000000:unsubscribe"
+
+
+async def test_a_follow_of_one_profile_names_its_user(hooks: Hooks) -> None:
+    user = profile(hooks.db, openid=OPENID)
+    assert (await hooks.wechat(follow("unsubscribe"))).status_code == 200
+    [event] = rows(hooks.db, MessageEvent)
+    assert event.user_id == user and opted_out(hooks.db, user) == ["wechat"]
+
+
+async def test_a_follow_of_an_unknown_openid_is_recorded_and_opts_nobody(hooks: Hooks) -> None:
+    user = profile(hooks.db, openid=OTHER_OPENID)
+    answer = await hooks.wechat(follow("unsubscribe"))
+    assert answer.status_code == 200 and answer.text == "success"
+    [event] = rows(hooks.db, MessageEvent)
+    assert (event.event, event.user_id, event.data["users"]) == ("unsubscribe", None, [])
+    assert opted_out(hooks.db, user) == []
+
+
+async def test_a_retried_unfollow_is_applied_once(hooks: Hooks) -> None:
+    """WeChat retries a push it got no answer for: the repeat must not undo a later follow."""
+    user = profile(hooks.db, openid=OPENID)
+    await hooks.wechat(follow("unsubscribe"))
+    await hooks.wechat(follow("subscribe", created=1_780_000_010))
+
+    again = await hooks.wechat(follow("unsubscribe"))  # same follower, time and event; fresh signature
+
+    assert again.status_code == 200 and again.text == "success"
+    assert opted_out(hooks.db, user) == []
+    assert len(rows(hooks.db, MessageEvent)) == 2
+
+
+async def test_other_wechat_pushes_are_ignored(hooks: Hooks) -> None:
+    user = profile(hooks.db, openid=OPENID)
+    before = state(hooks.db)
+    text = (
+        f"<xml><ToUserName>gh_0123456789ab</ToUserName><FromUserName>{OPENID}</FromUserName>"
+        "<CreateTime>1780000000</CreateTime><MsgType>text</MsgType><Content>unsubscribe</Content>"
+        "<MsgId>23456789012345678</MsgId></xml>"
+    )
+    for body in (text, follow("CLICK"), follow("LOCATION"), follow("unsubscribe", msg_type="text")):
+        answer = await hooks.wechat(body)
+        assert answer.status_code == 200 and answer.text == "success", body
+    assert state(hooks.db) == before
+    assert opted_out(hooks.db, user) == []
+
+
+async def test_a_forged_or_stale_wechat_push_is_refused_and_changes_nothing(hooks: Hooks) -> None:
+    user = profile(hooks.db, openid=OPENID)
+    before = state(hooks.db)
+    body = follow("unsubscribe")
+
+    answers = {
+        "other token": await hooks.wechat(body, token="notTheToken"),
+        # Plaintext mode signs no body, so an old signed URL must not be reusable.
+        "stale": await hooks.wechat(body, timestamp=int(time.time()) - 660),
+        "future": await hooks.wechat(body, timestamp=int(time.time()) + 660),
+        "unsigned": await hooks.http.post(WECHAT, content=body),
+    }
+
+    for how, answer in answers.items():
+        assert answer.status_code == 403, (how, answer.text)
+        assert answer.json()["error"] == "forbidden"
+    assert state(hooks.db) == before
+    assert opted_out(hooks.db, user) == []
+
+
+BAD_XML = {
+    "not xml": "unsubscribe",
+    "another root": f"<event><FromUserName>{OPENID}</FromUserName></event>",
+    "external entity": (
+        '<?xml version="1.0"?><!DOCTYPE xml [<!ENTITY id SYSTEM "file:///etc/hostname">]>'
+        "<xml><FromUserName>&id;</FromUserName><CreateTime>1780000000</CreateTime>"
+        "<MsgType>event</MsgType><Event>unsubscribe</Event></xml>"
+    ),
+    "entity expansion": (
+        '<?xml version="1.0"?><!DOCTYPE xml [<!ENTITY a "aaaaaaaaaa">'
+        # Each entity ten of the one before: 10**9 characters from a few hundred bytes.
+        + "".join(
+            f'<!ENTITY {n} "{("&" + p + ";") * 10}">' for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+        )
+        + "]><xml><FromUserName>&i;</FromUserName><MsgType>event</MsgType><Event>unsubscribe</Event></xml>"
+    ),
+    "no openid": (
+        "<xml><CreateTime>1780000000</CreateTime><MsgType>event</MsgType><Event>unsubscribe</Event></xml>"
+    ),
+    "no time": (
+        f"<xml><FromUserName>{OPENID}</FromUserName><MsgType>event</MsgType><Event>unsubscribe</Event></xml>"
+    ),
+}
+
+
+@pytest.mark.parametrize("body", BAD_XML.values(), ids=BAD_XML.keys())
+async def test_a_signed_push_that_is_not_a_follow_event_changes_nothing(hooks: Hooks, body: str) -> None:
+    user = profile(hooks.db, openid=OPENID)
+    before = state(hooks.db)
+
+    answer = await hooks.wechat(body)
+
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "invalid_request"
+    assert state(hooks.db) == before and opted_out(hooks.db, user) == []
+
+
+async def test_an_oversized_wechat_push_is_refused_unread(hooks: Hooks) -> None:
+    answer = await hooks.wechat("<xml>" + "x" * (65 * 1024) + "</xml>")
+    assert answer.status_code == 413
+    assert rows(hooks.db, MessageEvent) == []
+
+
+def test_the_wechat_token_comes_from_the_environment_and_stays_out_of_repr() -> None:
+    settings = Settings.from_env({"WECHAT_TOKEN": f" {WECHAT_TOKEN}\n"})
+    assert settings.wechat_token == WECHAT_TOKEN
+    assert WECHAT_TOKEN not in repr(settings)
+    assert Settings.from_env({}).wechat_token == ""
+
+
 # Configuration -------------------------------------------------------------------------------
 
 
@@ -563,6 +804,8 @@ MISCONFIGURED: list[tuple[dict[str, Any], str, str, str]] = [
     ({"secret": ""}, "GET", "/u/anything.x", "NURTURE_SECRET"),
     ({"secret": ""}, "POST", "/u/anything.x", "NURTURE_SECRET"),
     ({"public_url": ""}, "POST", "/u/anything.x", "NURTURE_PUBLIC_URL"),
+    ({"wechat_token": ""}, "GET", "/webhooks/wechat", "WECHAT_TOKEN"),
+    ({"wechat_token": ""}, "POST", "/webhooks/wechat", "WECHAT_TOKEN"),
 ]
 
 
@@ -598,5 +841,5 @@ async def test_oversized_webhook_bodies_are_refused_unread(hooks: Hooks) -> None
 
 async def test_webhooks_are_in_the_openapi_document_and_links_are_not(hooks: Hooks) -> None:
     paths = set((await hooks.http.get("/openapi.json")).json()["paths"])
-    assert {INBOUND, STATUS, "/webhooks/sendgrid/events"} <= paths
+    assert {INBOUND, STATUS, "/webhooks/sendgrid/events", WECHAT} <= paths
     assert not any(path.startswith("/u/") for path in paths)

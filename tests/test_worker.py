@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from conftest import ROOT
 from sqlalchemy import text
 from support import clean_env
@@ -52,10 +53,15 @@ steps:
 """
 
 
+TOPICS = list(yaml.safe_load((ROOT / "nurture.yaml").read_text(encoding="utf-8"))["topics"])
+
+
 def project_dir(tmp_path: Path, *extra: tuple[str, str]) -> Path:
-    """The repo's journeys (no nurture.yaml: no quiet hours) plus ``extra`` (name, text) files."""
+    """The repo's journeys (a nurture.yaml with the project's topics, no quiet hours or caps) plus
+    ``extra`` (name, text) files."""
     journeys = tmp_path / "journeys"
     journeys.mkdir()
+    (tmp_path / "nurture.yaml").write_text(f"topics: {TOPICS}\n", encoding="utf-8")
     for path in (ROOT / "journeys").glob("*.yaml"):
         shutil.copy(path, journeys / path.name)
     for name, content in extra:
@@ -147,7 +153,8 @@ def test_a_configured_provider_without_its_secrets_stops_the_worker(tmp_path: Pa
     config = tmp_path / "providers.yaml"
     config.write_text(
         'providers:\n  email: {provider: sendgrid, from: "Nurture <hello@example.com>"}\n'
-        '  sms: {provider: twilio, messaging_service: MG0123}\n',
+        '  sms: {provider: twilio, messaging_service: MG0123}\n'
+        f"topics: {TOPICS}\n",
         encoding="utf-8",
     )
     env = worker_env(

@@ -61,6 +61,19 @@ class Database:
                 session.rollback()
                 raise
 
+    @contextmanager
+    def write_session(self) -> Iterator[Session]:
+        """A :meth:`session` for read-modify-write: it takes the write lock before it reads.
+
+        PostgreSQL rows are locked by ``SELECT ... FOR UPDATE``; SQLite ignores that and only
+        locks at the first write, so two read-modify-writes could both read the old value. There
+        the transaction starts with ``BEGIN IMMEDIATE`` instead, which waits for other writers.
+        """
+        with self.session() as session:
+            if self.engine.dialect.name == "sqlite":
+                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            yield session
+
     def migrate(self) -> None:
         """Apply every Alembic migration not yet applied."""
         config = Config()

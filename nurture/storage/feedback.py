@@ -1,5 +1,8 @@
 """What the provider webhooks write: opt-outs by address, provider events, delivery status.
 
+An opt-out is a name in the profile's one ``opted_out`` set: a channel (``email``, ``sms``,
+``wechat``) or a subscription topic (``promotions``).
+
 Every provider event is stored once: ``message_events.provider_event_id`` is unique, so a webhook
 the provider delivers again (they retry until they get a 2xx) is recognised and changes nothing.
 """
@@ -66,6 +69,11 @@ def user_ids_by_email(db: Database, email: str) -> list[str]:
     return _user_ids(db, col(ProfileRecord.email) == email) if email else []
 
 
+def user_ids_by_openid(db: Database, openid: str) -> list[str]:
+    """Every profile with exactly this WeChat openid (the ``wechat_openid`` trait)."""
+    return _user_ids(db, col(ProfileRecord.wechat_openid) == openid) if openid else []
+
+
 def _user_ids(db: Database, condition: Any) -> list[str]:
     with db.session() as session:
         rows = session.execute(
@@ -74,12 +82,15 @@ def _user_ids(db: Database, condition: Any) -> list[str]:
         return [user_id for (user_id,) in rows]
 
 
-def set_opt_out(db: Database, user_ids: Iterable[str], channel: str, opted_out: bool) -> list[str]:
-    """Opt each user out of ``channel`` (or back in); the users changed, in order."""
+def set_opt_out(db: Database, user_ids: Iterable[str], name: str, opted_out: bool) -> list[str]:
+    """Opt each user out of ``name``, a channel or a topic (or back in); the users changed, in order.
+
+    Only that name changes: each profile's other opt-outs are kept.
+    """
     profiles = DbProfiles(db)
     done = []
     for user_id in user_ids:
-        profiles.set_opt_out(user_id, channel, opted_out)
+        profiles.set_opt_out(user_id, name, opted_out)
         done.append(user_id)
     return done
 

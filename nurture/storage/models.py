@@ -36,7 +36,7 @@ class ProfileRecord(SQLModel, table=True):
     traits: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     email: str | None = Field(default=None, max_length=320, index=True)
     phone: str | None = Field(default=None, max_length=32, index=True)
-    wechat_openid: str | None = Field(default=None, max_length=128)
+    wechat_openid: str | None = Field(default=None, max_length=128, index=True)
     opted_out: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     created_at: datetime = _when(nullable=False, default=utcnow)
     updated_at: datetime = _when(nullable=False, default=utcnow)

@@ -55,7 +55,7 @@ class DbProfiles:
         changes them when it is a function (applied to the locked row, so changes don't race)."""
         for _ in range(3):
             try:
-                with self.db.session() as session:
+                with self.db.write_session() as session:
                     row = session.get(ProfileRecord, user_id, with_for_update=True)
                     if row is None:
                         row = ProfileRecord(user_id=user_id)

@@ -28,6 +28,9 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_messages_provider_id"), ["provider_id"], unique=False)
         batch_op.create_index("ix_messages_user_sent", ["user_id", "sent_at"], unique=False)
 
+    with op.batch_alter_table("profiles", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_profiles_wechat_openid"), ["wechat_openid"], unique=False)
+
     op.create_table(
         "message_events",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -62,6 +65,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("profiles", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_profiles_wechat_openid"))
     op.drop_table("provider_tokens")
     with op.batch_alter_table("message_events", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_message_events_user_id"))
