@@ -16,10 +16,11 @@ import types
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from .evaluation import Expr
 
+T = TypeVar("T")
 Category = Literal["marketing", "transactional"]
 ReEntry = Literal["after_exit", "restart", "once"]
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -297,30 +298,28 @@ def _decode_dataclass(cls: type[Any], data: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def policy_to_dict(policy: Policy) -> dict[str, Any]:
-    result = _encode(policy)
+def to_dict(value: Any) -> dict[str, Any]:
+    """JSON-serialisable form of any intermediate-form dataclass (a journey, a policy)."""
+    result = _encode(value)
     assert isinstance(result, dict)
     return result
 
 
-def policy_from_dict(data: Mapping[str, Any]) -> Policy:
-    result = _decode_dataclass(Policy, data)
-    assert isinstance(result, Policy)
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """A ``cls`` back from :func:`to_dict`; fields it lacks take their defaults."""
+    result = _decode_dataclass(cls, data)
+    assert isinstance(result, cls)
     return result
 
 
 def journey_to_dict(journey: Journey) -> dict[str, Any]:
     """JSON-serialisable form of a compiled journey."""
-    result = _encode(journey)
-    assert isinstance(result, dict)
-    return result
+    return to_dict(journey)
 
 
 def journey_from_dict(data: Mapping[str, Any]) -> Journey:
     """The journey back from :func:`journey_to_dict`."""
-    result = _decode_dataclass(Journey, data)
-    assert isinstance(result, Journey)
-    return result
+    return from_dict(Journey, data)
 
 
 def content_version(journey: Journey) -> str:

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from .clock import format_instant, parse_instant
-from .ir import Policy, QuietHours, policy_from_dict, policy_to_dict
+from .ir import Policy, QuietHours, from_dict, to_dict
 
 ADDRESS_TRAITS: dict[str, str] = {"email": "email", "sms": "phone", "wechat": "wechat_openid"}
 """The trait holding each channel's address."""
@@ -117,7 +117,7 @@ class SendRequest:
             "variant": self.variant,
             "context": dict(self.context),
             "topic": self.topic,
-            "policy": policy_to_dict(self.policy),
+            "policy": to_dict(self.policy),
         }
 
     @classmethod
@@ -137,7 +137,7 @@ class SendRequest:
             variant=data.get("variant"),
             context=dict(data.get("context") or {}),
             topic=data.get("topic"),
-            policy=policy_from_dict(data["policy"]) if data.get("policy") else Policy(),
+            policy=from_dict(Policy, data["policy"]) if data.get("policy") else Policy(),
         )
 
 
