@@ -12,9 +12,11 @@ moves the send to its fallback channel.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,8 @@ from nurture.compiler import Project
 from nurture.devserver import free_port
 from nurture.links import UnsubscribeLinks
 from nurture.providers import ProvidersDoc, build_channels
-from nurture.scenarios import compare, load_scenario, scenario_files
+from nurture.scenarios import Scenario, compare, load_scenario, scenario_files
+from nurture.simulator import Outcome
 from nurture.storage.db import Database
 from nurture.storage.stores import DbOutbox
 from workflows.runtime import TemporalRuntime
@@ -102,6 +105,25 @@ def providers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Providers]:
     db.dispose()
 
 
+LATENCY = timedelta(seconds=5)
+
+
+def on_schedule(scenario: Scenario, outcomes: list[Outcome]) -> list[Outcome]:
+    """``outcomes`` with times within :data:`LATENCY` of an expected instant set to it.
+
+    Real provider calls take real time, during which the time-skipping server's clock runs, so a
+    wait that follows a send ends that much later: after a few sends a step can land a second
+    past its scenario time. Exact timing is checked on the outbox (tests/test_scenarios.py);
+    here everything else must match exactly.
+    """
+    expected = {scenario.instant(item.at) for item in scenario.expect}
+    snapped = []
+    for outcome in outcomes:
+        near = [at for at in expected if abs(at - outcome.at) <= LATENCY]
+        snapped.append(dataclasses.replace(outcome, at=near[0]) if near else outcome)
+    return snapped
+
+
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 async def test_scenario_through_real_sdks(
     path: Path, project: Project, temporal: TemporalRuntime, providers: Providers
@@ -111,7 +133,7 @@ async def test_scenario_through_real_sdks(
 
     outcomes = await temporal.play(scenario, project, channels=providers.channels, links=LINKS.url)
 
-    verdict = compare(scenario, outcomes)
+    verdict = compare(scenario, on_schedule(scenario, outcomes))
     assert verdict.passed, verdict.report()
     sent = Counter(o.send.channel for o in outcomes if o.send is not None and o.send.status == "sent")
     assert providers.received() - before == sent
@@ -245,7 +267,7 @@ async def test_smtp_carries_the_welcome_series(
         channels = build_channels(doc, env, db=db, outbox=DbOutbox()).by_channel
         scenario = load_scenario(ROOT / "journeys" / "tests" / "welcome_full_series.yaml", project)
         outcomes = await temporal.play(scenario, project, channels=channels, links=LINKS.url)
-        assert compare(scenario, outcomes).passed
+        assert compare(scenario, on_schedule(scenario, outcomes)).passed
     finally:
         controller.stop()
     assert len(inbox.messages) == 3
