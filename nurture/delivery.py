@@ -335,7 +335,7 @@ class Deliverer:
                 await self._count(request, channel, now)
                 return SendResult(self._outcome(request, now, channel, "sent", None, locale=used))
             unsubscribe = None
-            if self.links is not None and request.category == "marketing":
+            if self.links is not None and marketing:
                 unsubscribe = self.links(profile.user_id, channel, request.topic)
             context = render_context(request, profile, unsubscribe_url=unsubscribe)
             try:

@@ -13,7 +13,7 @@ from nurture.delivery import Claim
 from nurture.model import SendOutcome, SendRequest
 from nurture.storage.db import Database, database_url
 from nurture.storage.models import MessageRecord, RunRecord
-from nurture.storage.stores import DbLedger, DbProfiles, DbRecorder, Events, Routes, has_run
+from nurture.storage.stores import DbHistory, DbLedger, DbProfiles, DbRecorder, Events, Routes, has_run
 from nurture.templates import RenderedMessage
 
 NOW = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
@@ -132,6 +132,8 @@ def test_ledger_row_is_written_before_delivery_and_outcome_joins_it(database: Da
         variant="a",
     )
     asyncio.run(DbRecorder(database).send(request, outcome))
+    # Frequency caps count it at the outcome's instant, on the run's clock.
+    assert asyncio.run(DbHistory(database).sent("u1", NOW)) == [(NOW, "sms")]
     with database.session() as session:
         rows = session.exec(select(MessageRecord)).all()
     assert len(rows) == 1

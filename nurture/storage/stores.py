@@ -166,6 +166,10 @@ class DbRecorder:
             "variant": outcome.variant,
             "locale": outcome.locale,
             "preview": outcome.preview or None,
+            "category": request.category,
+            "topic": request.topic,
+            # What frequency caps count (DbHistory), on the run's clock.
+            "sent_at": outcome.at if outcome.status == "sent" else None,
         }
         for _ in range(3):
             try:
@@ -309,8 +313,9 @@ class DbLedger:
 class DbHistory:
     """The engine's :class:`~nurture.delivery.SendHistory` on the ``messages`` table.
 
-    A marketing message counts from the moment its row is claimed (``sending``), before the
-    provider is called, so a second journey sending to the same user a moment later sees it.
+    A marketing message counts from the moment its row is claimed (``sending``, by its creation
+    time), before the provider is called, so a second journey sending to the same user a moment
+    later sees it; once sent, by its ``sent_at``.
     """
 
     def __init__(self, db: Database) -> None:
@@ -331,13 +336,8 @@ class DbHistory:
         return [(_aware(sent_at or created_at), channel) for sent_at, created_at, channel in rows]
 
     async def record(self, request: SendRequest, channel: str, at: datetime) -> None:
-        await asyncio.to_thread(self._record, request.idempotency_key, at)
-
-    def _record(self, key: str, at: datetime) -> None:
-        with self.db.session() as session:
-            session.execute(
-                update(MessageRecord).where(col(MessageRecord.idempotency_key) == key).values(sent_at=at)
-            )
+        """Nothing to do: the message row is the record, and :class:`DbRecorder` writes its
+        ``sent_at`` with the outcome, in the same activity."""
 
 
 def _aware(value: datetime) -> datetime:
