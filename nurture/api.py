@@ -57,7 +57,6 @@ from .privacy import ForgetReport, UserExport
 from .settings import Settings
 from .storage.db import Database
 from .storage.models import MessageRecord, ProfileRecord, RunRecord
-from .storage.stores import DbProfiles
 from .webhooks import BODY_LIMITS as WEBHOOK_LIMITS
 from .webhooks import webhook_router
 
@@ -544,11 +543,10 @@ class Service:
             traits,
             message_id=message_id,
             event=Event(name="identify", timestamp=timestamp, properties=traits, message_id=message_id),
-            opted_out=opted_out,
+            # subscribe/unsubscribe apply to the locked row, so a concurrent change to other names
+            # (a STOP, a link) stays; they never come with opted_out (checked above).
+            opted_out=opted_out if change is None else change,
         )
-        if fresh and change is not None:
-            # Applied to the locked row, so a concurrent change to other names (a STOP, a link) stays.
-            await asyncio.to_thread(DbProfiles(self.db).merge, call.user_id, {}, change)
         _log_identify(call.user_id, message_id, traits, given, duplicate=not fresh)
         return Accepted(type="identify", message_id=message_id, duplicate=not fresh)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -29,7 +29,7 @@ from .interpreter import run_key, trigger_matches
 from .ir import Journey, journey_to_dict
 from .model import Event
 from .storage.db import Database
-from .storage.stores import DbProfiles, Events, Routes, has_run
+from .storage.stores import DbProfiles, Events, OptOuts, Routes, has_run
 
 log = logging.getLogger("nurture.ingest")
 
@@ -118,9 +118,10 @@ class Ingest:
         *,
         message_id: str,
         event: Event,
-        opted_out: Sequence[str] | None = None,
+        opted_out: OptOuts | None = None,
     ) -> bool:
-        """Merge traits into the profile; ``False`` for a repeated ``message_id``."""
+        """Merge traits (and opt-outs) into the profile in one transaction; ``False`` for a
+        repeated ``message_id``."""
         fresh = await asyncio.to_thread(
             self.events.add,
             message_id=message_id,

@@ -27,6 +27,9 @@ from .models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord,
 
 IDENTITY = ("email", "phone", "wechat_openid")
 
+OptOuts = Sequence[str] | Callable[[set[str]], set[str]]
+"""New opt-outs for a profile: the whole set, or a function of the stored one."""
+
 
 class DbProfiles:
     """Profiles in the ``profiles`` table (the engine's ``ProfileStore``)."""
@@ -49,7 +52,7 @@ class DbProfiles:
         self,
         user_id: str,
         traits: Mapping[str, Any],
-        opted_out: Sequence[str] | Callable[[set[str]], set[str]] | None = None,
+        opted_out: OptOuts | None = None,
     ) -> Profile:
         """Merge ``traits`` into the profile (creating it); ``opted_out`` replaces the opt-outs, or
         changes them when it is a function (applied to the locked row, so changes don't race)."""
