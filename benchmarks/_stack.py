@@ -5,7 +5,7 @@ event API, each a process of its own, on loopback ports, with every file in a te
     python benchmarks/_stack.py api --port PORT      (started by benchmarks/ingest.py)
 
 The worker is the operator's ``worker.py``; like it, these two entry points read their
-configuration from the environment (:class:`nurture.settings.Settings`), which
+configuration from the environment (:class:`nurture.service.settings.Settings`), which
 :meth:`Stack.env` writes.
 """
 
@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from nurture.devserver import Service, command_line, free_port, stop, wait_for_port
+from nurture.service.devserver import Service, command_line, free_port, stop, wait_for_port
 from nurture.storage.db import Database, database_url
 from nurture.storage.models import ProfileRecord
 
@@ -107,7 +107,7 @@ class Stack:
         return Database(database_url({"DATABASE_URL": self.database_url}))
 
     def env(self) -> dict[str, str]:
-        """The service's environment (see :class:`nurture.settings.Settings`)."""
+        """The service's environment (see :class:`nurture.service.settings.Settings`)."""
         env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
         return {
             **env,
@@ -140,7 +140,7 @@ class Stack:
 
     @contextlib.contextmanager
     def api(self) -> Iterator[Service]:
-        """The event API (``nurture.api.serve``: uvicorn, default options) as a subprocess."""
+        """The event API (``nurture.service.api.serve``: uvicorn, default options) as a subprocess."""
         port = free_port()
         args = [sys.executable, str(Path(__file__)), "api", "--port", str(port)]
         with self._process("api", args) as (process, _log):
@@ -252,9 +252,9 @@ def _serve_handwritten() -> None:
     from handwritten import HandwrittenJourney
     from temporalio.worker import Worker
 
-    import worker
-    from nurture.observability import configure_logging
-    from nurture.settings import Settings
+    from nurture.service import worker
+    from nurture.service.observability import configure_logging
+    from nurture.service.settings import Settings
 
     def with_handwritten(client: Any, **options: Any) -> Worker:
         return Worker(client, **{**options, "workflows": [*options["workflows"], HandwrittenJourney]})
@@ -268,8 +268,8 @@ def _serve_handwritten() -> None:
 
 
 def _serve_api(port: int) -> None:
-    from nurture.api import serve  # imported here: the other entry points work without it
-    from nurture.settings import Settings
+    from nurture.service.api import serve  # imported here: the other entry points work without it
+    from nurture.service.settings import Settings
 
     asyncio.run(serve(Settings.from_env(), "127.0.0.1", port))
 

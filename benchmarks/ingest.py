@@ -6,7 +6,7 @@
 
 Everything runs on this machine, on loopback: a real dev server (``temporal server start-dev``,
 its default in-memory store), the operator's worker (``python worker.py``, a subprocess), the
-event API (``nurture.api.serve``: uvicorn with its defaults, a subprocess) and this script as the
+event API (``nurture.service.api.serve``: uvicorn with its defaults, a subprocess) and this script as the
 client. Every event is an ``Order Completed`` of a fresh user with a phone number: it starts the
 real ``post_purchase`` journey, whose first send is a transactional SMS (quiet hours never defer
 it) delivered to the outbox. SQLite in a temp dir by default; ``--database-url`` names a
@@ -15,7 +15,7 @@ PostgreSQL server on which a fresh database is created, and dropped at the end.
 Two paths carry the same events:
 
 - **temporal (ceiling)**: this script makes the signal-with-start itself, with the workflow id,
-  input, id-reuse policy and ``trigger`` signal that ``nurture.ingest`` uses: the Temporal work
+  input, id-reuse policy and ``trigger`` signal that ``nurture.service.ingest`` uses: the Temporal work
   of an event with nothing in front of it.
 - **api**: ``POST /v1/track`` with a write key (Bearer). The API stores the event, reads the
   user's routes and profile, checks ``re_entry: once``, makes the same signal-with-start and
@@ -72,11 +72,11 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 
-from nurture.compiler import load_project
-from nurture.devserver import dev_server
-from nurture.ingest import workflow_id
-from nurture.ir import Journey, journey_to_dict
-from nurture.model import Event
+from nurture.engine.model import Event
+from nurture.language.compiler import load_project
+from nurture.language.ir import Journey, journey_to_dict
+from nurture.service.devserver import dev_server
+from nurture.service.ingest import workflow_id
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord
 from workflows.journey import WORKFLOW_NAME
@@ -118,7 +118,7 @@ def order(user_id: str) -> tuple[str, dict[str, Any]]:
 
 
 class Ceiling:
-    """signal-with-start straight from this process, as nurture.ingest makes it."""
+    """signal-with-start straight from this process, as nurture.service.ingest makes it."""
 
     name = "temporal (ceiling)"
 

@@ -47,12 +47,12 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
-from nurture.compiler import load_project
-from nurture.devserver import dev_server
-from nurture.durations import parse_duration
-from nurture.ingest import workflow_id
-from nurture.ir import Journey, Send, journey_to_dict
-from nurture.model import Event
+from nurture.engine.model import Event
+from nurture.language.compiler import load_project
+from nurture.language.durations import parse_duration
+from nurture.language.ir import Journey, Send, journey_to_dict
+from nurture.service.devserver import dev_server
+from nurture.service.ingest import workflow_id
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord
 from workflows.journey import WORKFLOW_NAME as GENERIC
@@ -155,7 +155,7 @@ class Bench:
         if kind == GENERIC:
             params = {"journey": self.payload, "user_id": user, "key": key, "event": event.to_dict()}
             extra: dict[str, Any] = {}
-            if self.service_start:  # what nurture.ingest does for every trigger
+            if self.service_start:  # what nurture.service.ingest does for every trigger
                 extra = {
                     "id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                     "start_signal": "trigger",

@@ -55,7 +55,7 @@ from mjml import mjml_to_html  # noqa: E402
 
 # The sandboxed environments and the front-matter split the store itself uses, so the rows that
 # compile per recipient run exactly the Jinja a real render runs.
-from nurture.templates import (  # noqa: E402
+from nurture.language.templates import (  # noqa: E402
     _HTML_ENV,
     _TEXT_ENV,
     TemplateStore,

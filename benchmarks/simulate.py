@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nurture.compiler import Project, load_project  # noqa: E402
-from nurture.scenarios import Runtime, Scenario, SimRuntime, compare, load_scenario, scenario_files  # noqa: E402
+from nurture.language.compiler import Project, load_project  # noqa: E402
+from nurture.simulation.scenarios import Runtime, Scenario, SimRuntime, compare, load_scenario, scenario_files  # noqa: E402
 from workflows.runtime import TemporalRuntime  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Delivery channels: one small protocol, one adapter module per provider.
 
-An adapter takes a :class:`~nurture.templates.RenderedMessage` and an :class:`Envelope` (address,
+An adapter takes a :class:`~nurture.language.templates.RenderedMessage` and an :class:`Envelope` (address,
 idempotency key, who and why) and either returns a :class:`DeliveryResult` once the provider has
 accepted the message, or raises:
 
@@ -11,7 +11,7 @@ accepted the message, or raises:
   connections, 429, 5xx, bad credentials an operator can fix). The send activity fails and
   Temporal retries it with backoff: an outage delays messages, it never drops them.
 
-:class:`nurture.delivery.Deliverer` writes the message row with its unique idempotency key before
+:class:`nurture.delivery.deliverer.Deliverer` writes the message row with its unique idempotency key before
 it calls an adapter, so a retried activity never calls twice for a message the provider accepted.
 When a call fails after the request reached the provider (``TransientError(maybe_sent=True)``) or
 the process died during it, the provider may have the message: an adapter that can look it up
@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from nurture.model import idempotency_key, split_idempotency_key
-from nurture.templates import RenderedMessage
+from nurture.engine.model import idempotency_key, split_idempotency_key
+from nurture.language.templates import RenderedMessage
 
 __all__ = [
     "Channel",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from channels import DeliveryResult, Envelope, split_idempotency_key
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
 
 PROVIDER = "outbox"
 

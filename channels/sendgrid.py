@@ -54,7 +54,7 @@ from channels._common import (
     retry_after,
     transport_failure,
 )
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
 
 __all__ = ["PROVIDER", "SendGridEmail", "classify"]
 

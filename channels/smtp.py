@@ -36,7 +36,7 @@ from channels import (
     mask_in_text,
 )
 from channels._common import log_failure, transport_failure
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer

@@ -40,7 +40,7 @@ from channels import (
     mask_in_text,
 )
 from channels._common import log_failure, request_written, retry_after, transport_failure
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
 
 __all__ = ["ERROR_CODES", "FIND_WINDOW", "PROVIDER", "TwilioSms", "classify"]
 

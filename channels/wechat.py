@@ -45,7 +45,7 @@ from channels import (
     mask_address,
 )
 from channels._common import retry_after, transport_failure
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
 
 __all__ = [
     "DEFAULT_URL",

@@ -1,3 +1,3 @@
-from .cli import main
+from nurture.cli.main import main
 
 main()

@@ -14,7 +14,7 @@ import pytest
 from openapi_mock import OpenApiMock
 
 from channels import DeliveryResult, Envelope, TransientError
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
 
 _ENVELOPE = Envelope(
     address="",

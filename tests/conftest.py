@@ -10,8 +10,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from nurture import devserver
-from nurture.compiler import Project, load_project
+from nurture.language.compiler import Project, load_project
+from nurture.service import devserver
 from nurture.storage.db import Database
 from workflows.runtime import TemporalRuntime
 

@@ -25,7 +25,7 @@ from openapi_mock import OpenApiMock, provider_spec
 from wechat_server import WeChatServer
 
 from channels import mask_address
-from nurture.devserver import free_port
+from nurture.service.devserver import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_ID, APP_SECRET = "wx-local-mock", "local-mock-secret"

@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nurture.compiler import load_project  # noqa: E402
-from nurture.scenarios import load_scenario  # noqa: E402
+from nurture.language.compiler import load_project  # noqa: E402
+from nurture.simulation.scenarios import load_scenario  # noqa: E402
 from workflows.runtime import TemporalRuntime  # noqa: E402
 
 SCENARIOS = [

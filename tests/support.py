@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import uvicorn
 from sqlmodel import SQLModel, col, select
 
-from nurture.devserver import free_port
+from nurture.service.devserver import free_port
 from nurture.storage.db import Database
 
 T = TypeVar("T")
@@ -41,9 +41,9 @@ def rows(db: Database, model: type[SQLModel], **where: Any) -> list[Any]:
 
 
 def send_request(**changes: Any) -> Any:
-    """A :class:`~nurture.model.SendRequest` for unit tests: run ``run-1``, step ``s1``, user
+    """A :class:`~nurture.engine.model.SendRequest` for unit tests: run ``run-1``, step ``s1``, user
     ``u1``, SMS then email, marketing, UTC, no quiet hours; ``changes`` override any field."""
-    from nurture.model import SendRequest
+    from nurture.engine.model import SendRequest
 
     fields: dict[str, Any] = {
         "run_id": "run-1",

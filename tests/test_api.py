@@ -21,13 +21,13 @@ from support import eventually, messages, new_user, rows
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from nurture.api import create_app
-from nurture.compiler import Project, load_project
-from nurture.ingest import workflow_id
-from nurture.settings import Settings, SettingsError
+from nurture.language.compiler import Project, load_project
+from nurture.service.api import create_app
+from nurture.service.ingest import workflow_id
+from nurture.service.settings import Settings, SettingsError
+from nurture.service.worker import build_worker
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord
-from worker import build_worker
 
 KEY = "test-key-0123456789"
 OTHER_KEY = "second-key-abcdef"
@@ -636,12 +636,12 @@ async def test_a_call_temporal_refused_is_routed_when_retried(api: Api, project:
 async def test_logs_never_show_addresses(api: Api, caplog: pytest.LogCaptureFixture) -> None:
     user = f"li.{uuid.uuid4().hex[:6]}@example.com"
     traits = {"email": user, "phone": "+8613800138000"}
-    with caplog.at_level(logging.INFO, logger="nurture.api"):
+    with caplog.at_level(logging.INFO, logger="nurture.service.api"):
         assert (await api.post("/v1/identify", {"userId": user, "traits": traits})).status_code == 200
         assert (
             await api.post("/v1/track", {"userId": "+8613800138000", "event": "Browsed"})
         ).status_code == 200
-    lines = [r.getMessage() for r in caplog.records if r.name == "nurture.api"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "nurture.service.api"]
     assert len(lines) == 2, lines
     assert 'call="identify" user="l***@example.com"' in lines[0] and '"email", "phone"' in lines[0]
     assert 'user="+86*******8000" event="Browsed"' in lines[1] and "triggered=0" in lines[1]

@@ -31,7 +31,7 @@ from openapi_mock import OpenApiMock, provider_spec
 
 from channels import Channel, DeliveryError, Envelope, PermanentError, TransientError
 from channels.sendgrid import SendGridEmail, classify
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
 
 API_KEY = "SG.test-key"
 RECIPIENT = "lee@example.com"

@@ -27,8 +27,8 @@ from cryptography.x509.oid import NameOID
 
 from channels import Channel, Envelope, PermanentError, TransientError
 from channels.smtp import SmtpEmail, message_id
-from nurture.devserver import free_port
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
+from nurture.service.devserver import free_port
 
 ADDRESS = "li.wei@example.com"
 HTML = '<html><body><p>你好 Li, <a href="https://shop.example">welcome</a></p></body></html>'

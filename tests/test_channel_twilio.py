@@ -46,7 +46,7 @@ from channels import (
 )
 from channels._common import parse_retry_after
 from channels.twilio import ERROR_CODES, TwilioSms, classify
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
 
 ACCOUNT = "AC" + "0123456789abcdef" * 2
 TOKEN = "test-auth-token"

@@ -27,8 +27,8 @@ from channels.wechat import (
     client_msg_id,
     template_payload,
 )
-from nurture.devserver import free_port
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
+from nurture.service.devserver import free_port
 
 MINI = RenderedMessage(
     channel="wechat",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from nurture.cli import main
+from nurture.cli.main import main
 
 ROOT = Path(__file__).parents[1]
 JOURNEYS = ROOT / "journeys"

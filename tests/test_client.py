@@ -19,15 +19,15 @@ from click.testing import CliRunner
 from support import uvicorn_thread
 from temporalio.client import Client as TemporalClient
 
-from nurture import cli_events
-from nurture.api import create_app
-from nurture.cli_events import identify, parse_value, track
-from nurture.client import AsyncClient, Client, NurtureError
-from nurture.compiler import Project
-from nurture.devserver import free_port
-from nurture.settings import Settings
+from nurture.cli import events as cli_events
+from nurture.cli.events import identify, parse_value, track
+from nurture.language.compiler import Project
+from nurture.service.api import create_app
+from nurture.service.client import AsyncClient, Client, NurtureError
+from nurture.service.devserver import free_port
+from nurture.service.settings import Settings
+from nurture.service.worker import build_worker
 from nurture.storage.db import Database
-from worker import build_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "client-test-key"

@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from nurture.clock import format_instant, in_quiet_hours, next_local_time, parse_instant, zone
-from nurture.ir import QuietHours
+from nurture.engine.clock import format_instant, in_quiet_hours, next_local_time, parse_instant, zone
+from nurture.language.ir import QuietHours
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 NEW_YORK = ZoneInfo("America/New_York")

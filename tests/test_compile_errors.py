@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from nurture import ir
-from nurture.compiler import Settings, compile_text
-from nurture.diagnostics import Diagnostic, DiagnosticSink
-from nurture.templates import TemplateStore
+from nurture.language import ir
+from nurture.language.compiler import Settings, compile_text
+from nurture.language.diagnostics import Diagnostic, DiagnosticSink
+from nurture.language.templates import TemplateStore
 
 JOURNEY_PATH = "journeys/welcome.yaml"
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from nurture import ir
-from nurture.compiler import CompileResult, Settings, compile_project, compile_text
-from nurture.diagnostics import DiagnosticSink
-from nurture.language import journey_schema
-from nurture.source import load_yaml
-from nurture.templates import TemplateStore
+from nurture.language import ir
+from nurture.language.compiler import CompileResult, Settings, compile_project, compile_text
+from nurture.language.diagnostics import DiagnosticSink
+from nurture.language.document import journey_schema
+from nurture.language.source import load_yaml
+from nurture.language.templates import TemplateStore
 
 ROOT = Path(__file__).parents[1]
 PROJECT_JOURNEYS = ("cart_abandonment", "chat_recovery", "course_launch", "post_purchase", "welcome_series")

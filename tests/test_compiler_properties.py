@@ -12,10 +12,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nurture import ir
-from nurture.compiler import Settings, compile_text, load_settings
-from nurture.diagnostics import DiagnosticSink
-from nurture.templates import TemplateStore
+from nurture.language import ir
+from nurture.language.compiler import Settings, compile_text, load_settings
+from nurture.language.diagnostics import DiagnosticSink
+from nurture.language.templates import TemplateStore
 
 ROOT = Path(__file__).parents[1]
 # The samples name the project's topics, which nurture.yaml declares.

@@ -1,7 +1,7 @@
 """The crash test: ``kill -9`` the worker in the middle of 200 runs; every message goes out once.
 
 200 runs of a short, all-transactional journey are started through the service's router
-(:class:`nurture.ingest.Ingest`, signal-with-start). A worker process sends every run's first
+(:class:`nurture.service.ingest.Ingest`, signal-with-start). A worker process sends every run's first
 email and is killed with SIGKILL; a new worker process takes over and, once the runs are
 released, sends the rest. The messages table must then hold exactly three sent messages per run.
 
@@ -29,9 +29,9 @@ from sqlalchemy import text
 from support import clean_env
 from temporalio.client import Client
 
-from nurture.compiler import load_project
-from nurture.ingest import Ingest, workflow_id
-from nurture.model import Event
+from nurture.engine.model import Event
+from nurture.language.compiler import load_project
+from nurture.service.ingest import Ingest, workflow_id
 from nurture.storage.db import Database
 
 RUNS = 200

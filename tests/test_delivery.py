@@ -13,12 +13,12 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from channels import DeliveryResult, Envelope, PermanentError, TransientError
-from nurture.delivery import UNKNOWN_OUTCOME, Deliverer, MemoryLedger, MemoryProfiles
-from nurture.links import UnsubscribeLinks
-from nurture.model import Profile, SendRequest
+from nurture.delivery.deliverer import UNKNOWN_OUTCOME, Deliverer, MemoryLedger, MemoryProfiles
+from nurture.delivery.links import UnsubscribeLinks
+from nurture.engine.model import Profile, SendRequest
+from nurture.language.templates import RenderedMessage, TemplateStore
 from nurture.storage.db import Database
 from nurture.storage.stores import DbLedger
-from nurture.templates import RenderedMessage, TemplateStore
 from workflows.activities import JourneyActivities
 from workflows.runtime import MemoryRecorder
 

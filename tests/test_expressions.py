@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from nurture.evaluation import MISSING, evaluate, is_true
-from nurture.expressions import ExpressionError, compile_expression, compile_value
+from nurture.language.evaluation import MISSING, evaluate, is_true
+from nurture.language.expressions import ExpressionError, compile_expression, compile_value
 
 SCOPE: dict[str, Any] = {
     "user": {

@@ -1,7 +1,7 @@
 """The pure run engine, driven by hand: every command it gives and every answer it gets.
 
 Journeys are compiled from small YAML strings against a throwaway template directory, then a
-:class:`nurture.interpreter.Run` is driven the way the simulator and the workflow drive it:
+:class:`nurture.engine.interpreter.Run` is driven the way the simulator and the workflow drive it:
 ``ReadProfile`` is answered with a traits dict, ``Deliver`` with a ``SendResult``, ``WriteTraits``
 with ``None``, and sleeps are resumed at the instant they asked for.
 """
@@ -17,10 +17,7 @@ from typing import Any
 
 import pytest
 
-from nurture import ir
-from nurture.compiler import Settings, compile_text
-from nurture.diagnostics import DiagnosticSink
-from nurture.interpreter import (
+from nurture.engine.interpreter import (
     AwaitEvent,
     Command,
     Deliver,
@@ -35,8 +32,11 @@ from nurture.interpreter import (
     run_key,
     trigger_matches,
 )
-from nurture.model import Event, SendOutcome, SendResult
-from nurture.templates import TemplateStore
+from nurture.engine.model import Event, SendOutcome, SendResult
+from nurture.language import ir
+from nurture.language.compiler import Settings, compile_text
+from nurture.language.diagnostics import DiagnosticSink
+from nurture.language.templates import TemplateStore
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)  # a Monday
 """Entry instant of most runs below."""

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from nurture.links import InvalidLink, UnsubscribeLinks, UnsubscribeTarget
-from nurture.settings import Settings, SettingsError
+from nurture.delivery.links import InvalidLink, UnsubscribeLinks, UnsubscribeTarget
+from nurture.service.settings import Settings, SettingsError
 
 SECRET = "links-secret-0123456789abcdef"
 LINKS = UnsubscribeLinks(secret=SECRET, public_url="https://nurture.example.com/")

@@ -18,7 +18,7 @@ from channels import (
     split_idempotency_key,
 )
 from channels.outbox import Outbox, OutboxRecord
-from nurture.templates import RenderedMessage
+from nurture.language.templates import RenderedMessage
 
 SMS = RenderedMessage(channel="sms", template="code", locale=None, text="Your code is 1234")
 EMAIL = RenderedMessage(

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from channels.outbox import Outbox
-from nurture.compiler import Project
-from nurture.delivery import Deliverer
-from nurture.model import Profile, SendRequest
-from nurture.scenarios import SimRuntime, build_simulator, load_scenario, scenario_files
-from nurture.simulator import Outcome
-from nurture.templates import TemplateStore
+from nurture.delivery.deliverer import Deliverer
+from nurture.engine.model import Profile, SendRequest
+from nurture.language.compiler import Project
+from nurture.language.templates import TemplateStore
+from nurture.simulation.scenarios import SimRuntime, build_simulator, load_scenario, scenario_files
+from nurture.simulation.simulator import Outcome
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = scenario_files([ROOT / "journeys" / "tests"])

@@ -10,14 +10,14 @@ import pytest
 from freezegun import freeze_time
 from support import send_request
 
-from nurture.compiler import compile_project
-from nurture.delivery import Deliverer, MemoryHistory
-from nurture.ir import Cap, ChannelQuiet, Policy, QuietHours
-from nurture.model import Profile
-from nurture.policy import cap_free_at, channel_order, history_start
+from nurture.delivery.deliverer import Deliverer, MemoryHistory
+from nurture.delivery.policy import cap_free_at, channel_order, history_start
+from nurture.engine.model import Profile
+from nurture.language.compiler import compile_project
+from nurture.language.ir import Cap, ChannelQuiet, Policy, QuietHours
+from nurture.language.templates import RenderedMessage, TemplateStore
 from nurture.storage.db import Database
 from nurture.storage.stores import DbHistory, DbLedger
-from nurture.templates import RenderedMessage, TemplateStore
 
 ROOT = Path(__file__).resolve().parents[1]
 SHANGHAI = ZoneInfo("Asia/Shanghai")

@@ -3,7 +3,7 @@
 The users and events come from :mod:`week_of_users` (seeded, so every run is the same week). The
 checks below recompute the policy from what the project's YAML files say (``nurture.yaml`` and
 ``journeys/*.yaml``, read with plain PyYAML), the users' traits and identify calls replayed over
-time, and the simulator's outcomes and timeline. They never ask ``nurture.policy``, the clock
+time, and the simulator's outcomes and timeline. They never ask ``nurture.delivery.policy``, the clock
 helpers or the Deliverer what is allowed: a rule the engine gets wrong must not be "confirmed" by
 the same code that got it wrong.
 """
@@ -25,12 +25,12 @@ from click.testing import CliRunner
 from week_of_users import CHANNELS, Week, generate_week
 
 from channels.outbox import Outbox
-from nurture.cli import main
-from nurture.compiler import Project
-from nurture.delivery import Deliverer, for_every_channel
-from nurture.model import Event
-from nurture.scenarios import Scenario, Step, build_simulator
-from nurture.simulator import Entry, Outcome, Simulator
+from nurture.cli.main import main
+from nurture.delivery.deliverer import Deliverer, for_every_channel
+from nurture.engine.model import Event
+from nurture.language.compiler import Project
+from nurture.simulation.scenarios import Scenario, Step, build_simulator
+from nurture.simulation.simulator import Entry, Outcome, Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDRESS = {"email": "email", "sms": "phone", "wechat": "wechat_openid"}

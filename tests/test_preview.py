@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from nurture.cli import main
-from nurture.cli_preview import BROWSERS
-from nurture.links import UnsubscribeLinks
-from nurture.sms import sms_info
+from nurture.cli.main import main
+from nurture.cli.preview import BROWSERS
+from nurture.delivery.links import UnsubscribeLinks
+from nurture.language.sms import sms_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,13 +29,14 @@ from support import eventually, messages, new_user, rows
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from nurture.api import create_app
-from nurture.cli import main
-from nurture.compiler import Project
-from nurture.devserver import free_port
-from nurture.ingest import workflow_id
-from nurture.privacy import key_fingerprint
-from nurture.settings import Settings
+from nurture.cli.main import main
+from nurture.language.compiler import Project
+from nurture.service.api import create_app
+from nurture.service.devserver import free_port
+from nurture.service.ingest import workflow_id
+from nurture.service.privacy import key_fingerprint
+from nurture.service.settings import Settings
+from nurture.service.worker import build_worker
 from nurture.storage.audit import AuditRecord, subject_hash, subject_hashes
 from nurture.storage.db import Database
 from nurture.storage.models import (
@@ -47,7 +48,6 @@ from nurture.storage.models import (
     RunRecord,
 )
 from nurture.storage.stores import DbProfiles, has_run
-from worker import build_worker
 
 KEY = "privacy-test-key-0123"
 SECRET = "privacy-test-secret-0123456789"

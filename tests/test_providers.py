@@ -9,8 +9,9 @@ import pytest
 from channels.sendgrid import SendGridEmail
 from channels.smtp import SmtpEmail
 from channels.twilio import TwilioSms
-from nurture.compiler import compile_project
-from nurture.providers import ProvidersDoc, advisories, build_channels, required_env
+from nurture.language.compiler import compile_project
+from nurture.language.providers import ProvidersDoc
+from nurture.service.providers import advisories, build_channels, required_env
 from nurture.storage.db import Database
 from nurture.storage.stores import DbOutbox
 

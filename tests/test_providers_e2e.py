@@ -28,12 +28,13 @@ from channels import Channel
 from channels.sendgrid import SendGridEmail
 from channels.twilio import TwilioSms
 from channels.wechat import MemoryTokens, WeChatTemplate
-from nurture.compiler import Project
-from nurture.devserver import free_port
-from nurture.links import UnsubscribeLinks
-from nurture.providers import ProvidersDoc, build_channels
-from nurture.scenarios import Scenario, compare, load_scenario, scenario_files
-from nurture.simulator import Outcome
+from nurture.delivery.links import UnsubscribeLinks
+from nurture.language.compiler import Project
+from nurture.language.providers import ProvidersDoc
+from nurture.service.devserver import free_port
+from nurture.service.providers import build_channels
+from nurture.simulation.scenarios import Scenario, compare, load_scenario, scenario_files
+from nurture.simulation.simulator import Outcome
 from nurture.storage.db import Database
 from nurture.storage.stores import DbOutbox
 from workflows.runtime import TemporalRuntime

@@ -34,7 +34,7 @@ async def test_history_replays(path: Path) -> None:
 
 async def test_changed_workflow_code_fails_replay(monkeypatch: pytest.MonkeyPatch) -> None:
     """The guard works: a run whose steps now issue different commands does not replay."""
-    from nurture import interpreter
+    from nurture.engine import interpreter
 
     original = interpreter.Run._step
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nurture.compiler import Project
-from nurture.scenarios import Observed, SimRuntime, compare, load_scenario, observe, scenario_files
+from nurture.language.compiler import Project
+from nurture.simulation.scenarios import Observed, SimRuntime, compare, load_scenario, observe, scenario_files
 from workflows.runtime import TemporalRuntime
 
 ROOT = Path(__file__).resolve().parents[1]

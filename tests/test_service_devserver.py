@@ -22,14 +22,14 @@ from support import eventually, messages, new_user, rows, uvicorn_thread
 from temporalio.client import Client as TemporalClient
 from temporalio.service import RPCError
 
-from nurture.api import create_app
-from nurture.client import AsyncClient, NurtureError
-from nurture.compiler import Project
-from nurture.ingest import workflow_id
-from nurture.settings import Settings
+from nurture.language.compiler import Project
+from nurture.service.api import create_app
+from nurture.service.client import AsyncClient, NurtureError
+from nurture.service.ingest import workflow_id
+from nurture.service.settings import Settings
+from nurture.service.worker import build_worker
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord
-from worker import build_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "devserver-test-key"

@@ -1,7 +1,7 @@
 """The in-process runtime: routing, timers, profiles and the real send rules on a virtual clock.
 
 Every test compiles a small journey against a throwaway template directory and plays events
-through :class:`nurture.simulator.Simulator` with a real :class:`nurture.delivery.Deliverer` and
+through :class:`nurture.simulation.simulator.Simulator` with a real :class:`nurture.delivery.deliverer.Deliverer` and
 the outbox channel, then looks at the outcomes, the timeline entries and what the outbox holds.
 """
 
@@ -16,14 +16,14 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from channels.outbox import Outbox
-from nurture import ir
-from nurture.compiler import Settings, compile_text
-from nurture.delivery import Deliverer
-from nurture.diagnostics import DiagnosticSink
-from nurture.interpreter import Deliver, Run
-from nurture.model import Event, Profile
-from nurture.simulator import Outcome, Simulator
-from nurture.templates import TemplateStore
+from nurture.delivery.deliverer import Deliverer
+from nurture.engine.interpreter import Deliver, Run
+from nurture.engine.model import Event, Profile
+from nurture.language import ir
+from nurture.language.compiler import Settings, compile_text
+from nurture.language.diagnostics import DiagnosticSink
+from nurture.language.templates import TemplateStore
+from nurture.simulation.simulator import Outcome, Simulator
 
 T0 = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)  # Monday 10:00 in Shanghai
 HOUR = timedelta(hours=1)

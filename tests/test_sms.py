@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nurture.compiler import CompileResult, compile_project
-from nurture.sms import GSM7_BASIC, SmsInfo, is_gsm7, minimum_info, minimum_text, non_gsm7, sms_info
-from nurture.templates import _TEXT_ENV
+from nurture.language.compiler import CompileResult, compile_project
+from nurture.language.sms import GSM7_BASIC, SmsInfo, is_gsm7, minimum_info, minimum_text, non_gsm7, sms_info
+from nurture.language.templates import _TEXT_ENV
 
 # --- encoding and segments ---------------------------------------------------------------------
 

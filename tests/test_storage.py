@@ -9,12 +9,12 @@ from sqlalchemy import inspect
 from sqlmodel import select
 from support import send_request
 
-from nurture.delivery import Claim
-from nurture.model import SendOutcome, SendRequest
+from nurture.delivery.deliverer import Claim
+from nurture.engine.model import SendOutcome, SendRequest
+from nurture.language.templates import RenderedMessage
 from nurture.storage.db import Database, database_url
 from nurture.storage.models import MessageRecord, RunRecord
 from nurture.storage.stores import DbHistory, DbLedger, DbProfiles, DbRecorder, Events, Routes, has_run
-from nurture.templates import RenderedMessage
 
 NOW = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
 

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from support import rows
 
-from nurture.api import create_app
-from nurture.compiler import Project
-from nurture.settings import Settings
+from nurture.language.compiler import Project
+from nurture.service.api import create_app
+from nurture.service.settings import Settings
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, ProfileRecord
 from nurture.storage.stores import DbProfiles

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nurture import templates
-from nurture.templates import RenderedMessage, TemplateError, TemplateStore
+from nurture.language import templates
+from nurture.language.templates import RenderedMessage, TemplateError, TemplateStore
 
 WELCOME = """\
 ---

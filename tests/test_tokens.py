@@ -16,10 +16,10 @@ from support import rows
 from wechat_server import WeChatServer
 
 from channels.wechat import MemoryTokens, TokenStore, WeChatTemplate
+from nurture.language.templates import RenderedMessage
 from nurture.storage.db import Database
 from nurture.storage.models import ProviderToken
 from nurture.storage.tokens import DbTokens
-from nurture.templates import RenderedMessage
 
 NAME = "wechat:wx-test-app"
 LATER = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)

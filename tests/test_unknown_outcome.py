@@ -26,9 +26,9 @@ from support import clean_env
 from temporalio.client import Client
 from test_crash import start_worker, wait_for
 
-from nurture.compiler import load_project
-from nurture.ingest import Ingest
-from nurture.model import Event
+from nurture.engine.model import Event
+from nurture.language.compiler import load_project
+from nurture.service.ingest import Ingest
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, RunRecord
 

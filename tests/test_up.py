@@ -1,6 +1,6 @@
 """``nurture up``: the whole stack from one command, stopped by a signal, resumed by the next run.
 
-Each test runs ``nurture up`` as a real process (``python -m nurture.cli_service up``) with a
+Each test runs ``nurture up`` as a real process (``python -m nurture.cli.service up``) with a
 temporary home and free ports, and talks to it the way a user would: the printed curl, the HTTP
 API, ``nurture outbox``. The journeys are the repo's, with a ``nurture.yaml`` that sets no quiet
 hours, so the welcome email goes out whatever the wall-clock hour.
@@ -30,12 +30,12 @@ from sqlmodel import col, select
 from support import clean_env, send_request
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from nurture.cli_service import outbox
-from nurture.devserver import free_port
+from nurture.cli.service import outbox
+from nurture.language.templates import RenderedMessage
+from nurture.service.devserver import free_port
 from nurture.storage.db import Database
 from nurture.storage.models import RunRecord
 from nurture.storage.stores import DbLedger
-from nurture.templates import RenderedMessage
 
 BANNER_END = "Ctrl-C stops everything"
 CART = "nurture/cart_abandonment/user-1/c1"
@@ -49,7 +49,7 @@ class Up:
         self.log = log
         with log.open("ab") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "nurture.cli_service", "up", *args],
+                [sys.executable, "-m", "nurture.cli.service", "up", *args],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
@@ -107,7 +107,7 @@ def listening(port: int) -> bool:
 
 def outbox_cli(home: Path, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "nurture.cli_service", "outbox", "--home", str(home), *args],
+        [sys.executable, "-m", "nurture.cli.service", "outbox", "--home", str(home), *args],
         env=clean_env(),
         capture_output=True,
         text=True,

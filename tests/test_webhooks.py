@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from support import rows
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped, unused-ignore]
 
-from nurture.api import create_app
-from nurture.compiler import Project
-from nurture.settings import Settings, SettingsError
+from nurture.language.compiler import Project
+from nurture.service.api import create_app
+from nurture.service.settings import Settings, SettingsError
 from nurture.storage.db import Database
 from nurture.storage.models import MessageEvent, MessageRecord, ProfileRecord
 from nurture.storage.stores import DbProfiles

@@ -1,7 +1,7 @@
 """The operator's worker: refuses bad journeys, serves metrics, masks logs, stops on SIGTERM.
 
 The process tests run ``python worker.py`` for real against the ``dev_server`` fixture and feed
-it through the service's own router (:class:`nurture.ingest.Ingest`).
+it through the service's own router (:class:`nurture.service.ingest.Ingest`).
 """
 
 from __future__ import annotations
@@ -29,15 +29,21 @@ from sqlalchemy import text
 from support import clean_env
 from temporalio.client import Client
 
-import worker
 from channels import mask_address
-from nurture.compiler import load_project
-from nurture.devserver import free_port
-from nurture.diagnostics import CompileError
-from nurture.ingest import Ingest
-from nurture.model import Event
-from nurture.observability import METRIC_NAMES, JsonFormatter, MaskingFilter, configure_logging, mask_text
-from nurture.settings import Settings, SettingsError
+from nurture.engine.model import Event
+from nurture.language.compiler import load_project
+from nurture.language.diagnostics import CompileError
+from nurture.service import worker
+from nurture.service.devserver import free_port
+from nurture.service.ingest import Ingest
+from nurture.service.observability import (
+    METRIC_NAMES,
+    JsonFormatter,
+    MaskingFilter,
+    configure_logging,
+    mask_text,
+)
+from nurture.service.settings import Settings, SettingsError
 from nurture.storage.db import Database
 
 EMAIL = "ada.lovelace@example.com"

@@ -15,9 +15,9 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from channels import TransientError
-from nurture.clock import parse_instant
-from nurture.delivery import Deliverer, ProfileStore
-from nurture.model import SendOutcome, SendRequest
+from nurture.delivery.deliverer import Deliverer, ProfileStore
+from nurture.engine.clock import parse_instant
+from nurture.engine.model import SendOutcome, SendRequest
 
 
 class Recorder(Protocol):

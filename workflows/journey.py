@@ -16,9 +16,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from nurture import ir
-    from nurture.clock import format_instant
-    from nurture.interpreter import (
+    from nurture.engine.clock import format_instant
+    from nurture.engine.interpreter import (
         AwaitEvent,
         Command,
         Deliver,
@@ -28,7 +27,8 @@ with workflow.unsafe.imports_passed_through():
         Sleep,
         WriteTraits,
     )
-    from nurture.model import Event, SendResult
+    from nurture.engine.model import Event, SendResult
+    from nurture.language import ir
 
 WORKFLOW_NAME = "JourneyRun"
 

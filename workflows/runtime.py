@@ -31,9 +31,7 @@ from temporalio.worker import Worker
 
 from channels import Channel
 from channels.outbox import Outbox
-from nurture.clock import parse_instant
-from nurture.compiler import Project
-from nurture.delivery import (
+from nurture.delivery.deliverer import (
     Deliverer,
     MemoryHistory,
     MemoryLedger,
@@ -41,12 +39,14 @@ from nurture.delivery import (
     UnsubscribeUrl,
     for_every_channel,
 )
-from nurture.interpreter import entry_decision, run_key, trigger_matches
-from nurture.ir import journey_to_dict
-from nurture.model import Event, SendOutcome, SendRequest
-from nurture.scenarios import Scenario
-from nurture.simulator import Outcome
-from nurture.templates import TemplateStore
+from nurture.engine.clock import parse_instant
+from nurture.engine.interpreter import entry_decision, run_key, trigger_matches
+from nurture.engine.model import Event, SendOutcome, SendRequest
+from nurture.language.compiler import Project
+from nurture.language.ir import journey_to_dict
+from nurture.language.templates import TemplateStore
+from nurture.simulation.scenarios import Scenario
+from nurture.simulation.simulator import Outcome
 
 from .activities import JourneyActivities
 from .journey import JourneyWorkflow

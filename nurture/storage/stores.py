@@ -17,10 +17,10 @@ from sqlmodel import col, select
 
 from channels import DeliveryResult, Envelope
 from channels.outbox import outbox_id
-from nurture.clock import parse_instant
-from nurture.delivery import AttemptState, Claim, earlier_claim, with_attempt
-from nurture.model import Profile, SendOutcome, SendRequest
-from nurture.templates import RenderedMessage
+from nurture.delivery.deliverer import AttemptState, Claim, earlier_claim, with_attempt
+from nurture.engine.clock import parse_instant
+from nurture.engine.model import Profile, SendOutcome, SendRequest
+from nurture.language.templates import RenderedMessage
 
 from .db import Database
 from .models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord, utcnow
@@ -205,7 +205,7 @@ class DbOutbox:
 
 
 class DbLedger:
-    """The engine's :class:`~nurture.delivery.SendLedger` on the ``messages`` table.
+    """The engine's :class:`~nurture.delivery.deliverer.SendLedger` on the ``messages`` table.
 
     One row per (run, step), unique on the idempotency key, with one ``attempts`` entry per
     channel tried. The row is committed before the provider is called. Every change to the
@@ -314,7 +314,7 @@ class DbLedger:
 
 
 class DbHistory:
-    """The engine's :class:`~nurture.delivery.SendHistory` on the ``messages`` table.
+    """The engine's :class:`~nurture.delivery.deliverer.SendHistory` on the ``messages`` table.
 
     A marketing message counts from the moment its row is claimed (``sending``, by its creation
     time), before the provider is called, so a second journey sending to the same user a moment

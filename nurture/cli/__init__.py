@@ -1,0 +1,1 @@
+"""The ``nurture`` command: every subcommand, and ``nurture up`` (the whole local stack)."""

@@ -1,0 +1,78 @@
+"""Local-time arithmetic in the user's zone: next ``wait_until`` instant and quiet hours.
+
+All instants are timezone-aware UTC datetimes. Local wall times that do not exist (the hour
+skipped when clocks go forward) move forward by the gap; wall times that happen twice (clocks
+go back) take the first occurrence. Both rules are what a person expects of "at 02:30".
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from nurture.language.ir import QuietHours
+
+
+@functools.lru_cache(maxsize=512)
+def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
+    """The user's zone, else ``default``; an unknown user zone also falls back to ``default``."""
+    if name:
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # a folder ("Europe"), a bad path
+            pass
+    return ZoneInfo(default)
+
+
+def local_instant(day: date, minute: int, tz: ZoneInfo, *, fold: int = 0) -> datetime:
+    """The UTC instant of ``day`` at ``minute`` after local midnight in ``tz``.
+
+    A wall time inside a forward gap resolves with the offset before the gap, which lands after
+    the gap once normalised; ``fold=1`` picks the second occurrence of a repeated wall time.
+    """
+    wall = datetime.combine(day, time(minute // 60, minute % 60, fold=fold), tzinfo=tz)
+    return wall.astimezone(UTC)
+
+
+def next_local_time(now: datetime, minute: int, days: tuple[int, ...], tz: ZoneInfo) -> datetime:
+    """The first instant strictly after ``now`` that is ``minute`` local time on an allowed day."""
+    local_today = now.astimezone(tz).date()
+    for offset in range(0, 15):
+        day = local_today + timedelta(days=offset)
+        if days and day.weekday() not in days:
+            continue
+        candidate = local_instant(day, minute, tz)
+        if candidate > now:
+            return candidate
+    raise ValueError("no allowed weekday within two weeks")  # unreachable: days is non-empty
+
+
+def in_quiet_hours(now: datetime, quiet: QuietHours, tz: ZoneInfo) -> datetime | None:
+    """When ``now`` is inside the quiet window, the instant it ends; otherwise ``None``."""
+    local = now.astimezone(tz)
+    minute = local.hour * 60 + local.minute
+    start, end = quiet.start, quiet.end
+    if start < end:
+        inside = start <= minute < end
+        end_day = local.date()
+    else:  # wraps midnight, e.g. 21:00-08:00
+        inside = minute >= start or minute < end
+        end_day = local.date() + timedelta(days=1) if minute >= start else local.date()
+    if not inside:
+        return None
+    first = local_instant(end_day, end, tz)
+    # Inside the repeated hour after clocks go back, the end's first occurrence may be past.
+    return first if first > now else local_instant(end_day, end, tz, fold=1)
+
+
+def parse_instant(text: str) -> datetime:
+    """An ISO-8601 timestamp as an aware UTC datetime (naive means UTC)."""
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def format_instant(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,360 @@
+"""The journey interpreter: one pure, deterministic engine for every runtime.
+
+A :class:`Run` walks a compiled journey for one (journey, user, key). It never sleeps, reads a
+clock, touches a database or renders a template: it *asks* its driver by returning commands
+(:class:`Sleep`, :class:`AwaitEvent`, :class:`ReadProfile`, :class:`Deliver`,
+:class:`WriteTraits`) and is resumed with the answer and the current time. The in-process
+simulator answers from memory on a virtual clock; the Temporal workflow answers with durable
+timers, signals and activities. Both therefore produce the same outcomes.
+
+Events that reach a running run go through :meth:`Run.on_event` whatever the run is doing, so a
+goal or ``exit_on`` event ends it at once, even mid-sleep or while a send is deferred.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from nurture.language import ir
+from nurture.language.evaluation import MISSING, Expr, evaluate, is_true
+
+from .clock import format_instant, next_local_time, zone
+from .model import Event, SendRequest, SendResult
+
+# --- commands a run gives its driver -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Resume at ``until`` (or earlier, ended, if an event ends the run)."""
+
+    until: datetime
+    step_id: str
+    reason: Literal["wait", "wait_until", "quiet_hours", "frequency_cap"]
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitEvent:
+    """Resume with the event once :meth:`Run.on_event` accepts one, or with ``None`` at ``until``."""
+
+    step_id: str
+    event: str
+    until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReadProfile:
+    """Resume with the user's current traits (a mapping)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Render and deliver; resume with a :class:`nurture.delivery.deliverer.SendResult`."""
+
+    request: SendRequest
+
+
+@dataclass(frozen=True, slots=True)
+class WriteTraits:
+    """Set traits on the user's profile; resume with ``None``."""
+
+    step_id: str
+    traits: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The run is over."""
+
+    reason: str
+
+
+Command = Sleep | AwaitEvent | ReadProfile | Deliver | WriteTraits
+
+
+@dataclass(frozen=True, slots=True)
+class EventEffect:
+    """What an incoming event does to a run."""
+
+    end: str | None = None
+    """End reason (``goal`` or ``exit_on``) when the event ends the run."""
+    converted: bool = False
+    """The event is the run's first conversion."""
+    resume: bool = False
+    """The event satisfies the pending ``wait_for``: resume the run with it."""
+
+
+# --- pure helpers shared with routers ----------------------------------------------------------
+
+
+def user_scope(user_id: str, traits: Mapping[str, Any]) -> dict[str, Any]:
+    return {**traits, "id": user_id}
+
+
+def run_key(journey: ir.Journey, event: Event, traits: Mapping[str, Any], user_id: str) -> str:
+    """The run key of a triggering event: the ``key`` expression's value, or ``""``."""
+    if journey.key is None:
+        return ""
+    scope = {"user": user_scope(user_id, traits), "event": event.scope(), "last_event": MISSING, "journey": {"id": journey.id}}
+    value = evaluate(journey.key, scope)
+    return "" if value is MISSING or value is None else str(value)
+
+
+def trigger_matches(journey: ir.Journey, event: Event, traits: Mapping[str, Any], user_id: str) -> bool:
+    """Whether ``event`` starts a run of ``journey`` (name and ``if``)."""
+    if event.name != journey.trigger.event:
+        return False
+    scope = {"user": user_scope(user_id, traits), "event": event.scope(), "last_event": MISSING, "journey": {"id": journey.id}}
+    return is_true(journey.trigger.cond, scope)
+
+
+EntryDecision = Literal["start", "restart", "ignore"]
+
+
+def entry_decision(journey: ir.Journey, *, active: bool, ran_before: bool) -> EntryDecision:
+    """What a matching trigger does given the (journey, user, key)'s history."""
+    if journey.re_entry == "once":
+        return "ignore" if (active or ran_before) else "start"
+    if active:
+        return "restart" if journey.re_entry == "restart" else "ignore"
+    return "start"
+
+
+def choose_variant(experiment: str, user_id: str, variants: tuple[ir.Variant, ...]) -> ir.Variant:
+    """Sticky assignment: a pure function of (experiment, user id) over the declared weights."""
+    digest = hashlib.sha256(f"{experiment}:{user_id}".encode()).digest()
+    total = sum(v.weight for v in variants)
+    point = int.from_bytes(digest[:8], "big") % total
+    cumulative = 0
+    for variant in variants:
+        cumulative += variant.weight
+        if point < cumulative:
+            return variant
+    return variants[-1]
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+class Run:
+    """One journey run for one user and key, driven from outside."""
+
+    def __init__(
+        self,
+        journey: ir.Journey,
+        *,
+        run_id: str,
+        user_id: str,
+        key: str,
+        event: Event,
+        entered_at: datetime,
+    ) -> None:
+        self.journey = journey
+        self.run_id = run_id
+        self.user_id = user_id
+        self.key = key
+        self.event = event
+        self.entered_at = entered_at
+        self.now = entered_at
+        self.last_event: Event | None = None
+        self.variants: dict[str, str] = {}
+        self.converted = False
+        self.ended: str | None = None
+        self.pending: Command | None = None
+        # How the trigger event, the latest wait_for event and the run itself look to conditions
+        # and templates: built once (timestamps are formatted) and shared, as no reader writes.
+        self._event_scope = event.scope()
+        self._last_scope: dict[str, Any] | None = None
+        self._journey_scope = {"id": journey.id, "key": key, "entered_at": format_instant(entered_at)}
+        self._steps = self._steps_of(journey.steps)
+
+    # driving
+
+    def start(self) -> Command | Ended:
+        """Begin; returns the first command."""
+        return self._advance(None)
+
+    def resume(self, reply: Any, now: datetime) -> Command | Ended:
+        """Answer the pending command at ``now``; returns the next command."""
+        self.now = max(self.now, now)
+        return self._advance(reply)
+
+    def end(self, reason: str, now: datetime) -> Ended:
+        """End the run from outside (goal, exit_on, restarted)."""
+        self.now = max(self.now, now)
+        self._steps.close()
+        self.pending = None
+        self.ended = reason
+        return Ended(reason)
+
+    def _advance(self, reply: Any) -> Command | Ended:
+        try:
+            command = self._steps.send(reply)
+        except StopIteration as stop:
+            self.pending = None
+            self.ended = stop.value or "completed"
+            return Ended(self.ended)
+        self.pending = command
+        return command
+
+    # events
+
+    def event_reads_profile(self, event: Event) -> bool:
+        """Whether judging ``event`` needs the user's traits (a condition reads ``user``)."""
+        return any(
+            expr is not None and expr.reads_user for expr in self._conditions_for(event)
+        )
+
+    def _conditions_for(self, event: Event) -> list[Expr | None]:
+        conds: list[Expr | None] = []
+        goal = self.journey.goal
+        if goal is not None and goal.event == event.name:
+            conds.append(goal.cond)
+        conds.extend(r.cond for r in self.journey.exit_on if r.event == event.name)
+        pending = self.pending
+        if isinstance(pending, AwaitEvent) and pending.event == event.name:
+            step = self.journey.step(pending.step_id)
+            if isinstance(step, ir.WaitFor):
+                conds.append(step.cond)
+        return conds
+
+    def on_event(
+        self, event: Event, now: datetime, traits: Mapping[str, Any] | None = None
+    ) -> EventEffect:
+        """Judge an event arriving at ``now``; the goal, then ``exit_on``, win over ``wait_for``."""
+        if self.ended is not None:
+            return EventEffect()
+        self.now = max(self.now, now)
+        if not self._conditions_for(event):
+            return EventEffect()  # no goal, exit_on or pending wait_for names it: skip the scope
+        scope = self._scope(traits or {}, event=event)
+        converted = False
+        goal = self.journey.goal
+        if goal is not None and event.name == goal.event and self._in_window() and is_true(goal.cond, scope):
+            converted = not self.converted
+            self.converted = True
+            if goal.exit:
+                return EventEffect(end="goal", converted=converted)
+        for rule in self.journey.exit_on:
+            if event.name == rule.event and is_true(rule.cond, scope):
+                return EventEffect(end="exit_on", converted=converted)
+        pending = self.pending
+        if isinstance(pending, AwaitEvent) and pending.event == event.name:
+            step = self.journey.step(pending.step_id)
+            assert isinstance(step, ir.WaitFor)
+            if is_true(step.cond, scope):
+                return EventEffect(converted=converted, resume=True)
+        return EventEffect(converted=converted)
+
+    def _in_window(self) -> bool:
+        goal = self.journey.goal
+        if goal is None or goal.within is None:
+            return True
+        return self.now - self.entered_at <= timedelta(seconds=goal.within)
+
+    # scope
+
+    def _scope(self, traits: Mapping[str, Any], *, event: Event | None = None) -> dict[str, Any]:
+        return {
+            "user": user_scope(self.user_id, traits),
+            "event": self._event_scope if event is None else event.scope(),
+            "last_event": MISSING if self._last_scope is None else self._last_scope,
+            "journey": self._journey_scope,
+        }
+
+    # the steps
+
+    def _steps_of(self, steps: tuple[ir.Step, ...]) -> Generator[Command, Any, str | None]:
+        """Run ``steps`` in order; returns the end reason when an ``exit`` step ends the run."""
+        for step in steps:
+            reason = yield from self._step(step)
+            if reason is not None:
+                return reason
+        return None
+
+    def _step(self, step: ir.Step) -> Generator[Command, Any, str | None]:
+        # Everything a step needs is written inline rather than in helper generators: each
+        # command passes through every generator of the chain on its way out and back in.
+        if isinstance(step, ir.Send):
+            request = self._request(step)
+            while True:
+                result: SendResult = yield Deliver(request)
+                if result.defer_until is None:
+                    return None
+                yield Sleep(result.defer_until, step.id, result.defer_reason)
+        elif isinstance(step, ir.Wait):
+            yield Sleep(self.now + timedelta(seconds=step.seconds), step.id, "wait")
+        elif isinstance(step, ir.WaitUntil):
+            traits = (yield ReadProfile()) or {}
+            tz = zone(_text(traits.get("timezone")), self.journey.timezone)
+            until = next_local_time(self.now, step.minute, step.days, tz)
+            yield Sleep(until, step.id, "wait_until")
+        elif isinstance(step, ir.WaitFor):
+            arrived = yield AwaitEvent(step.id, step.event, self.now + timedelta(seconds=step.timeout))
+            if arrived is None:
+                return (yield from self._steps_of(step.otherwise))
+            self.last_event = arrived
+            self._last_scope = arrived.scope()
+            return (yield from self._steps_of(step.then))
+        elif isinstance(step, ir.Branch):
+            needs = any(arm.cond.reads_user for arm in step.arms)
+            scope = self._scope(((yield ReadProfile()) or {}) if needs else {})
+            for arm in step.arms:
+                if is_true(arm.cond, scope):
+                    return (yield from self._steps_of(arm.steps))
+            return (yield from self._steps_of(step.otherwise))
+        elif isinstance(step, ir.Split):
+            variant = choose_variant(step.experiment, self.user_id, step.variants)
+            self.variants.pop(step.experiment, None)  # re-insert: the latest split comes last
+            self.variants[step.experiment] = variant.name
+            return (yield from self._steps_of(variant.steps))
+        elif isinstance(step, ir.Update):
+            needs = any(t.value.reads_user for t in step.traits)
+            scope = self._scope(((yield ReadProfile()) or {}) if needs else {})
+            values = {t.name: _plain(evaluate(t.value, scope)) for t in step.traits}
+            yield WriteTraits(step.id, values)
+        elif isinstance(step, ir.Exit):
+            return step.reason
+        return None
+
+    def _request(self, step: ir.Send) -> SendRequest:
+        return SendRequest(
+            run_id=self.run_id,
+            journey=self.journey.id,
+            version=self.journey.version,
+            step_id=step.id,
+            user_id=self.user_id,
+            channels=step.channels,
+            template=step.template,
+            category=step.category,
+            timezone=self.journey.timezone,
+            quiet_hours=self.journey.quiet_hours,
+            variant=self.current_variant,
+            context={"event": self._event_scope, "last_event": self._last_scope, "journey": self._journey_scope},
+            topic=step.topic,
+            policy=self.journey.policy,
+        )
+
+    @property
+    def current_variant(self) -> str | None:
+        """The most recently assigned split variant, which sends and conversions carry."""
+        return next(reversed(self.variants.values()), None) if self.variants else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _plain(value: Any) -> Any:
+    """Expression results as storable data: a missing value is stored as null."""
+    if value is MISSING:
+        return None
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,745 @@
+"""Journey files in, typed intermediate form out, every mistake reported at once.
+
+Three passes over each file: YAML with positions (:mod:`nurture.language.source`), validation against the
+document models (:mod:`nurture.language.document`, which also checks durations, zones, times and
+expression syntax in place), then project-wide checks that need more than one value at a time:
+templates exist for every channel a send may use, ids are unique, no step follows an ``exit``.
+Only a file with no errors becomes an :class:`nurture.language.ir.Journey`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import ir
+from .diagnostics import CompileError, Diagnostic, DiagnosticSink, did_you_mean
+from .document import (
+    STEP_KINDS,
+    ArmDoc,
+    BranchDoc,
+    ElseArmDoc,
+    EventRuleDoc,
+    ExitDoc,
+    FrequencyCapsDoc,
+    GoalDoc,
+    JourneyDoc,
+    PolicyFields,
+    ProjectDoc,
+    QuietHoursDoc,
+    SendDoc,
+    SplitDoc,
+    StepDoc,
+    UpdateDoc,
+    VariantDoc,
+    WaitDoc,
+    WaitForDoc,
+    WaitUntilDoc,
+    allowed_keys,
+    step_kind,
+)
+from .durations import parse_duration
+from .expressions import compile_expression, compile_value
+from .providers import PROVIDER_DOCS, ProvidersDoc
+from .source import Path as KeyPath
+from .source import SourceError, SourceMap, load_yaml
+from .templates import TemplateStore
+
+_STEP_LISTS = frozenset({"steps", "then", "else", "branch"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Project defaults from ``nurture.yaml``, resolved."""
+
+    timezone: str = "UTC"
+    quiet_hours: ir.QuietHours | None = None
+    source: str | None = None
+    sms_max_segments: int = 3
+    """Warn when an SMS template needs more segments than this, whatever the data."""
+    providers: ProvidersDoc = field(default_factory=ProvidersDoc)
+    """Which provider carries each channel (default: the outbox for all)."""
+    topics: tuple[str, ...] = ()
+    """Subscription topics a send may name and users may opt out of."""
+    policy: ir.Policy = field(default_factory=ir.Policy)
+    """Frequency caps, what to do at a cap, the channel order and per-channel quiet hours."""
+
+
+@dataclass
+class Project:
+    """Every compiled journey of a project, with the templates they use."""
+
+    journeys: dict[str, ir.Journey]
+    templates: TemplateStore
+    settings: Settings
+    warnings: list[Diagnostic] = field(default_factory=list)
+
+    def select(self, ids: list[str] | None) -> list[ir.Journey]:
+        """The named journeys (all when ``ids`` is empty); unknown names raise ``KeyError``."""
+        if not ids:
+            return list(self.journeys.values())
+        missing = [i for i in ids if i not in self.journeys]
+        if missing:
+            hint = did_you_mean(missing[0], self.journeys)
+            raise KeyError(f"unknown journey '{missing[0]}'{hint}")
+        return [self.journeys[i] for i in ids]
+
+
+@dataclass
+class CompileResult:
+    project: Project | None
+    diagnostics: list[Diagnostic]
+    checked: list[str]
+    """The journey files that were read."""
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity == "error"]
+
+
+def compile_project(
+    journeys_dir: Path, templates_dir: Path, config: Path | None = None
+) -> CompileResult:
+    """Compile every ``*.yaml`` directly in ``journeys_dir`` against ``templates_dir``."""
+    sink = DiagnosticSink()
+    if config is not None and not config.is_file():
+        sink.add(Diagnostic(str(config), 0, 0, "project file not found (check --config or NURTURE_CONFIG)"))
+    config = config if config is not None else journeys_dir.parent / "nurture.yaml"
+    settings = load_settings(config, sink)
+    templates = TemplateStore(templates_dir)
+    journeys: dict[str, ir.Journey] = {}
+    files = sorted(journeys_dir.glob("*.yaml")) + sorted(journeys_dir.glob("*.yml"))
+    if not journeys_dir.is_dir():
+        sink.add(Diagnostic(str(journeys_dir), 0, 0, "journeys directory not found (use --journeys DIR)"))
+    checked_templates: set[tuple[str, str]] = set()
+    for path in files:
+        journey = compile_file(path, templates, settings, sink, checked_templates)
+        if journey is not None:
+            journeys[journey.id] = journey
+    errors = sink.errors
+    project = None if errors else Project(journeys, templates, settings, sink.warnings)
+    ordered = sorted(sink.items, key=lambda d: (d.path, d.line, d.column))
+    return CompileResult(project, ordered, [str(p) for p in files])
+
+
+def load_project(journeys_dir: Path, templates_dir: Path, config: Path | None = None) -> Project:
+    """Compile, raising :class:`CompileError` with every diagnostic on any error."""
+    result = compile_project(journeys_dir, templates_dir, config)
+    if result.project is None:
+        raise CompileError(result.errors)
+    return result.project
+
+
+def load_settings(path: Path, sink: DiagnosticSink) -> Settings:
+    if not path.exists():
+        return Settings()
+    text = path.read_text(encoding="utf-8")
+    try:
+        data, smap = load_yaml(text, str(path))
+    except SourceError as exc:
+        sink.extend(exc.diagnostics)
+        return Settings()
+    try:
+        doc = ProjectDoc.model_validate(data or {})
+    except ValidationError as exc:
+        sink.extend(_validation_diagnostics(exc, data, smap))
+        return Settings()
+    return Settings(
+        timezone=doc.timezone,
+        quiet_hours=_quiet(doc.quiet_hours),
+        source=str(path),
+        sms_max_segments=doc.sms_max_segments,
+        providers=doc.providers,
+        topics=tuple(doc.topics),
+        policy=_policy(doc, doc.quiet_hours, ir.Policy()),
+    )
+
+
+def compile_file(
+    path: Path,
+    templates: TemplateStore,
+    settings: Settings,
+    sink: DiagnosticSink,
+    checked_templates: set[tuple[str, str]] | None = None,
+) -> ir.Journey | None:
+    """Compile one journey file, adding its diagnostics to ``sink``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        sink.add(Diagnostic(str(path), 0, 0, f"cannot read file: {exc}"))
+        return None
+    return compile_text(text, str(path), templates, settings, sink, checked_templates)
+
+
+def compile_text(
+    text: str,
+    path: str,
+    templates: TemplateStore,
+    settings: Settings,
+    sink: DiagnosticSink,
+    checked_templates: set[tuple[str, str]] | None = None,
+) -> ir.Journey | None:
+    """Compile journey source text; ``path`` is used for messages and the id check."""
+    before = len(sink.errors)
+    try:
+        return _compile_text(text, path, templates, settings, sink, checked_templates, before)
+    except RecursionError:
+        sink.add(Diagnostic(path, 1, 1, "the document is nested too deeply to read: simplify it"))
+        return None
+
+
+def _compile_text(
+    text: str,
+    path: str,
+    templates: TemplateStore,
+    settings: Settings,
+    sink: DiagnosticSink,
+    checked_templates: set[tuple[str, str]] | None,
+    before: int,
+) -> ir.Journey | None:
+    try:
+        data, smap = load_yaml(text, path)
+    except SourceError as exc:
+        sink.extend(exc.diagnostics)
+        return None
+    if not isinstance(data, dict):
+        sink.add(Diagnostic(path, 1, 1, "a journey file is a mapping with journey:, trigger: and steps:"))
+        return None
+    doc: JourneyDoc | None = None
+    try:
+        doc = JourneyDoc.model_validate(data)
+    except ValidationError as exc:
+        sink.extend(_validation_diagnostics(exc, data, smap))
+    _check_raw(data, smap, path, templates, sink, checked_templates, settings)
+    if doc is None or len(sink.errors) > before:
+        return None
+    return build_journey(doc, settings, path)
+
+
+# --- checks on the raw document ----------------------------------------------------------------
+
+
+def _raw_steps(items: Any, path: KeyPath) -> Iterator[tuple[KeyPath, dict[str, Any]]]:
+    """Every step mapping under a step list, nested ones included, with its path."""
+    if not isinstance(items, list):
+        return
+    for index, step in enumerate(items):
+        if not isinstance(step, dict):
+            continue
+        here = path + (index,)
+        yield here, step
+        kind = step_kind(step)
+        for key in ("then", "else"):
+            if kind == "wait_for":
+                yield from _raw_steps(step.get(key), here + (key,))
+        if kind == "branch" and isinstance(step.get("branch"), list):
+            for arm_index, arm in enumerate(step["branch"]):
+                if isinstance(arm, dict):
+                    for key in ("then", "else"):
+                        yield from _raw_steps(arm.get(key), here + ("branch", arm_index, key))
+        if kind == "split" and isinstance(step.get("variants"), dict):
+            for name, variant in step["variants"].items():
+                if isinstance(variant, dict):
+                    yield from _raw_steps(variant.get("steps"), here + ("variants", name, "steps"))
+
+
+def _step_lists(data: dict[str, Any]) -> Iterator[tuple[KeyPath, list[Any]]]:
+    if isinstance(data.get("steps"), list):
+        yield ("steps",), data["steps"]
+    for path, step in _raw_steps(data.get("steps"), ("steps",)):
+        for key, value in step.items():
+            if key in ("then", "else") and isinstance(value, list):
+                yield path + (key,), value
+        if isinstance(step.get("branch"), list):
+            for index, arm in enumerate(step["branch"]):
+                for key in ("then", "else"):
+                    if isinstance(arm, dict) and isinstance(arm.get(key), list):
+                        yield path + ("branch", index, key), arm[key]
+        if isinstance(step.get("variants"), dict):
+            for name, variant in step["variants"].items():
+                if isinstance(variant, dict) and isinstance(variant.get("steps"), list):
+                    yield path + ("variants", name, "steps"), variant["steps"]
+
+
+def _check_raw(
+    data: dict[str, Any],
+    smap: SourceMap,
+    path: str,
+    templates: TemplateStore,
+    sink: DiagnosticSink,
+    checked_templates: set[tuple[str, str]] | None,
+    settings: Settings,
+) -> None:
+    journey_id = data.get("journey")
+    stem = Path(path).stem
+    if isinstance(journey_id, str) and journey_id != stem:
+        sink.add(
+            smap.diagnostic(
+                ("journey",),
+                f"journey id '{journey_id}' must equal the file name '{stem}': "
+                f"rename the file to {journey_id}.yaml or set journey: {stem}",
+            )
+        )
+    seen_ids: dict[str, KeyPath] = {}
+    for step_path, step in _raw_steps(data.get("steps"), ("steps",)):
+        step_id = step.get("id")
+        if isinstance(step_id, str):
+            if step_id in seen_ids:
+                first = smap.value(seen_ids[step_id] + ("id",))
+                sink.add(
+                    smap.diagnostic(
+                        step_path + ("id",),
+                        f"duplicate step id '{step_id}' (first used on line {first.line}); ids are unique in a journey",
+                    )
+                )
+            else:
+                seen_ids[step_id] = step_path
+        if step_kind(step) == "send":
+            order = data.get("channel_order")
+            if not (isinstance(order, list) and all(isinstance(c, str) for c in order)):
+                order = list(settings.policy.channel_order)
+            _check_send(step, step_path, smap, templates, sink, checked_templates, settings, order)
+        if step_kind(step) == "split":
+            variants = step.get("variants")
+            if isinstance(variants, dict) and variants:
+                weights = [v.get("weight") for v in variants.values() if isinstance(v, dict)]
+                if all(isinstance(w, int) for w in weights) and sum(w for w in weights if isinstance(w, int)) == 0:
+                    sink.add(smap.diagnostic(step_path + ("variants",), "variant weights add up to 0: give at least one a positive weight"))
+        if step_kind(step) == "branch" and isinstance(step.get("branch"), list):
+            arms = step["branch"]
+            for index, arm in enumerate(arms[:-1]):
+                if isinstance(arm, dict) and "else" in arm and "if" not in arm:
+                    sink.add(smap.diagnostic(step_path + ("branch", index), "the else arm must be the last arm of a branch"))
+    for list_path, items in _step_lists(data):
+        for index, step in enumerate(items[:-1]):
+            if isinstance(step, dict) and step_kind(step) == "exit":
+                sink.add(
+                    smap.diagnostic(
+                        list_path + (index + 1,),
+                        "this step can never run: it follows an exit step in the same list; "
+                        "remove it or move the exit after it",
+                    )
+                )
+                break
+    quiet = data.get("quiet_hours")
+    if isinstance(quiet, dict) and quiet.get("start") == quiet.get("end") and quiet.get("start") is not None:
+        sink.add(smap.diagnostic(("quiet_hours",), "quiet hours start and end are equal: the window would be empty"))
+
+
+def _check_send(
+    step: dict[str, Any],
+    step_path: KeyPath,
+    smap: SourceMap,
+    templates: TemplateStore,
+    sink: DiagnosticSink,
+    checked_templates: set[tuple[str, str]] | None,
+    settings: Settings,
+    order: list[str],
+) -> None:
+    name = step.get("template")
+    primary = step.get("send")
+    fallback: list[Any] = step["fallback"] if isinstance(step.get("fallback"), list) else []
+    _check_topic(step, step_path, smap, sink, settings)
+    if primary == "auto" and fallback:
+        sink.add(
+            smap.diagnostic(
+                step_path + ("fallback",),
+                "send: auto falls back through channel_order by itself: remove fallback, or name a channel",
+            )
+        )
+        return
+    if not isinstance(name, str) or not name:
+        return
+    auto = primary == "auto"
+    channels = order if auto else [primary, *fallback]
+    for index, channel in enumerate(channels):
+        if not isinstance(channel, str) or channel not in ("email", "sms", "wechat"):
+            continue
+        where: KeyPath = step_path + (("template",) if index == 0 or auto else ("fallback", index - 1))
+        if index > 0 and channel in channels[:index]:
+            sink.add(smap.diagnostic(where, f"channel '{channel}' is listed twice; each channel is tried once"))
+            continue
+        if not templates.exists(channel, name):
+            hint = did_you_mean(name, templates.names(channel))
+            expected = templates.path(channel, name)
+            sink.add(
+                smap.diagnostic(
+                    where,
+                    f"no {channel} template '{name}'{hint}: create {expected}"
+                    + (
+                        f" (send: auto may use any channel of channel_order: {', '.join(order)})"
+                        if auto
+                        else "" if index == 0 else f" (needed for the {channel} fallback)"
+                    ),
+                )
+            )
+            continue
+        if checked_templates is not None:
+            if (channel, name) in checked_templates:
+                continue
+            checked_templates.add((channel, name))
+        sink.extend(templates.check(channel, name, sms_max_segments=settings.sms_max_segments))
+
+
+def _check_topic(
+    step: dict[str, Any], step_path: KeyPath, smap: SourceMap, sink: DiagnosticSink, settings: Settings
+) -> None:
+    topic = step.get("topic")
+    if not isinstance(topic, str):
+        return
+    if step.get("category") == "transactional":
+        sink.add(
+            smap.diagnostic(
+                step_path + ("topic",),
+                "a transactional send ignores subscriptions, so it has no topic: remove topic, or make it marketing",
+            )
+        )
+    elif topic not in settings.topics:
+        declared = f"declared topics: {', '.join(settings.topics)}" if settings.topics else "no topics are declared"
+        sink.add(
+            smap.diagnostic(
+                step_path + ("topic",),
+                f"unknown topic '{topic}'{did_you_mean(topic, settings.topics)}; {declared} "
+                "(add it to topics: in nurture.yaml)",
+            )
+        )
+
+
+# --- pydantic errors as marketer-facing diagnostics --------------------------------------------
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[KeyPath, bool]:
+    """Drop union tags pydantic inserts after list indexes; report whether a key is at fault."""
+    out: list[str | int] = []
+    at_key = False
+    skip = False
+    for index, part in enumerate(loc):
+        if skip:
+            skip = False
+            continue
+        if part == "[key]" and index == len(loc) - 1 and index > 0:
+            at_key = True
+            continue
+        out.append(part)
+        if isinstance(part, int) and index > 0 and loc[index - 1] in _STEP_LISTS:
+            skip = True
+    return tuple(out), at_key
+
+
+def _lookup(data: Any, path: KeyPath) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+_MODEL_AT = {
+    "trigger": EventRuleDoc,
+    "goal": GoalDoc,
+    "quiet_hours": QuietHoursDoc,
+    "providers": ProvidersDoc,
+    "frequency_caps": FrequencyCapsDoc,
+}
+
+
+def _keys_for(path: KeyPath, value: Any) -> tuple[str, ...]:
+    """Keys allowed in the mapping at ``path`` (for "did you mean")."""
+    keys = allowed_keys(value)
+    if keys is not None:
+        return keys
+    model: type[Any] = JourneyDoc
+    if not path:
+        model = JourneyDoc if "journey" in (value or {}) or "steps" in (value or {}) else ProjectDoc
+    elif path[-1] in _MODEL_AT:
+        model = _MODEL_AT[str(path[-1])]
+    elif len(path) == 2 and path[0] == "providers" and path[1] in PROVIDER_DOCS:
+        model = PROVIDER_DOCS[str(path[1])]
+    elif len(path) >= 2 and path[-2] == "exit_on":
+        model = EventRuleDoc
+    elif len(path) >= 2 and path[-2] == "variants":
+        model = VariantDoc
+    elif len(path) >= 2 and path[-2] == "branch":
+        model = ElseArmDoc if isinstance(value, dict) and "else" in value and "if" not in value else ArmDoc
+    elif len(path) >= 2 and path[-2] in _STEP_LISTS:
+        return STEP_KINDS + ("id",)
+    return tuple(f.alias or name for name, f in model.model_fields.items())
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (int, float)):
+        return f"{value} (a number)"
+    if isinstance(value, str):
+        return f"'{value}' (text)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) -> list[Diagnostic]:
+    out: list[Diagnostic] = []
+    seen: set[tuple[KeyPath, str]] = set()
+    for error in exc.errors():
+        loc, at_key = _clean_loc(tuple(error["loc"]))
+        kind = error["type"]
+        value = error.get("input")
+        ctx = error.get("ctx") or {}
+        parent = loc[:-1]
+        report_path, use_key, column_shift = loc, at_key, 0
+        if kind == "missing":
+            report_path = parent
+            message = f"'{loc[-1]}' is required" + _missing_hint(str(loc[-1]))
+        elif kind == "extra_forbidden":
+            name = str(loc[-1])
+            candidates = _keys_for(parent, _lookup(data, parent))
+            hint = did_you_mean(name, candidates)
+            if not hint:
+                hint = f"; allowed keys: {', '.join(candidates)}"
+            message = f"unknown key '{name}'{hint}"
+            use_key = True
+        elif kind == "union_tag_not_found":
+            message = _step_shape_message(_lookup(data, loc), loc)
+        elif kind in ("string_type",):
+            message = f"expected text, got {_describe(value)}" + (
+                "; quote it" if isinstance(value, (int, float, bool)) else ""
+            )
+        elif kind in ("int_type", "int_from_float"):
+            message = f"expected a whole number, got {_describe(value)}"
+        elif kind == "bool_type":
+            message = f"expected true or false, got {_describe(value)}"
+        elif kind == "list_type":
+            message = f"expected a list ('- item' lines), got {_describe(value)}"
+        elif kind in ("dict_type", "model_type", "model_attributes_type"):
+            message = f"expected a mapping ('key: value' lines), got {_describe(value)}"
+        elif kind == "literal_error":
+            expected = ctx.get("expected", "")
+            options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",") if o.strip()]
+            # Options are short words (mon, sms): a looser match still helps.
+            hint = did_you_mean(str(value), options, cutoff=0.5) if isinstance(value, str) else ""
+            message = f"{_describe(value)} is not allowed{hint}; expected {expected}"
+        elif kind in ("too_short", "string_too_short"):
+            message = "must not be empty"
+        elif kind == "greater_than_equal":
+            message = f"must be at least {ctx.get('ge')}, got {value}"
+        else:
+            message = str(error["msg"])
+            if kind == "expression":
+                column_shift = int(ctx.get("column", 1)) - 1
+        if (report_path, message) in seen:
+            continue
+        seen.add((report_path, message))
+        diagnostic = smap.diagnostic(report_path, message, at_key=use_key)
+        if column_shift:
+            lines = smap.text.splitlines()
+            line = lines[diagnostic.line - 1] if 0 < diagnostic.line <= len(lines) else ""
+            quoted = line[diagnostic.column - 1 : diagnostic.column] in ("'", '"')
+            diagnostic = dataclasses.replace(diagnostic, column=diagnostic.column + column_shift + quoted)
+        out.append(diagnostic)
+    return out
+
+
+def _missing_hint(name: str) -> str:
+    hints = {
+        "timeout": " (how long to wait, e.g. timeout: 24h)",
+        "template": " (the template name, e.g. template: welcome)",
+        "trigger": " (e.g. trigger: {event: Signed Up})",
+        "steps": " (a non-empty list of steps)",
+        "journey": " (the journey id, equal to the file name)",
+        "event": " (the event name, e.g. event: Order Completed)",
+        "weight": " (a whole number, e.g. weight: 50)",
+        "then": " (the steps to run when the condition is true)",
+    }
+    return hints.get(name, "")
+
+
+def _step_shape_message(value: Any, loc: KeyPath) -> str:
+    if len(loc) >= 2 and loc[-2] == "branch":
+        return "a branch arm is a mapping with 'if:' and 'then:', or a last 'else:'"
+    if not isinstance(value, dict):
+        return f"a step is a mapping like '- wait: 1h', got {_describe(value)}"
+    kinds = [k for k in STEP_KINDS if k in value]
+    if len(kinds) > 1:
+        return (
+            f"a step has exactly one kind key, found {' and '.join(kinds)}: "
+            "put each in its own '- ' list item"
+        )
+    unknown = [k for k in value if k != "id"]
+    for key in unknown:
+        hint = did_you_mean(str(key), STEP_KINDS)
+        if hint:
+            return f"unknown step kind '{key}'{hint}"
+    return f"a step needs one kind key: {', '.join(STEP_KINDS)}"
+
+
+# --- the typed form ----------------------------------------------------------------------------
+
+
+def _quiet(doc: QuietHoursDoc | None) -> ir.QuietHours | None:
+    if doc is None:
+        return None
+    return ir.QuietHours(start=_minutes(doc.start), end=_minutes(doc.end))
+
+
+def _policy(doc: PolicyFields, quiet: QuietHoursDoc | None, base: ir.Policy) -> ir.Policy:
+    """``base`` with what ``doc`` sets (a journey's settings override the project's)."""
+    caps = base.caps
+    if doc.frequency_caps is not None:
+        caps = tuple(
+            ir.Cap(scope=scope, per_day=cap.per_day, per_week=cap.per_week)
+            for scope in ("all", "email", "sms", "wechat")
+            if (cap := getattr(doc.frequency_caps, scope)) is not None
+        )
+    quiet_by = base.quiet_by_channel
+    if quiet is not None:
+        quiet_by = tuple(
+            ir.ChannelQuiet(channel, None if own == "off" else ir.QuietHours(_minutes(own.start), _minutes(own.end)))
+            for channel in ("email", "sms", "wechat")
+            if (own := getattr(quiet, channel)) is not None
+        )
+    return ir.Policy(
+        caps=caps,
+        on_cap=doc.on_cap or base.on_cap,
+        channel_order=tuple(doc.channel_order) if doc.channel_order else base.channel_order,
+        quiet_by_channel=quiet_by,
+    )
+
+
+def _minutes(clock: str) -> int:
+    hours, minutes = clock.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+def _rule(doc: EventRuleDoc) -> ir.EventRule:
+    return ir.EventRule(event=doc.event, cond=compile_expression(doc.if_) if doc.if_ else None)
+
+
+def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journey:
+    """The intermediate form of a validated document, with its content version."""
+    goal = None
+    if doc.goal is not None:
+        goal = ir.Goal(
+            event=doc.goal.event,
+            cond=compile_expression(doc.goal.if_) if doc.goal.if_ else None,
+            within=parse_duration(doc.goal.within) if doc.goal.within else None,
+            exit=doc.goal.exit,
+        )
+    journey = ir.Journey(
+        id=doc.journey,
+        version="",
+        name=doc.name or doc.journey.replace("_", " ").capitalize(),
+        description=doc.description or "",
+        trigger=_rule(doc.trigger),
+        key=compile_expression(doc.key) if doc.key else None,
+        re_entry=doc.re_entry,
+        goal=goal,
+        exit_on=tuple(_rule(r) for r in doc.exit_on),
+        timezone=doc.timezone or settings.timezone,
+        quiet_hours=_quiet(doc.quiet_hours) or settings.quiet_hours,
+        policy=_policy(doc, doc.quiet_hours, settings.policy),
+        steps=_Ids(doc).steps(doc.steps, "s"),
+        source=source,
+    )
+    return dataclasses.replace(journey, version=ir.content_version(journey))
+
+
+class _Ids:
+    """Generated step ids (``s2``, ``s3.then.1``) that never take an id a step declares."""
+
+    def __init__(self, doc: JourneyDoc) -> None:
+        self.taken: set[str] = set()
+        self._collect(doc.steps)
+
+    def _collect(self, docs: list[Any]) -> None:
+        for step in docs:
+            if step.id is not None:
+                self.taken.add(step.id)
+            if isinstance(step, WaitForDoc):
+                self._collect(step.then)
+                self._collect(step.else_)
+            elif isinstance(step, BranchDoc):
+                for arm in step.branch:
+                    self._collect(arm.then if isinstance(arm, ArmDoc) else arm.else_)
+            elif isinstance(step, SplitDoc):
+                for variant in step.variants.values():
+                    self._collect(variant.steps)
+
+    def steps(self, docs: list[Any], prefix: str) -> tuple[ir.Step, ...]:
+        separator = "" if prefix == "s" else "."
+        out = []
+        for number, step in enumerate(docs, 1):
+            step_id = step.id
+            if step_id is None:
+                step_id = f"{prefix}{separator}{number}"
+                while step_id in self.taken:
+                    step_id += "_"
+            out.append(_build_step(step, step_id, self))
+        return tuple(out)
+
+
+def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
+    if isinstance(doc, WaitDoc):
+        return ir.Wait(id=step_id, seconds=parse_duration(doc.wait))
+    if isinstance(doc, WaitUntilDoc):
+        days = tuple(ir.WEEKDAYS.index(d) for d in doc.days or ())
+        return ir.WaitUntil(id=step_id, minute=_minutes(doc.wait_until), days=tuple(sorted(set(days))))
+    if isinstance(doc, SendDoc):
+        return ir.Send(
+            id=step_id,
+            channel=doc.send,
+            template=doc.template,
+            fallback=tuple(doc.fallback),
+            category=doc.category,
+            topic=doc.topic,
+        )
+    if isinstance(doc, WaitForDoc):
+        return ir.WaitFor(
+            id=step_id,
+            event=doc.wait_for,
+            timeout=parse_duration(doc.timeout),
+            cond=compile_expression(doc.if_) if doc.if_ else None,
+            then=ids.steps(doc.then, f"{step_id}.then"),
+            otherwise=ids.steps(doc.else_, f"{step_id}.else"),
+        )
+    if isinstance(doc, BranchDoc):
+        arms = []
+        otherwise: tuple[ir.Step, ...] = ()
+        for number, arm in enumerate(doc.branch, 1):
+            if isinstance(arm, ArmDoc):
+                arms.append(
+                    ir.Arm(
+                        cond=compile_expression(arm.if_),
+                        steps=ids.steps(arm.then, f"{step_id}.arm{number}"),
+                    )
+                )
+            else:
+                assert isinstance(arm, ElseArmDoc)
+                otherwise = ids.steps(arm.else_, f"{step_id}.else")
+        return ir.Branch(id=step_id, arms=tuple(arms), otherwise=otherwise)
+    if isinstance(doc, SplitDoc):
+        return ir.Split(
+            id=step_id,
+            experiment=doc.split,
+            variants=tuple(
+                ir.Variant(name=name, weight=v.weight, steps=ids.steps(v.steps, f"{step_id}.{name}"))
+                for name, v in doc.variants.items()
+            ),
+        )
+    if isinstance(doc, UpdateDoc):
+        return ir.Update(
+            id=step_id,
+            traits=tuple(ir.Trait(name=k, value=compile_value(v)) for k, v in doc.update.items()),
+        )
+    assert isinstance(doc, ExitDoc)
+    return ir.Exit(id=step_id, reason=doc.exit)

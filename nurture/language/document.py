@@ -1,0 +1,379 @@
+"""The journey file format as pydantic models: validation, and the JSON Schema for editors.
+
+These models describe what a marketer writes (strings like ``1d12h``, ``"10:00"``). Field
+validators check each value in place, so one validation pass reports every mistake at once;
+:mod:`nurture.language.compiler` turns the validated documents into :mod:`nurture.language.ir`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import zoneinfo
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .diagnostics import did_you_mean
+from .durations import DurationError, parse_duration
+from .expressions import ExpressionError, compile_expression, compile_value
+from .ir import CHANNELS
+from .providers import ProvidersDoc
+
+IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
+STEP_KINDS = ("wait", "wait_until", "send", "wait_for", "branch", "split", "update", "exit")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+_CLOCK = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+
+
+# --- value checks ------------------------------------------------------------------------------
+
+
+def _fail(kind: str, message: str, **ctx: Any) -> PydanticCustomError:
+    # pydantic fills {name} placeholders from ctx only; any other braces are kept as written.
+    return PydanticCustomError(kind, message, ctx or None)
+
+
+def check_ident(value: str) -> str:
+    if not IDENT.match(value):
+        raise _fail(
+            "identifier",
+            f"'{value}' is not a valid id: use lowercase letters, digits and _, starting with a letter",
+        )
+    return value
+
+
+def check_duration(value: str) -> str:
+    try:
+        parse_duration(value)
+    except DurationError as exc:
+        raise _fail("duration", str(exc)) from None
+    return value
+
+
+def check_clock(value: str) -> str:
+    if not _CLOCK.match(value):
+        raise _fail("clock", f"'{value}' is not a time of day: write HH:MM in 24-hour form, e.g. \"08:00\"")
+    return value
+
+
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def check_timezone(value: str) -> str:
+    if value not in _zones():
+        raise _fail(
+            "timezone",
+            f"unknown time zone '{value}'{did_you_mean(value, _zones())}: use an IANA name like Asia/Shanghai",
+        )
+    return value
+
+
+def check_condition(value: str) -> str:
+    try:
+        compile_expression(value)
+    except ExpressionError as exc:
+        raise _fail("expression", exc.message, column=exc.column) from None
+    return value
+
+
+def check_value(value: Any) -> Any:
+    try:
+        compile_value(value)
+    except ExpressionError as exc:
+        raise _fail("expression", exc.message, column=exc.column) from None
+    return value
+
+
+def check_channel(value: str) -> str:
+    if value not in CHANNELS:
+        raise _fail(
+            "channel",
+            f"unknown channel '{value}'{did_you_mean(value, CHANNELS)}; channels are {', '.join(CHANNELS)}",
+        )
+    return value
+
+
+def check_send_channel(value: str) -> str:
+    """A channel, or ``auto``: the user's ``preferred_channel``, then the channel order."""
+    return value if value == "auto" else check_channel(value)
+
+
+def check_trait_name(value: str) -> str:
+    if value == "id":
+        raise _fail("trait", "'id' is the user's identity and cannot be updated")
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value) or value.startswith("_"):
+        raise _fail("trait", f"'{value}' is not a valid trait name: use letters, digits and _")
+    return value
+
+
+Ident = Annotated[str, AfterValidator(check_ident)]
+DurationText = Annotated[str, AfterValidator(check_duration), Field(examples=["1h", "1d12h"])]
+ClockText = Annotated[str, AfterValidator(check_clock), Field(pattern=r"^\d{1,2}:\d{2}$")]
+TimezoneName = Annotated[str, AfterValidator(check_timezone)]
+Condition = Annotated[str, AfterValidator(check_condition)]
+ChannelName = Annotated[str, AfterValidator(check_channel), Field(json_schema_extra={"enum": list(CHANNELS)})]
+SendChannel = Annotated[
+    str, AfterValidator(check_send_channel), Field(json_schema_extra={"enum": [*CHANNELS, "auto"]})
+]
+TraitValue = Annotated[Any, AfterValidator(check_value)]
+
+
+class Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=False)
+
+
+# --- journey documents -------------------------------------------------------------------------
+
+
+class EventRuleDoc(Doc):
+    """An event name with an optional condition on it."""
+
+    event: str = Field(min_length=1, description="Track event name, e.g. Order Completed.")
+    if_: Condition | None = Field(None, alias="if", description="Jinja2 condition on the event.")
+
+
+class GoalDoc(EventRuleDoc):
+    """The conversion event."""
+
+    within: DurationText | None = Field(None, description="Conversion window from entry.")
+    exit: bool = Field(True, description="Whether the goal ends the run at once.")
+
+
+class ChannelQuietHoursDoc(Doc):
+    """A channel's own quiet window."""
+
+    start: ClockText
+    end: ClockText
+
+
+class QuietHoursDoc(Doc):
+    """A local-time window in which marketing sends wait; a channel may have its own, or ``off``."""
+
+    start: ClockText
+    end: ClockText
+    email: ChannelQuietHoursDoc | Literal["off"] | None = None
+    sms: ChannelQuietHoursDoc | Literal["off"] | None = None
+    wechat: ChannelQuietHoursDoc | Literal["off"] | None = None
+
+
+class CapDoc(Doc):
+    """At most so many marketing messages per local calendar day and per seven local days."""
+
+    per_day: int | None = Field(None, ge=1)
+    per_week: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> CapDoc:
+        if self.per_day is None and self.per_week is None:
+            raise _fail("cap", "a cap needs per_day, per_week or both")
+        return self
+
+
+class FrequencyCapsDoc(Doc):
+    """Marketing caps across all journeys: ``all`` counts every channel, a channel only itself."""
+
+    all: CapDoc | None = None
+    email: CapDoc | None = None
+    sms: CapDoc | None = None
+    wechat: CapDoc | None = None
+
+
+class PolicyFields(Doc):
+    """Delivery policy a project sets and a journey may override."""
+
+    frequency_caps: FrequencyCapsDoc | None = None
+    on_cap: Literal["skip", "defer"] | None = None
+    channel_order: list[ChannelName] | None = Field(
+        None, description="Order `send: auto` tries channels in, after the user's preferred_channel."
+    )
+
+    @field_validator("channel_order")
+    @classmethod
+    def _each_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise _fail("channel_order", "each channel is listed once in channel_order")
+        return value
+
+
+class StepDoc(Doc):
+    id: Ident | None = Field(None, description="Stable step id for analytics and diagrams.")
+
+
+class WaitDoc(StepDoc):
+    wait: DurationText = Field(description="Sleep, e.g. 1d12h.")
+
+
+class WaitUntilDoc(StepDoc):
+    wait_until: ClockText = Field(description="Next such local time of the user, e.g. \"10:00\".")
+    days: list[Weekday] | None = Field(None, min_length=1, description="Allowed weekdays.")
+
+
+class SendDoc(StepDoc):
+    send: SendChannel = Field(description="Channel: email, sms, wechat, or auto (preference, then order).")
+    template: str = Field(min_length=1, description="Template name under templates/<channel>/.")
+    fallback: list[ChannelName] = Field(default_factory=list, description="Channels to try next.")
+    category: Literal["marketing", "transactional"] = "marketing"
+    topic: Ident | None = Field(None, description="Subscription topic from nurture.yaml's topics.")
+
+
+class WaitForDoc(StepDoc):
+    wait_for: str = Field(min_length=1, description="Event to wait for.")
+    timeout: DurationText
+    if_: Condition | None = Field(None, alias="if")
+    then: list[AnyStep] = Field(default_factory=list)
+    else_: list[AnyStep] = Field(default_factory=list, alias="else")
+
+
+class ArmDoc(Doc):
+    if_: Condition = Field(alias="if")
+    then: list[AnyStep]
+
+
+class ElseArmDoc(Doc):
+    else_: list[AnyStep] = Field(alias="else")
+
+
+def _arm_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return "else" if "else" in value and "if" not in value else "if"
+    return None
+
+
+AnyArm = Annotated[
+    Annotated[ArmDoc, Tag("if")] | Annotated[ElseArmDoc, Tag("else")],
+    Discriminator(_arm_tag),
+]
+
+
+class BranchDoc(StepDoc):
+    branch: list[AnyArm] = Field(min_length=1)
+
+
+class VariantDoc(Doc):
+    weight: int = Field(ge=0)
+    steps: list[AnyStep] = Field(default_factory=list)
+
+
+class SplitDoc(StepDoc):
+    split: Ident = Field(description="Experiment name.")
+    variants: dict[Ident, VariantDoc] = Field(min_length=1)
+
+
+class UpdateDoc(StepDoc):
+    update: dict[Annotated[str, AfterValidator(check_trait_name)], TraitValue] = Field(min_length=1)
+
+
+class ExitDoc(StepDoc):
+    exit: Ident = Field(description="End reason.")
+
+
+def step_kind(value: Any) -> str | None:
+    """The kind key of a raw step mapping, or ``None`` when there is not exactly one."""
+    if isinstance(value, dict):
+        kinds = [key for key in STEP_KINDS if key in value]
+        if len(kinds) == 1:
+            return kinds[0]
+    return None
+
+
+AnyStep = Annotated[
+    Annotated[WaitDoc, Tag("wait")]
+    | Annotated[WaitUntilDoc, Tag("wait_until")]
+    | Annotated[SendDoc, Tag("send")]
+    | Annotated[WaitForDoc, Tag("wait_for")]
+    | Annotated[BranchDoc, Tag("branch")]
+    | Annotated[SplitDoc, Tag("split")]
+    | Annotated[UpdateDoc, Tag("update")]
+    | Annotated[ExitDoc, Tag("exit")],
+    Discriminator(step_kind),
+]
+
+STEP_DOCS: dict[str, type[Doc]] = {
+    "wait": WaitDoc,
+    "wait_until": WaitUntilDoc,
+    "send": SendDoc,
+    "wait_for": WaitForDoc,
+    "branch": BranchDoc,
+    "split": SplitDoc,
+    "update": UpdateDoc,
+    "exit": ExitDoc,
+}
+
+
+class JourneyDoc(PolicyFields):
+    """A journey file."""
+
+    model_config = ConfigDict(title="Nurture journey")
+
+    journey: Ident = Field(description="Journey id; equals the file name.")
+    name: str | None = None
+    description: str | None = None
+    trigger: EventRuleDoc
+    key: Condition | None = Field(None, description="Expression: one run per (journey, user, key).")
+    re_entry: Literal["after_exit", "restart", "once"] = "after_exit"
+    goal: GoalDoc | None = None
+    exit_on: list[EventRuleDoc] = Field(default_factory=list)
+    timezone: TimezoneName | None = None
+    quiet_hours: QuietHoursDoc | None = None
+    steps: list[AnyStep] = Field(min_length=1)
+
+
+class ProjectDoc(PolicyFields):
+    """``nurture.yaml``: project defaults."""
+
+    model_config = ConfigDict(title="Nurture project settings")
+
+    timezone: TimezoneName = "UTC"
+    quiet_hours: QuietHoursDoc | None = None
+    sms_max_segments: int = Field(3, ge=1)
+    """Warn at compile time when an SMS template needs more segments than this, whatever the data."""
+    providers: ProvidersDoc = ProvidersDoc()
+    topics: list[Ident] = Field(default_factory=list)
+    """Subscription topics a send may name (``topic: promotions``) and users may opt out of."""
+
+    @field_validator("topics")
+    @classmethod
+    def _not_channels(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise _fail("topic", "each topic is listed once in topics")
+        for name in value:
+            if name in CHANNELS or name == "auto":
+                raise _fail("topic", f"'{name}' is a channel, not a topic: opting out of it is by channel already")
+        return value
+
+
+for _model in (WaitForDoc, ArmDoc, ElseArmDoc, VariantDoc, JourneyDoc):
+    _model.model_rebuild()
+
+
+def allowed_keys(data: Any) -> tuple[str, ...] | None:
+    """Keys a step or branch arm may have, judged from its raw mapping."""
+    kind = step_kind(data)
+    if kind is not None:
+        return tuple(f.alias or name for name, f in STEP_DOCS[kind].model_fields.items())
+    return None
+
+
+def journey_schema() -> dict[str, Any]:
+    """JSON Schema for journey files, for editors' YAML language servers."""
+    schema = JourneyDoc.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def validation_context(info: ValidationInfo) -> dict[str, Any]:
+    return dict(info.context or {})

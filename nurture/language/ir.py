@@ -1,0 +1,335 @@
+"""The intermediate form: what a compiled journey is.
+
+Frozen dataclasses, one per step kind, joined by :data:`Step`. Everything is resolved: durations
+are seconds, times are minutes after midnight, weekdays are 0 (Monday) to 6, expressions are
+compiled trees, time zone and quiet hours are filled in from project defaults. It round-trips
+through JSON (:func:`journey_to_dict`, :func:`journey_from_dict`), which is how the Temporal
+workflow receives the exact version a user entered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar, Union
+
+from .evaluation import Expr
+
+T = TypeVar("T")
+Category = Literal["marketing", "transactional"]
+ReEntry = Literal["after_exit", "restart", "once"]
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+ADDRESS_TRAITS: dict[str, str] = {"email": "email", "sms": "phone", "wechat": "wechat_openid"}
+"""The trait holding each channel's address."""
+CHANNELS: tuple[str, ...] = tuple(ADDRESS_TRAITS)
+"""Every channel a send may use."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventRule:
+    """An event name and an optional condition on it (trigger, exit_on)."""
+
+    event: str
+    cond: Expr | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    """The conversion event of a journey."""
+
+    event: str
+    cond: Expr | None = None
+    within: int | None = None
+    """Conversion window in seconds from entry; ``None`` is the run's whole life."""
+    exit: bool = True
+    """Whether a conversion ends the run at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuietHours:
+    """A daily local-time window in which marketing sends wait; may wrap midnight."""
+
+    start: int
+    """Minutes after local midnight."""
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelQuiet:
+    """A channel's own quiet window; ``None`` turns quiet hours off for it."""
+
+    channel: str
+    quiet: QuietHours | None
+
+
+@dataclass(frozen=True, slots=True)
+class Cap:
+    """At most ``per_day`` marketing messages per local calendar day and ``per_week`` per seven."""
+
+    scope: str
+    """``all`` (every channel together) or one channel."""
+    per_day: int | None = None
+    per_week: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The delivery policy of a journey: the project's, with the journey's overrides applied."""
+
+    caps: tuple[Cap, ...] = ()
+    on_cap: Literal["skip", "defer"] = "skip"
+    channel_order: tuple[str, ...] = ("email", "sms", "wechat")
+    quiet_by_channel: tuple[ChannelQuiet, ...] = ()
+
+    def quiet_for(self, channel: str, default: QuietHours | None) -> QuietHours | None:
+        """``channel``'s quiet window: its own when set (``None`` for off), else ``default``."""
+        for entry in self.quiet_by_channel:
+            if entry.channel == channel:
+                return entry.quiet
+        return default
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    kind: ClassVar[str] = "wait"
+    id: str
+    seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitUntil:
+    kind: ClassVar[str] = "wait_until"
+    id: str
+    minute: int
+    """Local time of day, minutes after midnight."""
+    days: tuple[int, ...] = ()
+    """Allowed weekdays, 0 = Monday; empty means every day."""
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    kind: ClassVar[str] = "send"
+    id: str
+    channel: str
+    template: str
+    fallback: tuple[str, ...] = ()
+    category: Category = "marketing"
+    topic: str | None = None
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels in order; empty for ``auto`` (decided per user at send time)."""
+        return () if self.channel == "auto" else (self.channel, *self.fallback)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitFor:
+    kind: ClassVar[str] = "wait_for"
+    id: str
+    event: str
+    timeout: int
+    cond: Expr | None = None
+    then: tuple[Step, ...] = ()
+    otherwise: tuple[Step, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    cond: Expr
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    kind: ClassVar[str] = "branch"
+    id: str
+    arms: tuple[Arm, ...]
+    otherwise: tuple[Step, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    weight: int
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    kind: ClassVar[str] = "split"
+    id: str
+    experiment: str
+    variants: tuple[Variant, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Trait:
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    kind: ClassVar[str] = "update"
+    id: str
+    traits: tuple[Trait, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    kind: ClassVar[str] = "exit"
+    id: str
+    reason: str
+
+
+Step = Union[Wait, WaitUntil, Send, WaitFor, Branch, Split, Update, Exit]  # noqa: UP007
+STEP_TYPES: dict[str, type[Any]] = {
+    cls.kind: cls for cls in (Wait, WaitUntil, Send, WaitFor, Branch, Split, Update, Exit)
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Journey:
+    """One compiled journey, pinned by its content-hash ``version``."""
+
+    id: str
+    version: str
+    trigger: EventRule
+    steps: tuple[Step, ...]
+    name: str = ""
+    description: str = ""
+    key: Expr | None = None
+    re_entry: ReEntry = "after_exit"
+    goal: Goal | None = None
+    exit_on: tuple[EventRule, ...] = ()
+    timezone: str = "UTC"
+    quiet_hours: QuietHours | None = None
+    policy: Policy = field(default_factory=Policy)
+    source: str = ""
+    """The file it was compiled from (not part of the version)."""
+
+    def listens_for(self) -> frozenset[str]:
+        """Event names a running run reacts to (goal, exit_on, wait_for)."""
+        names = {rule.event for rule in self.exit_on}
+        if self.goal is not None:
+            names.add(self.goal.event)
+        names.update(s.event for s in walk(self.steps) if isinstance(s, WaitFor))
+        return frozenset(names)
+
+    def step(self, step_id: str) -> Step:
+        for step in walk(self.steps):
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+
+def children(step: Step) -> Iterator[tuple[str, tuple[Step, ...]]]:
+    """The nested step lists of a step, labelled (``then``, ``else``, ``arm 1``, ``variant a``)."""
+    if isinstance(step, WaitFor):
+        yield "then", step.then
+        yield "else", step.otherwise
+    elif isinstance(step, Branch):
+        for arm in step.arms:
+            yield f"if {arm.cond.source}", arm.steps
+        if step.otherwise:
+            yield "else", step.otherwise
+    elif isinstance(step, Split):
+        for variant in step.variants:
+            yield f"variant {variant.name}", variant.steps
+
+
+def walk(steps: tuple[Step, ...]) -> Iterator[Step]:
+    """Every step, nested ones included, in document order."""
+    for step in steps:
+        yield step
+        for _, nested in children(step):
+            yield from walk(nested)
+
+
+# --- JSON round trip ---------------------------------------------------------------------------
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, Expr):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        kind = getattr(type(value), "kind", None)
+        if isinstance(kind, str):
+            out = {"kind": kind, **out}
+        return out
+    if isinstance(value, (tuple, list)):
+        return [_encode(item) for item in value]
+    return value
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _decode(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if hint is Expr:
+        return Expr.from_dict(value)
+    if hint is Step or hint == "Step":
+        cls = STEP_TYPES[value["kind"]]
+        return _decode_dataclass(cls, value)
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return _decode(args[0], value)
+        return _decode(Step, value)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return tuple(_decode(item, v) for v in value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _decode_dataclass(hint, value)
+    return value
+
+
+def _decode_dataclass(cls: type[Any], data: Mapping[str, Any]) -> Any:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = typing.get_type_hints(cls, globalns=globals())
+        _HINTS[cls] = hints
+    kwargs = {f.name: _decode(hints[f.name], data[f.name]) for f in dataclasses.fields(cls) if f.name in data}
+    return cls(**kwargs)
+
+
+def to_dict(value: Any) -> dict[str, Any]:
+    """JSON-serialisable form of any intermediate-form dataclass (a journey, a policy)."""
+    result = _encode(value)
+    assert isinstance(result, dict)
+    return result
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """A ``cls`` back from :func:`to_dict`; fields it lacks take their defaults."""
+    result = _decode_dataclass(cls, data)
+    assert isinstance(result, cls)
+    return result
+
+
+def journey_to_dict(journey: Journey) -> dict[str, Any]:
+    """JSON-serialisable form of a compiled journey."""
+    return to_dict(journey)
+
+
+def journey_from_dict(data: Mapping[str, Any]) -> Journey:
+    """The journey back from :func:`journey_to_dict`."""
+    return from_dict(Journey, data)
+
+
+def content_version(journey: Journey) -> str:
+    """A short hash of everything that shapes behaviour (not the source path or version)."""
+    data = journey_to_dict(journey)
+    data.pop("version", None)
+    data.pop("source", None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]

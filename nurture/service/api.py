@@ -1,0 +1,1120 @@
+"""The event API: Segment-compatible ``track``, ``identify`` and ``batch``, profile reads, the outbox.
+
+    uvicorn nurture.service.api:app_from_env --factory      (or: nurture up)
+
+Every call is validated in full before anything is written, so a bad call (or a bad item anywhere
+in a batch) changes nothing. Accepted calls go to :class:`nurture.service.ingest.Ingest`, which stores
+them once per ``messageId`` and routes them to journey workflows on Temporal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
+from typing import Annotated, Any, Literal
+
+import uvicorn
+from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRouter
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    JsonValue,
+    Tag,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+from sqlalchemy import text
+from sqlmodel import Session, SQLModel, col, select
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from channels import mask_user_id
+from nurture.engine.model import Event
+from nurture.language.compiler import Project, load_project
+from nurture.language.diagnostics import did_you_mean
+from nurture.language.ir import CHANNELS
+from nurture.storage.db import Database
+from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
+
+from . import privacy
+from .ingest import Ingest, Routed
+from .observability import configure_logging
+from .privacy import ForgetReport, UserExport
+from .settings import Settings
+from .webhooks import BODY_LIMITS as WEBHOOK_LIMITS
+from .webhooks import webhook_router
+
+log = logging.getLogger("nurture.api")
+
+CALL_LIMIT = 32 * 1024
+"""Bytes per call (a track or identify body, or one batch item), as Segment allows."""
+BATCH_LIMIT = 500 * 1024
+"""Bytes per batch body, as Segment allows."""
+CONNECT_TIMEOUT = 5.0
+"""Seconds to wait for Temporal when the API connects on demand."""
+
+DESCRIPTION = """\
+Send your users' events to Nurture: **Segment-compatible** `track`, `identify` and `batch` calls
+start journeys, reach running ones (a goal ends a sleeping run at once) and update profiles.
+
+**Authentication.** Every `/v1` endpoint takes a write key (`NURTURE_WRITE_KEYS`), Segment style
+as the HTTP Basic user name with an empty password (`curl -u KEY: ...`), or as
+`Authorization: Bearer KEY`.
+
+**Retries and duplicates.** A call with a `messageId` that was accepted before changes nothing and
+answers `"duplicate": true`. Without one the API assigns a fresh id, so **a client that retries
+must send its own `messageId`** (the same one on every attempt) to be de-duplicated. After a 503
+(Temporal unreachable), retry with the same `messageId`.
+
+**Differences from Segment.** `userId` is required (journeys run for known users; calls with only
+an `anonymousId` answer 400). `context` and `integrations` are accepted and ignored. A
+`timestamp` without a UTC offset is read as UTC; it defaults to the time of receipt.
+
+**Opt-outs.** A user's opt-outs are one set of names: channels (`email`, `sms`, `wechat`) and the
+project's subscription topics (`topics:` in nurture.yaml, e.g. `promotions`). A channel opt-out
+stops marketing sends on that channel; a topic opt-out stops the sends that name the topic, on
+every channel. An `identify` changes them with three traits, none kept as a trait: `opted_out`
+replaces the whole set (`[]` opts back in to everything); `unsubscribe` adds names and `subscribe`
+removes them, keeping the rest, so a client needs no read-modify-write. `opted_out` cannot be
+combined with the other two; a name that is neither a channel nor a declared topic answers 400.
+
+**Errors.** A bad call answers 400 with every field at fault,
+`{"error": "invalid_request", "detail": [{"field": "batch[2].event", "message": "..."}]}`, and
+changes nothing; a body over 32 KB (500 KB for `batch`, 32 KB per batch item) answers 413.
+"""
+
+EXAMPLE_TRACK: dict[str, JsonValue] = {
+    "userId": "u_1024",
+    "event": "Cart Updated",
+    "properties": {"cart_id": "c_77", "item_count": 2},
+    "timestamp": "2026-03-02T10:00:00+08:00",
+    "messageId": "4d9f8a46-31a5-4a54-9d46-7a1c0f7c9e11",
+}
+EXAMPLE_IDENTIFY: dict[str, JsonValue] = {
+    "userId": "u_1024",
+    "traits": {
+        "email": "li@example.com",
+        "phone": "+8613800138000",
+        "first_name": "Li",
+        "timezone": "Asia/Shanghai",
+        "opted_out": ["sms"],
+    },
+    "messageId": "0b7e61d4-0c5e-4b8e-8a07-5c0f5b5d8f2a",
+}
+
+
+# Requests ------------------------------------------------------------------------------------
+
+
+def _instant(value: Any) -> Any:
+    """ISO 8601 text only (no epoch numbers); naive means UTC."""
+    if isinstance(value, datetime):
+        parsed = value
+    else:
+        try:
+            parsed = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00").replace("z", "+00:00"))
+            if not isinstance(value, str):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise PydanticCustomError(
+                "timestamp",
+                "timestamp must be an ISO 8601 date-time such as 2026-03-02T10:00:00+08:00, got {value}",
+                {"value": json.dumps(value)[:80]},
+            ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_instant)]
+UserId = Annotated[
+    str,
+    Field(
+        alias="userId",
+        min_length=1,
+        max_length=255,
+        description="The user's id in your system (required: journeys run for known users).",
+    ),
+]
+
+
+class Call(BaseModel):
+    """Fields every Segment call shares; unknown top-level fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    user_id: UserId
+    anonymous_id: Any = Field(
+        default=None,
+        alias="anonymousId",
+        description="Accepted and ignored; a call with only an anonymousId is rejected.",
+    )
+    timestamp: Timestamp | None = Field(
+        default=None, description="When it happened, ISO 8601 (default: when the call is received)."
+    )
+    message_id: str | None = Field(
+        default=None,
+        alias="messageId",
+        min_length=1,
+        max_length=255,
+        description="De-duplication key: send the same one on every retry (default: a fresh UUID).",
+    )
+    context: Any = Field(default=None, description="Accepted and ignored.")
+    integrations: Any = Field(default=None, description="Accepted and ignored.")
+
+
+class TrackCall(Call):
+    """A track call: something the user did."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_TRACK]})
+
+    type: Literal["track"] = Field(default="track", description="In a batch: which call this is.")
+    event: str = Field(min_length=1, max_length=255, description="The event name, e.g. `Order Completed`.")
+    properties: dict[str, Any] | None = Field(
+        default=None, description="The event's properties (a JSON object)."
+    )
+
+
+class Traits(BaseModel):
+    """Profile traits; any keys, plus the opt-out fields ``opted_out``, ``subscribe`` and ``unsubscribe``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # Plain strings: the topics are the project's, so names are checked against it per call
+    # (Service.check_opt_outs), which keeps each name's index for the error.
+    opted_out: list[str] | None = Field(
+        default=None,
+        description=(
+            "Channels (`email`, `sms`, `wechat`) and the project's topics the user opted out of; "
+            "replaces the stored opt-outs, `[]` opts back in to everything."
+        ),
+        examples=[["sms", "promotions"]],
+    )
+    subscribe: list[str] | None = Field(
+        default=None,
+        description="Channels and topics to opt back in to; the other opt-outs are kept.",
+        examples=[["sms"]],
+    )
+    unsubscribe: list[str] | None = Field(
+        default=None,
+        description="Channels and topics to opt out of; the other opt-outs are kept.",
+        examples=[["promotions"]],
+    )
+
+    def opt_out_change(self) -> Callable[[set[str]], set[str]] | None:
+        """``subscribe`` and ``unsubscribe`` as a function of the stored opt-outs; None without them."""
+        if self.subscribe is None and self.unsubscribe is None:
+            return None
+        back, out = frozenset(self.subscribe or ()), frozenset(self.unsubscribe or ())
+        return lambda current: (current - back) | out
+
+
+def _opt_out_errors(traits: Traits | None, allowed: Sequence[str], where: str) -> list[dict[str, str]]:
+    """The faults in ``traits``' opt-out fields, as ``detail`` entries under ``where``."""
+    if traits is None:
+        return []
+    errors = []
+    choices = ", ".join(allowed)
+    if len(allowed) == len(CHANNELS):
+        choices += " (declare topics under topics: in nurture.yaml)"
+    for name in ("opted_out", "subscribe", "unsubscribe"):
+        for index, value in enumerate(getattr(traits, name) or ()):
+            if value not in allowed:
+                errors.append(
+                    {
+                        "field": f"{where}.{name}[{index}]",
+                        "message": f"{value!r} is not a channel or a topic of this project"
+                        f"{did_you_mean(value, allowed)}; expected one of {choices}",
+                    }
+                )
+    if traits.opted_out is not None and (traits.subscribe is not None or traits.unsubscribe is not None):
+        errors.append(
+            {
+                "field": f"{where}.opted_out",
+                "message": "opted_out replaces every opt-out, so it cannot be combined with subscribe or "
+                "unsubscribe: send one or the other",
+            }
+        )
+    both = set(traits.subscribe or ()) & set(traits.unsubscribe or ())
+    for index, value in enumerate(traits.unsubscribe or ()):
+        if value in both:
+            errors.append(
+                {"field": f"{where}.unsubscribe[{index}]", "message": f"{value!r} is also in subscribe"}
+            )
+    return errors
+
+
+class IdentifyCall(Call):
+    """An identify call: who the user is (traits are merged into the profile)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_IDENTIFY]})
+
+    type: Literal["identify"] = Field(default="identify", description="In a batch: which call this is.")
+    traits: Traits | None = Field(default=None, description="Traits to merge into the user's profile.")
+
+
+def _call_type(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if isinstance(kind, str) else None
+
+
+def _call_size(value: Any) -> Any:
+    if isinstance(value, dict):
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+        if size > CALL_LIMIT:
+            raise PydanticCustomError(
+                "call_too_large",
+                "this call is {size} bytes; a call may be at most {limit} bytes (32 KB)",
+                {"size": size, "limit": CALL_LIMIT},
+            )
+    return value
+
+
+BatchItem = Annotated[
+    Annotated[
+        Annotated[TrackCall, Tag("track")] | Annotated[IdentifyCall, Tag("identify")],
+        Discriminator(_call_type, custom_error_type="call_type", custom_error_message="unknown call type"),
+    ],
+    BeforeValidator(_call_size),
+]
+
+
+class BatchCall(BaseModel):
+    """Several track and identify calls, handled in order."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "batch": [
+                        {"type": "identify", **EXAMPLE_IDENTIFY},
+                        {"type": "track", **EXAMPLE_TRACK},
+                    ]
+                }
+            ]
+        },
+    )
+
+    batch: list[BatchItem] = Field(description="The calls, each with `type` `track` or `identify`.")
+    context: Any = Field(default=None, description="Accepted and ignored.")
+    integrations: Any = Field(default=None, description="Accepted and ignored.")
+
+
+# Answers -------------------------------------------------------------------------------------
+
+
+class Accepted(BaseModel):
+    """One accepted call and what it did."""
+
+    success: bool = True
+    type: Literal["track", "identify"]
+    message_id: str = Field(serialization_alias="messageId", description="The call's messageId.")
+    duplicate: bool = Field(description="The messageId was accepted before: this call changed nothing.")
+    triggered: list[str] = Field(
+        default_factory=list, description="Workflow ids of runs the event started or re-triggered."
+    )
+    signalled: list[str] = Field(default_factory=list, description="Workflow ids of active runs it reached.")
+    skipped: list[str] = Field(
+        default_factory=list, description="Journeys it matched but could not enter (`re_entry: once`)."
+    )
+
+
+class BatchAccepted(BaseModel):
+    """A batch's calls, in order."""
+
+    success: bool = True
+    results: list[Accepted]
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="Where: `event`, `properties.total`, `batch[2].type`, `body`.")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    error: str = Field(description="`invalid_request`, `unauthorized`, `not_found`, `payload_too_large`, ...")
+    message: str | None = None
+    detail: list[FieldError] | None = Field(default=None, description="The fields at fault.")
+
+
+class _Public(SQLModel):
+    @field_validator("*", mode="after")
+    @classmethod
+    def _aware(cls, value: Any) -> Any:
+        # SQLite hands back naive datetimes; every stored instant is UTC.
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class ProfilePublic(_Public):
+    """A user's profile."""
+
+    user_id: str
+    traits: dict[str, Any]
+    opted_out: list[str] = Field(
+        description=(
+            "What the user opted out of: channels (`email`, `sms`, `wechat`: no marketing sends "
+            "there) and topics (`promotions`: no sends naming the topic, on any channel)."
+        )
+    )
+    created_at: datetime
+    updated_at: datetime
+
+
+class RunPublic(_Public):
+    """One journey run of a user."""
+
+    run_id: str
+    workflow_id: str
+    journey: str
+    version: str = Field(description="The journey version the run entered with.")
+    key: str
+    status: str = Field(description="`active` or `ended`.")
+    entered_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None = Field(
+        description="`goal`, `completed`, `exit_on`, `restarted`, or an exit step's."
+    )
+    variants: dict[str, str] = Field(description="Split variants by experiment.")
+    converted_at: datetime | None
+
+
+class MessagePublic(_Public):
+    """One send step's outcome (and, on request, the rendered message)."""
+
+    id: int
+    run_id: str
+    journey: str
+    step_id: str
+    channel: str
+    template: str
+    status: str = Field(description="`sent`, `skipped` or `failed`.")
+    reason: str | None
+    provider: str | None
+    variant: str | None
+    locale: str | None
+    subject: str | None
+    preview: str | None
+    created_at: datetime
+    content: dict[str, Any] | None = Field(default=None, description="The rendered message, on request.")
+
+
+class OutboxMessagePublic(MessagePublic):
+    """A message delivered to the built-in outbox, rendered."""
+
+    user_id: str
+    address: str | None
+
+
+class Check(BaseModel):
+    ok: bool
+    error: str | None = None
+
+
+class Health(BaseModel):
+    ok: bool
+    database: Check
+    temporal: Check
+
+
+# The service ---------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answer."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str | None = None,
+        *,
+        detail: list[dict[str, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message or error)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+def _unavailable(reason: str) -> ApiError:
+    return ApiError(
+        503,
+        "unavailable",
+        f"{reason}; nothing was lost: retry the call with the same messageId",
+        headers={"Retry-After": "5"},
+    )
+
+
+class Service:
+    """What the endpoints share: the project, the database, the keys and (lazily) Temporal."""
+
+    def __init__(
+        self, settings: Settings, project: Project, db: Database, keys: Sequence[str], client: Client | None
+    ) -> None:
+        self.settings = settings
+        self.project = project
+        self.db = db
+        self.keys = tuple(key.encode() for key in keys)
+        self.opt_out_names = tuple(dict.fromkeys((*CHANNELS, *project.settings.topics)))
+        """What an opt-out may name: the channels, then the project's topics."""
+        self._ingest = None if client is None else Ingest(project, db, client, settings.task_queue)
+        self._lock = asyncio.Lock()
+
+    async def ingest(self) -> Ingest:
+        """The router, connecting to Temporal on first use (it may start after the API)."""
+        if self._ingest is None:
+            async with self._lock:
+                if self._ingest is None:
+                    try:
+                        client = await asyncio.wait_for(self.settings.connect(), CONNECT_TIMEOUT)
+                    except (RuntimeError, RPCError, OSError, TimeoutError) as exc:
+                        log.warning("temporal at %s unreachable: %s", self.settings.temporal_address, exc)
+                        raise _unavailable(
+                            f"Temporal at {self.settings.temporal_address} is unreachable"
+                        ) from exc
+                    self._ingest = Ingest(self.project, self.db, client, self.settings.task_queue)
+                    log.info("connected to temporal at %s", self.settings.temporal_address)
+        return self._ingest
+
+    def authorized(self, key: str) -> bool:
+        given = key.encode()
+        matched = False
+        for expected in self.keys:  # no early exit: the time taken says nothing about the keys
+            matched |= hmac.compare_digest(given, expected)
+        return matched
+
+    async def track(self, call: TrackCall) -> Accepted:
+        ingest = await self.ingest()
+        message_id = call.message_id or str(uuid.uuid4())
+        event = Event(
+            name=call.event,
+            timestamp=call.timestamp or datetime.now(UTC),
+            properties=call.properties or {},
+            message_id=message_id,
+        )
+        try:
+            routed = await ingest.track(call.user_id, event)
+        except RPCError as exc:  # the router forgot the event, so the retry we ask for is routed
+            log.warning("track %s not routed (temporal: %s); asked the client to retry", message_id, exc)
+            raise _unavailable("Temporal did not accept the event") from exc
+        _log_track(call.user_id, event, routed)
+        return Accepted(type="track", message_id=message_id, **routed.to_dict())
+
+    def check_opt_outs(self, calls: Iterable[tuple[str, IdentifyCall]]) -> None:
+        """400 naming every opt-out fault in ``calls`` (each with where its traits are), before any
+        call is handled: a batch with one bad name changes nothing."""
+        detail = [e for where, call in calls for e in _opt_out_errors(call.traits, self.opt_out_names, where)]
+        if detail:
+            raise ApiError(400, "invalid_request", detail=detail)
+
+    async def identify(self, call: IdentifyCall) -> Accepted:
+        # Profiles live in the database only: identify works while Temporal is unreachable.
+        ingest = self._ingest or Ingest(self.project, self.db, None, self.settings.task_queue)
+        message_id = call.message_id or str(uuid.uuid4())
+        given = call.traits
+        traits = dict(given.model_extra or {}) if given is not None else {}
+        opted_out = None if given is None or given.opted_out is None else sorted(set(given.opted_out))
+        change = None if given is None else given.opt_out_change()
+        timestamp = call.timestamp or datetime.now(UTC)
+        fresh = await ingest.identify(
+            call.user_id,
+            traits,
+            message_id=message_id,
+            event=Event(name="identify", timestamp=timestamp, properties=traits, message_id=message_id),
+            # subscribe/unsubscribe apply to the locked row, so a concurrent change to other names
+            # (a STOP, a link) stays; they never come with opted_out (checked above).
+            opted_out=opted_out if change is None else change,
+        )
+        _log_identify(call.user_id, message_id, traits, given, duplicate=not fresh)
+        return Accepted(type="identify", message_id=message_id, duplicate=not fresh)
+
+    def database_ok(self) -> Check:
+        try:
+            with self.db.session() as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:  # reported, not raised: this is the health check
+            log.warning("database check failed: %s", exc)
+            return Check(ok=False, error=type(exc).__name__)
+        return Check(ok=True)
+
+    async def temporal_ok(self) -> Check:
+        try:
+            client = (await self.ingest()).client
+            assert client is not None  # ingest() connects before returning
+            serving = await client.service_client.check_health(timeout=timedelta(seconds=3))
+        except ApiError:
+            return Check(ok=False, error=f"unreachable at {self.settings.temporal_address}")
+        except (RuntimeError, RPCError) as exc:
+            return Check(ok=False, error=type(exc).__name__)
+        return Check(ok=True) if serving else Check(ok=False, error="not serving")
+
+
+def _log_track(user_id: str, event: Event, routed: Routed) -> None:
+    fields = {
+        "call": "track",
+        "user": mask_user_id(user_id),
+        "event": event.name,
+        "message_id": event.message_id,
+        "duplicate": routed.duplicate,
+        "triggered": len(routed.triggered),
+        "signalled": len(routed.signalled),
+        "skipped": len(routed.skipped),
+    }
+    log.info(" ".join(f"{k}={json.dumps(v)}" for k, v in fields.items()), extra={"nurture": fields})
+
+
+def _log_identify(
+    user_id: str,
+    message_id: str,
+    traits: Mapping[str, Any],
+    given: Traits | None,
+    *,
+    duplicate: bool,
+) -> None:
+    fields = {
+        "call": "identify",
+        "user": mask_user_id(user_id),
+        "message_id": message_id,
+        "duplicate": duplicate,
+        "traits": sorted(traits),  # names only: values may be addresses
+        # Channel and topic names only, never addresses.
+        "opted_out": None if given is None else given.opted_out,
+        "subscribe": None if given is None else given.subscribe,
+        "unsubscribe": None if given is None else given.unsubscribe,
+    }
+    log.info(" ".join(f"{k}={json.dumps(v)}" for k, v in fields.items()), extra={"nurture": fields})
+
+
+# Dependencies --------------------------------------------------------------------------------
+
+_basic = HTTPBasic(
+    auto_error=False,
+    realm="nurture",
+    description="The write key as user name, empty password (Segment style).",
+)
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <write key>`.")
+UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Basic realm="nurture"'}
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.nurture
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def authenticate(
+    service: ServiceDep,
+    basic: Annotated[HTTPBasicCredentials | None, Security(_basic)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> None:
+    """A configured write key, Basic (as the user name) or Bearer."""
+    key = basic.username if basic is not None else bearer.credentials if bearer is not None else None
+    if key is None:
+        raise ApiError(401, "unauthorized", "a write key is required", headers=UNAUTHORIZED_HEADERS)
+    if not service.authorized(key):
+        raise ApiError(401, "unauthorized", "the write key is not valid", headers=UNAUTHORIZED_HEADERS)
+
+
+def get_session(service: ServiceDep) -> Iterator[Session]:
+    with service.db.session() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or wrong write key."},
+}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    400: {
+        "model": ErrorBody,
+        "description": "Invalid call; `detail` names every field at fault. Nothing changed.",
+    },
+    413: {"model": ErrorBody, "description": "Body over 32 KB (500 KB for a batch)."},
+    503: {"model": ErrorBody, "description": "Temporal unreachable; retry with the same messageId."},
+}
+
+
+# Endpoints -----------------------------------------------------------------------------------
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+
+
+@v1.post("/track", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"])
+async def track(call: TrackCall, service: ServiceDep) -> Accepted:
+    """Record what a user did: starts journeys it triggers and reaches the user's active runs."""
+    return await service.track(call)
+
+
+@v1.post("/identify", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"])
+async def identify(call: IdentifyCall, service: ServiceDep) -> Accepted:
+    """Merge traits into a user's profile; the traits `opted_out` (replace), `unsubscribe` (add) and
+    `subscribe` (remove) change its channel and topic opt-outs."""
+    service.check_opt_outs([("traits", call)])
+    return await service.identify(call)
+
+
+@v1.post("/batch", response_model=BatchAccepted, responses=WRITE_ERRORS, tags=["events"])
+async def batch(call: BatchCall, service: ServiceDep) -> BatchAccepted:
+    """Several track and identify calls, handled in order (validated together: all or none)."""
+    service.check_opt_outs(
+        (f"batch[{index}].traits", item)
+        for index, item in enumerate(call.batch)
+        if isinstance(item, IdentifyCall)
+    )
+    results = []
+    for item in call.batch:
+        if isinstance(item, TrackCall):
+            results.append(await service.track(item))
+        else:
+            results.append(await service.identify(item))
+    return BatchAccepted(results=results)
+
+
+@v1.get("/users/{user_id:path}/runs", response_model=list[RunPublic], responses=ERRORS, tags=["users"])
+def user_runs(user_id: str, session: SessionDep) -> list[RunPublic]:
+    """The user's journey runs, oldest first."""
+    rows = session.exec(
+        select(RunRecord)
+        .where(col(RunRecord.user_id) == user_id)
+        .order_by(col(RunRecord.entered_at), col(RunRecord.run_id))
+    ).all()
+    return [RunPublic.model_validate(row, from_attributes=True) for row in rows]
+
+
+@v1.get(
+    "/users/{user_id:path}/messages", response_model=list[MessagePublic], responses=ERRORS, tags=["users"]
+)
+def user_messages(
+    user_id: str,
+    session: SessionDep,
+    content: Annotated[bool, Query(description="Include each rendered message.")] = False,
+) -> list[MessagePublic]:
+    """The user's send outcomes, oldest first."""
+    rows = session.exec(
+        select(MessageRecord)
+        .where(col(MessageRecord.user_id) == user_id)
+        .order_by(col(MessageRecord.created_at), col(MessageRecord.id))
+    ).all()
+    messages = [MessagePublic.model_validate(row, from_attributes=True) for row in rows]
+    if not content:
+        for message in messages:
+            message.content = None
+    return messages
+
+
+def audit_actor(
+    basic: Annotated[HTTPBasicCredentials | None, Security(_basic)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> str:
+    """Who to write in the audit log: a fingerprint of the write key the call was let in with."""
+    key = basic.username if basic is not None else bearer.credentials if bearer is not None else ""
+    return privacy.key_fingerprint(key)
+
+
+ActorDep = Annotated[str, Depends(audit_actor)]
+
+
+# Registered before the profile read: its ``{user_id:path}`` would take ``.../export`` as an id.
+@v1.get(
+    "/users/{user_id:path}/export",
+    response_model=UserExport,
+    responses=ERRORS,
+    tags=["privacy"],
+)
+async def export_user(user_id: str, service: ServiceDep, actor: ActorDep) -> UserExport:
+    """Everything held about the user, as JSON (a data subject access request).
+
+    The profile, every event and identify call, runs, routes, messages with their addresses and
+    rendered content, provider feedback, and the audit entries about this user id. A user with no
+    data gets empty lists and `profile: null`, not a 404. Each export is written to the audit log.
+    Temporal's run histories are not included (the database holds what they carry).
+    """
+    return await asyncio.to_thread(
+        privacy.export_user, service.db, user_id, actor=actor, secret=service.settings.secret
+    )
+
+
+@v1.delete(
+    "/users/{user_id:path}",
+    response_model=ForgetReport,
+    responses={
+        **ERRORS,
+        503: {
+            "model": ErrorBody,
+            "description": "The user has active runs and Temporal is unreachable; nothing changed: retry.",
+        },
+    },
+    tags=["privacy"],
+)
+async def forget_user(user_id: str, service: ServiceDep, actor: ActorDep) -> ForgetReport:
+    """Forget the user (right to erasure): end their runs and erase what is held about them.
+
+    Active runs get the workflow's `stop` signal and end with reason `forgotten` (runs that do not
+    end within 10 s are terminated), and their Temporal histories are deleted. Then, in one
+    transaction, the profile, events, routes and provider events about the user are deleted;
+    messages and runs are kept for counts only, without user id, address, subject, content,
+    workflow id or key. The request is written to the audit log under a hash of the user id.
+
+    Idempotent: forgetting an unknown or already forgotten user answers 200 with zero counts, so
+    a retried erasure request is safe. 503 when the user has active runs and Temporal cannot be
+    reached; nothing changed then, and the call can be retried.
+    """
+    try:
+        client = (await service.ingest()).client
+    except ApiError:
+        client = None  # enough for a user without active runs
+    try:
+        return await privacy.forget(
+            service.db, user_id, temporal=client, actor=actor, secret=service.settings.secret
+        )
+    except privacy.TemporalUnavailable as exc:
+        log.warning("forget refused, nothing changed: %s", exc)
+        raise ApiError(
+            503, "unavailable", f"{exc}; nothing was forgotten: retry the call", headers={"Retry-After": "5"}
+        ) from exc
+
+
+@v1.get(
+    "/users/{user_id:path}",
+    response_model=ProfilePublic,
+    responses={**ERRORS, 404: {"model": ErrorBody, "description": "No profile for this user."}},
+    tags=["users"],
+)
+def user_profile(user_id: str, session: SessionDep) -> ProfilePublic:
+    """The user's traits and opt-outs."""
+    row = session.get(ProfileRecord, user_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no profile for user {user_id!r} (identify the user first)")
+    return ProfilePublic.model_validate(row, from_attributes=True)
+
+
+@v1.get("/outbox", response_model=list[OutboxMessagePublic], responses=ERRORS, tags=["outbox"])
+def outbox(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500, description="How many messages.")] = 20,
+) -> list[OutboxMessagePublic]:
+    """The latest messages delivered to the built-in outbox, newest first, rendered."""
+    rows = session.exec(
+        select(MessageRecord)
+        .where(col(MessageRecord.provider) == "outbox")
+        .order_by(col(MessageRecord.created_at).desc(), col(MessageRecord.id).desc())
+        .limit(limit)
+    ).all()
+    return [OutboxMessagePublic.model_validate(row, from_attributes=True) for row in rows]
+
+
+meta = APIRouter()
+
+
+@meta.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The database or Temporal is unreachable."}},
+    tags=["health"],
+)
+async def healthz(service: ServiceDep) -> JSONResponse:
+    """Whether the database and Temporal are reachable (no write key needed)."""
+    database = await asyncio.to_thread(service.database_ok)
+    temporal = await service.temporal_ok()
+    health = Health(ok=database.ok and temporal.ok, database=database, temporal=temporal)
+    return JSONResponse(health.model_dump(), status_code=200 if health.ok else 503)
+
+
+# Errors --------------------------------------------------------------------------------------
+
+_SOURCES = ("body", "query", "path", "header", "cookie")
+_CALL_TAGS = ("track", "identify")
+_OBJECT_ERRORS = ("dict_type", "model_type", "model_attributes_type")
+
+
+def _field(loc: Sequence[str | int]) -> str:
+    """``('body', 'batch', 2, 'track', 'properties')`` as ``batch[2].properties``."""
+    parts = list(loc)
+    source = parts.pop(0) if parts and parts[0] in _SOURCES else "body"
+    path = ""
+    after_index = False
+    for part in parts:
+        if isinstance(part, int):
+            path += f"[{part}]"
+            after_index = True
+            continue
+        if after_index and part in _CALL_TAGS:  # the discriminator's tag, not a field
+            after_index = False
+            continue
+        path = f"{path}.{part}" if path else part
+        after_index = False
+    return path or str(source)
+
+
+def _message(error: Mapping[str, Any], field: str) -> str:
+    kind = error["type"]
+    name = field.rsplit(".", 1)[-1]
+    if kind == "missing":
+        if field == "body":
+            return "the body must be a JSON object"
+        if name == "userId":
+            return (
+                "userId is required: journeys run for known users, so calls with only an "
+                "anonymousId are not accepted"
+            )
+        if name == "event":
+            return "event is required for track"
+        return f"{name} is required"
+    if kind == "json_invalid":
+        return f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}"
+    if kind in _OBJECT_ERRORS:
+        if field == "body":
+            return "the body must be a JSON object sent as Content-Type: application/json"
+        return f"{name} must be a JSON object"
+    if kind == "call_type":
+        given = error.get("input", {}).get("type") if isinstance(error.get("input"), dict) else None
+        if given is None:
+            return 'type is required: "track" or "identify"'
+        return f'type {given!r} is not supported: a batch takes "track" and "identify" calls'
+    if kind == "literal_error":
+        return f"{error['msg']}, got {error.get('input')!r}"
+    return str(error["msg"])
+
+
+def _field_errors(errors: Sequence[Any]) -> list[dict[str, str]]:
+    detail = []
+    for error in errors:
+        loc = error["loc"]
+        if error["type"] == "json_invalid":
+            field = "body"
+        else:
+            field = _field(loc)
+            if error["type"] == "call_type":
+                field += ".type"
+        detail.append({"field": field, "message": _message(error, field)})
+    return detail
+
+
+def _error_response(
+    status: int,
+    error: str,
+    message: str | None = None,
+    detail: list[dict[str, str]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {"error": error}
+    if message is not None:
+        body["message"] = message
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    too_large = bool(errors) and all(e["type"] == "call_too_large" for e in errors)
+    return _error_response(
+        413 if too_large else 400,
+        "payload_too_large" if too_large else "invalid_request",
+        detail=_field_errors(errors),
+    )
+
+
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return _error_response(exc.status, exc.error, exc.message, exc.detail, exc.headers)
+
+
+_HTTP_ERRORS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    message = str(exc.detail)
+    if exc.status_code == 401:  # from HTTPBasic: a Basic header that is not base64 of "key:"
+        headers.update(UNAUTHORIZED_HEADERS)
+        message = 'the Authorization header is not valid Basic credentials (base64 of "<write key>:")'
+    return _error_response(
+        exc.status_code, _HTTP_ERRORS.get(exc.status_code, "http_error"), message, headers=headers
+    )
+
+
+class BodyLimit:
+    """413 for bodies over a path's limit, before any of it is parsed (Segment's limits)."""
+
+    def __init__(self, app: ASGIApp, limits: Mapping[str, int]) -> None:
+        self.app = app
+        self.limits = dict(limits)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.limits.get(scope["path"]) if scope["type"] == "http" else None
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, f"{declared} bytes", limit)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._refuse(scope, receive, send, f"over {limit} bytes", limit)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, size: str, limit: int) -> None:
+        response = _error_response(
+            413,
+            "payload_too_large",
+            detail=[
+                {
+                    "field": "body",
+                    "message": f"the body is {size}; {scope['path']} takes at most {limit} bytes ({limit // 1024} KB)",
+                }
+            ],
+        )
+        await response(scope, receive, send)
+
+
+# The application -----------------------------------------------------------------------------
+
+
+class NurtureAPI(FastAPI):
+    """FastAPI whose OpenAPI document shows the 400 answers it gives instead of FastAPI's 422."""
+
+    def openapi(self) -> dict[str, Any]:
+        schema = super().openapi()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+
+def create_app(
+    settings: Settings,
+    *,
+    project: Project | None = None,
+    db: Database | None = None,
+    client: Client | None = None,
+) -> FastAPI:
+    """The event API for ``settings``.
+
+    Refuses to build without write keys. Compiles the project, and opens and migrates the
+    database, unless given; without a ``client`` it connects to Temporal at start-up, or on the
+    first call that needs it when Temporal is not up yet.
+    """
+    keys = settings.require_write_keys()
+    if project is None:
+        project = load_project(settings.journeys, settings.templates, settings.config)
+    owns_db = db is None
+    if db is None:
+        db = Database(settings.database)
+        db.migrate()
+    service = Service(settings, project, db, keys, client)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if client is None:
+            try:
+                await service.ingest()
+            except ApiError:
+                log.warning("starting without Temporal; calls will connect when it is reachable")
+        yield
+        if owns_db:
+            service.db.dispose()
+
+    app = NurtureAPI(
+        title="Nurture event API",
+        version=version("nurture"),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.nurture = service
+    app.include_router(v1)
+    app.include_router(meta)
+    app.include_router(webhook_router(settings, db))
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_middleware(
+        BodyLimit,
+        limits={"/v1/track": CALL_LIMIT, "/v1/identify": CALL_LIMIT, "/v1/batch": BATCH_LIMIT, **WEBHOOK_LIMITS},
+    )
+    log.info("event API for %d journeys: %s", len(project.journeys), ", ".join(sorted(project.journeys)))
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """ASGI factory: ``uvicorn nurture.service.api:app_from_env --factory``."""
+    configure_logging()
+    return create_app(Settings.from_env())
+
+
+async def serve(
+    settings: Settings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    stop: asyncio.Event | None = None,
+    app: FastAPI | None = None,
+) -> None:
+    """Serve the API with uvicorn until interrupted (or until ``stop`` is set)."""
+    configure_logging()
+    config = uvicorn.Config(app or create_app(settings), host=host, port=port, log_config=None)
+    server = uvicorn.Server(config)
+
+    async def watch(event: asyncio.Event) -> None:
+        await event.wait()
+        server.should_exit = True
+
+    watcher = None if stop is None else asyncio.create_task(watch(stop))
+    try:
+        await server.serve()
+    finally:
+        if watcher is not None:
+            watcher.cancel()

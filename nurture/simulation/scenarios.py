@@ -1,0 +1,447 @@
+"""Scenario files: an event timeline and the outcomes it must produce, on any runtime.
+
+A runtime takes a :class:`Scenario` and returns the :class:`~nurture.simulation.simulator.Outcome` list;
+:func:`compare` matches it against the expectations (same-instant outcomes as a set, otherwise
+in order) and explains any difference as expected against actual.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from channels.outbox import Outbox
+from nurture.delivery.deliverer import Deliverer, for_every_channel
+from nurture.engine.model import Event
+from nurture.language.compiler import Project, _validation_diagnostics
+from nurture.language.diagnostics import CompileError, Diagnostic, did_you_mean
+from nurture.language.durations import UNITS, format_duration
+from nurture.language.source import SourceError, load_yaml
+
+from .simulator import Outcome, Simulator
+
+_OFFSET = re.compile(r"^(?:\d+[smhdw])+$")
+
+
+def parse_offset(value: Any) -> int:
+    """Seconds of an ``at`` offset: ``0s``, ``90m``, ``1d2h`` (0 allowed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = str(value).replace(" ", "")
+    if text == "0":
+        return 0
+    if not _OFFSET.match(text):
+        raise ValueError(f"'{value}' is not an offset: write e.g. 0s, 90m, 1d2h")
+    return sum(int(n) * UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", text))
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EventDoc(_Doc):
+    at: str | int
+    user: str | None = None
+    event: str | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+    identify: dict[str, Any] | None = None
+    message_id: str | None = None
+
+    @field_validator("at")
+    @classmethod
+    def _at(cls, value: str | int) -> str | int:
+        parse_offset(value)
+        return value
+
+
+class ExpectDoc(_Doc):
+    at: str | int
+    user: str | None = None
+    journey: str | None = None
+    send: Literal["email", "sms", "wechat"] | None = None
+    template: str | None = None
+    status: Literal["sent", "skipped", "failed"] | None = None
+    reason: str | None = None
+    variant: str | None = None
+    contains: str | None = None
+    exit: str | None = None
+
+    @field_validator("at")
+    @classmethod
+    def _at(cls, value: str | int) -> str | int:
+        parse_offset(value)
+        return value
+
+
+class ScenarioDoc(_Doc):
+    scenario: str
+    start: datetime
+    journeys: list[str] | None = None
+    users: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    events: list[EventDoc] = Field(default_factory=list)
+    expect: list[ExpectDoc] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Expectation:
+    at: int
+    user: str
+    journey: str
+    send: str | None = None
+    template: str | None = None
+    status: str | None = None
+    reason: str | None = None
+    variant: str | None = None
+    contains: str | None = None
+    exit: str | None = None
+    line: int = 0
+
+    def matches(self, actual: Observed) -> bool:
+        """Whether ``actual`` is this outcome; a field left out of the expectation matches anything."""
+        if self.at != actual.at or self.user != actual.user or self.journey != actual.journey:
+            return False
+        if self.exit is not None:
+            return actual.exit == self.exit
+        return (
+            actual.exit is None
+            and (self.send is None or self.send == actual.send)
+            and (self.template is None or self.template == actual.template)
+            and (self.status or "sent") == actual.status
+            and (self.reason is None or self.reason == actual.reason)
+            and (self.variant is None or self.variant == actual.variant)
+            and (self.contains is None or self.contains in actual.text)
+        )
+
+    def describe(self) -> str:
+        return _describe(
+            self.at,
+            self.user,
+            self.journey,
+            self.exit,
+            self.send,
+            self.template,
+            self.status or "sent",
+            self.reason,
+            self.variant,
+            self.contains,
+        )
+
+
+@dataclass(frozen=True)
+class Observed:
+    """An actual outcome in scenario terms (offset in whole seconds)."""
+
+    at: int
+    user: str
+    journey: str
+    send: str | None = None
+    template: str | None = None
+    status: str | None = None
+    reason: str | None = None
+    variant: str | None = None
+    text: str = ""
+    exit: str | None = None
+
+    def describe(self) -> str:
+        return _describe(
+            self.at,
+            self.user,
+            self.journey,
+            self.exit,
+            self.send,
+            self.template,
+            self.status or "sent",
+            self.reason,
+            self.variant,
+            None,
+        )
+
+
+def _describe(
+    at: int,
+    user: str,
+    journey: str,
+    exit: str | None,
+    send: str | None,
+    template: str | None,
+    status: str,
+    reason: str | None,
+    variant: str | None,
+    contains: str | None,
+) -> str:
+    """One expected or actual outcome as a line of a scenario report."""
+    head = f"{format_duration(at) if at else '0s':>8}  {user}  {journey}  "
+    if exit is not None:
+        return head + f"exit: {exit}"
+    text = f"send: {send} {template or ''}".rstrip()
+    if status != "sent":
+        text += f" {status}"
+    if reason:
+        text += f" ({reason})"
+    if variant:
+        text += f" [variant {variant}]"
+    if contains:
+        text += f" contains {contains!r}"
+    return head + text
+
+
+@dataclass(frozen=True)
+class Step:
+    """One scenario input: a track event or an identify, at an offset."""
+
+    at: int
+    user: str
+    event: Event | None = None
+    traits: dict[str, Any] | None = None
+    opted_out: frozenset[str] | None = None
+    """With identify: the channels the user is now opted out of (``None``: unchanged)."""
+
+
+@dataclass
+class Scenario:
+    """A loaded scenario file."""
+
+    name: str
+    path: str
+    start: datetime
+    journeys: list[str]
+    users: dict[str, dict[str, Any]]
+    opted_out: dict[str, list[str]]
+    events: list[Step]
+    expect: list[Expectation] = field(default_factory=list)
+
+    def instant(self, offset: int) -> datetime:
+        return self.start + timedelta(seconds=offset)
+
+
+def load_scenario(path: Path, project: Project) -> Scenario:
+    """Read and check a scenario file against the project; raises :class:`CompileError`."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data, smap = load_yaml(text, str(path))
+    except SourceError as exc:
+        raise CompileError(exc.diagnostics) from None
+    try:
+        doc = ScenarioDoc.model_validate(data)
+    except ValidationError as exc:
+        raise CompileError(_validation_diagnostics(exc, data, smap)) from None
+    problems: list[Diagnostic] = []
+    journeys = doc.journeys or sorted(project.journeys)
+    for index, name in enumerate(doc.journeys or []):
+        if name not in project.journeys:
+            problems.append(
+                smap.diagnostic(
+                    ("journeys", index), f"unknown journey '{name}'{did_you_mean(name, project.journeys)}"
+                )
+            )
+    start = doc.start if doc.start.tzinfo else doc.start.replace(tzinfo=UTC)
+    users: dict[str, dict[str, Any]] = {}
+    opted: dict[str, list[str]] = {}
+    for user_id, entry in doc.users.items():
+        traits = dict(entry)
+        out = traits.pop("opted_out", [])
+        users[user_id] = traits
+        opted[user_id] = list(out) if isinstance(out, list) else [str(out)]
+    only_user = next(iter(users)) if len(users) == 1 else None
+
+    def who(given: str | None, where: tuple[str | int, ...]) -> str:
+        if given is not None:
+            if given not in users:
+                problems.append(
+                    smap.diagnostic(
+                        where, f"unknown user '{given}'{did_you_mean(given, users)}; declare it under users:"
+                    )
+                )
+            return given
+        if only_user is None:
+            problems.append(smap.diagnostic(where, "user is required when the scenario has several users"))
+            return ""
+        return only_user
+
+    events: list[Step] = []
+    for index, item in enumerate(doc.events):
+        offset = parse_offset(item.at)
+        user = who(item.user, ("events", index))
+        if (item.event is None) == (item.identify is None):
+            problems.append(smap.diagnostic(("events", index), "an event has either event: or identify:"))
+            continue
+        if item.event is not None:
+            message_id = item.message_id or f"{path.stem}-{index}"
+            event = Event(item.event, start + timedelta(seconds=offset), item.properties, message_id)
+            events.append(Step(offset, user, event=event))
+        else:
+            traits = dict(item.identify or {})
+            channels = traits.pop("opted_out", None)
+            events.append(
+                Step(offset, user, traits=traits, opted_out=None if channels is None else frozenset(channels))
+            )
+    expectations: list[Expectation] = []
+    last = -1
+    for index, want in enumerate(doc.expect):
+        offset = parse_offset(want.at)
+        if offset < last:
+            problems.append(
+                smap.diagnostic(("expect", index, "at"), "expectations must be listed in time order")
+            )
+        last = offset
+        journey = want.journey
+        if journey is None:
+            if len(journeys) != 1:
+                problems.append(
+                    smap.diagnostic(
+                        ("expect", index), "journey is required when the scenario has several journeys"
+                    )
+                )
+            journey = journeys[0] if journeys else ""
+        elif journey not in project.journeys:
+            problems.append(
+                smap.diagnostic(
+                    ("expect", index, "journey"),
+                    f"unknown journey '{journey}'{did_you_mean(journey, project.journeys)}",
+                )
+            )
+        if (want.exit is None) == (want.send is None):
+            problems.append(smap.diagnostic(("expect", index), "an expectation has either send: or exit:"))
+        expectations.append(
+            Expectation(
+                at=offset,
+                user=who(want.user, ("expect", index)),
+                journey=journey,
+                send=want.send,
+                template=want.template,
+                status=want.status,
+                reason=want.reason,
+                variant=want.variant,
+                contains=want.contains,
+                exit=want.exit,
+                line=smap.value(("expect", index)).line,
+            )
+        )
+    if problems:
+        raise CompileError(problems)
+    return Scenario(doc.scenario, str(path), start, journeys, users, opted, events, expectations)
+
+
+def observe(scenario: Scenario, outcomes: Sequence[Outcome]) -> list[Observed]:
+    """Actual outcomes as offsets from the scenario start, rounded to whole seconds."""
+    out = []
+    start = scenario.start
+    for item in outcomes:
+        at = round((item.at - start).total_seconds())
+        s = item.send
+        if s is not None:
+            out.append(
+                Observed(
+                    at, item.user, item.journey, s.channel, s.template, s.status, s.reason, s.variant, s.text
+                )
+            )
+        else:
+            out.append(Observed(at, item.user, item.journey, exit=item.exit))
+    out.sort(key=_offset)
+    return out
+
+
+_offset = operator.attrgetter("at")
+
+
+@dataclass
+class Verdict:
+    scenario: Scenario
+    actual: list[Observed]
+    missing: list[Expectation]
+    extra: list[Observed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.missing and not self.extra
+
+    def report(self) -> str:
+        """Expected against actual, with the differences marked."""
+        lines = [f"expected ({len(self.scenario.expect)}):"]
+        missing = {id(m) for m in self.missing}
+        for want in self.scenario.expect:
+            mark = "-" if id(want) in missing else " "
+            lines.append(f"  {mark} {want.describe()}")
+        lines.append(f"actual ({len(self.actual)}):")
+        extra = {id(e) for e in self.extra}
+        for got in self.actual:
+            mark = "+" if id(got) in extra else " "
+            lines.append(f"  {mark} {got.describe()}")
+        lines.append("  (- expected but missing, + happened but not expected)")
+        return "\n".join(lines)
+
+
+def compare(scenario: Scenario, outcomes: Sequence[Outcome]) -> Verdict:
+    """Match expectations to outcomes: as a set per instant, in time order across instants."""
+    actual = observe(scenario, outcomes)
+    unmatched = list(actual)
+    missing = []
+    for want in scenario.expect:
+        found = next((got for got in unmatched if want.matches(got)), None)
+        if found is None:
+            missing.append(want)
+        else:
+            unmatched.remove(found)
+    return Verdict(scenario, actual, missing, unmatched)
+
+
+class Runtime(Protocol):
+    """Something that can play a scenario and report its outcomes."""
+
+    name: str
+
+    async def play(self, scenario: Scenario, project: Project) -> list[Outcome]: ...
+
+
+def build_simulator(
+    scenario: Scenario, project: Project, deliverer: Deliverer, *, timeline: bool = True
+) -> Simulator:
+    """A simulator loaded with the scenario's users and events (``timeline``: see Simulator)."""
+    sim = Simulator(project.select(scenario.journeys), deliverer, scenario.start, timeline=timeline)
+    for user_id, traits in scenario.users.items():
+        sim.add_user(user_id, traits, scenario.opted_out.get(user_id, ()))
+    for step in scenario.events:
+        when = scenario.instant(step.at)
+        if step.event is not None:
+            sim.track(when, step.user, step.event)
+        else:
+            sim.identify(when, step.user, step.traits or {}, step.opted_out)
+    return sim
+
+
+class SimRuntime:
+    """The in-process simulator as a scenario runtime.
+
+    ``render=False`` is the outcome-only mode (see :class:`~nurture.delivery.deliverer.Deliverer`): the
+    same outcomes without rendering or delivering, so they carry no text for ``contains``.
+    """
+
+    def __init__(self, *, render: bool = True) -> None:
+        self.render = render
+        self.name = "sim" if render else "sim (outcomes only)"
+
+    async def play(self, scenario: Scenario, project: Project) -> list[Outcome]:
+        # A fresh outbox per scenario: its de-duplication by run and step must not span scenarios.
+        channels = for_every_channel(Outbox()) if self.render else {}
+        deliverer = Deliverer(project.templates, channels, render=self.render)
+        sim = build_simulator(scenario, project, deliverer, timeline=False)
+        await sim.run()
+        return sim.outcomes
+
+
+def scenario_files(paths: Sequence[Path]) -> list[Path]:
+    """Scenario files under the given files and directories, sorted."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*.y*ml") if p.suffix in (".yaml", ".yml")))
+        else:
+            found.append(path)
+    return found

@@ -1,0 +1,262 @@
+"""The in-process runtime: journeys on a virtual clock, for previews, scenarios and benchmarks.
+
+It routes events exactly as the service does (an event reaches the user's active runs first,
+then may start or restart runs) and answers the interpreter's commands from memory. Nothing
+sleeps: a heap of due instants is popped in order. At one instant, events come before timers,
+so a goal arriving exactly when a wait ends wins over the send that would follow.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from nurture.delivery.deliverer import Deliverer, MemoryHistory, MemoryProfiles
+from nurture.engine.interpreter import (
+    AwaitEvent,
+    Command,
+    Deliver,
+    Ended,
+    ReadProfile,
+    Run,
+    Sleep,
+    WriteTraits,
+    entry_decision,
+    run_key,
+    trigger_matches,
+)
+from nurture.engine.model import Event, SendOutcome
+from nurture.language import ir
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A send outcome or a run end: what scenarios assert."""
+
+    at: datetime
+    user: str
+    journey: str
+    run_id: str
+    send: SendOutcome | None = None
+    exit: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One line of a simulated timeline, outcomes and everything in between."""
+
+    at: datetime
+    user: str
+    journey: str
+    step: str
+    what: str
+    detail: str = ""
+
+
+_EVENT, _TIMER = 0, 1
+
+
+@dataclass
+class _Live:
+    run: Run
+    token: int = 0
+
+
+@dataclass
+class Simulator:
+    """Runs journeys for many users against scheduled events on a virtual clock."""
+
+    journeys: list[ir.Journey]
+    """The journeys that events can start, fixed when the simulator is made."""
+    deliverer: Deliverer
+    start: datetime
+    profiles: MemoryProfiles = field(default_factory=MemoryProfiles)
+    timeline: bool = True
+    """Record :attr:`entries`, the step-by-step timeline; outcomes are recorded either way."""
+    now: datetime = field(init=False)
+    outcomes: list[Outcome] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    conversions: list[tuple[datetime, str, str, str | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.now = self.start
+        # Caps count this simulation's own sends; opt-outs providers report land in its profiles.
+        if self.deliverer.history is None:
+            self.deliverer.history = MemoryHistory()
+        if self.deliverer.profiles is None:
+            self.deliverer.profiles = self.profiles
+        self._queue: list[tuple[datetime, int, int, Any]] = []
+        self._seq = itertools.count()
+        self._active: dict[tuple[str, str, str], _Live] = {}
+        self._by_user: dict[str, list[_Live]] = {}
+        self._history: dict[tuple[str, str, str], int] = {}
+        self._triggered_by: dict[str, list[ir.Journey]] = {}
+        """Journeys by trigger event name, in declared order: most events start nothing."""
+        for journey in self.journeys:
+            self._triggered_by.setdefault(journey.trigger.event, []).append(journey)
+
+    # scheduling input
+
+    def add_user(self, user_id: str, traits: Mapping[str, Any], opted_out: Iterable[str] = ()) -> None:
+        self.profiles.update_now(user_id, traits, frozenset(opted_out))
+
+    def track(self, at: datetime, user_id: str, event: Event) -> None:
+        heapq.heappush(self._queue, (at, _EVENT, next(self._seq), ("track", user_id, event)))
+
+    def identify(
+        self, at: datetime, user_id: str, traits: Mapping[str, Any], opted_out: Iterable[str] | None = None
+    ) -> None:
+        payload = ("identify", user_id, dict(traits), None if opted_out is None else frozenset(opted_out))
+        heapq.heappush(self._queue, (at, _EVENT, next(self._seq), payload))
+
+    # running
+
+    async def run(self, until: datetime | None = None) -> None:
+        """Process everything due, in order, until the queue is empty (or ``until``)."""
+        while self._queue:
+            at, _, _, item = self._queue[0]
+            if until is not None and at > until:
+                break
+            heapq.heappop(self._queue)
+            self.now = max(self.now, at)
+            if item[0] == "track":
+                await self._on_track(item[1], item[2])
+            elif item[0] == "identify":
+                self.profiles.update_now(item[1], item[2], item[3])
+                if self.timeline:
+                    changes = [f"{k}={v}" for k, v in item[2].items()]
+                    if item[3] is not None:
+                        changes.append(f"opted_out=[{', '.join(sorted(item[3]))}]")
+                    self._note(item[1], "", "", "identify", ", ".join(changes))
+            else:
+                live, token = item[1], item[2]
+                if live.token == token and live.run.ended is None:
+                    await self._drive(live, live.run.resume(None, self.now))
+
+    async def _on_track(self, user_id: str, event: Event) -> None:
+        if self.timeline:
+            self._note(user_id, "", "", "event", event.name)
+        for live in list(self._by_user.get(user_id, ())):
+            run = live.run
+            fresh = self.profiles.get_now(user_id).traits if run.event_reads_profile(event) else None
+            effect = run.on_event(event, self.now, fresh)
+            if effect.converted:
+                self.conversions.append((self.now, user_id, run.journey.id, run.current_variant))
+                if self.timeline:
+                    self._note(user_id, run.journey.id, "goal", "converted", event.name)
+            if effect.end is not None:
+                self._finish(live, run.end(effect.end, self.now))
+            elif effect.resume:
+                live.token += 1
+                await self._drive(live, run.resume(event, self.now))
+        for journey in self._triggered_by.get(event.name, ()):
+            traits = self.profiles.get_now(user_id).traits
+            if not trigger_matches(journey, event, traits, user_id):
+                continue
+            key = run_key(journey, event, traits, user_id)
+            slot = (journey.id, user_id, key)
+            current = self._active.get(slot)
+            decision = entry_decision(journey, active=current is not None, ran_before=slot in self._history)
+            if decision == "ignore":
+                if self.timeline:
+                    self._note(user_id, journey.id, "", "not entered", f"re_entry {journey.re_entry}")
+                continue
+            if decision == "restart" and current is not None:
+                self._finish(current, current.run.end("restarted", self.now))
+            await self._enter(journey, user_id, key, event)
+
+    async def _enter(self, journey: ir.Journey, user_id: str, key: str, event: Event) -> None:
+        slot = (journey.id, user_id, key)
+        number = self._history.get(slot, 0) + 1
+        self._history[slot] = number
+        run_id = f"{journey.id}:{user_id}:{key}:{number}"
+        live = _Live(Run(journey, run_id=run_id, user_id=user_id, key=key, event=event, entered_at=self.now))
+        self._active[slot] = live
+        self._by_user.setdefault(user_id, []).append(live)
+        if self.timeline:
+            self._note(user_id, journey.id, "", "entered", f"key={key}" if key else "")
+        await self._drive(live, live.run.start())
+
+    async def _drive(self, live: _Live, command: Command | Ended) -> None:
+        run = live.run
+        while True:
+            if isinstance(command, Deliver):
+                profile = self.profiles.get_now(run.user_id)
+                result = await self.deliverer.send(command.request, profile, self.now)
+                if result.outcome is not None:
+                    self._record_send(run, result.outcome)
+                command = run.resume(result, self.now)
+            elif isinstance(command, Ended):
+                self._finish(live, command)
+                return
+            elif isinstance(command, ReadProfile):
+                command = run.resume(self.profiles.get_now(run.user_id).traits, self.now)
+            elif isinstance(command, WriteTraits):
+                self.profiles.update_now(run.user_id, command.traits)
+                if self.timeline:
+                    detail = ", ".join(f"{k}={v}" for k, v in command.traits.items())
+                    self._note(run.user_id, run.journey.id, command.step_id, "update", detail)
+                command = run.resume(None, self.now)
+            elif isinstance(command, Sleep):
+                self._schedule(live, command.until)
+                if self.timeline:
+                    held = command.reason in ("quiet_hours", "frequency_cap")
+                    verb = "deferred" if held else "waiting"
+                    until = f"until {self._local(command.until)}"
+                    if held:
+                        until += f" ({command.reason.replace('_', ' ')})"
+                    self._note(run.user_id, run.journey.id, command.step_id, verb, until)
+                return
+            else:
+                assert isinstance(command, AwaitEvent)
+                self._schedule(live, command.until)
+                if self.timeline:
+                    detail = f"{command.event} until {self._local(command.until)}"
+                    self._note(run.user_id, run.journey.id, command.step_id, "waiting for", detail)
+                return
+
+    def _local(self, instant: datetime) -> str:
+        """An instant in the simulation's own zone (its start's offset), for timelines."""
+        return instant.astimezone(self.start.tzinfo).strftime("%a %m-%d %H:%M")
+
+    def _schedule(self, live: _Live, until: datetime) -> None:
+        live.token += 1
+        heapq.heappush(self._queue, (until, _TIMER, next(self._seq), ("timer", live, live.token)))
+
+    def _record_send(self, run: Run, outcome: SendOutcome) -> None:
+        self.outcomes.append(Outcome(self.now, run.user_id, run.journey.id, run.run_id, send=outcome))
+        if not self.timeline:
+            return
+        what: Literal["sent", "skipped", "failed"] = outcome.status
+        detail = f"{outcome.channel} {outcome.template}"
+        if outcome.reason:
+            detail += f" ({outcome.reason})"
+        if outcome.variant:
+            detail += f" [variant {outcome.variant}]"
+        if outcome.preview:
+            detail += f": {outcome.preview}"
+        self._note(run.user_id, run.journey.id, outcome.step_id, what, detail)
+
+    def _finish(self, live: _Live, ended: Ended) -> None:
+        run = live.run
+        slot = (run.journey.id, run.user_id, run.key)
+        if self._active.get(slot) is live:
+            del self._active[slot]
+        runs = self._by_user.get(run.user_id, [])
+        if live in runs:
+            runs.remove(live)
+        live.token += 1
+        self.outcomes.append(Outcome(self.now, run.user_id, run.journey.id, run.run_id, exit=ended.reason))
+        if self.timeline:
+            self._note(run.user_id, run.journey.id, "", "ended", ended.reason)
+
+    def _note(self, user: str, journey: str, step: str, what: str, detail: str = "") -> None:
+        self.entries.append(Entry(self.now, user, journey, step, what, detail))
+
+    @property
+    def active_runs(self) -> int:
+        return len(self._active)
