@@ -830,6 +830,29 @@ def test_update_reading_user_reads_the_profile_first(templates: TemplateStore) -
     assert run.resume({"orders": 4}, T0) == WriteTraits("s1", {"orders": 5})
 
 
+def test_an_update_value_that_clashes_with_the_data_is_stored_empty_and_the_run_goes_on(
+    templates: TemplateStore,
+) -> None:
+    journey = compile_journey(
+        templates,
+        """
+        journey: clash
+        trigger: {event: Order Completed}
+        steps:
+          - update:
+              next: "{{ user.name + 1 }}"
+              label: "n-{{ event.properties.n / 0 }}"
+              kept: "{{ event.properties.n }}"
+          - wait: 1h
+        """,
+    )
+    run = new_run(journey, trigger=event("Order Completed", n=3))
+
+    assert run.start() == ReadProfile()
+    assert run.resume({"name": "Li"}, T0) == WriteTraits("s1", {"next": None, "label": None, "kept": 3})
+    assert isinstance(run.resume(None, T0), Sleep)
+
+
 # --- ends ----------------------------------------------------------------------------------------
 
 

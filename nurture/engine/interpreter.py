@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from nurture.language import ir
-from nurture.language.evaluation import MISSING, Expr, evaluate, is_true
+from nurture.language.evaluation import MISSING, Expr, is_true, value_of
 
 from .clock import format_instant, next_local_time, zone
 from .model import Event, SendRequest, SendResult
@@ -100,7 +100,7 @@ def run_key(journey: ir.Journey, event: Event, traits: Mapping[str, Any], user_i
     if journey.key is None:
         return ""
     scope = {"user": user_scope(user_id, traits), "event": event.scope(), "last_event": MISSING, "journey": {"id": journey.id}}
-    value = evaluate(journey.key, scope)
+    value = value_of(journey.key, scope)
     return "" if value is MISSING or value is None else str(value)
 
 
@@ -315,7 +315,7 @@ class Run:
         elif isinstance(step, ir.Update):
             needs = any(t.value.reads_user for t in step.traits)
             scope = self._scope(((yield ReadProfile()) or {}) if needs else {})
-            values = {t.name: _plain(evaluate(t.value, scope)) for t in step.traits}
+            values = {t.name: _plain(value_of(t.value, scope)) for t in step.traits}
             yield WriteTraits(step.id, values)
         elif isinstance(step, ir.Exit):
             return step.reason

@@ -71,14 +71,27 @@ def evaluate(expr: Expr | Any, scope: Mapping[str, Any]) -> Any:
     return _eval(tree, scope)
 
 
+# What data of the wrong type raises at run time (text plus a number, a division by zero): the
+# journey compiled, so the data is at fault, and a run must not stop over it.
+_CLASHES = (TypeError, ValueError, ZeroDivisionError, OverflowError)
+
+
 def is_true(expr: Expr | None, scope: Mapping[str, Any]) -> bool:
     """A condition's truth; a missing condition is true; a runtime type clash is false."""
     if expr is None:
         return True
     try:
         return bool(evaluate(expr, scope))
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+    except _CLASHES:
         return False
+
+
+def value_of(expr: Expr, scope: Mapping[str, Any]) -> Any:
+    """A value's expression (``update``, ``key``); a runtime type clash is :data:`MISSING`."""
+    try:
+        return evaluate(expr, scope)
+    except _CLASHES:
+        return MISSING
 
 
 def _get(container: Any, key: Any) -> Any:
