@@ -1,0 +1,2 @@
+"""Results: what each journey achieved (entries, step reach, messages, conversions, experiments),
+counted from the database, with the statistics of its experiments."""
