@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nurture.language import templates
+from nurture.language import ir, templates
+from nurture.language.compiler import Project
 from nurture.language.templates import RenderedMessage, TemplateError, TemplateStore
 
 WELCOME = """\
@@ -886,3 +888,50 @@ def test_text_alternative_keeps_the_break_after_a_block_tag() -> None:
     }
     message = store.render("email", "cart_reminder", context)
     assert "waiting for you.\nCart total: USD 99." in (message.text or "")
+
+
+# The project's own marketing emails
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        href = dict(attrs).get("href") or ""
+        if tag == "a" and href.startswith(("http://", "https://")):
+            self.hrefs.append(href)
+
+
+def _marketing_emails(project: Project) -> list[tuple[str, str | None]]:
+    """(template, locale) of every email a marketing send of the project may render."""
+    found: set[tuple[str, str | None]] = set()
+    for journey in project.journeys.values():
+        for step in ir.walk(journey.steps):
+            if not isinstance(step, ir.Send) or step.category != "marketing":
+                continue
+            if "email" in (step.channels or journey.policy.channel_order):
+                for locale in [None, *project.templates.locales("email", step.template)]:
+                    found.add((step.template, locale))
+    return sorted(found, key=lambda item: (item[0], item[1] or ""))
+
+
+def test_the_text_part_of_every_marketing_email_carries_every_link(project: Project) -> None:
+    unsubscribe = "https://n.example/u/tok-u1-email"
+    context = {
+        **CONTEXT,
+        "user": {"id": "u1", "first_name": "Li", "email": "li@example.com"},
+        "event": {"name": "Order Completed", "properties": {"order_id": "O-9", "course_id": "c-1"}},
+        "unsubscribe_url": unsubscribe,
+    }
+    emails = _marketing_emails(project)
+    assert len(emails) >= 8
+    for name, locale in emails:
+        message = project.templates.render("email", name, context, locale=locale)
+        assert message.locale == locale
+        parser = _Links()
+        parser.feed(message.html or "")
+        assert unsubscribe in parser.hrefs, f"{name} ({locale}): no unsubscribe link in the HTML"
+        for href in parser.hrefs:
+            assert href in (message.text or ""), f"{name} ({locale}): the text part lacks {href}"

@@ -1048,7 +1048,8 @@ def _mjml_to_html(body: str) -> _Markup:
                 code.start,
             )
     copied = tuple(code for index, code in enumerate(protected.codes) if found[index] > 1)
-    return _Markup(protected.restore(compiled), protected.restore(html_to_text(compiled)), copied)
+    text = protected.restore(html_to_text(compiled, jinja=protected.pattern))
+    return _Markup(protected.restore(compiled), text, copied)
 
 
 def _mrml_error(protected: _Protected, message: str) -> _MjmlError:
@@ -1085,11 +1086,12 @@ class _TextExtractor(HTMLParser):
         | {f"h{n}" for n in range(1, 7)}
     )
 
-    def __init__(self) -> None:
+    def __init__(self, jinja: re.Pattern[str] | None = None) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._skipping = 0
         self._links: list[tuple[str | None, int]] = []
+        self._jinja = jinja
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in self._SKIP:
@@ -1117,18 +1119,46 @@ class _TextExtractor(HTMLParser):
             self.parts.append("\n")
         elif tag == "a" and self._links:
             href, start = self._links.pop()
-            label = " ".join("".join(self.parts[start:]).split())
-            if href and href.startswith(("http://", "https://")) and href != label:
-                self.parts.append(f" ({href})" if label else f" {href} ")
+            if href and self._jinja is not None and self._jinja.search(href):
+                # The address is known only once rendered ({{ unsubscribe_url }}), so the text
+                # template decides then, by the same rule, whether and how the link is shown.
+                self.parts.insert(start, "{% set nurture_label %}")
+                self.parts.append(
+                    f"{{% endset %}}{{% filter nurture_link(nurture_label) %}}{href}{{% endfilter %}}"
+                )
+                return
+            self.parts.append(_link_suffix("".join(self.parts[start:]), href))
 
     def handle_data(self, data: str) -> None:
         if not self._skipping:
             self.parts.append(data)
 
 
-def html_to_text(markup: str) -> str:
-    """A plain-text alternative for an HTML email."""
-    parser = _TextExtractor()
+def _link_suffix(label: str, href: str | None) -> str:
+    """What follows a link's label in text: its address in brackets, unless the label is the
+    address or the address is not a web link (mailto:, an empty ``{{ unsubscribe_url }}``)."""
+    label = " ".join(label.split())
+    href = (href or "").strip()
+    if not href.startswith(("http://", "https://")) or href == label:
+        return ""
+    return f" ({href})" if label else f" {href} "
+
+
+def _rendered_link(href: str, label: str) -> str:
+    """The ``nurture_link`` filter: a link of the text alternative once its address is rendered."""
+    return label + _link_suffix(label, href)
+
+
+_TEXT_ALT_ENV.filters["nurture_link"] = _rendered_link
+
+
+def html_to_text(markup: str, *, jinja: re.Pattern[str] | None = None) -> str:
+    """A plain-text alternative for an HTML email.
+
+    ``jinja`` matches the placeholders of Jinja code still in ``markup``; a link whose address
+    holds one is written as Jinja that applies the link rule to the rendered address.
+    """
+    parser = _TextExtractor(jinja)
     parser.feed(markup)
     parser.close()
     return _tidy("".join(parser.parts))
