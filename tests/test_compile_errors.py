@@ -566,6 +566,36 @@ CASES = [
         "needed for the sms fallback",
     ),
     Case(
+        "template-written-as-a-file-path",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        steps:
+          - send: email
+            template: email/welcome.mjml
+        """,
+        6,
+        15,
+        "'email/welcome.mjml' is not a template name: write 'template: welcome'",
+        key="steps[0].template",
+    ),
+    Case(
+        "template-written-as-a-locale-file",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        steps:
+          - send: sms
+            template: templates/sms/coupon.zh-CN.txt
+            fallback: [wechat]
+        """,
+        6,
+        15,
+        "is not a template name: write 'template: coupon'",
+    ),
+    Case(
         "fallback-repeats-a-channel",
         """\
         journey: welcome

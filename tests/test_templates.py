@@ -453,7 +453,41 @@ CHECK_CASES: list[tuple[str, str, str, list[tuple[int, int, str]]]] = [
         "email: Jinja syntax error in body",
         "email/t.mjml",
         mjml("<mj-text>a</mj-text>\n  <mj-text>{% if user.vip %}VIP</mj-text>"),
-        [(9, 12, "Jinja syntax error: Unexpected end of template")],
+        [(9, 12, "Jinja syntax error: this {% if %} is never closed: add {% endif %} where it ends")],
+    ),
+    (
+        "email: an unclosed block is reported where it opened, not at the end of the file",
+        "email/t.mjml",
+        mjml(
+            "<mj-text>{% for c in user.courses %}{% if c %}{{ c }}{% endif %}{% endfor %}</mj-text>\n"
+            "<mj-text>Hi {% if user.vip %}VIP {% for i in range(3) %}*{% endfor %}</mj-text>\n"
+            + "<mj-text>more</mj-text>\n" * 20
+        ),
+        [(9, 13, "Jinja syntax error: this {% if %} is never closed: add {% endif %}")],
+    ),
+    (
+        "email: unknown filter, did you mean",
+        "email/t.mjml",
+        mjml("<mj-text>Hi {{ user.first_name | defualt('there') }}</mj-text>"),
+        [(8, 34, "unknown filter 'defualt' (did you mean 'default'?)")],
+    ),
+    (
+        "email: unknown filter in the subject and unknown names after it",
+        "email/t.mjml",
+        mjml("<mj-text>{{ usr.first_name }}</mj-text>", subject='"{{ user.first_name|glitter }}!"'),
+        [
+            (2, 30, "unknown filter 'glitter'; filters: abs, attr, batch, capitalize"),
+            (8, 13, "unknown name 'usr' (did you mean 'user'?)"),
+        ],
+    ),
+    (
+        "sms: unknown test and filter block",
+        "sms/t.txt",
+        "{% if user.vip is definedd %}VIP{% endif %}\n{% filter uper %}hi{% endfilter %}\n",
+        [
+            (1, 19, "unknown test 'definedd' (did you mean 'defined'?)"),
+            (2, 11, "unknown filter 'uper' (did you mean 'upper'?)"),
+        ],
     ),
     (
         "email: unknown name in body",
@@ -607,6 +641,18 @@ CHECK_CASES: list[tuple[str, str, str, list[tuple[int, int, str]]]] = [
         ],
     ),
 ]
+
+
+def test_a_jinja_syntax_error_is_not_reported_again_as_invalid_mjml(root: Path, store: TemplateStore) -> None:
+    welcome = (Path(__file__).resolve().parents[1] / "templates" / "email" / "welcome.mjml").read_text()
+    broken = welcome.replace('uid={{ user.id }}">Start', 'uid={{ user.id }">Start')
+    assert broken != welcome
+    write(root, "email/welcome.mjml", broken)
+    line = broken[: broken.index('{{ user.id }">')].count("\n") + 1
+
+    found = [(d.line, d.message) for d in store.check("email", "welcome")]
+
+    assert found == [(line, "Jinja syntax error: unexpected '}'")]
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ from .expressions import compile_expression, compile_value
 from .providers import PROVIDER_DOCS, ProvidersDoc
 from .source import Path as KeyPath
 from .source import SourceError, SourceMap, load_yaml
-from .templates import TemplateStore
+from .templates import TemplateStore, name_in_path, valid_name
 
 _STEP_LISTS = frozenset({"steps", "then", "else", "branch"})
 
@@ -354,6 +354,19 @@ def _check_send(
         )
         return
     if not isinstance(name, str) or not name:
+        return
+    if not valid_name(name):
+        # One name serves every channel the send may use, so a path to one channel's file is
+        # not accepted as if it were the name: the marketer is told the name to write.
+        meant = name_in_path(name)
+        fix = f"write 'template: {meant}'" if valid_name(meant) else "use letters, digits, '-' and '_' only"
+        sink.add(
+            smap.diagnostic(
+                step_path + ("template",),
+                f"'{name}' is not a template name: {fix} (the name without folder, locale or "
+                f"extension; each channel reads its own file, e.g. {templates.path('email', meant or 'name')})",
+            )
+        )
         return
     auto = primary == "auto"
     channels = order if auto else [primary, *fallback]
