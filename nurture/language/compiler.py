@@ -510,7 +510,7 @@ def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) ->
         value = error.get("input")
         ctx = error.get("ctx") or {}
         parent = loc[:-1]
-        report_path, use_key, column_shift = loc, at_key, 0
+        report_path, use_key, column_shift = loc, at_key, None
         if kind == "missing":
             report_path = parent
             message = f"'{loc[-1]}' is required" + _missing_hint(str(loc[-1]))
@@ -549,18 +549,32 @@ def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) ->
         else:
             message = str(error["msg"])
             if kind == "expression":
-                column_shift = int(ctx.get("column", 1)) - 1
+                column = int(ctx.get("column", 0))
+                column_shift = column - 1 if column > 0 else None
         if (report_path, message) in seen:
             continue
         seen.add((report_path, message))
         diagnostic = smap.diagnostic(report_path, message, at_key=use_key)
-        if column_shift:
-            lines = smap.text.splitlines()
-            line = lines[diagnostic.line - 1] if 0 < diagnostic.line <= len(lines) else ""
-            quoted = line[diagnostic.column - 1 : diagnostic.column] in ("'", '"')
-            diagnostic = dataclasses.replace(diagnostic, column=diagnostic.column + column_shift + quoted)
+        if column_shift is not None:
+            diagnostic = dataclasses.replace(diagnostic, column=_column_in_value(smap, diagnostic, value, column_shift))
         out.append(diagnostic)
     return out
+
+
+def _column_in_value(smap: SourceMap, diagnostic: Diagnostic, value: Any, shift: int) -> int:
+    """The file column ``shift`` characters into the text value the diagnostic points at.
+
+    Exact for a value written on one line, quoted or not; where the file spells the value
+    differently (escapes, a block scalar over several lines) the value's start is kept.
+    """
+    lines = smap.text.splitlines()
+    line = lines[diagnostic.line - 1] if 0 < diagnostic.line <= len(lines) else ""
+    start = diagnostic.column - 1
+    if line[start : start + 1] in ("'", '"'):
+        start += 1
+    if isinstance(value, str) and line[start : start + shift] == value[:shift]:
+        return start + shift + 1
+    return diagnostic.column
 
 
 def _missing_hint(name: str) -> str:
