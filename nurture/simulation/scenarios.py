@@ -104,16 +104,19 @@ class Expectation:
     line: int = 0
 
     def matches(self, actual: Observed) -> bool:
-        """Whether ``actual`` is this outcome; a field left out of the expectation matches anything."""
-        if self.at != actual.at or self.user != actual.user or self.journey != actual.journey:
-            return False
-        if self.exit is not None:
-            return actual.exit == self.exit
+        """Whether ``actual`` is this outcome; a field left out of the expectation matches anything.
+
+        Every field is compared whatever the kind of outcome, so a field that cannot hold for
+        it (a variant on a run's end) fails instead of passing unchecked.
+        """
         return (
-            actual.exit is None
+            self.at == actual.at
+            and self.user == actual.user
+            and self.journey == actual.journey
+            and self.exit == actual.exit
             and (self.send is None or self.send == actual.send)
             and (self.template is None or self.template == actual.template)
-            and (self.status or "sent") == actual.status
+            and (self.status or (None if self.exit is not None else "sent")) == actual.status
             and (self.reason is None or self.reason == actual.reason)
             and (self.variant is None or self.variant == actual.variant)
             and (self.contains is None or self.contains in actual.text)
@@ -309,6 +312,10 @@ def load_scenario(path: Path, project: Project) -> Scenario:
             )
         if (want.exit is None) == (want.send is None):
             problems.append(smap.diagnostic(("expect", index), "an expectation has either send: or exit:"))
+        problems.extend(
+            smap.diagnostic(("expect", index, key), message, at_key=True)
+            for key, message in _unsupported(want)
+        )
         expectations.append(
             Expectation(
                 at=offset,
@@ -327,6 +334,28 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     if problems:
         raise CompileError(problems)
     return Scenario(doc.scenario, str(path), start, journeys, users, opted, events, expectations)
+
+
+_SEND_KEYS = ("template", "status", "reason", "variant", "contains")
+
+
+def _unsupported(want: ExpectDoc) -> list[tuple[str, str]]:
+    """Keys of an expectation that no outcome could be compared on: each would pass unchecked."""
+    given = want.model_fields_set
+    if want.exit is not None:
+        return [
+            (key, f"an exit expectation is compared on at, user, journey and exit only: remove {key}:"
+             f"{' (sends carry the variant)' if key == 'variant' else ''}")
+            for key in _SEND_KEYS
+            if key in given
+        ]
+    status = want.status or "sent"
+    found = []
+    if "reason" in given and status == "sent":
+        found.append(("reason", "a sent message has no reason: add status: skipped or failed, or remove reason:"))
+    if "contains" in given and status == "skipped":
+        found.append(("contains", "a skipped send has no text to look in: remove contains:"))
+    return found
 
 
 def observe(scenario: Scenario, outcomes: Sequence[Outcome]) -> list[Observed]:
