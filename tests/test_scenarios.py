@@ -132,3 +132,14 @@ def test_an_exit_expectation_compares_every_field_it_holds() -> None:
     assert not Expectation(90000, "sara", "chat_recovery", exit="completed", variant="b").matches(ended)
     assert not Expectation(90000, "sara", "chat_recovery", exit="completed", template="x").matches(ended)
     assert not Expectation(90000, "sara", "chat_recovery", send="email").matches(ended)
+
+
+def test_reports_show_offsets_as_written_and_never_in_weeks(tmp_path: Path, project: Project) -> None:
+    scenario = load_scenario(_scenario(tmp_path, EMAIL, EMAIL.replace("at: 25h", "at: 1d1h")), project)
+    wrong = Expectation(30 * 86400, "sara", "chat_recovery", exit="completed", at_written="30d")
+
+    report = compare(scenario, []).report()
+
+    assert "    1d1h  sara  chat_recovery  send: email chat_followup_b" in report
+    assert wrong.describe().startswith("     30d  sara")
+    assert Observed(30 * 86400, "sara", "chat_recovery", exit="completed").describe().startswith("     30d  sara")

@@ -661,6 +661,7 @@ def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journe
             cond=compile_expression(doc.goal.if_) if doc.goal.if_ else None,
             within=parse_duration(doc.goal.within) if doc.goal.within else None,
             exit=doc.goal.exit,
+            within_written=doc.goal.within.strip() if doc.goal.within else None,
         )
     journey = ir.Journey(
         id=doc.journey,
@@ -717,7 +718,7 @@ class _Ids:
 
 def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
     if isinstance(doc, WaitDoc):
-        return ir.Wait(id=step_id, seconds=parse_duration(doc.wait))
+        return ir.Wait(id=step_id, seconds=parse_duration(doc.wait), written=doc.wait.strip())
     if isinstance(doc, WaitUntilDoc):
         days = tuple(ir.WEEKDAYS.index(d) for d in doc.days or ())
         return ir.WaitUntil(id=step_id, minute=_minutes(doc.wait_until), days=tuple(sorted(set(days))))
@@ -735,6 +736,7 @@ def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
             id=step_id,
             event=doc.wait_for,
             timeout=parse_duration(doc.timeout),
+            timeout_written=doc.timeout.strip(),
             cond=compile_expression(doc.if_) if doc.if_ else None,
             then=ids.steps(doc.then, f"{step_id}.then"),
             otherwise=ids.steps(doc.else_, f"{step_id}.else"),

@@ -102,6 +102,8 @@ class Expectation:
     contains: str | None = None
     exit: str | None = None
     line: int = 0
+    at_written: str = ""
+    """``at`` as the scenario wrote it, for reports."""
 
     def matches(self, actual: Observed) -> bool:
         """Whether ``actual`` is this outcome; a field left out of the expectation matches anything.
@@ -124,7 +126,7 @@ class Expectation:
 
     def describe(self) -> str:
         return _describe(
-            self.at,
+            self.at_written or format_duration(self.at),
             self.user,
             self.journey,
             self.exit,
@@ -154,7 +156,7 @@ class Observed:
 
     def describe(self) -> str:
         return _describe(
-            self.at,
+            format_duration(self.at),
             self.user,
             self.journey,
             self.exit,
@@ -168,7 +170,7 @@ class Observed:
 
 
 def _describe(
-    at: int,
+    at: str,
     user: str,
     journey: str,
     exit: str | None,
@@ -180,7 +182,7 @@ def _describe(
     contains: str | None,
 ) -> str:
     """One expected or actual outcome as a line of a scenario report."""
-    head = f"{format_duration(at) if at else '0s':>8}  {user}  {journey}  "
+    head = f"{at:>8}  {user}  {journey}  "
     if exit is not None:
         return head + f"exit: {exit}"
     text = f"send: {send} {template or ''}".rstrip()
@@ -329,6 +331,7 @@ def load_scenario(path: Path, project: Project) -> Scenario:
                 contains=want.contains,
                 exit=want.exit,
                 line=smap.value(("expect", index)).line,
+                at_written=str(want.at).strip(),
             )
         )
     if problems:
