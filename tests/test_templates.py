@@ -981,3 +981,22 @@ def test_the_text_part_of_every_marketing_email_carries_every_link(project: Proj
         assert unsubscribe in parser.hrefs, f"{name} ({locale}): no unsubscribe link in the HTML"
         for href in parser.hrefs:
             assert href in (message.text or ""), f"{name} ({locale}): the text part lacks {href}"
+
+
+def test_a_link_whose_address_is_jinja_follows_the_link_rule_once_rendered(root: Path, store: TemplateStore) -> None:
+    write(
+        root,
+        "email/t.mjml",
+        mjml(
+            '<mj-text><a href="{{ unsubscribe_url }}">Unsubscribe</a> '
+            '<a href="{{ unsubscribe_url }}">{{ unsubscribe_url }}</a> '
+            '<a href="{{ user.site }}">Site</a></mj-text>'
+        ),
+    )
+
+    def text(**values: Any) -> str:
+        return store.render("email", "t", {**CONTEXT, **values}).text or ""
+
+    url = "https://n.example/u/tok"
+    assert text(unsubscribe_url=url, user={"site": "mailto:a@example.com"}) == f"Unsubscribe ({url}) {url} Site"
+    assert text(unsubscribe_url="", user={}) == "Unsubscribe Site"
