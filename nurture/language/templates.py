@@ -751,9 +751,8 @@ class _Checker:
             if opened is not None:
                 tag, code = opened
                 # Jinja only notices at the end of the file; the mistake is where the block opened.
-                at = region.find(code) if region != source else source.find(code)
                 self.add_at(
-                    span[0] + max(at, 0),
+                    span[0] + max(region.find(code), 0),
                     f"Jinja syntax error: this {{% {tag} %}} is never closed: add {{% end{tag} %}} where it ends",
                 )
                 return False

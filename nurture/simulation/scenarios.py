@@ -343,12 +343,12 @@ _SEND_KEYS = ("template", "status", "reason", "variant", "contains")
 
 
 def _unsupported(want: ExpectDoc) -> list[tuple[str, str]]:
-    """Keys of an expectation that no outcome could be compared on: each would pass unchecked."""
+    """Keys no outcome of the expectation's kind carries: it could never match, so the file is wrong."""
     given = want.model_fields_set
     if want.exit is not None:
+        only = "an exit expectation is compared on at, user, journey and exit only"
         return [
-            (key, f"an exit expectation is compared on at, user, journey and exit only: remove {key}:"
-             f"{' (sends carry the variant)' if key == 'variant' else ''}")
+            (key, f"{only}: remove {key}:" + (" (the variant is on the sends after the split)" if key == "variant" else ""))
             for key in _SEND_KEYS
             if key in given
         ]
