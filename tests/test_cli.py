@@ -90,6 +90,22 @@ def test_validate_reports_an_unknown_template_with_a_suggestion(copy: Path) -> N
     assert "did you mean 'popular_courses'" in headline
 
 
+def test_validate_reports_an_unknown_filter_in_a_template_instead_of_crashing(copy: Path) -> None:
+    path = copy / "templates" / "email" / "welcome.mjml"
+    source = path.read_text(encoding="utf-8")
+    assert 'default("there")' in source
+    path.write_text(source.replace('default("there")', "defualt('there')"), encoding="utf-8")
+    text_lines = path.read_text(encoding="utf-8").splitlines()
+    line = next(n for n, text in enumerate(text_lines, 1) if "defualt" in text)
+    column = text_lines[line - 1].index("defualt") + 1
+
+    result = nurture("validate", journeys=copy / "journeys", templates=copy / "templates")
+
+    assert result.exit_code == 1
+    assert f"{path}:{line}:{column}: unknown filter 'defualt' (did you mean 'default'?)" in lines(result.output)
+    assert "nothing was compiled" in lines(result.output)[-1]
+
+
 # --- schema and graph ----------------------------------------------------------------------------
 
 

@@ -566,6 +566,36 @@ CASES = [
         "needed for the sms fallback",
     ),
     Case(
+        "template-written-as-a-file-path",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        steps:
+          - send: email
+            template: email/welcome.mjml
+        """,
+        6,
+        15,
+        "'email/welcome.mjml' is not a template name: write 'template: welcome'",
+        key="steps[0].template",
+    ),
+    Case(
+        "template-written-as-a-locale-file",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        steps:
+          - send: sms
+            template: templates/sms/coupon.zh-CN.txt
+            fallback: [wechat]
+        """,
+        6,
+        15,
+        "is not a template name: write 'template: coupon'",
+    ),
+    Case(
         "fallback-repeats-a-channel",
         """\
         journey: welcome
@@ -695,6 +725,123 @@ CASES = [
         None,
         "expression syntax error",
         key="key",
+    ),
+    Case(
+        "expression-and-written-as-ampersands",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+          if: "user.age >= 18 && user.vip"
+        steps:
+          - wait: 1d
+        """,
+        4,
+        23,
+        "'&&' is not an operator in expressions: use 'and'",
+        key="trigger.if",
+    ),
+    Case(
+        "expression-or-written-as-bars-unquoted",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+          if: user.vip || user.age > 60
+        steps:
+          - wait: 1d
+        """,
+        4,
+        16,
+        "'||' is not an operator in expressions: use 'or'",
+    ),
+    Case(
+        "expression-not-written-as-bang",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        steps:
+          - branch:
+              - if: "!user.vip"
+                then: [{wait: 1d}]
+        """,
+        6,
+        14,
+        "'!' is not an operator in expressions: use 'not' ('!=' is fine)",
+    ),
+    Case(
+        "expression-triple-equals",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        goal:
+          event: Order Completed
+          if: 'event.properties.total === 0'
+        steps:
+          - wait: 1d
+        """,
+        6,
+        31,
+        "'===' is not an operator in expressions: use '=='",
+    ),
+    Case(
+        "expression-null-instead-of-none",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        exit_on:
+          - {event: Cart Emptied, if: "user.cart_id == null"}
+        steps:
+          - wait: 1d
+        """,
+        5,
+        48,
+        "'null' is not a value in expressions: use 'none'",
+    ),
+    Case(
+        "expression-unexpected-character-column",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+          if: "user.plan == $pro"
+        steps:
+          - wait: 1d
+        """,
+        4,
+        21,
+        "expression syntax error: unexpected char '$'",
+    ),
+    Case(
+        "update-value-with-ampersands",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        steps:
+          - update:
+              adult: "{{ user.age >= 18 && user.verified }}"
+        """,
+        6,
+        33,
+        "'&&' is not an operator in expressions: use 'and'",
+    ),
+    Case(
+        "expression-unknown-name-column",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+          if: "user.vip and usr.age > 18"
+        steps:
+          - wait: 1d
+        """,
+        4,
+        21,
+        "unknown name 'usr' (did you mean 'user'?)",
     ),
     # --- step ids and flow ----------------------------------------------------------------------
     Case(

@@ -13,6 +13,8 @@ from nurture.language import ir
 from nurture.language.compiler import CompileResult, Settings, compile_project, compile_text
 from nurture.language.diagnostics import DiagnosticSink
 from nurture.language.document import journey_schema
+from nurture.language.durations import format_duration
+from nurture.language.graph import mermaid
 from nurture.language.source import load_yaml
 from nurture.language.templates import TemplateStore
 
@@ -131,6 +133,50 @@ def test_version_ignores_comments_and_layout() -> None:
         """
     )
     assert commented.version == plain.version
+
+
+# --- durations as written --------------------------------------------------------------------------
+
+DURATIONS = """\
+    journey: welcome
+    trigger:
+      event: Signed Up
+    goal: {event: Order Completed, within: 1d12h}
+    steps:
+      - wait: 30d
+      - wait_for: Order Completed
+        timeout: 2w
+        else:
+          - wait: 90m
+      - send: email
+        template: welcome
+"""
+
+
+def test_durations_are_shown_as_written() -> None:
+    journey = compile_source(DURATIONS)
+    back = ir.journey_from_dict(json.loads(json.dumps(ir.journey_to_dict(journey))))
+
+    chart = mermaid(back)
+
+    assert "wait 30d" in chart and "4w" not in chart
+    assert "up to 2w" in chart and "14d" not in chart
+    assert "wait 90m" in chart and "1h30m" not in chart
+    assert "within 1d12h" in chart and "36h" not in chart
+
+
+def test_the_spelling_of_a_duration_is_not_part_of_the_version() -> None:
+    same = DURATIONS.replace("30d", "720h").replace("2w", "14d").replace("90m", "1h30m").replace("1d12h", "36h")
+    assert same != DURATIONS
+    assert compile_source(same).version == compile_source(DURATIONS).version
+    assert compile_source(DURATIONS.replace("30d", "31d")).version != compile_source(DURATIONS).version
+
+
+def test_a_duration_nobody_wrote_is_shown_in_days_at_most() -> None:
+    assert format_duration(30 * 86400) == "30d"
+    assert format_duration(14 * 86400 + 7200) == "14d2h"
+    assert format_duration(5400) == "1h30m"
+    assert format_duration(0) == "0s"
 
 
 # --- step ids --------------------------------------------------------------------------------------

@@ -262,6 +262,47 @@ def test_rejected_expressions(source: str, message: str) -> None:
     assert message in caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("source", "column", "message"),
+    [
+        ("user.age >= 18 && user.vip", 16, "'&&' is not an operator in expressions: use 'and'"),
+        ("user.a & user.b", 8, "'&' is not an operator in expressions: use 'and'"),
+        ("user.a || user.b", 8, "'||' is not an operator in expressions: use 'or'"),
+        ("not user.a and !user.b", 16, "'!' is not an operator in expressions: use 'not'"),
+        ("user.a === 1", 8, "'===' is not an operator in expressions: use '=='"),
+        ("user.a !== 1", 8, "'!==' is not an operator in expressions: use '!='"),
+        ("user.a == null", 11, "'null' is not a value in expressions: use 'none'"),
+        ("user.a == undefined", 11, "'undefined' is not a value in expressions: use 'x is undefined'"),
+        ("user.vip ? 1 : 2", 10, "'?' is not an operator in expressions: use 'x if condition else y'"),
+        ("user.plan == $pro", 14, "expression syntax error: unexpected char '$'"),
+        ("user.vip and usr.age", 14, "unknown name 'usr'"),
+        ("user.tier | shout", 13, "unknown filter 'shout'"),
+        ("user['_secret']", 6, "'_secret' cannot be read"),
+    ],
+)
+def test_mistakes_from_other_languages_point_at_the_character_and_say_what_to_write(
+    source: str, column: int, message: str
+) -> None:
+    with pytest.raises(ExpressionError) as caught:
+        compile_expression(source)
+    assert caught.value.message.startswith(message)
+    assert caught.value.column == column
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "user.a != 1",
+        "user.note == 'a && b || !c === null'",
+        "user.a is undefined or user.b is not undefined",
+        "user.a == None or user.b == True or user.c == false",
+        "user.null == 1",
+    ],
+)
+def test_what_looks_foreign_but_is_jinja_still_compiles(source: str) -> None:
+    compile_expression(source)
+
+
 # --- update values ---------------------------------------------------------------------------------
 
 

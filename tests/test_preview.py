@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import re
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
 from nurture.cli.main import main
-from nurture.cli.preview import BROWSERS
+from nurture.cli.preview import find_browser, screenshot
 from nurture.delivery.links import UnsubscribeLinks
 from nurture.language.sms import sms_info
 
@@ -252,17 +252,6 @@ def test_a_missing_browser_says_how_to_install_one(files: Path) -> None:
     assert "apt-get install chromium" in result.output
 
 
-def _browser() -> str | None:
-    configured = os.environ.get("NURTURE_CHROMIUM")
-    if configured:
-        return shutil.which(configured)
-    return next((found for found in map(shutil.which, BROWSERS) if found), None)
-
-
-@pytest.mark.skipif(
-    _browser() is None,
-    reason="no Chromium found (NURTURE_CHROMIUM, chromium, chromium-browser, google-chrome)",
-)
 def test_png_screenshot_with_headless_chromium(files: Path) -> None:
     png = files / "welcome.png"
     result = preview(
@@ -277,6 +266,69 @@ def test_png_screenshot_with_headless_chromium(files: Path) -> None:
     assert 400 < height < 2000
     assert len(data) > 10_000
     assert f"screenshot written to {png}" in result.stderr
+
+
+# Han characters and CJK punctuation; in the tofu copy each becomes U+0378, which no font has.
+CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+NO_FONTS = """<?xml version="1.0"?>
+<!DOCTYPE fontconfig SYSTEM "fonts.dtd">
+<fontconfig><cachedir>{cache}</cachedir></fontconfig>
+"""
+
+
+def pixels(png: Path) -> bytes:
+    """The image data of a PNG (its IDAT chunks, inflated): equal for equal pixels."""
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    at, chunks = 8, b""
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at : at + 8])
+        if kind == b"IDAT":
+            chunks += data[at + 8 : at + 8 + length]
+        at += 12 + length
+    return zlib.decompress(chunks)
+
+
+def renders_like_tofu(html: Path, folder: Path) -> bool:
+    """Whether the page's Chinese looks exactly like characters no font has (empty boxes)."""
+    source = html.read_text(encoding="utf-8")
+    tofu = CJK.sub("\u0378", source)
+    assert tofu != source
+    browser = find_browser()
+    screenshot(source, folder / "chinese.png", browser)
+    screenshot(tofu, folder / "tofu.png", browser)
+    return pixels(folder / "chinese.png") == pixels(folder / "tofu.png")
+
+
+def test_a_chinese_email_png_shows_chinese_glyphs(files: Path) -> None:
+    png, html = files / "welcome.png", files / "welcome.html"
+    result = preview("email/welcome", "--user", files / "li.yaml", "--png", png, "--html", html)
+
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr
+    assert "Locale:    zh-CN" in result.stdout
+    assert struct.unpack(">I", png.read_bytes()[16:20]) == (700,)
+    assert not renders_like_tofu(html, files)
+
+
+def test_without_a_cjk_font_the_png_is_tofu_and_preview_says_which_package_to_install(
+    files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = files / "fonts.conf"
+    config.write_text(NO_FONTS.format(cache=files / "fontconfig-cache"), encoding="utf-8")
+    monkeypatch.setenv("FONTCONFIG_FILE", str(config))
+    png, html = files / "welcome.png", files / "welcome.html"
+
+    chinese = preview("email/welcome", "--user", files / "li.yaml", "--png", png, "--html", html)
+    english = preview("email/welcome", "--user", files / "anna.yaml", "--png", files / "en.png")
+
+    assert chinese.exit_code == 0, chinese.output
+    assert "warning: no installed font covers the email's Chinese text" in chinese.stderr
+    assert "apt-get install fonts-noto-cjk" in chinese.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert renders_like_tofu(html, files)  # what the warning is about, and what the check above detects
+    assert english.exit_code == 0, english.output
+    assert "warning" not in english.stderr
 
 
 def test_the_unsubscribe_link_is_shown_signed_when_links_are_configured(files: Path) -> None:

@@ -1,4 +1,5 @@
-"""Every scenario in journeys/tests passes on both runtimes, with identical outcomes."""
+"""Every scenario in journeys/tests passes on both runtimes, with identical outcomes; every key of an
+expectation is checked."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ from pathlib import Path
 import pytest
 
 from nurture.language.compiler import Project
-from nurture.simulation.scenarios import Observed, SimRuntime, compare, load_scenario, observe, scenario_files
+from nurture.language.diagnostics import CompileError
+from nurture.simulation.scenarios import (
+    Expectation,
+    ExpectDoc,
+    Observed,
+    SimRuntime,
+    compare,
+    load_scenario,
+    observe,
+    scenario_files,
+)
 from workflows.runtime import TemporalRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +52,94 @@ async def test_scenario_on_both_runtimes(path: Path, project: Project, temporal:
     verdict = compare(scenario, durable)
     assert verdict.passed, "temporal:\n" + verdict.report()
     assert _canonical(observe(scenario, simulated)) == _canonical(observe(scenario, durable))
+
+
+# --- every key of an expectation is checked --------------------------------------------------------
+
+BASE = ROOT / "journeys" / "tests" / "chat_agent_sms_no_phone.yaml"
+SMS = "{at: 1h, user: sara, journey: chat_recovery, send: sms, template: chat_agent_contact, status: skipped, reason: no_address}"
+EMAIL = '{at: 25h, user: sara, journey: chat_recovery, send: email, template: chat_followup_b, variant: b, contains: "chat_7786"}'
+END = "{at: 25h, user: sara, journey: chat_recovery, exit: completed}"
+
+# One wrong value per key an expectation accepts.
+WRONG = {
+    "at": (SMS, SMS.replace("at: 1h", "at: 2h")),
+    "user": (SMS, SMS.replace("user: sara", "user: ann")),
+    "journey": (SMS, SMS.replace("journey: chat_recovery", "journey: cart_abandonment")),
+    "send": (SMS, SMS.replace("send: sms", "send: wechat")),
+    "template": (SMS, SMS.replace("template: chat_agent_contact", "template: chat_followup_b")),
+    "status": (SMS, SMS.replace("status: skipped", "status: failed")),
+    "reason": (SMS, SMS.replace("reason: no_address", "reason: opted_out")),
+    "variant": (EMAIL, EMAIL.replace("variant: b", "variant: a")),
+    "contains": (EMAIL, EMAIL.replace('contains: "chat_7786"', 'contains: "chat_0000"')),
+    "exit": (END, END.replace("exit: completed", "exit: goal")),
+}
+
+
+def _scenario(tmp_path: Path, old: str, new: str) -> Path:
+    text = BASE.read_text(encoding="utf-8").replace("users:\n", "users:\n  ann: {email: ann@example.com}\n")
+    assert old in text
+    path = tmp_path / "scenario.yaml"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    return path
+
+
+def test_every_key_of_an_expectation_has_a_wrong_value_below() -> None:
+    assert set(WRONG) == set(ExpectDoc.model_fields)
+
+
+async def test_the_scenario_passes_as_written(tmp_path: Path, project: Project) -> None:
+    scenario = load_scenario(_scenario(tmp_path, SMS, SMS), project)
+    assert compare(scenario, await SimRuntime().play(scenario, project)).passed
+
+
+@pytest.mark.parametrize("key", sorted(WRONG))
+async def test_a_wrong_value_of_any_key_fails_the_scenario(key: str, tmp_path: Path, project: Project) -> None:
+    scenario = load_scenario(_scenario(tmp_path, *WRONG[key]), project)
+    verdict = compare(scenario, await SimRuntime().play(scenario, project))
+    assert not verdict.passed, f"a wrong {key} passed:\n{verdict.report()}"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "message"),
+    [
+        (END, END.replace("}", ", variant: b}"), "variant", "an exit expectation is compared on at, user, journey and exit only"),
+        (END, END.replace("}", ", template: chat_followup_b}"), "template", "remove template:"),
+        (END, END.replace("}", ", status: sent}"), "status", "remove status:"),
+        (EMAIL, EMAIL.replace("}", ", reason: no_address}"), "reason", "a sent message has no reason"),
+        (SMS, SMS.replace("}", ', contains: "Grace"}'), "contains", "a skipped send has no text"),
+    ],
+    ids=["exit-variant", "exit-template", "exit-status", "sent-reason", "skipped-contains"],
+)
+def test_a_key_that_cannot_be_checked_is_a_load_error_at_its_line(
+    old: str, new: str, key: str, message: str, tmp_path: Path, project: Project
+) -> None:
+    path = _scenario(tmp_path, old, new)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if new in text)
+
+    with pytest.raises(CompileError) as caught:
+        load_scenario(path, project)
+
+    (found,) = caught.value.diagnostics
+    assert (found.path, found.line) == (str(path), line)
+    assert found.key.endswith(f"].{key}")
+    assert message in found.message
+
+
+def test_an_exit_expectation_compares_every_field_it_holds() -> None:
+    ended = Observed(90000, "sara", "chat_recovery", exit="completed")
+    assert Expectation(90000, "sara", "chat_recovery", exit="completed").matches(ended)
+    assert not Expectation(90000, "sara", "chat_recovery", exit="completed", variant="b").matches(ended)
+    assert not Expectation(90000, "sara", "chat_recovery", exit="completed", template="x").matches(ended)
+    assert not Expectation(90000, "sara", "chat_recovery", send="email").matches(ended)
+
+
+def test_reports_show_offsets_as_written_and_never_in_weeks(tmp_path: Path, project: Project) -> None:
+    scenario = load_scenario(_scenario(tmp_path, EMAIL, EMAIL.replace("at: 25h", "at: 1d1h")), project)
+    wrong = Expectation(30 * 86400, "sara", "chat_recovery", exit="completed", at_written="30d")
+
+    report = compare(scenario, []).report()
+
+    assert "    1d1h  sara  chat_recovery  send: email chat_followup_b" in report
+    assert wrong.describe().startswith("     30d  sara")
+    assert Observed(30 * 86400, "sara", "chat_recovery", exit="completed").describe().startswith("     30d  sara")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nurture.language import templates
+from nurture.language import ir, templates
+from nurture.language.compiler import Project
 from nurture.language.templates import RenderedMessage, TemplateError, TemplateStore
 
 WELCOME = """\
@@ -451,7 +453,41 @@ CHECK_CASES: list[tuple[str, str, str, list[tuple[int, int, str]]]] = [
         "email: Jinja syntax error in body",
         "email/t.mjml",
         mjml("<mj-text>a</mj-text>\n  <mj-text>{% if user.vip %}VIP</mj-text>"),
-        [(9, 12, "Jinja syntax error: Unexpected end of template")],
+        [(9, 12, "Jinja syntax error: this {% if %} is never closed: add {% endif %} where it ends")],
+    ),
+    (
+        "email: an unclosed block is reported where it opened, not at the end of the file",
+        "email/t.mjml",
+        mjml(
+            "<mj-text>{% for c in user.courses %}{% if c %}{{ c }}{% endif %}{% endfor %}</mj-text>\n"
+            "<mj-text>Hi {% if user.vip %}VIP {% for i in range(3) %}*{% endfor %}</mj-text>\n"
+            + "<mj-text>more</mj-text>\n" * 20
+        ),
+        [(9, 13, "Jinja syntax error: this {% if %} is never closed: add {% endif %}")],
+    ),
+    (
+        "email: unknown filter, did you mean",
+        "email/t.mjml",
+        mjml("<mj-text>Hi {{ user.first_name | defualt('there') }}</mj-text>"),
+        [(8, 34, "unknown filter 'defualt' (did you mean 'default'?)")],
+    ),
+    (
+        "email: unknown filter in the subject and unknown names after it",
+        "email/t.mjml",
+        mjml("<mj-text>{{ usr.first_name }}</mj-text>", subject='"{{ user.first_name|glitter }}!"'),
+        [
+            (2, 30, "unknown filter 'glitter'; filters: abs, attr, batch, capitalize"),
+            (8, 13, "unknown name 'usr' (did you mean 'user'?)"),
+        ],
+    ),
+    (
+        "sms: unknown test and filter block",
+        "sms/t.txt",
+        "{% if user.vip is definedd %}VIP{% endif %}\n{% filter uper %}hi{% endfilter %}\n",
+        [
+            (1, 19, "unknown test 'definedd' (did you mean 'defined'?)"),
+            (2, 11, "unknown filter 'uper' (did you mean 'upper'?)"),
+        ],
     ),
     (
         "email: unknown name in body",
@@ -605,6 +641,18 @@ CHECK_CASES: list[tuple[str, str, str, list[tuple[int, int, str]]]] = [
         ],
     ),
 ]
+
+
+def test_a_jinja_syntax_error_is_not_reported_again_as_invalid_mjml(root: Path, store: TemplateStore) -> None:
+    welcome = (Path(__file__).resolve().parents[1] / "templates" / "email" / "welcome.mjml").read_text()
+    broken = welcome.replace('uid={{ user.id }}">Start', 'uid={{ user.id }">Start')
+    assert broken != welcome
+    write(root, "email/welcome.mjml", broken)
+    line = broken[: broken.index('{{ user.id }">')].count("\n") + 1
+
+    found = [(d.line, d.message) for d in store.check("email", "welcome")]
+
+    assert found == [(line, "Jinja syntax error: unexpected '}'")]
 
 
 @pytest.mark.parametrize(
@@ -886,3 +934,69 @@ def test_text_alternative_keeps_the_break_after_a_block_tag() -> None:
     }
     message = store.render("email", "cart_reminder", context)
     assert "waiting for you.\nCart total: USD 99." in (message.text or "")
+
+
+# The project's own marketing emails
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        href = dict(attrs).get("href") or ""
+        if tag == "a" and href.startswith(("http://", "https://")):
+            self.hrefs.append(href)
+
+
+def _marketing_emails(project: Project) -> list[tuple[str, str | None]]:
+    """(template, locale) of every email a marketing send of the project may render."""
+    found: set[tuple[str, str | None]] = set()
+    for journey in project.journeys.values():
+        for step in ir.walk(journey.steps):
+            if not isinstance(step, ir.Send) or step.category != "marketing":
+                continue
+            if "email" in (step.channels or journey.policy.channel_order):
+                for locale in [None, *project.templates.locales("email", step.template)]:
+                    found.add((step.template, locale))
+    return sorted(found, key=lambda item: (item[0], item[1] or ""))
+
+
+def test_the_text_part_of_every_marketing_email_carries_every_link(project: Project) -> None:
+    unsubscribe = "https://n.example/u/tok-u1-email"
+    context = {
+        **CONTEXT,
+        "user": {"id": "u1", "first_name": "Li", "email": "li@example.com"},
+        "event": {"name": "Order Completed", "properties": {"order_id": "O-9", "course_id": "c-1"}},
+        "unsubscribe_url": unsubscribe,
+    }
+    emails = _marketing_emails(project)
+    assert len(emails) >= 8
+    for name, locale in emails:
+        message = project.templates.render("email", name, context, locale=locale)
+        assert message.locale == locale
+        parser = _Links()
+        parser.feed(message.html or "")
+        assert unsubscribe in parser.hrefs, f"{name} ({locale}): no unsubscribe link in the HTML"
+        for href in parser.hrefs:
+            assert href in (message.text or ""), f"{name} ({locale}): the text part lacks {href}"
+
+
+def test_a_link_whose_address_is_jinja_follows_the_link_rule_once_rendered(root: Path, store: TemplateStore) -> None:
+    write(
+        root,
+        "email/t.mjml",
+        mjml(
+            '<mj-text><a href="{{ unsubscribe_url }}">Unsubscribe</a> '
+            '<a href="{{ unsubscribe_url }}">{{ unsubscribe_url }}</a> '
+            '<a href="{{ user.site }}">Site</a></mj-text>'
+        ),
+    )
+
+    def text(**values: Any) -> str:
+        return store.render("email", "t", {**CONTEXT, **values}).text or ""
+
+    url = "https://n.example/u/tok"
+    assert text(unsubscribe_url=url, user={"site": "mailto:a@example.com"}) == f"Unsubscribe ({url}) {url} Site"
+    assert text(unsubscribe_url="", user={}) == "Unsubscribe Site"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -114,6 +115,8 @@ def preview(
             html_file.write_text(message.html or "", encoding="utf-8")
             click.echo(f"HTML written to {html_file}", err=True)
         if png_file and browser:
+            for warning in font_warnings(message.text or ""):
+                click.echo(f"warning: {warning}", err=True)
             screenshot(message.html or "", png_file, browser)
             click.echo(f"screenshot written to {png_file}", err=True)
     elif channel == "sms":
@@ -225,6 +228,44 @@ def find_browser() -> str:
     raise click.ClickException(
         f"--png needs a Chromium browser and none was found ({', '.join(BROWSERS)} on PATH): {_INSTALL_HINT}"
     )
+
+
+_SCRIPTS = {
+    "zh": ("Chinese", re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")),
+    "ja": ("Japanese", re.compile(r"[\u3040-\u30ff]")),
+    "ko": ("Korean", re.compile(r"[\uac00-\ud7af]")),
+}
+"""Scripts that fonts shipped with a Linux base system do not cover: (language, characters)."""
+_CJK_FONTS = "apt-get install fonts-noto-cjk"
+
+
+def font_warnings(text: str) -> list[str]:
+    """Why a screenshot of ``text`` would show empty boxes: scripts no installed font covers.
+
+    Chromium finds fonts through fontconfig, so ``fc-list :lang=zh`` listing nothing means the
+    Chinese in the email renders as boxes; the email itself is fine, the machine lacks a font.
+    """
+    wanted = [(lang, name) for lang, (name, chars) in _SCRIPTS.items() if chars.search(text)]
+    if not wanted:
+        return []
+    fc_list = shutil.which("fc-list")
+    if fc_list is None:
+        names = " and ".join(name for _, name in wanted)
+        return [f"cannot check that a font covers the email's {names} text (fc-list not found: apt-get install fontconfig)"]
+    found = []
+    for lang, name in wanted:
+        try:
+            listed = subprocess.run(
+                [fc_list, f":lang={lang}", "family"], capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if listed.returncode == 0 and not listed.stdout.strip():
+            found.append(
+                f"no installed font covers the email's {name} text (fc-list :lang={lang} lists none), so the "
+                f"screenshot shows it as empty boxes: {_CJK_FONTS}"
+            )
+    return found
 
 
 def screenshot(html: str, target: Path, browser: str, *, timeout: float = BROWSER_TIMEOUT) -> None:

@@ -48,7 +48,7 @@ from .expressions import compile_expression, compile_value
 from .providers import PROVIDER_DOCS, ProvidersDoc
 from .source import Path as KeyPath
 from .source import SourceError, SourceMap, load_yaml
-from .templates import TemplateStore
+from .templates import TemplateStore, name_in_path, valid_name
 
 _STEP_LISTS = frozenset({"steps", "then", "else", "branch"})
 
@@ -355,6 +355,19 @@ def _check_send(
         return
     if not isinstance(name, str) or not name:
         return
+    if not valid_name(name):
+        # One name serves every channel the send may use, so a path to one channel's file is
+        # not accepted as if it were the name: the marketer is told the name to write.
+        meant = name_in_path(name)
+        fix = f"write 'template: {meant}'" if valid_name(meant) else "use letters, digits, '-' and '_' only"
+        sink.add(
+            smap.diagnostic(
+                step_path + ("template",),
+                f"'{name}' is not a template name: {fix} (the name without folder, locale or "
+                f"extension; each channel reads its own file, e.g. {templates.path('email', meant or 'name')})",
+            )
+        )
+        return
     auto = primary == "auto"
     channels = order if auto else [primary, *fallback]
     for index, channel in enumerate(channels):
@@ -497,7 +510,7 @@ def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) ->
         value = error.get("input")
         ctx = error.get("ctx") or {}
         parent = loc[:-1]
-        report_path, use_key, column_shift = loc, at_key, 0
+        report_path, use_key, column_shift = loc, at_key, None
         if kind == "missing":
             report_path = parent
             message = f"'{loc[-1]}' is required" + _missing_hint(str(loc[-1]))
@@ -536,18 +549,32 @@ def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) ->
         else:
             message = str(error["msg"])
             if kind == "expression":
-                column_shift = int(ctx.get("column", 1)) - 1
+                column = int(ctx.get("column", 0))
+                column_shift = column - 1 if column > 0 else None
         if (report_path, message) in seen:
             continue
         seen.add((report_path, message))
         diagnostic = smap.diagnostic(report_path, message, at_key=use_key)
-        if column_shift:
-            lines = smap.text.splitlines()
-            line = lines[diagnostic.line - 1] if 0 < diagnostic.line <= len(lines) else ""
-            quoted = line[diagnostic.column - 1 : diagnostic.column] in ("'", '"')
-            diagnostic = dataclasses.replace(diagnostic, column=diagnostic.column + column_shift + quoted)
+        if column_shift is not None:
+            diagnostic = dataclasses.replace(diagnostic, column=_column_in_value(smap, diagnostic, value, column_shift))
         out.append(diagnostic)
     return out
+
+
+def _column_in_value(smap: SourceMap, diagnostic: Diagnostic, value: Any, shift: int) -> int:
+    """The file column ``shift`` characters into the text value the diagnostic points at.
+
+    Exact for a value written on one line, quoted or not; where the file spells the value
+    differently (escapes, a block scalar over several lines) the value's start is kept.
+    """
+    lines = smap.text.splitlines()
+    line = lines[diagnostic.line - 1] if 0 < diagnostic.line <= len(lines) else ""
+    start = diagnostic.column - 1
+    if line[start : start + 1] in ("'", '"'):
+        start += 1
+    if isinstance(value, str) and line[start : start + shift] == value[:shift]:
+        return start + shift + 1
+    return diagnostic.column
 
 
 def _missing_hint(name: str) -> str:
@@ -634,6 +661,7 @@ def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journe
             cond=compile_expression(doc.goal.if_) if doc.goal.if_ else None,
             within=parse_duration(doc.goal.within) if doc.goal.within else None,
             exit=doc.goal.exit,
+            within_written=doc.goal.within.strip() if doc.goal.within else None,
         )
     journey = ir.Journey(
         id=doc.journey,
@@ -690,7 +718,7 @@ class _Ids:
 
 def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
     if isinstance(doc, WaitDoc):
-        return ir.Wait(id=step_id, seconds=parse_duration(doc.wait))
+        return ir.Wait(id=step_id, seconds=parse_duration(doc.wait), written=doc.wait.strip())
     if isinstance(doc, WaitUntilDoc):
         days = tuple(ir.WEEKDAYS.index(d) for d in doc.days or ())
         return ir.WaitUntil(id=step_id, minute=_minutes(doc.wait_until), days=tuple(sorted(set(days))))
@@ -708,6 +736,7 @@ def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
             id=step_id,
             event=doc.wait_for,
             timeout=parse_duration(doc.timeout),
+            timeout_written=doc.timeout.strip(),
             cond=compile_expression(doc.if_) if doc.if_ else None,
             then=ids.steps(doc.then, f"{step_id}.then"),
             otherwise=ids.steps(doc.else_, f"{step_id}.else"),

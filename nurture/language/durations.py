@@ -28,11 +28,16 @@ def parse_duration(text: str) -> int:
 
 
 def format_duration(seconds: int) -> str:
-    """The shortest combined form of ``seconds``: 93600 -> ``1d2h``."""
+    """``seconds`` in days, hours, minutes and seconds: 93600 -> ``1d2h``, 2592000 -> ``30d``.
+
+    For a duration nobody wrote (how long after the start an outcome happened). One a marketer
+    wrote is shown as written, which is the only way ``2w`` stays ``2w`` and ``30d`` stays
+    ``30d``; so weeks, which people rarely count in past two, are never chosen here.
+    """
     if seconds <= 0:
         return "0s"
     out = []
-    for unit in ("w", "d", "h", "m", "s"):
+    for unit in ("d", "h", "m", "s"):
         size = UNITS[unit]
         if seconds >= size:
             out.append(f"{seconds // size}{unit}")

@@ -10,7 +10,7 @@ from .durations import format_duration
 
 def _label(step: ir.Step) -> str:
     if isinstance(step, ir.Wait):
-        return f"wait {format_duration(step.seconds)}"
+        return f"wait {step.written or format_duration(step.seconds)}"
     if isinstance(step, ir.WaitUntil):
         days = ",".join(ir.WEEKDAYS[d] for d in step.days)
         return f"wait until {step.minute // 60:02d}:{step.minute % 60:02d}" + (f" ({days})" if days else "")
@@ -19,7 +19,7 @@ def _label(step: ir.Step) -> str:
         kind = " (transactional)" if step.category == "transactional" else ""
         return f"send {step.channel}{via}: {step.template}{kind}"
     if isinstance(step, ir.WaitFor):
-        return f"wait for {step.event}<br/>up to {format_duration(step.timeout)}"
+        return f"wait for {step.event}<br/>up to {step.timeout_written or format_duration(step.timeout)}"
     if isinstance(step, ir.Branch):
         return "branch"
     if isinstance(step, ir.Split):
@@ -82,7 +82,8 @@ def mermaid(journey: ir.Journey) -> str:
         arrow = f" -->|{_quote(label)}| " if label else " --> "
         b.lines.append(f"    {source}{arrow}done")
     if journey.goal is not None:
-        window = f" within {format_duration(journey.goal.within)}" if journey.goal.within else ""
+        goal = journey.goal
+        window = f" within {goal.within_written or format_duration(goal.within)}" if goal.within else ""
         ends_run = ", ends the run" if journey.goal.exit else ""
         b.lines.append(f"    goal[/{_quote(f'goal: {journey.goal.event}{window}{ends_run}')}/]")
     for index, rule in enumerate(journey.exit_on, 1):

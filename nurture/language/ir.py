@@ -1,8 +1,9 @@
 """The intermediate form: what a compiled journey is.
 
 Frozen dataclasses, one per step kind, joined by :data:`Step`. Everything is resolved: durations
-are seconds, times are minutes after midnight, weekdays are 0 (Monday) to 6, expressions are
-compiled trees, time zone and quiet hours are filled in from project defaults. It round-trips
+are seconds (their spelling kept beside them, for display only), times are minutes after
+midnight, weekdays are 0 (Monday) to 6, expressions are compiled trees, time zone and quiet hours
+are filled in from project defaults. It round-trips
 through JSON (:func:`journey_to_dict`, :func:`journey_from_dict`), which is how the Temporal
 workflow receives the exact version a user entered.
 """
@@ -28,6 +29,9 @@ ADDRESS_TRAITS: dict[str, str] = {"email": "email", "sms": "phone", "wechat": "w
 """The trait holding each channel's address."""
 CHANNELS: tuple[str, ...] = tuple(ADDRESS_TRAITS)
 """Every channel a send may use."""
+_AS_WRITTEN = {"as_written": True}
+"""Marks a field that keeps the source's spelling of a value for display: ``30d`` and ``720h``
+behave alike, so such a field is left out of the version (and of equality)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,8 @@ class Goal:
     """Conversion window in seconds from entry; ``None`` is the run's whole life."""
     exit: bool = True
     """Whether a conversion ends the run at once."""
+    within_written: str | None = field(default=None, compare=False, metadata=_AS_WRITTEN)
+    """``within`` as the marketer wrote it (``30d``), for display."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,8 @@ class Wait:
     kind: ClassVar[str] = "wait"
     id: str
     seconds: int
+    written: str = field(default="", compare=False, metadata=_AS_WRITTEN)
+    """The duration as the marketer wrote it (``30d``, not ``4w2d``), for display."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +144,8 @@ class WaitFor:
     cond: Expr | None = None
     then: tuple[Step, ...] = ()
     otherwise: tuple[Step, ...] = ()
+    timeout_written: str = field(default="", compare=False, metadata=_AS_WRITTEN)
+    """``timeout`` as the marketer wrote it, for display."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,17 +264,21 @@ def walk(steps: tuple[Step, ...]) -> Iterator[Step]:
 # --- JSON round trip ---------------------------------------------------------------------------
 
 
-def _encode(value: Any) -> Any:
+def _encode(value: Any, *, as_written: bool = True) -> Any:
     if isinstance(value, Expr):
         return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        out = {
+            f.name: _encode(getattr(value, f.name), as_written=as_written)
+            for f in dataclasses.fields(value)
+            if as_written or not f.metadata.get("as_written")
+        }
         kind = getattr(type(value), "kind", None)
         if isinstance(kind, str):
             out = {"kind": kind, **out}
         return out
     if isinstance(value, (tuple, list)):
-        return [_encode(item) for item in value]
+        return [_encode(item, as_written=as_written) for item in value]
     return value
 
 
@@ -327,8 +341,9 @@ def journey_from_dict(data: Mapping[str, Any]) -> Journey:
 
 
 def content_version(journey: Journey) -> str:
-    """A short hash of everything that shapes behaviour (not the source path or version)."""
-    data = journey_to_dict(journey)
+    """A short hash of everything that shapes behaviour (not the source path, the version or
+    how durations were spelled)."""
+    data = _encode(journey, as_written=False)
     data.pop("version", None)
     data.pop("source", None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -355,7 +355,7 @@ class TemplateStore:
         )
 
     def exists(self, channel: str, name: str) -> bool:
-        return _valid_name(name) and self.path(channel, name).is_file()
+        return valid_name(name) and self.path(channel, name).is_file()
 
     def path(self, channel: str, name: str, locale: str | None = None) -> Path:
         """Where the file is or would be; the name is not validated (see ``exists``)."""
@@ -395,7 +395,7 @@ class TemplateStore:
         With ``sms_max_segments``, an SMS file that needs more segments than that whatever the
         data (see :func:`nurture.language.sms.minimum_text`) gets a warning.
         """
-        if not _valid_name(name):
+        if not valid_name(name):
             return [Diagnostic(str(self.path(channel, name)), 0, 0, _INVALID_NAME.format(name))]
         paths = [self.path(channel, name)]
         paths += [self.path(channel, name, locale) for locale in self.locales(channel, name)]
@@ -445,7 +445,7 @@ class TemplateStore:
         return self._prepare(channel, name, locale)[2]
 
     def _prepare(self, channel: str, name: str, locale: str | None) -> tuple[_File, _Compiled, str | None]:
-        if not _valid_name(name):
+        if not valid_name(name):
             raise TemplateError(_INVALID_NAME.format(name))
         path, used = self._resolve(channel, name, locale)
         file = self._file(path)
@@ -534,14 +534,14 @@ class TemplateStore:
         body = parts.body
         span = (parts.body_offset, len(checker.file.text))
         body_ok = checker.jinja(body, _HTML_ENV, first_line=parts.body_line, span=span)
-        if not _check_mjml_tags(checker, parts):
+        if not _check_mjml_tags(checker, parts) or not body_ok:
+            # Jinja that does not parse is not set aside from the MJML, so mrml would only
+            # report the same mistake again as invalid MJML somewhere after it.
             return
         try:
             markup = self._compile_mjml(checker.file, body)
         except _MjmlError as exc:
             checker.add_at(parts.body_offset + exc.offset, exc.message)
-            return
-        if not body_ok:
             return
         try:
             _HTML_ENV.parse(markup.html)
@@ -667,9 +667,14 @@ def _render_wechat(
 _INVALID_NAME = "invalid template name {!r}: use letters, digits, '-' and '_' only"
 
 
-def _valid_name(name: str) -> bool:
+def valid_name(name: str) -> bool:
     # A dot would be read as a locale; slashes would leave the store.
     return bool(name) and "." not in name and "/" not in name and "\\" not in name
+
+
+def name_in_path(written: str) -> str:
+    """The template name a file path points at: ``email/welcome.zh-CN.mjml`` is ``welcome``."""
+    return written.replace("\\", "/").rsplit("/", 1)[-1].split(".", 1)[0]
 
 
 _Stamp = tuple[int, int, int]
@@ -738,14 +743,30 @@ class _Checker:
 
         Returns whether the text parsed, so callers can skip checks that would only repeat it.
         """
+        region = self.file.text[span[0] : span[1]]
         try:
             ast = env.parse(source)
         except jinja2.TemplateSyntaxError as exc:
+            opened = _open_block(source) if "Unexpected end of template" in (exc.message or "") else None
+            if opened is not None:
+                tag, code = opened
+                # Jinja only notices at the end of the file; the mistake is where the block opened.
+                self.add_at(
+                    span[0] + max(region.find(code), 0),
+                    f"Jinja syntax error: this {{% {tag} %}} is never closed: add {{% end{tag} %}} where it ends",
+                )
+                return False
             line = min(first_line + (exc.lineno or 1) - 1, max(len(self._lines), 1))
             self.add(line, self._code_column(line), f"Jinja syntax error: {exc.message}")
             return False
-        region = self.file.text[span[0] : span[1]]
-        for name in sorted(meta.find_undeclared_variables(ast) - _ALLOWED_NAMES):
+        self._check_filters(ast, env, first_line)
+        try:
+            undeclared = meta.find_undeclared_variables(ast)
+        except jinja2.TemplateAssertionError as exc:
+            line = first_line + (exc.lineno or 1) - 1
+            self.add(line, self._code_column(line), f"Jinja error: {exc.message}")
+            return True
+        for name in sorted(undeclared - _ALLOWED_NAMES):
             hint = did_you_mean(name, TEMPLATE_NAMES)
             if not hint:
                 hint = ": templates can use only user, event, last_event, journey and unsubscribe_url"
@@ -760,6 +781,25 @@ class _Checker:
             )
         return True
 
+    def _check_filters(self, ast: nodes.Template, env: jinja2.Environment, first_line: int) -> None:
+        """Report filters and tests the environment does not have, at their names.
+
+        An unknown one is then renamed in this throwaway tree, so that the name check that
+        follows (which compiles the tree) still runs instead of stopping at it.
+        """
+        for node in ast.find_all((nodes.Filter, nodes.Test)):
+            kind, table = ("filter", env.filters) if isinstance(node, nodes.Filter) else ("test", env.tests)
+            if node.name in table:
+                continue
+            hint = did_you_mean(node.name, table) or f"; {kind}s: {', '.join(sorted(table))}"
+            line = first_line + node.lineno - 1
+            text = self._lines[line - 1] if 1 <= line <= len(self._lines) else ""
+            lead = r"(?:\|\s*|\bfilter\s+)" if kind == "filter" else r"\bis\s+(?:not\s+)?"
+            found = re.search(rf"{lead}({re.escape(node.name)})\b", text)
+            column = found.start(1) + 1 if found else self._code_column(line)
+            self.add(line, column, f"unknown {kind} '{node.name}'{hint}")
+            node.name = "string" if kind == "filter" else "defined"
+
     def _code_column(self, line: int) -> int:
         if not 1 <= line <= len(self._lines):
             return 1
@@ -768,6 +808,32 @@ class _Checker:
         if starts:
             return min(starts) + 1
         return len(text) - len(text.lstrip()) + 1
+
+
+_BLOCK_TAG = re.compile(r"\{%[-+]?\s*(\w+)")
+_BLOCK_TAGS = frozenset({"if", "for", "macro", "call", "filter", "set", "block", "with", "autoescape"})
+
+
+def _open_block(source: str) -> tuple[str, str] | None:
+    """The innermost block tag of ``source`` that is never closed, and its code as written."""
+    open_blocks: list[tuple[str, str]] = []
+    raw = False
+    for match in _JINJA_CODE.finditer(source):
+        code = match.group()
+        tag_match = _BLOCK_TAG.match(code)
+        if tag_match is None:
+            continue
+        tag = tag_match.group(1)
+        if raw:
+            raw = tag != "endraw"
+        elif tag == "raw":
+            raw = True
+        elif tag in _BLOCK_TAGS and not (tag == "set" and "=" in code):
+            open_blocks.append((tag, code))
+        elif tag.startswith("end") and any(name == tag[3:] for name, _ in open_blocks):
+            while open_blocks.pop()[0] != tag[3:]:
+                pass
+    return open_blocks[-1] if open_blocks else None
 
 
 def _find_name(region: str, name: str) -> int:
@@ -1048,7 +1114,8 @@ def _mjml_to_html(body: str) -> _Markup:
                 code.start,
             )
     copied = tuple(code for index, code in enumerate(protected.codes) if found[index] > 1)
-    return _Markup(protected.restore(compiled), protected.restore(html_to_text(compiled)), copied)
+    text = protected.restore(html_to_text(compiled, jinja=protected.pattern))
+    return _Markup(protected.restore(compiled), text, copied)
 
 
 def _mrml_error(protected: _Protected, message: str) -> _MjmlError:
@@ -1085,11 +1152,12 @@ class _TextExtractor(HTMLParser):
         | {f"h{n}" for n in range(1, 7)}
     )
 
-    def __init__(self) -> None:
+    def __init__(self, jinja: re.Pattern[str] | None = None) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._skipping = 0
         self._links: list[tuple[str | None, int]] = []
+        self._jinja = jinja
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in self._SKIP:
@@ -1117,18 +1185,46 @@ class _TextExtractor(HTMLParser):
             self.parts.append("\n")
         elif tag == "a" and self._links:
             href, start = self._links.pop()
-            label = " ".join("".join(self.parts[start:]).split())
-            if href and href.startswith(("http://", "https://")) and href != label:
-                self.parts.append(f" ({href})" if label else f" {href} ")
+            if href and self._jinja is not None and self._jinja.search(href):
+                # The address is known only once rendered ({{ unsubscribe_url }}), so the text
+                # template decides then, by the same rule, whether and how the link is shown.
+                self.parts.insert(start, "{% set nurture_label %}")
+                self.parts.append(
+                    f"{{% endset %}}{{% filter nurture_link(nurture_label) %}}{href}{{% endfilter %}}"
+                )
+                return
+            self.parts.append(_link_suffix("".join(self.parts[start:]), href))
 
     def handle_data(self, data: str) -> None:
         if not self._skipping:
             self.parts.append(data)
 
 
-def html_to_text(markup: str) -> str:
-    """A plain-text alternative for an HTML email."""
-    parser = _TextExtractor()
+def _link_suffix(label: str, href: str | None) -> str:
+    """What follows a link's label in text: its address in brackets, unless the label is the
+    address or the address is not a web link (mailto:, an empty ``{{ unsubscribe_url }}``)."""
+    label = " ".join(label.split())
+    href = (href or "").strip()
+    if not href.startswith(("http://", "https://")) or href == label:
+        return ""
+    return f" ({href})" if label else f" {href} "
+
+
+def _rendered_link(href: str, label: str) -> str:
+    """The ``nurture_link`` filter: a link of the text alternative once its address is rendered."""
+    return label + _link_suffix(label, href)
+
+
+_TEXT_ALT_ENV.filters["nurture_link"] = _rendered_link
+
+
+def html_to_text(markup: str, *, jinja: re.Pattern[str] | None = None) -> str:
+    """A plain-text alternative for an HTML email.
+
+    ``jinja`` matches the placeholders of Jinja code still in ``markup``; a link whose address
+    holds one is written as Jinja that applies the link rule to the rendered address.
+    """
+    parser = _TextExtractor(jinja)
     parser.feed(markup)
     parser.close()
     return _tidy("".join(parser.parts))

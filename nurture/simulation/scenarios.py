@@ -102,18 +102,23 @@ class Expectation:
     contains: str | None = None
     exit: str | None = None
     line: int = 0
+    at_written: str = ""
+    """``at`` as the scenario wrote it, for reports."""
 
     def matches(self, actual: Observed) -> bool:
-        """Whether ``actual`` is this outcome; a field left out of the expectation matches anything."""
-        if self.at != actual.at or self.user != actual.user or self.journey != actual.journey:
-            return False
-        if self.exit is not None:
-            return actual.exit == self.exit
+        """Whether ``actual`` is this outcome; a field left out of the expectation matches anything.
+
+        Every field is compared whatever the kind of outcome, so a field that cannot hold for
+        it (a variant on a run's end) fails instead of passing unchecked.
+        """
         return (
-            actual.exit is None
+            self.at == actual.at
+            and self.user == actual.user
+            and self.journey == actual.journey
+            and self.exit == actual.exit
             and (self.send is None or self.send == actual.send)
             and (self.template is None or self.template == actual.template)
-            and (self.status or "sent") == actual.status
+            and (self.status or (None if self.exit is not None else "sent")) == actual.status
             and (self.reason is None or self.reason == actual.reason)
             and (self.variant is None or self.variant == actual.variant)
             and (self.contains is None or self.contains in actual.text)
@@ -121,7 +126,7 @@ class Expectation:
 
     def describe(self) -> str:
         return _describe(
-            self.at,
+            self.at_written or format_duration(self.at),
             self.user,
             self.journey,
             self.exit,
@@ -151,7 +156,7 @@ class Observed:
 
     def describe(self) -> str:
         return _describe(
-            self.at,
+            format_duration(self.at),
             self.user,
             self.journey,
             self.exit,
@@ -165,7 +170,7 @@ class Observed:
 
 
 def _describe(
-    at: int,
+    at: str,
     user: str,
     journey: str,
     exit: str | None,
@@ -177,7 +182,7 @@ def _describe(
     contains: str | None,
 ) -> str:
     """One expected or actual outcome as a line of a scenario report."""
-    head = f"{format_duration(at) if at else '0s':>8}  {user}  {journey}  "
+    head = f"{at:>8}  {user}  {journey}  "
     if exit is not None:
         return head + f"exit: {exit}"
     text = f"send: {send} {template or ''}".rstrip()
@@ -309,6 +314,10 @@ def load_scenario(path: Path, project: Project) -> Scenario:
             )
         if (want.exit is None) == (want.send is None):
             problems.append(smap.diagnostic(("expect", index), "an expectation has either send: or exit:"))
+        problems.extend(
+            smap.diagnostic(("expect", index, key), message, at_key=True)
+            for key, message in _unsupported(want)
+        )
         expectations.append(
             Expectation(
                 at=offset,
@@ -322,11 +331,34 @@ def load_scenario(path: Path, project: Project) -> Scenario:
                 contains=want.contains,
                 exit=want.exit,
                 line=smap.value(("expect", index)).line,
+                at_written=str(want.at).strip(),
             )
         )
     if problems:
         raise CompileError(problems)
     return Scenario(doc.scenario, str(path), start, journeys, users, opted, events, expectations)
+
+
+_SEND_KEYS = ("template", "status", "reason", "variant", "contains")
+
+
+def _unsupported(want: ExpectDoc) -> list[tuple[str, str]]:
+    """Keys no outcome of the expectation's kind carries: it could never match, so the file is wrong."""
+    given = want.model_fields_set
+    if want.exit is not None:
+        only = "an exit expectation is compared on at, user, journey and exit only"
+        return [
+            (key, f"{only}: remove {key}:" + (" (the variant is on the sends after the split)" if key == "variant" else ""))
+            for key in _SEND_KEYS
+            if key in given
+        ]
+    status = want.status or "sent"
+    found = []
+    if "reason" in given and status == "sent":
+        found.append(("reason", "a sent message has no reason: add status: skipped or failed, or remove reason:"))
+    if "contains" in given and status == "skipped":
+        found.append(("contains", "a skipped send has no text to look in: remove contains:"))
+    return found
 
 
 def observe(scenario: Scenario, outcomes: Sequence[Outcome]) -> list[Observed]:
