@@ -291,6 +291,24 @@ CASES = [
         "unknown time zone 'Asia/Shanghia' (did you mean 'Asia/Shanghai'?)",
     ),
     Case(
+        "channel-quiet-hours-start-equals-end",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        quiet_hours:
+          start: "21:00"
+          end: "08:00"
+          sms: {start: "9:00", end: "09:00"}
+        steps:
+          - wait: 1d
+        """,
+        7,
+        8,
+        "start and end are equal",
+        key="quiet_hours.sms",
+    ),
+    Case(
         "bad-quiet-hours-time",
         """\
         journey: welcome

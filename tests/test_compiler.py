@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from nurture.language import ir
-from nurture.language.compiler import CompileResult, Settings, compile_project, compile_text
+from nurture.language.compiler import CompileResult, Settings, compile_project, compile_text, load_settings
 from nurture.language.diagnostics import DiagnosticSink
 from nurture.language.document import journey_schema
 from nurture.language.durations import format_duration
@@ -419,3 +419,39 @@ def test_schema_rejects_empty_steps_and_unknown_channels(validator: Any) -> None
     assert not validator.is_valid({**data, "steps": []})
     assert not validator.is_valid({**data, "steps": [{"send": "fax", "template": "welcome"}]})
     assert validator.is_valid({**data, "steps": [{"send": "sms", "template": "welcome"}]})
+
+
+def test_the_project_file_refuses_an_empty_quiet_window(tmp_path: Path) -> None:
+    (tmp_path / "nurture.yaml").write_text('quiet_hours: {start: "22:00", end: "22:00"}\n', encoding="utf-8")
+    sink = DiagnosticSink()
+
+    load_settings(tmp_path / "nurture.yaml", sink)
+
+    (error,) = sink.errors
+    assert (error.line, error.message) == (1, "quiet hours start and end are equal: the window would be empty")
+
+
+def test_an_unquoted_off_turns_a_channels_quiet_hours_off(tmp_path: Path) -> None:
+    (tmp_path / "nurture.yaml").write_text(
+        'quiet_hours:\n  start: "21:00"\n  end: "08:00"\n  email: off\n  sms: "off"\n', encoding="utf-8"
+    )
+    sink = DiagnosticSink()
+
+    settings = load_settings(tmp_path / "nurture.yaml", sink)
+
+    assert sink.errors == []
+    assert settings.policy.quiet_by_channel == (ir.ChannelQuiet("email", None), ir.ChannelQuiet("sms", None))
+
+
+def test_a_journey_in_two_files_is_an_error(tmp_path: Path) -> None:
+    journeys = tmp_path / "journeys"
+    journeys.mkdir()
+    (tmp_path / "templates").mkdir()
+    body = "journey: greet\ntrigger: {event: Signed Up}\nsteps:\n  - wait: 1h\n"
+    (journeys / "greet.yaml").write_text(body, encoding="utf-8")
+    (journeys / "greet.yml").write_text(body.replace("1h", "2h"), encoding="utf-8")
+
+    result = compile_project(journeys, tmp_path / "templates")
+
+    assert result.project is None
+    assert [d.message for d in result.errors] == ["journey 'greet' is also defined in greet.yaml: keep one file"]

@@ -23,6 +23,7 @@ from .document import (
     STEP_KINDS,
     ArmDoc,
     BranchDoc,
+    ChannelQuietHoursDoc,
     ElseArmDoc,
     EventRuleDoc,
     ExitDoc,
@@ -116,6 +117,10 @@ def compile_project(
     files = sorted(journeys_dir.glob("*.yaml")) + sorted(journeys_dir.glob("*.yml"))
     if not journeys_dir.is_dir():
         sink.add(Diagnostic(str(journeys_dir), 0, 0, "journeys directory not found (use --journeys DIR)"))
+    stems: dict[str, Path] = {}
+    for path in files:
+        if (twin := stems.setdefault(path.stem, path)) is not path:
+            sink.add(Diagnostic(str(path), 0, 0, f"journey '{path.stem}' is also defined in {twin.name}: keep one file"))
     checked_templates: set[tuple[str, str]] = set()
     for path in files:
         journey = compile_file(path, templates, settings, sink, checked_templates)
@@ -326,9 +331,6 @@ def _check_raw(
                     )
                 )
                 break
-    quiet = data.get("quiet_hours")
-    if isinstance(quiet, dict) and quiet.get("start") == quiet.get("end") and quiet.get("start") is not None:
-        sink.add(smap.diagnostic(("quiet_hours",), "quiet hours start and end are equal: the window would be empty"))
 
 
 def _check_send(
@@ -438,6 +440,8 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[KeyPath, bool]:
         if part == "[key]" and index == len(loc) - 1 and index > 0:
             at_key = True
             continue
+        if isinstance(part, str) and part.startswith(("function-after[", "literal[")):
+            continue  # the union member pydantic tried, not a key of the file
         out.append(part)
         if isinstance(part, int) and index > 0 and loc[index - 1] in _STEP_LISTS:
             skip = True
@@ -613,7 +617,7 @@ def _step_shape_message(value: Any, loc: KeyPath) -> str:
 # --- the typed form ----------------------------------------------------------------------------
 
 
-def _quiet(doc: QuietHoursDoc | None) -> ir.QuietHours | None:
+def _quiet(doc: ChannelQuietHoursDoc | None) -> ir.QuietHours | None:
     if doc is None:
         return None
     return ir.QuietHours(start=_minutes(doc.start), end=_minutes(doc.end))
@@ -631,7 +635,7 @@ def _policy(doc: PolicyFields, quiet: QuietHoursDoc | None, base: ir.Policy) -> 
     quiet_by = base.quiet_by_channel
     if quiet is not None:
         quiet_by = tuple(
-            ir.ChannelQuiet(channel, None if own == "off" else ir.QuietHours(_minutes(own.start), _minutes(own.end)))
+            ir.ChannelQuiet(channel, _quiet(own) if isinstance(own, ChannelQuietHoursDoc) else None)
             for channel in ("email", "sms", "wechat")
             if (own := getattr(quiet, channel)) is not None
         )

@@ -62,6 +62,11 @@ def check_duration(value: str) -> str:
     return value
 
 
+def _clock_minutes(value: str) -> int:
+    hours, minutes = value.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
 def check_clock(value: str) -> str:
     if not _CLOCK.match(value):
         raise _fail("clock", f"'{value}' is not a time of day: write HH:MM in 24-hour form, e.g. \"08:00\"")
@@ -159,15 +164,24 @@ class ChannelQuietHoursDoc(Doc):
     start: ClockText
     end: ClockText
 
+    @model_validator(mode="after")
+    def _not_empty(self) -> ChannelQuietHoursDoc:
+        # An empty window would hold every marketing send forever: it can never end.
+        if _clock_minutes(self.start) == _clock_minutes(self.end):
+            raise _fail("quiet_hours", "quiet hours start and end are equal: the window would be empty")
+        return self
 
-class QuietHoursDoc(Doc):
+
+# YAML 1.1 reads an unquoted `off` as false; both mean "no quiet hours for this channel".
+ChannelQuiet = ChannelQuietHoursDoc | Literal["off", False] | None
+
+
+class QuietHoursDoc(ChannelQuietHoursDoc):
     """A local-time window in which marketing sends wait; a channel may have its own, or ``off``."""
 
-    start: ClockText
-    end: ClockText
-    email: ChannelQuietHoursDoc | Literal["off"] | None = None
-    sms: ChannelQuietHoursDoc | Literal["off"] | None = None
-    wechat: ChannelQuietHoursDoc | Literal["off"] | None = None
+    email: ChannelQuiet = None
+    sms: ChannelQuiet = None
+    wechat: ChannelQuiet = None
 
 
 class CapDoc(Doc):
