@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -29,7 +30,7 @@ from nurture.language.compiler import Project
 from nurture.service.api import create_app
 from nurture.service.settings import Settings, SettingsError
 from nurture.storage.db import Database
-from nurture.storage.models import MessageEvent, MessageRecord, ProfileRecord
+from nurture.storage.models import MessageEvent, MessageRecord, ProfileRecord, UsedNonce
 from nurture.storage.stores import DbProfiles
 
 WRITE_KEY = "test-key-0123456789"
@@ -77,12 +78,17 @@ class Hooks:
         return await self.http.post(target, data=dict(form), headers={"X-Twilio-Signature": signature})
 
     async def wechat(
-        self, body: str | bytes, *, token: str = WECHAT_TOKEN, timestamp: int | None = None
+        self,
+        body: str | bytes,
+        *,
+        token: str = WECHAT_TOKEN,
+        timestamp: int | None = None,
+        query: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """``body`` pushed as WeChat pushes (plaintext mode): signed in the query, not the body."""
         return await self.http.post(
             WECHAT,
-            params=wechat_query(token, timestamp),
+            params=dict(query) if query is not None else wechat_query(token, timestamp),
             content=body.encode() if isinstance(body, str) else body,
             headers={"Content-Type": "text/xml"},
         )
@@ -445,6 +451,28 @@ async def test_an_unsubscribe_without_custom_args_opts_out_by_email(hooks: Hooks
     assert opted_out(hooks.db, other) == []
 
 
+async def test_events_without_sg_event_id_are_recorded_once(hooks: Hooks) -> None:
+    """Older or hand-made events carry no sg_event_id: the event itself identifies it."""
+    user = profile(hooks.db, email="ada@example.com")
+    mail = message(hooks.db, provider="sendgrid", provider_id="noid1", user=user)
+    batch = [
+        {k: v for k, v in sg_event(name, mail).items() if k != "sg_event_id"}
+        for name in ("delivered", "open", "unsubscribe")
+    ]
+
+    first = await hooks.sendgrid(batch)
+    DbProfiles(hooks.db).set_opt_out(user, "email", False)  # the user opted back in since
+    # The same batch again, freshly signed, its keys in another order.
+    replayed = await hooks.sendgrid([dict(reversed(event.items())) for event in batch])
+
+    assert first.json() == {"received": 3, "recorded": 3, "duplicates": 0, "ignored": 0}
+    assert replayed.json() == {"received": 3, "recorded": 0, "duplicates": 3, "ignored": 0}
+    assert len(rows(hooks.db, MessageEvent)) == 3
+    assert opted_out(hooks.db, user) == [], "the replayed unsubscribe is not applied again"
+    other = {**batch[1], "timestamp": batch[1]["timestamp"] + 1}  # a second open, a moment later
+    assert (await hooks.sendgrid([other])).json()["recorded"] == 1
+
+
 async def test_a_replayed_unsubscribe_is_not_applied_twice(hooks: Hooks) -> None:
     user = profile(hooks.db, email="ada@example.com")
     unsubscribe = sg_event("unsubscribe", email="ada@example.com")
@@ -546,6 +574,18 @@ async def test_one_click_post_unsubscribes(hooks: Hooks, body: dict[str, str] | 
 
     again = await hooks.http.post(link_path(user, "email"))  # clicked twice
     assert again.status_code == 200 and opted_out(hooks.db, user) == ["email", "wechat"]
+    assert len(rows(hooks.db, MessageEvent)) == 1, "a second click changes nothing, so records nothing"
+
+
+async def test_a_link_used_again_after_opting_back_in_opts_out_again(hooks: Hooks) -> None:
+    user = profile(hooks.db, email="ada@example.com")
+    assert (await hooks.http.post(link_path(user, "email"))).status_code == 200
+    DbProfiles(hooks.db).set_opt_out(user, "email", False)  # identify with subscribe: [email]
+
+    assert (await hooks.http.post(link_path(user, "email"))).status_code == 200
+
+    assert opted_out(hooks.db, user) == ["email"]
+    assert len(rows(hooks.db, MessageEvent)) == 2
 
 
 async def test_a_topic_link_opts_out_of_the_topic_only(hooks: Hooks) -> None:
@@ -741,6 +781,45 @@ async def test_a_forged_or_stale_wechat_push_is_refused_and_changes_nothing(hook
         assert answer.json()["error"] == "forbidden"
     assert state(hooks.db) == before
     assert opted_out(hooks.db, user) == []
+
+
+async def test_a_signed_query_used_again_with_another_body_is_refused(
+    project: Project, hooks: Hooks
+) -> None:
+    """Plaintext mode signs the query only: a captured query must not carry a body of one's own."""
+    victim = profile(hooks.db, openid=OTHER_OPENID)
+    query = wechat_query()
+    assert (await hooks.wechat(follow("subscribe"), query=query)).status_code == 200
+    before = state(hooks.db)
+
+    replayed = await hooks.wechat(follow("unsubscribe", openid=OTHER_OPENID), query=query)
+    # Another API process on the same database knows the query too.
+    async for other in serve(project, hooks.db, SETTINGS):
+        elsewhere = await other.wechat(follow("unsubscribe", openid=OTHER_OPENID), query=query)
+
+    for answer in (replayed, elsewhere):
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"] == "forbidden" and "already used" in answer.json()["message"]
+    assert state(hooks.db) == before and opted_out(hooks.db, victim) == []
+
+    # WeChat's own retry repeats the push as it was: answered, and changes nothing more.
+    retried = await hooks.wechat(follow("subscribe"), query=query)
+    assert retried.status_code == 200 and retried.text == "success"
+    assert state(hooks.db) == before
+
+
+async def test_used_queries_are_remembered_until_their_signature_is_stale(hooks: Hooks) -> None:
+    stamp = int(time.time()) - 30
+    query = wechat_query(timestamp=stamp)
+    with hooks.db.session() as session:  # one left by a push signed 11 minutes ago
+        session.add(UsedNonce(key="wechat:1:2", digest="0" * 64, expires_at=datetime.now(UTC) - timedelta(minutes=1)))
+
+    assert (await hooks.wechat(follow("subscribe"), query=query)).status_code == 200
+
+    [kept] = rows(hooks.db, UsedNonce)
+    assert kept.key == f"wechat:{stamp}:{query['nonce']}"
+    expires = kept.expires_at.replace(tzinfo=kept.expires_at.tzinfo or UTC)
+    assert expires.timestamp() == stamp + 600, "when its timestamp is refused anyway"
 
 
 BAD_XML = {
