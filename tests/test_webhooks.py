@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from support import rows
+from support import link_payload, rows, v1_link_token
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped, unused-ignore]
 
 from nurture.language.compiler import Project
@@ -588,6 +588,17 @@ async def test_a_link_used_again_after_opting_back_in_opts_out_again(hooks: Hook
     assert len(rows(hooks.db, MessageEvent)) == 2
 
 
+async def test_a_link_sent_before_links_were_encrypted_still_unsubscribes(hooks: Hooks) -> None:
+    user = profile(hooks.db, email="ada@example.com")
+    path = "/u/" + v1_link_token(SECRET, link_payload(u=user, c="email", t="promotions"))
+
+    page = await hooks.http.get(path)
+    answer = await hooks.http.post(path)
+
+    assert page.status_code == 200 and "messages about promotions" in page.text
+    assert answer.status_code == 200 and opted_out(hooks.db, user) == ["promotions"]
+
+
 async def test_a_topic_link_opts_out_of_the_topic_only(hooks: Hooks) -> None:
     """The user leaves promotions on every channel, and keeps email for everything else."""
     user = profile(hooks.db, email="ada@example.com", opted_out=["wechat"])
@@ -630,14 +641,16 @@ async def test_a_tampered_link_is_refused(hooks: Hooks, method: str) -> None:
     victim = profile(hooks.db, email="ada@example.com")
     mine = link_path(profile(hooks.db, email="eve@example.com"))
     theirs = link_path(victim)
-    # The victim's payload with my signature, and a link signed with another secret.
-    spliced = theirs.split(".")[0] + "." + mine.split(".")[1]
+    # The start of the victim's token (its synthetic IV) with the rest of mine, an old-format
+    # link for the victim signed with another secret, and a link made with another secret.
+    spliced = theirs[: len("/u/") + 24] + mine[len("/u/") + 24 :]
+    old_forged = "/u/" + v1_link_token("some-other-secret-0123456", link_payload(u=victim, c="email"))
     other = Settings(public_url=PUBLIC, secret="some-other-secret-0123456").unsubscribe_links()
     assert other is not None
     foreign = other.url(victim, "email").removeprefix(PUBLIC)
     before = state(hooks.db)
 
-    for path in (spliced, foreign, "/u/garbage", theirs[:-2]):
+    for path in (spliced, old_forged, foreign, "/u/garbage", theirs[:-2]):
         answer = await hooks.http.request(method, path)
         assert answer.status_code == 403, path
         assert "not valid" in answer.text
