@@ -7,9 +7,12 @@ forged, stale or unsigned ones answer 403 and change nothing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -28,6 +31,8 @@ from twilio.request_validator import RequestValidator  # type: ignore[import-unt
 
 from nurture.language.compiler import Project
 from nurture.service.api import create_app
+from nurture.service.api import serve as serve_api
+from nurture.service.devserver import free_port
 from nurture.service.settings import Settings, SettingsError
 from nurture.storage.db import Database
 from nurture.storage.models import MessageEvent, MessageRecord, ProfileRecord, UsedNonce
@@ -929,6 +934,53 @@ async def test_oversized_webhook_bodies_are_refused_unread(hooks: Hooks) -> None
     answer = await hooks.http.post(INBOUND, content=b"Body=" + b"x" * (65 * 1024))
     assert answer.status_code == 413
     assert rows(hooks.db, MessageEvent) == []
+
+
+async def test_the_access_log_shows_no_link_token_callback_key_or_address(
+    project: Project, database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The API served as ``nurture up`` and ``serve`` serve it: uvicorn's access log through ours."""
+    user = profile(database, email="pii.person@example.com")
+    link = link_path(user)
+    old_link = "/u/" + v1_link_token(SECRET, link_payload(u="pii.person@example.com", c="email"))
+    key = "run-7f3a9c:welcome_email"
+    form = status("SMaccesslog", "delivered")
+    signature = RequestValidator(TWILIO_TOKEN).compute_signature(f"{PUBLIC}{STATUS}?key={key}", form)
+    app = create_app(replace(SETTINGS, database=database.url), project=project, db=database)
+    port, stop = free_port(), asyncio.Event()
+    root = logging.getLogger()
+    level = root.level
+    served = asyncio.create_task(serve_api(SETTINGS, port=port, stop=stop, app=app))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(200):
+                with contextlib.suppress(httpx.ConnectError):
+                    await http.get("/healthz")
+                    break
+                await asyncio.sleep(0.05)
+            assert (await http.get(link)).status_code == 200
+            assert (await http.post(old_link)).status_code == 200
+            # The callback URL as the SMS sender sets it, signed by Twilio as it is.
+            answer = await http.post(f"{STATUS}?key={key}", data=form, headers={"X-Twilio-Signature": signature})
+            assert answer.status_code == 200, answer.text
+            assert (await http.get("/v1/users/+1 (500) 555-0143", auth=(WRITE_KEY, ""))).status_code
+    finally:
+        stop.set()
+        await served
+        for handler in [h for h in root.handlers if h.get_name() == "nurture"]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+
+    log = capsys.readouterr().err
+    access = [json.loads(line)["message"] for line in log.splitlines() if '"uvicorn.access"' in line]
+    assert any('"GET /u/*** HTTP/1.1" 200' in line for line in access), access
+    assert any('"POST /u/*** HTTP/1.1" 200' in line for line in access), access
+    assert any('"POST /webhooks/twilio/status?key=*** HTTP/1.1" 200' in line for line in access), access
+    assert any("/v1/users/%2B15*****0143 HTTP/1.1" in line for line in access), access
+    for secret in (link.removeprefix("/u/"), old_link.removeprefix("/u/")[:20], "7f3a9c", "555-0143"):
+        assert secret not in log, secret
+    assert "pii.person" not in log and user not in log
 
 
 async def test_webhooks_are_in_the_openapi_document_and_links_are_not(hooks: Hooks) -> None:
