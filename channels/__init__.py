@@ -152,9 +152,10 @@ def mask_address(address: str) -> str:
 # part stops at URL delimiters, so a path or query around an address stays readable.
 _EMAIL = re.compile(r"[^\s<>\"'(),;:\[\]/?&=]+@[^\s<>\"'(),;:\[\]@/?&=]+\.[^\W\d_]{2,}")
 # A phone number: seven or more digits, optionally after a "+", with at most two of " ()-" between
-# them. It must stand alone (not inside an id such as a Twilio SID or a hash) and must not be an
-# ISO date; dots are not separators so IP addresses and version numbers stay readable.
-_PHONE = re.compile(r"(?<![\w.+-])(?!\d{4}-\d\d-\d\d(?!\d))\+?\(?\d(?:[ ()-]{0,2}\d){6,}(?!\w)")
+# them. It must stand alone (not inside an id such as a Twilio SID, a hash or a UUID whose first
+# group is all digits) and must not be an ISO date; dots are not separators so IP addresses and
+# version numbers stay readable.
+_PHONE = re.compile(r"(?<![\w.+-])(?!\d{4}-\d\d-\d\d(?!\d))\+?\(?\d(?:[ ()-]{0,2}\d){6,}(?!\w|-\w)")
 
 
 def mask_user_id(user_id: str) -> str:

@@ -282,6 +282,7 @@ def test_addresses_in_fields_containers_and_tracebacks_are_masked(
         ("already l***@example.com and +86*******8000", "already l***@example.com and +86*******8000"),
         # Not addresses: ids, times, ports, amounts and short numbers stay readable.
         ("run 8890eb76-7a7e-465b-9f25-cb3efcc3ada8", "run 8890eb76-7a7e-465b-9f25-cb3efcc3ada8"),
+        ("message_id=27161601-052c-4a19-bdd7-b0a21b68438f", "message_id=27161601-052c-4a19-bdd7-b0a21b68438f"),
         ("at 2026-03-02T10:00:00+08:00 on :8000", "at 2026-03-02T10:00:00+08:00 on :8000"),
         ("order 123456 total 1234.567890123", "order 123456 total 1234.567890123"),
         # A phone number written for people, as a user id: in text, and quoted in a workflow id.
