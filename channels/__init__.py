@@ -126,8 +126,11 @@ class Reconciling(Protocol):
 
 
 def mask_address(address: str) -> str:
-    """An address safe for logs: ``l***@example.com``, ``+86*******8000``."""
+    """An address safe for logs: ``l***@example.com``, ``+86*******8000``; a phone number written
+    with spaces, brackets or dashes (``+1 (500) 555-0143``) is masked as its digits are."""
     address = address.strip()
+    if _PHONE.fullmatch(address):
+        address = re.sub(r"[^\d+]", "", address)
     if "@" in address:
         local, _, domain = address.rpartition("@")
         return f"{local[:1]}***@{domain}"
@@ -145,18 +148,20 @@ def mask_address(address: str) -> str:
 
 
 # An email address: no whitespace, brackets, quotes or list separators, and a domain ending in a
-# top-level label of letters (any script: SMTPUTF8 addresses end in e.g. ``.中国``).
-_EMAIL = re.compile(r"[^\s<>\"'(),;:\[\]]+@[^\s<>\"'(),;:\[\]@]+\.[^\W\d_]{2,}")
+# top-level label of letters (any script: SMTPUTF8 addresses end in e.g. ``.中国``). The local
+# part stops at URL delimiters, so a path or query around an address stays readable.
+_EMAIL = re.compile(r"[^\s<>\"'(),;:\[\]/?&=]+@[^\s<>\"'(),;:\[\]@/?&=]+\.[^\W\d_]{2,}")
 # A phone number: seven or more digits, optionally after a "+", with at most two of " ()-" between
-# them. It must stand alone (not inside an id such as a Twilio SID or a hash) and must not be an
-# ISO date; dots are not separators so IP addresses and version numbers stay readable.
-_PHONE = re.compile(r"(?<![\w.+-])(?!\d{4}-\d\d-\d\d(?!\d))\+?\(?\d(?:[ ()-]{0,2}\d){6,}(?!\w)")
+# them. It must stand alone (not inside an id such as a Twilio SID, a hash or a UUID whose first
+# group is all digits) and must not be an ISO date; dots are not separators so IP addresses and
+# version numbers stay readable.
+_PHONE = re.compile(r"(?<![\w.+-])(?!\d{4}-\d\d-\d\d(?!\d))\+?\(?\d(?:[ ()-]{0,2}\d){6,}(?!\w|-\w)")
 
 
 def mask_user_id(user_id: str) -> str:
-    """A user id fit for logs: ids that are email addresses or phone numbers are masked."""
-    digits = user_id.lstrip("+")
-    if "@" in user_id or (digits.isdigit() and len(digits) >= 7):
+    """A user id fit for logs: ids that are email addresses or phone numbers (in any of the
+    formats :func:`mask_in_text` finds) are masked."""
+    if "@" in user_id or _PHONE.fullmatch(user_id.strip()):
         return mask_address(user_id)
     return user_id
 
@@ -174,4 +179,4 @@ def mask_in_text(text: str, *addresses: str) -> str:
         pattern = re.compile("|".join(map(re.escape, known)), re.IGNORECASE)
         text = pattern.sub(lambda match: mask_address(match.group()), text)
     text = _EMAIL.sub(lambda match: mask_address(match.group()), text)
-    return _PHONE.sub(lambda match: mask_address(re.sub(r"[^\d+]", "", match.group())), text)
+    return _PHONE.sub(lambda match: mask_address(match.group()), text)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import json
 import os
 import threading
 import time
@@ -25,6 +29,19 @@ def clean_env() -> dict[str, str]:
     worker or ``nurture up`` subprocess starts from before a test adds its own."""
     prefixes = ("NURTURE_", "TEMPORAL_", "TWILIO_", "SENDGRID_", "SMTP_", "WECHAT_")
     return {key: value for key, value in os.environ.items() if not key.startswith(prefixes) and key != "DATABASE_URL"}
+
+
+def v1_link_token(secret: str, payload: bytes) -> str:
+    """An unsubscribe token as made before tokens were encrypted (version 1): the payload (compact
+    JSON), readable, and its HMAC-SHA256 signature, both base64url without padding."""
+    key = hmac.new(secret.encode(), b"nurture/unsubscribe-link/v1", hashlib.sha256).digest()
+    signature = hmac.new(key, payload, hashlib.sha256).digest()
+    return ".".join(base64.urlsafe_b64encode(part).rstrip(b"=").decode() for part in (payload, signature))
+
+
+def link_payload(**fields: str) -> bytes:
+    """A link's payload as Nurture writes it: compact JSON."""
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def new_user() -> str:

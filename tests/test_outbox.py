@@ -15,6 +15,7 @@ from channels import (
     Envelope,
     idempotency_key,
     mask_address,
+    mask_user_id,
     split_idempotency_key,
 )
 from channels.outbox import Outbox, OutboxRecord
@@ -186,7 +187,28 @@ def test_split_idempotency_key(key: str, parts: tuple[str | None, str | None]) -
         ("+861234", "+****34"),
         ("oUpF8uMuAJO_M2pxb1Q9zNjWeS6o", "oUp***S6o"),
         ("abc", "***"),
+        ("+1 (500) 555-0143", "+15*****0143"),
+        ("(500) 555-0143", "******0143"),
     ],
 )
 def test_mask_address(address: str, masked: str) -> None:
     assert mask_address(address) == masked
+
+
+@pytest.mark.parametrize(
+    ("user_id", "masked"),
+    [
+        ("li@example.com", "l***@example.com"),
+        ("+8613800138000", "+86*******8000"),
+        ("+1 (500) 555-0143", "+15*****0143"),
+        ("+1-500-555-0143", "+15*****0143"),
+        ("500 555 0143", "******0143"),
+        # Ids that are not addresses stay readable.
+        ("user-1", "user-1"),
+        ("u_1024", "u_1024"),
+        ("2026-03-02", "2026-03-02"),
+        ("8890eb76-7a7e-465b-9f25-cb3efcc3ada8", "8890eb76-7a7e-465b-9f25-cb3efcc3ada8"),
+    ],
+)
+def test_mask_user_id(user_id: str, masked: str) -> None:
+    assert mask_user_id(user_id) == masked

@@ -29,6 +29,7 @@ def test_migration_creates_every_table(database: Database) -> None:
         "messages",
         "message_events",
         "provider_tokens",
+        "used_nonces",
         "alembic_version",
     } <= tables
     database.migrate()  # idempotent

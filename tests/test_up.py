@@ -8,7 +8,9 @@ hours, so the welcome email goes out whatever the wall-clock hour.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import shutil
 import signal
 import socket
@@ -31,6 +33,7 @@ from support import clean_env, send_request
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from nurture.cli.service import outbox
+from nurture.cli.up import UpOptions, exposure_warnings, private_home, stack_settings
 from nurture.language.templates import RenderedMessage
 from nurture.service.devserver import free_port
 from nurture.storage.db import Database
@@ -105,6 +108,25 @@ def listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def listeners(port: int) -> set[str]:
+    """The addresses a socket listens on at ``port``, from the kernel's tables."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(host)  # in host byte order, 32 bits at a time
+            flipped = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(str(ipaddress.ip_address(flipped)))
+    return found
+
+
+def modes(directory: Path) -> dict[str, int]:
+    return {path.name: stat.S_IMODE(path.stat().st_mode) for path in directory.iterdir()}
+
+
 def outbox_cli(home: Path, *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "nurture.cli.service", "outbox", "--home", str(home), *args],
@@ -151,8 +173,8 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     ]  # fmt: skip
     started: list[Up] = []
 
-    def up() -> Up:
-        process = Up(args, clean_env(), tmp_path / "up.log")
+    def up(*extra: str) -> Up:
+        process = Up([*args, *extra], clean_env(), tmp_path / "up.log")
         started.append(process)
         return process
 
@@ -259,6 +281,65 @@ async def test_up_serves_the_welcome_series_then_resumes_after_a_restart(stack: 
 
     assert second.stop(signal.SIGTERM) == 0
     assert not listening(ports["temporal"]) and not listening(ports["api"])
+
+
+def test_up_on_all_interfaces_keeps_temporal_on_loopback_and_its_home_private(
+    stack: dict[str, Any],
+) -> None:
+    home: Path = stack["home"]
+    ports: dict[str, int] = stack["ports"]
+    umask = os.umask(0o022)  # the usual default: what made the home 0755 and its files 0644
+    try:
+        first: Up = stack["up"]("--host", "0.0.0.0")
+        banner = first.banner()
+    finally:
+        os.umask(umask)
+
+    assert "Warning: the API listens on 0.0.0.0, beyond this machine" in banner
+    assert f"Temporal UI   http://127.0.0.1:{ports['ui']}" in banner
+    assert listeners(ports["api"]) == {"0.0.0.0"}
+    assert listeners(ports["temporal"]) == {"127.0.0.1"}, "the dev server's gRPC stays on loopback"
+    assert listeners(ports["ui"]) == {"127.0.0.1"}, "the UI, which has no login, stays on loopback"
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    running = modes(home)
+    assert {"nurture.db", "temporal.db", "temporal.log", "temporal.pid", "write_key"} <= running.keys()
+    assert {"nurture.db-wal", "temporal.db-wal"} & running.keys(), running  # SQLite's own, created later
+    assert set(running.values()) == {0o600}, running
+    assert first.stop(signal.SIGINT) == 0
+    assert set(modes(home).values()) == {0o600}
+
+
+def test_the_dev_server_leaves_loopback_only_when_asked(tmp_path: Path) -> None:
+    exposed = UpOptions(home=tmp_path, temporal_host="0.0.0.0")
+    assert stack_settings(exposed, env={}).temporal_address == "127.0.0.1:7233"
+    assert [w.split(",")[0] for w in exposure_warnings(exposed)] == [
+        "the Temporal dev server (gRPC and UI) listens on 0.0.0.0"
+    ]
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert exposure_warnings(UpOptions(host=host)) == [], host
+    for host in ("0.0.0.0", "::", "192.0.2.10", "api.example.com"):
+        assert len(exposure_warnings(UpOptions(host=host))) == 1, host
+
+
+def test_a_home_made_by_an_earlier_version_is_made_private(tmp_path: Path) -> None:
+    home, mine = tmp_path / "home", tmp_path / "mine"
+    home.mkdir(mode=0o755)
+    mine.mkdir(mode=0o755)
+    for name in ("nurture.db", "nurture.db-wal", "temporal.db", "temporal.log"):
+        (home / name).write_bytes(b"")
+        (home / name).chmod(0o644)
+    (mine / "notes.txt").write_bytes(b"")
+    (mine / "notes.txt").chmod(0o644)
+
+    private_home(home)
+    private_home(mine)
+    private_home(tmp_path / "new" / "home")
+
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert set(modes(home).values()) == {0o600}
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o755, "not a Nurture home: left as its owner set it"
+    assert modes(mine) == {"notes.txt": 0o644}
+    assert stat.S_IMODE((tmp_path / "new" / "home").stat().st_mode) == 0o700
 
 
 def test_up_adopts_the_dev_server_a_killed_run_left_behind(stack: dict[str, Any]) -> None:

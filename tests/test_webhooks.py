@@ -7,13 +7,17 @@ forged, stale or unsigned ones answer 403 and change nothing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,14 +26,16 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from support import rows
+from support import link_payload, rows, v1_link_token
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped, unused-ignore]
 
 from nurture.language.compiler import Project
 from nurture.service.api import create_app
+from nurture.service.api import serve as serve_api
+from nurture.service.devserver import free_port
 from nurture.service.settings import Settings, SettingsError
 from nurture.storage.db import Database
-from nurture.storage.models import MessageEvent, MessageRecord, ProfileRecord
+from nurture.storage.models import MessageEvent, MessageRecord, ProfileRecord, UsedNonce
 from nurture.storage.stores import DbProfiles
 
 WRITE_KEY = "test-key-0123456789"
@@ -77,12 +83,17 @@ class Hooks:
         return await self.http.post(target, data=dict(form), headers={"X-Twilio-Signature": signature})
 
     async def wechat(
-        self, body: str | bytes, *, token: str = WECHAT_TOKEN, timestamp: int | None = None
+        self,
+        body: str | bytes,
+        *,
+        token: str = WECHAT_TOKEN,
+        timestamp: int | None = None,
+        query: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """``body`` pushed as WeChat pushes (plaintext mode): signed in the query, not the body."""
         return await self.http.post(
             WECHAT,
-            params=wechat_query(token, timestamp),
+            params=dict(query) if query is not None else wechat_query(token, timestamp),
             content=body.encode() if isinstance(body, str) else body,
             headers={"Content-Type": "text/xml"},
         )
@@ -445,6 +456,28 @@ async def test_an_unsubscribe_without_custom_args_opts_out_by_email(hooks: Hooks
     assert opted_out(hooks.db, other) == []
 
 
+async def test_events_without_sg_event_id_are_recorded_once(hooks: Hooks) -> None:
+    """Older or hand-made events carry no sg_event_id: the event itself identifies it."""
+    user = profile(hooks.db, email="ada@example.com")
+    mail = message(hooks.db, provider="sendgrid", provider_id="noid1", user=user)
+    batch = [
+        {k: v for k, v in sg_event(name, mail).items() if k != "sg_event_id"}
+        for name in ("delivered", "open", "unsubscribe")
+    ]
+
+    first = await hooks.sendgrid(batch)
+    DbProfiles(hooks.db).set_opt_out(user, "email", False)  # the user opted back in since
+    # The same batch again, freshly signed, its keys in another order.
+    replayed = await hooks.sendgrid([dict(reversed(event.items())) for event in batch])
+
+    assert first.json() == {"received": 3, "recorded": 3, "duplicates": 0, "ignored": 0}
+    assert replayed.json() == {"received": 3, "recorded": 0, "duplicates": 3, "ignored": 0}
+    assert len(rows(hooks.db, MessageEvent)) == 3
+    assert opted_out(hooks.db, user) == [], "the replayed unsubscribe is not applied again"
+    other = {**batch[1], "timestamp": batch[1]["timestamp"] + 1}  # a second open, a moment later
+    assert (await hooks.sendgrid([other])).json()["recorded"] == 1
+
+
 async def test_a_replayed_unsubscribe_is_not_applied_twice(hooks: Hooks) -> None:
     user = profile(hooks.db, email="ada@example.com")
     unsubscribe = sg_event("unsubscribe", email="ada@example.com")
@@ -546,6 +579,29 @@ async def test_one_click_post_unsubscribes(hooks: Hooks, body: dict[str, str] | 
 
     again = await hooks.http.post(link_path(user, "email"))  # clicked twice
     assert again.status_code == 200 and opted_out(hooks.db, user) == ["email", "wechat"]
+    assert len(rows(hooks.db, MessageEvent)) == 1, "a second click changes nothing, so records nothing"
+
+
+async def test_a_link_used_again_after_opting_back_in_opts_out_again(hooks: Hooks) -> None:
+    user = profile(hooks.db, email="ada@example.com")
+    assert (await hooks.http.post(link_path(user, "email"))).status_code == 200
+    DbProfiles(hooks.db).set_opt_out(user, "email", False)  # identify with subscribe: [email]
+
+    assert (await hooks.http.post(link_path(user, "email"))).status_code == 200
+
+    assert opted_out(hooks.db, user) == ["email"]
+    assert len(rows(hooks.db, MessageEvent)) == 2
+
+
+async def test_a_link_sent_before_links_were_encrypted_still_unsubscribes(hooks: Hooks) -> None:
+    user = profile(hooks.db, email="ada@example.com")
+    path = "/u/" + v1_link_token(SECRET, link_payload(u=user, c="email", t="promotions"))
+
+    page = await hooks.http.get(path)
+    answer = await hooks.http.post(path)
+
+    assert page.status_code == 200 and "messages about promotions" in page.text
+    assert answer.status_code == 200 and opted_out(hooks.db, user) == ["promotions"]
 
 
 async def test_a_topic_link_opts_out_of_the_topic_only(hooks: Hooks) -> None:
@@ -590,14 +646,16 @@ async def test_a_tampered_link_is_refused(hooks: Hooks, method: str) -> None:
     victim = profile(hooks.db, email="ada@example.com")
     mine = link_path(profile(hooks.db, email="eve@example.com"))
     theirs = link_path(victim)
-    # The victim's payload with my signature, and a link signed with another secret.
-    spliced = theirs.split(".")[0] + "." + mine.split(".")[1]
+    # The start of the victim's token (its synthetic IV) with the rest of mine, an old-format
+    # link for the victim signed with another secret, and a link made with another secret.
+    spliced = theirs[: len("/u/") + 24] + mine[len("/u/") + 24 :]
+    old_forged = "/u/" + v1_link_token("some-other-secret-0123456", link_payload(u=victim, c="email"))
     other = Settings(public_url=PUBLIC, secret="some-other-secret-0123456").unsubscribe_links()
     assert other is not None
     foreign = other.url(victim, "email").removeprefix(PUBLIC)
     before = state(hooks.db)
 
-    for path in (spliced, foreign, "/u/garbage", theirs[:-2]):
+    for path in (spliced, old_forged, foreign, "/u/garbage", theirs[:-2]):
         answer = await hooks.http.request(method, path)
         assert answer.status_code == 403, path
         assert "not valid" in answer.text
@@ -743,6 +801,45 @@ async def test_a_forged_or_stale_wechat_push_is_refused_and_changes_nothing(hook
     assert opted_out(hooks.db, user) == []
 
 
+async def test_a_signed_query_used_again_with_another_body_is_refused(
+    project: Project, hooks: Hooks
+) -> None:
+    """Plaintext mode signs the query only: a captured query must not carry a body of one's own."""
+    victim = profile(hooks.db, openid=OTHER_OPENID)
+    query = wechat_query()
+    assert (await hooks.wechat(follow("subscribe"), query=query)).status_code == 200
+    before = state(hooks.db)
+
+    replayed = await hooks.wechat(follow("unsubscribe", openid=OTHER_OPENID), query=query)
+    # Another API process on the same database knows the query too.
+    async for other in serve(project, hooks.db, SETTINGS):
+        elsewhere = await other.wechat(follow("unsubscribe", openid=OTHER_OPENID), query=query)
+
+    for answer in (replayed, elsewhere):
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"] == "forbidden" and "already used" in answer.json()["message"]
+    assert state(hooks.db) == before and opted_out(hooks.db, victim) == []
+
+    # WeChat's own retry repeats the push as it was: answered, and changes nothing more.
+    retried = await hooks.wechat(follow("subscribe"), query=query)
+    assert retried.status_code == 200 and retried.text == "success"
+    assert state(hooks.db) == before
+
+
+async def test_used_queries_are_remembered_until_their_signature_is_stale(hooks: Hooks) -> None:
+    stamp = int(time.time()) - 30
+    query = wechat_query(timestamp=stamp)
+    with hooks.db.session() as session:  # one left by a push signed 11 minutes ago
+        session.add(UsedNonce(key="wechat:1:2", digest="0" * 64, expires_at=datetime.now(UTC) - timedelta(minutes=1)))
+
+    assert (await hooks.wechat(follow("subscribe"), query=query)).status_code == 200
+
+    [kept] = rows(hooks.db, UsedNonce)
+    assert kept.key == f"wechat:{stamp}:{query['nonce']}"
+    expires = kept.expires_at.replace(tzinfo=kept.expires_at.tzinfo or UTC)
+    assert expires.timestamp() == stamp + 600, "when its timestamp is refused anyway"
+
+
 BAD_XML = {
     "not xml": "unsubscribe",
     "another root": f"<event><FromUserName>{OPENID}</FromUserName></event>",
@@ -837,6 +934,53 @@ async def test_oversized_webhook_bodies_are_refused_unread(hooks: Hooks) -> None
     answer = await hooks.http.post(INBOUND, content=b"Body=" + b"x" * (65 * 1024))
     assert answer.status_code == 413
     assert rows(hooks.db, MessageEvent) == []
+
+
+async def test_the_access_log_shows_no_link_token_callback_key_or_address(
+    project: Project, database: Database, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The API served as ``nurture up`` and ``serve`` serve it: uvicorn's access log through ours."""
+    user = profile(database, email="pii.person@example.com")
+    link = link_path(user)
+    old_link = "/u/" + v1_link_token(SECRET, link_payload(u="pii.person@example.com", c="email"))
+    key = "run-7f3a9c:welcome_email"
+    form = status("SMaccesslog", "delivered")
+    signature = RequestValidator(TWILIO_TOKEN).compute_signature(f"{PUBLIC}{STATUS}?key={key}", form)
+    app = create_app(replace(SETTINGS, database=database.url), project=project, db=database)
+    port, stop = free_port(), asyncio.Event()
+    root = logging.getLogger()
+    level = root.level
+    served = asyncio.create_task(serve_api(SETTINGS, port=port, stop=stop, app=app))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(200):
+                with contextlib.suppress(httpx.ConnectError):
+                    await http.get("/healthz")
+                    break
+                await asyncio.sleep(0.05)
+            assert (await http.get(link)).status_code == 200
+            assert (await http.post(old_link)).status_code == 200
+            # The callback URL as the SMS sender sets it, signed by Twilio as it is.
+            answer = await http.post(f"{STATUS}?key={key}", data=form, headers={"X-Twilio-Signature": signature})
+            assert answer.status_code == 200, answer.text
+            assert (await http.get("/v1/users/+1 (500) 555-0143", auth=(WRITE_KEY, ""))).status_code
+    finally:
+        stop.set()
+        await served
+        for handler in [h for h in root.handlers if h.get_name() == "nurture"]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+
+    log = capsys.readouterr().err
+    access = [json.loads(line)["message"] for line in log.splitlines() if '"uvicorn.access"' in line]
+    assert any('"GET /u/*** HTTP/1.1" 200' in line for line in access), access
+    assert any('"POST /u/*** HTTP/1.1" 200' in line for line in access), access
+    assert any('"POST /webhooks/twilio/status?key=*** HTTP/1.1" 200' in line for line in access), access
+    assert any("/v1/users/%2B15*****0143 HTTP/1.1" in line for line in access), access
+    for secret in (link.removeprefix("/u/"), old_link.removeprefix("/u/")[:20], "7f3a9c", "555-0143"):
+        assert secret not in log, secret
+    assert "pii.person" not in log and user not in log
 
 
 async def test_webhooks_are_in_the_openapi_document_and_links_are_not(hooks: Hooks) -> None:

@@ -282,8 +282,15 @@ def test_addresses_in_fields_containers_and_tracebacks_are_masked(
         ("already l***@example.com and +86*******8000", "already l***@example.com and +86*******8000"),
         # Not addresses: ids, times, ports, amounts and short numbers stay readable.
         ("run 8890eb76-7a7e-465b-9f25-cb3efcc3ada8", "run 8890eb76-7a7e-465b-9f25-cb3efcc3ada8"),
+        ("message_id=27161601-052c-4a19-bdd7-b0a21b68438f", "message_id=27161601-052c-4a19-bdd7-b0a21b68438f"),
         ("at 2026-03-02T10:00:00+08:00 on :8000", "at 2026-03-02T10:00:00+08:00 on :8000"),
         ("order 123456 total 1234.567890123", "order 123456 total 1234.567890123"),
+        # A phone number written for people, as a user id: in text, and quoted in a workflow id.
+        ("run started: welcome for +1 (500) 555-0143", "run started: welcome for +15*****0143"),
+        ("nurture/welcome/%2B1%20%28500%29%20555-0143/", "nurture/welcome/%2B15*****0143/"),
+        # Secrets in URLs: an unsubscribe token, a status callback's key.
+        ('"POST /u/eyJ1IjoiYUBiLmNvIn0.c2ln HTTP/1.1" 200', '"POST /u/*** HTTP/1.1" 200'),
+        ("/webhooks/twilio/status?key=run-1%3As1&x=1", "/webhooks/twilio/status?key=***&x=1"),
     ],
 )
 def test_mask_text(raw: str, masked: str) -> None:

@@ -30,7 +30,16 @@ from nurture.storage.models import MessageRecord
 @click.command()
 @click.option("--port", default=8000, show_default=True, help="Port of the event API.")
 @click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Interface the API and Temporal listen on."
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface the event API listens on (a warning is printed when it is not loopback).",
+)
+@click.option(
+    "--temporal-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface the Temporal dev server's gRPC and UI listen on (the UI has no login).",
 )
 @click.option(
     "--temporal-port",
@@ -60,6 +69,7 @@ from nurture.storage.models import MessageRecord
 def up(
     port: int,
     host: str,
+    temporal_host: str,
     temporal_port: int,
     ui_port: int | None,
     home: Path | None,
@@ -80,6 +90,7 @@ def up(
     options = UpOptions(
         home=home or Path(os.environ.get("NURTURE_HOME") or ".nurture"),
         host=host,
+        temporal_host=temporal_host,
         port=port,
         temporal_port=temporal_port,
         ui_port=ui_port,

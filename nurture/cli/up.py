@@ -5,6 +5,11 @@ runs the worker and the event API in this process on one Temporal client, with e
 delivering to the database-backed outbox. Ctrl-C, SIGTERM or SIGHUP stops the API, then the
 worker (in-flight activities finish), then the dev server; the next ``nurture up`` on the same
 home resumes every in-flight journey, because both the Temporal state and ``nurture.db`` persist.
+
+The home is owner-only (0700, its files 0600): the databases hold traits, addresses and event
+properties. The dev server's gRPC port and UI stay on loopback whatever ``--host`` says (the UI
+has no login), unless ``--temporal-host`` asks otherwise; an API listening beyond loopback is
+warned about.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -36,6 +42,7 @@ from temporalio.runtime import Runtime
 from nurture.language.compiler import Project
 from nurture.service import worker
 from nurture.service.api import create_app
+from nurture.service.devserver import PRIVATE_UMASK, private_file
 from nurture.service.settings import Settings
 from nurture.storage.db import Database
 from workflows.runtime import binary
@@ -46,6 +53,8 @@ T = TypeVar("T")
 
 WRITE_KEY_FILE = "write_key"
 PID_FILE = "temporal.pid"
+STATE_FILES = frozenset({"nurture.db", "temporal.db", "temporal.log", PID_FILE, WRITE_KEY_FILE})
+"""What ``nurture up`` keeps in its home (SQLite adds ``-wal``, ``-shm`` and ``-journal`` files)."""
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Ctrl-C, a service manager, a closed terminal: each stops the stack in order."""
 
@@ -65,7 +74,10 @@ class UpOptions:
     home: Path = Path(".nurture")
     """Local state: ``nurture.db``, ``temporal.db``, ``temporal.log``, ``write_key``."""
     host: str = "127.0.0.1"
-    """Interface the API and the dev server listen on."""
+    """Interface the event API listens on."""
+    temporal_host: str = "127.0.0.1"
+    """Interface the dev server's gRPC port and UI listen on: loopback unless asked, since the UI
+    has no login and shows every run's traits and event properties."""
     port: int = 8000
     """The event API's port."""
     temporal_port: int = 7233
@@ -87,7 +99,7 @@ def stack_settings(options: UpOptions, env: Mapping[str, str] | None = None) -> 
     ``TEMPORAL_ADDRESS``; ``DATABASE_URL`` still wins over the SQLite default."""
     env = dict(os.environ if env is None else env)
     env["NURTURE_HOME"] = str(options.home)
-    env["TEMPORAL_ADDRESS"] = f"{options.host}:{options.temporal_port}"
+    env["TEMPORAL_ADDRESS"] = f"{_url_host(options.temporal_host)}:{options.temporal_port}"
     for name in ("TEMPORAL_TLS", "TEMPORAL_TLS_CERT", "TEMPORAL_TLS_KEY", "TEMPORAL_TLS_CA"):
         env.pop(name, None)  # the local dev server speaks plain gRPC
     settings = Settings.from_env(env)
@@ -124,12 +136,50 @@ def write_key(home: Path) -> tuple[str, bool]:
                 path.chmod(0o600)
             return key, False
         path.unlink()
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as file:
         file.write(key + "\n")
     return key, True
+
+
+def private_home(home: Path) -> None:
+    """Create ``home`` readable by its owner only (0700). A home an earlier version made with the
+    default modes is tightened, with Nurture's files in it (0600); a directory holding none of
+    them is left as its owner set it."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state = [path for path in home.iterdir() if path.name.partition("-")[0] in STATE_FILES]
+    for path in [home, *state] if state else []:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700 if path.is_dir() else 0o600)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (a name other than localhost may not be)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warnings(options: UpOptions) -> list[str]:
+    """What ``options`` expose beyond this machine, in words."""
+    warnings = []
+    if not is_loopback(options.host):
+        warnings.append(
+            f"the API listens on {options.host}, beyond this machine: its write key travels in clear "
+            "over HTTP, and the webhooks and unsubscribe links take none; put it behind HTTPS or use "
+            "--host 127.0.0.1"
+        )
+    if not is_loopback(options.temporal_host):
+        warnings.append(
+            f"the Temporal dev server (gRPC and UI) listens on {options.temporal_host}, beyond this "
+            "machine: its UI has no login and shows every run's traits and event properties"
+        )
+    return warnings
 
 
 def port_is_open(host: str, port: int) -> bool:
@@ -235,9 +285,9 @@ class Stack:
             await asyncio.sleep(0.05)
 
     async def start_temporal(self) -> None:
-        host, port = self.options.host, self.options.temporal_port
-        address = f"{host}:{port}"
-        if port_is_open(host, port):
+        host, port = self.options.temporal_host, self.options.temporal_port
+        address = self.settings.temporal_address
+        if port_is_open(_url_host(host).strip("[]"), port):
             try:
                 self.client = await asyncio.wait_for(self._connect(), timeout=10)
             except (RuntimeError, TimeoutError) as exc:
@@ -253,7 +303,6 @@ class Stack:
                 log.info("reusing the Temporal server on %s", address, extra={"temporal_address": address})
             return
         ensure_bindable(host, self.options.temporal_ui_port, "--ui-port")
-        self.options.home.mkdir(parents=True, exist_ok=True)
         try:
             temporal = binary("temporal")
         except RuntimeError as exc:
@@ -283,12 +332,18 @@ class Stack:
             command += ["--namespace", self.settings.namespace]
         log_path = self.options.home / "temporal.log"
         log.info("starting the Temporal dev server on %s", address, extra={"command": shlex.join(command)})
-        with log_path.open("ab") as output:
+        with private_file(log_path, "ab") as output:
             # Its own session: Ctrl-C in the terminal reaches only us, and we stop it last.
             self.dev_server = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                start_new_session=True,
+                umask=PRIVATE_UMASK,
             )
-        self.pid_file.write_text(f"{self.dev_server.pid}\n", encoding="utf-8")
+        with private_file(self.pid_file) as pid_file:
+            pid_file.write(f"{self.dev_server.pid}\n".encode())
         self.tasks["Temporal dev server"] = asyncio.ensure_future(asyncio.to_thread(self.dev_server.wait))
         deadline = time.monotonic() + 60
         while True:
@@ -422,8 +477,11 @@ async def up(options: UpOptions, *, out: IO[str]) -> None:
     ports = (options.port, options.temporal_port, options.temporal_ui_port)
     if len(set(ports)) < len(ports):
         raise UpError(f"--port, --temporal-port and --ui-port must differ, got {', '.join(map(str, ports))}")
+    for warning in exposure_warnings(options):
+        log.warning("%s", warning)
     settings = stack_settings(options)
     project = worker.compile_journeys(settings)
+    private_home(options.home)
     ensure_bindable(options.host, options.port, "--port")
     settings, key_origin = with_write_key(settings, options.home)
     runtime = worker.temporal_runtime(worker.WorkerOptions.from_env(settings))
@@ -459,7 +517,7 @@ def banner(options: UpOptions, settings: Settings, project: Project, key_origin:
     """What ``nurture up`` prints once everything is ready."""
     api = f"http://{_url_host(options.host)}:{options.port}"
     key = settings.write_keys[0]
-    ui = f"http://{_url_host(options.host)}:{options.temporal_ui_port}"
+    ui = f"http://{_url_host(options.temporal_host)}:{options.temporal_ui_port}"
     temporal = (
         f"{settings.temporal_address} (reused: already running)"
         if reused
@@ -468,9 +526,10 @@ def banner(options: UpOptions, settings: Settings, project: Project, key_origin:
     journeys = ", ".join(sorted(project.journeys)) or "none"
     home_flag = "" if options.home == Path(".nurture") else f" --home {shlex.quote(str(options.home))}"
     database = make_url(settings.database).render_as_string(hide_password=True)
+    warnings = "".join(f"\n  Warning: {warning}.\n" for warning in exposure_warnings(options))
     return f"""
 Nurture is up.
-
+{warnings}
   API           {api}
   API docs      {api}/docs
   Temporal UI   {ui}{" (if the reused server serves one)" if reused else ""}

@@ -6,14 +6,26 @@ For the test suite and the benchmarks; ``nurture up`` manages its own long-lived
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Literal
 
 from workflows.runtime import binary
+
+PRIVATE_UMASK = 0o077
+"""The umask a dev server runs with: its database and the SQLite files beside it are owner-only
+(they hold every run's history: traits, event properties, addresses)."""
+
+
+def private_file(path: Path, mode: Literal["wb", "ab"] = "wb") -> IO[bytes]:
+    """``path`` opened to write (``wb``) or append (``ab``), created readable by its owner only."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode)
 
 
 @dataclass(frozen=True)
@@ -80,7 +92,7 @@ def dev_server(home: Path, *, persist: bool = True) -> Iterator[Service]:
         if persist
         else []
     )
-    log = (home / "temporal.log").open("wb")
+    log = private_file(home / "temporal.log")
     process = subprocess.Popen(
         [
             binary("temporal"),
@@ -101,6 +113,7 @@ def dev_server(home: Path, *, persist: bool = True) -> Iterator[Service]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=log,
+        umask=PRIVATE_UMASK,
     )
     try:
         wait_for_port(port, process)

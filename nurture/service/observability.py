@@ -4,8 +4,9 @@ The worker counts what happens where it happens without touching the engine: the
 workflow's activities write through is wrapped by :class:`InstrumentedRecorder` (sends, run
 starts and ends, conversions), and a worker interceptor, :class:`ActivityMetrics`, times every
 activity. Logs are JSON lines on stderr; :class:`MaskingFilter` masks every email address and
-phone number in them (message, arguments, extra fields and tracebacks) with
-:func:`channels.mask_address`, so a log line never carries a full address.
+phone number in them (message, arguments, extra fields and tracebacks) with the channels' one
+rule (:func:`channels.mask_in_text`), so a log line never carries a full address, and replaces
+unsubscribe tokens and callback keys in URLs (uvicorn's access log) by ``***``.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
+from urllib.parse import quote, unquote
 
 from prometheus_client import Counter, Gauge, Histogram
 from temporalio import activity
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
-from channels import mask_address
+from channels import mask_in_text
 from nurture.engine.model import SendOutcome, SendRequest
 from workflows.activities import Recorder
 
@@ -145,22 +147,25 @@ class _TimedActivity(ActivityInboundInterceptor):
         return result
 
 
-# Addresses as they appear in logs: plain, or percent-encoded inside workflow ids.
-_EMAIL = re.compile(r"[\w.%+\-]+?(?:@|%40)[\w\-]+(?:\.[\w\-]+)+")
-_PHONE = re.compile(r"(?:\+|%2[Bb])\d{7,15}(?!\d)|(?<![\w.\-])\d{10,15}(?![\w]|\.\d)")
+# What a URL in a log line must not show: an unsubscribe link's token (it unsubscribes its user)
+# and a status callback's ``key`` (the send's idempotency key).
+_URL_SECRET = re.compile(r"(/u/|[?&]key=)[^\s?&#\"'<>]+")
+# A percent-encoded piece of a URL or an id (user ids are quoted inside workflow ids and paths).
+_ENCODED = re.compile(r"(?:[\w.~*+()-]|%[0-9A-Fa-f]{2})*%[0-9A-Fa-f]{2}(?:[\w.~*+()-]|%[0-9A-Fa-f]{2})*")
 
 
 def mask_text(text: str) -> str:
-    """``text`` with every email address and E.164 or long (10-15 digit) phone number masked."""
-    return _PHONE.sub(_mask_match, _EMAIL.sub(_mask_match, text))
+    """``text`` with link tokens and callback keys in URLs replaced by ``***``, and every email
+    address and phone number masked by :func:`channels.mask_in_text`, percent-encoded ones too."""
+    text = _URL_SECRET.sub(lambda match: match.group(1) + "***", text)
+    return mask_in_text(_ENCODED.sub(_mask_encoded, text))
 
 
-def _mask_match(match: re.Match[str]) -> str:
+def _mask_encoded(match: re.Match[str]) -> str:
     found = match.group(0)
-    for encoded, plain in (("%40", "@"), ("%2B", "+"), ("%2b", "+")):
-        if encoded in found:
-            return mask_address(found.replace(encoded, plain)).replace(plain, encoded)
-    return mask_address(found)
+    plain = unquote(found)
+    masked = mask_in_text(plain)
+    return found if masked == plain else quote(masked, safe="*")
 
 
 def mask_value(value: Any) -> Any:
@@ -181,7 +186,7 @@ uvicorn's ANSI-coloured duplicate of the message."""
 
 
 class MaskingFilter(logging.Filter):
-    """Masks email addresses and phone numbers in a record before any handler formats it.
+    """Masks email addresses, phone numbers and URL secrets in a record before any handler formats it.
 
     The message is formatted with its arguments first, so an address inside a dict or an
     exception passed as an argument is masked too; string extras and tracebacks are masked.

@@ -51,10 +51,12 @@ from nurture.storage.feedback import (
     forget_event,
     record_event,
     set_opt_out,
+    use_nonce,
     user_ids_by_email,
     user_ids_by_openid,
     user_ids_by_phone,
 )
+from nurture.storage.stores import DbProfiles
 
 from .settings import Settings, SettingsError
 
@@ -86,6 +88,8 @@ SENDGRID_OPT_OUTS = frozenset({"unsubscribe", "group_unsubscribe", "spamreport"}
 WECHAT_MAX_AGE = 600
 """Seconds a signed WeChat push stays acceptable. In plaintext mode the signature covers only the
 timestamp and nonce, not the body, so an old signed URL must not be reusable for long."""
+WECHAT_NONCE_LIMIT = 128
+"""Characters of a WeChat ``nonce``; a longer one is refused like a bad signature."""
 WECHAT_FOLLOWS = {"unsubscribe": True, "subscribe": False}
 """WeChat follow events, each with whether it opts the follower out of WeChat."""
 
@@ -203,7 +207,9 @@ def wechat_signature(token: str, timestamp: str, nonce: str) -> str:
 def _wechat_signed(token: str, query: Mapping[str, str], *, max_age: int | None) -> bool:
     """Whether the query carries WeChat's signature (from the last ``max_age`` seconds, if given)."""
     signature, timestamp, nonce = (query.get(name, "") for name in ("signature", "timestamp", "nonce"))
-    if not (signature and nonce and timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+    if not (signature and timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        return False
+    if not 0 < len(nonce) <= WECHAT_NONCE_LIMIT:  # WeChat's are ten digits; the key column has a limit
         return False
     if max_age is not None and abs(time.time() - int(timestamp)) > max_age:
         return False
@@ -422,13 +428,29 @@ def webhook_router(settings: Settings, db: Database) -> APIRouter:
         is ignored."""
         if not settings.wechat_token:
             return _not_configured("WECHAT_TOKEN", "WeChat's pushes cannot be verified")
-        if not _wechat_signed(settings.wechat_token, request.query_params, max_age=WECHAT_MAX_AGE):
+        query = request.query_params
+        if not _wechat_signed(settings.wechat_token, query, max_age=WECHAT_MAX_AGE):
             log.warning("wechat push refused: bad, missing or stale signature")
             return _forbidden(
                 f"the WeChat signature is missing, does not match or is not from the last {WECHAT_MAX_AGE} "
                 "seconds (is WECHAT_TOKEN the Token?)"
             )
-        push = _wechat_push(await request.body())
+        body = await request.body()
+        timestamp = query["timestamp"]
+        fresh = await asyncio.to_thread(
+            use_nonce,
+            db,
+            f"wechat:{timestamp}:{query['nonce']}",
+            hashlib.sha256(body).hexdigest(),
+            # Until the timestamp itself is refused: only then can the key be forgotten.
+            datetime.fromtimestamp(int(timestamp) + WECHAT_MAX_AGE, UTC),
+        )
+        if not fresh:
+            log.warning("wechat push refused: its signed query was already used with another body")
+            return _forbidden(
+                "this signature (timestamp and nonce) was already used with another body: a replay"
+            )
+        push = _wechat_push(body)
         if push is None:
             return _refused(400, "invalid_request", "the body is not a WeChat XML push (<xml>...</xml>)")
         name = push.get("Event", "").lower()
@@ -500,10 +522,23 @@ def _target(links: UnsubscribeLinks | None, unset: list[str], token: str) -> Uns
 
 
 def _unsubscribe(db: Database, target: UnsubscribeTarget) -> str:
-    """Opt the link's user out of its topic, else its channel; the name opted out of."""
+    """Opt the link's user out of its topic, else its channel; the name opted out of.
+
+    Idempotent: the opt-out is recorded only when it changes the user's opt-outs, so a second
+    click (or a mail client posting twice) records nothing, while a click after opting back in does.
+    """
     # A topic link was sent for one kind of message: the user keeps the channel for the rest.
     name = target.opts_out_of
-    set_opt_out(db, [target.user_id], name, True)
+    added = False
+
+    def opt_out(current: set[str]) -> set[str]:
+        nonlocal added
+        added = name not in current  # judged on the locked row: concurrent clicks add it once
+        return current | {name}
+
+    DbProfiles(db).merge(target.user_id, {}, opt_out)
+    if not added:
+        return name
     record_event(
         db,
         provider="nurture",
@@ -543,9 +578,16 @@ def _sendgrid_batch(db: Database, events: list[Any]) -> dict[str, int]:
     return counts
 
 
+def _event_digest(event: Mapping[str, Any]) -> str:
+    """``sha256:`` and the SHA-256 of the event as canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def _sendgrid_event(db: Database, event: Mapping[str, Any]) -> bool:
     name = (_text(event.get("event"), 32) or "").lower()
-    event_id = _text(event.get("sg_event_id"))
+    # Without SendGrid's id, the event itself is its identity: a replayed batch repeats it exactly.
+    event_id = _text(event.get("sg_event_id")) or _event_digest(event)
     # The sending adapter adds these as custom_args; SendGrid returns them as top-level fields.
     key = _text(event.get("idempotency_key"), 512)
     run_id, step_id = _text(event.get("run_id")), _text(event.get("step_id"))
@@ -574,8 +616,7 @@ def _sendgrid_event(db: Database, event: Mapping[str, Any]) -> bool:
             users = [recorded.user_id] if recorded.user_id else user_ids_by_email(db, email or "")
             set_opt_out(db, users, "email", True)
         except Exception:
-            if event_id is not None:  # so SendGrid's retry applies it
-                forget_event(db, event_id)
+            forget_event(db, event_id)  # so SendGrid's retry applies it
             raise
         log.info("email opt-out (%s) for %s: %d profile(s)", name, mask_address(email or "?"), len(users))
     return recorded.new

@@ -7,6 +7,7 @@ SQLite under ``.nurture/`` by default; PostgreSQL (or any SQLAlchemy URL) throug
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ class Database:
         if url.startswith("sqlite"):
             path = url.removeprefix("sqlite:///")
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _private_sqlite_file(Path(path))
             options["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine: Engine = create_engine(url, **options)
         if url.startswith("sqlite"):
@@ -83,6 +84,19 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """Create the database file (and its directory) readable by its owner only, if missing.
+
+    SQLite gives the ``-wal``, ``-shm`` and ``-journal`` files it creates later the database file's
+    own permissions, so they are owner-only too; an existing file keeps its mode.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Never opened when it exists: closing any descriptor of a file drops this process's POSIX
+    # locks on it, SQLite's included.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

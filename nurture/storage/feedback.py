@@ -5,10 +5,13 @@ An opt-out is a name in the profile's one ``opted_out`` set: a channel (``email`
 
 Every provider event is stored once: ``message_events.provider_event_id`` is unique, so a webhook
 the provider delivers again (they retry until they get a 2xx) is recognised and changes nothing.
+A signed request whose signature does not cover its body (WeChat's plaintext mode) takes its nonce
+in ``used_nonces``, so the signature cannot be used again with another body.
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from .db import Database
-from .models import MessageEvent, MessageRecord, ProfileRecord, utcnow
+from .models import MessageEvent, MessageRecord, ProfileRecord, UsedNonce, utcnow
 from .stores import DbProfiles
 
 STATUS_RANK: dict[str, int] = {
@@ -193,3 +196,22 @@ def forget_event(db: Database, provider_event_id: str) -> None:
     """Drop a recorded event whose effect could not be applied, so the provider's retry is."""
     with db.session() as session:
         session.execute(delete(MessageEvent).where(col(MessageEvent.provider_event_id) == provider_event_id))
+
+
+def use_nonce(db: Database, key: str, digest: str, expires_at: datetime) -> bool:
+    """Take a signed request's ``key`` (its timestamp and nonce) for the body with SHA-256
+    ``digest`` until ``expires_at``; False when the key was taken with another body (a replay).
+
+    The same body again is the provider's own retry and is let through: what it records is
+    de-duplicated by the event. Expired keys are pruned here, in the same transaction.
+    """
+    try:
+        with db.session() as session:
+            session.execute(delete(UsedNonce).where(col(UsedNonce.expires_at) < utcnow()))
+            session.add(UsedNonce(key=key, digest=digest, expires_at=expires_at))
+            session.flush()  # the primary key decides here, across every API process
+            return True
+    except IntegrityError:
+        with db.session() as session:
+            used = session.get(UsedNonce, key)
+        return used is not None and hmac.compare_digest(used.digest, digest)

@@ -1,4 +1,5 @@
-"""The tables: profiles, events, runs, routes, messages, message events and provider tokens.
+"""The tables: profiles, events, runs, routes, messages, message events, provider tokens and the
+nonces of signed webhook requests.
 
 Columns the service queries are real columns with indexes; free-form data (traits, properties,
 rendered content) is JSON, which SQLite and PostgreSQL both store natively.
@@ -166,3 +167,18 @@ class ProviderToken(SQLModel, table=True):
     token: str = Field(sa_column=Column(Text, nullable=False))
     expires_at: datetime = _when(nullable=False)
     updated_at: datetime = _when(nullable=False, default=utcnow)
+
+
+class UsedNonce(SQLModel, table=True):
+    """A signed webhook request already taken, kept while its signature is fresh enough to be
+    accepted: WeChat signs only the query (timestamp and nonce), not the body, so the same query
+    must not carry a second, different body."""
+
+    __tablename__ = "used_nonces"
+
+    key: str = Field(primary_key=True, max_length=255)
+    """``wechat:<timestamp>:<nonce>``."""
+    digest: str = Field(max_length=64)
+    """SHA-256 (hex) of the body that came with it: the provider's own retry repeats that body."""
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+    """When the signature becomes stale (refused by its timestamp); the row is pruned after."""
