@@ -48,7 +48,7 @@ def server() -> Iterator[WeChatServer]:
         openids={"o-alice", "o-bob"},
         non_followers={"o-gone"},
         templates={TEMPLATE},
-        hang=1.0,
+        hang=4.0,
     ) as running:
         yield running
 
@@ -56,7 +56,7 @@ def server() -> Iterator[WeChatServer]:
 @pytest.fixture
 async def wechat(server: WeChatServer) -> AsyncIterator[WeChatTemplate]:
     channel = WeChatTemplate(
-        app_id=APP_ID, app_secret=SECRET, tokens=MemoryTokens(), base_url=server.url, timeout=0.3
+        app_id=APP_ID, app_secret=SECRET, tokens=MemoryTokens(), base_url=server.url, timeout=1.5
     )
     yield channel
     await channel.aclose()
