@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import textwrap
 from pathlib import Path
@@ -455,3 +456,38 @@ def test_a_journey_in_two_files_is_an_error(tmp_path: Path) -> None:
 
     assert result.project is None
     assert [d.message for d in result.errors] == ["journey 'greet' is also defined in greet.yaml: keep one file"]
+
+
+GOAL_JOURNEY = """
+journey: welcome
+trigger: {event: Signed Up}
+goal: {event: Order Completed, within: 7d%s}
+steps:
+  - send: email
+    template: welcome
+"""
+
+
+def test_a_goal_may_measure_from_the_last_message_and_carry_a_value() -> None:
+    journey = compile_source(GOAL_JOURNEY % ', from: last_message, value: "event.properties.total"')
+    assert journey.goal is not None
+    assert journey.goal.measured_from == "last_message"
+    assert journey.goal.value is not None and journey.goal.value.source == "event.properties.total"
+    back = ir.journey_from_dict(json.loads(json.dumps(ir.journey_to_dict(journey))))
+    assert back == journey
+
+
+def test_goal_options_left_at_their_defaults_keep_the_version_a_journey_had() -> None:
+    plain = compile_source(GOAL_JOURNEY % "")
+    # The version as it was computed before goals had `value` and `from`: without those keys.
+    data = ir.journey_to_dict(plain)
+    for key in ("version", "source"):
+        data.pop(key)
+    for goal_key in ("value", "measured_from", "within_written"):
+        data["goal"].pop(goal_key)
+    for step in data["steps"]:
+        step.pop("written", None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert plain.version == hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+    assert compile_source(GOAL_JOURNEY % ", from: last_message").version != plain.version
+    assert compile_source(GOAL_JOURNEY % ', value: "event.properties.total"').version != plain.version

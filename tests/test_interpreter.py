@@ -23,12 +23,14 @@ from nurture.engine.interpreter import (
     Deliver,
     Ended,
     EventEffect,
+    Reach,
     ReadProfile,
     Run,
     Sleep,
     WriteTraits,
     choose_variant,
     entry_decision,
+    late_conversion,
     run_key,
     trigger_matches,
 )
@@ -1005,3 +1007,106 @@ def test_a_journey_through_json_drives_the_same_commands(
         assert replayed == original
         assert original[-1] == Ended("completed")
         assert sum(isinstance(c, Deliver) for c in original) >= 2
+
+
+# --- goal windows, values and step reach ---------------------------------------------------------
+
+VALUED = """
+journey: valued
+trigger: {event: Chat Ended}
+goal: {event: Order Completed, within: 2d, from: last_message, value: "event.properties.total", exit: false}
+steps:
+  - id: first_wait
+    wait: 1d
+  - id: nudge
+    send: email
+    template: note
+"""
+
+
+def test_a_goal_measured_from_the_last_message_converts_nothing_before_a_message(templates: TemplateStore) -> None:
+    run = new_run(compile_journey(templates, VALUED))
+    assert isinstance(run.start(), Sleep)
+
+    early = T0 + timedelta(hours=3)
+    assert run.on_event(event("Order Completed", early, total=50), early) == EventEffect()
+    assert run.goal_window_end is None
+
+
+def test_a_goal_measured_from_the_last_message_counts_its_window_from_that_message(templates: TemplateStore) -> None:
+    run = new_run(compile_journey(templates, VALUED))
+    run.start()
+    sent_at = T0 + timedelta(days=1)
+    assert answer(run, run.resume(None, sent_at), now=sent_at) == Ended("completed")
+    assert run.last_message_at == sent_at
+    assert run.goal_window_end == sent_at + timedelta(days=2)
+
+
+def test_a_conversion_carries_the_goals_value(templates: TemplateStore) -> None:
+    journey = compile_journey(templates, VALUED.replace("from: last_message, ", ""))
+    run = new_run(journey)
+    run.start()
+    at = T0 + timedelta(hours=1)
+
+    assert run.on_event(event("Order Completed", at, total="19.5"), at) == EventEffect(converted=True, value=19.5)
+    # converted once: a second order is worth nothing more to this run
+    assert run.on_event(event("Order Completed", at, total=7), at) == EventEffect()
+
+
+@pytest.mark.parametrize("total", [None, "n/a", True, [1]])
+def test_a_value_that_is_not_a_number_is_no_value(templates: TemplateStore, total: Any) -> None:
+    run = new_run(compile_journey(templates, VALUED.replace("from: last_message, ", "")))
+    run.start()
+    assert run.on_event(event("Order Completed", T0, total=total), T0) == EventEffect(converted=True)
+
+
+def test_an_ended_run_converts_until_its_window_ends(templates: TemplateStore) -> None:
+    journey = compile_journey(templates, VALUED)
+    sent_at = T0 + timedelta(days=1)
+    facts = {"user_id": "u1", "key": "", "entered_at": T0, "traits": {}}
+
+    inside = event("Order Completed", sent_at + timedelta(days=2), total=30)
+    outside = event("Order Completed", sent_at + timedelta(days=2, seconds=1), total=30)
+    other = event("Cart Updated", sent_at + timedelta(hours=1))
+
+    assert late_conversion(journey, inside, last_message_at=sent_at, **facts) == EventEffect(converted=True, value=30)
+    assert late_conversion(journey, outside, last_message_at=sent_at, **facts) is None
+    assert late_conversion(journey, other, last_message_at=sent_at, **facts) is None
+    assert late_conversion(journey, inside, last_message_at=None, **facts) is None
+
+
+def test_a_goal_without_a_window_lasts_only_the_runs_life(templates: TemplateStore) -> None:
+    journey = compile_journey(templates, VALUED.replace("within: 2d, from: last_message, ", ""))
+    after = event("Order Completed", T0 + timedelta(days=1), total=5)
+    assert late_conversion(journey, after, user_id="u1", key="", entered_at=T0, last_message_at=T0, traits={}) is None
+
+
+def test_every_step_reached_is_handed_to_the_driver_once_in_order(templates: TemplateStore) -> None:
+    journey = compile_journey(
+        templates,
+        """
+        journey: reach
+        trigger: {event: Signed Up}
+        steps:
+          - id: pick
+            split: copy_test
+            variants:
+              a: {weight: 1, steps: [{id: hello, send: email, template: note}]}
+          - id: pause
+            wait: 1h
+          - id: check
+            branch:
+              - if: "user.vip"
+                then: [{id: vip_note, send: email, template: note}]
+        """,
+    )
+    run = new_run(journey)
+
+    assert isinstance(answer(run, run.start()), Sleep)
+    assert run.take_reached() == [Reach("pick", T0, "a"), Reach("hello", T0), Reach("pause", T0)]
+    assert run.take_reached() == []
+
+    later = T0 + timedelta(hours=1)
+    assert answer(run, run.resume(None, later), traits={"vip": True}, now=later) == Ended("completed")
+    assert run.take_reached() == [Reach("check", later), Reach("vip_note", later)]
+    assert Reach.from_dict(Reach("pick", T0, "a").to_dict()) == Reach("pick", T0, "a")

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from nurture.language import ir
 from nurture.language.evaluation import MISSING, Expr, is_true, value_of
 
-from .clock import format_instant, next_local_time, zone
+from .clock import format_instant, next_local_time, parse_instant, zone
 from .model import Event, SendRequest, SendResult
 
 # --- commands a run gives its driver -----------------------------------------------------------
@@ -77,6 +77,22 @@ Command = Sleep | AwaitEvent | ReadProfile | Deliver | WriteTraits
 
 
 @dataclass(frozen=True, slots=True)
+class Reach:
+    """A step a run reached, and when; a split's carries the variant it assigned."""
+
+    step_id: str
+    at: datetime
+    variant: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step_id": self.step_id, "at": format_instant(self.at), "variant": self.variant}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Reach:
+        return cls(data["step_id"], parse_instant(data["at"]), data.get("variant"))
+
+
+@dataclass(frozen=True, slots=True)
 class EventEffect:
     """What an incoming event does to a run."""
 
@@ -84,6 +100,8 @@ class EventEffect:
     """End reason (``goal`` or ``exit_on``) when the event ends the run."""
     converted: bool = False
     """The event is the run's first conversion."""
+    value: float | None = None
+    """What the conversion is worth, when the goal declares a ``value``."""
     resume: bool = False
     """The event satisfies the pending ``wait_for``: resume the run with it."""
 
@@ -124,6 +142,66 @@ def entry_decision(journey: ir.Journey, *, active: bool, ran_before: bool) -> En
     return "start"
 
 
+def goal_window_end(goal: ir.Goal, *, entered_at: datetime, last_message_at: datetime | None) -> datetime | None:
+    """Until when a goal event converts (inclusive); ``None`` when the window has no end.
+
+    A window measured from the last message has not begun before one was sent, so a goal event
+    then is no conversion (:func:`goal_window_start`).
+    """
+    start = goal_window_start(goal, entered_at=entered_at, last_message_at=last_message_at)
+    if goal.within is None or start is None:
+        return None
+    return start + timedelta(seconds=goal.within)
+
+
+def goal_window_start(goal: ir.Goal, *, entered_at: datetime, last_message_at: datetime | None) -> datetime | None:
+    """Where the goal's window begins: the entry, or the latest message (``None`` before one)."""
+    return entered_at if goal.measured_from == "entry" else last_message_at
+
+
+def conversion_value(goal: ir.Goal, scope: Mapping[str, Any]) -> float | None:
+    """The goal's ``value`` for one conversion: a number, else ``None`` (nothing to sum)."""
+    if goal.value is None:
+        return None
+    value = value_of(goal.value, scope)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value) if isinstance(value, str) else None
+        except ValueError:
+            value = None
+    return None if value is None or value != value or value in (float("inf"), float("-inf")) else float(value)
+
+
+def late_conversion(
+    journey: ir.Journey,
+    event: Event,
+    *,
+    user_id: str,
+    key: str,
+    entered_at: datetime,
+    last_message_at: datetime | None,
+    traits: Mapping[str, Any],
+) -> EventEffect | None:
+    """A goal event reaching a run that has ended: a conversion while its window is still open.
+
+    Runs end before their goal window does (a run of three days with ``within: 7d``); their
+    conversions are counted until the window ends, by the router, with no workflow kept alive.
+    A goal without ``within`` lasts the run's life only. ``None`` when the event converts nothing.
+    """
+    goal = journey.goal
+    if goal is None or goal.event != event.name:
+        return None
+    start = goal_window_start(goal, entered_at=entered_at, last_message_at=last_message_at)
+    until = goal_window_end(goal, entered_at=entered_at, last_message_at=last_message_at)
+    if start is None or until is None or not start <= event.timestamp <= until:
+        return None
+    journey_scope = {"id": journey.id, "key": key, "entered_at": format_instant(entered_at)}
+    scope = {"user": user_scope(user_id, traits), "event": event.scope(), "last_event": MISSING, "journey": journey_scope}
+    if not is_true(goal.cond, scope):
+        return None
+    return EventEffect(converted=True, value=conversion_value(goal, scope))
+
+
 def choose_variant(experiment: str, user_id: str, variants: tuple[ir.Variant, ...]) -> ir.Variant:
     """Sticky assignment: a pure function of (experiment, user id) over the declared weights."""
     digest = hashlib.sha256(f"{experiment}:{user_id}".encode()).digest()
@@ -161,8 +239,12 @@ class Run:
         self.entered_at = entered_at
         self.now = entered_at
         self.last_event: Event | None = None
+        self.last_message_at: datetime | None = None
+        """When the latest message of this run was sent (a goal may measure its window from it)."""
         self.variants: dict[str, str] = {}
         self.converted = False
+        self.reached: list[Reach] = []
+        """Steps reached since the driver last took them (:meth:`take_reached`)."""
         self.ended: str | None = None
         self.pending: Command | None = None
         # How the trigger event, the latest wait_for event and the run itself look to conditions
@@ -232,29 +314,43 @@ class Run:
         if not self._conditions_for(event):
             return EventEffect()  # no goal, exit_on or pending wait_for names it: skip the scope
         scope = self._scope(traits or {}, event=event)
-        converted = False
+        converted, value = False, None
         goal = self.journey.goal
-        if goal is not None and event.name == goal.event and self._in_window() and is_true(goal.cond, scope):
+        if goal is not None and event.name == goal.event and self._in_window(goal) and is_true(goal.cond, scope):
             converted = not self.converted
+            value = conversion_value(goal, scope) if converted else None
             self.converted = True
             if goal.exit:
-                return EventEffect(end="goal", converted=converted)
+                return EventEffect(end="goal", converted=converted, value=value)
         for rule in self.journey.exit_on:
             if event.name == rule.event and is_true(rule.cond, scope):
-                return EventEffect(end="exit_on", converted=converted)
+                return EventEffect(end="exit_on", converted=converted, value=value)
         pending = self.pending
         if isinstance(pending, AwaitEvent) and pending.event == event.name:
             step = self.journey.step(pending.step_id)
             assert isinstance(step, ir.WaitFor)
             if is_true(step.cond, scope):
-                return EventEffect(converted=converted, resume=True)
-        return EventEffect(converted=converted)
+                return EventEffect(converted=converted, value=value, resume=True)
+        return EventEffect(converted=converted, value=value)
 
-    def _in_window(self) -> bool:
+    def _in_window(self, goal: ir.Goal) -> bool:
+        start = goal_window_start(goal, entered_at=self.entered_at, last_message_at=self.last_message_at)
+        if start is None:
+            return False
+        return goal.within is None or self.now - start <= timedelta(seconds=goal.within)
+
+    @property
+    def goal_window_end(self) -> datetime | None:
+        """Until when a goal event still converts, for the router once the run has ended."""
         goal = self.journey.goal
-        if goal is None or goal.within is None:
-            return True
-        return self.now - self.entered_at <= timedelta(seconds=goal.within)
+        if goal is None or self.converted:
+            return None
+        return goal_window_end(goal, entered_at=self.entered_at, last_message_at=self.last_message_at)
+
+    def take_reached(self) -> list[Reach]:
+        """The steps reached since the last call, in order; the driver records them."""
+        reached, self.reached = self.reached, []
+        return reached
 
     # scope
 
@@ -279,11 +375,15 @@ class Run:
     def _step(self, step: ir.Step) -> Generator[Command, Any, str | None]:
         # Everything a step needs is written inline rather than in helper generators: each
         # command passes through every generator of the chain on its way out and back in.
+        if not isinstance(step, ir.Split):  # a split is reached with its variant, below
+            self.reached.append(Reach(step.id, self.now))
         if isinstance(step, ir.Send):
             request = self._request(step)
             while True:
                 result: SendResult = yield Deliver(request)
                 if result.defer_until is None:
+                    if result.outcome is not None and result.outcome.status == "sent":
+                        self.last_message_at = self.now
                     return None
                 yield Sleep(result.defer_until, step.id, result.defer_reason)
         elif isinstance(step, ir.Wait):
@@ -311,6 +411,7 @@ class Run:
             variant = choose_variant(step.experiment, self.user_id, step.variants)
             self.variants.pop(step.experiment, None)  # re-insert: the latest split comes last
             self.variants[step.experiment] = variant.name
+            self.reached.append(Reach(step.id, self.now, variant.name))
             return (yield from self._steps_of(variant.steps))
         elif isinstance(step, ir.Update):
             needs = any(t.value.reads_user for t in step.traits)

@@ -666,6 +666,8 @@ def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journe
             within=parse_duration(doc.goal.within) if doc.goal.within else None,
             exit=doc.goal.exit,
             within_written=doc.goal.within.strip() if doc.goal.within else None,
+            value=compile_expression(doc.goal.value) if doc.goal.value else None,
+            measured_from=doc.goal.from_,
         )
     journey = ir.Journey(
         id=doc.journey,

@@ -154,8 +154,14 @@ class EventRuleDoc(Doc):
 class GoalDoc(EventRuleDoc):
     """The conversion event."""
 
-    within: DurationText | None = Field(None, description="Conversion window from entry.")
+    within: DurationText | None = Field(None, description="Conversion window (from entry, or see `from`).")
     exit: bool = Field(True, description="Whether the goal ends the run at once.")
+    from_: Literal["entry", "last_message"] = Field(
+        "entry", alias="from", description="Where the window starts: entry, or the latest message sent."
+    )
+    value: Condition | None = Field(
+        None, description="Expression: what one conversion is worth, e.g. event.properties.total."
+    )
 
 
 class ChannelQuietHoursDoc(Doc):

@@ -32,6 +32,10 @@ CHANNELS: tuple[str, ...] = tuple(ADDRESS_TRAITS)
 _AS_WRITTEN = {"as_written": True}
 """Marks a field that keeps the source's spelling of a value for display: ``30d`` and ``720h``
 behave alike, so such a field is left out of the version (and of equality)."""
+_OPTIONAL = {"optional": True}
+"""Marks a field added to the language after journeys were deployed: while it holds its default
+it is left out of the version, so a journey that does not use it keeps the version it had."""
+GoalFrom = Literal["entry", "last_message"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +53,15 @@ class Goal:
     event: str
     cond: Expr | None = None
     within: int | None = None
-    """Conversion window in seconds from entry; ``None`` is the run's whole life."""
+    """Conversion window in seconds from :attr:`measured_from`; ``None`` is the run's whole life."""
     exit: bool = True
     """Whether a conversion ends the run at once."""
     within_written: str | None = field(default=None, compare=False, metadata=_AS_WRITTEN)
     """``within`` as the marketer wrote it (``30d``), for display."""
+    value: Expr | None = field(default=None, metadata=_OPTIONAL)
+    """What one conversion is worth (``event.properties.total``), summed in reports."""
+    measured_from: GoalFrom = field(default="entry", metadata=_OPTIONAL)
+    """Where the window starts: the run's entry, or the latest message sent to the user."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +279,7 @@ def _encode(value: Any, *, as_written: bool = True) -> Any:
         out = {
             f.name: _encode(getattr(value, f.name), as_written=as_written)
             for f in dataclasses.fields(value)
-            if as_written or not f.metadata.get("as_written")
+            if as_written or not (f.metadata.get("as_written") or _unused_optional(f, value))
         }
         kind = getattr(type(value), "kind", None)
         if isinstance(kind, str):
@@ -280,6 +288,10 @@ def _encode(value: Any, *, as_written: bool = True) -> Any:
     if isinstance(value, (tuple, list)):
         return [_encode(item, as_written=as_written) for item in value]
     return value
+
+
+def _unused_optional(f: dataclasses.Field[Any], value: Any) -> bool:
+    return bool(f.metadata.get("optional")) and getattr(value, f.name) == f.default
 
 
 _HINTS: dict[type[Any], dict[str, Any]] = {}
