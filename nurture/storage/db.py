@@ -8,7 +8,7 @@ SQLite under ``.nurture/`` by default; PostgreSQL (or any SQLAlchemy URL) throug
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
@@ -83,6 +84,13 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def upsert(session: Session) -> Callable[..., Any] | None:
+    """The session's ``insert`` with ``on_conflict_do_update`` (PostgreSQL and SQLite), else
+    ``None``: the caller falls back to a merge."""
+    dialect = session.get_bind().dialect.name
+    return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

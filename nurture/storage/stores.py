@@ -22,7 +22,7 @@ from nurture.engine.clock import parse_instant
 from nurture.engine.model import Profile, SendOutcome, SendRequest
 from nurture.language.templates import RenderedMessage
 
-from .db import Database
+from .db import Database, upsert
 from .models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord, utcnow
 
 IDENTITY = ("email", "phone", "wechat_openid")
@@ -397,14 +397,29 @@ class Routes:
     def activate(
         self, workflow_id: str, *, user_id: str, journey: str, key: str, listens: Sequence[str]
     ) -> None:
+        """Mark the route active, creating it; one statement, so concurrent first triggers of one
+        workflow id all succeed."""
+        values = {
+            "workflow_id": workflow_id,
+            "user_id": user_id,
+            "journey": journey,
+            "key": key,
+            "listens": sorted(set(listens)),
+            "active": True,
+            "updated_at": utcnow(),
+        }
         with self.db.session() as session:
-            row = session.get(Route, workflow_id)
-            if row is None:
-                row = Route(workflow_id=workflow_id, user_id=user_id, journey=journey, key=key)
-                session.add(row)
-            row.listens = sorted(set(listens))
-            row.active = True
-            row.updated_at = utcnow()
+            insert = upsert(session)
+            if insert is None:
+                session.merge(Route.model_validate(values))  # other engines: a merge by primary key
+                return
+            statement = insert(Route).values(**values)
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["workflow_id"],
+                    set_={name: statement.excluded[name] for name in ("listens", "active", "updated_at")},
+                )
+            )
 
     def deactivate(self, workflow_id: str) -> None:
         with self.db.session() as session:
