@@ -15,14 +15,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from nurture.engine.interpreter import run_key, trigger_matches
+from nurture.engine.interpreter import run_key, trigger_matches, workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
@@ -31,11 +30,6 @@ from nurture.storage.stores import DbProfiles, Events, OptOuts, Routes, has_run
 from workflows.journey import WORKFLOW_NAME
 
 log = logging.getLogger("nurture.ingest")
-
-
-def workflow_id(journey: str, user_id: str, key: str) -> str:
-    """The one workflow id of (journey, user, key); user ids and keys are quoted, never ambiguous."""
-    return f"nurture/{journey}/{quote(user_id, safe='')}/{quote(key, safe='')}"
 
 
 @dataclass

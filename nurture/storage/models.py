@@ -64,11 +64,12 @@ class RunRecord(SQLModel, table=True):
     __tablename__ = "runs"
 
     run_id: str = Field(primary_key=True, max_length=255)
-    workflow_id: str = Field(max_length=512, index=True)
+    workflow_id: str = Field(max_length=1000, index=True)
     journey: str = Field(max_length=128, index=True)
     version: str = Field(max_length=32)
     user_id: str = Field(max_length=255, index=True)
-    key: str = Field(default="", max_length=255)
+    key: str = Field(default="", sa_column=Column(Text, nullable=False))
+    """The full run key (the workflow id may carry only its start and a hash)."""
     status: str = Field(default="active", max_length=16, index=True)
     """``active`` or ``ended``."""
     entered_at: datetime = _when(nullable=False)
@@ -87,10 +88,10 @@ class Route(SQLModel, table=True):
 
     __tablename__ = "routes"
 
-    workflow_id: str = Field(primary_key=True, max_length=512)
+    workflow_id: str = Field(primary_key=True, max_length=1000)
     user_id: str = Field(max_length=255, index=True)
     journey: str = Field(max_length=128)
-    key: str = Field(default="", max_length=255)
+    key: str = Field(default="", sa_column=Column(Text, nullable=False))
     listens: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     active: bool = Field(default=True, index=True)
     updated_at: datetime = _when(nullable=False, default=utcnow)
