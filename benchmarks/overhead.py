@@ -47,12 +47,12 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
+from nurture.engine.interpreter import workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import load_project
 from nurture.language.durations import parse_duration
 from nurture.language.ir import Journey, Send, journey_to_dict
 from nurture.service.devserver import dev_server
-from nurture.service.ingest import workflow_id
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord
 from workflows.journey import WORKFLOW_NAME as GENERIC

@@ -430,6 +430,7 @@ async def test_a_repeated_message_id_changes_nothing(api: Api) -> None:
         "type": "track",
         "messageId": f"m-{user}",
         "duplicate": True,
+        "rerouted": False,
         "triggered": [],
         "signalled": [],
         "skipped": [],
@@ -627,9 +628,11 @@ async def test_a_call_temporal_refused_is_routed_when_retried(api: Api, project:
 
     assert refused.status_code == 503 and refused.headers["Retry-After"]
     assert "same messageId" in refused.json()["message"]
-    assert rows(api.db, EventRecord, user_id=user) == [], "a call that was not routed is not remembered"
+    [kept] = rows(api.db, EventRecord, user_id=user)
+    assert kept.routed_at is None, "stored, and known not to be routed"
     retried = await api.post("/v1/track", call)
     assert retried.status_code == 200 and retried.json()["duplicate"] is False
+    assert retried.json()["rerouted"] is True
     assert retried.json()["triggered"] == [workflow_id("welcome_series", user, "")]
 
 

@@ -121,6 +121,7 @@ class JourneyWorkflow:
                 "version": journey.version,
                 "user_id": run.user_id,
                 "key": run.key,
+                "trigger_message_id": run.event.message_id,
                 "at": format_instant(run.entered_at),
             },
             start_to_close_timeout=LOCAL,

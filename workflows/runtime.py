@@ -40,7 +40,7 @@ from nurture.delivery.deliverer import (
     for_every_channel,
 )
 from nurture.engine.clock import parse_instant
-from nurture.engine.interpreter import entry_decision, run_key, trigger_matches
+from nurture.engine.interpreter import entry_decision, run_key, trigger_matches, workflow_id
 from nurture.engine.model import Event, SendOutcome, SendRequest
 from nurture.language.compiler import Project
 from nurture.language.ir import journey_to_dict
@@ -262,7 +262,7 @@ class _Play:
                     "run_id": run_id,
                     "clock_offset": self.offset.total_seconds(),
                 },
-                id=f"scenario-{self.prefix}/{run_id}",
+                id=workflow_id(journey.id, user_id, key, prefix=f"scenario-{self.prefix}.{number}"),
                 task_queue=TASK_QUEUE,
             )
             self.handles[run_id] = handle

@@ -18,6 +18,7 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
+from urllib.parse import quote
 
 from nurture.language import ir
 from nurture.language.evaluation import MISSING, Expr, is_true, value_of
@@ -120,6 +121,50 @@ def run_key(journey: ir.Journey, event: Event, traits: Mapping[str, Any], user_i
     scope = {"user": user_scope(user_id, traits), "event": event.scope(), "last_event": MISSING, "journey": {"id": journey.id}}
     value = value_of(journey.key, scope)
     return "" if value is MISSING or value is None else str(value)
+
+
+WORKFLOW_ID_LIMIT = 1000
+"""Temporal's limit on a workflow id, in bytes (the server's ``limit.maxIDLength`` default)."""
+
+_DIGEST = 64  # hex characters of a sha256
+
+
+def workflow_id(journey: str, user_id: str, key: str, *, prefix: str = "nurture") -> str:
+    """The one workflow id of (journey, user, key): ``<prefix>/<journey>/<user>/<key>``.
+
+    User ids and keys are percent-quoted, so ids are never ambiguous and always ASCII (length in
+    characters is length in bytes). An id that would pass Temporal's limit keeps the readable
+    start of each part that is too long, followed by ``#`` and the sha256 of the whole value:
+    quoting never leaves a ``#``, so such a part cannot equal a quoted one, and the hash keeps
+    values that share their kept start apart. The full values stay in the run and route records.
+    """
+    head = f"{prefix}/{journey}/"
+    user, run = quote(user_id, safe=""), quote(key, safe="")
+    room = WORKFLOW_ID_LIMIT - len(head) - 1  # for the user part and the key part
+    if len(user) + len(run) <= room:
+        return f"{head}{user}/{run}"
+    if room < 2 * (_DIGEST + 2):
+        raise ValueError(f"journey id too long for a workflow id: {journey!r}")
+    half = room // 2
+    if len(user) <= half:
+        run = _shortened(key, room - len(user))
+    elif len(run) <= room - half:
+        user = _shortened(user_id, room - len(run))
+    else:
+        user, run = _shortened(user_id, half), _shortened(key, room - half)
+    return f"{head}{user}/{run}"
+
+
+def _shortened(value: str, size: int) -> str:
+    """``value`` in ``size`` characters: its quoted start (whole characters), ``#``, its sha256."""
+    room, start = size - _DIGEST - 1, []
+    for char in value:
+        part = quote(char, safe="")
+        room -= len(part)
+        if room < 0:
+            break
+        start.append(part)
+    return f"{''.join(start)}#{hashlib.sha256(value.encode()).hexdigest()}"
 
 
 def trigger_matches(journey: ir.Journey, event: Event, traits: Mapping[str, Any], user_id: str) -> bool:

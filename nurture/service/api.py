@@ -54,7 +54,7 @@ from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
 
 from . import privacy
-from .ingest import Ingest, Routed
+from .ingest import ROUTING_GRACE, Ingest, NotRouted, Routed
 from .observability import configure_logging
 from .privacy import ForgetReport, UserExport
 from .settings import Settings
@@ -81,7 +81,8 @@ as the HTTP Basic user name with an empty password (`curl -u KEY: ...`), or as
 **Retries and duplicates.** A call with a `messageId` that was accepted before changes nothing and
 answers `"duplicate": true`. Without one the API assigns a fresh id, so **a client that retries
 must send its own `messageId`** (the same one on every attempt) to be de-duplicated. After a 503
-(Temporal unreachable), retry with the same `messageId`.
+(Temporal unreachable), retry with the same `messageId`: an event that was stored but not fully
+routed is routed by the retry (`"rerouted": true`), or else when the API next starts.
 
 **Differences from Segment.** `userId` is required (journeys run for known users; calls with only
 an `anonymousId` answer 400). `context` and `integrations` are accepted and ignored. A
@@ -326,6 +327,13 @@ class Accepted(BaseModel):
     type: Literal["track", "identify"]
     message_id: str = Field(serialization_alias="messageId", description="The call's messageId.")
     duplicate: bool = Field(description="The messageId was accepted before: this call changed nothing.")
+    rerouted: bool = Field(
+        default=False,
+        description=(
+            "The messageId was accepted before but not fully routed (the service stopped, or "
+            "answered 503, part-way): this call routed it."
+        ),
+    )
     triggered: list[str] = Field(
         default_factory=list, description="Workflow ids of runs the event started or re-triggered."
     )
@@ -499,6 +507,20 @@ class Service:
                     log.info("connected to temporal at %s", self.settings.temporal_address)
         return self._ingest
 
+    async def route_left_over(self, started: datetime) -> None:
+        """Route the track events an earlier process stored but did not finish routing (it died
+        mid-call), once the requests that might still be routing them elsewhere are done."""
+        await asyncio.sleep(ROUTING_GRACE)
+        while True:
+            try:
+                ingest = await self.ingest()
+                break
+            except ApiError:  # Temporal not up yet: the events wait for it
+                await asyncio.sleep(ROUTING_GRACE)
+        routed = await ingest.route_unrouted(before=started)
+        if routed:
+            log.info("routed %d events an earlier process left unrouted", routed)
+
     def authorized(self, key: str) -> bool:
         given = key.encode()
         matched = False
@@ -517,9 +539,9 @@ class Service:
         )
         try:
             routed = await ingest.track(call.user_id, event)
-        except RPCError as exc:  # the router forgot the event, so the retry we ask for is routed
-            log.warning("track %s not routed (temporal: %s); asked the client to retry", message_id, exc)
-            raise _unavailable("Temporal did not accept the event") from exc
+        except NotRouted as exc:  # kept as unrouted: the retry we ask for routes it
+            log.warning("track %s not routed (%s); asked the client to retry", message_id, exc.__cause__)
+            raise _unavailable("Temporal or the database did not take the event") from exc
         _log_track(call.user_id, event, routed)
         return Accepted(type="track", message_id=message_id, **routed.to_dict())
 
@@ -1064,7 +1086,9 @@ def create_app(
                 await service.ingest()
             except ApiError:
                 log.warning("starting without Temporal; calls will connect when it is reachable")
+        left_over = asyncio.create_task(service.route_left_over(datetime.now(UTC)))
         yield
+        left_over.cancel()
         if owns_db:
             service.db.dispose()
 

@@ -6,6 +6,13 @@ triggers gets a signal-with-start on the workflow id of (journey, user, key): th
 when none is active, and otherwise reaches the active run, which applies the re-entry rule
 (``restart`` ends itself and continues as a new run; ``after_exit`` and ``once`` ignore it).
 ``once`` is also checked against the ``runs`` table, so it holds beyond Temporal's retention.
+
+Routing is at least once. The event is stored first and marked routed only when every route and
+journey has had it; one that fails part-way (Temporal, the database) or whose process dies stays
+unrouted, and is routed again, whole, by the retry of the call (same ``messageId``) or by
+:meth:`Ingest.route_unrouted` when the API starts. Routing twice is harmless: a run ignores an
+event or trigger it has seen, and a run the event started that has ended since is not started
+again (the ``runs`` table records each run's trigger).
 """
 
 from __future__ import annotations
@@ -14,28 +21,37 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
 
+from sqlalchemy.exc import OperationalError
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from nurture.engine.interpreter import run_key, trigger_matches
+from nurture.engine.interpreter import run_key, trigger_matches, workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.storage.db import Database
-from nurture.storage.stores import DbProfiles, Events, OptOuts, Routes, has_run
+from nurture.storage.stores import DbProfiles, Events, OptOuts, Routes, has_run, run_started_by
 from workflows.journey import WORKFLOW_NAME
 
 log = logging.getLogger("nurture.ingest")
 
 
-def workflow_id(journey: str, user_id: str, key: str) -> str:
-    """The one workflow id of (journey, user, key); user ids and keys are quoted, never ambiguous."""
-    return f"nurture/{journey}/{quote(user_id, safe='')}/{quote(key, safe='')}"
+ROUTING_GRACE = 5.0
+"""Seconds after which an unrouted event is taken to be left behind by a process that died, not
+being routed by a live request: the API's start-up routes those received before it started, this
+long after it started."""
+
+TRANSIENT = (RPCError, OperationalError)
+"""Failures a later attempt may not meet: Temporal or the database unavailable or timing out."""
+
+
+class NotRouted(Exception):
+    """Routing failed part-way: the event stays stored as unrouted, for the retry to route."""
 
 
 @dataclass
@@ -43,7 +59,9 @@ class Routed:
     """What one event did."""
 
     duplicate: bool = False
-    """The ``messageId`` was seen before: nothing happened."""
+    """The ``messageId`` was seen before and routed: nothing happened."""
+    rerouted: bool = False
+    """The ``messageId`` was seen before but its routing had not finished: it was routed now."""
     triggered: list[str] = field(default_factory=list)
     """Workflow ids that got a trigger (started, or judged by the active run)."""
     signalled: list[str] = field(default_factory=list)
@@ -54,6 +72,7 @@ class Routed:
     def to_dict(self) -> dict[str, Any]:
         return {
             "duplicate": self.duplicate,
+            "rerouted": self.rerouted,
             "triggered": self.triggered,
             "signalled": self.signalled,
             "skipped": self.skipped,
@@ -76,7 +95,9 @@ class Ingest:
         self._listens = {j.id: sorted(j.listens_for()) for j in project.journeys.values()}
 
     async def track(self, user_id: str, event: Event) -> Routed:
-        """Store the event (once per message id) and route it."""
+        """Store the event (once per message id) and route it. A repeat routes the stored event
+        again only if its routing never finished, once the call that stored it is surely over.
+        :class:`NotRouted` when routing fails."""
         assert event.message_id is not None, "the API assigns a message id to every event"
         fresh = await asyncio.to_thread(
             self.events.add,
@@ -87,27 +108,73 @@ class Ingest:
             properties=event.properties,
             timestamp=event.timestamp,
         )
-        if not fresh:
-            return Routed(duplicate=True)
-        try:
-            return await self._route(user_id, event)
-        except RPCError:
-            # Stored but not (fully) routed: forget it so the client's retry, with the same
-            # messageId, is routed instead of dropped as a duplicate. Runs ignore repeats.
-            await asyncio.to_thread(self.events.forget, event.message_id)
-            raise
+        if fresh:
+            return await self._route(user_id, event, again=False)
+        while True:
+            unrouted = await asyncio.to_thread(self.events.unrouted, message_id=event.message_id)
+            if not unrouted:
+                return Routed(duplicate=True)
+            [(stored_user, stored, received_at)] = unrouted
+            # A young one is most likely still being routed by the call that stored it (a
+            # concurrent retry): its answer is awaited, not raced.
+            if datetime.now(UTC) - received_at >= timedelta(seconds=ROUTING_GRACE):
+                return await self._route(stored_user, stored, again=True)
+            await asyncio.sleep(0.05)
 
-    async def _route(self, user_id: str, event: Event) -> Routed:
-        routed = Routed()
+    async def route_unrouted(self, before: datetime) -> int:
+        """Route every track event received before ``before`` whose routing never finished (its
+        process died); how many were routed. One that fails again stays for the next time."""
+        try:
+            left = await asyncio.to_thread(self.events.unrouted, before=before)
+        except TRANSIENT as exc:
+            log.warning("unrouted events not read, so not routed until the next start: %s", exc)
+            return 0
+        routed = 0
+        for user_id, event, _ in left:
+            try:
+                await self._route(user_id, event, again=True)
+            except NotRouted as exc:
+                log.warning("event %s still not routed: %s", event.message_id, exc.__cause__)
+                continue
+            routed += 1
+        return routed
+
+    async def _route(self, user_id: str, event: Event, *, again: bool) -> Routed:
+        """Every route and journey gets the event, each on its own: one failing leaves the others
+        routed, and the event unrouted, so routing it again reaches the one that failed."""
+        assert event.message_id is not None, "the API assigns a message id to every event"
+        routed = Routed(rerouted=again)
+        failures: list[Exception] = []
         payload = event.to_dict()
-        for route in await asyncio.to_thread(self.routes.active_for, user_id):
-            if event.name in route.listens and await self._signal(route.workflow_id, "event", payload):
-                routed.signalled.append(route.workflow_id)
-        profile = await asyncio.to_thread(self.profiles.read, user_id)
+        try:
+            routes = await asyncio.to_thread(self.routes.active_for, user_id)
+            profile = await asyncio.to_thread(self.profiles.read, user_id)
+        except TRANSIENT as exc:
+            raise NotRouted(f"event {event.message_id} not routed: {exc}") from exc
+        for route in routes:
+            if event.name not in route.listens:
+                continue
+            try:
+                if await self._signal(route.workflow_id, "event", payload):
+                    routed.signalled.append(route.workflow_id)
+            except TRANSIENT as exc:
+                failures.append(exc)
         for journey in self.project.journeys.values():
             if trigger_matches(journey, event, profile.traits, user_id):
                 key = run_key(journey, event, profile.traits, user_id)
-                await self._trigger(journey, user_id, key, payload, routed)
+                try:
+                    await self._trigger(journey, user_id, key, payload, routed, again=again)
+                except TRANSIENT as exc:
+                    failures.append(exc)
+        if not failures:
+            try:
+                await asyncio.to_thread(self.events.routed, event.message_id)
+            except TRANSIENT as exc:
+                failures.append(exc)
+        if failures:
+            raise NotRouted(
+                f"event {event.message_id} not routed to {len(failures)} run(s): {failures[0]}"
+            ) from failures[0]
         return routed
 
     async def identify(
@@ -129,17 +196,26 @@ class Ingest:
             name=None,
             properties=dict(traits),
             timestamp=event.timestamp,
+            routed=True,
         )
         if fresh:
             await asyncio.to_thread(self.profiles.merge, user_id, traits, opted_out)
         return fresh
 
     async def _trigger(
-        self, journey: Journey, user_id: str, key: str, event: dict[str, Any], routed: Routed
+        self, journey: Journey, user_id: str, key: str, event: dict[str, Any], routed: Routed, *, again: bool
     ) -> None:
         wid = workflow_id(journey.id, user_id, key)
+        started = await asyncio.to_thread(run_started_by, self.db, journey.id, event["message_id"]) if again else None
+        if started == "ended":
+            # The first routing started it, then failed elsewhere or died: another start would
+            # be a second run.
+            routed.triggered.append(wid)
+            return
         once = journey.re_entry == "once"
-        if once and await asyncio.to_thread(has_run, self.db, journey.id, user_id, key):
+        # A run this event started and that is still active gets its trigger again (it ignores
+        # it) and its route; any other earlier run means ``once`` keeps the user out.
+        if once and started is None and await asyncio.to_thread(has_run, self.db, journey.id, user_id, key):
             routed.skipped.append(journey.id)
             return
         params = {"journey": self._payloads[journey.id], "user_id": user_id, "key": key, "event": event}

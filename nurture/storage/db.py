@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
@@ -97,6 +98,13 @@ def _private_sqlite_file(path: Path) -> None:
     # locks on it, SQLite's included.
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def upsert(session: Session) -> Callable[..., Any] | None:
+    """The session's ``insert`` with ``on_conflict_do_update`` (PostgreSQL and SQLite), else
+    ``None``: the caller falls back to a merge."""
+    dialect = session.get_bind().dialect.name
+    return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -18,9 +18,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _when(*, nullable: bool, default: Any = None) -> Any:
+def _when(*, nullable: bool, default: Any = None, index: bool = False) -> Any:
     """A timezone-aware timestamp column; the default is pydantic's, so validated rows get it too."""
-    column = Column(DateTime(timezone=True), nullable=nullable)
+    column = Column(DateTime(timezone=True), nullable=nullable, index=index)
     if default is not None:
         return Field(default_factory=default, sa_column=column)
     if nullable:
@@ -57,6 +57,9 @@ class EventRecord(SQLModel, table=True):
     properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     timestamp: datetime = _when(nullable=False)
     received_at: datetime = _when(nullable=False, default=utcnow)
+    routed_at: datetime | None = _when(nullable=True, index=True)
+    """When routing a track event finished; ``None`` while it has not (a crash, a refused call):
+    a retry of the call, or the API's next start, routes it again. Identify calls have it at once."""
 
 
 class RunRecord(SQLModel, table=True):
@@ -65,11 +68,14 @@ class RunRecord(SQLModel, table=True):
     __tablename__ = "runs"
 
     run_id: str = Field(primary_key=True, max_length=255)
-    workflow_id: str = Field(max_length=512, index=True)
+    workflow_id: str = Field(max_length=1000, index=True)
     journey: str = Field(max_length=128, index=True)
     version: str = Field(max_length=32)
     user_id: str = Field(max_length=255, index=True)
-    key: str = Field(default="", max_length=255)
+    key: str = Field(default="", sa_column=Column(Text, nullable=False))
+    """The full run key (the workflow id may carry only its start and a hash)."""
+    trigger_message_id: str | None = Field(default=None, max_length=255, index=True)
+    """The ``messageId`` of the event that started the run: routing that event again skips it."""
     status: str = Field(default="active", max_length=16, index=True)
     """``active`` or ``ended``."""
     entered_at: datetime = _when(nullable=False)
@@ -88,10 +94,10 @@ class Route(SQLModel, table=True):
 
     __tablename__ = "routes"
 
-    workflow_id: str = Field(primary_key=True, max_length=512)
+    workflow_id: str = Field(primary_key=True, max_length=1000)
     user_id: str = Field(max_length=255, index=True)
     journey: str = Field(max_length=128)
-    key: str = Field(default="", max_length=255)
+    key: str = Field(default="", sa_column=Column(Text, nullable=False))
     listens: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     active: bool = Field(default=True, index=True)
     updated_at: datetime = _when(nullable=False, default=utcnow)

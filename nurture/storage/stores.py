@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import delete, or_, update
+from sqlalchemy import or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -19,10 +19,10 @@ from channels import DeliveryResult, Envelope
 from channels.outbox import outbox_id
 from nurture.delivery.deliverer import AttemptState, Claim, earlier_claim, with_attempt
 from nurture.engine.clock import parse_instant
-from nurture.engine.model import Profile, SendOutcome, SendRequest
+from nurture.engine.model import Event, Profile, SendOutcome, SendRequest
 from nurture.language.templates import RenderedMessage
 
-from .db import Database
+from .db import Database, upsert
 from .models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord, utcnow
 
 IDENTITY = ("email", "phone", "wechat_openid")
@@ -112,6 +112,7 @@ class DbRecorder:
                     version=record["version"],
                     user_id=record["user_id"],
                     key=record.get("key", ""),
+                    trigger_message_id=record.get("trigger_message_id"),
                     entered_at=parse_instant(record["at"]),
                 )
             )
@@ -348,6 +349,14 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+class Unrouted(NamedTuple):
+    """A stored track event whose routing has not finished."""
+
+    user_id: str
+    event: Event
+    received_at: datetime
+
+
 class Events:
     """The ``events`` table: accepted calls, de-duplicated on ``message_id``."""
 
@@ -363,8 +372,10 @@ class Events:
         name: str | None,
         properties: Mapping[str, Any],
         timestamp: datetime,
+        routed: bool = False,
     ) -> bool:
-        """Store an event; ``False`` when its ``message_id`` was seen before."""
+        """Store an event (``routed`` when nothing is left to do with it); ``False`` when its
+        ``message_id`` was seen before."""
         try:
             with self.db.session() as session:
                 session.add(
@@ -375,17 +386,45 @@ class Events:
                         name=name,
                         properties=dict(properties),
                         timestamp=timestamp.astimezone(UTC),
+                        routed_at=utcnow() if routed else None,
                     )
                 )
             return True
         except IntegrityError:
             return False
 
-
-    def forget(self, message_id: str) -> None:
-        """Drop a stored event (it could not be routed; the client will retry it)."""
+    def unrouted(self, *, before: datetime | None = None, message_id: str | None = None) -> list[Unrouted]:
+        """Track events whose routing never finished, oldest first: those received before
+        ``before``, or the one with ``message_id``."""
+        query = (
+            select(EventRecord)
+            .where(col(EventRecord.routed_at).is_(None))
+            .where(col(EventRecord.kind) == "track")
+            .order_by(col(EventRecord.id))
+        )
+        if before is not None:
+            query = query.where(col(EventRecord.received_at) < before)
+        if message_id is not None:
+            query = query.where(col(EventRecord.message_id) == message_id)
         with self.db.session() as session:
-            session.execute(delete(EventRecord).where(col(EventRecord.message_id) == message_id))
+            return [
+                Unrouted(
+                    row.user_id,
+                    Event(row.name or "", _aware(row.timestamp), dict(row.properties), row.message_id),
+                    _aware(row.received_at),
+                )
+                for row in session.execute(query).scalars()
+            ]
+
+    def routed(self, message_id: str) -> None:
+        """Routing ``message_id`` finished: every route and journey has had it."""
+        with self.db.session() as session:
+            session.execute(
+                update(EventRecord)
+                .where(col(EventRecord.message_id) == message_id)
+                .where(col(EventRecord.routed_at).is_(None))
+                .values(routed_at=utcnow())
+            )
 
 
 class Routes:
@@ -397,14 +436,29 @@ class Routes:
     def activate(
         self, workflow_id: str, *, user_id: str, journey: str, key: str, listens: Sequence[str]
     ) -> None:
+        """Mark the route active, creating it; one statement, so concurrent first triggers of one
+        workflow id all succeed."""
+        values = {
+            "workflow_id": workflow_id,
+            "user_id": user_id,
+            "journey": journey,
+            "key": key,
+            "listens": sorted(set(listens)),
+            "active": True,
+            "updated_at": utcnow(),
+        }
         with self.db.session() as session:
-            row = session.get(Route, workflow_id)
-            if row is None:
-                row = Route(workflow_id=workflow_id, user_id=user_id, journey=journey, key=key)
-                session.add(row)
-            row.listens = sorted(set(listens))
-            row.active = True
-            row.updated_at = utcnow()
+            insert = upsert(session)
+            if insert is None:
+                session.merge(Route.model_validate(values))  # other engines: a merge by primary key
+                return
+            statement = insert(Route).values(**values)
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["workflow_id"],
+                    set_={name: statement.excluded[name] for name in ("listens", "active", "updated_at")},
+                )
+            )
 
     def deactivate(self, workflow_id: str) -> None:
         with self.db.session() as session:
@@ -425,6 +479,18 @@ class Routes:
             return bool(row and row.active)
 
 
+def run_started_by(db: Database, journey: str, message_id: str) -> str | None:
+    """The status (``active``, ``ended``) of the run of ``journey`` that the event ``message_id``
+    started, if one did."""
+    with db.session() as session:
+        return session.execute(
+            select(col(RunRecord.status))
+            .where(col(RunRecord.journey) == journey)
+            .where(col(RunRecord.trigger_message_id) == message_id)
+            .limit(1)
+        ).scalar()
+
+
 def has_run(db: Database, journey: str, user_id: str, key: str) -> bool:
     """Whether (journey, user, key) ever had a run (the ``once`` re-entry rule)."""
     with db.session() as session:
@@ -436,4 +502,3 @@ def has_run(db: Database, journey: str, user_id: str, key: str) -> bool:
             .limit(1)
         ).first()
         return row is not None
-

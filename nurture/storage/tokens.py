@@ -12,10 +12,9 @@ import asyncio
 from datetime import UTC, datetime
 
 from sqlalchemy import delete
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session, col
+from sqlmodel import col
 
-from .db import Database
+from .db import Database, upsert
 from .models import ProviderToken, utcnow
 
 __all__ = ["DbTokens"]
@@ -51,18 +50,17 @@ class DbTokens:
         # SQLite keeps no time zone, so every instant is written as UTC and read back as UTC.
         values = {"name": name, "token": token, "expires_at": _utc(expires_at), "updated_at": utcnow()}
         with self.db.session() as session:
-            dialect = session.get_bind().dialect.name
-            if dialect in ("postgresql", "sqlite"):
-                insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-                statement = insert(ProviderToken).values(**values)
-                session.execute(
-                    statement.on_conflict_do_update(
-                        index_elements=["name"],
-                        set_={key: statement.excluded[key] for key in ("token", "expires_at", "updated_at")},
-                    )
+            insert = upsert(session)
+            if insert is None:  # other engines: a merge; the primary key keeps one row per name
+                session.merge(ProviderToken.model_validate(values))
+                return
+            statement = insert(ProviderToken).values(**values)
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["name"],
+                    set_={key: statement.excluded[key] for key in ("token", "expires_at", "updated_at")},
                 )
-            else:
-                _merge(session, values)
+            )
 
     def _discard(self, name: str, token: str) -> None:
         with self.db.session() as session:
@@ -71,11 +69,6 @@ class DbTokens:
                 .where(col(ProviderToken.name) == name)
                 .where(col(ProviderToken.token) == token)
             )
-
-
-def _merge(session: Session, values: dict[str, object]) -> None:
-    # Other engines: a plain merge; the primary key still keeps one row per name.
-    session.merge(ProviderToken.model_validate(values))
 
 
 def _utc(moment: datetime) -> datetime:

@@ -1,0 +1,298 @@
+"""Routing on SQLite and PostgreSQL with a real Temporal dev server: every stored event is routed
+at least once, concurrent first triggers all succeed, one journey's failure leaves the others
+routed, and workflow ids fit Temporal's limit whatever the user id and key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text, update
+from sqlmodel import col
+from support import eventually, new_user, rows
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+from test_api import KEY, Api, serving
+
+from nurture.engine.interpreter import WORKFLOW_ID_LIMIT, workflow_id
+from nurture.engine.model import Event
+from nurture.language.compiler import Project, load_project
+from nurture.service.api import create_app
+from nurture.service.ingest import Ingest, NotRouted
+from nurture.service.settings import Settings
+from nurture.storage.db import MIGRATIONS, Database
+from nurture.storage.models import EventRecord, Route, RunRecord
+from nurture.storage.stores import Events, Routes
+
+
+@pytest.fixture(scope="module")
+async def temporal_client(dev_server: str) -> Client:
+    return await Client.connect(dev_server)
+
+
+@pytest.fixture
+async def api(project: Project, database: Database, temporal_client: Client) -> AsyncIterator[Api]:
+    async with serving(project, database, temporal_client) as api:
+        yield api
+
+
+def store(db: Database, user: str, name: str, message_id: str, **properties: Any) -> None:
+    """What a process killed a minute ago between storing an event and routing it left behind."""
+    fresh = Events(db).add(
+        message_id=message_id,
+        kind="track",
+        user_id=user,
+        name=name,
+        properties=properties,
+        timestamp=datetime.now(UTC),
+    )
+    assert fresh
+    with db.session() as session:
+        session.execute(
+            update(EventRecord)
+            .where(col(EventRecord.message_id) == message_id)
+            .values(received_at=datetime.now(UTC) - timedelta(minutes=1))
+        )
+
+
+async def status(client: Client, wid: str) -> WorkflowExecutionStatus | None:
+    try:
+        return (await client.get_workflow_handle(wid).describe()).status
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return None
+
+
+# At least once ----------------------------------------------------------------------------------
+
+
+async def test_a_retry_of_an_event_stored_but_not_routed_routes_it(api: Api) -> None:
+    user, message_id = new_user(), f"m-{uuid.uuid4().hex}"
+    store(api.db, user, "Signed Up", message_id)
+    wid = workflow_id("welcome_series", user, "")
+
+    retried = await api.post("/v1/track", {"userId": user, "event": "Signed Up", "messageId": message_id})
+
+    assert retried.status_code == 200, retried.text
+    body = retried.json()
+    assert (body["duplicate"], body["rerouted"], body["triggered"]) == (False, True, [wid])
+    assert await status(api.temporal, wid) == WorkflowExecutionStatus.RUNNING
+    [event] = rows(api.db, EventRecord, message_id=message_id)
+    assert event.routed_at is not None
+    again = (await api.post("/v1/track", {"userId": user, "event": "Signed Up", "messageId": message_id})).json()
+    assert (again["duplicate"], again["rerouted"], again["triggered"]) == (True, False, [])
+
+
+async def test_rerouting_an_event_whose_run_ended_starts_no_second_run(api: Api) -> None:
+    """Runs ignore a repeated trigger while active; once ended, the runs table says it happened."""
+    user = new_user()
+    call = {"userId": user, "event": "Cart Updated", "messageId": f"m-{user}",
+            "properties": {"cart_id": "c-1", "item_count": 1}}  # fmt: skip
+    wid = workflow_id("cart_abandonment", user, "c-1")
+    assert (await api.post("/v1/track", call)).json()["triggered"] == [wid]
+    emptied = {"userId": user, "event": "Cart Emptied", "properties": {"cart_id": "c-1"}}
+    assert (await api.post("/v1/track", emptied)).json()["signalled"] == [wid]
+    await eventually(lambda: rows(api.db, RunRecord, workflow_id=wid, status="ended"), what="the run's end")
+    with api.db.session() as session:  # as if the process died before it marked the event routed
+        session.execute(
+            update(EventRecord)
+            .where(col(EventRecord.message_id) == call["messageId"])
+            .values(routed_at=None, received_at=datetime.now(UTC) - timedelta(minutes=1))
+        )
+
+    retried = (await api.post("/v1/track", call)).json()
+
+    assert (retried["rerouted"], retried["triggered"]) == (True, [wid])
+    assert await status(api.temporal, wid) == WorkflowExecutionStatus.COMPLETED
+    assert len(rows(api.db, RunRecord, workflow_id=wid)) == 1
+
+
+async def test_start_up_routes_the_events_a_crash_left_unrouted(
+    project: Project, database: Database, temporal_client: Client
+) -> None:
+    users = [new_user() for _ in range(3)]
+    for user in users:
+        store(database, user, "Signed Up", f"m-{user}")
+    settings = Settings(write_keys=(KEY,), task_queue=f"test-routing-{uuid.uuid4().hex[:8]}", database=database.url)
+    app = create_app(settings, project=project, db=database, client=temporal_client)
+
+    async with app.router.lifespan_context(app):
+        await eventually(
+            lambda: all(e.routed_at for e in rows(database, EventRecord, kind="track")),
+            timeout=30,
+            what="the left-over events routed",
+        )
+    for user in users:
+        assert await status(temporal_client, workflow_id("welcome_series", user, "")) is not None
+
+
+# Concurrent first triggers ------------------------------------------------------------------
+
+
+def test_concurrent_route_activations_of_one_workflow_all_succeed(database: Database) -> None:
+    routes, errors = Routes(database), []
+    barrier = threading.Barrier(12)
+
+    def activate(index: int) -> None:
+        barrier.wait()
+        try:
+            routes.activate("wf-1", user_id="u1", journey="j", key="", listens=[f"E{index % 2}"])
+        except Exception as exc:  # collected: the assertion below names them
+            errors.append(exc)
+
+    threads = [threading.Thread(target=activate, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    [route] = rows(database, Route, workflow_id="wf-1")
+    assert route.active and route.listens in (["E0"], ["E1"])
+
+
+async def test_concurrent_first_triggers_of_one_run_all_succeed(api: Api) -> None:
+    user = new_user()
+    wid = workflow_id("cart_abandonment", user, "c-1")
+
+    async def update_cart(count: int) -> httpx.Response:
+        return await api.post(
+            "/v1/track",
+            {"userId": user, "event": "Cart Updated", "properties": {"cart_id": "c-1", "item_count": count}},
+        )
+
+    answers = await asyncio.gather(*(update_cart(count) for count in range(1, 17)))
+
+    assert [a.status_code for a in answers] == [200] * 16, [a.text for a in answers if a.status_code != 200]
+    assert all(a.json()["triggered"] == [wid] for a in answers)
+    assert [r.workflow_id for r in rows(api.db, Route, user_id=user)] == [wid]
+
+
+TWIN = """\
+journey: {name}
+trigger: {{event: Joined}}
+steps:
+  - {{id: hello, send: sms, template: hello, category: transactional}}
+  - {{id: pause, wait: 1d}}
+"""
+
+
+@pytest.fixture
+def twins(tmp_path: Path) -> Project:
+    """Two journeys that one event triggers."""
+    (tmp_path / "journeys").mkdir()
+    for name in ("first_twin", "second_twin"):
+        (tmp_path / "journeys" / f"{name}.yaml").write_text(TWIN.format(name=name))
+    (tmp_path / "templates" / "sms").mkdir(parents=True)
+    (tmp_path / "templates" / "sms" / "hello.txt").write_text("Hello")
+    return load_project(tmp_path / "journeys", tmp_path / "templates")
+
+
+class FailingOnce:
+    """A real Temporal client whose first start of one workflow id fails as an outage would."""
+
+    def __init__(self, client: Client, refused: str) -> None:
+        self.client = client
+        self.refused: str | None = refused
+
+    async def start_workflow(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs["id"] == self.refused:
+            self.refused = None
+            raise RPCError("frontend unavailable", RPCStatusCode.UNAVAILABLE, b"")
+        return await self.client.start_workflow(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+async def test_one_journeys_failure_leaves_the_others_routed_and_the_retry_routes_it(
+    twins: Project, database: Database, temporal_client: Client
+) -> None:
+    user = new_user()
+    first, second = workflow_id("first_twin", user, ""), workflow_id("second_twin", user, "")
+    client = FailingOnce(temporal_client, refused=first)
+    ingest = Ingest(twins, database, client, f"test-routing-{uuid.uuid4().hex[:8]}")  # type: ignore[arg-type]
+    event = Event("Joined", datetime.now(UTC), {}, f"m-{user}")
+
+    with pytest.raises(NotRouted):
+        await ingest.track(user, event)
+    assert await status(temporal_client, first) is None
+    assert await status(temporal_client, second) == WorkflowExecutionStatus.RUNNING
+
+    routed = await ingest.track(user, event)
+
+    assert routed.rerouted and sorted(routed.triggered) == [first, second]
+    assert await status(temporal_client, first) == WorkflowExecutionStatus.RUNNING
+    assert [e.routed_at is not None for e in rows(database, EventRecord, user_id=user)] == [True]
+
+
+# Workflow ids ---------------------------------------------------------------------------------
+
+
+def test_workflow_ids_are_readable_when_they_fit_and_always_fit() -> None:
+    assert workflow_id("welcome_series", "ada@example.com", "") == "nurture/welcome_series/ada%40example.com/"
+    long_key, accents = "k" * 1500, "é" * 163
+    for user, key in ((accents, ""), ("u1", long_key), (accents * 2, long_key), ("a/b", "é" * 600)):
+        wid = workflow_id("cart_abandonment", user, key)
+        assert len(wid.encode()) <= WORKFLOW_ID_LIMIT, (len(wid), user[:5], key[:5])
+        assert wid.startswith("nurture/cart_abandonment/") and wid == workflow_id("cart_abandonment", user, key)
+    # The hash keeps ids of values that share their kept prefix apart.
+    assert workflow_id("j", "u", long_key + "1") != workflow_id("j", "u", long_key + "2")
+    assert workflow_id("j", accents + "a", "") != workflow_id("j", accents + "b", "")
+    short = workflow_id("j", "u", long_key)
+    assert short.startswith("nurture/j/u/kkkk") and "#" in short
+
+
+async def test_long_user_ids_and_keys_start_runs_that_keep_them_in_full(api: Api) -> None:
+    accents = "é" * 163 + uuid.uuid4().hex[:8]
+    long_order = "o-" + "9" * 1500 + uuid.uuid4().hex
+    identify = await api.post("/v1/identify", {"userId": accents, "traits": {"email": "e@example.com"}})
+    assert identify.status_code == 200, identify.text
+
+    signed_up = await api.post("/v1/track", {"userId": accents, "event": "Signed Up"})
+    ordered = await api.post(
+        "/v1/track", {"userId": accents, "event": "Order Completed", "properties": {"order_id": long_order}}
+    )
+
+    assert (signed_up.status_code, ordered.status_code) == (200, 200), (signed_up.text, ordered.text)
+    welcome, purchase = workflow_id("welcome_series", accents, ""), workflow_id("post_purchase", accents, long_order)
+    assert signed_up.json()["triggered"] == [welcome] and ordered.json()["triggered"] == [purchase]
+    for wid in (welcome, purchase):
+        assert len(wid) <= WORKFLOW_ID_LIMIT
+        assert await status(api.temporal, wid) is not None
+    [run] = await eventually(lambda: rows(api.db, RunRecord, workflow_id=purchase), timeout=10, what="run record")
+    assert (run.user_id, run.key) == (accents, long_order)
+    assert [r.key for r in rows(api.db, Route, workflow_id=purchase)] == [long_order]
+
+
+def test_the_upgrade_counts_every_event_stored_before_it_as_routed(database: Database) -> None:
+    """Start-up routes only what a crash left behind, not the history from before the upgrade."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = database.engine
+    command.downgrade(config, "0005")
+    with database.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO events (message_id, kind, user_id, name, properties, timestamp, received_at) "
+                "VALUES ('m-old', 'track', 'u1', 'Signed Up', '{}', :at, :at)"
+            ),
+            {"at": datetime(2026, 1, 1, tzinfo=UTC)},
+        )
+
+    database.migrate()
+
+    [event] = rows(database, EventRecord)
+    assert event.routed_at is not None and event.routed_at == event.received_at
+    assert Events(database).unrouted(before=datetime.now(UTC)) == []
