@@ -253,6 +253,37 @@ BAD_CALLS: list[tuple[str, str, Any, int, str, str]] = [
         "ISO 8601",
     ),
     (
+        "timestamp-before-year-1",
+        "/v1/track",
+        {"userId": "{user}", "event": "Signed Up", "timestamp": "0001-01-01T00:00:00+01:00"},
+        400,
+        "timestamp",
+        "between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z",
+    ),
+    (
+        "timestamp-after-year-9999",
+        "/v1/identify",
+        {"userId": "{user}", "traits": {"vip": True}, "timestamp": "9999-12-31T23:59:59-01:00"},
+        400,
+        "timestamp",
+        "between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z",
+    ),
+    (
+        "timestamp-out-of-range-in-batch",
+        "/v1/batch",
+        {
+            "batch": [
+                {"type": "identify", "userId": "{user}", "traits": {"vip": True}},
+                {"type": "track", "userId": "{user}", "event": "Signed Up"},
+                {"type": "identify", "userId": "{user}", "traits": {"vip": False}},
+                {"type": "track", "userId": "{user}", "event": "A", "timestamp": "9999-12-31T23:59:59-01:00"},
+            ]
+        },
+        400,
+        "batch[3].timestamp",
+        "9999-12-31T23:59:59-01:00",
+    ),
+    (
         "properties-list",
         "/v1/track",
         {"userId": "{user}", "event": "Signed Up", "properties": [1, 2]},

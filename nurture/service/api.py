@@ -46,6 +46,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from channels import mask_user_id
+from nurture.engine.clock import format_instant
 from nurture.engine.model import Event
 from nurture.language.compiler import Project, load_project
 from nurture.language.diagnostics import did_you_mean
@@ -85,7 +86,8 @@ must send its own `messageId`** (the same one on every attempt) to be de-duplica
 
 **Differences from Segment.** `userId` is required (journeys run for known users; calls with only
 an `anonymousId` answer 400). `context` and `integrations` are accepted and ignored. A
-`timestamp` without a UTC offset is read as UTC; it defaults to the time of receipt.
+`timestamp` without a UTC offset is read as UTC; it defaults to the time of receipt, and must lie
+between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z.
 
 **Opt-outs.** A user's opt-outs are one set of names: channels (`email`, `sms`, `wechat`) and the
 project's subscription topics (`topics:` in nurture.yaml, e.g. `promotions`). A channel opt-out
@@ -123,8 +125,15 @@ EXAMPLE_IDENTIFY: dict[str, JsonValue] = {
 # Requests ------------------------------------------------------------------------------------
 
 
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
+"""The instants a call may carry: a day inside Python's (and the databases') years 1 to 9999, so
+the instant can be shown in any zone without leaving that range."""
+
+
 def _instant(value: Any) -> Any:
-    """ISO 8601 text only (no epoch numbers); naive means UTC."""
+    """ISO 8601 text only (no epoch numbers); naive means UTC. Answers the instant in UTC, so nothing
+    after the API converts a client's offset."""
     if isinstance(value, datetime):
         parsed = value
     else:
@@ -138,7 +147,21 @@ def _instant(value: Any) -> Any:
                 "timestamp must be an ISO 8601 date-time such as 2026-03-02T10:00:00+08:00, got {value}",
                 {"value": json.dumps(value)[:80]},
             ) from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    try:
+        instant = parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    except OverflowError:  # the offset takes it past year 1 or 9999
+        instant = None
+    if instant is None or not EARLIEST <= instant <= LATEST:
+        raise PydanticCustomError(
+            "timestamp_range",
+            "timestamp must be between {earliest} and {latest}, got {value}",
+            {
+                "earliest": format_instant(EARLIEST),
+                "latest": format_instant(LATEST.replace(microsecond=0)),
+                "value": json.dumps(value if isinstance(value, str) else str(value))[:80],
+            },
+        )
+    return instant
 
 
 Timestamp = Annotated[datetime, BeforeValidator(_instant)]
@@ -165,7 +188,9 @@ class Call(BaseModel):
         description="Accepted and ignored; a call with only an anonymousId is rejected.",
     )
     timestamp: Timestamp | None = Field(
-        default=None, description="When it happened, ISO 8601 (default: when the call is received)."
+        default=None,
+        description="When it happened, ISO 8601, between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z "
+        "(default: when the call is received).",
     )
     message_id: str | None = Field(
         default=None,
