@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -426,6 +427,81 @@ async def test_invalid_json_is_a_400_on_the_body(api: Api) -> None:
     assert answer.status_code == 400
     assert answer.json()["detail"][0]["field"] == "body"
     assert "not valid JSON" in answer.json()["detail"][0]["message"]
+
+
+HOSTILE_VALUES = [
+    # (id, a JSON value as sent, words of the message)
+    ("deeply-nested", "[" * 2000 + "]" * 2000, "JSON nested deeper than 64 levels"),
+    ("nested-past-the-limit", "[" * 64 + "]" * 64, "JSON nested deeper than 64 levels"),
+    ("huge-integer", "9" * 5000, "integer out of range"),
+    ("integer-past-64-bits", str(2**63), "integer out of range"),
+    ("infinite-number", "1e400", "number out of range"),
+    ("nan", "NaN", "NaN and Infinity are not JSON"),
+    ("nul-character", '"a\\u0000b"', "U+0000"),
+    ("unpaired-surrogate", '"\\ud800"', "unpaired surrogate"),
+]
+
+
+def hostile_body(path: str, user: str, value: str) -> str:
+    """A call to ``path`` carrying ``value`` (raw JSON text) as a property or trait."""
+    where = "traits" if path == "/v1/identify" else "properties"
+    call = f'"userId": {json.dumps(user)}, "event": "A", "{where}": {{"x": {value}}}'
+    return f'{{"batch": [{{"type": "track", {call}}}]}}' if path == "/v1/batch" else f"{{{call}}}"
+
+
+@pytest.mark.parametrize("path", ["/v1/track", "/v1/identify", "/v1/batch"])
+@pytest.mark.parametrize(("value", "words"), [v[1:] for v in HOSTILE_VALUES], ids=[v[0] for v in HOSTILE_VALUES])
+async def test_json_no_store_can_keep_is_a_400_on_the_body(api: Api, path: str, value: str, words: str) -> None:
+    user = new_user()
+
+    answer = await api.http.post(
+        path, content=hostile_body(path, user, value), headers={"Content-Type": "application/json"}
+    )
+
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "invalid_request"
+    [detail] = answer.json()["detail"]
+    assert detail["field"] == "body" and words in detail["message"], detail
+    for model in (EventRecord, ProfileRecord, RunRecord, Route, MessageRecord):
+        assert rows(api.db, model) == [], f"{model.__tablename__} changed"
+
+
+async def test_json_within_the_limits_is_accepted(api: Api) -> None:
+    user = new_user()
+    nested = "[" * 61 + "]" * 61  # with the body, properties and the list around it: 64 levels
+    body = hostile_body("/v1/track", user, f'[{nested}, {2**63 - 1}, {-(2**63)}, 1e308, "\\ud83d\\ude00"]')
+
+    answer = await api.http.post("/v1/track", content=body, headers={"Content-Type": "application/json"})
+
+    assert answer.status_code == 200, answer.text
+    [event] = rows(api.db, EventRecord, user_id=user)
+    assert event.properties["x"][1:] == [2**63 - 1, -(2**63), 1e308, "😀"]
+
+
+async def test_a_body_that_is_not_utf8_is_a_400(api: Api) -> None:
+    answer = await api.http.post(
+        "/v1/track", content=b'{"userId": "\xff", "event": "A"}', headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
+    assert "UTF-8" in answer.json()["detail"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/v1/track", "POST"),
+        ("PUT", "/v1/users/u-1", "DELETE, GET"),
+        ("POST", "/v1/users/u-1", "DELETE, GET"),
+        ("PATCH", "/v1/outbox", "GET"),
+    ],
+)
+async def test_a_wrong_method_is_a_405_naming_every_allowed_one(
+    api: Api, method: str, path: str, allowed: str
+) -> None:
+    answer = await api.http.request(method, path)
+    assert answer.status_code == 405, answer.text
+    assert answer.headers["Allow"] == allowed
+    assert answer.json()["error"] == "method_not_allowed" and allowed.split(",")[0] in answer.json()["message"]
 
 
 async def test_a_batch_with_one_bad_item_starts_nothing(api: Api) -> None:

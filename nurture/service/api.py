@@ -13,18 +13,20 @@ import asyncio
 import hmac
 import json
 import logging
+import math
+import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 import uvicorn
 from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRouter
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute, APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from pydantic import (
     BaseModel,
@@ -41,6 +43,7 @@ from sqlalchemy import text
 from sqlmodel import Session, SQLModel, col, select
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 from temporalio.service import RPCError
@@ -99,7 +102,10 @@ combined with the other two; a name that is neither a channel nor a declared top
 
 **Errors.** A bad call answers 400 with every field at fault,
 `{"error": "invalid_request", "detail": [{"field": "batch[2].event", "message": "..."}]}`, and
-changes nothing; a body over 32 KB (500 KB for `batch`, 32 KB per batch item) answers 413.
+changes nothing; a body over 32 KB (500 KB for `batch`, 32 KB per batch item) answers 413. A body
+must be UTF-8 JSON nested at most 64 levels deep, with integers between -2^63 and 2^63-1, finite
+numbers, and strings without NUL or unpaired surrogates (what every store can keep); anything else
+answers 400 on `body`, saying which rule it breaks.
 """
 
 EXAMPLE_TRACK: dict[str, JsonValue] = {
@@ -339,6 +345,96 @@ class BatchCall(BaseModel):
     batch: list[BatchItem] = Field(description="The calls, each with `type` `track` or `identify`.")
     context: Any = Field(default=None, description="Accepted and ignored.")
     integrations: Any = Field(default=None, description="Accepted and ignored.")
+
+
+# Bodies --------------------------------------------------------------------------------------
+
+MAX_DEPTH = 64
+"""Levels of nesting a body may have (the body itself is the first)."""
+INTEGERS = range(-(2**63), 2**63)
+"""The integers a body may carry: what a 64-bit column or client can hold."""
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""NUL, which PostgreSQL's text cannot hold, and unpaired surrogates, which no encoder can write."""
+
+
+def _refuse(message: str, doc: str = "", position: int = 0) -> NoReturn:
+    # FastAPI answers a JSONDecodeError as a 400 on the body (see _message's json_invalid).
+    raise json.JSONDecodeError(message, doc, position)
+
+
+def _integer(text: str) -> int:
+    # Checked on the text first: Python refuses to read integers of over 4300 digits.
+    if len(text) > 20 or int(text) not in INTEGERS:
+        _refuse(
+            f"integer out of range: {text[:24]}{'...' if len(text) > 24 else ''} is not between "
+            f"{INTEGERS.start} and {INTEGERS.stop - 1}; send larger numbers as strings"
+        )
+    return int(text)
+
+
+def _number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        _refuse(f"number out of range: {text[:24]} is too large for a 64-bit float")
+    return value
+
+
+def _constant(name: str) -> Any:
+    _refuse(f"NaN and Infinity are not JSON, got {name}")
+
+
+def strict_json(body: bytes) -> Any:
+    """``body`` read as JSON that every store and client can keep, else a ``JSONDecodeError``
+    saying why: UTF-8, at most ``MAX_DEPTH`` levels, 64-bit integers, finite numbers, and strings
+    without NUL or unpaired surrogates."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _refuse(f"the body is not UTF-8 (byte {exc.start})", position=exc.start)
+    try:
+        value = json.loads(text, parse_int=_integer, parse_float=_number, parse_constant=_constant)
+    except RecursionError:
+        _refuse(f"JSON nested deeper than {MAX_DEPTH} levels")
+    pending: list[tuple[Any, int, str]] = [(value, 1, "")]
+    while pending:  # iterative: the depth is what is being checked
+        item, depth, where = pending.pop()
+        strings: Iterable[str] = ()
+        if isinstance(item, dict):
+            children = [(v, f"{where}.{k}" if where else str(k)) for k, v in item.items()]
+            strings = item.keys()
+        elif isinstance(item, list):
+            children = [(v, f"{where}[{i}]") for i, v in enumerate(item)]
+        else:
+            children = []
+            strings = (item,) if isinstance(item, str) else ()
+        if children and depth >= MAX_DEPTH:
+            _refuse(f"JSON nested deeper than {MAX_DEPTH} levels (at {where or 'the body'})")
+        for string in strings:
+            found = _UNSTORABLE.search(string)
+            if found is not None:
+                what = "U+0000 (NUL)" if found.group() == "\x00" else "an unpaired surrogate"
+                _refuse(f"a string at {where or 'the body'} contains {what}, which cannot be stored")
+        pending.extend((child, depth + 1, path) for child, path in children)
+    return value
+
+
+class StrictJsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = strict_json(await self.body())
+        return self._json
+
+
+class StrictJsonRoute(APIRoute):
+    """A route whose JSON body is read with :func:`strict_json`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJsonRequest(request.scope, request.receive))
+
+        return strict
 
 
 # Answers -------------------------------------------------------------------------------------
@@ -688,7 +784,7 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
 
 # Endpoints -----------------------------------------------------------------------------------
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], route_class=StrictJsonRoute)
 
 
 @v1.post("/track", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"])
@@ -973,7 +1069,14 @@ async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(exc.status, exc.error, exc.message, exc.detail, exc.headers)
 
 
-_HTTP_ERRORS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_ERRORS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -983,9 +1086,26 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 401:  # from HTTPBasic: a Basic header that is not base64 of "key:"
         headers.update(UNAUTHORIZED_HEADERS)
         message = 'the Authorization header is not valid Basic credentials (base64 of "<write key>:")'
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route on the path only; a path can have several.
+        allowed = _allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        message = f"{request.method} is not allowed here; use {' or '.join(allowed)}"
     return _error_response(
         exc.status_code, _HTTP_ERRORS.get(exc.status_code, "http_error"), message, headers=headers
     )
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    routes: Iterable[BaseRoute] = request.app.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
 
 
 class BodyLimit:
