@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -27,6 +28,7 @@ from nurture.service.api import create_app
 from nurture.service.ingest import workflow_id
 from nurture.service.settings import Settings, SettingsError
 from nurture.service.worker import build_worker
+from nurture.storage.audit import AuditRecord
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord
 
@@ -76,12 +78,6 @@ async def api(project: Project, database: Database, temporal_client: Client) -> 
 def utc(value: datetime) -> datetime:
     """SQLite hands back naive UTC; PostgreSQL, aware in the session's zone."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-
-
-
-
 
 
 def order(user: str, order_id: str, **properties: Any) -> dict[str, Any]:
@@ -450,8 +446,12 @@ def hostile_body(path: str, user: str, value: str) -> str:
 
 
 @pytest.mark.parametrize("path", ["/v1/track", "/v1/identify", "/v1/batch"])
-@pytest.mark.parametrize(("value", "words"), [v[1:] for v in HOSTILE_VALUES], ids=[v[0] for v in HOSTILE_VALUES])
-async def test_json_no_store_can_keep_is_a_400_on_the_body(api: Api, path: str, value: str, words: str) -> None:
+@pytest.mark.parametrize(
+    ("value", "words"), [v[1:] for v in HOSTILE_VALUES], ids=[v[0] for v in HOSTILE_VALUES]
+)
+async def test_json_no_store_can_keep_is_a_400_on_the_body(
+    api: Api, path: str, value: str, words: str
+) -> None:
     user = new_user()
 
     answer = await api.http.post(
@@ -493,6 +493,8 @@ async def test_a_body_that_is_not_utf8_is_a_400(api: Api) -> None:
         ("PUT", "/v1/users/u-1", "DELETE, GET"),
         ("POST", "/v1/users/u-1", "DELETE, GET"),
         ("PATCH", "/v1/outbox", "GET"),
+        ("DELETE", "/v1/users/u-1/export", "GET"),
+        ("POST", "/v1/user", "DELETE, GET"),
     ],
 )
 async def test_a_wrong_method_is_a_405_naming_every_allowed_one(
@@ -501,7 +503,9 @@ async def test_a_wrong_method_is_a_405_naming_every_allowed_one(
     answer = await api.http.request(method, path)
     assert answer.status_code == 405, answer.text
     assert answer.headers["Allow"] == allowed
-    assert answer.json()["error"] == "method_not_allowed" and allowed.split(",")[0] in answer.json()["message"]
+    assert (
+        answer.json()["error"] == "method_not_allowed" and allowed.split(",")[0] in answer.json()["message"]
+    )
 
 
 async def test_a_batch_with_one_bad_item_starts_nothing(api: Api) -> None:
@@ -645,6 +649,84 @@ async def test_read_endpoints(api: Api, project: Project) -> None:
     missing = await api.get(f"/v1/users/{new_user()}")
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     assert (await api.get(f"/v1/users/{new_user()}/runs")).json() == []
+
+
+AWKWARD_IDS = {
+    "newline": "line\nbreak",
+    "trailing-newline": "u-1\n",
+    "slash": "a/b",
+    "ends-in-export": "X/export",
+    "ends-in-runs": "X/runs",
+    "ends-in-messages": "X/messages",
+    "encoded-slash": "%2F",
+    "spaces": " two  spaces ",
+    "query-and-fragment": "a?b=c#d",
+    "dots": "..",
+    "emoji": "😀 ünïcödé 名字",
+    "longest": "😀" * 255,
+}
+
+
+async def reads(api: Api, query: dict[str, str], form: str) -> dict[str, httpx.Response]:
+    """Every per-user route for one user, by ``form``: ``/v1/users/ID...`` or ``/v1/user...?id=ID``."""
+    answers = {}
+    for name, method, suffix in [
+        ("profile", "GET", ""),
+        ("runs", "GET", "/runs"),
+        ("messages", "GET", "/messages"),
+        ("export", "GET", "/export"),
+        ("forget", "DELETE", ""),
+    ]:
+        if form == "query":
+            answers[name] = await api.http.request(method, f"/v1/user{suffix}", params=query)
+        else:
+            answers[name] = await api.http.request(method, f"/v1/users/{quote(query['id'], safe='')}{suffix}")
+    return answers
+
+
+@pytest.mark.parametrize("user", list(AWKWARD_IDS.values()), ids=list(AWKWARD_IDS))
+async def test_every_user_id_reaches_every_per_user_route(api: Api, user: str) -> None:
+    bystander = user.split("/")[0] or "bystander"  # what the id's first segment would name
+    for who in (user, bystander):
+        answer = await api.post("/v1/identify", {"userId": who, "traits": {"name": who}})
+        assert answer.status_code == 200, answer.text
+    forms = ["query"] if "/" in user or user == ".." else ["query", "path"]
+    for form in forms:
+        answers = await reads(api, {"id": user}, form)
+        assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(answers, 200), form
+        assert answers["profile"].json()["user_id"] == user and answers["profile"].json()["traits"] == {
+            "name": user
+        }
+        assert answers["runs"].json() == [] and answers["messages"].json() == []
+        assert answers["export"].json()["user_id"] == user
+        assert answers["forget"].json()["deleted"]["profiles"] == 1
+        assert rows(api.db, ProfileRecord, user_id=user) == []
+        assert (await reads(api, {"id": user}, form))["profile"].status_code == 404
+        assert (await api.post("/v1/identify", {"userId": user, "traits": {"name": user}})).status_code == 200
+    assert rows(api.db, ProfileRecord, user_id=bystander), "nobody else was forgotten"
+
+
+@pytest.mark.parametrize("user", ["a/b", "X/export", "X/runs", "X/messages"])
+async def test_an_id_with_a_slash_in_the_path_is_a_400_naming_the_query_form(api: Api, user: str) -> None:
+    assert (await api.post("/v1/identify", {"userId": "X", "traits": {"vip": True}})).status_code == 200
+    for name, answer in (await reads(api, {"id": user}, "path")).items():
+        assert answer.status_code == 400, (name, answer.text)
+        [detail] = answer.json()["detail"]
+        assert detail["field"] == "user_id" and "/v1/user?id=" in detail["message"]
+    assert rows(api.db, ProfileRecord, user_id="X") and rows(api.db, AuditRecord) == []
+
+
+async def test_an_id_the_api_would_not_accept_is_a_400_on_every_route(api: Api) -> None:
+    for user in ("x" * 256, "x" * 1000, "a\x00b"):
+        track = await api.post("/v1/track", {"userId": user, "event": "A"})
+        assert track.status_code == 400, track.text
+        for form, field in (("query", "id"), ("path", "user_id")):
+            for name, answer in (await reads(api, {"id": user}, form)).items():
+                assert answer.status_code == 400, (form, name, answer.text)
+                assert answer.json()["detail"][0]["field"] == field
+    empty = await reads(api, {"id": ""}, "query")
+    assert {a.status_code for a in empty.values()} == {400}
+    assert rows(api.db, AuditRecord) == []
 
 
 async def test_outbox_lists_newest_first(api: Api) -> None:

@@ -150,12 +150,13 @@ def test_connection_errors_are_retried_then_raised() -> None:
     assert len(script.requests) == 2
 
 
-def test_reads_quote_the_user_id() -> None:
+def test_reads_send_the_user_id_in_the_query() -> None:
     script = Script(httpx.Response(200, json=[]), httpx.Response(200, json=[]))
     nurture = client(script)
-    nurture.messages("a/b c", content=True)
+    nurture.messages("X/export c", content=True)
     nurture.outbox(5)
-    assert script.requests[0].url.raw_path == b"/v1/users/a%2Fb%20c/messages?content=true"
+    assert script.requests[0].url.path == "/v1/user/messages"
+    assert script.requests[0].url.params == httpx.QueryParams({"id": "X/export c", "content": "true"})
     assert script.requests[1].url.raw_path == b"/v1/outbox?limit=5"
 
 

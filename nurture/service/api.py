@@ -11,24 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import math
 import re
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn, TypeVar, cast
 
 import uvicorn
-from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute, APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -99,6 +102,10 @@ every channel. An `identify` changes them with three traits, none kept as a trai
 replaces the whole set (`[]` opts back in to everything); `unsubscribe` adds names and `subscribe`
 removes them, keeping the rest, so a client needs no read-modify-write. `opted_out` cannot be
 combined with the other two; a name that is neither a channel nor a declared topic answers 400.
+
+**User ids in URLs.** Each per-user route takes the id in the path (`/v1/users/{user_id}`,
+percent-encoded; not an id with a `/`, nor `.` or `..`) or in the query (`/v1/user?id=`), which
+takes any id.
 
 **Errors.** A bad call answers 400 with every field at fault,
 `{"error": "invalid_request", "detail": [{"field": "batch[2].event", "message": "..."}]}`, and
@@ -818,7 +825,93 @@ async def batch(call: BatchCall, service: ServiceDep) -> BatchAccepted:
     return BatchAccepted(results=results)
 
 
-@v1.get("/users/{user_id:path}/runs", response_model=list[RunPublic], responses=ERRORS, tags=["users"])
+# Per-user routes ------------------------------------------------------------------------------
+
+
+def _storable_id(value: str) -> str:
+    if _UNSTORABLE.search(value):
+        raise PydanticCustomError("user_id", "a user id cannot contain NUL or unpaired surrogates")
+    return value
+
+
+_ID_RULES = {"min_length": 1, "max_length": 255}
+PathUserId = Annotated[
+    str,
+    Path(
+        **_ID_RULES,
+        pattern="^[^/]+$",
+        description="The user id, percent-encoded; an id with a `/` goes in the query form, `?id=`.",
+    ),
+    AfterValidator(_storable_id),
+]
+QueryUserId = Annotated[
+    str,
+    Query(alias="id", **_ID_RULES, description="The user id, any id the API accepts (percent-encoded)."),
+    AfterValidator(_storable_id),
+]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _with_user_id(func: F, annotation: Any) -> F:
+    """A copy of ``func`` whose ``user_id`` parameter FastAPI reads as ``annotation``."""
+    copy = types.FunctionType(
+        func.__code__, func.__globals__, func.__name__, func.__defaults__, func.__closure__
+    )
+    copy.__kwdefaults__ = func.__kwdefaults__
+    copy.__doc__ = func.__doc__
+    signature = inspect.signature(func, eval_str=True)
+    copy.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[
+            p.replace(annotation=annotation) if p.name == "user_id" else p
+            for p in signature.parameters.values()
+        ]
+    )
+    return cast(F, copy)
+
+
+def per_user(method: str, suffix: str, **options: Any) -> Callable[[F], F]:
+    """Serve ``func(user_id, ...)`` at ``/v1/users/{user_id}{suffix}`` and ``/v1/user{suffix}?id=``.
+
+    A path segment cannot carry every id: routers and proxies decode ``%2F`` into a path separator,
+    and clients drop ``.`` and ``..``; the query form carries any id.
+    """
+
+    def register(func: F) -> F:
+        for path, annotation in (
+            (f"/users/{{user_id}}{suffix}", PathUserId),
+            (f"/user{suffix}", QueryUserId),
+        ):
+            v1.add_api_route(path, _with_user_id(func, annotation), methods=[method], **options)
+        return func
+
+    return register
+
+
+USER_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    400: {
+        "model": ErrorBody,
+        "description": "The user id is empty, too long, or has a `/` in the path form.",
+    },
+}
+
+
+@per_user(
+    "GET",
+    "",
+    response_model=ProfilePublic,
+    tags=["users"],
+    responses={**USER_ERRORS, 404: {"model": ErrorBody, "description": "No profile for this user."}},
+)
+def user_profile(user_id: str, session: SessionDep) -> ProfilePublic:
+    """The user's traits and opt-outs."""
+    row = session.get(ProfileRecord, user_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no profile for user {user_id!r} (identify the user first)")
+    return ProfilePublic.model_validate(row, from_attributes=True)
+
+
+@per_user("GET", "/runs", response_model=list[RunPublic], responses=USER_ERRORS, tags=["users"])
 def user_runs(user_id: str, session: SessionDep) -> list[RunPublic]:
     """The user's journey runs, oldest first."""
     rows = session.exec(
@@ -829,9 +922,7 @@ def user_runs(user_id: str, session: SessionDep) -> list[RunPublic]:
     return [RunPublic.model_validate(row, from_attributes=True) for row in rows]
 
 
-@v1.get(
-    "/users/{user_id:path}/messages", response_model=list[MessagePublic], responses=ERRORS, tags=["users"]
-)
+@per_user("GET", "/messages", response_model=list[MessagePublic], responses=USER_ERRORS, tags=["users"])
 def user_messages(
     user_id: str,
     session: SessionDep,
@@ -862,13 +953,7 @@ def audit_actor(
 ActorDep = Annotated[str, Depends(audit_actor)]
 
 
-# Registered before the profile read: its ``{user_id:path}`` would take ``.../export`` as an id.
-@v1.get(
-    "/users/{user_id:path}/export",
-    response_model=UserExport,
-    responses=ERRORS,
-    tags=["privacy"],
-)
+@per_user("GET", "/export", response_model=UserExport, responses=USER_ERRORS, tags=["privacy"])
 async def export_user(user_id: str, service: ServiceDep, actor: ActorDep) -> UserExport:
     """Everything held about the user, as JSON (a data subject access request).
 
@@ -882,11 +967,12 @@ async def export_user(user_id: str, service: ServiceDep, actor: ActorDep) -> Use
     )
 
 
-@v1.delete(
-    "/users/{user_id:path}",
+@per_user(
+    "DELETE",
+    "",
     response_model=ForgetReport,
     responses={
-        **ERRORS,
+        **USER_ERRORS,
         503: {
             "model": ErrorBody,
             "description": "The user has active runs and Temporal is unreachable; nothing changed: retry.",
@@ -920,20 +1006,6 @@ async def forget_user(user_id: str, service: ServiceDep, actor: ActorDep) -> For
         raise ApiError(
             503, "unavailable", f"{exc}; nothing was forgotten: retry the call", headers={"Retry-After": "5"}
         ) from exc
-
-
-@v1.get(
-    "/users/{user_id:path}",
-    response_model=ProfilePublic,
-    responses={**ERRORS, 404: {"model": ErrorBody, "description": "No profile for this user."}},
-    tags=["users"],
-)
-def user_profile(user_id: str, session: SessionDep) -> ProfilePublic:
-    """The user's traits and opt-outs."""
-    row = session.get(ProfileRecord, user_id)
-    if row is None:
-        raise ApiError(404, "not_found", f"no profile for user {user_id!r} (identify the user first)")
-    return ProfilePublic.model_validate(row, from_attributes=True)
 
 
 @v1.get("/outbox", response_model=list[OutboxMessagePublic], responses=ERRORS, tags=["outbox"])
@@ -1108,6 +1180,30 @@ def _allowed_methods(request: Request) -> list[str]:
     ]
 
 
+class EncodedSlash:
+    """400 for a per-user path whose id holds an encoded ``/``: decoded (as routers and proxies do),
+    ``X%2Fexport`` would be the export of ``X``. Such ids go in the query form."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith("/v1/users/")
+            and b"%2f" in scope.get("raw_path", b"").lower()
+        ):
+            message = (
+                "a user id with a / cannot go in the path, where it would read as a separator; send it "
+                "in the query: /v1/user?id=ID (also /v1/user/runs, /v1/user/messages, /v1/user/export)"
+            )
+            await _error_response(400, "invalid_request", detail=[{"field": "user_id", "message": message}])(
+                scope, receive, send
+            )
+            return
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """413 for bodies over a path's limit, before any of it is parsed (Segment's limits)."""
 
@@ -1226,9 +1322,15 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_middleware(EncodedSlash)
     app.add_middleware(
         BodyLimit,
-        limits={"/v1/track": CALL_LIMIT, "/v1/identify": CALL_LIMIT, "/v1/batch": BATCH_LIMIT, **WEBHOOK_LIMITS},
+        limits={
+            "/v1/track": CALL_LIMIT,
+            "/v1/identify": CALL_LIMIT,
+            "/v1/batch": BATCH_LIMIT,
+            **WEBHOOK_LIMITS,
+        },
     )
     log.info("event API for %d journeys: %s", len(project.journeys), ", ".join(sorted(project.journeys)))
     return app
