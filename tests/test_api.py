@@ -34,6 +34,8 @@ from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, Ro
 
 KEY = "test-key-0123456789"
 OTHER_KEY = "second-key-abcdef"
+READ_KEY = "read-key-0123456789"
+ADMIN_KEY = "admin-key-0123456789"
 T = TypeVar("T")
 
 
@@ -52,14 +54,21 @@ class Api:
         return await self.http.post(path, json=body, **kwargs)
 
     async def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return await self.http.get(path, **kwargs)
+        """A read, with the read key."""
+        return await self.http.get(path, auth=(READ_KEY, ""), **kwargs)
 
 
 @asynccontextmanager
 async def serving(project: Project, db: Database, temporal: Client) -> AsyncIterator[Api]:
     """The app on ``db`` and a worker on its own task queue, so tests never share workers."""
     queue = f"test-api-{uuid.uuid4().hex[:10]}"
-    settings = Settings(write_keys=(KEY, OTHER_KEY), task_queue=queue, database=db.url)
+    settings = Settings(
+        write_keys=(KEY, OTHER_KEY),
+        read_keys=(READ_KEY,),
+        admin_keys=(ADMIN_KEY,),
+        task_queue=queue,
+        database=db.url,
+    )
     app = create_app(settings, project=project, db=db, client=temporal)
     transport = httpx.ASGITransport(app=app)
     async with (
@@ -178,7 +187,7 @@ def basic(key: str) -> str:
     [None, basic("wrong-key"), "Bearer wrong-key", basic(KEY[:-1]), "Bearer ", "Basic not-base64!"],
     ids=["missing", "wrong-basic", "wrong-bearer", "prefix-of-key", "empty-bearer", "malformed-basic"],
 )
-async def test_a_write_key_is_required(api: Api, authorization: str | None) -> None:
+async def test_a_key_is_required(api: Api, authorization: str | None) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
     user = new_user()
     for method, path, body in [
@@ -204,8 +213,58 @@ async def test_either_form_of_either_key_is_accepted(api: Api, authorization: st
         "/v1/identify", json={"userId": user, "traits": {"plan": "pro"}}, headers=headers, auth=None
     )
     assert answer.status_code == 200, answer.text
-    profile = await api.http.get(f"/v1/users/{user}", headers=headers, auth=None)
-    assert profile.status_code == 200 and profile.json()["traits"] == {"plan": "pro"}
+    for reader in (basic(READ_KEY), f"Bearer {READ_KEY}", basic(ADMIN_KEY), f"Bearer {ADMIN_KEY}"):
+        profile = await api.http.get(f"/v1/users/{user}", headers={"Authorization": reader}, auth=None)
+        assert profile.status_code == 200 and profile.json()["traits"] == {"plan": "pro"}
+
+
+WRITE, READ, ADMIN = "write", "read", "admin"
+ENDPOINTS = [
+    # (method, path, body, what it needs)
+    ("POST", "/v1/track", {"userId": "{user}", "event": "Browsed"}, WRITE),
+    ("POST", "/v1/identify", {"userId": "{user}", "traits": {"vip": True}}, WRITE),
+    ("POST", "/v1/batch", {"batch": [{"type": "identify", "userId": "{user}"}]}, WRITE),
+    ("GET", "/v1/users/{user}", None, READ),
+    ("GET", "/v1/user?id={user}", None, READ),
+    ("GET", "/v1/users/{user}/runs", None, READ),
+    ("GET", "/v1/user/messages?id={user}", None, READ),
+    ("GET", "/v1/outbox", None, READ),
+    ("GET", "/v1/users/{user}/export", None, ADMIN),
+    ("GET", "/v1/user/export?id={user}", None, ADMIN),
+    ("DELETE", "/v1/users/{user}", None, ADMIN),
+    ("DELETE", "/v1/user?id={user}", None, ADMIN),
+]
+MAY = {KEY: {WRITE}, READ_KEY: {READ}, ADMIN_KEY: {READ, ADMIN}}
+NEEDED = {
+    WRITE: "sending events needs a write key (NURTURE_WRITE_KEYS)",
+    READ: "reading people and messages needs a read key (NURTURE_READ_KEYS) or an admin key",
+    ADMIN: "exporting and forgetting users needs an admin key (NURTURE_ADMIN_KEYS)",
+}
+
+
+@pytest.mark.parametrize("key", list(MAY), ids=["write-key", "read-key", "admin-key"])
+async def test_each_kind_of_key_does_only_what_it_may(api: Api, key: str) -> None:
+    user = new_user()
+    assert (await api.post("/v1/identify", {"userId": user, "traits": {"vip": False}})).status_code == 200
+    for method, path, body, needs in ENDPOINTS:
+        answer = await api.http.request(
+            method, path.replace("{user}", user), json=fill(body, user), auth=(key, "")
+        )
+        kind = {KEY: "write", READ_KEY: "read", ADMIN_KEY: "admin"}[key]
+        if needs in MAY[key]:
+            assert answer.status_code == 200, (method, path, answer.text)
+            continue
+        assert answer.status_code == 403, (method, path, answer.text)
+        assert answer.json() == {
+            "error": "forbidden",
+            "message": f"{NEEDED[needs]}; the key given is a {kind} key",
+        }
+    profile = rows(api.db, ProfileRecord, user_id=user)
+    if key == ADMIN_KEY:
+        assert profile == [], "the admin key forgot the user"
+    else:
+        assert [p.traits for p in profile] == [{"vip": key == KEY}], "only a write key sends events"
+        assert rows(api.db, AuditRecord) == [], "only an admin key exports and forgets"
 
 
 def big(size: int) -> str:
@@ -641,9 +700,9 @@ async def test_read_endpoints(api: Api, project: Project) -> None:
     assert len(outbox) == 1
     assert (outbox[0]["user_id"], outbox[0]["address"], outbox[0]["provider"]) == (
         user,
-        "+8613800138000",
+        "+86*******8000",
         "outbox",
-    )
+    ), "addresses masked, as nurture outbox shows them"
     assert "o-5" in outbox[0]["content"]["text"]
 
     missing = await api.get(f"/v1/users/{new_user()}")
@@ -677,10 +736,9 @@ async def reads(api: Api, query: dict[str, str], form: str) -> dict[str, httpx.R
         ("export", "GET", "/export"),
         ("forget", "DELETE", ""),
     ]:
-        if form == "query":
-            answers[name] = await api.http.request(method, f"/v1/user{suffix}", params=query)
-        else:
-            answers[name] = await api.http.request(method, f"/v1/users/{quote(query['id'], safe='')}{suffix}")
+        path = f"/v1/user{suffix}" if form == "query" else f"/v1/users/{quote(query['id'], safe='')}{suffix}"
+        params = query if form == "query" else None
+        answers[name] = await api.http.request(method, path, params=params, auth=(ADMIN_KEY, ""))
     return answers
 
 
@@ -794,7 +852,28 @@ async def test_openapi_documents_the_api(api: Api) -> None:
     } <= set(doc["paths"])
     track = doc["paths"]["/v1/track"]["post"]
     assert {"400", "401", "413", "200"} <= set(track["responses"]) and "422" not in track["responses"]
-    assert {"HTTPBasic", "HTTPBearer"} <= set(doc["components"]["securitySchemes"])
+    schemes = doc["components"]["securitySchemes"]
+    assert set(schemes) == {"WriteKey", "ReadKey", "AdminKey", "BearerKey"}
+    for name, variable in [
+        ("WriteKey", "NURTURE_WRITE_KEYS"),
+        ("ReadKey", "NURTURE_READ_KEYS"),
+        ("AdminKey", "NURTURE_ADMIN_KEYS"),
+    ]:
+        assert schemes[name]["scheme"] == "basic" and variable in schemes[name]["description"]
+    assert {"403", "401"} <= set(doc["paths"]["/v1/outbox"]["get"]["responses"])
+    security = {
+        (path, method): sorted(name for requirement in operation["security"] for name in requirement)
+        for path, operations in doc["paths"].items()
+        if path.startswith("/v1/")
+        for method, operation in operations.items()
+    }
+    assert security[("/v1/track", "post")] == ["BearerKey", "WriteKey"]
+    assert security[("/v1/outbox", "get")] == ["AdminKey", "BearerKey", "ReadKey"]
+    assert security[("/v1/user", "get")] == ["AdminKey", "BearerKey", "ReadKey"]
+    assert security[("/v1/user/export", "get")] == ["AdminKey", "BearerKey"]
+    assert security[("/v1/users/{user_id}", "delete")] == ["AdminKey", "BearerKey"]
+    assert {"/v1/user", "/v1/user/runs", "/v1/user/messages", "/v1/user/export"} <= set(doc["paths"])
+    assert "NURTURE_ADMIN_KEYS" in doc["info"]["description"]
     assert (await api.http.get("/docs", auth=None)).status_code == 200
 
 

@@ -51,7 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from channels import mask_user_id
+from channels import mask_address, mask_user_id
 from nurture.engine.clock import format_instant
 from nurture.engine.model import Event
 from nurture.language.compiler import Project, load_project
@@ -81,9 +81,13 @@ DESCRIPTION = """\
 Send your users' events to Nurture: **Segment-compatible** `track`, `identify` and `batch` calls
 start journeys, reach running ones (a goal ends a sleeping run at once) and update profiles.
 
-**Authentication.** Every `/v1` endpoint takes a write key (`NURTURE_WRITE_KEYS`), Segment style
-as the HTTP Basic user name with an empty password (`curl -u KEY: ...`), or as
-`Authorization: Bearer KEY`.
+**Authentication.** Every `/v1` endpoint takes a key, Segment style as the HTTP Basic user name
+with an empty password (`curl -u KEY: ...`), or as `Authorization: Bearer KEY`. There are three
+kinds: a **write key** (`NURTURE_WRITE_KEYS`) sends events (`track`, `identify`, `batch`) and
+nothing else; a **read key** (`NURTURE_READ_KEYS`) reads profiles, runs, messages and the outbox;
+an **admin key** (`NURTURE_ADMIN_KEYS`) reads too, and exports and forgets users. Each variable is
+comma-separated. A missing or unknown key answers 401; a valid key of the wrong kind answers 403
+naming the kind needed.
 
 **Retries and duplicates.** A call with a `messageId` that was accepted before changes nothing and
 answers `"duplicate": true`. Without one the API assigns a fresh id, so **a client that retries
@@ -599,13 +603,16 @@ def _unavailable(reason: str) -> ApiError:
 class Service:
     """What the endpoints share: the project, the database, the keys and (lazily) Temporal."""
 
-    def __init__(
-        self, settings: Settings, project: Project, db: Database, keys: Sequence[str], client: Client | None
-    ) -> None:
+    def __init__(self, settings: Settings, project: Project, db: Database, client: Client | None) -> None:
         self.settings = settings
         self.project = project
         self.db = db
-        self.keys = tuple(key.encode() for key in keys)
+        kinds: dict[KeyKind, Sequence[str]] = {
+            "write": settings.require_write_keys(),
+            "read": settings.read_keys,
+            "admin": settings.admin_keys,
+        }
+        self.keys = tuple((kind, key.encode()) for kind, keys in kinds.items() for key in keys)
         self.opt_out_names = tuple(dict.fromkeys((*CHANNELS, *project.settings.topics)))
         """What an opt-out may name: the channels, then the project's topics."""
         self._ingest = None if client is None else Ingest(project, db, client, settings.task_queue)
@@ -627,12 +634,14 @@ class Service:
                     log.info("connected to temporal at %s", self.settings.temporal_address)
         return self._ingest
 
-    def authorized(self, key: str) -> bool:
+    def kinds(self, key: str) -> set[KeyKind]:
+        """What ``key`` is: a write, read or admin key (a key may be listed as several), or nothing."""
         given = key.encode()
-        matched = False
-        for expected in self.keys:  # no early exit: the time taken says nothing about the keys
-            matched |= hmac.compare_digest(given, expected)
-        return matched
+        kinds: set[KeyKind] = set()
+        for kind, expected in self.keys:  # no early exit: the time taken says nothing about the keys
+            if hmac.compare_digest(given, expected):
+                kinds.add(kind)
+        return kinds
 
     async def track(self, call: TrackCall) -> Accepted:
         ingest = await self.ingest()
@@ -738,13 +747,42 @@ def _log_identify(
 
 # Dependencies --------------------------------------------------------------------------------
 
-_basic = HTTPBasic(
+KeyKind = Literal["write", "read", "admin"]
+Access = Literal["write", "read", "admin"]
+GRANTS: dict[KeyKind, frozenset[Access]] = {
+    "write": frozenset({"write"}),
+    "read": frozenset({"read"}),
+    "admin": frozenset({"read", "admin"}),
+}
+"""What each kind of key may do: a write key sends events, a read key reads people and messages,
+an admin key reads too and exports and forgets users."""
+NEEDS: dict[Access, str] = {
+    "write": "sending events needs a write key (NURTURE_WRITE_KEYS)",
+    "read": "reading people and messages needs a read key (NURTURE_READ_KEYS) or an admin key",
+    "admin": "exporting and forgetting users needs an admin key (NURTURE_ADMIN_KEYS)",
+}
+
+
+def _basic(kind: KeyKind, env: str, does: str) -> HTTPBasic:
+    return HTTPBasic(
+        auto_error=False,
+        scheme_name=f"{kind.capitalize()}Key",
+        realm="nurture",
+        description=f"A {kind} key (`{env}`) as the user name, empty password (Segment style): {does}.",
+    )
+
+
+_write_basic = _basic("write", "NURTURE_WRITE_KEYS", "sends events")
+_read_basic = _basic("read", "NURTURE_READ_KEYS", "reads profiles, runs, messages and the outbox")
+_admin_basic = _basic("admin", "NURTURE_ADMIN_KEYS", "reads, and exports and forgets users")
+_bearer = HTTPBearer(
     auto_error=False,
-    realm="nurture",
-    description="The write key as user name, empty password (Segment style).",
+    scheme_name="BearerKey",
+    description="Any key as `Authorization: Bearer <key>`; it may do what its kind may.",
 )
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <write key>`.")
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Basic realm="nurture"'}
+Basic = HTTPBasicCredentials | None
+Bearer = HTTPAuthorizationCredentials | None
 
 
 def get_service(request: Request) -> Service:
@@ -755,17 +793,44 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def authenticate(
-    service: ServiceDep,
-    basic: Annotated[HTTPBasicCredentials | None, Security(_basic)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-) -> None:
-    """A configured write key, Basic (as the user name) or Bearer."""
+def _authorize(service: Service, needs: Access, basic: Basic, bearer: Bearer) -> str:
+    """The key of the call (Basic user name or Bearer): 401 without a valid one, 403 when its
+    kind may not do what the endpoint ``needs``."""
     key = basic.username if basic is not None else bearer.credentials if bearer is not None else None
     if key is None:
-        raise ApiError(401, "unauthorized", "a write key is required", headers=UNAUTHORIZED_HEADERS)
-    if not service.authorized(key):
-        raise ApiError(401, "unauthorized", "the write key is not valid", headers=UNAUTHORIZED_HEADERS)
+        raise ApiError(401, "unauthorized", "a key is required", headers=UNAUTHORIZED_HEADERS)
+    kinds = service.kinds(key)
+    if not kinds:
+        raise ApiError(401, "unauthorized", "the key is not valid", headers=UNAUTHORIZED_HEADERS)
+    if not any(needs in GRANTS[kind] for kind in kinds):
+        given = " and ".join(sorted(kinds))
+        raise ApiError(403, "forbidden", f"{NEEDS[needs]}; the key given is a {given} key")
+    return key
+
+
+def write_access(
+    service: ServiceDep,
+    basic: Annotated[Basic, Security(_write_basic)],
+    bearer: Annotated[Bearer, Security(_bearer)],
+) -> str:
+    return _authorize(service, "write", basic, bearer)
+
+
+def read_access(
+    service: ServiceDep,
+    basic: Annotated[Basic, Security(_read_basic)],
+    admin: Annotated[Basic, Security(_admin_basic)],
+    bearer: Annotated[Bearer, Security(_bearer)],
+) -> str:
+    return _authorize(service, "read", basic or admin, bearer)
+
+
+def admin_access(
+    service: ServiceDep,
+    basic: Annotated[Basic, Security(_admin_basic)],
+    bearer: Annotated[Bearer, Security(_bearer)],
+) -> str:
+    return _authorize(service, "admin", basic, bearer)
 
 
 def get_session(service: ServiceDep) -> Iterator[Session]:
@@ -776,7 +841,11 @@ def get_session(service: ServiceDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing or wrong write key."},
+    401: {"model": ErrorBody, "description": "Missing or unknown key."},
+    403: {
+        "model": ErrorBody,
+        "description": "A valid key of a kind that may not do this; the message names the kind needed.",
+    },
 }
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
@@ -791,16 +860,18 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
 
 # Endpoints -----------------------------------------------------------------------------------
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], route_class=StrictJsonRoute)
+v1 = APIRouter(prefix="/v1", route_class=StrictJsonRoute)
+WRITE = [Depends(write_access)]
+READ = [Depends(read_access)]
 
 
-@v1.post("/track", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"])
+@v1.post("/track", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def track(call: TrackCall, service: ServiceDep) -> Accepted:
     """Record what a user did: starts journeys it triggers and reaches the user's active runs."""
     return await service.track(call)
 
 
-@v1.post("/identify", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"])
+@v1.post("/identify", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def identify(call: IdentifyCall, service: ServiceDep) -> Accepted:
     """Merge traits into a user's profile; the traits `opted_out` (replace), `unsubscribe` (add) and
     `subscribe` (remove) change its channel and topic opt-outs."""
@@ -808,7 +879,7 @@ async def identify(call: IdentifyCall, service: ServiceDep) -> Accepted:
     return await service.identify(call)
 
 
-@v1.post("/batch", response_model=BatchAccepted, responses=WRITE_ERRORS, tags=["events"])
+@v1.post("/batch", response_model=BatchAccepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def batch(call: BatchCall, service: ServiceDep) -> BatchAccepted:
     """Several track and identify calls, handled in order (validated together: all or none)."""
     service.check_opt_outs(
@@ -901,6 +972,7 @@ USER_ERRORS: dict[int | str, dict[str, Any]] = {
     "",
     response_model=ProfilePublic,
     tags=["users"],
+    dependencies=READ,
     responses={**USER_ERRORS, 404: {"model": ErrorBody, "description": "No profile for this user."}},
 )
 def user_profile(user_id: str, session: SessionDep) -> ProfilePublic:
@@ -911,7 +983,9 @@ def user_profile(user_id: str, session: SessionDep) -> ProfilePublic:
     return ProfilePublic.model_validate(row, from_attributes=True)
 
 
-@per_user("GET", "/runs", response_model=list[RunPublic], responses=USER_ERRORS, tags=["users"])
+@per_user(
+    "GET", "/runs", response_model=list[RunPublic], responses=USER_ERRORS, tags=["users"], dependencies=READ
+)
 def user_runs(user_id: str, session: SessionDep) -> list[RunPublic]:
     """The user's journey runs, oldest first."""
     rows = session.exec(
@@ -922,7 +996,14 @@ def user_runs(user_id: str, session: SessionDep) -> list[RunPublic]:
     return [RunPublic.model_validate(row, from_attributes=True) for row in rows]
 
 
-@per_user("GET", "/messages", response_model=list[MessagePublic], responses=USER_ERRORS, tags=["users"])
+@per_user(
+    "GET",
+    "/messages",
+    response_model=list[MessagePublic],
+    responses=USER_ERRORS,
+    tags=["users"],
+    dependencies=READ,
+)
 def user_messages(
     user_id: str,
     session: SessionDep,
@@ -941,20 +1022,11 @@ def user_messages(
     return messages
 
 
-def audit_actor(
-    basic: Annotated[HTTPBasicCredentials | None, Security(_basic)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-) -> str:
-    """Who to write in the audit log: a fingerprint of the write key the call was let in with."""
-    key = basic.username if basic is not None else bearer.credentials if bearer is not None else ""
-    return privacy.key_fingerprint(key)
-
-
-ActorDep = Annotated[str, Depends(audit_actor)]
+AdminKey = Annotated[str, Depends(admin_access)]
 
 
 @per_user("GET", "/export", response_model=UserExport, responses=USER_ERRORS, tags=["privacy"])
-async def export_user(user_id: str, service: ServiceDep, actor: ActorDep) -> UserExport:
+async def export_user(user_id: str, service: ServiceDep, key: AdminKey) -> UserExport:
     """Everything held about the user, as JSON (a data subject access request).
 
     The profile, every event and identify call, runs, routes, messages with their addresses and
@@ -962,6 +1034,7 @@ async def export_user(user_id: str, service: ServiceDep, actor: ActorDep) -> Use
     data gets empty lists and `profile: null`, not a 404. Each export is written to the audit log.
     Temporal's run histories are not included (the database holds what they carry).
     """
+    actor = privacy.key_fingerprint(key)
     return await asyncio.to_thread(
         privacy.export_user, service.db, user_id, actor=actor, secret=service.settings.secret
     )
@@ -980,7 +1053,7 @@ async def export_user(user_id: str, service: ServiceDep, actor: ActorDep) -> Use
     },
     tags=["privacy"],
 )
-async def forget_user(user_id: str, service: ServiceDep, actor: ActorDep) -> ForgetReport:
+async def forget_user(user_id: str, service: ServiceDep, key: AdminKey) -> ForgetReport:
     """Forget the user (right to erasure): end their runs and erase what is held about them.
 
     Active runs get the workflow's `stop` signal and end with reason `forgotten` (runs that do not
@@ -999,7 +1072,11 @@ async def forget_user(user_id: str, service: ServiceDep, actor: ActorDep) -> For
         client = None  # enough for a user without active runs
     try:
         return await privacy.forget(
-            service.db, user_id, temporal=client, actor=actor, secret=service.settings.secret
+            service.db,
+            user_id,
+            temporal=client,
+            actor=privacy.key_fingerprint(key),
+            secret=service.settings.secret,
         )
     except privacy.TemporalUnavailable as exc:
         log.warning("forget refused, nothing changed: %s", exc)
@@ -1008,19 +1085,30 @@ async def forget_user(user_id: str, service: ServiceDep, actor: ActorDep) -> For
         ) from exc
 
 
-@v1.get("/outbox", response_model=list[OutboxMessagePublic], responses=ERRORS, tags=["outbox"])
+@v1.get(
+    "/outbox",
+    response_model=list[OutboxMessagePublic],
+    responses={**ERRORS, 400: {"model": ErrorBody, "description": "`limit` is not 1 to 500."}},
+    tags=["outbox"],
+    dependencies=READ,
+)
 def outbox(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500, description="How many messages.")] = 20,
 ) -> list[OutboxMessagePublic]:
-    """The latest messages delivered to the built-in outbox, newest first, rendered."""
+    """The latest messages delivered to the built-in outbox, newest first, rendered, with addresses
+    and address-like user ids masked as `nurture outbox` shows them (`l***@example.com`)."""
     rows = session.exec(
         select(MessageRecord)
         .where(col(MessageRecord.provider) == "outbox")
         .order_by(col(MessageRecord.created_at).desc(), col(MessageRecord.id).desc())
         .limit(limit)
     ).all()
-    return [OutboxMessagePublic.model_validate(row, from_attributes=True) for row in rows]
+    messages = [OutboxMessagePublic.model_validate(row, from_attributes=True) for row in rows]
+    for message in messages:
+        message.user_id = mask_user_id(message.user_id)
+        message.address = None if message.address is None else mask_address(message.address)
+    return messages
 
 
 meta = APIRouter()
@@ -1157,7 +1245,7 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     message = str(exc.detail)
     if exc.status_code == 401:  # from HTTPBasic: a Basic header that is not base64 of "key:"
         headers.update(UNAUTHORIZED_HEADERS)
-        message = 'the Authorization header is not valid Basic credentials (base64 of "<write key>:")'
+        message = 'the Authorization header is not valid Basic credentials (base64 of "<key>:")'
     if exc.status_code == 405:
         # Starlette names the methods of the first route on the path only; a path can have several.
         allowed = _allowed_methods(request)
@@ -1289,14 +1377,13 @@ def create_app(
     database, unless given; without a ``client`` it connects to Temporal at start-up, or on the
     first call that needs it when Temporal is not up yet.
     """
-    keys = settings.require_write_keys()
     if project is None:
         project = load_project(settings.journeys, settings.templates, settings.config)
     owns_db = db is None
     if db is None:
         db = Database(settings.database)
         db.migrate()
-    service = Service(settings, project, db, keys, client)
+    service = Service(settings, project, db, client)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -2,7 +2,7 @@
 
     from .client import Client
 
-    with Client("WRITE_KEY") as nurture:
+    with Client("WRITE_KEY") as nurture:   # reads (profile, runs, messages, outbox) take a read key
         nurture.identify("u_1024", {"email": "li@example.com", "timezone": "Asia/Shanghai"})
         nurture.track("u_1024", "Cart Updated", {"cart_id": "c_77", "item_count": 2})
 
@@ -246,7 +246,7 @@ class Client(_Base):
 
     def __init__(
         self,
-        write_key: str,
+        key: str,
         *,
         base_url: str = DEFAULT_URL,
         timeout: float = 10.0,
@@ -255,11 +255,12 @@ class Client(_Base):
         max_delay: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        """``retries``: further attempts after the first; ``backoff``: the first wait, in seconds,
+        """``key``: a write key sends events, a read (or admin) key reads; ``retries``: further
+        attempts after the first; ``backoff``: the first wait, in seconds,
         doubling each time up to ``max_delay``; ``transport``: an httpx transport (tests)."""
         super().__init__(retries=retries, backoff=backoff, max_delay=max_delay)
         self._http = httpx.Client(
-            base_url=base_url.rstrip("/"), auth=(write_key, ""), timeout=timeout, transport=transport
+            base_url=base_url.rstrip("/"), auth=(key, ""), timeout=timeout, transport=transport
         )
 
     def track(
@@ -349,7 +350,7 @@ class AsyncClient(_Base):
 
     def __init__(
         self,
-        write_key: str,
+        key: str,
         *,
         base_url: str = DEFAULT_URL,
         timeout: float = 10.0,
@@ -360,7 +361,7 @@ class AsyncClient(_Base):
     ) -> None:
         super().__init__(retries=retries, backoff=backoff, max_delay=max_delay)
         self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), auth=(write_key, ""), timeout=timeout, transport=transport
+            base_url=base_url.rstrip("/"), auth=(key, ""), timeout=timeout, transport=transport
         )
 
     async def track(
