@@ -904,12 +904,12 @@ async def test_a_call_temporal_refused_is_routed_when_retried(api: Api, project:
 async def test_logs_never_show_addresses(api: Api, caplog: pytest.LogCaptureFixture) -> None:
     user = f"li.{uuid.uuid4().hex[:6]}@example.com"
     traits = {"email": user, "phone": "+8613800138000"}
-    with caplog.at_level(logging.INFO, logger="nurture.service.api"):
+    with caplog.at_level(logging.INFO, logger="nurture.api"):
         assert (await api.post("/v1/identify", {"userId": user, "traits": traits})).status_code == 200
         assert (
             await api.post("/v1/track", {"userId": "+8613800138000", "event": "Browsed"})
         ).status_code == 200
-    lines = [r.getMessage() for r in caplog.records if r.name == "nurture.service.api"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "nurture.api"]
     assert len(lines) == 2, lines
     assert 'call="identify" user="l***@example.com"' in lines[0] and '"email", "phone"' in lines[0]
     assert 'user="+86*******8000" event="Browsed"' in lines[1] and "triggered=0" in lines[1]
