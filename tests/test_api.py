@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -26,11 +28,14 @@ from nurture.service.api import create_app
 from nurture.service.ingest import workflow_id
 from nurture.service.settings import Settings, SettingsError
 from nurture.service.worker import build_worker
+from nurture.storage.audit import AuditRecord
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord
 
 KEY = "test-key-0123456789"
 OTHER_KEY = "second-key-abcdef"
+READ_KEY = "read-key-0123456789"
+ADMIN_KEY = "admin-key-0123456789"
 T = TypeVar("T")
 
 
@@ -49,14 +54,21 @@ class Api:
         return await self.http.post(path, json=body, **kwargs)
 
     async def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return await self.http.get(path, **kwargs)
+        """A read, with the read key."""
+        return await self.http.get(path, auth=(READ_KEY, ""), **kwargs)
 
 
 @asynccontextmanager
 async def serving(project: Project, db: Database, temporal: Client) -> AsyncIterator[Api]:
     """The app on ``db`` and a worker on its own task queue, so tests never share workers."""
     queue = f"test-api-{uuid.uuid4().hex[:10]}"
-    settings = Settings(write_keys=(KEY, OTHER_KEY), task_queue=queue, database=db.url)
+    settings = Settings(
+        write_keys=(KEY, OTHER_KEY),
+        read_keys=(READ_KEY,),
+        admin_keys=(ADMIN_KEY,),
+        task_queue=queue,
+        database=db.url,
+    )
     app = create_app(settings, project=project, db=db, client=temporal)
     transport = httpx.ASGITransport(app=app)
     async with (
@@ -75,12 +87,6 @@ async def api(project: Project, database: Database, temporal_client: Client) -> 
 def utc(value: datetime) -> datetime:
     """SQLite hands back naive UTC; PostgreSQL, aware in the session's zone."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-
-
-
-
 
 
 def order(user: str, order_id: str, **properties: Any) -> dict[str, Any]:
@@ -181,7 +187,7 @@ def basic(key: str) -> str:
     [None, basic("wrong-key"), "Bearer wrong-key", basic(KEY[:-1]), "Bearer ", "Basic not-base64!"],
     ids=["missing", "wrong-basic", "wrong-bearer", "prefix-of-key", "empty-bearer", "malformed-basic"],
 )
-async def test_a_write_key_is_required(api: Api, authorization: str | None) -> None:
+async def test_a_key_is_required(api: Api, authorization: str | None) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
     user = new_user()
     for method, path, body in [
@@ -207,8 +213,58 @@ async def test_either_form_of_either_key_is_accepted(api: Api, authorization: st
         "/v1/identify", json={"userId": user, "traits": {"plan": "pro"}}, headers=headers, auth=None
     )
     assert answer.status_code == 200, answer.text
-    profile = await api.http.get(f"/v1/users/{user}", headers=headers, auth=None)
-    assert profile.status_code == 200 and profile.json()["traits"] == {"plan": "pro"}
+    for reader in (basic(READ_KEY), f"Bearer {READ_KEY}", basic(ADMIN_KEY), f"Bearer {ADMIN_KEY}"):
+        profile = await api.http.get(f"/v1/users/{user}", headers={"Authorization": reader}, auth=None)
+        assert profile.status_code == 200 and profile.json()["traits"] == {"plan": "pro"}
+
+
+WRITE, READ, ADMIN = "write", "read", "admin"
+ENDPOINTS = [
+    # (method, path, body, what it needs)
+    ("POST", "/v1/track", {"userId": "{user}", "event": "Browsed"}, WRITE),
+    ("POST", "/v1/identify", {"userId": "{user}", "traits": {"vip": True}}, WRITE),
+    ("POST", "/v1/batch", {"batch": [{"type": "identify", "userId": "{user}"}]}, WRITE),
+    ("GET", "/v1/users/{user}", None, READ),
+    ("GET", "/v1/user?id={user}", None, READ),
+    ("GET", "/v1/users/{user}/runs", None, READ),
+    ("GET", "/v1/user/messages?id={user}", None, READ),
+    ("GET", "/v1/outbox", None, READ),
+    ("GET", "/v1/users/{user}/export", None, ADMIN),
+    ("GET", "/v1/user/export?id={user}", None, ADMIN),
+    ("DELETE", "/v1/users/{user}", None, ADMIN),
+    ("DELETE", "/v1/user?id={user}", None, ADMIN),
+]
+MAY = {KEY: {WRITE}, READ_KEY: {READ}, ADMIN_KEY: {READ, ADMIN}}
+NEEDED = {
+    WRITE: "sending events needs a write key (NURTURE_WRITE_KEYS)",
+    READ: "reading people and messages needs a read key (NURTURE_READ_KEYS) or an admin key",
+    ADMIN: "exporting and forgetting users needs an admin key (NURTURE_ADMIN_KEYS)",
+}
+
+
+@pytest.mark.parametrize("key", list(MAY), ids=["write-key", "read-key", "admin-key"])
+async def test_each_kind_of_key_does_only_what_it_may(api: Api, key: str) -> None:
+    user = new_user()
+    assert (await api.post("/v1/identify", {"userId": user, "traits": {"vip": False}})).status_code == 200
+    for method, path, body, needs in ENDPOINTS:
+        answer = await api.http.request(
+            method, path.replace("{user}", user), json=fill(body, user), auth=(key, "")
+        )
+        kind = {KEY: "write", READ_KEY: "read", ADMIN_KEY: "admin"}[key]
+        if needs in MAY[key]:
+            assert answer.status_code == 200, (method, path, answer.text)
+            continue
+        assert answer.status_code == 403, (method, path, answer.text)
+        assert answer.json() == {
+            "error": "forbidden",
+            "message": f"{NEEDED[needs]}; the key given is a {kind} key",
+        }
+    profile = rows(api.db, ProfileRecord, user_id=user)
+    if key == ADMIN_KEY:
+        assert profile == [], "the admin key forgot the user"
+    else:
+        assert [p.traits for p in profile] == [{"vip": key == KEY}], "only a write key sends events"
+        assert rows(api.db, AuditRecord) == [], "only an admin key exports and forgets"
 
 
 def big(size: int) -> str:
@@ -251,6 +307,37 @@ BAD_CALLS: list[tuple[str, str, Any, int, str, str]] = [
         400,
         "timestamp",
         "ISO 8601",
+    ),
+    (
+        "timestamp-before-year-1",
+        "/v1/track",
+        {"userId": "{user}", "event": "Signed Up", "timestamp": "0001-01-01T00:00:00+01:00"},
+        400,
+        "timestamp",
+        "between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z",
+    ),
+    (
+        "timestamp-after-year-9999",
+        "/v1/identify",
+        {"userId": "{user}", "traits": {"vip": True}, "timestamp": "9999-12-31T23:59:59-01:00"},
+        400,
+        "timestamp",
+        "between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z",
+    ),
+    (
+        "timestamp-out-of-range-in-batch",
+        "/v1/batch",
+        {
+            "batch": [
+                {"type": "identify", "userId": "{user}", "traits": {"vip": True}},
+                {"type": "track", "userId": "{user}", "event": "Signed Up"},
+                {"type": "identify", "userId": "{user}", "traits": {"vip": False}},
+                {"type": "track", "userId": "{user}", "event": "A", "timestamp": "9999-12-31T23:59:59-01:00"},
+            ]
+        },
+        400,
+        "batch[3].timestamp",
+        "9999-12-31T23:59:59-01:00",
     ),
     (
         "properties-list",
@@ -397,6 +484,89 @@ async def test_invalid_json_is_a_400_on_the_body(api: Api) -> None:
     assert "not valid JSON" in answer.json()["detail"][0]["message"]
 
 
+HOSTILE_VALUES = [
+    # (id, a JSON value as sent, words of the message)
+    ("deeply-nested", "[" * 2000 + "]" * 2000, "JSON nested deeper than 64 levels"),
+    ("nested-past-the-limit", "[" * 64 + "]" * 64, "JSON nested deeper than 64 levels"),
+    ("huge-integer", "9" * 5000, "integer out of range"),
+    ("integer-past-64-bits", str(2**63), "integer out of range"),
+    ("infinite-number", "1e400", "number out of range"),
+    ("nan", "NaN", "NaN and Infinity are not JSON"),
+    ("nul-character", '"a\\u0000b"', "U+0000"),
+    ("unpaired-surrogate", '"\\ud800"', "unpaired surrogate"),
+]
+
+
+def hostile_body(path: str, user: str, value: str) -> str:
+    """A call to ``path`` carrying ``value`` (raw JSON text) as a property or trait."""
+    where = "traits" if path == "/v1/identify" else "properties"
+    call = f'"userId": {json.dumps(user)}, "event": "A", "{where}": {{"x": {value}}}'
+    return f'{{"batch": [{{"type": "track", {call}}}]}}' if path == "/v1/batch" else f"{{{call}}}"
+
+
+@pytest.mark.parametrize("path", ["/v1/track", "/v1/identify", "/v1/batch"])
+@pytest.mark.parametrize(
+    ("value", "words"), [v[1:] for v in HOSTILE_VALUES], ids=[v[0] for v in HOSTILE_VALUES]
+)
+async def test_json_no_store_can_keep_is_a_400_on_the_body(
+    api: Api, path: str, value: str, words: str
+) -> None:
+    user = new_user()
+
+    answer = await api.http.post(
+        path, content=hostile_body(path, user, value), headers={"Content-Type": "application/json"}
+    )
+
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "invalid_request"
+    [detail] = answer.json()["detail"]
+    assert detail["field"] == "body" and words in detail["message"], detail
+    for model in (EventRecord, ProfileRecord, RunRecord, Route, MessageRecord):
+        assert rows(api.db, model) == [], f"{model.__tablename__} changed"
+
+
+async def test_json_within_the_limits_is_accepted(api: Api) -> None:
+    user = new_user()
+    nested = "[" * 61 + "]" * 61  # with the body, properties and the list around it: 64 levels
+    body = hostile_body("/v1/track", user, f'[{nested}, {2**63 - 1}, {-(2**63)}, 1e308, "\\ud83d\\ude00"]')
+
+    answer = await api.http.post("/v1/track", content=body, headers={"Content-Type": "application/json"})
+
+    assert answer.status_code == 200, answer.text
+    [event] = rows(api.db, EventRecord, user_id=user)
+    assert event.properties["x"][1:] == [2**63 - 1, -(2**63), 1e308, "😀"]
+
+
+async def test_a_body_that_is_not_utf8_is_a_400(api: Api) -> None:
+    answer = await api.http.post(
+        "/v1/track", content=b'{"userId": "\xff", "event": "A"}', headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
+    assert "UTF-8" in answer.json()["detail"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/v1/track", "POST"),
+        ("PUT", "/v1/users/u-1", "DELETE, GET"),
+        ("POST", "/v1/users/u-1", "DELETE, GET"),
+        ("PATCH", "/v1/outbox", "GET"),
+        ("DELETE", "/v1/users/u-1/export", "GET"),
+        ("POST", "/v1/user", "DELETE, GET"),
+    ],
+)
+async def test_a_wrong_method_is_a_405_naming_every_allowed_one(
+    api: Api, method: str, path: str, allowed: str
+) -> None:
+    answer = await api.http.request(method, path)
+    assert answer.status_code == 405, answer.text
+    assert answer.headers["Allow"] == allowed
+    assert (
+        answer.json()["error"] == "method_not_allowed" and allowed.split(",")[0] in answer.json()["message"]
+    )
+
+
 async def test_a_batch_with_one_bad_item_starts_nothing(api: Api) -> None:
     user = await buyer(api)
     calls = [
@@ -531,14 +701,91 @@ async def test_read_endpoints(api: Api, project: Project) -> None:
     assert len(outbox) == 1
     assert (outbox[0]["user_id"], outbox[0]["address"], outbox[0]["provider"]) == (
         user,
-        "+8613800138000",
+        "+86*******8000",
         "outbox",
-    )
+    ), "addresses masked, as nurture outbox shows them"
     assert "o-5" in outbox[0]["content"]["text"]
 
     missing = await api.get(f"/v1/users/{new_user()}")
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     assert (await api.get(f"/v1/users/{new_user()}/runs")).json() == []
+
+
+AWKWARD_IDS = {
+    "newline": "line\nbreak",
+    "trailing-newline": "u-1\n",
+    "slash": "a/b",
+    "ends-in-export": "X/export",
+    "ends-in-runs": "X/runs",
+    "ends-in-messages": "X/messages",
+    "encoded-slash": "%2F",
+    "spaces": " two  spaces ",
+    "query-and-fragment": "a?b=c#d",
+    "dots": "..",
+    "emoji": "😀 ünïcödé 名字",
+    "longest": "😀" * 255,
+}
+
+
+async def reads(api: Api, query: dict[str, str], form: str) -> dict[str, httpx.Response]:
+    """Every per-user route for one user, by ``form``: ``/v1/users/ID...`` or ``/v1/user...?id=ID``."""
+    answers = {}
+    for name, method, suffix in [
+        ("profile", "GET", ""),
+        ("runs", "GET", "/runs"),
+        ("messages", "GET", "/messages"),
+        ("export", "GET", "/export"),
+        ("forget", "DELETE", ""),
+    ]:
+        path = f"/v1/user{suffix}" if form == "query" else f"/v1/users/{quote(query['id'], safe='')}{suffix}"
+        params = query if form == "query" else None
+        answers[name] = await api.http.request(method, path, params=params, auth=(ADMIN_KEY, ""))
+    return answers
+
+
+@pytest.mark.parametrize("user", list(AWKWARD_IDS.values()), ids=list(AWKWARD_IDS))
+async def test_every_user_id_reaches_every_per_user_route(api: Api, user: str) -> None:
+    bystander = user.split("/")[0] or "bystander"  # what the id's first segment would name
+    for who in (user, bystander):
+        answer = await api.post("/v1/identify", {"userId": who, "traits": {"name": who}})
+        assert answer.status_code == 200, answer.text
+    forms = ["query"] if "/" in user or user == ".." else ["query", "path"]
+    for form in forms:
+        answers = await reads(api, {"id": user}, form)
+        assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(answers, 200), form
+        assert answers["profile"].json()["user_id"] == user and answers["profile"].json()["traits"] == {
+            "name": user
+        }
+        assert answers["runs"].json() == [] and answers["messages"].json() == []
+        assert answers["export"].json()["user_id"] == user
+        assert answers["forget"].json()["deleted"]["profiles"] == 1
+        assert rows(api.db, ProfileRecord, user_id=user) == []
+        assert (await reads(api, {"id": user}, form))["profile"].status_code == 404
+        assert (await api.post("/v1/identify", {"userId": user, "traits": {"name": user}})).status_code == 200
+    assert rows(api.db, ProfileRecord, user_id=bystander), "nobody else was forgotten"
+
+
+@pytest.mark.parametrize("user", ["a/b", "X/export", "X/runs", "X/messages"])
+async def test_an_id_with_a_slash_in_the_path_is_a_400_naming_the_query_form(api: Api, user: str) -> None:
+    assert (await api.post("/v1/identify", {"userId": "X", "traits": {"vip": True}})).status_code == 200
+    for name, answer in (await reads(api, {"id": user}, "path")).items():
+        assert answer.status_code == 400, (name, answer.text)
+        [detail] = answer.json()["detail"]
+        assert detail["field"] == "user_id" and "/v1/user?id=" in detail["message"]
+    assert rows(api.db, ProfileRecord, user_id="X") and rows(api.db, AuditRecord) == []
+
+
+async def test_an_id_the_api_would_not_accept_is_a_400_on_every_route(api: Api) -> None:
+    for user in ("x" * 256, "x" * 1000, "a\x00b"):
+        track = await api.post("/v1/track", {"userId": user, "event": "A"})
+        assert track.status_code == 400, track.text
+        for form, field in (("query", "id"), ("path", "user_id")):
+            for name, answer in (await reads(api, {"id": user}, form)).items():
+                assert answer.status_code == 400, (form, name, answer.text)
+                assert answer.json()["detail"][0]["field"] == field
+    empty = await reads(api, {"id": ""}, "query")
+    assert {a.status_code for a in empty.values()} == {400}
+    assert rows(api.db, AuditRecord) == []
 
 
 async def test_outbox_lists_newest_first(api: Api) -> None:
@@ -606,7 +853,28 @@ async def test_openapi_documents_the_api(api: Api) -> None:
     } <= set(doc["paths"])
     track = doc["paths"]["/v1/track"]["post"]
     assert {"400", "401", "413", "200"} <= set(track["responses"]) and "422" not in track["responses"]
-    assert {"HTTPBasic", "HTTPBearer"} <= set(doc["components"]["securitySchemes"])
+    schemes = doc["components"]["securitySchemes"]
+    assert set(schemes) == {"WriteKey", "ReadKey", "AdminKey", "BearerKey"}
+    for name, variable in [
+        ("WriteKey", "NURTURE_WRITE_KEYS"),
+        ("ReadKey", "NURTURE_READ_KEYS"),
+        ("AdminKey", "NURTURE_ADMIN_KEYS"),
+    ]:
+        assert schemes[name]["scheme"] == "basic" and variable in schemes[name]["description"]
+    assert {"403", "401"} <= set(doc["paths"]["/v1/outbox"]["get"]["responses"])
+    security = {
+        (path, method): sorted(name for requirement in operation["security"] for name in requirement)
+        for path, operations in doc["paths"].items()
+        if path.startswith("/v1/")
+        for method, operation in operations.items()
+    }
+    assert security[("/v1/track", "post")] == ["BearerKey", "WriteKey"]
+    assert security[("/v1/outbox", "get")] == ["AdminKey", "BearerKey", "ReadKey"]
+    assert security[("/v1/user", "get")] == ["AdminKey", "BearerKey", "ReadKey"]
+    assert security[("/v1/user/export", "get")] == ["AdminKey", "BearerKey"]
+    assert security[("/v1/users/{user_id}", "delete")] == ["AdminKey", "BearerKey"]
+    assert {"/v1/user", "/v1/user/runs", "/v1/user/messages", "/v1/user/export"} <= set(doc["paths"])
+    assert "NURTURE_ADMIN_KEYS" in doc["info"]["description"]
     assert (await api.http.get("/docs", auth=None)).status_code == 200
 
 

@@ -31,6 +31,7 @@ from nurture.storage.db import Database
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "client-test-key"
+READ_KEY = "client-read-key-0123456789"
 
 
 # Retries, on a mock transport -----------------------------------------------------------------
@@ -150,12 +151,13 @@ def test_connection_errors_are_retried_then_raised() -> None:
     assert len(script.requests) == 2
 
 
-def test_reads_quote_the_user_id() -> None:
+def test_reads_send_the_user_id_in_the_query() -> None:
     script = Script(httpx.Response(200, json=[]), httpx.Response(200, json=[]))
     nurture = client(script)
-    nurture.messages("a/b c", content=True)
+    nurture.messages("X/export c", content=True)
     nurture.outbox(5)
-    assert script.requests[0].url.raw_path == b"/v1/users/a%2Fb%20c/messages?content=true"
+    assert script.requests[0].url.path == "/v1/user/messages"
+    assert script.requests[0].url.params == httpx.QueryParams({"id": "X/export c", "content": "true"})
     assert script.requests[1].url.raw_path == b"/v1/outbox?limit=5"
 
 
@@ -233,6 +235,7 @@ def test_cli_refuses_to_mix_replacing_and_changing_opt_outs(
 def settings(dev_server: str, tmp_path: Path) -> Settings:
     return Settings(
         write_keys=(KEY,),
+        read_keys=(READ_KEY,),
         temporal_address=dev_server,
         task_queue=f"test-client-{uuid.uuid4().hex[:10]}",
         database=f"sqlite:///{tmp_path / 'nurture.db'}",
@@ -249,17 +252,19 @@ def url(settings: Settings) -> Iterator[str]:
 
 
 def test_the_client_against_the_served_api(url: str) -> None:
-    user = f"u-{uuid.uuid4().hex[:10]}"
-    with Client(KEY, base_url=url) as nurture:
+    user = f"team/u-{uuid.uuid4().hex[:10]}/export"  # the reads take it in the query
+    with Client(KEY, base_url=url) as nurture, Client(READ_KEY, base_url=url) as reader:
         identified = nurture.identify(user, {"email": "li@example.com", "timezone": "UTC"}, opted_out=["sms"])
         first = nurture.track(user, "Signed Up", message_id=f"m-{user}")
         again = nurture.track(user, "Signed Up", message_id=f"m-{user}")
-        profile = nurture.profile(user)
+        profile = reader.profile(user)
 
         with pytest.raises(NurtureError) as bad:
             nurture.track(user, "Signed Up", {"plan": "pro"}, timestamp="next week")
         with pytest.raises(NurtureError) as missing:
-            nurture.profile("nobody-" + user)
+            reader.profile("nobody-" + user)
+        with pytest.raises(NurtureError) as wrong_kind:
+            nurture.profile(user)
 
     assert identified["type"] == "identify" and identified["duplicate"] is False
     assert first["duplicate"] is False and len(first["triggered"]) == 1
@@ -269,22 +274,23 @@ def test_the_client_against_the_served_api(url: str) -> None:
     ]
     assert bad.value.status == 400 and [d["field"] for d in bad.value.detail] == ["timestamp"]
     assert missing.value.status == 404 and missing.value.error == "not_found"
+    assert wrong_kind.value.status == 403 and "needs a read key" in wrong_kind.value.message
 
 
 def test_subscribe_and_unsubscribe_against_the_served_api(url: str) -> None:
     user = f"u-{uuid.uuid4().hex[:10]}"
     runner = CliRunner()
-    with Client(KEY, base_url=url) as nurture:
+    with Client(KEY, base_url=url) as nurture, Client(READ_KEY, base_url=url) as reader:
         nurture.identify(user, {"timezone": "UTC"}, opted_out=["email"])
         nurture.identify(user, {}, unsubscribe=["sms", "wechat"], subscribe=["email"])
-        changed = nurture.profile(user)
+        changed = reader.profile(user)
         with pytest.raises(NurtureError) as unknown:
             nurture.identify(user, {}, subscribe=["smss"])
         cli = runner.invoke(identify, [user, "--subscribe", "wechat", "--url", url, "--write-key", KEY])
         cli_unknown = runner.invoke(
             identify, [user, "--unsubscribe", "fax", "--url", url, "--write-key", KEY]
         )
-        after = nurture.profile(user)
+        after = reader.profile(user)
 
     assert changed["opted_out"] == ["sms", "wechat"] and changed["traits"] == {"timezone": "UTC"}
     assert unknown.value.status == 400
@@ -320,17 +326,17 @@ async def worker(settings: Settings, project: Project, dev_server: str) -> Async
 
 async def test_the_async_client_sees_the_journey_run(url: str, worker: None) -> None:
     user = f"u-{uuid.uuid4().hex[:10]}"
-    async with AsyncClient(KEY, base_url=url) as nurture:
+    async with AsyncClient(KEY, base_url=url) as nurture, AsyncClient(READ_KEY, base_url=url) as reader:
         await nurture.identify(user, {"phone": "+8613800138000", "timezone": "UTC"})
         await nurture.track(user, "Order Completed", {"order_id": "o-1", "total": 10})
-        messages = await poll(lambda: nurture.messages(user, content=True))
-        runs = await nurture.runs(user)
-        outbox = await nurture.outbox(limit=1)
+        messages = await poll(lambda: reader.messages(user, content=True))
+        runs = await reader.runs(user)
+        outbox = await reader.outbox(limit=1)
 
     assert [(m["template"], m["status"]) for m in messages] == [("course_access", "sent")]
     assert messages[0]["content"] is not None and "o-1" in messages[0]["content"]["text"]
     assert [(r["journey"], r["key"], r["status"]) for r in runs] == [("post_purchase", "o-1", "active")]
-    assert outbox[0]["user_id"] == user and outbox[0]["address"] == "+8613800138000"
+    assert outbox[0]["user_id"] == user and outbox[0]["address"] == "+86*******8000"
 
 
 async def poll(read: Callable[[], Any], timeout: float = 5.0) -> Any:
@@ -368,8 +374,8 @@ def test_cli_track_and_identify(url: str, tmp_path: Path, monkeypatch: pytest.Mo
     assert tracked.exit_code == 0, tracked.output
     answer = json.loads(tracked.output)
     assert answer["messageId"] == f"m-{user}" and len(answer["triggered"]) == 1
-    with Client(KEY, base_url=url) as nurture:
-        profile = nurture.profile(user)
+    with Client(READ_KEY, base_url=url) as reader:
+        profile = reader.profile(user)
     assert profile["traits"] == {"phone": "+8613800138000", "vip": True, "age": 31, "zip": "01234"}
     assert profile["opted_out"] == ["sms"]
 

@@ -50,6 +50,8 @@ from nurture.storage.models import (
 from nurture.storage.stores import DbProfiles, has_run
 
 KEY = "privacy-test-key-0123"
+ADMIN_KEY = "privacy-admin-key-0123"
+READ_KEY = "privacy-read-key-0123"
 SECRET = "privacy-test-secret-0123456789"
 NOW = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
 
@@ -266,9 +268,12 @@ async def api(
     temporal: str | None = None,
     queue: str = "test-privacy",
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The event API on ``db``; Temporal unreachable unless ``client`` and ``temporal`` are given."""
+    """The event API on ``db``, called with the admin key; Temporal unreachable unless ``client``
+    and ``temporal`` are given."""
     settings = Settings(
         write_keys=(KEY,),
+        read_keys=(READ_KEY,),
+        admin_keys=(ADMIN_KEY,),
         database=db.url,
         secret=SECRET,
         temporal_address=temporal or closed_address(),
@@ -276,7 +281,7 @@ async def api(
     )
     app = create_app(settings, project=project, db=db, client=client)
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://nurture", auth=(KEY, "")
+        transport=httpx.ASGITransport(app=app), base_url="http://nurture", auth=(ADMIN_KEY, "")
     ) as http:
         yield http
 
@@ -332,7 +337,7 @@ async def test_export_then_forget_leaves_nothing_but_counts(database: Database, 
         ]
         assert bystander.email not in exported.text and bystander.user not in exported.text
         [audit] = data["audit"]
-        assert (audit["action"], audit["actor"]) == ("export", key_fingerprint(KEY))
+        assert (audit["action"], audit["actor"]) == ("export", key_fingerprint(ADMIN_KEY))
         assert audit["details"] == {
             "profiles": 1,
             "events": 2,
@@ -365,7 +370,7 @@ async def test_export_then_forget_leaves_nothing_but_counts(database: Database, 
         entries = rows(database, AuditRecord)
         assert [e.action for e in entries] == ["export", "forget"]
         assert {e.subject for e in entries} == {subject_hash(p.user, SECRET)}
-        assert all(e.actor == key_fingerprint(KEY) and KEY not in e.actor for e in entries)
+        assert all(e.actor == key_fingerprint(ADMIN_KEY) and ADMIN_KEY not in e.actor for e in entries)
         assert entries[1].id == report["audit_id"] and only_counts(entries[1].details)
 
         again = await http.delete(f"/v1/users/{p.user}")
@@ -383,9 +388,13 @@ async def test_export_then_forget_leaves_nothing_but_counts(database: Database, 
     assert not has_run(database, "cart_abandonment", p.user, "c-1")
 
 
-@pytest.mark.parametrize("auth", [None, ("wrong-key", "")], ids=["no-key", "wrong-key"])
-async def test_both_need_the_write_key(
-    database: Database, project: Project, auth: tuple[str, str] | None
+@pytest.mark.parametrize(
+    ("auth", "status"),
+    [(None, 401), (("wrong-key", ""), 401), ((KEY, ""), 403), ((READ_KEY, ""), 403)],
+    ids=["no-key", "wrong-key", "write-key", "read-key"],
+)
+async def test_both_need_an_admin_key(
+    database: Database, project: Project, auth: tuple[str, str] | None, status: int
 ) -> None:
     p = person()
     seed(database, p)
@@ -393,8 +402,12 @@ async def test_both_need_the_write_key(
         for method in ("GET", "DELETE"):
             path = f"/v1/users/{p.user}" + ("/export" if method == "GET" else "")
             answer = await http.request(method, path, auth=auth)  # type: ignore[arg-type]
-            assert answer.status_code == 401, answer.text
-            assert answer.json()["error"] == "unauthorized"
+            assert answer.status_code == status, answer.text
+            if status == 403:
+                assert answer.json()["error"] == "forbidden"
+                assert "needs an admin key (NURTURE_ADMIN_KEYS)" in answer.json()["message"]
+            else:
+                assert answer.json()["error"] == "unauthorized"
     assert rows(database, ProfileRecord, user_id=p.user) and rows(database, AuditRecord) == []
 
 
@@ -457,11 +470,16 @@ async def test_forget_ends_sleeping_runs_as_forgotten(
             "first_name": "Feiyu",
             "timezone": "UTC",
         }
-        assert (await http.post("/v1/identify", json={"userId": user, "traits": traits})).status_code == 200
+        write = httpx.BasicAuth(KEY, "")
+        assert (
+            await http.post("/v1/identify", json={"userId": user, "traits": traits}, auth=write)
+        ).status_code == 200
         order = {"order_id": "o-1", "total": 49}
         assert (
             await http.post(
-                "/v1/track", json={"userId": user, "event": "Order Completed", "properties": order}
+                "/v1/track",
+                json={"userId": user, "event": "Order Completed", "properties": order},
+                auth=write,
             )
         ).status_code == 200
         cart = {
@@ -469,7 +487,7 @@ async def test_forget_ends_sleeping_runs_as_forgotten(
             "event": "Cart Updated",
             "properties": {"cart_id": "c-1", "item_count": 1},
         }
-        assert (await http.post("/v1/track", json=cart)).status_code == 200
+        assert (await http.post("/v1/track", json=cart, auth=write)).status_code == 200
 
         def both_running() -> list[RunRecord]:
             found = [r for r in rows(database, RunRecord, user_id=user) if r.status == "active"]
@@ -502,7 +520,7 @@ async def test_forget_ends_sleeping_runs_as_forgotten(
         assert leftovers(database, [user, "fei@example.com", "+8613900001111", "Feiyu"]) == []
 
         # The same id later starts from scratch, and forgetting again ends that run too.
-        again = await http.post("/v1/track", json=cart)
+        again = await http.post("/v1/track", json=cart, auth=write)
         assert again.json()["triggered"] == [workflow_id("cart_abandonment", user, "c-1")]
         await eventually(lambda: rows(database, RunRecord, user_id=user), what="a fresh run")
         second = await http.delete(f"/v1/users/{user}")

@@ -33,6 +33,7 @@ from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, Ro
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "devserver-test-key"
+READ_KEY = "devserver-read-key"
 T = TypeVar("T")
 
 
@@ -51,6 +52,7 @@ def daytime_zone() -> str:
 class Service:
     url: str
     api: AsyncClient
+    reader: AsyncClient
     db: Database
     temporal: TemporalClient
 
@@ -59,6 +61,7 @@ class Service:
 async def service(dev_server: str, database: Database, project: Project) -> AsyncIterator[Service]:
     settings = Settings(
         write_keys=(KEY,),
+        read_keys=(READ_KEY,),
         temporal_address=dev_server,
         task_queue=f"test-devserver-{uuid.uuid4().hex[:10]}",
         database=database.url,
@@ -70,8 +73,9 @@ async def service(dev_server: str, database: Database, project: Project) -> Asyn
         async with (
             build_worker(temporal, project, database, settings.task_queue),
             AsyncClient(KEY, base_url=url, retries=0) as api,
+            AsyncClient(READ_KEY, base_url=url, retries=0) as reader,
         ):
-            yield Service(url, api, database, temporal)
+            yield Service(url, api, reader, database, temporal)
 
 
 
@@ -110,7 +114,7 @@ async def test_events_become_workflows_and_outbox_messages(service: Service) -> 
     assert "<html" in message.content["html"]
     [run] = rows(service.db, RunRecord, user_id=user)
     assert run.status == "active", "the series now sleeps a day before its next email"
-    outbox = await service.api.outbox(limit=5)
+    outbox = await service.reader.outbox(limit=5)
     assert any(m["user_id"] == user and m["template"] == "welcome" for m in outbox)
 
 

@@ -24,6 +24,7 @@ from nurture.storage.models import EventRecord, ProfileRecord
 from nurture.storage.stores import DbProfiles
 
 KEY = "subscriptions-key-0123456789"
+READ_KEY = "subscriptions-read-key-0123"
 TOPICS = ("promotions", "newsletter")
 
 
@@ -43,7 +44,8 @@ class Api:
 @pytest.fixture
 async def api(project: Project, database: Database) -> AsyncIterator[Api]:
     topical = replace(project, settings=replace(project.settings, topics=TOPICS))
-    app = create_app(Settings(write_keys=(KEY,), database=database.url), project=topical, db=database)
+    settings = Settings(write_keys=(KEY,), read_keys=(READ_KEY,), database=database.url)
+    app = create_app(settings, project=topical, db=database)
     # No Temporal client, and ASGITransport runs no lifespan: identify never needs Temporal.
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://nurture", auth=(KEY, "")) as http:
@@ -69,7 +71,7 @@ async def test_opted_out_takes_channels_and_declared_topics(api: Api) -> None:
     assert api.opted_out(user) == ["promotions", "sms"]
     [row] = rows(api.db, ProfileRecord, user_id=user)
     assert row.traits == {"vip": True}, "opted_out is not kept as a trait"
-    profile = (await api.http.get(f"/v1/users/{user}")).json()
+    profile = (await api.http.get(f"/v1/users/{user}", auth=(READ_KEY, ""))).json()
     assert profile["opted_out"] == ["promotions", "sms"]
 
     cleared = await api.identify(user, {"opted_out": []})

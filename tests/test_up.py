@@ -211,9 +211,16 @@ async def test_up_serves_the_welcome_series_then_resumes_after_a_restart(stack: 
     first: Up = stack["up"]()
     banner = first.banner()
 
-    key = (home / "write_key").read_text().strip()
-    assert stat.S_IMODE((home / "write_key").stat().st_mode) == 0o600
-    assert f"Write key     {key}   (new, saved in {home / 'write_key'})" in banner
+    key, read_key, admin_key = (
+        (home / f"{kind}_key").read_text().strip() for kind in ("write", "read", "admin")
+    )
+    for kind in ("write", "read", "admin"):
+        assert stat.S_IMODE((home / f"{kind}_key").stat().st_mode) == 0o600
+    assert len({key, read_key, admin_key}) == 3
+    assert f"Write key     {key}   (new, saved in {home / 'write_key'}: sends events)" in banner
+    assert f"Read key      {read_key}   (new, saved in {home / 'read_key'}: reads people" in banner
+    assert f"Admin key     {admin_key}   (new, saved in {home / 'admin_key'}: reads, exports" in banner
+    assert f"curl -sS -u {read_key}: {api}/v1/outbox" in banner
     assert f"API           {api}\n" in banner
     assert f"API docs      {api}/docs" in banner
     assert f"Temporal UI   http://127.0.0.1:{ports['ui']}" in banner
@@ -228,14 +235,27 @@ async def test_up_serves_the_welcome_series_then_resumes_after_a_restart(stack: 
     assert answer["results"][1]["triggered"] == [WELCOME]
 
     auth = httpx.BasicAuth(key, "")
+    reader = httpx.BasicAuth(read_key, "")
 
     def welcome_sent() -> bool:
-        outbox = httpx.get(f"{api}/v1/outbox", auth=auth, timeout=10).json()
+        outbox = httpx.get(f"{api}/v1/outbox", auth=reader, timeout=10).json()
         return any(m["template"] == "welcome" for m in outbox)
 
     wait_until(welcome_sent, 20, "the welcome email in GET /v1/outbox", first.log)
-    (email,) = httpx.get(f"{api}/v1/outbox", auth=auth, timeout=10).json()
-    assert (email["channel"], email["step_id"], email["status"]) == ("email", "welcome_email", "sent")
+    (email,) = httpx.get(f"{api}/v1/outbox", auth=reader, timeout=10).json()
+    assert httpx.get(f"{api}/v1/outbox", auth=auth, timeout=10).status_code == 403, (
+        "a write key does not read"
+    )
+    assert (email["channel"], email["step_id"], email["status"], email["address"]) == (
+        "email",
+        "welcome_email",
+        "sent",
+        "a***@example.com",
+    )
+    forgotten = httpx.request(
+        "DELETE", f"{api}/v1/user", params={"id": "nobody"}, auth=httpx.BasicAuth(admin_key, "")
+    )
+    assert forgotten.status_code == 200, forgotten.text
     assert email["subject"] == "Welcome to Nurture Academy, Ada!"
 
     printed = outbox_cli(home)
@@ -269,7 +289,8 @@ async def test_up_serves_the_welcome_series_then_resumes_after_a_restart(stack: 
 
     second: Up = stack["up"]()
     banner = second.banner()
-    assert f"Write key     {key}   (from {home / 'write_key'})" in banner
+    assert f"Write key     {key}   (from {home / 'write_key'}: sends events)" in banner
+    assert f"Admin key     {admin_key}   (from {home / 'admin_key'}: " in banner
 
     recorded = runs(home)
     assert recorded[CART].run_id == cart_run and recorded[CART].status == "active"

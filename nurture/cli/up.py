@@ -51,9 +51,9 @@ log = logging.getLogger("nurture.up")
 
 T = TypeVar("T")
 
-WRITE_KEY_FILE = "write_key"
 PID_FILE = "temporal.pid"
-STATE_FILES = frozenset({"nurture.db", "temporal.db", "temporal.log", PID_FILE, WRITE_KEY_FILE})
+KEY_KINDS = ("write", "read", "admin")
+STATE_FILES = frozenset({"nurture.db", "temporal.db", "temporal.log", PID_FILE, *(f"{kind}_key" for kind in KEY_KINDS)})
 """What ``nurture up`` keeps in its home (SQLite adds ``-wal``, ``-shm`` and ``-journal`` files)."""
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Ctrl-C, a service manager, a closed terminal: each stops the stack in order."""
@@ -72,7 +72,8 @@ class UpOptions:
     """What ``nurture up`` runs and where."""
 
     home: Path = Path(".nurture")
-    """Local state: ``nurture.db``, ``temporal.db``, ``temporal.log``, ``write_key``."""
+    """Local state: ``nurture.db``, ``temporal.db``, ``temporal.log``, and the API's keys ``write_key``,
+    ``read_key`` and ``admin_key``."""
     host: str = "127.0.0.1"
     """Interface the event API listens on."""
     temporal_host: str = "127.0.0.1"
@@ -111,24 +112,31 @@ def stack_settings(options: UpOptions, env: Mapping[str, str] | None = None) -> 
     return dataclasses.replace(settings, **overrides)
 
 
-def with_write_key(settings: Settings, home: Path) -> tuple[Settings, str]:
-    """``settings`` with a write key, and where it came from (for the banner).
+def with_keys(settings: Settings, home: Path) -> tuple[Settings, dict[str, str]]:
+    """``settings`` with a write, a read and an admin key, and where each came from (for the banner).
 
-    ``NURTURE_WRITE_KEYS`` wins; otherwise the key in ``home/write_key``, created (mode 0600)
-    on the first run.
+    For each kind, its variable (``NURTURE_WRITE_KEYS``, ...) wins; otherwise the key in
+    ``home/write_key`` (``read_key``, ``admin_key``), created (mode 0600) on the first run.
     """
-    if settings.write_keys:
-        return settings, "from NURTURE_WRITE_KEYS"
-    key, created = write_key(home)
-    where = home / WRITE_KEY_FILE
-    return dataclasses.replace(settings, write_keys=(key,)), (
-        f"new, saved in {where}" if created else f"from {where}"
+    keys = {"write": settings.write_keys, "read": settings.read_keys, "admin": settings.admin_keys}
+    origins = {}
+    for kind, given in keys.items():
+        if given:
+            origins[kind] = f"from NURTURE_{kind.upper()}_KEYS"
+            continue
+        key, created = stored_key(home, kind)
+        keys[kind] = (key,)
+        where = home / f"{kind}_key"
+        origins[kind] = f"new, saved in {where}" if created else f"from {where}"
+    keyed = dataclasses.replace(
+        settings, write_keys=keys["write"], read_keys=keys["read"], admin_keys=keys["admin"]
     )
+    return keyed, origins
 
 
-def write_key(home: Path) -> tuple[str, bool]:
-    """The key in ``home/write_key``, creating it (owner-only) when missing; and whether it was new."""
-    path = home / WRITE_KEY_FILE
+def stored_key(home: Path, kind: str) -> tuple[str, bool]:
+    """The key in ``home/<kind>_key``, creating it (owner-only) when missing; and whether it was new."""
+    path = home / f"{kind}_key"
     if path.exists():
         key = path.read_text(encoding="utf-8").strip()
         if key:
@@ -483,7 +491,7 @@ async def up(options: UpOptions, *, out: IO[str]) -> None:
     project = worker.compile_journeys(settings)
     private_home(options.home)
     ensure_bindable(options.host, options.port, "--port")
-    settings, key_origin = with_write_key(settings, options.home)
+    settings, key_origins = with_keys(settings, options.home)
     runtime = worker.temporal_runtime(worker.WorkerOptions.from_env(settings))
     stack = Stack(options, settings, project, runtime)
     try:
@@ -492,7 +500,7 @@ async def up(options: UpOptions, *, out: IO[str]) -> None:
         except Interrupted:
             log.info("interrupted while starting")
             return
-        out.write(banner(options, settings, project, key_origin, reused=stack.reused and not stack.adopted))
+        out.write(banner(options, settings, project, key_origins, reused=stack.reused and not stack.adopted))
         out.flush()
         while not stop.is_set():
             problem = stack.failed()
@@ -513,10 +521,12 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
     stop.set()
 
 
-def banner(options: UpOptions, settings: Settings, project: Project, key_origin: str, *, reused: bool) -> str:
+def banner(
+    options: UpOptions, settings: Settings, project: Project, key_origins: Mapping[str, str], *, reused: bool
+) -> str:
     """What ``nurture up`` prints once everything is ready."""
     api = f"http://{_url_host(options.host)}:{options.port}"
-    key = settings.write_keys[0]
+    key, read_key, admin_key = settings.write_keys[0], settings.read_keys[0], settings.admin_keys[0]
     ui = f"http://{_url_host(options.temporal_host)}:{options.temporal_ui_port}"
     temporal = (
         f"{settings.temporal_address} (reused: already running)"
@@ -536,7 +546,9 @@ Nurture is up.
   Temporal      {temporal}
   Database      {database}
   Journeys      {journeys}
-  Write key     {key}   ({key_origin})
+  Write key     {key}   ({key_origins["write"]}: sends events)
+  Read key      {read_key}   ({key_origins["read"]}: reads people, messages, the outbox)
+  Admin key     {admin_key}   ({key_origins["admin"]}: reads, exports and forgets users)
 
 Start the welcome series for a new user (identify with an email, then "Signed Up"):
 
@@ -545,7 +557,7 @@ Start the welcome series for a new user (identify with an email, then "Signed Up
 See what was sent:
 
   nurture outbox{home_flag}
-  curl -sS -u {shlex.quote(key + ":")} {api}/v1/outbox
+  curl -sS -u {shlex.quote(read_key + ":")} {api}/v1/outbox
 
 Ctrl-C stops everything; the next `nurture up{home_flag}` resumes in-flight journeys.
 """

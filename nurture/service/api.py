@@ -11,22 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
+import math
+import re
+import types
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn, TypeVar, cast
 
 import uvicorn
-from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRouter
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute, APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -41,11 +46,13 @@ from sqlalchemy import text
 from sqlmodel import Session, SQLModel, col, select
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from channels import mask_user_id
+from channels import mask_address, mask_user_id
+from nurture.engine.clock import format_instant
 from nurture.engine.model import Event
 from nurture.language.compiler import Project, load_project
 from nurture.language.diagnostics import did_you_mean
@@ -74,9 +81,13 @@ DESCRIPTION = """\
 Send your users' events to Nurture: **Segment-compatible** `track`, `identify` and `batch` calls
 start journeys, reach running ones (a goal ends a sleeping run at once) and update profiles.
 
-**Authentication.** Every `/v1` endpoint takes a write key (`NURTURE_WRITE_KEYS`), Segment style
-as the HTTP Basic user name with an empty password (`curl -u KEY: ...`), or as
-`Authorization: Bearer KEY`.
+**Authentication.** Every `/v1` endpoint takes a key, Segment style as the HTTP Basic user name
+with an empty password (`curl -u KEY: ...`), or as `Authorization: Bearer KEY`. There are three
+kinds: a **write key** (`NURTURE_WRITE_KEYS`) sends events (`track`, `identify`, `batch`) and
+nothing else; a **read key** (`NURTURE_READ_KEYS`) reads profiles, runs, messages and the outbox;
+an **admin key** (`NURTURE_ADMIN_KEYS`) reads too, and exports and forgets users. Each variable is
+comma-separated. A missing or unknown key answers 401; a valid key of the wrong kind answers 403
+naming the kind needed.
 
 **Retries and duplicates.** A call with a `messageId` that was accepted before changes nothing and
 answers `"duplicate": true`. Without one the API assigns a fresh id, so **a client that retries
@@ -86,7 +97,8 @@ routed is routed by the retry (`"rerouted": true`), or else when the API next st
 
 **Differences from Segment.** `userId` is required (journeys run for known users; calls with only
 an `anonymousId` answer 400). `context` and `integrations` are accepted and ignored. A
-`timestamp` without a UTC offset is read as UTC; it defaults to the time of receipt.
+`timestamp` without a UTC offset is read as UTC; it defaults to the time of receipt, and must lie
+between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z.
 
 **Opt-outs.** A user's opt-outs are one set of names: channels (`email`, `sms`, `wechat`) and the
 project's subscription topics (`topics:` in nurture.yaml, e.g. `promotions`). A channel opt-out
@@ -96,9 +108,16 @@ replaces the whole set (`[]` opts back in to everything); `unsubscribe` adds nam
 removes them, keeping the rest, so a client needs no read-modify-write. `opted_out` cannot be
 combined with the other two; a name that is neither a channel nor a declared topic answers 400.
 
+**User ids in URLs.** Each per-user route takes the id in the path (`/v1/users/{user_id}`,
+percent-encoded; not an id with a `/`, nor `.` or `..`) or in the query (`/v1/user?id=`), which
+takes any id.
+
 **Errors.** A bad call answers 400 with every field at fault,
 `{"error": "invalid_request", "detail": [{"field": "batch[2].event", "message": "..."}]}`, and
-changes nothing; a body over 32 KB (500 KB for `batch`, 32 KB per batch item) answers 413.
+changes nothing; a body over 32 KB (500 KB for `batch`, 32 KB per batch item) answers 413. A body
+must be UTF-8 JSON nested at most 64 levels deep, with integers between -2^63 and 2^63-1, finite
+numbers, and strings without NUL or unpaired surrogates (what every store can keep); anything else
+answers 400 on `body`, saying which rule it breaks.
 """
 
 EXAMPLE_TRACK: dict[str, JsonValue] = {
@@ -124,8 +143,15 @@ EXAMPLE_IDENTIFY: dict[str, JsonValue] = {
 # Requests ------------------------------------------------------------------------------------
 
 
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
+"""The instants a call may carry: a day inside Python's (and the databases') years 1 to 9999, so
+the instant can be shown in any zone without leaving that range."""
+
+
 def _instant(value: Any) -> Any:
-    """ISO 8601 text only (no epoch numbers); naive means UTC."""
+    """ISO 8601 text only (no epoch numbers); naive means UTC. Answers the instant in UTC, so nothing
+    after the API converts a client's offset."""
     if isinstance(value, datetime):
         parsed = value
     else:
@@ -139,7 +165,21 @@ def _instant(value: Any) -> Any:
                 "timestamp must be an ISO 8601 date-time such as 2026-03-02T10:00:00+08:00, got {value}",
                 {"value": json.dumps(value)[:80]},
             ) from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    try:
+        instant = parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    except OverflowError:  # the offset takes it past year 1 or 9999
+        instant = None
+    if instant is None or not EARLIEST <= instant <= LATEST:
+        raise PydanticCustomError(
+            "timestamp_range",
+            "timestamp must be between {earliest} and {latest}, got {value}",
+            {
+                "earliest": format_instant(EARLIEST),
+                "latest": format_instant(LATEST.replace(microsecond=0)),
+                "value": json.dumps(value if isinstance(value, str) else str(value))[:80],
+            },
+        )
+    return instant
 
 
 Timestamp = Annotated[datetime, BeforeValidator(_instant)]
@@ -166,7 +206,9 @@ class Call(BaseModel):
         description="Accepted and ignored; a call with only an anonymousId is rejected.",
     )
     timestamp: Timestamp | None = Field(
-        default=None, description="When it happened, ISO 8601 (default: when the call is received)."
+        default=None,
+        description="When it happened, ISO 8601, between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z "
+        "(default: when the call is received).",
     )
     message_id: str | None = Field(
         default=None,
@@ -315,6 +357,96 @@ class BatchCall(BaseModel):
     batch: list[BatchItem] = Field(description="The calls, each with `type` `track` or `identify`.")
     context: Any = Field(default=None, description="Accepted and ignored.")
     integrations: Any = Field(default=None, description="Accepted and ignored.")
+
+
+# Bodies --------------------------------------------------------------------------------------
+
+MAX_DEPTH = 64
+"""Levels of nesting a body may have (the body itself is the first)."""
+INTEGERS = range(-(2**63), 2**63)
+"""The integers a body may carry: what a 64-bit column or client can hold."""
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""NUL, which PostgreSQL's text cannot hold, and unpaired surrogates, which no encoder can write."""
+
+
+def _refuse(message: str, doc: str = "", position: int = 0) -> NoReturn:
+    # FastAPI answers a JSONDecodeError as a 400 on the body (see _message's json_invalid).
+    raise json.JSONDecodeError(message, doc, position)
+
+
+def _integer(text: str) -> int:
+    # Checked on the text first: Python refuses to read integers of over 4300 digits.
+    if len(text) > 20 or int(text) not in INTEGERS:
+        _refuse(
+            f"integer out of range: {text[:24]}{'...' if len(text) > 24 else ''} is not between "
+            f"{INTEGERS.start} and {INTEGERS.stop - 1}; send larger numbers as strings"
+        )
+    return int(text)
+
+
+def _number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        _refuse(f"number out of range: {text[:24]} is too large for a 64-bit float")
+    return value
+
+
+def _constant(name: str) -> Any:
+    _refuse(f"NaN and Infinity are not JSON, got {name}")
+
+
+def strict_json(body: bytes) -> Any:
+    """``body`` read as JSON that every store and client can keep, else a ``JSONDecodeError``
+    saying why: UTF-8, at most ``MAX_DEPTH`` levels, 64-bit integers, finite numbers, and strings
+    without NUL or unpaired surrogates."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _refuse(f"the body is not UTF-8 (byte {exc.start})", position=exc.start)
+    try:
+        value = json.loads(text, parse_int=_integer, parse_float=_number, parse_constant=_constant)
+    except RecursionError:
+        _refuse(f"JSON nested deeper than {MAX_DEPTH} levels")
+    pending: list[tuple[Any, int, str]] = [(value, 1, "")]
+    while pending:  # iterative: the depth is what is being checked
+        item, depth, where = pending.pop()
+        strings: Iterable[str] = ()
+        if isinstance(item, dict):
+            children = [(v, f"{where}.{k}" if where else str(k)) for k, v in item.items()]
+            strings = item.keys()
+        elif isinstance(item, list):
+            children = [(v, f"{where}[{i}]") for i, v in enumerate(item)]
+        else:
+            children = []
+            strings = (item,) if isinstance(item, str) else ()
+        if children and depth >= MAX_DEPTH:
+            _refuse(f"JSON nested deeper than {MAX_DEPTH} levels (at {where or 'the body'})")
+        for string in strings:
+            found = _UNSTORABLE.search(string)
+            if found is not None:
+                what = "U+0000 (NUL)" if found.group() == "\x00" else "an unpaired surrogate"
+                _refuse(f"a string at {where or 'the body'} contains {what}, which cannot be stored")
+        pending.extend((child, depth + 1, path) for child, path in children)
+    return value
+
+
+class StrictJsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = strict_json(await self.body())
+        return self._json
+
+
+class StrictJsonRoute(APIRoute):
+    """A route whose JSON body is read with :func:`strict_json`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJsonRequest(request.scope, request.receive))
+
+        return strict
 
 
 # Answers -------------------------------------------------------------------------------------
@@ -479,13 +611,16 @@ def _unavailable(reason: str) -> ApiError:
 class Service:
     """What the endpoints share: the project, the database, the keys and (lazily) Temporal."""
 
-    def __init__(
-        self, settings: Settings, project: Project, db: Database, keys: Sequence[str], client: Client | None
-    ) -> None:
+    def __init__(self, settings: Settings, project: Project, db: Database, client: Client | None) -> None:
         self.settings = settings
         self.project = project
         self.db = db
-        self.keys = tuple(key.encode() for key in keys)
+        kinds: dict[KeyKind, Sequence[str]] = {
+            "write": settings.require_write_keys(),
+            "read": settings.read_keys,
+            "admin": settings.admin_keys,
+        }
+        self.keys = tuple((kind, key.encode()) for kind, keys in kinds.items() for key in keys)
         self.opt_out_names = tuple(dict.fromkeys((*CHANNELS, *project.settings.topics)))
         """What an opt-out may name: the channels, then the project's topics."""
         self._ingest = None if client is None else Ingest(project, db, client, settings.task_queue)
@@ -521,12 +656,14 @@ class Service:
         if routed:
             log.info("routed %d events an earlier process left unrouted", routed)
 
-    def authorized(self, key: str) -> bool:
+    def kinds(self, key: str) -> set[KeyKind]:
+        """What ``key`` is: a write, read or admin key (a key may be listed as several), or nothing."""
         given = key.encode()
-        matched = False
-        for expected in self.keys:  # no early exit: the time taken says nothing about the keys
-            matched |= hmac.compare_digest(given, expected)
-        return matched
+        kinds: set[KeyKind] = set()
+        for kind, expected in self.keys:  # no early exit: the time taken says nothing about the keys
+            if hmac.compare_digest(given, expected):
+                kinds.add(kind)
+        return kinds
 
     async def track(self, call: TrackCall) -> Accepted:
         ingest = await self.ingest()
@@ -632,13 +769,42 @@ def _log_identify(
 
 # Dependencies --------------------------------------------------------------------------------
 
-_basic = HTTPBasic(
+KeyKind = Literal["write", "read", "admin"]
+Access = Literal["write", "read", "admin"]
+GRANTS: dict[KeyKind, frozenset[Access]] = {
+    "write": frozenset({"write"}),
+    "read": frozenset({"read"}),
+    "admin": frozenset({"read", "admin"}),
+}
+"""What each kind of key may do: a write key sends events, a read key reads people and messages,
+an admin key reads too and exports and forgets users."""
+NEEDS: dict[Access, str] = {
+    "write": "sending events needs a write key (NURTURE_WRITE_KEYS)",
+    "read": "reading people and messages needs a read key (NURTURE_READ_KEYS) or an admin key",
+    "admin": "exporting and forgetting users needs an admin key (NURTURE_ADMIN_KEYS)",
+}
+
+
+def _basic(kind: KeyKind, env: str, does: str) -> HTTPBasic:
+    return HTTPBasic(
+        auto_error=False,
+        scheme_name=f"{kind.capitalize()}Key",
+        realm="nurture",
+        description=f"A {kind} key (`{env}`) as the user name, empty password (Segment style): {does}.",
+    )
+
+
+_write_basic = _basic("write", "NURTURE_WRITE_KEYS", "sends events")
+_read_basic = _basic("read", "NURTURE_READ_KEYS", "reads profiles, runs, messages and the outbox")
+_admin_basic = _basic("admin", "NURTURE_ADMIN_KEYS", "reads, and exports and forgets users")
+_bearer = HTTPBearer(
     auto_error=False,
-    realm="nurture",
-    description="The write key as user name, empty password (Segment style).",
+    scheme_name="BearerKey",
+    description="Any key as `Authorization: Bearer <key>`; it may do what its kind may.",
 )
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <write key>`.")
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Basic realm="nurture"'}
+Basic = HTTPBasicCredentials | None
+Bearer = HTTPAuthorizationCredentials | None
 
 
 def get_service(request: Request) -> Service:
@@ -649,17 +815,44 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def authenticate(
-    service: ServiceDep,
-    basic: Annotated[HTTPBasicCredentials | None, Security(_basic)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-) -> None:
-    """A configured write key, Basic (as the user name) or Bearer."""
+def _authorize(service: Service, needs: Access, basic: Basic, bearer: Bearer) -> str:
+    """The key of the call (Basic user name or Bearer): 401 without a valid one, 403 when its
+    kind may not do what the endpoint ``needs``."""
     key = basic.username if basic is not None else bearer.credentials if bearer is not None else None
     if key is None:
-        raise ApiError(401, "unauthorized", "a write key is required", headers=UNAUTHORIZED_HEADERS)
-    if not service.authorized(key):
-        raise ApiError(401, "unauthorized", "the write key is not valid", headers=UNAUTHORIZED_HEADERS)
+        raise ApiError(401, "unauthorized", "a key is required", headers=UNAUTHORIZED_HEADERS)
+    kinds = service.kinds(key)
+    if not kinds:
+        raise ApiError(401, "unauthorized", "the key is not valid", headers=UNAUTHORIZED_HEADERS)
+    if not any(needs in GRANTS[kind] for kind in kinds):
+        given = " and ".join(sorted(kinds))
+        raise ApiError(403, "forbidden", f"{NEEDS[needs]}; the key given is a {given} key")
+    return key
+
+
+def write_access(
+    service: ServiceDep,
+    basic: Annotated[Basic, Security(_write_basic)],
+    bearer: Annotated[Bearer, Security(_bearer)],
+) -> str:
+    return _authorize(service, "write", basic, bearer)
+
+
+def read_access(
+    service: ServiceDep,
+    basic: Annotated[Basic, Security(_read_basic)],
+    admin: Annotated[Basic, Security(_admin_basic)],
+    bearer: Annotated[Bearer, Security(_bearer)],
+) -> str:
+    return _authorize(service, "read", basic or admin, bearer)
+
+
+def admin_access(
+    service: ServiceDep,
+    basic: Annotated[Basic, Security(_admin_basic)],
+    bearer: Annotated[Bearer, Security(_bearer)],
+) -> str:
+    return _authorize(service, "admin", basic, bearer)
 
 
 def get_session(service: ServiceDep) -> Iterator[Session]:
@@ -670,7 +863,11 @@ def get_session(service: ServiceDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing or wrong write key."},
+    401: {"model": ErrorBody, "description": "Missing or unknown key."},
+    403: {
+        "model": ErrorBody,
+        "description": "A valid key of a kind that may not do this; the message names the kind needed.",
+    },
 }
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
@@ -685,16 +882,18 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
 
 # Endpoints -----------------------------------------------------------------------------------
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+v1 = APIRouter(prefix="/v1", route_class=StrictJsonRoute)
+WRITE = [Depends(write_access)]
+READ = [Depends(read_access)]
 
 
-@v1.post("/track", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"])
+@v1.post("/track", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def track(call: TrackCall, service: ServiceDep) -> Accepted:
     """Record what a user did: starts journeys it triggers and reaches the user's active runs."""
     return await service.track(call)
 
 
-@v1.post("/identify", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"])
+@v1.post("/identify", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def identify(call: IdentifyCall, service: ServiceDep) -> Accepted:
     """Merge traits into a user's profile; the traits `opted_out` (replace), `unsubscribe` (add) and
     `subscribe` (remove) change its channel and topic opt-outs."""
@@ -702,7 +901,7 @@ async def identify(call: IdentifyCall, service: ServiceDep) -> Accepted:
     return await service.identify(call)
 
 
-@v1.post("/batch", response_model=BatchAccepted, responses=WRITE_ERRORS, tags=["events"])
+@v1.post("/batch", response_model=BatchAccepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def batch(call: BatchCall, service: ServiceDep) -> BatchAccepted:
     """Several track and identify calls, handled in order (validated together: all or none)."""
     service.check_opt_outs(
@@ -719,7 +918,96 @@ async def batch(call: BatchCall, service: ServiceDep) -> BatchAccepted:
     return BatchAccepted(results=results)
 
 
-@v1.get("/users/{user_id:path}/runs", response_model=list[RunPublic], responses=ERRORS, tags=["users"])
+# Per-user routes ------------------------------------------------------------------------------
+
+
+def _storable_id(value: str) -> str:
+    if _UNSTORABLE.search(value):
+        raise PydanticCustomError("user_id", "a user id cannot contain NUL or unpaired surrogates")
+    return value
+
+
+_ID_RULES = {"min_length": 1, "max_length": 255}
+PathUserId = Annotated[
+    str,
+    Path(
+        **_ID_RULES,
+        pattern="^[^/]+$",
+        description="The user id, percent-encoded; an id with a `/` goes in the query form, `?id=`.",
+    ),
+    AfterValidator(_storable_id),
+]
+QueryUserId = Annotated[
+    str,
+    Query(alias="id", **_ID_RULES, description="The user id, any id the API accepts (percent-encoded)."),
+    AfterValidator(_storable_id),
+]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _with_user_id(func: F, annotation: Any) -> F:
+    """A copy of ``func`` whose ``user_id`` parameter FastAPI reads as ``annotation``."""
+    copy = types.FunctionType(
+        func.__code__, func.__globals__, func.__name__, func.__defaults__, func.__closure__
+    )
+    copy.__kwdefaults__ = func.__kwdefaults__
+    copy.__doc__ = func.__doc__
+    signature = inspect.signature(func, eval_str=True)
+    copy.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[
+            p.replace(annotation=annotation) if p.name == "user_id" else p
+            for p in signature.parameters.values()
+        ]
+    )
+    return cast(F, copy)
+
+
+def per_user(method: str, suffix: str, **options: Any) -> Callable[[F], F]:
+    """Serve ``func(user_id, ...)`` at ``/v1/users/{user_id}{suffix}`` and ``/v1/user{suffix}?id=``.
+
+    A path segment cannot carry every id: routers and proxies decode ``%2F`` into a path separator,
+    and clients drop ``.`` and ``..``; the query form carries any id.
+    """
+
+    def register(func: F) -> F:
+        for path, annotation in (
+            (f"/users/{{user_id}}{suffix}", PathUserId),
+            (f"/user{suffix}", QueryUserId),
+        ):
+            v1.add_api_route(path, _with_user_id(func, annotation), methods=[method], **options)
+        return func
+
+    return register
+
+
+USER_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    400: {
+        "model": ErrorBody,
+        "description": "The user id is empty, too long, or has a `/` in the path form.",
+    },
+}
+
+
+@per_user(
+    "GET",
+    "",
+    response_model=ProfilePublic,
+    tags=["users"],
+    dependencies=READ,
+    responses={**USER_ERRORS, 404: {"model": ErrorBody, "description": "No profile for this user."}},
+)
+def user_profile(user_id: str, session: SessionDep) -> ProfilePublic:
+    """The user's traits and opt-outs."""
+    row = session.get(ProfileRecord, user_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no profile for user {user_id!r} (identify the user first)")
+    return ProfilePublic.model_validate(row, from_attributes=True)
+
+
+@per_user(
+    "GET", "/runs", response_model=list[RunPublic], responses=USER_ERRORS, tags=["users"], dependencies=READ
+)
 def user_runs(user_id: str, session: SessionDep) -> list[RunPublic]:
     """The user's journey runs, oldest first."""
     rows = session.exec(
@@ -730,8 +1018,13 @@ def user_runs(user_id: str, session: SessionDep) -> list[RunPublic]:
     return [RunPublic.model_validate(row, from_attributes=True) for row in rows]
 
 
-@v1.get(
-    "/users/{user_id:path}/messages", response_model=list[MessagePublic], responses=ERRORS, tags=["users"]
+@per_user(
+    "GET",
+    "/messages",
+    response_model=list[MessagePublic],
+    responses=USER_ERRORS,
+    tags=["users"],
+    dependencies=READ,
 )
 def user_messages(
     user_id: str,
@@ -751,26 +1044,11 @@ def user_messages(
     return messages
 
 
-def audit_actor(
-    basic: Annotated[HTTPBasicCredentials | None, Security(_basic)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-) -> str:
-    """Who to write in the audit log: a fingerprint of the write key the call was let in with."""
-    key = basic.username if basic is not None else bearer.credentials if bearer is not None else ""
-    return privacy.key_fingerprint(key)
+AdminKey = Annotated[str, Depends(admin_access)]
 
 
-ActorDep = Annotated[str, Depends(audit_actor)]
-
-
-# Registered before the profile read: its ``{user_id:path}`` would take ``.../export`` as an id.
-@v1.get(
-    "/users/{user_id:path}/export",
-    response_model=UserExport,
-    responses=ERRORS,
-    tags=["privacy"],
-)
-async def export_user(user_id: str, service: ServiceDep, actor: ActorDep) -> UserExport:
+@per_user("GET", "/export", response_model=UserExport, responses=USER_ERRORS, tags=["privacy"])
+async def export_user(user_id: str, service: ServiceDep, key: AdminKey) -> UserExport:
     """Everything held about the user, as JSON (a data subject access request).
 
     The profile, every event and identify call, runs, routes, messages with their addresses and
@@ -778,16 +1056,18 @@ async def export_user(user_id: str, service: ServiceDep, actor: ActorDep) -> Use
     data gets empty lists and `profile: null`, not a 404. Each export is written to the audit log.
     Temporal's run histories are not included (the database holds what they carry).
     """
+    actor = privacy.key_fingerprint(key)
     return await asyncio.to_thread(
         privacy.export_user, service.db, user_id, actor=actor, secret=service.settings.secret
     )
 
 
-@v1.delete(
-    "/users/{user_id:path}",
+@per_user(
+    "DELETE",
+    "",
     response_model=ForgetReport,
     responses={
-        **ERRORS,
+        **USER_ERRORS,
         503: {
             "model": ErrorBody,
             "description": "The user has active runs and Temporal is unreachable; nothing changed: retry.",
@@ -795,7 +1075,7 @@ async def export_user(user_id: str, service: ServiceDep, actor: ActorDep) -> Use
     },
     tags=["privacy"],
 )
-async def forget_user(user_id: str, service: ServiceDep, actor: ActorDep) -> ForgetReport:
+async def forget_user(user_id: str, service: ServiceDep, key: AdminKey) -> ForgetReport:
     """Forget the user (right to erasure): end their runs and erase what is held about them.
 
     Active runs get the workflow's `stop` signal and end with reason `forgotten` (runs that do not
@@ -814,7 +1094,11 @@ async def forget_user(user_id: str, service: ServiceDep, actor: ActorDep) -> For
         client = None  # enough for a user without active runs
     try:
         return await privacy.forget(
-            service.db, user_id, temporal=client, actor=actor, secret=service.settings.secret
+            service.db,
+            user_id,
+            temporal=client,
+            actor=privacy.key_fingerprint(key),
+            secret=service.settings.secret,
         )
     except privacy.TemporalUnavailable as exc:
         log.warning("forget refused, nothing changed: %s", exc)
@@ -824,32 +1108,29 @@ async def forget_user(user_id: str, service: ServiceDep, actor: ActorDep) -> For
 
 
 @v1.get(
-    "/users/{user_id:path}",
-    response_model=ProfilePublic,
-    responses={**ERRORS, 404: {"model": ErrorBody, "description": "No profile for this user."}},
-    tags=["users"],
+    "/outbox",
+    response_model=list[OutboxMessagePublic],
+    responses={**ERRORS, 400: {"model": ErrorBody, "description": "`limit` is not 1 to 500."}},
+    tags=["outbox"],
+    dependencies=READ,
 )
-def user_profile(user_id: str, session: SessionDep) -> ProfilePublic:
-    """The user's traits and opt-outs."""
-    row = session.get(ProfileRecord, user_id)
-    if row is None:
-        raise ApiError(404, "not_found", f"no profile for user {user_id!r} (identify the user first)")
-    return ProfilePublic.model_validate(row, from_attributes=True)
-
-
-@v1.get("/outbox", response_model=list[OutboxMessagePublic], responses=ERRORS, tags=["outbox"])
 def outbox(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500, description="How many messages.")] = 20,
 ) -> list[OutboxMessagePublic]:
-    """The latest messages delivered to the built-in outbox, newest first, rendered."""
+    """The latest messages delivered to the built-in outbox, newest first, rendered, with addresses
+    and address-like user ids masked as `nurture outbox` shows them (`l***@example.com`)."""
     rows = session.exec(
         select(MessageRecord)
         .where(col(MessageRecord.provider) == "outbox")
         .order_by(col(MessageRecord.created_at).desc(), col(MessageRecord.id).desc())
         .limit(limit)
     ).all()
-    return [OutboxMessagePublic.model_validate(row, from_attributes=True) for row in rows]
+    messages = [OutboxMessagePublic.model_validate(row, from_attributes=True) for row in rows]
+    for message in messages:
+        message.user_id = mask_user_id(message.user_id)
+        message.address = None if message.address is None else mask_address(message.address)
+    return messages
 
 
 meta = APIRouter()
@@ -970,7 +1251,14 @@ async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(exc.status, exc.error, exc.message, exc.detail, exc.headers)
 
 
-_HTTP_ERRORS = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_ERRORS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -979,10 +1267,51 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     message = str(exc.detail)
     if exc.status_code == 401:  # from HTTPBasic: a Basic header that is not base64 of "key:"
         headers.update(UNAUTHORIZED_HEADERS)
-        message = 'the Authorization header is not valid Basic credentials (base64 of "<write key>:")'
+        message = 'the Authorization header is not valid Basic credentials (base64 of "<key>:")'
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route on the path only; a path can have several.
+        allowed = _allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        message = f"{request.method} is not allowed here; use {' or '.join(allowed)}"
     return _error_response(
         exc.status_code, _HTTP_ERRORS.get(exc.status_code, "http_error"), message, headers=headers
     )
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    routes: Iterable[BaseRoute] = request.app.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+
+
+class EncodedSlash:
+    """400 for a per-user path whose id holds an encoded ``/``: decoded (as routers and proxies do),
+    ``X%2Fexport`` would be the export of ``X``. Such ids go in the query form."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"].startswith("/v1/users/")
+            and b"%2f" in scope.get("raw_path", b"").lower()
+        ):
+            message = (
+                "a user id with a / cannot go in the path, where it would read as a separator; send it "
+                "in the query: /v1/user?id=ID (also /v1/user/runs, /v1/user/messages, /v1/user/export)"
+            )
+            await _error_response(400, "invalid_request", detail=[{"field": "user_id", "message": message}])(
+                scope, receive, send
+            )
+            return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -1070,14 +1399,13 @@ def create_app(
     database, unless given; without a ``client`` it connects to Temporal at start-up, or on the
     first call that needs it when Temporal is not up yet.
     """
-    keys = settings.require_write_keys()
     if project is None:
         project = load_project(settings.journeys, settings.templates, settings.config)
     owns_db = db is None
     if db is None:
         db = Database(settings.database)
         db.migrate()
-    service = Service(settings, project, db, keys, client)
+    service = Service(settings, project, db, client)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -1105,9 +1433,15 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_middleware(EncodedSlash)
     app.add_middleware(
         BodyLimit,
-        limits={"/v1/track": CALL_LIMIT, "/v1/identify": CALL_LIMIT, "/v1/batch": BATCH_LIMIT, **WEBHOOK_LIMITS},
+        limits={
+            "/v1/track": CALL_LIMIT,
+            "/v1/identify": CALL_LIMIT,
+            "/v1/batch": BATCH_LIMIT,
+            **WEBHOOK_LIMITS,
+        },
     )
     log.info("event API for %d journeys: %s", len(project.journeys), ", ".join(sorted(project.journeys)))
     return app

@@ -2,7 +2,7 @@
 
     from .client import Client
 
-    with Client("WRITE_KEY") as nurture:
+    with Client("WRITE_KEY") as nurture:   # reads (profile, runs, messages, outbox) take a read key
         nurture.identify("u_1024", {"email": "li@example.com", "timezone": "Asia/Shanghai"})
         nurture.track("u_1024", "Cart Updated", {"cart_id": "c_77", "item_count": 2})
 
@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, NotRequired, Self, TypedDict, cast
-from urllib.parse import quote
 
 import httpx
 
@@ -195,8 +194,9 @@ def _batch(items: Iterable[Item | Mapping[str, Any]]) -> dict[str, Any]:
     return {"batch": batch}
 
 
-def _user(user_id: str) -> str:
-    return "/v1/users/" + quote(user_id, safe="")
+def _user(user_id: str, **params: str) -> dict[str, str]:
+    # The query form takes every id; in a path, a "/" in an id would read as a separator.
+    return {"id": user_id, **params}
 
 
 class _Base:
@@ -246,7 +246,7 @@ class Client(_Base):
 
     def __init__(
         self,
-        write_key: str,
+        key: str,
         *,
         base_url: str = DEFAULT_URL,
         timeout: float = 10.0,
@@ -255,11 +255,12 @@ class Client(_Base):
         max_delay: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        """``retries``: further attempts after the first; ``backoff``: the first wait, in seconds,
+        """``key``: a write key sends events, a read (or admin) key reads; ``retries``: further
+        attempts after the first; ``backoff``: the first wait, in seconds,
         doubling each time up to ``max_delay``; ``transport``: an httpx transport (tests)."""
         super().__init__(retries=retries, backoff=backoff, max_delay=max_delay)
         self._http = httpx.Client(
-            base_url=base_url.rstrip("/"), auth=(write_key, ""), timeout=timeout, transport=transport
+            base_url=base_url.rstrip("/"), auth=(key, ""), timeout=timeout, transport=transport
         )
 
     def track(
@@ -301,14 +302,14 @@ class Client(_Base):
         return cast(BatchAccepted, self._request("POST", "/v1/batch", json=_batch(items)))
 
     def profile(self, user_id: str) -> Profile:
-        return cast(Profile, self._request("GET", _user(user_id)))
+        return cast(Profile, self._request("GET", "/v1/user", params=_user(user_id)))
 
     def runs(self, user_id: str) -> list[Run]:
-        return cast(list[Run], self._request("GET", _user(user_id) + "/runs"))
+        return cast(list[Run], self._request("GET", "/v1/user/runs", params=_user(user_id)))
 
     def messages(self, user_id: str, *, content: bool = False) -> list[Message]:
-        params = {"content": "true"} if content else None
-        return cast(list[Message], self._request("GET", _user(user_id) + "/messages", params=params))
+        params = {"content": "true"} if content else {}
+        return cast(list[Message], self._request("GET", "/v1/user/messages", params=_user(user_id, **params)))
 
     def outbox(self, limit: int = 20) -> list[OutboxMessage]:
         return cast(list[OutboxMessage], self._request("GET", "/v1/outbox", params={"limit": limit}))
@@ -349,7 +350,7 @@ class AsyncClient(_Base):
 
     def __init__(
         self,
-        write_key: str,
+        key: str,
         *,
         base_url: str = DEFAULT_URL,
         timeout: float = 10.0,
@@ -360,7 +361,7 @@ class AsyncClient(_Base):
     ) -> None:
         super().__init__(retries=retries, backoff=backoff, max_delay=max_delay)
         self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), auth=(write_key, ""), timeout=timeout, transport=transport
+            base_url=base_url.rstrip("/"), auth=(key, ""), timeout=timeout, transport=transport
         )
 
     async def track(
@@ -395,14 +396,16 @@ class AsyncClient(_Base):
         return cast(BatchAccepted, await self._request("POST", "/v1/batch", json=_batch(items)))
 
     async def profile(self, user_id: str) -> Profile:
-        return cast(Profile, await self._request("GET", _user(user_id)))
+        return cast(Profile, await self._request("GET", "/v1/user", params=_user(user_id)))
 
     async def runs(self, user_id: str) -> list[Run]:
-        return cast(list[Run], await self._request("GET", _user(user_id) + "/runs"))
+        return cast(list[Run], await self._request("GET", "/v1/user/runs", params=_user(user_id)))
 
     async def messages(self, user_id: str, *, content: bool = False) -> list[Message]:
-        params = {"content": "true"} if content else None
-        return cast(list[Message], await self._request("GET", _user(user_id) + "/messages", params=params))
+        params = {"content": "true"} if content else {}
+        return cast(
+            list[Message], await self._request("GET", "/v1/user/messages", params=_user(user_id, **params))
+        )
 
     async def outbox(self, limit: int = 20) -> list[OutboxMessage]:
         return cast(list[OutboxMessage], await self._request("GET", "/v1/outbox", params={"limit": limit}))

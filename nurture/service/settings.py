@@ -25,6 +25,10 @@ class SettingsError(SystemExit):
     """A missing or malformed setting; the message names the variable."""
 
 
+def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(key.strip() for key in env.get(name, "").split(",") if key.strip())
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the running service is configured with."""
@@ -53,8 +57,12 @@ class Settings:
     """``NURTURE_TEMPLATES``: directory of templates."""
     config: Path | None = None
     """``NURTURE_CONFIG``: the project file (default: ``nurture.yaml`` beside the journeys directory)."""
-    write_keys: tuple[str, ...] = ()
-    """``NURTURE_WRITE_KEYS``: comma-separated keys accepted by the event API."""
+    write_keys: tuple[str, ...] = field(default=(), repr=False)
+    """``NURTURE_WRITE_KEYS``: comma-separated keys that send events to the API."""
+    read_keys: tuple[str, ...] = field(default=(), repr=False)
+    """``NURTURE_READ_KEYS``: comma-separated keys that read profiles, runs, messages and the outbox."""
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    """``NURTURE_ADMIN_KEYS``: comma-separated keys that read, export and forget users."""
     metrics_port: int | None = None
     """``NURTURE_METRICS_PORT``: where the worker serves Prometheus metrics (unset: off)."""
     public_url: str = ""
@@ -104,7 +112,9 @@ class Settings:
             journeys=Path(env.get("NURTURE_JOURNEYS", "journeys")),
             templates=Path(env.get("NURTURE_TEMPLATES", "templates")),
             config=path("NURTURE_CONFIG"),
-            write_keys=tuple(k.strip() for k in env.get("NURTURE_WRITE_KEYS", "").split(",") if k.strip()),
+            write_keys=_keys(env, "NURTURE_WRITE_KEYS"),
+            read_keys=_keys(env, "NURTURE_READ_KEYS"),
+            admin_keys=_keys(env, "NURTURE_ADMIN_KEYS"),
             metrics_port=int(metrics) if metrics else None,
             public_url=public_url,
             secret=secret,
