@@ -1463,6 +1463,13 @@ async def serve(
 ) -> None:
     """Serve the API with uvicorn until interrupted (or until ``stop`` is set)."""
     configure_logging()
+    # uvicorn's loggers go through ours (masking, JSON), even when another server in this process
+    # gave them handlers of their own and stopped them propagating.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uvicorn_log = logging.getLogger(name)
+        uvicorn_log.handlers.clear()
+        uvicorn_log.propagate = True
+        uvicorn_log.setLevel(logging.NOTSET)
     config = uvicorn.Config(app or create_app(settings), host=host, port=port, log_config=None)
     server = uvicorn.Server(config)
 
