@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import inspect
 from sqlmodel import select
 from support import send_request
@@ -13,7 +14,7 @@ from nurture.delivery.deliverer import Claim
 from nurture.engine.model import SendOutcome, SendRequest
 from nurture.language.templates import RenderedMessage
 from nurture.storage.db import Database, database_url
-from nurture.storage.models import MessageRecord, RunRecord
+from nurture.storage.models import EventRecord, MessageRecord, RunRecord
 from nurture.storage.stores import DbHistory, DbLedger, DbProfiles, DbRecorder, Events, Routes, has_run
 
 NOW = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
@@ -46,6 +47,27 @@ def test_profiles_merge_traits_and_opt_outs(database: Database) -> None:
     assert record is not None and record.email == "li@example.com" and record.phone is None
     assert profiles.set_opt_out("u1", "sms", False).opted_out == frozenset()
     assert asyncio.run(profiles.get("u1")).traits["plan"] == "pro"
+
+
+def test_an_identify_call_and_its_merge_are_kept_together_or_not_at_all(database: Database) -> None:
+    profiles = DbProfiles(database)
+
+    def call() -> EventRecord:
+        return EventRecord(message_id="id-1", kind="identify", user_id="u1", properties={}, timestamp=NOW)
+
+    def crash(current: set[str]) -> set[str]:
+        raise RuntimeError("the process died here")
+
+    with pytest.raises(RuntimeError):
+        profiles.apply_call(call(), {"email": "li@example.com"}, crash)
+    # Neither the call nor the traits were kept, so the client's retry is applied, once.
+    assert profiles.read("u1").traits == {}
+    assert profiles.apply_call(call(), {"email": "li@example.com"}, ["sms"]) is True
+    assert profiles.apply_call(call(), {"email": "other@example.com"}, []) is False
+    profile = profiles.read("u1")
+    assert (profile.traits, profile.opted_out) == ({"email": "li@example.com"}, {"sms"})
+    with database.session() as session:
+        assert [row.message_id for row in session.exec(select(EventRecord)).all()] == ["id-1"]
 
 
 def test_events_deduplicate_on_message_id(database: Database) -> None:

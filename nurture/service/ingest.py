@@ -35,6 +35,7 @@ from nurture.engine.model import Event
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.storage.db import Database
+from nurture.storage.models import EventRecord, utcnow
 from nurture.storage.stores import DbProfiles, Events, OptOuts, Routes, has_run, run_started_by
 from workflows.journey import WORKFLOW_NAME
 
@@ -188,19 +189,15 @@ class Ingest:
     ) -> bool:
         """Merge traits (and opt-outs) into the profile in one transaction; ``False`` for a
         repeated ``message_id``."""
-        fresh = await asyncio.to_thread(
-            self.events.add,
+        call = EventRecord(
             message_id=message_id,
             kind="identify",
             user_id=user_id,
-            name=None,
             properties=dict(traits),
-            timestamp=event.timestamp,
-            routed=True,
+            timestamp=event.timestamp.astimezone(UTC),
+            routed_at=utcnow(),
         )
-        if fresh:
-            await asyncio.to_thread(self.profiles.merge, user_id, traits, opted_out)
-        return fresh
+        return await asyncio.to_thread(self.profiles.apply_call, call, traits, opted_out)
 
     async def _trigger(
         self, journey: Journey, user_id: str, key: str, event: dict[str, Any], routed: Routed, *, again: bool

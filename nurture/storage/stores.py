@@ -48,17 +48,29 @@ class DbProfiles:
         with self.db.session() as session:
             return session.get(ProfileRecord, user_id)
 
-    def merge(
-        self,
-        user_id: str,
-        traits: Mapping[str, Any],
-        opted_out: OptOuts | None = None,
-    ) -> Profile:
+    def merge(self, user_id: str, traits: Mapping[str, Any], opted_out: OptOuts | None = None) -> Profile:
         """Merge ``traits`` into the profile (creating it); ``opted_out`` replaces the opt-outs, or
         changes them when it is a function (applied to the locked row, so changes don't race)."""
+        profile = self._merge(user_id, traits, opted_out, call=None)
+        assert profile is not None  # only a repeated call merges nothing
+        return profile
+
+    def apply_call(self, call: EventRecord, traits: Mapping[str, Any], opted_out: OptOuts | None = None) -> bool:
+        """Store an identify call and merge what it says in one transaction, so a crash keeps both
+        or neither; ``False`` (and nothing changed) when its ``message_id`` was stored before."""
+        return self._merge(call.user_id, traits, opted_out, call=call) is not None
+
+    def _merge(
+        self, user_id: str, traits: Mapping[str, Any], opted_out: OptOuts | None, *, call: EventRecord | None
+    ) -> Profile | None:
         for _ in range(3):
+            if call is not None and _stored(self.db, call.message_id):
+                return None
             try:
                 with self.db.write_session() as session:
+                    if call is not None:
+                        session.add(EventRecord.model_validate(call.model_dump()))
+                        session.flush()
                     row = session.get(ProfileRecord, user_id, with_for_update=True)
                     if row is None:
                         row = ProfileRecord(user_id=user_id)
@@ -73,7 +85,7 @@ class DbProfiles:
                         row.opted_out = sorted(set(opted_out))
                     row.updated_at = utcnow()
                     return Profile(user_id, dict(row.traits), frozenset(row.opted_out))
-            except IntegrityError:  # created concurrently: merge into that row instead
+            except IntegrityError:  # the profile (or the call) was stored concurrently: look again
                 continue
         raise RuntimeError(f"could not update profile {user_id}")
 
@@ -355,6 +367,12 @@ class Unrouted(NamedTuple):
     user_id: str
     event: Event
     received_at: datetime
+
+
+def _stored(db: Database, message_id: str) -> bool:
+    with db.session() as session:
+        found = session.execute(select(EventRecord.id).where(col(EventRecord.message_id) == message_id)).first()
+        return found is not None
 
 
 class Events:
