@@ -34,7 +34,7 @@ from nurture.engine.interpreter import (
     run_key,
     trigger_matches,
 )
-from nurture.engine.model import Event, SendOutcome, SendResult
+from nurture.engine.model import EndedRun, Event, SendOutcome, SendResult
 from nurture.language import ir
 from nurture.language.compiler import Settings, compile_text
 from nurture.language.diagnostics import DiagnosticSink
@@ -1063,22 +1063,23 @@ def test_a_value_that_is_not_a_number_is_no_value(templates: TemplateStore, tota
 def test_an_ended_run_converts_until_its_window_ends(templates: TemplateStore) -> None:
     journey = compile_journey(templates, VALUED)
     sent_at = T0 + timedelta(days=1)
-    facts = {"user_id": "u1", "key": "", "entered_at": T0, "traits": {}}
+    ended = EndedRun("run-1", "valued", "u1", "", T0, last_message_at=sent_at)
+    silent = EndedRun("run-2", "valued", "u1", "", T0)
 
     inside = event("Order Completed", sent_at + timedelta(days=2), total=30)
     outside = event("Order Completed", sent_at + timedelta(days=2, seconds=1), total=30)
     other = event("Cart Updated", sent_at + timedelta(hours=1))
 
-    assert late_conversion(journey, inside, last_message_at=sent_at, **facts) == EventEffect(converted=True, value=30)
-    assert late_conversion(journey, outside, last_message_at=sent_at, **facts) is None
-    assert late_conversion(journey, other, last_message_at=sent_at, **facts) is None
-    assert late_conversion(journey, inside, last_message_at=None, **facts) is None
+    assert late_conversion(journey, ended, inside, {}) == EventEffect(converted=True, value=30)
+    assert late_conversion(journey, ended, outside, {}) is None
+    assert late_conversion(journey, ended, other, {}) is None
+    assert late_conversion(journey, silent, inside, {}) is None
 
 
 def test_a_goal_without_a_window_lasts_only_the_runs_life(templates: TemplateStore) -> None:
     journey = compile_journey(templates, VALUED.replace("within: 2d, from: last_message, ", ""))
     after = event("Order Completed", T0 + timedelta(days=1), total=5)
-    assert late_conversion(journey, after, user_id="u1", key="", entered_at=T0, last_message_at=T0, traits={}) is None
+    assert late_conversion(journey, EndedRun("run-1", "valued", "u1", "", T0, T0), after, {}) is None
 
 
 def test_every_step_reached_is_handed_to_the_driver_once_in_order(templates: TemplateStore) -> None:

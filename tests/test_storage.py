@@ -224,3 +224,13 @@ def test_concurrent_opt_out_changes_are_all_kept(database: Database) -> None:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda name: profiles.set_opt_out("u-race", name, True), names))
     assert profiles.read("u-race").opted_out == frozenset(names)
+
+
+def test_the_migrations_build_exactly_the_tables_the_models_describe(database: Database) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    with database.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": False})
+        assert compare_metadata(context, SQLModel.metadata) == []

@@ -7,9 +7,9 @@ so the same activities run against in-memory stores (scenario runner) and the da
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -17,19 +17,7 @@ from temporalio.exceptions import ApplicationError
 from channels import TransientError
 from nurture.delivery.deliverer import Deliverer, ProfileStore
 from nurture.engine.clock import parse_instant
-from nurture.engine.model import SendOutcome, SendRequest
-
-
-class Recorder(Protocol):
-    """Where run results go: memory for scenarios, the database for the service."""
-
-    async def send(self, request: SendRequest, outcome: SendOutcome) -> None: ...
-
-    async def start(self, record: Mapping[str, Any]) -> None: ...
-
-    async def end(self, record: Mapping[str, Any]) -> None: ...
-
-    async def conversion(self, record: Mapping[str, Any]) -> None: ...
+from nurture.engine.model import Recorder, SendRequest
 
 
 class JourneyActivities:
@@ -45,6 +33,10 @@ class JourneyActivities:
         """Render and deliver one send step; returns a SendResult as JSON."""
         request = SendRequest.from_dict(payload["request"])
         now = parse_instant(payload["now"])
+        if payload.get("reached"):
+            await self.recorder.steps(
+                {"run_id": request.run_id, "journey": request.journey, "version": request.version, "reached": payload["reached"]}
+            )
         profile = await self.profiles.get(request.user_id)
         try:
             result = await self.deliverer.send(request, profile, now)
@@ -79,6 +71,11 @@ class JourneyActivities:
     async def record_conversion(self, payload: dict[str, Any]) -> None:
         await self.recorder.conversion(payload)
 
+    @activity.defn(name="nurture.record_steps")
+    async def record_steps(self, payload: dict[str, Any]) -> None:
+        """Steps reached, and the step the run now waits at (reports read both)."""
+        await self.recorder.steps(payload)
+
     def all(self) -> Sequence[Callable[..., Any]]:
         """Every activity, for ``Worker(activities=...)``."""
         return [
@@ -88,4 +85,5 @@ class JourneyActivities:
             self.record_start,
             self.record_end,
             self.record_conversion,
+            self.record_steps,
         ]

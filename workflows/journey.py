@@ -31,6 +31,8 @@ with workflow.unsafe.imports_passed_through():
     from nurture.language import ir
 
 WORKFLOW_NAME = "JourneyRun"
+RECORD_STEPS = "record-steps"
+"""Patch id: each wait first records the steps reached and where the run waits (reports)."""
 
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -113,18 +115,7 @@ class JourneyWorkflow:
             entered_at=self._now(),
         )
         await workflow.execute_local_activity(
-            "nurture.record_start",
-            {
-                "run_id": run.run_id,
-                "workflow_id": info.workflow_id,
-                "journey": journey.id,
-                "version": journey.version,
-                "user_id": run.user_id,
-                "key": run.key,
-                "trigger_message_id": run.event.message_id,
-                "at": format_instant(run.entered_at),
-            },
-            start_to_close_timeout=LOCAL,
+            "nurture.record_start", run.start_record(info.workflow_id), start_to_close_timeout=LOCAL
         )
         command: Command | Ended = run.start()
         while not isinstance(command, Ended):
@@ -136,22 +127,8 @@ class JourneyWorkflow:
         self._state = f"ended:{command.reason}"
         if self._restart is None:
             self._restart = self._pending_trigger(run)
-        await workflow.execute_local_activity(
-            "nurture.record_end",
-            {
-                "run_id": run.run_id,
-                "workflow_id": info.workflow_id,
-                "journey": journey.id,
-                "version": journey.version,
-                "user_id": run.user_id,
-                "key": run.key,
-                "reason": command.reason,
-                "at": format_instant(self._now()),
-                "variants": run.variants,
-                "continued": self._restart is not None,
-            },
-            start_to_close_timeout=LOCAL,
-        )
+        record = run.end_record(info.workflow_id, command.reason, self._now(), continued=self._restart is not None)
+        await workflow.execute_local_activity("nurture.record_end", record, start_to_close_timeout=LOCAL)
         if self._restart is not None:
             # Same workflow id, fresh history: the new run takes the journey as deployed now.
             workflow.continue_as_new(
@@ -184,7 +161,12 @@ class JourneyWorkflow:
             self._state = f"sending:{command.request.step_id}"
             raw = await workflow.execute_activity(
                 "nurture.send",
-                {"request": command.request.to_dict(), "now": format_instant(self._now())},
+                # The steps reached on the way to this send are recorded by the send itself.
+                {
+                    "request": command.request.to_dict(),
+                    "now": format_instant(self._now()),
+                    "reached": run.steps_record()["reached"],
+                },
                 # Short: after a worker crash mid-send, the retry starts this much later.
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=SEND_RETRY,
@@ -195,6 +177,10 @@ class JourneyWorkflow:
     async def _wait(self, run: Run, command: Sleep | AwaitEvent) -> Command | Ended:
         """Sleep until the command's instant, judging every event that arrives meanwhile."""
         self._state = f"waiting:{command.step_id}"
+        if workflow.patched(RECORD_STEPS):
+            await workflow.execute_local_activity(
+                "nurture.record_steps", run.steps_record(command), start_to_close_timeout=LOCAL
+            )
         while True:
             remaining = (command.until - self._now()).total_seconds()
             if remaining <= 0:
@@ -224,14 +210,7 @@ class JourneyWorkflow:
             if effect.converted:
                 await workflow.execute_local_activity(
                     "nurture.record_conversion",
-                    {
-                        "run_id": run.run_id,
-                        "journey": run.journey.id,
-                        "user_id": run.user_id,
-                        "event": event.name,
-                        "variant": run.current_variant,
-                        "at": format_instant(self._now()),
-                    },
+                    run.conversion_record(event, effect, self._now()),
                     start_to_close_timeout=LOCAL,
                 )
             if effect.end is not None:

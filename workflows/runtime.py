@@ -40,8 +40,15 @@ from nurture.delivery.deliverer import (
     for_every_channel,
 )
 from nurture.engine.clock import parse_instant
-from nurture.engine.interpreter import entry_decision, run_key, trigger_matches, workflow_id
-from nurture.engine.model import Event, SendOutcome, SendRequest
+from nurture.engine.interpreter import (
+    OpenGoals,
+    entry_decision,
+    late_record,
+    run_key,
+    trigger_matches,
+    workflow_id,
+)
+from nurture.engine.model import Event, Recorder, SendOutcome, SendRequest
 from nurture.language.compiler import Project
 from nurture.language.ir import journey_to_dict
 from nurture.language.templates import TemplateStore
@@ -71,26 +78,42 @@ SETTLE_TIMEOUT = 60.0
 
 @dataclass
 class MemoryRecorder:
-    """Run results kept in memory, as scenario outcomes."""
+    """Run results kept in memory, as scenario outcomes; ``also`` receives every record too (a
+    database, so a report can be made of a scenario played on this runtime)."""
 
     outcomes: list[Outcome] = field(default_factory=list)
     started: set[str] = field(default_factory=set)
     ended: set[str] = field(default_factory=set)
     conversions: list[Mapping[str, Any]] = field(default_factory=list)
+    open_goals: OpenGoals = field(default_factory=OpenGoals)
+    also: Recorder | None = None
 
     async def send(self, request: SendRequest, outcome: SendOutcome) -> None:
         self.outcomes.append(Outcome(outcome.at, request.user_id, request.journey, request.run_id, send=outcome))
+        if self.also is not None:
+            await self.also.send(request, outcome)
 
     async def start(self, record: Mapping[str, Any]) -> None:
         self.started.add(record["run_id"])
+        if self.also is not None:
+            await self.also.start(record)
 
     async def end(self, record: Mapping[str, Any]) -> None:
         self.ended.add(record["run_id"])
+        self.open_goals.add(record)
         at = parse_instant(record["at"])
         self.outcomes.append(Outcome(at, record["user_id"], record["journey"], record["run_id"], exit=record["reason"]))
+        if self.also is not None:
+            await self.also.end(record)
 
     async def conversion(self, record: Mapping[str, Any]) -> None:
         self.conversions.append(record)
+        if self.also is not None:
+            await self.also.conversion(record)
+
+    async def steps(self, record: Mapping[str, Any]) -> None:
+        if self.also is not None:
+            await self.also.steps(record)
 
 
 class TemporalRuntime:
@@ -149,13 +172,14 @@ class TemporalRuntime:
         *,
         channels: Mapping[str, Channel] | None = None,
         links: UnsubscribeUrl | None = None,
+        record_to: Recorder | None = None,
     ) -> list[Outcome]:
         """Play ``scenario``; ``channels`` replaces the outbox with provider adapters, ``links``
-        makes unsubscribe URLs."""
+        makes unsubscribe URLs, ``record_to`` also receives every run record."""
         assert self._env is not None and self._activities is not None
         env, acts = self._env, self._activities
         profiles = MemoryProfiles()
-        recorder = MemoryRecorder()
+        recorder = MemoryRecorder(also=record_to)
         outbox = Outbox()
         acts.profiles = profiles
         acts.recorder = recorder
@@ -225,6 +249,9 @@ class _Play:
         return run_id not in self.recorder.ended
 
     async def track(self, user_id: str, event: Event, journeys: list[Any], profiles: MemoryProfiles) -> None:
+        by_id = {journey.id: journey for journey in journeys}
+        for run, effect in self.recorder.open_goals.convert(by_id, user_id, event, profiles.get_now(user_id).traits):
+            await self.recorder.conversion(late_record(run, event, effect))
         touched: list[str] = []
         for slot, run_id in list(self.slots.items()):
             if slot[1] != user_id or not self.active(run_id):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import quote
@@ -24,7 +24,7 @@ from nurture.language import ir
 from nurture.language.evaluation import MISSING, Expr, is_true, value_of
 
 from .clock import format_instant, next_local_time, parse_instant, zone
-from .model import Event, SendRequest, SendResult
+from .model import EndedRun, Event, SendRequest, SendResult
 
 # --- commands a run gives its driver -----------------------------------------------------------
 
@@ -75,6 +75,8 @@ class Ended:
 
 
 Command = Sleep | AwaitEvent | ReadProfile | Deliver | WriteTraits
+HELD = ("quiet_hours", "frequency_cap")
+"""Why a send sleeps before it goes out (a deferral), as opposed to a wait step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,14 +220,7 @@ def conversion_value(goal: ir.Goal, scope: Mapping[str, Any]) -> float | None:
 
 
 def late_conversion(
-    journey: ir.Journey,
-    event: Event,
-    *,
-    user_id: str,
-    key: str,
-    entered_at: datetime,
-    last_message_at: datetime | None,
-    traits: Mapping[str, Any],
+    journey: ir.Journey, run: EndedRun, event: Event, traits: Mapping[str, Any]
 ) -> EventEffect | None:
     """A goal event reaching a run that has ended: a conversion while its window is still open.
 
@@ -236,15 +231,74 @@ def late_conversion(
     goal = journey.goal
     if goal is None or goal.event != event.name:
         return None
-    start = goal_window_start(goal, entered_at=entered_at, last_message_at=last_message_at)
-    until = goal_window_end(goal, entered_at=entered_at, last_message_at=last_message_at)
+    start = goal_window_start(goal, entered_at=run.entered_at, last_message_at=run.last_message_at)
+    until = goal_window_end(goal, entered_at=run.entered_at, last_message_at=run.last_message_at)
     if start is None or until is None or not start <= event.timestamp <= until:
         return None
-    journey_scope = {"id": journey.id, "key": key, "entered_at": format_instant(entered_at)}
-    scope = {"user": user_scope(user_id, traits), "event": event.scope(), "last_event": MISSING, "journey": journey_scope}
+    journey_scope = {"id": journey.id, "key": run.key, "entered_at": format_instant(run.entered_at)}
+    user = user_scope(run.user_id, traits)
+    scope = {"user": user, "event": event.scope(), "last_event": MISSING, "journey": journey_scope}
     if not is_true(goal.cond, scope):
         return None
     return EventEffect(converted=True, value=conversion_value(goal, scope))
+
+
+@dataclass
+class OpenGoals:
+    """Ended runs whose goal window is still open, by user: late conversions for in-memory routers.
+
+    The service asks the ``runs`` table instead (:meth:`DbRecorder.ended_runs_converting`).
+    """
+
+    by_user: dict[str, list[tuple[EndedRun, datetime]]] = field(default_factory=dict)
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        """Keep an ended run (its ``end_record``) while its goal window is open."""
+        if record.get("goal_until") is None:
+            return
+        run = EndedRun(
+            run_id=record["run_id"],
+            journey=record["journey"],
+            user_id=record["user_id"],
+            key=record["key"],
+            entered_at=parse_instant(record["entered_at"]),
+            last_message_at=None if record["last_message_at"] is None else parse_instant(record["last_message_at"]),
+            variants=dict(record.get("variants") or {}),
+        )
+        self.by_user.setdefault(run.user_id, []).append((run, parse_instant(record["goal_until"])))
+
+    def convert(
+        self, journeys: Mapping[str, ir.Journey], user_id: str, event: Event, traits: Mapping[str, Any]
+    ) -> list[tuple[EndedRun, EventEffect]]:
+        """The user's ended runs that ``event`` converts; each converts once, and closed windows go."""
+        waiting = self.by_user.get(user_id)
+        if not waiting:
+            return []
+        converted, still_open = [], []
+        for run, until in waiting:
+            journey = journeys.get(run.journey)
+            effect = None if journey is None else late_conversion(journey, run, event, traits)
+            if effect is not None:
+                converted.append((run, effect))
+            elif until >= event.timestamp:
+                still_open.append((run, until))
+        self.by_user[user_id] = still_open
+        return converted
+
+
+def late_record(run: EndedRun, event: Event, effect: EventEffect) -> dict[str, Any]:
+    """The conversion record of an ended run (a :meth:`Run.conversion_record` made by the router)."""
+    return {
+        "run_id": run.run_id,
+        "journey": run.journey,
+        "user_id": run.user_id,
+        "event": event.name,
+        "variant": list(run.variants.values())[-1] if run.variants else None,
+        "variants": dict(run.variants),
+        "value": effect.value,
+        "at": format_instant(event.timestamp),
+        "late": True,
+    }
 
 
 def choose_variant(experiment: str, user_id: str, variants: tuple[ir.Variant, ...]) -> ir.Variant:
@@ -396,6 +450,60 @@ class Run:
         """The steps reached since the last call, in order; the driver records them."""
         reached, self.reached = self.reached, []
         return reached
+
+    # what a driver records (the same records on every runtime)
+
+    def start_record(self, workflow_id: str) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "workflow_id": workflow_id,
+            "journey": self.journey.id,
+            "version": self.journey.version,
+            "user_id": self.user_id,
+            "key": self.key,
+            "trigger_message_id": self.event.message_id,
+            "at": format_instant(self.entered_at),
+        }
+
+    def steps_record(self, waiting: Sleep | AwaitEvent | None = None) -> dict[str, Any]:
+        """The steps reached since the last record and, before a wait, the step it waits at."""
+        held = waiting.reason if isinstance(waiting, Sleep) and waiting.reason in HELD else None
+        return {
+            "run_id": self.run_id,
+            "journey": self.journey.id,
+            "version": self.journey.version,
+            "reached": [reach.to_dict() for reach in self.take_reached()],
+            "waiting": None if waiting is None else waiting.step_id,
+            "deferred": held,
+        }
+
+    def end_record(self, workflow_id: str, reason: str, at: datetime, *, continued: bool) -> dict[str, Any]:
+        until = self.goal_window_end
+        return {
+            **self.steps_record(),
+            "workflow_id": workflow_id,
+            "user_id": self.user_id,
+            "key": self.key,
+            "reason": reason,
+            "at": format_instant(at),
+            "variants": dict(self.variants),
+            "continued": continued,
+            "entered_at": format_instant(self.entered_at),
+            "last_message_at": None if self.last_message_at is None else format_instant(self.last_message_at),
+            "goal_until": None if until is None else format_instant(until),
+        }
+
+    def conversion_record(self, event: Event, effect: EventEffect, at: datetime) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "journey": self.journey.id,
+            "user_id": self.user_id,
+            "event": event.name,
+            "variant": self.current_variant,
+            "variants": dict(self.variants),
+            "value": effect.value,
+            "at": format_instant(at),
+        }
 
     # scope
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from nurture.language.ir import Policy, QuietHours, from_dict, to_dict
 
@@ -209,3 +209,36 @@ class SendResult:
             defer_until=None if defer is None else parse_instant(defer),
             defer_reason=data.get("defer_reason") or "quiet_hours",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class EndedRun:
+    """A run that has ended while its goal window is still open: a router may count its conversion."""
+
+    run_id: str
+    journey: str
+    user_id: str
+    key: str
+    entered_at: datetime
+    last_message_at: datetime | None = None
+    variants: Mapping[str, str] = field(default_factory=dict)
+    """The variant of each split the run went through."""
+
+
+class Recorder(Protocol):
+    """Where run results go: memory for scenarios, the database for the service.
+
+    Each method takes a record a :class:`~nurture.engine.interpreter.Run` made
+    (``start_record``, ``steps_record``, ``end_record``, ``conversion_record``), or a send's
+    request and its one outcome.
+    """
+
+    async def send(self, request: SendRequest, outcome: SendOutcome) -> None: ...
+
+    async def start(self, record: Mapping[str, Any]) -> None: ...
+
+    async def end(self, record: Mapping[str, Any]) -> None: ...
+
+    async def conversion(self, record: Mapping[str, Any]) -> None: ...
+
+    async def steps(self, record: Mapping[str, Any]) -> None: ...

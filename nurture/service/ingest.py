@@ -30,14 +30,16 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from nurture.engine.interpreter import run_key, trigger_matches, workflow_id
+from nurture.engine.interpreter import late_conversion, late_record, run_key, trigger_matches, workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, utcnow
-from nurture.storage.stores import DbProfiles, Events, OptOuts, Routes, has_run, run_started_by
+from nurture.storage.stores import DbProfiles, DbRecorder, Events, OptOuts, Routes, has_run, run_started_by
 from workflows.journey import WORKFLOW_NAME
+
+from .observability import CONVERSIONS
 
 log = logging.getLogger("nurture.ingest")
 
@@ -69,6 +71,8 @@ class Routed:
     """Workflow ids of active runs the event was delivered to."""
     skipped: list[str] = field(default_factory=list)
     """Journeys the event matched but could not enter (``once``)."""
+    converted: list[str] = field(default_factory=list)
+    """Ended runs whose goal window was still open and that this event converted."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +96,12 @@ class Ingest:
         self.events = Events(db)
         self.routes = Routes(db)
         self.profiles = DbProfiles(db)
+        self.recorder = DbRecorder(db)
+        self._goals: dict[str, list[str]] = {}
+        """Journeys by goal event name: which ended runs an event may still convert."""
+        for journey in project.journeys.values():
+            if journey.goal is not None and journey.goal.within is not None:
+                self._goals.setdefault(journey.goal.event, []).append(journey.id)
         self._payloads = {j.id: journey_to_dict(j) for j in project.journeys.values()}
         self._listens = {j.id: sorted(j.listens_for()) for j in project.journeys.values()}
 
@@ -152,6 +162,11 @@ class Ingest:
             profile = await asyncio.to_thread(self.profiles.read, user_id)
         except TRANSIENT as exc:
             raise NotRouted(f"event {event.message_id} not routed: {exc}") from exc
+        if event.name in self._goals:
+            try:
+                await self._convert_ended(user_id, event, profile.traits, routed)
+            except TRANSIENT as exc:
+                failures.append(exc)
         for route in routes:
             if event.name not in route.listens:
                 continue
@@ -198,6 +213,22 @@ class Ingest:
             routed_at=utcnow(),
         )
         return await asyncio.to_thread(self.profiles.apply_call, call, traits, opted_out)
+
+    async def _convert_ended(self, user_id: str, event: Event, traits: Mapping[str, Any], routed: Routed) -> None:
+        """Conversions of the user's ended runs whose goal window is still open (no workflow is
+        kept alive for them); each run converts once, so routing the event again adds nothing."""
+        ended = await asyncio.to_thread(
+            self.recorder.ended_runs_converting, user_id, self._goals[event.name], event.timestamp
+        )
+        for run in ended:
+            effect = late_conversion(self.project.journeys[run.journey], run, event, traits)
+            if effect is None:
+                continue
+            if await asyncio.to_thread(self.recorder.convert, run.run_id, event.timestamp, effect.value):
+                routed.converted.append(run.run_id)
+                record = late_record(run, event, effect)
+                for experiment, variant in (record["variants"] or {"": ""}).items():
+                    CONVERSIONS.labels(run.journey, experiment, variant).inc()
 
     async def _trigger(
         self, journey: Journey, user_id: str, key: str, event: dict[str, Any], routed: Routed, *, again: bool

@@ -27,8 +27,7 @@ from temporalio import activity
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 from channels import mask_in_text
-from nurture.engine.model import SendOutcome, SendRequest
-from workflows.activities import Recorder
+from nurture.engine.model import Recorder, SendOutcome, SendRequest
 
 log = logging.getLogger("nurture.runs")
 
@@ -48,7 +47,12 @@ RUNS_ENDED = Counter(
     "Journey runs ended, by reason (completed, goal, exit_on, restarted or an exit step's reason).",
     ["journey", "reason"],
 )
-CONVERSIONS = Counter("nurture_conversions", "Goal events inside the conversion window.", ["journey"])
+CONVERSIONS = Counter(
+    "nurture_conversions",
+    "Runs converted (goal events inside the window), once per experiment the run is in and its variant.",
+    ["journey", "experiment", "variant"],
+)
+STEPS_REACHED = Counter("nurture_step_reached", "Steps reached by runs.", ["journey", "step"])
 ACTIVITY_SECONDS = Histogram(
     "nurture_activity_duration_seconds",
     "Time spent in each journey activity (sends, profile reads and writes, run records).",
@@ -66,6 +70,7 @@ METRIC_NAMES = (
     "nurture_runs_started_total",
     "nurture_runs_ended_total",
     "nurture_conversions_total",
+    "nurture_step_reached_total",
     "nurture_activity_duration_seconds",
     "nurture_journey_info",
 )
@@ -109,7 +114,8 @@ class InstrumentedRecorder:
 
     async def conversion(self, record: Mapping[str, Any]) -> None:
         await self.inner.conversion(record)
-        CONVERSIONS.labels(record["journey"]).inc()
+        for experiment, variant in (record.get("variants") or {"": ""}).items():
+            CONVERSIONS.labels(record["journey"], experiment, variant).inc()
         log.info(
             "conversion: %s for %s on %s",
             record["journey"],
@@ -117,6 +123,12 @@ class InstrumentedRecorder:
             record["event"],
             extra=_fields(record, "journey", "user_id", "run_id", "event", "variant"),
         )
+
+
+    async def steps(self, record: Mapping[str, Any]) -> None:
+        await self.inner.steps(record)
+        for reach in record.get("reached") or ():
+            STEPS_REACHED.labels(record["journey"], reach["step_id"]).inc()
 
 
 def _fields(record: Mapping[str, Any], *names: str) -> dict[str, Any]:

@@ -21,15 +21,17 @@ from nurture.engine.interpreter import (
     Command,
     Deliver,
     Ended,
+    OpenGoals,
     ReadProfile,
     Run,
     Sleep,
     WriteTraits,
     entry_decision,
+    late_record,
     run_key,
     trigger_matches,
 )
-from nurture.engine.model import Event, SendOutcome
+from nurture.engine.model import Event, Recorder, SendOutcome
 from nurture.language import ir
 
 
@@ -77,10 +79,14 @@ class Simulator:
     profiles: MemoryProfiles = field(default_factory=MemoryProfiles)
     timeline: bool = True
     """Record :attr:`entries`, the step-by-step timeline; outcomes are recorded either way."""
+    recorder: Recorder | None = None
+    """Also receives every run record (start, steps, sends, conversions, end), as the workflow's
+    activities do: a database recorder makes a report of a simulation."""
     now: datetime = field(init=False)
     outcomes: list[Outcome] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
     conversions: list[tuple[datetime, str, str, str | None]] = field(default_factory=list)
+    """(when, user, journey, variant) of every conversion, late ones (after the run ended) included."""
 
     def __post_init__(self) -> None:
         self.now = self.start
@@ -94,6 +100,8 @@ class Simulator:
         self._active: dict[tuple[str, str, str], _Live] = {}
         self._by_user: dict[str, list[_Live]] = {}
         self._history: dict[tuple[str, str, str], int] = {}
+        self._by_id = {journey.id: journey for journey in self.journeys}
+        self._open_goals = OpenGoals()
         self._triggered_by: dict[str, list[ir.Journey]] = {}
         """Journeys by trigger event name, in declared order: most events start nothing."""
         for journey in self.journeys:
@@ -140,16 +148,23 @@ class Simulator:
     async def _on_track(self, user_id: str, event: Event) -> None:
         if self.timeline:
             self._note(user_id, "", "", "event", event.name)
+        if self._open_goals.by_user.get(user_id):
+            traits = self.profiles.get_now(user_id).traits
+            for ended, effect in self._open_goals.convert(self._by_id, user_id, event, traits):
+                record = late_record(ended, event, effect)
+                self._converted(user_id, ended.journey, record["variant"], event, "converted after the run")
+                if self.recorder is not None:
+                    await self.recorder.conversion(record)
         for live in list(self._by_user.get(user_id, ())):
             run = live.run
             fresh = self.profiles.get_now(user_id).traits if run.event_reads_profile(event) else None
             effect = run.on_event(event, self.now, fresh)
             if effect.converted:
-                self.conversions.append((self.now, user_id, run.journey.id, run.current_variant))
-                if self.timeline:
-                    self._note(user_id, run.journey.id, "goal", "converted", event.name)
+                self._converted(user_id, run.journey.id, run.current_variant, event, "converted")
+                if self.recorder is not None:
+                    await self.recorder.conversion(run.conversion_record(event, effect, self.now))
             if effect.end is not None:
-                self._finish(live, run.end(effect.end, self.now))
+                await self._finish(live, run.end(effect.end, self.now))
             elif effect.resume:
                 live.token += 1
                 await self._drive(live, run.resume(event, self.now))
@@ -166,8 +181,13 @@ class Simulator:
                     self._note(user_id, journey.id, "", "not entered", f"re_entry {journey.re_entry}")
                 continue
             if decision == "restart" and current is not None:
-                self._finish(current, current.run.end("restarted", self.now))
+                await self._finish(current, current.run.end("restarted", self.now))
             await self._enter(journey, user_id, key, event)
+
+    def _converted(self, user_id: str, journey: str, variant: str | None, event: Event, what: str) -> None:
+        self.conversions.append((self.now, user_id, journey, variant))
+        if self.timeline:
+            self._note(user_id, journey, "goal", what, event.name)
 
     async def _enter(self, journey: ir.Journey, user_id: str, key: str, event: Event) -> None:
         slot = (journey.id, user_id, key)
@@ -179,19 +199,25 @@ class Simulator:
         self._by_user.setdefault(user_id, []).append(live)
         if self.timeline:
             self._note(user_id, journey.id, "", "entered", f"key={key}" if key else "")
+        if self.recorder is not None:
+            await self.recorder.start(live.run.start_record(run_id))
         await self._drive(live, live.run.start())
 
     async def _drive(self, live: _Live, command: Command | Ended) -> None:
         run = live.run
         while True:
             if isinstance(command, Deliver):
+                if self.recorder is not None:
+                    await self.recorder.steps(run.steps_record())
                 profile = self.profiles.get_now(run.user_id)
                 result = await self.deliverer.send(command.request, profile, self.now)
                 if result.outcome is not None:
                     self._record_send(run, result.outcome)
+                    if self.recorder is not None:
+                        await self.recorder.send(command.request, result.outcome)
                 command = run.resume(result, self.now)
             elif isinstance(command, Ended):
-                self._finish(live, command)
+                await self._finish(live, command)
                 return
             elif isinstance(command, ReadProfile):
                 command = run.resume(self.profiles.get_now(run.user_id).traits, self.now)
@@ -202,6 +228,7 @@ class Simulator:
                     self._note(run.user_id, run.journey.id, command.step_id, "update", detail)
                 command = run.resume(None, self.now)
             elif isinstance(command, Sleep):
+                await self._waits(run, command)
                 self._schedule(live, command.until)
                 if self.timeline:
                     held = command.reason in ("quiet_hours", "frequency_cap")
@@ -213,11 +240,19 @@ class Simulator:
                 return
             else:
                 assert isinstance(command, AwaitEvent)
+                await self._waits(run, command)
                 self._schedule(live, command.until)
                 if self.timeline:
                     detail = f"{command.event} until {self._local(command.until)}"
                     self._note(run.user_id, run.journey.id, command.step_id, "waiting for", detail)
                 return
+
+    async def _waits(self, run: Run, command: Sleep | AwaitEvent) -> None:
+        """Record the steps reached and where the run now waits (the workflow does so too)."""
+        if self.recorder is not None:
+            await self.recorder.steps(run.steps_record(command))
+        else:
+            run.take_reached()
 
     def _local(self, instant: datetime) -> str:
         """An instant in the simulation's own zone (its start's offset), for timelines."""
@@ -241,8 +276,15 @@ class Simulator:
             detail += f": {outcome.preview}"
         self._note(run.user_id, run.journey.id, outcome.step_id, what, detail)
 
-    def _finish(self, live: _Live, ended: Ended) -> None:
+    async def _finish(self, live: _Live, ended: Ended) -> None:
         run = live.run
+        if self.recorder is not None or run.goal_window_end is not None:
+            record = run.end_record(run.run_id, ended.reason, self.now, continued=False)
+            self._open_goals.add(record)
+            if self.recorder is not None:
+                await self.recorder.end(record)
+        else:
+            run.take_reached()
         slot = (run.journey.id, run.user_id, run.key)
         if self._active.get(slot) is live:
             del self._active[slot]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Text
+from sqlalchemy import JSON, Column, DateTime, Index, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -66,6 +66,7 @@ class RunRecord(SQLModel, table=True):
     """One journey run (one workflow run), written by the workflow's own activities."""
 
     __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_journey_entered_at", "journey", "entered_at"),)
 
     run_id: str = Field(primary_key=True, max_length=255)
     workflow_id: str = Field(max_length=1000, index=True)
@@ -83,6 +84,39 @@ class RunRecord(SQLModel, table=True):
     end_reason: str | None = Field(default=None, max_length=64)
     variants: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     converted_at: datetime | None = _when(nullable=True)
+    conversion_value: float | None = None
+    """What the conversion was worth, when the journey's goal declares a ``value``."""
+    step: str | None = Field(default=None, max_length=255)
+    """The step the run waits at (a wait, a ``wait_for`` or a deferred send) while it is active."""
+    last_message_at: datetime | None = _when(nullable=True)
+    """When the run's latest message was sent: a goal may measure its window from it."""
+    goal_until: datetime | None = _when(nullable=True, index=True)
+    """Until when a goal event still converts this run once it has ended (``None``: no longer)."""
+    holdout: bool = False
+    """The user is in the project's holdout: the run sends no marketing message."""
+
+
+class StepReach(SQLModel, table=True):
+    """A step one run reached: one small row per step, written as runs go (both runtimes).
+
+    Reports count reach per step from it (and assignment per variant, from a split's rows)
+    without reading workflow histories.
+    """
+
+    __tablename__ = "step_reaches"
+    __table_args__ = (Index("ix_step_reaches_journey_step", "journey", "step_id"),)
+
+    run_id: str = Field(primary_key=True, max_length=255)
+    step_id: str = Field(primary_key=True, max_length=255)
+    journey: str = Field(max_length=128)
+    version: str = Field(max_length=32)
+    variant: str | None = Field(default=None, max_length=64)
+    """For a split: the variant the run was assigned."""
+    reached_at: datetime = _when(nullable=False)
+    deferrals: int = 0
+    """For a send: how often it was held (quiet hours, a frequency cap) before it went out."""
+    deferral_reason: str | None = Field(default=None, max_length=32)
+    """The latest reason it was held: ``quiet_hours`` or ``frequency_cap``."""
 
 
 class Route(SQLModel, table=True):
@@ -107,6 +141,10 @@ class MessageRecord(SQLModel, table=True):
     """One send step's message and outcome; the idempotency key is unique per (run, step)."""
 
     __tablename__ = "messages"
+    __table_args__ = (
+        Index("ix_messages_journey_step", "journey", "step_id"),
+        Index("ix_messages_user_sent", "user_id", "sent_at"),  # frequency caps count a user's sends
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     idempotency_key: str = Field(max_length=512, unique=True)

@@ -13,17 +13,17 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import or_, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from channels import DeliveryResult, Envelope
 from channels.outbox import outbox_id
 from nurture.delivery.deliverer import AttemptState, Claim, earlier_claim, with_attempt
-from nurture.engine.clock import parse_instant
-from nurture.engine.model import Event, Profile, SendOutcome, SendRequest
+from nurture.engine.clock import format_instant, parse_instant
+from nurture.engine.model import EndedRun, Event, Profile, SendOutcome, SendRequest
 from nurture.language.templates import RenderedMessage
 
 from .db import Database, upsert
-from .models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord, utcnow
+from .models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord, StepReach, utcnow
 
 IDENTITY = ("email", "phone", "wechat_openid")
 
@@ -103,6 +103,34 @@ class DbProfiles:
         return await asyncio.to_thread(self.merge, user_id, traits)
 
 
+def _instant(value: str | None) -> datetime | None:
+    return None if value is None else parse_instant(value)
+
+
+def _add_reaches(session: Session, record: Mapping[str, Any]) -> None:
+    """Insert the record's ``reached`` steps, once each: a retried activity adds nothing."""
+    rows = [
+        {
+            "run_id": record["run_id"],
+            "step_id": reach["step_id"],
+            "journey": record["journey"],
+            "version": record["version"],
+            "variant": reach.get("variant"),
+            "reached_at": parse_instant(reach["at"]),
+        }
+        for reach in record.get("reached") or ()
+    ]
+    if not rows:
+        return
+    insert = upsert(session)
+    if insert is not None:
+        session.execute(insert(StepReach).values(rows).on_conflict_do_nothing())
+        return
+    for row in rows:  # other databases: one look-up per row
+        if session.get(StepReach, (row["run_id"], row["step_id"])) is None:
+            session.add(StepReach(**row))
+
+
 class DbRecorder:
     """Runs, routes and message outcomes, written by the workflow's activities."""
 
@@ -134,6 +162,7 @@ class DbRecorder:
 
     def _end(self, record: Mapping[str, Any]) -> None:
         with self.db.session() as session:
+            _add_reaches(session, record)
             session.execute(
                 update(RunRecord)
                 .where(col(RunRecord.run_id) == record["run_id"])
@@ -142,6 +171,9 @@ class DbRecorder:
                     ended_at=parse_instant(record["at"]),
                     end_reason=record["reason"],
                     variants=dict(record.get("variants") or {}),
+                    step=None,
+                    last_message_at=_instant(record.get("last_message_at")),
+                    goal_until=_instant(record.get("goal_until")),
                 )
             )
             if not record.get("continued") and record.get("workflow_id"):
@@ -154,14 +186,61 @@ class DbRecorder:
     async def conversion(self, record: Mapping[str, Any]) -> None:
         await asyncio.to_thread(self._conversion, record)
 
-    def _conversion(self, record: Mapping[str, Any]) -> None:
+    def _conversion(self, record: Mapping[str, Any]) -> bool:
         with self.db.session() as session:
-            session.execute(
+            changed = session.execute(
                 update(RunRecord)
                 .where(col(RunRecord.run_id) == record["run_id"])
                 .where(col(RunRecord.converted_at).is_(None))
-                .values(converted_at=parse_instant(record["at"]))
+                .values(converted_at=parse_instant(record["at"]), conversion_value=record.get("value"))
             )
+            return bool(getattr(changed, "rowcount", 0))
+
+    async def steps(self, record: Mapping[str, Any]) -> None:
+        """Steps a run reached, and where it now waits (a deferred send counts a deferral)."""
+        await asyncio.to_thread(self._steps, record)
+
+    def _steps(self, record: Mapping[str, Any]) -> None:
+        with self.db.session() as session:
+            _add_reaches(session, record)
+            waiting = record.get("waiting")
+            if waiting is None:
+                return
+            session.execute(
+                update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(step=waiting)
+            )
+            if record.get("deferred"):
+                session.execute(
+                    update(StepReach)
+                    .where(col(StepReach.run_id) == record["run_id"], col(StepReach.step_id) == waiting)
+                    .values(deferrals=col(StepReach.deferrals) + 1, deferral_reason=record["deferred"])
+                )
+
+    def ended_runs_converting(self, user_id: str, journeys: Sequence[str], at: datetime) -> list[EndedRun]:
+        """The user's ended, unconverted runs of ``journeys`` whose goal window is open at ``at``."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(RunRecord)
+                .where(col(RunRecord.user_id) == user_id, col(RunRecord.journey).in_(journeys))
+                .where(col(RunRecord.status) == "ended", col(RunRecord.converted_at).is_(None))
+                .where(col(RunRecord.goal_until) >= at)
+            ).scalars()
+            return [
+                EndedRun(
+                    run_id=row.run_id,
+                    journey=row.journey,
+                    user_id=row.user_id,
+                    key=row.key,
+                    entered_at=row.entered_at,
+                    last_message_at=row.last_message_at,
+                    variants=dict(row.variants),
+                )
+                for row in rows
+            ]
+
+    def convert(self, run_id: str, at: datetime, value: float | None) -> bool:
+        """Record a conversion once; ``False`` when the run had converted already."""
+        return self._conversion({"run_id": run_id, "at": format_instant(at), "value": value})
 
     async def send(self, request: SendRequest, outcome: SendOutcome) -> None:
         await asyncio.to_thread(self._send, request, outcome)
