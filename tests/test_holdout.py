@@ -1,24 +1,37 @@
-"""The project-wide holdout (global control group): who is in it, and how ``nurture.yaml`` declares it."""
+"""The project-wide holdout (global control group): who is in it, how ``nurture.yaml`` declares it,
+and that its users get no marketing message from any journey on either runtime, while
+transactional sends still go out and every run records whether its user is held out."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from support import send_request
+from support import rows, send_request
 
+from channels import DeliveryResult
+from channels.outbox import Outbox
+from nurture.delivery.deliverer import Deliverer, MemoryHistory, for_every_channel
 from nurture.engine.holdout import in_holdout
 from nurture.engine.interpreter import choose_variant
-from nurture.engine.model import SendRequest
+from nurture.engine.model import Profile, SendRequest, SendResult
 from nurture.language import ir
 from nurture.language.compiler import Project, Settings, load_project, load_settings
 from nurture.language.diagnostics import DiagnosticSink
+from nurture.language.templates import RenderedMessage, TemplateStore
+from nurture.simulation.scenarios import build_simulator, compare, load_scenario
+from nurture.storage.db import Database
+from nurture.storage.models import MessageRecord, RunRecord
+from nurture.storage.stores import DbRecorder
+from workflows.runtime import TemporalRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDOUT = 'holdout: {percent: 5, salt: "2026-q1"}\n'
+SCENARIO = Path(__file__).parent / "scenarios" / "holdout_every_journey.yaml"
 IDS = [f"user-{n}" for n in range(100_000)]
 
 
@@ -144,3 +157,116 @@ def test_a_bad_holdout_is_a_compile_error_at_its_line(tmp_path: Path, holdout: s
     headlines = [d.headline() for d in sink.errors]
     assert {(d.path, d.line) for d in sink.errors} == {(str(config), line + 1)}, headlines
     assert any(message in d.message for d in sink.errors), headlines
+
+
+# --- sending ---------------------------------------------------------------------------------------
+
+
+class Counting:
+    """An idempotent channel that counts what it is asked to deliver."""
+
+    provider = "outbox"
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+
+    async def deliver(self, message: RenderedMessage, envelope: object) -> DeliveryResult:
+        self.delivered.append(message.template)
+        return DeliveryResult("outbox", str(len(self.delivered)))
+
+
+@pytest.fixture
+def templates(tmp_path: Path) -> TemplateStore:
+    (tmp_path / "sms").mkdir()
+    (tmp_path / "sms" / "hello.txt").write_text("Hi {{ user.first_name }}", encoding="utf-8")
+    return TemplateStore(tmp_path)
+
+
+NOW = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
+HELD = ir.Policy(holdout=ir.Holdout(5, "2026-q1"))
+
+
+def profile(user_id: str, **traits: object) -> Profile:
+    return Profile(user_id, {"phone": "+8613800138000", "first_name": "Ting", **traits})
+
+
+@pytest.mark.parametrize("render", [True, False], ids=["render", "outcomes-only"])
+async def test_a_held_out_users_marketing_send_is_skipped_and_nothing_is_sent(
+    templates: TemplateStore, render: bool
+) -> None:
+    channel, history = Counting(), MemoryHistory()
+    deliverer = Deliverer(templates, for_every_channel(channel), render=render, history=history)
+
+    held = await deliverer.send(send_request(user_id="ting", policy=HELD), profile("ting"), NOW)
+    other = await deliverer.send(send_request(user_id="rui", policy=HELD), profile("rui"), NOW)
+    receipt = await deliverer.send(
+        send_request(user_id="ting", step_id="s2", policy=HELD, category="transactional"), profile("ting"), NOW
+    )
+
+    assert held.outcome is not None and (held.outcome.label, held.outcome.channel) == ("skipped:holdout", "sms")
+    assert other.outcome is not None and other.outcome.label == "sent"
+    assert receipt.outcome is not None and receipt.outcome.label == "sent"
+    assert channel.delivered == (["hello", "hello"] if render else [])
+    assert set(history.sends) == {"rui"}  # a held-out send is no message: no cap counts it
+
+
+@pytest.mark.parametrize(
+    ("changes", "user", "otherwise"),
+    [
+        ({"topic": "promotions"}, Profile("ting", {"phone": "+8613800138000"}, frozenset({"promotions"})), "topic_opted_out"),
+        ({}, Profile("ting", {"phone": "+8613800138000"}, frozenset({"sms", "email"})), "opted_out"),
+        ({}, Profile("ting"), "no_address"),
+        ({"quiet_hours": ir.QuietHours(0, 23 * 60 + 59)}, profile("ting"), "deferred"),
+    ],
+    ids=["topic-opt-out", "channel-opt-out", "no-address", "quiet-hours"],
+)
+async def test_the_holdout_is_decided_before_opt_outs_addresses_and_quiet_hours(
+    templates: TemplateStore, changes: dict[str, object], user: Profile, otherwise: str
+) -> None:
+    deliverer = Deliverer(templates, for_every_channel(Counting()))
+
+    def label(result: SendResult) -> str:
+        return "deferred" if result.outcome is None else str(result.outcome.reason)
+
+    assert label(await deliverer.send(send_request(user_id="ting", **changes), user, NOW)) == otherwise
+    held = await deliverer.send(send_request(user_id="ting", policy=HELD, **changes), user, NOW)
+    assert label(held) == "holdout"
+
+
+# --- both runtimes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["simulator", "temporal"])
+async def test_held_out_users_get_no_marketing_from_any_journey(
+    runtime: str, held_project: Project, temporal: TemporalRuntime, database: Database
+) -> None:
+    scenario = load_scenario(SCENARIO, held_project)
+    recorder = DbRecorder(database)
+    if runtime == "simulator":
+        sim = build_simulator(scenario, held_project, Deliverer(held_project.templates, for_every_channel(Outbox())))
+        sim.recorder = recorder
+        await sim.run()
+        outcomes = sim.outcomes
+    else:
+        outcomes = await temporal.play(scenario, held_project, record_to=recorder)
+    verdict = compare(scenario, outcomes)
+    assert verdict.passed, verdict.report()
+
+    # Every run records whether its user is held out: ting's two runs are, rui's are not.
+    runs = rows(database, RunRecord)
+    assert sorted((r.user_id, r.journey, r.holdout) for r in runs) == [
+        ("rui", "post_purchase", False),
+        ("rui", "welcome_series", False),
+        ("ting", "post_purchase", True),
+        ("ting", "welcome_series", True),
+    ]
+    skipped = rows(database, MessageRecord, status="skipped")
+    assert sorted((m.user_id, m.step_id, m.reason) for m in skipped) == [
+        ("ting", "accessory_wechat", "holdout"),
+        ("ting", "popular_courses_email", "holdout"),
+        ("ting", "usage_guide_email", "holdout"),
+        ("ting", "welcome_email", "holdout"),
+    ]
+    sent = rows(database, MessageRecord, user_id="ting", status="sent")
+    assert [(m.template, m.channel) for m in sent] == [("shipping_notice", "sms")]
