@@ -24,6 +24,7 @@ from nurture.language import ir
 from nurture.language.evaluation import MISSING, Expr, is_true, value_of
 
 from .clock import format_instant, next_local_time, parse_instant, zone
+from .holdout import in_holdout
 from .model import EndedRun, Event, SendRequest, SendResult
 
 # --- commands a run gives its driver -----------------------------------------------------------
@@ -463,6 +464,7 @@ class Run:
             "key": self.key,
             "trigger_message_id": self.event.message_id,
             "at": format_instant(self.entered_at),
+            "holdout": in_holdout(self.user_id, self.journey.policy.holdout),
         }
 
     def steps_record(self, waiting: Sleep | AwaitEvent | None = None) -> dict[str, Any]:
