@@ -537,7 +537,10 @@ class Run:
             while True:
                 result: SendResult = yield Deliver(request)
                 if result.defer_until is None:
-                    if result.outcome is not None and result.outcome.status == "sent":
+                    # A held-out user's send counts as the moment the message would have gone out,
+                    # so a goal measured from the last message compares the holdout fairly.
+                    outcome = result.outcome
+                    if outcome is not None and (outcome.status == "sent" or outcome.reason == "holdout"):
                         self.last_message_at = self.now
                     return None
                 yield Sleep(result.defer_until, step.id, result.defer_reason)
