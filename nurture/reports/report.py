@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,7 +52,9 @@ class _Model(BaseModel):
 
 
 class Totals(_Model):
-    entered: int = Field(description="Runs that entered in the range (a restarted run and its successor are two runs).")
+    entered: int = Field(
+        description="Runs that entered in the range (a restarted run and its successor are two runs)."
+    )
     active: int = Field(description="Of those, runs still active now.")
     ended: dict[str, int] = Field(
         description="Ended runs by reason: `completed`, `goal`, `exit_on`, `restarted`, `forgotten`, or an `exit:` step's reason."
@@ -70,7 +72,9 @@ class SendCounts(_Model):
     outcomes: dict[str, int] = Field(
         description="Messages by outcome: `sent`, `skipped:<reason>`, `failed:<reason>` (`sending` while unknown)."
     )
-    channels: dict[str, int] = Field(description="Sent messages by the channel that carried them (fallbacks show here).")
+    channels: dict[str, int] = Field(
+        description="Sent messages by the channel that carried them (fallbacks show here)."
+    )
     deferrals: dict[str, int] = Field(
         description="Holds before the send went out, by the latest reason (`quiet_hours`, `frequency_cap`)."
     )
@@ -84,7 +88,9 @@ class StepCounts(_Model):
     kind: str
     label: str = Field(description="What the step does: channel and template, duration, event, experiment...")
     reached: int = Field(description="Runs that reached the step (once per run).")
-    waiting: int = Field(description="Active runs waiting at the step now (a wait, a wait_for, a deferred send).")
+    waiting: int = Field(
+        description="Active runs waiting at the step now (a wait, a wait_for, a deferred send)."
+    )
     send: SendCounts | None = None
     branches: list[StepBranch] = Field(default_factory=list, description="Nested steps, by branch.")
 
@@ -101,7 +107,9 @@ class Conversions(_Model):
     converted: int = Field(description="Runs that reached the goal within its window.")
     rate: float | None = Field(description="converted / entered.")
     median_seconds: float | None = Field(description="Median time from entry to conversion, in seconds.")
-    value: float | None = Field(description="Sum of the goal's `value` over conversions (when it declares one).")
+    value: float | None = Field(
+        description="Sum of the goal's `value` over conversions (when it declares one)."
+    )
     value_per_run: float | None = Field(description="value / entered.")
 
 
@@ -127,8 +135,12 @@ class Comparison(_Model):
     lift_interval: stats.Interval | None = Field(description="95% Wald interval of the absolute lift.")
     relative_lift: float | None = Field(description="rate(arm) / rate(against) - 1.")
     relative_interval: stats.Interval | None = Field(description="95% Katz interval of the relative lift.")
-    p_value: float | None = Field(description="Two-sided pooled two-proportion z-test (None while too early).")
-    always_valid_p: float | None = Field(description="mSPRT always-valid p-value over daily looks (None while too early).")
+    p_value: float | None = Field(
+        description="Two-sided pooled two-proportion z-test (None while too early)."
+    )
+    always_valid_p: float | None = Field(
+        description="mSPRT always-valid p-value over daily looks (None while too early)."
+    )
     verdict: Literal["too early", "winner", "no clear winner yet"]
     winner: str | None = Field(description="The better arm, when the always-valid p-value is below 0.05.")
     summary: str = Field(description="The verdict in plain words.")
@@ -177,7 +189,9 @@ def report_to_dict(report: JourneyReport) -> dict[str, Any]:
 class _Scope:
     """Which rows belong to the report: the journey's runs that entered in the range."""
 
-    def __init__(self, journey: str, since: datetime | None, until: datetime | None, version: str | None) -> None:
+    def __init__(
+        self, journey: str, since: datetime | None, until: datetime | None, version: str | None
+    ) -> None:
         self.journey, self.since, self.until, self.version = journey, since, until, version
 
     def runs(self) -> list[ColumnElement[bool]]:
@@ -218,6 +232,27 @@ def _day(db: Database, column: Any) -> Any:
 
 def _as_day(value: Any) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value))
+
+
+def parse_bound(text: str, *, end: bool = False) -> datetime:
+    """A range bound: an ISO date-time (naive means UTC) or a date, which is its midnight UTC, or
+    for the ``end`` of a range the next midnight, so ``--until 2026-03-31`` includes that day.
+    Raises ``ValueError`` naming the accepted forms."""
+    value = text.strip()
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC) + (
+                timedelta(days=1) if end else timedelta(0)
+            )
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except (ValueError, OverflowError):
+        raise ValueError(
+            f"{text!r} is not a date (2026-03-31) or a date-time (2026-03-31T12:00:00Z)"
+        ) from None
+    result = _utc(parsed)
+    assert result is not None
+    return result
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -332,7 +367,9 @@ def journey_report(
     outcomes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     channels: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for step_id, status, reason, channel, count in message_rows:
-        outcomes[step_id][status if status in ("sent", "sending") or not reason else f"{status}:{reason}"] += count
+        outcomes[step_id][
+            status if status in ("sent", "sending") or not reason else f"{status}:{reason}"
+        ] += count
         if status == "sent":
             channels[step_id][channel] += count
     feedback: dict[str, dict[str, int]] = defaultdict(dict)
@@ -419,7 +456,9 @@ def _median_seconds(db: Database, session: Any, scope: _Scope) -> float | None:
             select(func.percentile_cont(0.5).within_group(epoch)).where(*converted)
         ).scalar()
         return None if found is None else float(found)
-    seconds = (func.julianday(col(RunRecord.converted_at)) - func.julianday(col(RunRecord.entered_at))) * 86400.0
+    seconds = (
+        func.julianday(col(RunRecord.converted_at)) - func.julianday(col(RunRecord.entered_at))
+    ) * 86400.0
     return stats.median([float(value) for (value,) in session.execute(select(seconds).where(*converted))])
 
 
@@ -462,7 +501,9 @@ def _experiment(db: Database, session: Any, scope: _Scope, split: ir.Split) -> E
     control = "control" if "control" in names else names[0]
     arms = [_arm(name, looks.get(name, {})) for name in names]
     comparisons = [_compare(control, name, looks) for name in names if name != control]
-    return Experiment(step=split.id, experiment=split.experiment, control=control, arms=arms, comparisons=comparisons)
+    return Experiment(
+        step=split.id, experiment=split.experiment, control=control, arms=arms, comparisons=comparisons
+    )
 
 
 def _holdout(db: Database, session: Any, scope: _Scope) -> Holdout:
@@ -500,7 +541,9 @@ def _arm(name: str, days: Mapping[date, list[float]]) -> Arm:
     )
 
 
-def daily_looks(control: Mapping[date, Sequence[float]], arm: Mapping[date, Sequence[float]]) -> list[tuple[int, int, int, int]]:
+def daily_looks(
+    control: Mapping[date, Sequence[float]], arm: Mapping[date, Sequence[float]]
+) -> list[tuple[int, int, int, int]]:
     """Cumulative (x control, n control, x arm, n arm) at the end of each day either side saw data."""
     looks, totals = [], [0, 0, 0, 0]
     for day in sorted({*control, *arm}):
@@ -606,3 +649,120 @@ def walk_counts(steps: Iterable[StepCounts]) -> Iterable[StepCounts]:
         yield step
         for branch in step.branches:
             yield from walk_counts(branch.steps)
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+
+def render_text(report: JourneyReport) -> str:
+    """The report as a readable table: steps indented as the journey is, then the experiments."""
+    entered = report.totals.entered
+    lines = [f"{report.name} ({report.journey})"]
+    versions = "every version" if report.version is None else f"version {report.version}"
+    span = (
+        "all time"
+        if report.since is None and report.until is None
+        else f"entered {_when(report.since) or 'the start'} to {_when(report.until) or 'now'}"
+    )
+    lines.append(f"{versions}, {span}; current version {report.current_version}")
+    lines.append("")
+    ended = ", ".join(f"{reason} {count}" for reason, count in report.totals.ended.items()) or "none"
+    lines.append(f"entered    {entered}")
+    lines.append(f"active     {report.totals.active}")
+    lines.append(f"ended      {sum(report.totals.ended.values())}  ({ended})")
+    conv = report.conversions
+    converted = f"converted  {conv.converted}  {_pct(conv.rate)}"
+    if conv.median_seconds is not None:
+        converted += f", median {_duration(conv.median_seconds)} after entry"
+    if conv.value is not None:
+        converted += f", value {conv.value:,.2f} ({_money(conv.value_per_run)} per run)"
+    lines.append(converted)
+    if len(report.versions) > 1:
+        lines.append("")
+        lines.append("versions")
+        for row in report.versions:
+            lines.append(
+                f"  {row.version:<14} entered {row.entered:>7}  active {row.active:>7}  "
+                f"converted {row.converted:>7} {_pct(_ratio(row.converted, row.entered))}"
+            )
+    lines.append("")
+    lines.append(f"{'step':<{_NAME}} {'reached':>8} {'waiting':>8}")
+    lines.extend(_step_lines(report.steps, 0, entered))
+    lines.append("")
+    lines.append("funnel")
+    for stage in report.funnel:
+        drop = f"  (-{stage.drop_off})" if stage.drop_off else ""
+        lines.append(f"  {stage.stage:<30} {stage.runs:>8} {_pct(stage.rate)}{drop}")
+    for experiment in report.experiments:
+        lines.append("")
+        lines.append(
+            f"experiment {experiment.experiment} (step {experiment.step}, control {experiment.control})"
+        )
+        lines.extend(_arm_lines(experiment.arms))
+        lines.extend(f"  {comparison.summary}" for comparison in experiment.comparisons)
+    if report.holdout is not None:
+        lines.append("")
+        lines.append("holdout (no marketing message) against everyone else")
+        lines.extend(_arm_lines(report.holdout.arms))
+        lines.append(f"  {report.holdout.comparison.summary}")
+    return "\n".join(lines) + "\n"
+
+
+_NAME = 60
+"""Characters of the step column."""
+
+
+def _step_lines(steps: Sequence[StepCounts], depth: int, entered: int) -> list[str]:
+    lines = []
+    indent = "  " * depth
+    for step in steps:
+        name = f"{indent}{step.id}  {step.kind} {step.label}"
+        if len(name) > _NAME:
+            name = name[: _NAME - 1] + "…"
+        waiting = str(step.waiting) if step.waiting else ""
+        lines.append(f"{name:<{_NAME}} {step.reached:>8} {waiting:>8}  {_pct(_ratio(step.reached, entered))}")
+        if step.send is not None:
+            detail = ", ".join(f"{name} {count}" for name, count in step.send.outcomes.items())
+            if step.send.channels:
+                detail += "; via " + ", ".join(f"{c} {n}" for c, n in step.send.channels.items())
+            if step.send.deferrals:
+                detail += "; deferred: " + ", ".join(f"{r} {n}" for r, n in step.send.deferrals.items())
+            feedback = ", ".join(f"{name} {count}" for name, count in step.send.feedback.items() if count)
+            if feedback:
+                detail += f"; {feedback}"
+            if detail:
+                lines.append(f"{indent}    {detail}")
+        for branch in step.branches:
+            lines.append(f"{indent}  {branch.label}:")
+            lines.extend(_step_lines(branch.steps, depth + 2, entered))
+    return lines
+
+
+def _arm_lines(arms: Sequence[Arm]) -> list[str]:
+    lines = []
+    for arm in arms:
+        line = f"  {arm.name:<12} {arm.runs:>8} runs  {arm.converted:>7} converted  {_pct(arm.rate)}"
+        if arm.value_per_run is not None:
+            line += f"  {_money(arm.value_per_run)} per run"
+        lines.append(line)
+    return lines
+
+
+def _pct(rate: float | None) -> str:
+    return "" if rate is None else f"{rate * 100:5.1f}%"
+
+
+def _money(value: float | None) -> str:
+    return "" if value is None else f"{value:,.2f}"
+
+
+def _when(value: datetime | None) -> str | None:
+    return None if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
