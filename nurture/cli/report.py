@@ -34,7 +34,7 @@ def show_report(
     return render_text(report)
 
 
-class _Bound(click.ParamType):
+class _Bound(click.ParamType[datetime]):
     """A date or date-time bound of the range (see :func:`parse_bound`)."""
 
     name = "date"
