@@ -183,6 +183,44 @@ def report_to_dict(report: JourneyReport) -> dict[str, Any]:
     return report.model_dump(mode="json", by_alias=True)
 
 
+class JourneyCounts(_Model):
+    active: int = Field(description="Runs active now.")
+    entered_today: int = Field(description="Runs that entered since midnight UTC.")
+    entered_7d: int = Field(description="Runs that entered in the last seven days (7 x 24 hours).")
+    converted: int = Field(description="Runs that converted, ever.")
+
+
+def journey_counts(db: Database, journeys: Sequence[str], *, now: datetime | None = None) -> dict[str, JourneyCounts]:
+    """Status counts of each of ``journeys`` (zeros for a journey without runs), in one query."""
+    now = _utc(now) or datetime.now(UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    week = now - timedelta(days=7)
+    rows = {}
+    if journeys:
+        with db.session() as session:
+            rows = {
+                row[0]: row[1:]
+                for row in session.execute(
+                    select(
+                        col(RunRecord.journey),
+                        func.count(case((col(RunRecord.status) == "active", 1))),
+                        func.count(case((col(RunRecord.entered_at) >= today, 1))),
+                        func.count(case((col(RunRecord.entered_at) >= week, 1))),
+                        func.count(col(RunRecord.converted_at)),
+                    )
+                    .where(col(RunRecord.journey).in_(journeys))
+                    .group_by(col(RunRecord.journey))
+                )
+            }
+    return {
+        journey: JourneyCounts(
+            active=found[0], entered_today=found[1], entered_7d=found[2], converted=found[3]
+        )
+        for journey in journeys
+        for found in [rows.get(journey, (0, 0, 0, 0))]
+    }
+
+
 # --- the queries -------------------------------------------------------------------------------
 
 
@@ -588,14 +626,14 @@ def _compare(control: str, name: str, looks: Looks) -> Comparison:
         interval = shared["lift_interval"]
         if interval is not None:
             low, high = (interval.low, interval.high) if lift > 0 else (-interval.high, -interval.low)
-            summary += f" (95% CI {_points(low)} to {_points(high)})"
+            summary += f" (95% CI {low * 100:+.1f} to {high * 100:+.1f})"
         return Comparison(
             **shared,
             p_value=None if tested is None else tested[1],
             always_valid_p=always,
             verdict="winner",
             winner=better,
-            summary=f"{summary}, always-valid p = {_p(always)}",
+            summary=f"{summary}, always-valid p {_p(always)}",
         )
     return Comparison(
         **shared,
@@ -603,7 +641,7 @@ def _compare(control: str, name: str, looks: Looks) -> Comparison:
         always_valid_p=always,
         verdict="no clear winner yet",
         winner=None,
-        summary=f"no clear winner yet: {name} {_signed_points(lift)} against {control}, always-valid p = {_p(always)}",
+        summary=f"no clear winner yet: {name} {_signed_points(lift)} against {control}, always-valid p {_p(always)}",
     )
 
 
@@ -616,7 +654,7 @@ def _signed_points(difference: float | None) -> str:
 
 
 def _p(value: float) -> str:
-    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+    return "< 0.001" if value < 0.001 else f"= {value:.3f}"
 
 
 # --- labels --------------------------------------------------------------------------------------
