@@ -307,7 +307,10 @@ def test_a_winner_is_named_when_the_always_valid_test_says_so(project: Project, 
             if number < converting:
                 later = day + timedelta(days=1)
                 seen[arm].setdefault(later, [0, 0, 0.0])[1] += 1
-    expected = stats.always_valid_p_value(daily_looks(seen["a"], seen["b"]))
+    # Looks count once both arms have 100 runs: from the first day on here.
+    looks = [look for look in daily_looks(seen["a"], seen["b"]) if min(look[1], look[3]) >= 100]
+    assert len(looks) == 11
+    expected = stats.always_valid_p_value(looks)
     assert comparison.always_valid_p == pytest.approx(expected) and expected < 0.05
     assert comparison.summary == (
         f"b converts better than a: +10.0 points (95% CI {interval.low * 100:+.1f} to "
