@@ -20,7 +20,7 @@ from channels.outbox import Outbox
 from nurture.cli.main import main
 from nurture.delivery.deliverer import Deliverer, for_every_channel
 from nurture.language import ir
-from nurture.language.compiler import Project
+from nurture.language.compiler import Project, load_project
 from nurture.reports import stats
 from nurture.reports.report import (
     SCHEMA,
@@ -173,6 +173,77 @@ async def test_conversions_count_inside_the_goal_window_only(project: Project, t
     assert report.conversions.converted == 2 and report.conversions.rate == pytest.approx(2 / 3)
     assert report.conversions.median_seconds == pytest.approx((1 + 5) / 2 * 86400)
     assert report.funnel[-1].stage == "converted" and report.funnel[-1].runs == 2
+
+
+OFFER = """\
+journey: offer_test
+trigger:
+  event: Signed Up
+goal:
+  event: Order Completed
+  value: "event.properties.total"
+  within: 7d
+steps:
+  - id: pick
+    split: offer
+    variants:
+      treatment:
+        weight: 50
+        steps:
+          - id: nudge
+            send: email
+            template: welcome
+      control:
+        weight: 50
+        steps: []
+"""
+OFFER_SCENARIO = """\
+scenario: goal values are summed, per run and per variant; the variant named control is the control
+start: 2026-03-02T10:00:00Z
+users:
+  u1: {email: u1@example.com, first_name: One}
+  u2: {email: u2@example.com, first_name: Two}
+  u3: {email: u3@example.com, first_name: Three}
+  u4: {email: u4@example.com, first_name: Four}
+  u5: {email: u5@example.com, first_name: Five}
+  u6: {email: u6@example.com, first_name: Six}
+events:
+  - {at: 0s, user: u1, event: Signed Up}
+  - {at: 0s, user: u2, event: Signed Up}
+  - {at: 0s, user: u3, event: Signed Up}
+  - {at: 0s, user: u4, event: Signed Up}
+  - {at: 0s, user: u5, event: Signed Up}
+  - {at: 0s, user: u6, event: Signed Up}
+  - {at: 1d, user: u2, event: Order Completed, properties: {total: 100}}
+  - {at: 2d, user: u3, event: Order Completed, properties: {total: 50}}
+  - {at: 3d, user: u1, event: Order Completed, properties: {total: 30}}
+  - {at: 8d, user: u4, event: Order Completed, properties: {total: 20}}
+"""
+
+
+async def test_goal_values_are_summed_per_run_and_per_variant(tmp_path: Path) -> None:
+    journeys = tmp_path / "journeys"
+    journeys.mkdir()
+    (journeys / "offer_test.yaml").write_text(OFFER)
+    (tmp_path / "scenario.yaml").write_text(OFFER_SCENARIO)
+    project = load_project(journeys, ROOT / "templates", ROOT / "nurture.yaml")
+    scenario = load_scenario(tmp_path / "scenario.yaml", project)
+    db = fresh_db(tmp_path / "report.db")
+    await play_sim(scenario, project, db)
+    report = journey_report(db, project.journeys["offer_test"])
+
+    # u1, u4 and u6 are assigned control, the others treatment (sha256 of "offer:<user>").
+    assert report.conversions.converted == 3 and report.conversions.value == 180
+    assert report.conversions.value_per_run == 30 and report.conversions.median_seconds == 2 * 86400
+    (experiment,) = report.experiments
+    assert experiment.control == "control"
+    assert [(a.name, a.runs, a.converted, a.value_per_run) for a in experiment.arms] == [
+        ("treatment", 3, 2, 50),
+        ("control", 3, 1, 10),
+    ]
+    (comparison,) = experiment.comparisons
+    assert (comparison.arm, comparison.against) == ("treatment", "control")
+    assert comparison.lift == pytest.approx(1 / 3) and comparison.relative_lift == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(
