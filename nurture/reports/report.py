@@ -735,7 +735,7 @@ def render_text(report: JourneyReport) -> str:
                 f"converted {row.converted:>7} {_pct(_ratio(row.converted, row.entered))}"
             )
     lines.append("")
-    lines.append(f"{'step':<{_NAME}} {'reached':>8} {'waiting':>8}")
+    lines.append(f"{'step':<{_NAME}} {'reached':>8} {'waiting':>8}  of entered")
     lines.extend(_step_lines(report.steps, 0, entered))
     lines.append("")
     lines.append("funnel")
