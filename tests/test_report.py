@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from nurture.language import ir
 from nurture.language.compiler import Project, load_project
 from nurture.reports import stats
 from nurture.reports.report import (
+    FEEDBACK,
     SCHEMA,
     JourneyReport,
     daily_looks,
@@ -461,6 +463,29 @@ def test_a_forgotten_users_runs_stay_counted(project: Project, tmp_path: Path) -
     assert rows(db, RunRecord, user_id="tom") == [] and rows(db, MessageRecord, user_id="tom") == []
     assert len(rows(db, RunRecord, user_id="")) == 1, "the run is kept, without its user"
     assert report_to_dict(journey_report(db, journey, now=START)) == before
+
+
+def keys(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set(value) | {name for item in value.values() for name in keys(item)}
+    if isinstance(value, list):
+        return {name for item in value for name in keys(item)}
+    return set()
+
+
+def test_every_field_of_the_document_is_documented(project: Project, tmp_path: Path) -> None:
+    db = fresh_db(tmp_path / "report.db")
+    seed_split(db, {"a": (100, 10), "b": (100, 20)})
+    seed_split(db, {"holdout": (10, 1), "rest": (10, 2)}, journey="chat_recovery", holdout=True)
+    doc = report_to_dict(journey_report(db, project.journeys["chat_recovery"]))
+    counted = {"a", "b", "completed", *FEEDBACK}  # values of maps, not fields
+    documented = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+
+    assert doc["holdout"] is not None and doc["experiments"] and doc["steps"][0]["branches"]
+    prose = re.sub(r"```.*?```", "", documented, flags=re.S)
+    code = " ".join(re.findall(r"`([^`]+)`", prose))  # every field is named in code
+    missing = sorted(name for name in keys(doc) - counted if not re.search(rf"\b{name}\b", code))
+    assert missing == [], missing
 
 
 def test_parse_bound_reads_dates_and_instants() -> None:
