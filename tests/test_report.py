@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,9 +21,10 @@ from channels.outbox import Outbox
 from nurture.cli.main import main
 from nurture.delivery.deliverer import Deliverer, for_every_channel
 from nurture.language import ir
-from nurture.language.compiler import Project
+from nurture.language.compiler import Project, load_project
 from nurture.reports import stats
 from nurture.reports.report import (
+    FEEDBACK,
     SCHEMA,
     JourneyReport,
     daily_looks,
@@ -175,6 +177,77 @@ async def test_conversions_count_inside_the_goal_window_only(project: Project, t
     assert report.funnel[-1].stage == "converted" and report.funnel[-1].runs == 2
 
 
+OFFER = """\
+journey: offer_test
+trigger:
+  event: Signed Up
+goal:
+  event: Order Completed
+  value: "event.properties.total"
+  within: 7d
+steps:
+  - id: pick
+    split: offer
+    variants:
+      treatment:
+        weight: 50
+        steps:
+          - id: nudge
+            send: email
+            template: welcome
+      control:
+        weight: 50
+        steps: []
+"""
+OFFER_SCENARIO = """\
+scenario: goal values are summed, per run and per variant; the variant named control is the control
+start: 2026-03-02T10:00:00Z
+users:
+  u1: {email: u1@example.com, first_name: One}
+  u2: {email: u2@example.com, first_name: Two}
+  u3: {email: u3@example.com, first_name: Three}
+  u4: {email: u4@example.com, first_name: Four}
+  u5: {email: u5@example.com, first_name: Five}
+  u6: {email: u6@example.com, first_name: Six}
+events:
+  - {at: 0s, user: u1, event: Signed Up}
+  - {at: 0s, user: u2, event: Signed Up}
+  - {at: 0s, user: u3, event: Signed Up}
+  - {at: 0s, user: u4, event: Signed Up}
+  - {at: 0s, user: u5, event: Signed Up}
+  - {at: 0s, user: u6, event: Signed Up}
+  - {at: 1d, user: u2, event: Order Completed, properties: {total: 100}}
+  - {at: 2d, user: u3, event: Order Completed, properties: {total: 50}}
+  - {at: 3d, user: u1, event: Order Completed, properties: {total: 30}}
+  - {at: 8d, user: u4, event: Order Completed, properties: {total: 20}}
+"""
+
+
+async def test_goal_values_are_summed_per_run_and_per_variant(tmp_path: Path) -> None:
+    journeys = tmp_path / "journeys"
+    journeys.mkdir()
+    (journeys / "offer_test.yaml").write_text(OFFER)
+    (tmp_path / "scenario.yaml").write_text(OFFER_SCENARIO)
+    project = load_project(journeys, ROOT / "templates", ROOT / "nurture.yaml")
+    scenario = load_scenario(tmp_path / "scenario.yaml", project)
+    db = fresh_db(tmp_path / "report.db")
+    await play_sim(scenario, project, db)
+    report = journey_report(db, project.journeys["offer_test"])
+
+    # u1, u4 and u6 are assigned control, the others treatment (sha256 of "offer:<user>").
+    assert report.conversions.converted == 3 and report.conversions.value == 180
+    assert report.conversions.value_per_run == 30 and report.conversions.median_seconds == 2 * 86400
+    (experiment,) = report.experiments
+    assert experiment.control == "control"
+    assert [(a.name, a.runs, a.converted, a.value_per_run) for a in experiment.arms] == [
+        ("treatment", 3, 2, 50),
+        ("control", 3, 1, 10),
+    ]
+    (comparison,) = experiment.comparisons
+    assert (comparison.arm, comparison.against) == ("treatment", "control")
+    assert comparison.lift == pytest.approx(1 / 3) and comparison.relative_lift == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize(
     "name", ["chat_followup_variant_a.yaml", "cart_restart_same_cart.yaml", "post_purchase_two_orders.yaml"]
 )
@@ -307,7 +380,10 @@ def test_a_winner_is_named_when_the_always_valid_test_says_so(project: Project, 
             if number < converting:
                 later = day + timedelta(days=1)
                 seen[arm].setdefault(later, [0, 0, 0.0])[1] += 1
-    expected = stats.always_valid_p_value(daily_looks(seen["a"], seen["b"]))
+    # Looks count once both arms have 100 runs: from the first day on here.
+    looks = [look for look in daily_looks(seen["a"], seen["b"]) if min(look[1], look[3]) >= 100]
+    assert len(looks) == 11
+    expected = stats.always_valid_p_value(looks)
     assert comparison.always_valid_p == pytest.approx(expected) and expected < 0.05
     assert comparison.summary == (
         f"b converts better than a: +10.0 points (95% CI {interval.low * 100:+.1f} to "
@@ -387,6 +463,29 @@ def test_a_forgotten_users_runs_stay_counted(project: Project, tmp_path: Path) -
     assert rows(db, RunRecord, user_id="tom") == [] and rows(db, MessageRecord, user_id="tom") == []
     assert len(rows(db, RunRecord, user_id="")) == 1, "the run is kept, without its user"
     assert report_to_dict(journey_report(db, journey, now=START)) == before
+
+
+def keys(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set(value) | {name for item in value.values() for name in keys(item)}
+    if isinstance(value, list):
+        return {name for item in value for name in keys(item)}
+    return set()
+
+
+def test_every_field_of_the_document_is_documented(project: Project, tmp_path: Path) -> None:
+    db = fresh_db(tmp_path / "report.db")
+    seed_split(db, {"a": (100, 10), "b": (100, 20)})
+    seed_split(db, {"holdout": (10, 1), "rest": (10, 2)}, journey="chat_recovery", holdout=True)
+    doc = report_to_dict(journey_report(db, project.journeys["chat_recovery"]))
+    counted = {"a", "b", "completed", *FEEDBACK}  # values of maps, not fields
+    documented = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+
+    assert doc["holdout"] is not None and doc["experiments"] and doc["steps"][0]["branches"]
+    prose = re.sub(r"```.*?```", "", documented, flags=re.S)
+    code = " ".join(re.findall(r"`([^`]+)`", prose))  # every field is named in code
+    missing = sorted(name for name in keys(doc) - counted if not re.search(rf"\b{name}\b", code))
+    assert missing == [], missing
 
 
 def test_parse_bound_reads_dates_and_instants() -> None:

@@ -190,7 +190,9 @@ class JourneyCounts(_Model):
     converted: int = Field(description="Runs that converted, ever.")
 
 
-def journey_counts(db: Database, journeys: Sequence[str], *, now: datetime | None = None) -> dict[str, JourneyCounts]:
+def journey_counts(
+    db: Database, journeys: Sequence[str], *, now: datetime | None = None
+) -> dict[str, JourneyCounts]:
     """Status counts of each of ``journeys`` (zeros for a journey without runs), in one query."""
     now = _utc(now) or datetime.now(UTC)
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -335,13 +337,13 @@ def journey_report(
             )
         ).all()
         reach_rows = session.execute(
-            select(
-                col(StepReach.step_id),
-                col(StepReach.deferral_reason),
-                func.count(),
-                func.coalesce(func.sum(col(StepReach.deferrals)), 0),
-            )
+            select(col(StepReach.step_id), func.count())
             .where(*scope.reaches())
+            .group_by(col(StepReach.step_id))
+        ).all()
+        deferral_rows = session.execute(
+            select(col(StepReach.step_id), col(StepReach.deferral_reason), func.sum(col(StepReach.deferrals)))
+            .where(*scope.reaches(), col(StepReach.deferrals) > 0)
             .group_by(col(StepReach.step_id), col(StepReach.deferral_reason))
         ).all()
         message_rows = session.execute(
@@ -396,12 +398,10 @@ def journey_report(
         else:
             ended[reason or "unknown"] += count
 
-    reached: dict[str, int] = defaultdict(int)
+    reached: dict[str, int] = {step_id: count for step_id, count in reach_rows}
     deferrals: dict[str, dict[str, int]] = defaultdict(dict)
-    for step_id, reason, count, held_times in reach_rows:
-        reached[step_id] += count
-        if reason is not None and held_times:
-            deferrals[step_id][reason] = deferrals[step_id].get(reason, 0) + int(held_times)
+    for step_id, reason, held_times in deferral_rows:
+        deferrals[step_id][reason or "unknown"] = int(held_times)
     outcomes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     channels: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for step_id, status, reason, channel, count in message_rows:
@@ -527,7 +527,15 @@ def _experiment(db: Database, session: Any, scope: _Scope, split: ir.Split) -> E
             func.sum(col(RunRecord.conversion_value)),
         )
         .join(RunRecord, col(RunRecord.run_id) == col(StepReach.run_id))
-        .where(*where, col(RunRecord.converted_at) >= col(StepReach.reached_at))
+        # The range applies to the joined runs directly; "not null" lets the planner drop the
+        # runs that never converted before the join rather than after it.
+        .where(
+            col(StepReach.journey) == scope.journey,
+            col(StepReach.step_id) == split.id,
+            *scope.runs(),
+            col(RunRecord.converted_at).is_not(None),
+            col(RunRecord.converted_at) >= col(StepReach.reached_at),
+        )
         .group_by(col(StepReach.variant), converted_on)
     )
     for variant, day, count, worth in converted:
@@ -619,7 +627,10 @@ def _compare(control: str, name: str, looks: Looks) -> Comparison:
             summary=f"too early: {n1} and {n2} runs so far, need about {MIN_PER_ARM} per variant",
         )
     tested = stats.two_proportion_z_test(x1, n1, x2, n2)
-    always = stats.always_valid_p_value(daily_looks(looks.get(control, {}), looks.get(name, {})))
+    # Looks start once both arms have enough runs for the normal approximation (fewer looks only
+    # make the p-value larger, so it stays valid).
+    looked = daily_looks(looks.get(control, {}), looks.get(name, {}))
+    always = stats.always_valid_p_value(look for look in looked if min(look[1], look[3]) >= MIN_PER_ARM)
     if always < ALPHA and lift is not None and lift != 0:
         better, worse = (name, control) if lift > 0 else (control, name)
         summary = f"{better} converts better than {worse}: {_points(abs(lift))}"
@@ -724,7 +735,7 @@ def render_text(report: JourneyReport) -> str:
                 f"converted {row.converted:>7} {_pct(_ratio(row.converted, row.entered))}"
             )
     lines.append("")
-    lines.append(f"{'step':<{_NAME}} {'reached':>8} {'waiting':>8}")
+    lines.append(f"{'step':<{_NAME}} {'reached':>8} {'waiting':>8}  of entered")
     lines.extend(_step_lines(report.steps, 0, entered))
     lines.append("")
     lines.append("funnel")
