@@ -9,8 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import text
 
+from nurture.cli.main import main
 from nurture.delivery.deliverer import Deliverer
 from nurture.engine.interpreter import choose_variant
 from nurture.language import ir
@@ -206,3 +208,11 @@ async def test_a_forecast_database_holds_the_simulators_own_outcomes(project: Pr
     # The declared rates show through: b's follow-up converts more often than a's.
     rate = {v: conversions[v] / by_variant[v] for v in ("a", "b")}
     assert 0.08 < rate["a"] < rate["b"] < 0.2
+
+
+def test_nurture_test_refuses_a_forecast() -> None:
+    paths = ["--journeys", str(ROOT / "journeys"), "--templates", str(ROOT / "templates")]
+    result = CliRunner().invoke(main, ["test", str(FORECAST), *paths], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "a scenario with a population is a forecast, not a test" in result.output
+    assert result.output.rstrip().endswith("0 passed, 1 failed")
