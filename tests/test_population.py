@@ -111,7 +111,8 @@ def test_probabilities_follow_the_first_segment_then_the_engines_variant(tmp_pat
 @pytest.mark.parametrize(
     ("old", "new", "key", "message"),
     [
-        ("probability: 0.1", "probablity: 0.1", "probablity", "unknown key"),
+        ("probability: 0.1", "probablity: 0.1", "probablity", "unknown key 'probablity' (did you mean 'probability'?)"),
+        ("seed: 1", "seed: 1\n  colour: red", "colour", "allowed keys: count, seed, user, traits, events"),
         ("probability: 0.1", "probability: 1.5", "probability", "less than or equal to 1"),
         ("after: 26h..3d", "after: 3d..26h", "after", "runs backwards"),
         ("after: 26h..3d", "after: soon", "after", "is not an offset"),
@@ -121,7 +122,7 @@ def test_probabilities_follow_the_first_segment_then_the_engines_variant(tmp_pat
         ("score: 1..5", "score: 5..1", "score", "runs backwards"),
         ("at: 0s..2d", "after: 0s..2d", "after", "the first event is the user's entry"),
     ],
-    ids=["unknown-key", "probability", "backwards", "offset", "experiment", "variant", "segment", "range", "first-after"],
+    ids=["misspelt-key", "unknown-key", "probability", "backwards", "offset", "experiment", "variant", "segment", "range", "first-after"],
 )
 def test_a_bad_population_is_a_load_error_at_its_line(
     old: str, new: str, key: str, message: str, tmp_path: Path, project: Project
@@ -129,7 +130,7 @@ def test_a_bad_population_is_a_load_error_at_its_line(
     body = BASE.format(count=10, seed=1)
     assert old in body
     body = body.replace(old, new)
-    line = next(n for n, text in enumerate(body.splitlines(), 1) if new in text)
+    line = next(n for n, text in enumerate(body.splitlines(), 1) if new.splitlines()[-1] in text)
 
     with pytest.raises(CompileError) as caught:
         _load(tmp_path, project, body)

@@ -7,6 +7,7 @@ in order) and explains any difference as expected against actual.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 from collections.abc import Sequence
@@ -258,6 +259,29 @@ class Scenario:
         return self.start + timedelta(seconds=offset)
 
 
+_DOC_AT: dict[str, type[_Doc]] = {
+    "": ScenarioDoc,
+    "events": EventDoc,
+    "expect": ExpectDoc,
+    "population": PopulationDoc,
+    "population.events": PopulationEventDoc,
+    "population.events.by_segment": SegmentDoc,
+}
+
+
+def _scenario_keys(found: Diagnostic) -> Diagnostic:
+    """An unknown key's hint from the scenario's own keys (the shared wording knows journey keys)."""
+    if not found.message.startswith("unknown key '"):
+        return found
+    parent, _, name = re.sub(r"\[\d+\]", "", found.key).rpartition(".")
+    model = _DOC_AT.get(parent)
+    if model is None:
+        return found
+    keys = [f.alias or key for key, f in model.model_fields.items()]
+    hint = did_you_mean(name, keys) or f"; allowed keys: {', '.join(keys)}"
+    return dataclasses.replace(found, message=f"unknown key '{name}'{hint}")
+
+
 def load_scenario(path: Path, project: Project) -> Scenario:
     """Read and check a scenario file against the project; raises :class:`CompileError`."""
     text = path.read_text(encoding="utf-8")
@@ -268,7 +292,7 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     try:
         doc = ScenarioDoc.model_validate(data)
     except ValidationError as exc:
-        raise CompileError(_validation_diagnostics(exc, data, smap)) from None
+        raise CompileError([_scenario_keys(d) for d in _validation_diagnostics(exc, data, smap)]) from None
     problems: list[Diagnostic] = []
     journeys = doc.journeys or sorted(project.journeys)
     for index, name in enumerate(doc.journeys or []):
