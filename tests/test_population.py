@@ -21,6 +21,7 @@ from nurture.language.diagnostics import CompileError
 from nurture.reports.forecast import play_into, scratch_database
 from nurture.simulation.population import Person
 from nurture.simulation.scenarios import Scenario, build_simulator, load_scenario
+from nurture.storage.stores import DbRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
 FORECAST = ROOT / "journeys" / "forecasts" / "chat_followup_copy.yaml"
@@ -217,3 +218,36 @@ def test_nurture_test_refuses_a_forecast() -> None:
     assert result.exit_code == 1
     assert "a scenario with a population is a forecast, not a test" in result.output
     assert result.output.rstrip().endswith("0 passed, 1 failed")
+
+
+def _rows(db: object) -> dict[str, list[tuple[object, ...]]]:
+    """Every recorded row, without the columns a database fills in itself."""
+    tables = {
+        "runs": "select * from runs order by run_id",
+        "step_reaches": "select * from step_reaches order by run_id, step_id",
+        "messages": "select * from messages order by idempotency_key",
+    }
+    out = {}
+    with db.engine.connect() as connection:  # type: ignore[attr-defined]
+        for table, query in tables.items():
+            result = connection.execute(text(query))
+            keep = [i for i, name in enumerate(result.keys()) if name not in ("id", "created_at", "updated_at")]
+            out[table] = [tuple(row[i] for i in keep) for row in result]
+    return out
+
+
+async def test_the_batch_recorder_writes_the_rows_the_workers_recorder_writes(project: Project) -> None:
+    scenario = load_scenario(FORECAST, project)
+    assert scenario.population is not None
+    scenario.population = dataclasses.replace(scenario.population, count=300)
+
+    with scratch_database() as batched, scratch_database() as direct:
+        await play_into(scenario, project, batched)
+        deliverer = Deliverer(project.templates, {}, render=False)
+        sim = build_simulator(scenario, project, deliverer, timeline=False, recorder=DbRecorder(direct))
+        await sim.run()
+        expected, actual = _rows(direct), _rows(batched)
+
+    assert len(expected["runs"]) == 300
+    assert any(row[-2] for row in expected["step_reaches"])  # quiet hours deferred some follow-ups
+    assert actual == expected
