@@ -132,6 +132,7 @@ def _run_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "key": record.get("key", ""),
         "trigger_message_id": record.get("trigger_message_id"),
         "entered_at": parse_instant(record["at"]),
+        "holdout": bool(record.get("holdout")),
     }
 
 
