@@ -3,7 +3,9 @@ declare; a forecast recorded into a database holds exactly the simulator's outco
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -251,3 +253,57 @@ async def test_the_batch_recorder_writes_the_rows_the_workers_recorder_writes(pr
     assert len(expected["runs"]) == 300
     assert any(row[-2] for row in expected["step_reaches"])  # quiet hours deferred some follow-ups
     assert actual == expected
+
+
+def _report(*args: str | Path) -> tuple[int, str]:
+    paths = ["--journeys", str(ROOT / "journeys"), "--templates", str(ROOT / "templates")]
+    result = CliRunner().invoke(main, ["report", *map(str, args), *paths])
+    return result.exit_code, result.output
+
+
+def _smaller_forecast(tmp_path: Path, count: int) -> Path:
+    path = tmp_path / "forecast.yaml"
+    path.write_text(FORECAST.read_text().replace("count: 10000", f"count: {count}"))
+    return path
+
+
+def test_the_forecast_report_counts_the_simulators_outcomes(tmp_path: Path, project: Project) -> None:
+    path = _smaller_forecast(tmp_path, 2000)
+    code, output = _report("chat_recovery", "--scenario", path, "--json")
+    assert code == 0, output
+    report = json.loads(output)
+
+    with scratch_database() as db:
+        sim = asyncio.run(play_into(load_scenario(path, project), project, db))
+    ends = Counter(o.exit for o in sim.outcomes if o.exit is not None)
+    assigned = Counter(o.send.variant for o in sim.outcomes if o.send and o.send.variant)
+    converted = Counter(variant for _, _, _, variant in sim.conversions)
+    assert report["totals"] == {"entered": 2000, "active": 0, "ended": dict(ends)}
+    assert report["conversions"]["converted"] == len(sim.conversions)
+    (experiment,) = report["experiments"]
+    assert experiment["experiment"] == "chat_followup_copy"
+    assert {a["name"]: (a["runs"], a["converted"]) for a in experiment["arms"]} == {
+        v: (assigned[v], converted[v]) for v in ("a", "b")
+    }
+
+
+def test_the_forecast_report_reads_as_the_live_one() -> None:
+    code, output = _report("chat_recovery", "--scenario", FORECAST)
+    assert code == 0, output
+    assert output.startswith("Chat recovery (chat_recovery)\n")
+    assert "entered    10000\n" in output
+    assert "experiment chat_followup_copy (step followup_copy_test, control a)" in output
+    assert "b converts better than a" in output
+
+
+def test_a_forecast_of_another_journey_or_a_broken_file_is_refused(tmp_path: Path) -> None:
+    code, output = _report("cart_abandonment", "--scenario", FORECAST)
+    assert code == 1
+    assert "the scenario does not play journey 'cart_abandonment' (its journeys: chat_recovery)" in output
+
+    broken = _smaller_forecast(tmp_path, 10)
+    broken.write_text(broken.read_text().replace("probability: 0.3", "probability: 3"))
+    line = broken.read_text().splitlines().index("      probability: 3") + 1
+    code, output = _report("chat_recovery", "--scenario", broken)
+    assert code == 1
+    assert f"{broken}:{line}:" in output
