@@ -153,6 +153,14 @@ async def _run_scenarios(files: list[Path], project: Project, runtime: Runtime, 
                 click.secho(f"ERROR {path}", fg="red")
                 click.echo(format_all(exc.diagnostics))
                 continue
+            if scenario.population is not None:
+                failed += 1
+                click.secho(f"ERROR {path}", fg="red")
+                click.echo(
+                    "  a scenario with a population is a forecast, not a test: keep it out of the tests "
+                    "folder and run it with nurture report JOURNEY --scenario FILE"
+                )
+                continue
             outcomes = await runtime.play(scenario, project)
             verdict = compare(scenario, outcomes)
             if verdict.passed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from datetime import datetime
@@ -11,8 +12,12 @@ import click
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from nurture.language import ir
+from nurture.language.compiler import Project
+from nurture.language.diagnostics import CompileError, format_all
+from nurture.reports.forecast import play_into, scratch_database
 from nurture.reports.report import journey_report, parse_bound, render_text, report_to_dict
 from nurture.service.settings import Settings
+from nurture.simulation.scenarios import load_scenario
 from nurture.storage.db import Database
 
 from .options import project_options
@@ -70,6 +75,12 @@ class _Bound(click.ParamType[datetime]):
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document (schema nurture.report/v1).")
 @click.option(
+    "--scenario",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Forecast: play this scenario file in the simulator and report it, instead of the database.",
+)
+@click.option(
     "--home",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -82,6 +93,7 @@ def report(
     until: datetime | None,
     version: str | None,
     as_json: bool,
+    scenario: Path | None,
     home: Path | None,
     journeys_dir: Path,
     templates_dir: Path,
@@ -90,7 +102,8 @@ def report(
     """Report what JOURNEY achieved: entries, steps, messages, conversions and experiments.
 
     Counts the runs that entered in [--since, --until) in the worker's database (DATABASE_URL,
-    else SQLite in --home); each run counts everything it did, whenever it happened.
+    else SQLite in --home); each run counts everything it did, whenever it happened. With
+    --scenario, the runs of that scenario played in the simulator (a forecast before launch).
     """
     from .main import _compile
 
@@ -99,6 +112,12 @@ def report(
         (selected,) = project.select([journey])
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0])) from None
+    if scenario is not None:
+        click.echo(
+            _forecast(scenario, project, selected, since=since, until=until, version=version, as_json=as_json),
+            nl=False,
+        )
+        return
     env = dict(os.environ)
     if home is not None:
         env["NURTURE_HOME"] = str(home)
@@ -118,3 +137,27 @@ def report(
         ) from None
     finally:
         db.dispose()
+
+
+def _forecast(
+    path: Path,
+    project: Project,
+    journey: ir.Journey,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    version: str | None,
+    as_json: bool,
+) -> str:
+    """The report of ``journey`` over the runs of a scenario played into a scratch database."""
+    try:
+        scenario = load_scenario(path, project)
+    except CompileError as exc:
+        raise click.ClickException("the scenario cannot be loaded:\n" + format_all(exc.diagnostics)) from None
+    if journey.id not in scenario.journeys:
+        raise click.ClickException(
+            f"the scenario does not play journey '{journey.id}' (its journeys: {', '.join(scenario.journeys)})"
+        )
+    with scratch_database() as db:
+        asyncio.run(play_into(scenario, project, db))
+        return show_report(db, journey, since=since, until=until, version=version, as_json=as_json)

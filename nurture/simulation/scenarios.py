@@ -7,24 +7,28 @@ in order) and explains any difference as expected against actual.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from channels.outbox import Outbox
 from nurture.delivery.deliverer import Deliverer, for_every_channel
-from nurture.engine.model import Event
+from nurture.engine.model import Event, Recorder
+from nurture.language import ir
 from nurture.language.compiler import Project, _validation_diagnostics
 from nurture.language.diagnostics import CompileError, Diagnostic, did_you_mean
 from nurture.language.durations import UNITS, format_duration
-from nurture.language.source import SourceError, load_yaml
+from nurture.language.expressions import ExpressionError, compile_expression
+from nurture.language.source import SourceError, SourceMap, load_yaml
 
+from .population import EventSpec, Population, SegmentRate, VariantRates, value_spec
 from .simulator import Outcome, Simulator
 
 _OFFSET = re.compile(r"^(?:\d+[smhdw])+$")
@@ -80,12 +84,39 @@ class ExpectDoc(_Doc):
         return value
 
 
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class SegmentDoc(_Doc):
+    if_: str = Field(alias="if")
+    probability: Probability
+
+
+class PopulationEventDoc(_Doc):
+    event: str
+    at: str | int | None = None
+    after: str | int | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+    probability: Probability = 1.0
+    by_variant: dict[str, dict[str, Probability]] = Field(default_factory=dict)
+    by_segment: list[SegmentDoc] = Field(default_factory=list)
+
+
+class PopulationDoc(_Doc):
+    count: int = Field(ge=1, le=10_000_000)
+    seed: int = 0
+    user: str = "user{n}"
+    traits: dict[str, Any] = Field(default_factory=dict)
+    events: list[PopulationEventDoc] = Field(min_length=1)
+
+
 class ScenarioDoc(_Doc):
     scenario: str
     start: datetime
     journeys: list[str] | None = None
     users: dict[str, dict[str, Any]] = Field(default_factory=dict)
     events: list[EventDoc] = Field(default_factory=list)
+    population: PopulationDoc | None = None
     expect: list[ExpectDoc] = Field(default_factory=list)
 
 
@@ -221,9 +252,34 @@ class Scenario:
     opted_out: dict[str, list[str]]
     events: list[Step]
     expect: list[Expectation] = field(default_factory=list)
+    population: Population | None = None
+    """Generated users and their events: a forecast rather than a test (it has no expectations)."""
 
     def instant(self, offset: int) -> datetime:
         return self.start + timedelta(seconds=offset)
+
+
+_DOC_AT: dict[str, type[_Doc]] = {
+    "": ScenarioDoc,
+    "events": EventDoc,
+    "expect": ExpectDoc,
+    "population": PopulationDoc,
+    "population.events": PopulationEventDoc,
+    "population.events.by_segment": SegmentDoc,
+}
+
+
+def _scenario_keys(found: Diagnostic) -> Diagnostic:
+    """An unknown key's hint from the scenario's own keys (the shared wording knows journey keys)."""
+    if not found.message.startswith("unknown key '"):
+        return found
+    parent, _, name = re.sub(r"\[\d+\]", "", found.key).rpartition(".")
+    model = _DOC_AT.get(parent)
+    if model is None:
+        return found
+    keys = [f.alias or key for key, f in model.model_fields.items()]
+    hint = did_you_mean(name, keys) or f"; allowed keys: {', '.join(keys)}"
+    return dataclasses.replace(found, message=f"unknown key '{name}'{hint}")
 
 
 def load_scenario(path: Path, project: Project) -> Scenario:
@@ -236,7 +292,7 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     try:
         doc = ScenarioDoc.model_validate(data)
     except ValidationError as exc:
-        raise CompileError(_validation_diagnostics(exc, data, smap)) from None
+        raise CompileError([_scenario_keys(d) for d in _validation_diagnostics(exc, data, smap)]) from None
     problems: list[Diagnostic] = []
     journeys = doc.journeys or sorted(project.journeys)
     for index, name in enumerate(doc.journeys or []):
@@ -334,9 +390,134 @@ def load_scenario(path: Path, project: Project) -> Scenario:
                 at_written=str(want.at).strip(),
             )
         )
+    population = None
+    if doc.population is not None:
+        population = _population(doc.population, project, journeys, users, smap, problems)
+        if doc.expect:
+            problems.append(
+                smap.diagnostic(
+                    ("expect",),
+                    "a scenario with a population is a forecast: its generated users' outcomes cannot be "
+                    "expected one by one; run it with nurture report JOURNEY --scenario FILE, and keep "
+                    "expectations in a test without population:",
+                    at_key=True,
+                )
+            )
     if problems:
         raise CompileError(problems)
-    return Scenario(doc.scenario, str(path), start, journeys, users, opted, events, expectations)
+    return Scenario(doc.scenario, str(path), start, journeys, users, opted, events, expectations, population)
+
+
+def _offset_range(value: str | int) -> tuple[int, int]:
+    """``2h`` or ``0s..2d`` as (low, high) seconds."""
+    low, sep, high = str(value).partition("..")
+    first = parse_offset(low.strip() if sep else value)
+    last = parse_offset(high.strip()) if sep else first
+    if last < first:
+        raise ValueError(f"'{value}' runs backwards: write the earlier offset first")
+    return first, last
+
+
+def _population(
+    doc: PopulationDoc,
+    project: Project,
+    journeys: list[str],
+    users: dict[str, dict[str, Any]],
+    smap: SourceMap,
+    problems: list[Diagnostic],
+) -> Population:
+    """The population block, checked against the project: positions of every mistake in ``problems``."""
+    where: tuple[str | int, ...] = ("population",)
+    splits = {
+        step.experiment: step.variants
+        for name in journeys
+        if name in project.journeys
+        for step in ir.walk(project.journeys[name].steps)
+        if isinstance(step, ir.Split)
+    }
+    if "{n}" not in doc.user:
+        problems.append(smap.diagnostic((*where, "user"), "the user id needs {n}, the user's number, e.g. user{n}"))
+    else:
+        taken = [u for u in users if _numbered(doc.user, u, doc.count)]
+        if taken:
+            problems.append(
+                smap.diagnostic(
+                    (*where, "user"), f"generated user ids would clash with users: {', '.join(sorted(taken))}"
+                )
+            )
+
+    def values(raw: dict[str, Any], path: tuple[str | int, ...]) -> dict[str, Any]:
+        out = {}
+        for key, value in raw.items():
+            try:
+                out[key] = value_spec(value)
+            except ValueError as exc:
+                problems.append(smap.diagnostic((*path, key), str(exc)))
+        return out
+
+    specs = []
+    for index, item in enumerate(doc.events):
+        at = (*where, "events", index)
+        after_entry = item.after is not None
+        offset = (0, 0)
+        if (item.at is None) == (item.after is None):
+            problems.append(smap.diagnostic(at, "a generated event has either at: (from the start) or after: (from the user's first event)"))
+        elif index == 0 and after_entry:
+            problems.append(smap.diagnostic((*at, "after"), "the first event is the user's entry: give it at:, from the start", at_key=True))
+        else:
+            key = "after" if after_entry else "at"
+            try:
+                offset = _offset_range(item.after if after_entry else item.at)  # type: ignore[arg-type]
+            except ValueError as exc:
+                problems.append(smap.diagnostic((*at, key), str(exc)))
+        rates = []
+        for experiment, by_name in item.by_variant.items():
+            variants = splits.get(experiment)
+            if variants is None:
+                problems.append(
+                    smap.diagnostic(
+                        (*at, "by_variant", experiment),
+                        f"no split of the scenario's journeys runs experiment '{experiment}'{did_you_mean(experiment, splits)}",
+                        at_key=True,
+                    )
+                )
+                continue
+            names = [v.name for v in variants]
+            problems.extend(
+                smap.diagnostic(
+                    (*at, "by_variant", experiment, name),
+                    f"experiment '{experiment}' has no variant '{name}'{did_you_mean(name, names)}",
+                    at_key=True,
+                )
+                for name in by_name
+                if name not in names
+            )
+            rates.append(VariantRates(experiment, variants, dict(by_name)))
+        segments = []
+        for number, segment in enumerate(item.by_segment):
+            try:
+                segments.append(SegmentRate(compile_expression(segment.if_), segment.probability))
+            except ExpressionError as exc:
+                problems.append(smap.diagnostic((*at, "by_segment", number, "if"), exc.message))
+        specs.append(
+            EventSpec(
+                item.event,
+                offset,
+                after_entry,
+                values(item.properties, (*at, "properties")),
+                item.probability,
+                tuple(rates),
+                tuple(segments),
+            )
+        )
+    return Population(doc.count, doc.seed, doc.user, values(doc.traits, (*where, "traits")), tuple(specs))
+
+
+def _numbered(template: str, user_id: str, count: int) -> bool:
+    """Whether ``user_id`` is one of the ids ``template`` generates for numbers 1 to ``count``."""
+    head, _, tail = template.partition("{n}")
+    middle = user_id[len(head) : len(user_id) - len(tail)] if user_id.startswith(head) and user_id.endswith(tail) else ""
+    return middle.isdigit() and not middle.startswith("0") and 1 <= int(middle) <= count
 
 
 _SEND_KEYS = ("template", "status", "reason", "variant", "contains")
@@ -433,10 +614,17 @@ class Runtime(Protocol):
 
 
 def build_simulator(
-    scenario: Scenario, project: Project, deliverer: Deliverer, *, timeline: bool = True
+    scenario: Scenario,
+    project: Project,
+    deliverer: Deliverer,
+    *,
+    timeline: bool = True,
+    recorder: Recorder | None = None,
 ) -> Simulator:
-    """A simulator loaded with the scenario's users and events (``timeline``: see Simulator)."""
-    sim = Simulator(project.select(scenario.journeys), deliverer, scenario.start, timeline=timeline)
+    """A simulator loaded with the scenario's users and events (``timeline``, ``recorder``: see Simulator)."""
+    sim = Simulator(
+        project.select(scenario.journeys), deliverer, scenario.start, timeline=timeline, recorder=recorder
+    )
     for user_id, traits in scenario.users.items():
         sim.add_user(user_id, traits, scenario.opted_out.get(user_id, ()))
     for step in scenario.events:
@@ -445,6 +633,11 @@ def build_simulator(
             sim.track(when, step.user, step.event)
         else:
             sim.identify(when, step.user, step.traits or {}, step.opted_out)
+    if scenario.population is not None:
+        for person in scenario.population.generate(scenario.start):
+            sim.add_user(person.user_id, person.traits)
+            for event in person.events:
+                sim.track(event.timestamp, person.user_id, event)
     return sim
 
 

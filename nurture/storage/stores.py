@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import or_, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, SQLModel, col, select
 
 from channels import DeliveryResult, Envelope
 from channels.outbox import outbox_id
@@ -107,9 +107,8 @@ def _instant(value: str | None) -> datetime | None:
     return None if value is None else parse_instant(value)
 
 
-def _add_reaches(session: Session, record: Mapping[str, Any]) -> None:
-    """Insert the record's ``reached`` steps, once each: a retried activity adds nothing."""
-    rows = [
+def _reach_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [
         {
             "run_id": record["run_id"],
             "step_id": reach["step_id"],
@@ -120,6 +119,64 @@ def _add_reaches(session: Session, record: Mapping[str, Any]) -> None:
         }
         for reach in record.get("reached") or ()
     ]
+
+
+def _run_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A new run's row, from its start record."""
+    return {
+        "run_id": record["run_id"],
+        "workflow_id": record["workflow_id"],
+        "journey": record["journey"],
+        "version": record["version"],
+        "user_id": record["user_id"],
+        "key": record.get("key", ""),
+        "trigger_message_id": record.get("trigger_message_id"),
+        "entered_at": parse_instant(record["at"]),
+        "holdout": bool(record.get("holdout")),
+    }
+
+
+def _end_values(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "status": "ended",
+        "ended_at": parse_instant(record["at"]),
+        "end_reason": record["reason"],
+        "variants": dict(record.get("variants") or {}),
+        "step": None,
+        "last_message_at": _instant(record.get("last_message_at")),
+        "goal_until": _instant(record.get("goal_until")),
+    }
+
+
+def _conversion_values(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {"converted_at": parse_instant(record["at"]), "conversion_value": record.get("value")}
+
+
+def _message_values(request: SendRequest, outcome: SendOutcome) -> dict[str, Any]:
+    return {
+        "run_id": request.run_id,
+        "user_id": request.user_id,
+        "journey": request.journey,
+        "step_id": request.step_id,
+        "channel": outcome.channel,
+        "template": outcome.template,
+        "provider": outcome.provider,
+        "provider_id": outcome.provider_id,
+        "status": outcome.status,
+        "reason": outcome.reason,
+        "variant": outcome.variant,
+        "locale": outcome.locale,
+        "preview": outcome.preview or None,
+        "category": request.category,
+        "topic": request.topic,
+        # What frequency caps count (DbHistory), on the run's clock.
+        "sent_at": outcome.at if outcome.status == "sent" else None,
+    }
+
+
+def _add_reaches(session: Session, record: Mapping[str, Any]) -> None:
+    """Insert the record's ``reached`` steps, once each: a retried activity adds nothing."""
+    rows = _reach_rows(record)
     if not rows:
         return
     insert = upsert(session)
@@ -144,19 +201,7 @@ class DbRecorder:
         with self.db.session() as session:
             if session.get(RunRecord, record["run_id"]) is not None:
                 return  # a retried activity
-            session.add(
-                RunRecord(
-                    run_id=record["run_id"],
-                    workflow_id=record["workflow_id"],
-                    journey=record["journey"],
-                    version=record["version"],
-                    user_id=record["user_id"],
-                    key=record.get("key", ""),
-                    trigger_message_id=record.get("trigger_message_id"),
-                    entered_at=parse_instant(record["at"]),
-                    holdout=bool(record.get("holdout")),
-                )
-            )
+            session.add(RunRecord(**_run_row(record)))
 
     async def end(self, record: Mapping[str, Any]) -> None:
         await asyncio.to_thread(self._end, record)
@@ -165,17 +210,7 @@ class DbRecorder:
         with self.db.session() as session:
             _add_reaches(session, record)
             session.execute(
-                update(RunRecord)
-                .where(col(RunRecord.run_id) == record["run_id"])
-                .values(
-                    status="ended",
-                    ended_at=parse_instant(record["at"]),
-                    end_reason=record["reason"],
-                    variants=dict(record.get("variants") or {}),
-                    step=None,
-                    last_message_at=_instant(record.get("last_message_at")),
-                    goal_until=_instant(record.get("goal_until")),
-                )
+                update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(**_end_values(record))
             )
             if not record.get("continued") and record.get("workflow_id"):
                 session.execute(
@@ -193,7 +228,7 @@ class DbRecorder:
                 update(RunRecord)
                 .where(col(RunRecord.run_id) == record["run_id"])
                 .where(col(RunRecord.converted_at).is_(None))
-                .values(converted_at=parse_instant(record["at"]), conversion_value=record.get("value"))
+                .values(**_conversion_values(record))
             )
             return bool(getattr(changed, "rowcount", 0))
 
@@ -248,25 +283,7 @@ class DbRecorder:
 
     def _send(self, request: SendRequest, outcome: SendOutcome) -> None:
         key = request.idempotency_key
-        values: dict[str, Any] = {
-            "run_id": request.run_id,
-            "user_id": request.user_id,
-            "journey": request.journey,
-            "step_id": request.step_id,
-            "channel": outcome.channel,
-            "template": outcome.template,
-            "provider": outcome.provider,
-            "provider_id": outcome.provider_id,
-            "status": outcome.status,
-            "reason": outcome.reason,
-            "variant": outcome.variant,
-            "locale": outcome.locale,
-            "preview": outcome.preview or None,
-            "category": request.category,
-            "topic": request.topic,
-            # What frequency caps count (DbHistory), on the run's clock.
-            "sent_at": outcome.at if outcome.status == "sent" else None,
-        }
+        values = _message_values(request, outcome)
         for _ in range(3):
             try:
                 with self.db.session() as session:
@@ -281,6 +298,73 @@ class DbRecorder:
                 return
             except IntegrityError:
                 continue
+
+
+def _defaults(model: type[SQLModel]) -> dict[str, Any]:
+    """The model's default column values, for rows inserted without making model objects."""
+    return {
+        name: field.get_default(call_default_factory=True)
+        for name, field in model.model_fields.items()
+        if not field.is_required() and name != "id"
+    }
+
+
+class BatchRecorder:
+    """The rows :class:`DbRecorder` writes, kept in memory and written in one transaction by
+    :meth:`flush`: a simulation records many thousands of runs in seconds, not one transaction
+    per record. Each record changes the pending rows as DbRecorder's statement changes the table."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.reaches: dict[tuple[str, str], dict[str, Any]] = {}
+        self.messages: dict[str, dict[str, Any]] = {}
+
+    def _reached(self, record: Mapping[str, Any]) -> None:
+        for row in _reach_rows(record):
+            self.reaches.setdefault((row["run_id"], row["step_id"]), row)
+
+    async def start(self, record: Mapping[str, Any]) -> None:
+        self.runs.setdefault(record["run_id"], _run_row(record))
+
+    async def end(self, record: Mapping[str, Any]) -> None:
+        self._reached(record)
+        self.runs[record["run_id"]].update(_end_values(record))
+
+    async def conversion(self, record: Mapping[str, Any]) -> None:
+        run = self.runs[record["run_id"]]
+        if run.get("converted_at") is None:
+            run.update(_conversion_values(record))
+
+    async def steps(self, record: Mapping[str, Any]) -> None:
+        self._reached(record)
+        waiting = record.get("waiting")
+        if waiting is None:
+            return
+        self.runs[record["run_id"]]["step"] = waiting
+        reach = self.reaches.get((record["run_id"], waiting))
+        if record.get("deferred") and reach is not None:
+            reach["deferrals"] = reach.get("deferrals", 0) + 1
+            reach["deferral_reason"] = record["deferred"]
+
+    async def send(self, request: SendRequest, outcome: SendOutcome) -> None:
+        key = request.idempotency_key
+        self.messages[key] = {"idempotency_key": key, **_message_values(request, outcome)}
+
+    def flush(self) -> None:
+        """Write every pending row in one transaction, then forget them."""
+        with self.db.session() as session:
+            for model, rows in (
+                (RunRecord, self.runs.values()),
+                (StepReach, self.reaches.values()),
+                (MessageRecord, self.messages.values()),
+            ):
+                # Plain multi-row INSERTs: model objects and the ORM's unit of work cost seconds here.
+                defaults = _defaults(model)
+                values = [{**defaults, **row} for row in rows]
+                if values:
+                    session.execute(model.__table__.insert(), values)  # type: ignore[union-attr]
+        self.runs, self.reaches, self.messages = {}, {}, {}
 
 
 class DbOutbox:
