@@ -12,16 +12,15 @@ moves the send to its fallback channel.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
 from openapi_mock import OpenApiMock, provider_spec
+from support import on_schedule
 from wechat_server import WeChatServer
 
 from channels import Channel
@@ -33,8 +32,7 @@ from nurture.language.compiler import Project
 from nurture.language.providers import ProvidersDoc
 from nurture.service.devserver import free_port
 from nurture.service.providers import build_channels
-from nurture.simulation.scenarios import Scenario, compare, load_scenario, scenario_files
-from nurture.simulation.simulator import Outcome
+from nurture.simulation.scenarios import compare, load_scenario, scenario_files
 from nurture.storage.db import Database
 from nurture.storage.stores import DbOutbox
 from workflows.runtime import TemporalRuntime
@@ -106,23 +104,6 @@ def providers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Providers]:
     db.dispose()
 
 
-LATENCY = timedelta(seconds=5)
-
-
-def on_schedule(scenario: Scenario, outcomes: list[Outcome]) -> list[Outcome]:
-    """``outcomes`` with times within :data:`LATENCY` of an expected instant set to it.
-
-    Real provider calls take real time, during which the time-skipping server's clock runs, so a
-    wait that follows a send ends that much later: after a few sends a step can land a second
-    past its scenario time. Exact timing is checked on the outbox (tests/test_scenarios.py);
-    here everything else must match exactly.
-    """
-    expected = {scenario.instant(item.at) for item in scenario.expect}
-    snapped = []
-    for outcome in outcomes:
-        near = [at for at in expected if abs(at - outcome.at) <= LATENCY]
-        snapped.append(dataclasses.replace(outcome, at=near[0]) if near else outcome)
-    return snapped
 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])

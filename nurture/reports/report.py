@@ -23,6 +23,7 @@ from sqlalchemy import Date, case, cast, distinct, extract, func, literal, selec
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col
 
+from nurture.engine.clock import parse_instant
 from nurture.language import ir
 from nurture.storage.db import Database
 from nurture.storage.models import MessageEvent, MessageRecord, RunRecord, StepReach
@@ -285,14 +286,11 @@ def parse_bound(text: str, *, end: bool = False) -> datetime:
             return datetime(day.year, day.month, day.day, tzinfo=UTC) + (
                 timedelta(days=1) if end else timedelta(0)
             )
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        return parse_instant(value.replace("z", "Z"))
     except (ValueError, OverflowError):
         raise ValueError(
             f"{text!r} is not a date (2026-03-31) or a date-time (2026-03-31T12:00:00Z)"
         ) from None
-    result = _utc(parsed)
-    assert result is not None
-    return result
 
 
 def _utc(value: datetime | None) -> datetime | None:
