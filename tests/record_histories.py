@@ -1,7 +1,8 @@
-"""Record workflow histories for the replay test: ``python tests/record_histories.py``.
+"""Record workflow histories for the replay test: ``python tests/record_histories.py RELEASE``.
 
-Run it when a release changes workflow behaviour on purpose (behind ``workflow.patched``), and
-keep the older histories: each one proves that runs started on an older release still replay.
+Run it when a release changes workflow behaviour on purpose (behind ``workflow.patched``), into a
+new folder (``v1``: the first release; ``v2``: runs record the steps they reach before each wait),
+and keep the older ones: each proves that runs started on an older release still replay.
 """
 
 from __future__ import annotations
@@ -42,4 +43,6 @@ async def record(dest: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(record(ROOT / "tests" / "histories" / "v1"))
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/record_histories.py RELEASE   (a new folder under tests/histories)")
+    asyncio.run(record(ROOT / "tests" / "histories" / sys.argv[1]))

@@ -229,6 +229,8 @@ ENDPOINTS = [
     ("GET", "/v1/users/{user}/runs", None, READ),
     ("GET", "/v1/user/messages?id={user}", None, READ),
     ("GET", "/v1/outbox", None, READ),
+    ("GET", "/v1/journeys", None, READ),
+    ("GET", "/v1/journeys/post_purchase/report", None, READ),
     ("GET", "/v1/users/{user}/export", None, ADMIN),
     ("GET", "/v1/user/export?id={user}", None, ADMIN),
     ("DELETE", "/v1/users/{user}", None, ADMIN),
@@ -807,6 +809,39 @@ async def test_outbox_lists_newest_first(api: Api) -> None:
     assert bad.status_code == 400 and bad.json()["detail"][0]["field"] == "limit"
 
 
+async def test_journeys_and_their_reports(api: Api, project: Project) -> None:
+    user = await buyer(api)
+    assert (await api.post("/v1/track", order(user, "o-report"))).status_code == 200
+    await eventually(lambda: rows(api.db, RunRecord, user_id=user, journey="post_purchase"))
+
+    listed = await api.get("/v1/journeys")
+    assert listed.status_code == 200, listed.text
+    journeys = {journey["id"]: journey for journey in listed.json()}
+    assert set(journeys) == set(project.journeys)
+    post = journeys["post_purchase"]
+    assert post["name"] == project.journeys["post_purchase"].name
+    assert post["version"] == project.journeys["post_purchase"].version
+    assert post["counts"]["entered_today"] == post["counts"]["entered_7d"] == 1
+
+    answer = await api.get("/v1/journeys/post_purchase/report", params={"since": "2000-01-01"})
+    assert answer.status_code == 200, answer.text
+    report = answer.json()
+    assert report["schema"] == "nurture.report/v1" and report["journey"] == "post_purchase"
+    assert report["since"] == "2000-01-01T00:00:00Z"
+    assert report["totals"]["entered"] == 1
+    assert report["steps"][0]["id"] == project.journeys["post_purchase"].steps[0].id
+    future = await api.get("/v1/journeys/post_purchase/report", params={"since": "2999-01-01"})
+    assert future.json()["totals"] == {"entered": 0, "active": 0, "ended": {}}
+
+    missing = await api.get("/v1/journeys/post_purchas/report")
+    assert missing.status_code == 404 and "did you mean 'post_purchase'" in missing.json()["message"]
+    bad = await api.get("/v1/journeys/post_purchase/report", params={"until": "tomorrow"})
+    assert bad.status_code == 400
+    assert bad.json()["detail"] == [
+        {"field": "until", "message": "'tomorrow' is not a date (2026-03-31) or a date-time (2026-03-31T12:00:00Z)"}
+    ]
+
+
 async def test_health_needs_no_key(api: Api) -> None:
     answer = await api.http.get("/healthz", auth=None)
     assert answer.status_code == 200
@@ -849,6 +884,8 @@ async def test_openapi_documents_the_api(api: Api) -> None:
         "/v1/users/{user_id}/runs",
         "/v1/users/{user_id}/messages",
         "/v1/outbox",
+        "/v1/journeys",
+        "/v1/journeys/{journey_id}/report",
         "/healthz",
     } <= set(doc["paths"])
     track = doc["paths"]["/v1/track"]["post"]
@@ -870,6 +907,11 @@ async def test_openapi_documents_the_api(api: Api) -> None:
     }
     assert security[("/v1/track", "post")] == ["BearerKey", "WriteKey"]
     assert security[("/v1/outbox", "get")] == ["AdminKey", "BearerKey", "ReadKey"]
+    assert security[("/v1/journeys/{journey_id}/report", "get")] == ["AdminKey", "BearerKey", "ReadKey"]
+    report = doc["paths"]["/v1/journeys/{journey_id}/report"]["get"]["responses"]
+    assert {"200", "400", "401", "403", "404"} <= set(report)
+    assert report["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JourneyReport"}
+    assert "schema" in doc["components"]["schemas"]["JourneyReport"]["properties"]
     assert security[("/v1/user", "get")] == ["AdminKey", "BearerKey", "ReadKey"]
     assert security[("/v1/user/export", "get")] == ["AdminKey", "BearerKey"]
     assert security[("/v1/users/{user_id}", "delete")] == ["AdminKey", "BearerKey"]

@@ -189,6 +189,35 @@ CASES = [
         "unknown key 'trigers' (did you mean 'trigger'?)",
     ),
     Case(
+        "holdout-is-project-wide",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        holdout: {percent: 5, salt: "2026-q1"}
+        steps:
+          - wait: 1d
+        """,
+        4,
+        1,
+        "'holdout' is project-wide: set it in nurture.yaml, not in a journey",
+        key="holdout",
+    ),
+    Case(
+        "topics-are-project-wide",
+        """\
+        journey: welcome
+        trigger:
+          event: Signed Up
+        steps:
+          - wait: 1d
+        topics: [promotions]
+        """,
+        6,
+        1,
+        "'topics' is project-wide: set it in nurture.yaml, not in a journey",
+    ),
+    Case(
         "missing-trigger",
         """\
         journey: welcome

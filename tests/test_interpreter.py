@@ -1111,3 +1111,17 @@ def test_every_step_reached_is_handed_to_the_driver_once_in_order(templates: Tem
     assert answer(run, run.resume(None, later), traits={"vip": True}, now=later) == Ended("completed")
     assert run.take_reached() == [Reach("check", later), Reach("vip_note", later)]
     assert Reach.from_dict(Reach("pick", T0, "a").to_dict()) == Reach("pick", T0, "a")
+
+
+def test_a_held_out_send_opens_a_window_measured_from_the_last_message(templates: TemplateStore) -> None:
+    run = new_run(compile_journey(templates, VALUED))
+    run.start()
+    sent_at = T0 + timedelta(days=1)
+    held = SendResult(
+        outcome=SendOutcome(
+            step_id="nudge", channel="email", template="note", status="skipped", at=sent_at, reason="holdout"
+        )
+    )
+    assert isinstance(run.resume(None, sent_at), Deliver)
+    assert run.resume(held, sent_at) == Ended("completed")
+    assert run.goal_window_end == sent_at + timedelta(days=2)

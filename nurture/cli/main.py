@@ -22,7 +22,7 @@ from nurture.simulation.scenarios import (
     scenario_files,
 )
 
-from . import events, preview, privacy, service
+from . import events, preview, privacy, report, service
 from .options import project_options
 
 
@@ -210,6 +210,7 @@ for command in (
     preview.preview,
     privacy.forget,
     privacy.export,
+    report.report,
 ):
     main.add_command(command)
 

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import textwrap
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +173,7 @@ def outbox_entry(row: MessageRecord) -> dict[str, Any]:
     content = row.content or {}
     return {
         "id": row.id,
-        "sent_at": _utc(row.created_at).isoformat(),
+        "sent_at": row.created_at.isoformat(),
         "channel": row.channel,
         "address": mask_address(row.address or ""),
         "journey": row.journey or None,
@@ -197,7 +196,7 @@ def format_message(row: MessageRecord, width: int = 100) -> str:
     content = row.content or {}
     where = " / ".join(part for part in (row.journey, row.step_id) if part)
     head = (
-        f"{_utc(row.created_at):%Y-%m-%d %H:%M:%S}Z  {row.channel:<6}  "
+        f"{row.created_at:%Y-%m-%d %H:%M:%S}Z  {row.channel:<6}  "
         f"{mask_address(row.address or '')}  {row.template}  ({where})"
     )
     lines = [head]
@@ -224,10 +223,6 @@ def _excerpt(text: str, width: int, *, max_lines: int) -> list[str]:
         wrapped[-1] = wrapped[-1][: width - 5].rstrip() + "…"
     return ["    " + line for line in wrapped]
 
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes for timezone-aware columns; they were stored in UTC.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @click.group()

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 from channels import Channel, DeliveryResult, Envelope, PermanentError, Reconciling, TransientError
 from channels import mask_address as mask_address
 from nurture.engine.clock import in_quiet_hours, zone
+from nurture.engine.holdout import in_holdout
 from nurture.engine.model import Profile, SendOutcome, SendRequest, SendResult, Status
 from nurture.language.ir import ADDRESS_TRAITS, CHANNELS
 from nurture.language.templates import RenderedMessage, TemplateError, TemplateStore
@@ -303,6 +304,8 @@ class Deliverer:
         """
         channels = channel_order(request.channels, request.policy, profile.traits)
         marketing = request.category == "marketing"
+        if marketing and in_holdout(request.user_id, request.policy.holdout):
+            return SendResult(self._outcome(request, now, channels[0], "skipped", "holdout"))
         if marketing and request.topic is not None and request.topic in profile.opted_out:
             return SendResult(self._outcome(request, now, channels[0], "skipped", "topic_opted_out"))
         usable, reason = usable_channels(profile, channels, request.category)

@@ -24,6 +24,7 @@ from nurture.language import ir
 from nurture.language.evaluation import MISSING, Expr, is_true, value_of
 
 from .clock import format_instant, next_local_time, parse_instant, zone
+from .holdout import in_holdout
 from .model import EndedRun, Event, SendRequest, SendResult
 
 # --- commands a run gives its driver -----------------------------------------------------------
@@ -463,6 +464,7 @@ class Run:
             "key": self.key,
             "trigger_message_id": self.event.message_id,
             "at": format_instant(self.entered_at),
+            "holdout": in_holdout(self.user_id, self.journey.policy.holdout),
         }
 
     def steps_record(self, waiting: Sleep | AwaitEvent | None = None) -> dict[str, Any]:
@@ -535,7 +537,10 @@ class Run:
             while True:
                 result: SendResult = yield Deliver(request)
                 if result.defer_until is None:
-                    if result.outcome is not None and result.outcome.status == "sent":
+                    # A held-out user's send counts as the moment the message would have gone out,
+                    # so a goal measured from the last message compares the holdout fairly.
+                    outcome = result.outcome
+                    if outcome is not None and (outcome.status == "sent" or outcome.reason == "holdout"):
                         self.last_message_at = self.now
                     return None
                 yield Sleep(result.defer_until, step.id, result.defer_reason)

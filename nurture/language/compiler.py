@@ -29,6 +29,7 @@ from .document import (
     ExitDoc,
     FrequencyCapsDoc,
     GoalDoc,
+    HoldoutDoc,
     JourneyDoc,
     PolicyFields,
     ProjectDoc,
@@ -161,7 +162,7 @@ def load_settings(path: Path, sink: DiagnosticSink) -> Settings:
         sms_max_segments=doc.sms_max_segments,
         providers=doc.providers,
         topics=tuple(doc.topics),
-        policy=_policy(doc, doc.quiet_hours, ir.Policy()),
+        policy=_policy(doc, doc.quiet_hours, ir.Policy(holdout=_holdout(doc.holdout))),
     )
 
 
@@ -463,7 +464,10 @@ _MODEL_AT = {
     "quiet_hours": QuietHoursDoc,
     "providers": ProvidersDoc,
     "frequency_caps": FrequencyCapsDoc,
+    "holdout": HoldoutDoc,
 }
+_PROJECT_ONLY = frozenset(ProjectDoc.model_fields) - frozenset(JourneyDoc.model_fields)
+"""Keys of ``nurture.yaml`` a journey cannot set."""
 
 
 def _keys_for(path: KeyPath, value: Any) -> tuple[str, ...]:
@@ -525,6 +529,8 @@ def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) ->
             if not hint:
                 hint = f"; allowed keys: {', '.join(candidates)}"
             message = f"unknown key '{name}'{hint}"
+            if not parent and name in _PROJECT_ONLY and "journey" in candidates:
+                message = f"'{name}' is project-wide: set it in nurture.yaml, not in a journey"
             use_key = True
         elif kind == "union_tag_not_found":
             message = _step_shape_message(_lookup(data, loc), loc)
@@ -534,6 +540,8 @@ def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) ->
             )
         elif kind in ("int_type", "int_from_float"):
             message = f"expected a whole number, got {_describe(value)}"
+        elif kind == "float_type":
+            message = f"expected a number, got {_describe(value)}"
         elif kind == "bool_type":
             message = f"expected true or false, got {_describe(value)}"
         elif kind == "list_type":
@@ -591,6 +599,8 @@ def _missing_hint(name: str) -> str:
         "event": " (the event name, e.g. event: Order Completed)",
         "weight": " (a whole number, e.g. weight: 50)",
         "then": " (the steps to run when the condition is true)",
+        "percent": " (the share of users held out, e.g. percent: 5)",
+        "salt": ' (any text; a new salt draws a new group, e.g. salt: "2026-q1")',
     }
     return hints.get(name, "")
 
@@ -644,7 +654,12 @@ def _policy(doc: PolicyFields, quiet: QuietHoursDoc | None, base: ir.Policy) -> 
         on_cap=doc.on_cap or base.on_cap,
         channel_order=tuple(doc.channel_order) if doc.channel_order else base.channel_order,
         quiet_by_channel=quiet_by,
+        holdout=base.holdout,
     )
+
+
+def _holdout(doc: HoldoutDoc | None) -> ir.Holdout | None:
+    return None if doc is None else ir.Holdout(percent=float(doc.percent), salt=doc.salt)
 
 
 def _minutes(clock: str) -> int:

@@ -352,6 +352,24 @@ class JourneyDoc(PolicyFields):
     steps: list[AnyStep] = Field(min_length=1)
 
 
+class HoldoutDoc(Doc):
+    """The project-wide holdout: a fixed share of users who get no marketing message at all."""
+
+    percent: float = Field(description="Share of users held out, more than 0 and below 100, e.g. 5 or 2.5.")
+    salt: str = Field(min_length=1, description="Mixed into each user's draw; a new salt draws a new group.")
+
+    @field_validator("percent")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        if not 0 < value < 100:
+            raise _fail("holdout", f"the holdout percent must be more than 0 and less than 100, got {value:g}")
+        if round(value, 2) != value:
+            raise _fail(
+                "holdout", f"the holdout percent has at most 2 decimals (users are drawn in steps of 0.01%), got {value}"
+            )
+        return value
+
+
 class ProjectDoc(PolicyFields):
     """``nurture.yaml``: project defaults."""
 
@@ -364,6 +382,8 @@ class ProjectDoc(PolicyFields):
     providers: ProvidersDoc = ProvidersDoc()
     topics: list[Ident] = Field(default_factory=list)
     """Subscription topics a send may name (``topic: promotions``) and users may opt out of."""
+    holdout: HoldoutDoc | None = None
+    """Users no journey sends marketing to, measured against everyone else."""
 
     @field_validator("topics")
     @classmethod

@@ -92,6 +92,16 @@ class Cap:
 
 
 @dataclass(frozen=True, slots=True)
+class Holdout:
+    """The project's global control group: a fixed share of users no journey sends marketing to."""
+
+    percent: float
+    """Share of users held out: more than 0, less than 100, in steps of 0.01."""
+    salt: str
+    """Mixed into every user's draw: a new salt draws a new group."""
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """The delivery policy of a journey: the project's, with the journey's overrides applied."""
 
@@ -99,6 +109,8 @@ class Policy:
     on_cap: Literal["skip", "defer"] = "skip"
     channel_order: tuple[str, ...] = ("email", "sms", "wechat")
     quiet_by_channel: tuple[ChannelQuiet, ...] = ()
+    holdout: Holdout | None = field(default=None, metadata=_OPTIONAL)
+    """The project's holdout, the same in every journey (a journey cannot set it)."""
 
     def quiet_for(self, channel: str, default: QuietHours | None) -> QuietHours | None:
         """``channel``'s quiet window: its own when set (``None`` for off), else ``default``."""

@@ -57,6 +57,7 @@ from nurture.engine.model import Event
 from nurture.language.compiler import Project, load_project
 from nurture.language.diagnostics import did_you_mean
 from nurture.language.ir import CHANNELS
+from nurture.reports.report import JourneyCounts, JourneyReport, journey_counts, journey_report, parse_bound
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
 
@@ -84,7 +85,7 @@ start journeys, reach running ones (a goal ends a sleeping run at once) and upda
 **Authentication.** Every `/v1` endpoint takes a key, Segment style as the HTTP Basic user name
 with an empty password (`curl -u KEY: ...`), or as `Authorization: Bearer KEY`. There are three
 kinds: a **write key** (`NURTURE_WRITE_KEYS`) sends events (`track`, `identify`, `batch`) and
-nothing else; a **read key** (`NURTURE_READ_KEYS`) reads profiles, runs, messages and the outbox;
+nothing else; a **read key** (`NURTURE_READ_KEYS`) reads profiles, runs, messages, the outbox and journey reports;
 an **admin key** (`NURTURE_ADMIN_KEYS`) reads too, and exports and forgets users. Each variable is
 comma-separated. A missing or unknown key answers 401; a valid key of the wrong kind answers 403
 naming the kind needed.
@@ -565,6 +566,16 @@ class OutboxMessagePublic(MessagePublic):
     address: str | None
 
 
+class JourneyPublic(BaseModel):
+    """A deployed journey and how many runs it has."""
+
+    id: str
+    name: str
+    description: str
+    version: str = Field(description="The version new runs enter with.")
+    counts: JourneyCounts
+
+
 class Check(BaseModel):
     ok: bool
     error: str | None = None
@@ -795,7 +806,7 @@ def _basic(kind: KeyKind, env: str, does: str) -> HTTPBasic:
 
 
 _write_basic = _basic("write", "NURTURE_WRITE_KEYS", "sends events")
-_read_basic = _basic("read", "NURTURE_READ_KEYS", "reads profiles, runs, messages and the outbox")
+_read_basic = _basic("read", "NURTURE_READ_KEYS", "reads profiles, runs, messages, the outbox and reports")
 _admin_basic = _basic("admin", "NURTURE_ADMIN_KEYS", "reads, and exports and forgets users")
 _bearer = HTTPBearer(
     auto_error=False,
@@ -1105,6 +1116,68 @@ async def forget_user(user_id: str, service: ServiceDep, key: AdminKey) -> Forge
         raise ApiError(
             503, "unavailable", f"{exc}; nothing was forgotten: retry the call", headers={"Retry-After": "5"}
         ) from exc
+
+
+@v1.get("/journeys", response_model=list[JourneyPublic], responses=ERRORS, tags=["reports"], dependencies=READ)
+def journeys(service: ServiceDep) -> list[JourneyPublic]:
+    """The project's journeys, by id, with their runs: active now, entered today (UTC) and in the
+    last seven days, converted."""
+    project = service.project.journeys
+    counts = journey_counts(service.db, sorted(project))
+    return [
+        JourneyPublic(
+            id=journey.id,
+            name=journey.name or journey.id,
+            description=journey.description,
+            version=journey.version,
+            counts=counts[journey.id],
+        )
+        for journey in (project[name] for name in sorted(project))
+    ]
+
+
+def _bound(name: str, text: str | None, *, end: bool) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return parse_bound(text, end=end)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request", detail=[{"field": name, "message": str(exc)}]) from None
+
+
+@v1.get(
+    "/journeys/{journey_id}/report",
+    response_model=JourneyReport,
+    responses={
+        **ERRORS,
+        400: {"model": ErrorBody, "description": "`since` or `until` is not a date or a date-time."},
+        404: {"model": ErrorBody, "description": "No journey with this id."},
+    },
+    tags=["reports"],
+    dependencies=READ,
+)
+def report(
+    service: ServiceDep,
+    journey_id: Annotated[str, Path(description="The journey's id.")],
+    since: Annotated[
+        str | None,
+        Query(description="Runs that entered at or after this date (midnight UTC) or date-time (ISO 8601)."),
+    ] = None,
+    until: Annotated[
+        str | None,
+        Query(description="Runs that entered before this date-time, or up to the end of this date (UTC)."),
+    ] = None,
+    version: Annotated[str | None, Query(description="Only runs of this journey version.")] = None,
+) -> JourneyReport:
+    """The journey's report (schema `nurture.report/v1`, described in docs/results.md): the runs
+    that entered in [since, until), with everything they did: entries, ends, step reach, messages,
+    conversions, the funnel, experiments and the holdout."""
+    journey = service.project.journeys.get(journey_id)
+    if journey is None:
+        names = service.project.journeys
+        raise ApiError(404, "not_found", f"no journey {journey_id!r}{did_you_mean(journey_id, names)}")
+    start, end = _bound("since", since, end=False), _bound("until", until, end=True)
+    return journey_report(service.db, journey, since=start, until=end, version=version)
 
 
 @v1.get(

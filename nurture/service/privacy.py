@@ -89,7 +89,7 @@ def key_fingerprint(key: str) -> str:
 
 
 def _utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; every stored instant is UTC.
+    # Stored instants read back in UTC; an export states them in UTC whatever else made them.
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -515,7 +515,7 @@ def export_user(db: Database, user_id: str, *, actor: str, secret: str = "") -> 
         )
         messages = _messages(session, user_id)
         feedback = sorted(
-            _message_events(session, user_id, messages, profile), key=lambda e: (_utc(e.at), e.id or 0)
+            _message_events(session, user_id, messages, profile), key=lambda e: (e.at, e.id or 0)
         )
         export = UserExport(
             user_id=user_id,

@@ -14,10 +14,10 @@ import hmac
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import JSON, Column, DateTime
+from sqlalchemy import JSON, Column
 from sqlmodel import Field, SQLModel
 
-from .models import utcnow
+from .models import UtcDateTime, utcnow
 
 AuditAction = Literal["forget", "export"]
 
@@ -32,7 +32,7 @@ class AuditRecord(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     at: datetime = Field(
-        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False, index=True)
+        default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False, index=True)
     )
     action: str = Field(max_length=16)
     """``forget`` or ``export``."""

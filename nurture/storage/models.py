@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, Text
+from sqlalchemy import JSON, Column, DateTime, Index, Text, TypeDecorator
 from sqlmodel import Field, SQLModel
 
 
@@ -18,9 +18,26 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp that reads back timezone-aware in UTC on every database (SQLite keeps none)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def _when(*, nullable: bool, default: Any = None, index: bool = False) -> Any:
     """A timezone-aware timestamp column; the default is pydantic's, so validated rows get it too."""
-    column = Column(DateTime(timezone=True), nullable=nullable, index=index)
+    column: Column[datetime] = Column(UtcDateTime(), nullable=nullable, index=index)
     if default is not None:
         return Field(default_factory=default, sa_column=column)
     if nullable:

@@ -154,6 +154,7 @@ class DbRecorder:
                     key=record.get("key", ""),
                     trigger_message_id=record.get("trigger_message_id"),
                     entered_at=parse_instant(record["at"]),
+                    holdout=bool(record.get("holdout")),
                 )
             )
 

@@ -9,7 +9,7 @@ never blocks on the database.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import delete
 from sqlmodel import col
@@ -44,11 +44,11 @@ class DbTokens:
             row = session.get(ProviderToken, name)
             if row is None:
                 return None
-            return row.token, _utc(row.expires_at)
+            return row.token, row.expires_at
 
     def _put(self, name: str, token: str, expires_at: datetime) -> None:
         # SQLite keeps no time zone, so every instant is written as UTC and read back as UTC.
-        values = {"name": name, "token": token, "expires_at": _utc(expires_at), "updated_at": utcnow()}
+        values = {"name": name, "token": token, "expires_at": expires_at, "updated_at": utcnow()}
         with self.db.session() as session:
             insert = upsert(session)
             if insert is None:  # other engines: a merge; the primary key keeps one row per name
@@ -70,8 +70,3 @@ class DbTokens:
                 .where(col(ProviderToken.token) == token)
             )
 
-
-def _utc(moment: datetime) -> datetime:
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
