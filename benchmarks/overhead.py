@@ -421,7 +421,7 @@ def report_recording(baseline: str, recorded: list[Batch], unrecorded: list[Batc
         print(
             f"{name:<22}" + "".join(f"{per_run(batches, p):>10.2f}" for p in ("worker", "temporal", "client"))
         )
-    print("per round (the ratio of the worker CPU, recorded/unrecorded, round by round):")
+    print(f"per round (the ratio of the worker CPU, {RECORDED}/{baseline}, round by round):")
     for index, (on, off) in enumerate(zip(recorded, unrecorded, strict=True)):
         ratio = on.cpu["worker"] / off.cpu["worker"] if off.cpu["worker"] else float("nan")
         print(f"  round {index + 1}: {ratio:.3f}")

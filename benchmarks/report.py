@@ -4,17 +4,18 @@
                                 [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
                                 [--explain] [--seed 7]
 
-Seeds ``--runs`` runs of a synthetic 20-step journey (``benchmarks/report_journey.yaml``: sends
+Seeds ``--runs`` runs of a synthetic 20-step journey (``benchmarks/report_journeys/``: sends
 with a fallback, waits, a ``wait_for``, a ``branch`` and a three-variant ``split``) straight into
 the real tables made by ``Database.migrate()``: runs, step_reaches, messages and message_events,
 written in bulk (PostgreSQL ``COPY``, SQLite ``executemany`` in large transactions; secondary
 indexes are dropped during the load and created again from their own definitions, then the
 tables are analysed). Then, side by side, ``--repeat`` times each in alternation after one
-untimed pass: the report (``nurture.reports.report.journey_report``) and the floor, the plain
-``GROUP BY`` queries that give the same numbers (runs by version, status and end reason; reach,
-deferrals and variants per step; messages by step, status, reason and channel; feedback per
-step; conversions and value per variant; median time to convert). Prints medians, the ratio
-report/floor and the goals (report within 2x of the floor; under 1 s on PostgreSQL at 1M runs).
+untimed pass: the report (``nurture.reports.report.journey_report``, all versions, all time)
+and the floor, the plain ``GROUP BY`` queries that give the same numbers (runs by version,
+status and end reason; reach, deferrals and variants per step; messages by step, status, reason
+and channel; feedback per step; conversions and value per variant; median time to convert).
+Prints medians, the ratio report/floor and the goals (report within 2x of the floor; under 1 s
+on PostgreSQL at 1M runs).
 ``--explain`` prints PostgreSQL's ``EXPLAIN ANALYZE`` of every floor query.
 """
 
@@ -42,6 +43,7 @@ from _stack import ROOT, machine
 
 from nurture.language.compiler import load_project
 from nurture.language.ir import Journey
+from nurture.reports.report import journey_report
 from nurture.storage.db import Database, database_url
 
 JOURNEY = "bench_report"
@@ -466,8 +468,8 @@ def floor_queries(postgres: bool) -> dict[str, str]:
         ),
         "conversions per variant": (
             "SELECT s.variant, count(*), count(r.converted_at), sum(r.conversion_value) FROM step_reaches s "
-            "JOIN runs r ON r.run_id = s.run_id WHERE s.journey = :journey AND s.step_id = :split "
-            "GROUP BY s.variant"
+            "LEFT JOIN runs r ON r.run_id = s.run_id AND r.converted_at >= s.reached_at "
+            "WHERE s.journey = :journey AND s.step_id = :split GROUP BY s.variant"
         ),
         "median time to convert": median,
     }
@@ -494,15 +496,6 @@ def explain(db: Database, queries: dict[str, str]) -> None:
             print(f"\n-- {name}")
             for (line,) in plan:
                 print(line)
-
-
-def report_call(db: Database, journey: Journey) -> Callable[[], Any] | None:
-    """The report, or ``None`` while ``nurture.reports.report`` does not exist yet."""
-    try:
-        from nurture.reports.report import journey_report  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return None
-    return lambda: journey_report(db, journey)
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -537,16 +530,15 @@ def measure(url: str, engine: str, journey: Journey, args: argparse.Namespace) -
         + ", ".join(f"{t} {n:,}" for t, n in rows.items()),
         flush=True,
     )
-    report = report_call(db, journey)
     floor(db, queries)  # untimed: caches, plans
-    if report is not None:
-        report()
+    journey_report(db, journey)
     floor_times: list[float] = []
     report_times: list[float] = []
     for index in range(args.repeat):
-        order: list[tuple[list[float], Callable[[], Any]]] = [(floor_times, lambda: floor(db, queries))]
-        if report is not None:
-            order.append((report_times, report))
+        order: list[tuple[list[float], Callable[[], Any]]] = [
+            (floor_times, lambda: floor(db, queries)),
+            (report_times, lambda: journey_report(db, journey)),
+        ]
         for times, call in order if index % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             call()
@@ -573,10 +565,8 @@ def print_results(timings: list[Timing]) -> None:
     )
     for t in timings:
         f = statistics.median(t.floor)
-        r = statistics.median(t.report) if t.report else float("nan")
-        samples = (
-            " ".join(f"{x:.3f}" for x in t.floor) + " | " + (" ".join(f"{x:.3f}" for x in t.report) or "-")
-        )
+        r = statistics.median(t.report)
+        samples = " ".join(f"{x:.3f}" for x in t.floor) + " | " + " ".join(f"{x:.3f}" for x in t.report)
         print(f"{t.engine:<12}{t.runs:>10,}{f:>13.3f}{r:>14.3f}{r / f:>14.2f}  {samples}")
     print()
     print(f"{'floor query alone, once (s)':<44}" + "".join(f"{t.engine:>12}" for t in timings))
@@ -584,9 +574,6 @@ def print_results(timings: list[Timing]) -> None:
         print(f"{name:<44}" + "".join(f"{t.parts[name]:>12.3f}" for t in timings))
     print()
     for t in timings:
-        if not t.report:
-            print(f"{t.engine}: no report to time yet (nurture.reports.report.journey_report is missing)")
-            continue
         ratio = statistics.median(t.report) / statistics.median(t.floor)
         print(
             f"{t.engine}: report/floor {ratio:.2f} (goal <= {RATIO_GOAL:.0f}x: {'met' if ratio <= RATIO_GOAL else 'NOT met'})"
