@@ -1,7 +1,9 @@
-"""Interpreter overhead: the generic JourneyRun against a hand-written workflow, side by side.
+"""Interpreter overhead: the generic JourneyRun against a hand-written workflow, side by side;
+or, with ``--compare recording``, the worker's cost of recording the steps runs reach.
 
     python benchmarks/overhead.py [--runs 100] [--sends 3] [--wait 2s] [--rounds 2]
                                   [--start service|plain] [--database-url postgresql://...]
+                                  [--compare handwritten|recording|writes]
 
 One journey, "send, wait, send, wait, send" (``--sends`` transactional SMS, ``--wait`` apart),
 compiled from YAML and run by ``JourneyRun``, against ``benchmarks/handwritten.py`` doing the
@@ -12,19 +14,27 @@ starts ``--runs`` of one kind at once and waits for all to complete, then the ot
 order alternates by round). ``--start service`` starts JourneyRun the way the event API does
 (signal-with-start with the ``trigger`` signal); ``plain`` uses a plain start. Prints wall times,
 history events per run by type, and the two ratios against the goals (<= 1.10 and <= +10%).
+
+``--compare recording``: JourneyRun on two workers, each a subprocess on its own task queue and
+the same database: ``worker.py`` as it is, and the same worker with step-reach recording taken
+out (``_stack.py worker-unrecorded``). Prints the worker CPU per run of each and their ratio
+against the goal (recording costs the worker < 5% more CPU per run). ``--compare writes``: the
+baseline keeps the ``nurture.record_steps`` local activity and drops only the database writes,
+which splits the cost between the two.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,11 +64,15 @@ from nurture.language.durations import parse_duration
 from nurture.language.ir import Journey, Send, journey_to_dict
 from nurture.service.devserver import dev_server
 from nurture.storage.db import Database
-from nurture.storage.models import MessageRecord
+from nurture.storage.models import MessageRecord, RunRecord, StepReach
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WALL_GOAL = 1.10
 EVENTS_GOAL = 1.10
+RECORDING_CPU_GOAL = 1.05
+RECORDED = "recording on"
+UNRECORDED = "recording off"
+UNWRITTEN = "writes off"
 TEMPLATE = "course_access"  # a transactional SMS: quiet hours never defer it
 
 
@@ -74,6 +88,16 @@ def journey_yaml(sends: int, wait: str) -> str:
         'key: "event.properties.order_id"\n'
         "steps:\n" + "\n".join(steps) + "\n"
     )
+
+
+@dataclass(frozen=True)
+class Lane:
+    """Where one kind of run goes: its workflow, task queue and the processes to meter."""
+
+    workflow: str
+    task_queue: str
+    pids: dict[str, int]
+    """The dev server, the worker serving the queue and this script."""
 
 
 @dataclass
@@ -108,16 +132,14 @@ class Bench:
     def __init__(
         self,
         client: Client,
-        stack: Stack,
+        lanes: dict[str, Lane],
         journey: Journey,
         *,
         wait: int,
         service_start: bool,
-        pids: dict[str, int],
     ) -> None:
         self.client = client
-        self.pids = pids
-        self.stack = stack
+        self.lanes = lanes
         self.journey = journey
         self.payload = journey_to_dict(journey)
         self.wait = wait
@@ -132,17 +154,19 @@ class Bench:
         tag = uuid.uuid4().hex[:8]
         users = [f"{kind}-{tag}-{i:04d}" for i in range(runs)]
         seed(db, users)
-        busy, before = busy_seconds(), {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        pids = self.lanes[kind].pids
+        busy, before = busy_seconds(), {name: cpu_seconds(pid) for name, pid in pids.items()}
         start = time.perf_counter()
         durations_handles = await asyncio.gather(*(self.run(kind, user) for user in users))
         wall = time.perf_counter() - start
-        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in self.pids.items()}
+        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         other = max(0.0, busy_seconds() - busy - sum(cpu.values())) / wall
         durations, handles = [d for d, _ in durations_handles], [h for _, h in durations_handles]
         return Batch(kind, wall, durations, handles, users, cpu, other)
 
     async def run(self, kind: str, user: str) -> tuple[float, WorkflowHandle[Any, Any]]:
         key = f"order-{user}"
+        lane = self.lanes[kind]
         event = Event(
             name="Bench Started",
             timestamp=datetime.now(UTC),
@@ -152,7 +176,7 @@ class Bench:
         start = time.perf_counter()
         handle: WorkflowHandle[Any, Any]
         params: dict[str, Any]
-        if kind == GENERIC:
+        if lane.workflow == GENERIC:
             params = {"journey": self.payload, "user_id": user, "key": key, "event": event.to_dict()}
             extra: dict[str, Any] = {}
             if self.service_start:  # what nurture.service.ingest does for every trigger
@@ -165,7 +189,7 @@ class Bench:
                 GENERIC,
                 params,
                 id=workflow_id(self.journey.id, user, key),
-                task_queue=self.stack.task_queue,
+                task_queue=lane.task_queue,
                 **extra,
             )
         else:
@@ -178,13 +202,12 @@ class Bench:
                 "sends": self.sends,
             }
             handle = await self.client.start_workflow(
-                HANDWRITTEN, params, id=f"handwritten/{user}/{key}", task_queue=self.stack.task_queue
+                HANDWRITTEN, params, id=f"handwritten/{user}/{key}", task_queue=lane.task_queue
             )
         result = await handle.result()
         if result.get("reason") != "completed":
             raise SystemExit(f"{kind} run {handle.id} ended with {result}; measure nothing")
         return time.perf_counter() - start, handle
-
 
 
 def sent_messages(db: Database, users: list[str]) -> int:
@@ -233,6 +256,12 @@ async def main() -> None:
         default="memory",
         help="the dev server's store: in memory (its default) or a SQLite file in the temp dir",
     )
+    parser.add_argument(
+        "--compare",
+        choices=("handwritten", "recording", "writes"),
+        default="handwritten",
+        help="JourneyRun against the hand-written workflow, or with step-reach recording against without",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     args = parser.parse_args()
     if args.sends < 1 or args.runs < 1 or args.rounds < 1:
@@ -257,33 +286,76 @@ async def main() -> None:
                 f"per round, {args.rounds} rounds; JourneyRun started {args.start}"
             )
             db = stack.db()
-            with stack.worker(handwritten=True) as worker:
+            off_stack = replace(stack, task_queue=f"{stack.task_queue}-unrecorded")
+            recording = args.compare != "handwritten"
+            with contextlib.ExitStack() as workers:
+                worker = workers.enter_context(stack.worker(handwritten=not recording))
                 client = await Client.connect(temporal.address)
-                pids = {"temporal": temporal.process.pid, "worker": worker.process.pid, "client": os.getpid()}
-                bench = Bench(
-                    client, stack, journey, wait=wait, service_start=args.start == "service", pids=pids
+
+                def lane(workflow: str, queue: str, pid: int) -> Lane:
+                    return Lane(
+                        workflow,
+                        queue,
+                        {"temporal": temporal.process.pid, "worker": pid, "client": os.getpid()},
+                    )
+
+                if recording:
+                    keep = args.compare == "writes"
+                    off = workers.enter_context(off_stack.worker(unrecorded=True, keep_activity=keep))
+                    kinds = (RECORDED, UNWRITTEN if keep else UNRECORDED)
+                    lanes = {
+                        RECORDED: lane(GENERIC, stack.task_queue, worker.process.pid),
+                        kinds[1]: lane(GENERIC, off_stack.task_queue, off.process.pid),
+                    }
+                else:
+                    kinds = (GENERIC, HANDWRITTEN)
+                    lanes = {kind: lane(kind, stack.task_queue, worker.process.pid) for kind in kinds}
+                bench = Bench(client, lanes, journey, wait=wait, service_start=args.start == "service")
+                batches = await asyncio.wait_for(
+                    run_rounds(bench, db, kinds, args.runs, args.rounds), args.timeout
                 )
-                batches = await asyncio.wait_for(run_rounds(bench, db, args.runs, args.rounds), args.timeout)
-                generic = [b for b in batches if b.kind == GENERIC]
-                hand = [b for b in batches if b.kind == HANDWRITTEN]
-                g_hist = await histories([h for b in generic for h in b.handles])
-                h_hist = await histories([h for b in hand for h in b.handles])
+                first = [b for b in batches if b.kind == kinds[0]]
+                second = [b for b in batches if b.kind == kinds[1]]
+                first_hist = await histories([h for b in first for h in b.handles])
+                second_hist = await histories([h for b in second for h in b.handles])
             for batch in batches:
                 got = sent_messages(db, batch.users)
                 if got != len(batch.users) * args.sends:
                     raise SystemExit(
                         f"{batch.kind}: {got} messages in the outbox, expected {len(batch.users) * args.sends}"
                     )
+            if recording:
+                check_reaches(db, batches, recorded=args.sends * 2 - 1)
             db.dispose()
-    report(batches, generic, hand, g_hist, h_hist, (args.sends - 1) * wait)
+    report(batches, kinds, first, second, first_hist, second_hist, (args.sends - 1) * wait)
+    if recording:
+        report_recording(kinds[1], first, second)
 
 
-async def run_rounds(bench: Bench, db: Database, runs: int, rounds: int) -> list[Batch]:
-    await bench.batch(GENERIC, min(10, runs), db)  # warm-up: worker caches, sticky queues, DB pools
-    await bench.batch(HANDWRITTEN, min(10, runs), db)
+def check_reaches(db: Database, batches: list[Batch], recorded: int) -> None:
+    """Recorded runs wrote a row per step (sends and waits), the others none: the A/B is real."""
+    for batch in batches:
+        with db.session() as session:
+            query = (
+                select(func.count())
+                .select_from(StepReach)
+                .join(RunRecord, col(RunRecord.run_id) == col(StepReach.run_id))
+                .where(col(RunRecord.user_id).in_(batch.users))
+            )
+            got = int(session.exec(query).one())
+        expected = len(batch.users) * recorded if batch.kind == RECORDED else 0
+        if got != expected:
+            raise SystemExit(f"{batch.kind}: {got} step_reaches rows, expected {expected}")
+
+
+async def run_rounds(
+    bench: Bench, db: Database, kinds: tuple[str, str], runs: int, rounds: int
+) -> list[Batch]:
+    for kind in kinds:  # warm-up: worker caches, sticky queues, DB pools
+        await bench.batch(kind, min(10, runs), db)
     batches: list[Batch] = []
     for index in range(rounds):
-        order = (GENERIC, HANDWRITTEN) if index % 2 == 0 else (HANDWRITTEN, GENERIC)
+        order = kinds if index % 2 == 0 else kinds[::-1]
         for kind in order:
             batches.append(await bench.batch(kind, runs, db))
     return batches
@@ -291,6 +363,7 @@ async def run_rounds(bench: Bench, db: Database, runs: int, rounds: int) -> list
 
 def report(
     batches: list[Batch],
+    kinds: tuple[str, str],
     generic: list[Batch],
     hand: list[Batch],
     g_hist: Histories,
@@ -312,12 +385,12 @@ def report(
     print(f"(the waits alone take {floor} s per run; other cores: busy with other work on the machine)")
     print()
     print(f"{'workflow':<22}{'wall s (sum)':>13}{'run mean s':>12}{'events/run':>12}{'history B/run':>15}")
-    for name, kind_batches, hist in ((GENERIC, generic, g_hist), (HANDWRITTEN, hand, h_hist)):
+    for name, kind_batches, hist in ((kinds[0], generic, g_hist), (kinds[1], hand, h_hist)):
         wall = sum(b.wall for b in kind_batches)
         mean = statistics.fmean(d for b in kind_batches for d in b.durations)
         print(f"{name:<22}{wall:>13.2f}{mean:>12.3f}{hist.per_run():>12.1f}{hist.size / hist.runs:>15.0f}")
     print()
-    print(f"{'history event type':<42}{GENERIC:>12}{HANDWRITTEN:>20}{'extra':>8}")
+    print(f"{'history event type':<42}{kinds[0]:>12}{kinds[1]:>20}{'extra':>8}")
     for name in sorted(set(g_hist.events) | set(h_hist.events)):
         g, h = g_hist.per_run(name), h_hist.per_run(name)
         print(f"{name:<42}{g:>12.2f}{h:>20.2f}{g - h:>+8.2f}")
@@ -326,6 +399,8 @@ def report(
         print(f"\nWARNING: other work kept up to {noisy:.2f} cores busy during a round; the ratios are noisy")
     wall_ratio = sum(b.wall for b in generic) / sum(b.wall for b in hand)
     events_ratio = g_hist.per_run() / h_hist.per_run()
+    if kinds[1] != HANDWRITTEN:
+        return
     print()
     print(
         f"wall-time ratio JourneyRun/hand-written: {wall_ratio:.3f} (goal <= {WALL_GOAL:.2f}: {verdict(wall_ratio, WALL_GOAL)})"
@@ -333,6 +408,27 @@ def report(
     print(
         f"history events ratio JourneyRun/hand-written: {events_ratio:.3f} ({(events_ratio - 1) * 100:+.1f}%; "
         f"goal <= +{(EVENTS_GOAL - 1) * 100:.0f}%: {verdict(events_ratio, EVENTS_GOAL)})"
+    )
+
+
+def report_recording(baseline: str, recorded: list[Batch], unrecorded: list[Batch]) -> None:
+    def per_run(batches: list[Batch], process: str) -> float:
+        return sum(b.cpu[process] for b in batches) * 1000 / sum(len(b.durations) for b in batches)
+
+    print()
+    print(f"{'CPU ms per run':<22}{'worker':>10}{'temporal':>10}{'client':>10}")
+    for name, batches in ((RECORDED, recorded), (baseline, unrecorded)):
+        print(
+            f"{name:<22}" + "".join(f"{per_run(batches, p):>10.2f}" for p in ("worker", "temporal", "client"))
+        )
+    print(f"per round (the ratio of the worker CPU, {RECORDED}/{baseline}, round by round):")
+    for index, (on, off) in enumerate(zip(recorded, unrecorded, strict=True)):
+        ratio = on.cpu["worker"] / off.cpu["worker"] if off.cpu["worker"] else float("nan")
+        print(f"  round {index + 1}: {ratio:.3f}")
+    ratio = per_run(recorded, "worker") / per_run(unrecorded, "worker")
+    print(
+        f"worker CPU ratio {RECORDED}/{baseline}: {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; "
+        f"goal < +{(RECORDING_CPU_GOAL - 1) * 100:.0f}%: {verdict(ratio, RECORDING_CPU_GOAL)})"
     )
 
 
