@@ -2,7 +2,7 @@
 event API, each a process of its own, on loopback ports, with every file in a temporary directory.
 
     python benchmarks/_stack.py worker-handwritten   (started by benchmarks/overhead.py)
-    python benchmarks/_stack.py worker-unrecorded [--keep-activity]
+    python benchmarks/_stack.py worker-unrecorded
                                                      (started by overhead.py --compare recording|writes)
     python benchmarks/_stack.py api --port PORT      (started by benchmarks/ingest.py)
 
@@ -127,23 +127,16 @@ class Stack:
         }
 
     @contextlib.contextmanager
-    def worker(
-        self, *, handwritten: bool = False, unrecorded: bool = False, keep_activity: bool = False
-    ) -> Iterator[Service]:
+    def worker(self, *, handwritten: bool = False, unrecorded: bool = False) -> Iterator[Service]:
         """The operator's worker (``python worker.py``) as a subprocess, once it polls its queue.
 
         ``handwritten``: the same worker serving ``benchmarks/handwritten.py`` as well;
-        ``unrecorded``: the same worker without step-reach recording (see ``_serve_unrecorded``),
-        or with ``keep_activity`` without its database writes only.
+        ``unrecorded``: the same worker without step-reach recording's writes (see
+        ``_serve_unrecorded``).
         """
         if handwritten or unrecorded:
             name = "worker-handwritten" if handwritten else "worker-unrecorded"
-            args = [
-                sys.executable,
-                str(Path(__file__)),
-                name,
-                *(["--keep-activity"] if keep_activity else []),
-            ]
+            args = [sys.executable, str(Path(__file__)), name]
         else:
             name, args = "worker", [sys.executable, str(ROOT / "worker.py")]
         with self._process(name, args) as (process, log):
@@ -279,36 +272,24 @@ def _serve_handwritten() -> None:
     asyncio.run(worker.run(settings))
 
 
-def _serve_unrecorded(keep_activity: bool) -> None:
-    """``worker.py`` as it ran before runs recorded the steps they reach: the baseline of
-    ``overhead.py --compare recording``.
+def _serve_unrecorded() -> None:
+    """``worker.py`` without the database writes of step-reach recording: the baseline of
+    ``overhead.py --compare recording|writes``.
 
-    Three things go, and nothing else: the ``nurture.record_steps`` local activity before each
-    wait (``workflow.patched("record-steps")`` answers no, as for a history made before it, so
-    no marker is written either), the step-reach rows a send activity writes before sending
-    (``steps`` does nothing), and those a run's end record inserts (``_add_reaches`` does
-    nothing). The interpreter still notes the steps it reaches; that is a list append per step.
-    ``keep_activity`` keeps the local activity (and the patch's marker): only the writes go.
+    Runs started without the ``record_steps`` flag (``--compare recording``) run no
+    ``nurture.record_steps`` local activity, as runs started before the recording existed; with
+    the flag (``--compare writes``) they run it and only its writes go. Either way the steps a
+    run's end record carries are not inserted (``_add_reaches`` does nothing). The interpreter
+    still notes the steps it reaches; that is a list append per step.
     """
-    from temporalio import workflow
-
     from nurture.service import observability, worker
     from nurture.service.observability import configure_logging
     from nurture.service.settings import Settings
     from nurture.storage import stores
-    from workflows.journey import RECORD_STEPS
-
-    patched = workflow.patched
-
-    def unpatched(patch_id: str) -> bool:
-        return False if patch_id == RECORD_STEPS else patched(patch_id)
 
     async def no_steps(self: Any, record: Any) -> None:
         return None
 
-    # temporalio passes through the workflow sandbox, so the journey workflow sees this function.
-    if not keep_activity:
-        workflow.patched = unpatched
     observability.InstrumentedRecorder.steps = no_steps  # type: ignore[method-assign]
     stores._add_reaches = lambda session, record: None
     configure_logging()
@@ -326,15 +307,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="service processes for the benchmarks")
     sub = parser.add_subparsers(dest="role", required=True)
     sub.add_parser("worker-handwritten", help="the journey worker, also serving the hand-written workflow")
-    unrecorded = sub.add_parser("worker-unrecorded", help="the journey worker without step-reach recording")
-    unrecorded.add_argument("--keep-activity", action="store_true", help="drop only the database writes")
+    sub.add_parser("worker-unrecorded", help="the journey worker without step-reach recording's writes")
     api = sub.add_parser("api", help="the event API")
     api.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     if args.role == "worker-handwritten":
         _serve_handwritten()
     elif args.role == "worker-unrecorded":
-        _serve_unrecorded(args.keep_activity)
+        _serve_unrecorded()
     else:
         _serve_api(args.port)
 

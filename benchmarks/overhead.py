@@ -65,6 +65,7 @@ from nurture.language.ir import Journey, Send, journey_to_dict
 from nurture.service.devserver import dev_server
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, RunRecord, StepReach
+from workflows.journey import RECORD_STEPS
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WALL_GOAL = 1.10
@@ -98,6 +99,8 @@ class Lane:
     task_queue: str
     pids: dict[str, int]
     """The dev server, the worker serving the queue and this script."""
+    record_steps: bool = True
+    """Start generic runs recording the steps they reach, as the service does."""
 
 
 @dataclass
@@ -177,7 +180,13 @@ class Bench:
         handle: WorkflowHandle[Any, Any]
         params: dict[str, Any]
         if lane.workflow == GENERIC:
-            params = {"journey": self.payload, "user_id": user, "key": key, "event": event.to_dict()}
+            params = {
+                "journey": self.payload,
+                "user_id": user,
+                "key": key,
+                "event": event.to_dict(),
+                RECORD_STEPS: lane.record_steps,
+            }
             extra: dict[str, Any] = {}
             if self.service_start:  # what nurture.service.ingest does for every trigger
                 extra = {
@@ -292,20 +301,22 @@ async def main() -> None:
                 worker = workers.enter_context(stack.worker(handwritten=not recording))
                 client = await Client.connect(temporal.address)
 
-                def lane(workflow: str, queue: str, pid: int) -> Lane:
+                def lane(workflow: str, queue: str, pid: int, *, record_steps: bool = True) -> Lane:
                     return Lane(
                         workflow,
                         queue,
                         {"temporal": temporal.process.pid, "worker": pid, "client": os.getpid()},
+                        record_steps,
                     )
 
                 if recording:
                     keep = args.compare == "writes"
-                    off = workers.enter_context(off_stack.worker(unrecorded=True, keep_activity=keep))
+                    off = workers.enter_context(off_stack.worker(unrecorded=True))
                     kinds = (RECORDED, UNWRITTEN if keep else UNRECORDED)
                     lanes = {
                         RECORDED: lane(GENERIC, stack.task_queue, worker.process.pid),
-                        kinds[1]: lane(GENERIC, off_stack.task_queue, off.process.pid),
+                        # Runs started without the flag run as before the recording existed.
+                        kinds[1]: lane(GENERIC, off_stack.task_queue, off.process.pid, record_steps=keep),
                     }
                 else:
                     kinds = (GENERIC, HANDWRITTEN)

@@ -33,10 +33,6 @@ class JourneyActivities:
         """Render and deliver one send step; returns a SendResult as JSON."""
         request = SendRequest.from_dict(payload["request"])
         now = parse_instant(payload["now"])
-        if payload.get("reached"):
-            await self.recorder.steps(
-                {"run_id": request.run_id, "journey": request.journey, "version": request.version, "reached": payload["reached"]}
-            )
         profile = await self.profiles.get(request.user_id)
         try:
             result = await self.deliverer.send(request, profile, now)

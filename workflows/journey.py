@@ -31,8 +31,9 @@ with workflow.unsafe.imports_passed_through():
     from nurture.language import ir
 
 WORKFLOW_NAME = "JourneyRun"
-RECORD_STEPS = "record-steps"
-"""Patch id: each wait first records the steps reached and where the run waits (reports)."""
+RECORD_STEPS = "record_steps"
+"""Workflow input flag: before each wait the run records the steps it reached and where it waits
+(reports). Runs started without it (before this release) replay as they ran."""
 
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -50,8 +51,9 @@ class JourneyWorkflow:
     """Runs one journey for one user and key.
 
     Input (JSON): ``journey`` (the intermediate form), ``user_id``, ``key``, ``event`` (the
-    trigger), ``run_id`` and ``clock_offset`` (seconds added to workflow time; the scenario
-    runner uses it to place the time-skipping server's clock on the scenario's start).
+    trigger), ``run_id``, ``clock_offset`` (seconds added to workflow time; the scenario
+    runner uses it to place the time-skipping server's clock on the scenario's start) and
+    ``record_steps`` (record the steps reached before each wait; every router sets it).
     """
 
     def __init__(self) -> None:
@@ -61,6 +63,7 @@ class JourneyWorkflow:
         self._waiting = False
         self._state = "starting"
         self._restart: dict[str, Any] | None = None
+        self._record_steps = False
         self._seen: set[str] = set()
 
     @workflow.signal(name="event")
@@ -104,6 +107,7 @@ class JourneyWorkflow:
     @workflow.run
     async def run(self, params: dict[str, Any]) -> dict[str, Any]:
         journey = ir.journey_from_dict(params["journey"])
+        self._record_steps = bool(params.get(RECORD_STEPS))
         self._offset = timedelta(seconds=float(params.get("clock_offset", 0)))
         info = workflow.info()
         run = Run(
@@ -138,6 +142,7 @@ class JourneyWorkflow:
                     "key": run.key,
                     "event": self._restart["event"],
                     "clock_offset": self._offset.total_seconds(),
+                    RECORD_STEPS: True,
                 }
             )
         self._waiting = True
@@ -161,12 +166,7 @@ class JourneyWorkflow:
             self._state = f"sending:{command.request.step_id}"
             raw = await workflow.execute_activity(
                 "nurture.send",
-                # The steps reached on the way to this send are recorded by the send itself.
-                {
-                    "request": command.request.to_dict(),
-                    "now": format_instant(self._now()),
-                    "reached": run.steps_record()["reached"],
-                },
+                {"request": command.request.to_dict(), "now": format_instant(self._now())},
                 # Short: after a worker crash mid-send, the retry starts this much later.
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=SEND_RETRY,
@@ -177,7 +177,7 @@ class JourneyWorkflow:
     async def _wait(self, run: Run, command: Sleep | AwaitEvent) -> Command | Ended:
         """Sleep until the command's instant, judging every event that arrives meanwhile."""
         self._state = f"waiting:{command.step_id}"
-        if workflow.patched(RECORD_STEPS):
+        if self._record_steps:
             await workflow.execute_local_activity(
                 "nurture.record_steps", run.steps_record(command), start_to_close_timeout=LOCAL
             )

@@ -56,7 +56,7 @@ from nurture.simulation.scenarios import Scenario
 from nurture.simulation.simulator import Outcome
 
 from .activities import JourneyActivities
-from .journey import JourneyWorkflow
+from .journey import RECORD_STEPS, JourneyWorkflow
 
 TASK_QUEUE = "nurture-scenarios"
 
@@ -288,6 +288,7 @@ class _Play:
                     "event": event.to_dict(),
                     "run_id": run_id,
                     "clock_offset": self.offset.total_seconds(),
+                    RECORD_STEPS: True,
                 },
                 id=workflow_id(journey.id, user_id, key, prefix=f"scenario-{self.prefix}.{number}"),
                 task_queue=TASK_QUEUE,

@@ -37,7 +37,7 @@ from nurture.language.ir import Journey, journey_to_dict
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, utcnow
 from nurture.storage.stores import DbProfiles, DbRecorder, Events, OptOuts, Routes, has_run, run_started_by
-from workflows.journey import WORKFLOW_NAME
+from workflows.journey import RECORD_STEPS, WORKFLOW_NAME
 
 from .observability import CONVERSIONS
 
@@ -246,7 +246,13 @@ class Ingest:
         if once and started is None and await asyncio.to_thread(has_run, self.db, journey.id, user_id, key):
             routed.skipped.append(journey.id)
             return
-        params = {"journey": self._payloads[journey.id], "user_id": user_id, "key": key, "event": event}
+        params = {
+            "journey": self._payloads[journey.id],
+            "user_id": user_id,
+            "key": key,
+            "event": event,
+            RECORD_STEPS: True,
+        }
         assert self.client is not None, "routing track events needs a Temporal client"
         try:
             await self.client.start_workflow(
