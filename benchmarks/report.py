@@ -45,6 +45,7 @@ from nurture.language.compiler import load_project
 from nurture.language.ir import Journey
 from nurture.reports.report import journey_report
 from nurture.storage.db import Database, database_url
+from nurture.storage.models import feedback_bit
 
 JOURNEY = "bench_report"
 SPLIT = "offer_test"
@@ -155,6 +156,7 @@ COLUMNS = {
         "revision",
         "sent_at",
         "created_at",
+        "feedback",
     ),
     "message_events": (
         "provider",
@@ -235,15 +237,19 @@ class Seeder:
                     0,
                     sent_at,
                     at,
+                    0,
                 )
             )
             if status != "sent":
                 return
             last_message = at
+            bits = 0
             for event, chance in FEEDBACK[channel]:
                 if rng.random() < chance:
                     when = at + timedelta(minutes=rng.randrange(1, 600))
                     rows.message_events.append(("outbox", event, key, provider_id, user, when, "{}", when))
+                    bits |= feedback_bit(event)  # what the webhooks set as they record the event
+            rows.messages[-1] = (*rows.messages[-1][:-1], bits)
 
         def wait(step: str, hours: float) -> bool:
             """Reach the wait ``step``; whether the run stops there (its row is then written): it

@@ -24,7 +24,6 @@ from nurture.language import ir
 from nurture.language.compiler import Project, load_project
 from nurture.reports import stats
 from nurture.reports.report import (
-    FEEDBACK,
     SCHEMA,
     JourneyReport,
     daily_looks,
@@ -38,7 +37,8 @@ from nurture.service import privacy
 from nurture.simulation.scenarios import Scenario, build_simulator, load_scenario
 from nurture.simulation.simulator import Outcome
 from nurture.storage.db import Database
-from nurture.storage.models import MessageRecord, RunRecord, StepReach
+from nurture.storage.feedback import record_event
+from nurture.storage.models import FEEDBACK, MessageRecord, RunRecord, StepReach
 from nurture.storage.stores import DbRecorder
 from workflows.runtime import TemporalRuntime
 
@@ -556,3 +556,34 @@ def test_the_command_refuses_what_it_cannot_report(home: Path, tmp_path: Path) -
     assert bad.exit_code == 2 and "'soon' is not a date" in bad.output
     empty = run_cli("report", "chat_recovery", "--home", str(tmp_path / "nowhere"))
     assert empty.exit_code == 1 and "no database at" in empty.output
+
+
+def test_provider_feedback_is_counted_per_send_step_once_per_message_and_kind(
+    project: Project, tmp_path: Path
+) -> None:
+    """Feedback recorded the way the webhooks record it, repeats and unknown kinds included."""
+    scenario = load_scenario(TESTS / "chat_followup_variant_b.yaml", project)
+    db = fresh_db(tmp_path / "report.db")
+    asyncio.run(play_sim(scenario, project, db))
+    journey = project.journeys["chat_recovery"]
+    sent = [m for m in rows(db, MessageRecord, journey="chat_recovery") if m.status == "sent"]
+    assert sent, "the scenario sends something"
+    first = sent[0]
+    for number, event in enumerate(("delivered", "open", "open", "click", "processed", "spamreport")):
+        record_event(
+            db,
+            provider="sendgrid",
+            event=event,
+            at=START,
+            provider_event_id=f"ev-{number}",
+            idempotency_key=first.idempotency_key,
+        )
+
+    steps = {step.id: step for step in walk_counts(journey_report(db, journey).steps)}
+    counts = steps[first.step_id].send
+    assert counts is not None
+    assert counts.feedback == {"delivered": 1, "bounced": 0, "opened": 1, "clicked": 1, "unsubscribed": 0, "spam": 1}
+    # Forgetting the person deletes their feedback events; the message's counts stay.
+    asyncio.run(privacy.forget(db, first.user_id, temporal=None, actor="test", secret="test-secret-0123456789"))
+    steps = {step.id: step for step in walk_counts(journey_report(db, journey).steps)}
+    assert steps[first.step_id].send == counts

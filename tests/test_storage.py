@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import inspect
 from sqlmodel import select
-from support import send_request
+from support import rows, send_request
 
 from nurture.delivery.deliverer import Claim
 from nurture.engine.model import SendOutcome, SendRequest
@@ -234,3 +234,40 @@ def test_the_migrations_build_exactly_the_tables_the_models_describe(database: D
     with database.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": False})
         assert compare_metadata(context, SQLModel.metadata) == []
+
+
+def test_the_upgrade_marks_the_feedback_messages_already_had(database: Database) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from nurture.storage.db import MIGRATIONS
+    from nurture.storage.models import feedback_bit
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = database.engine
+    command.downgrade(config, "0008")
+    with database.engine.begin() as connection:
+        for key in ("r1:s1", "r2:s1"):
+            connection.execute(
+                text(
+                    "INSERT INTO messages (idempotency_key, run_id, user_id, journey, step_id, channel, template, "
+                    "status, attempts, revision, created_at) VALUES (:key, 'r', 'u', 'j', 's1', 'email', 't', 'sent', "
+                    "'[]', 0, :at)"
+                ),
+                {"key": key, "at": NOW},
+            )
+        for event in ("delivered", "open", "processed"):
+            connection.execute(
+                text(
+                    "INSERT INTO message_events (provider, event, idempotency_key, at, data, received_at) "
+                    "VALUES ('sendgrid', :event, 'r1:s1', :at, '{}', :at)"
+                ),
+                {"event": event, "at": NOW},
+            )
+
+    database.migrate()
+
+    bits = {row.idempotency_key: row.feedback for row in rows(database, MessageRecord)}
+    assert bits == {"r1:s1": feedback_bit("delivered") | feedback_bit("open"), "r2:s1": 0}

@@ -19,14 +19,14 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Date, case, cast, distinct, extract, func, literal, select
+from sqlalchemy import Date, case, cast, extract, func, literal, select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col
 
 from nurture.engine.clock import parse_instant
 from nurture.language import ir
 from nurture.storage.db import Database
-from nurture.storage.models import MessageEvent, MessageRecord, RunRecord, StepReach
+from nurture.storage.models import FEEDBACK, MessageRecord, RunRecord, StepReach
 
 from . import stats
 
@@ -37,15 +37,6 @@ tests rest on are poor, and early swings mislead more than they inform."""
 ALPHA = 0.05
 """A winner is named when the always-valid p-value falls below this (95% confidence)."""
 
-FEEDBACK: dict[str, tuple[str, ...]] = {
-    "delivered": ("delivered",),
-    "bounced": ("bounce", "dropped", "undelivered"),
-    "opened": ("open", "read"),
-    "clicked": ("click",),
-    "unsubscribed": ("unsubscribe", "group_unsubscribe"),
-    "spam": ("spamreport",),
-}
-"""Provider feedback as the report counts it: the provider events (SendGrid, Twilio) of each kind."""
 
 
 class _Model(BaseModel):
@@ -360,16 +351,18 @@ def journey_report(
                 col(MessageRecord.channel),
             )
         ).all()
-        kind = case(
-            *((col(MessageEvent.event).in_(events), literal(name)) for name, events in FEEDBACK.items()),
-            else_=None,
-        )
-        feedback_rows = session.execute(
-            select(col(MessageRecord.step_id), kind, func.count(distinct(col(MessageRecord.id))))
-            .join(MessageEvent, col(MessageEvent.idempotency_key) == col(MessageRecord.idempotency_key))
-            .where(*scope.messages(), kind.is_not(None))
-            .group_by(col(MessageRecord.step_id), kind)
-        ).all()
+        # One bit per kind on the message row (set as the webhooks record feedback): no join.
+        has = [func.sum(case((col(MessageRecord.feedback).op("&")(1 << bit) != 0, 1), else_=0)) for bit in range(len(FEEDBACK))]
+        feedback_rows = [
+            (step_id, name, count)
+            for step_id, *counts in session.execute(
+                select(col(MessageRecord.step_id), *has)
+                .where(*scope.messages(), col(MessageRecord.feedback) != 0)
+                .group_by(col(MessageRecord.step_id))
+            ).all()
+            for name, count in zip(FEEDBACK, counts, strict=True)
+            if count
+        ]
         median = _median_seconds(db, session, scope)
         splits = [step for step in ir.walk(journey.steps) if isinstance(step, ir.Split)]
         experiments = [_experiment(db, session, scope, split) for split in splits]

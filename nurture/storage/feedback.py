@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from .db import Database
-from .models import MessageEvent, MessageRecord, ProfileRecord, UsedNonce, utcnow
+from .models import MessageEvent, MessageRecord, ProfileRecord, UsedNonce, feedback_bit, utcnow
 from .stores import DbProfiles
 
 STATUS_RANK: dict[str, int] = {
@@ -164,6 +164,7 @@ def record_event(
                 user_id = user_id or row.user_id or None
                 if status is not None:
                     update_delivery_status(row, status)
+                row.feedback |= feedback_bit(event)
             session.add(
                 MessageEvent(
                     provider=provider,

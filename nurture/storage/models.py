@@ -10,8 +10,26 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, Text, TypeDecorator, text
+from sqlalchemy import JSON, Column, DateTime, Index, Integer, Text, TypeDecorator, text
 from sqlmodel import Field, SQLModel
+
+FEEDBACK: dict[str, tuple[str, ...]] = {
+    "delivered": ("delivered",),
+    "bounced": ("bounce", "dropped", "undelivered"),
+    "opened": ("open", "read"),
+    "clicked": ("click",),
+    "unsubscribed": ("unsubscribe", "group_unsubscribe"),
+    "spam": ("spamreport",),
+}
+"""Kinds of provider feedback (SendGrid, Twilio and WeChat events of each kind), in bit order."""
+
+
+def feedback_bit(event: str) -> int:
+    """The bit of ``messages.feedback`` a provider event sets (0 for one no kind counts)."""
+    for index, events in enumerate(FEEDBACK.values()):
+        if event in events:
+            return 1 << index
+    return 0
 
 
 def utcnow() -> datetime:
@@ -206,6 +224,9 @@ class MessageRecord(SQLModel, table=True):
     """Bumped by every change to ``attempts``: concurrent writers compare and set on it."""
     delivery_status: str | None = Field(default=None, max_length=32)
     """The latest provider feedback: ``delivered``, ``bounce``, ``open``, ``click``, ..."""
+    feedback: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default=text("0")))
+    """Every kind of feedback the message got, one bit per kind of :data:`FEEDBACK` (reports count
+    them from the row itself, with no join to ``message_events``)."""
     created_at: datetime = _when(nullable=False, default=utcnow)
     updated_at: datetime | None = _when(nullable=True)
 
