@@ -266,7 +266,11 @@ class OpenGoals:
             last_message_at=None if record["last_message_at"] is None else parse_instant(record["last_message_at"]),
             variants=dict(record.get("variants") or {}),
         )
-        self.by_user.setdefault(run.user_id, []).append((run, parse_instant(record["goal_until"])))
+        self.keep(run, parse_instant(record["goal_until"]))
+
+    def keep(self, run: EndedRun, until: datetime) -> None:
+        """Keep an ended run until ``until``, when its goal window closes."""
+        self.by_user.setdefault(run.user_id, []).append((run, until))
 
     def convert(
         self, journeys: Mapping[str, ir.Journey], user_id: str, event: Event, traits: Mapping[str, Any]

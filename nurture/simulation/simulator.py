@@ -31,7 +31,7 @@ from nurture.engine.interpreter import (
     run_key,
     trigger_matches,
 )
-from nurture.engine.model import Event, Recorder, SendOutcome
+from nurture.engine.model import EndedRun, Event, Recorder, SendOutcome
 from nurture.language import ir
 
 
@@ -278,13 +278,17 @@ class Simulator:
 
     async def _finish(self, live: _Live, ended: Ended) -> None:
         run = live.run
-        if self.recorder is not None or run.goal_window_end is not None:
+        if self.recorder is not None:
             record = run.end_record(run.run_id, ended.reason, self.now, continued=False)
             self._open_goals.add(record)
-            if self.recorder is not None:
-                await self.recorder.end(record)
+            await self.recorder.end(record)
         else:
             run.take_reached()
+            if (until := run.goal_window_end) is not None:
+                ended_run = EndedRun(
+                    run.run_id, run.journey.id, run.user_id, run.key, run.entered_at, run.last_message_at, run.variants
+                )
+                self._open_goals.keep(ended_run, until)
         slot = (run.journey.id, run.user_id, run.key)
         if self._active.get(slot) is live:
             del self._active[slot]
