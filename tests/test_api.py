@@ -330,6 +330,30 @@ BAD_CALLS: list[tuple[str, str, Any, int, str, str]] = [
         "between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z",
     ),
     (
+        "page-timestamp-out-of-range",
+        "/v1/page",
+        {"userId": "{user}", "name": "Home", "timestamp": "9999-12-31T23:59:59-01:00"},
+        400,
+        "timestamp",
+        "between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z",
+    ),
+    (
+        "screen-user-id-too-long",
+        "/v1/screen",
+        {"userId": "u" * 256, "name": "Home"},
+        400,
+        "userId",
+        "at most 255 characters",
+    ),
+    (
+        "sent-at-correction-out-of-range",
+        "/v1/track",
+        {"userId": "{user}", "event": "A", "timestamp": "9999-12-30T00:00:00Z", "sentAt": "2000-01-01T00:00:00Z"},
+        400,
+        "body",
+        "corrected by sentAt",
+    ),
+    (
         "properties-list",
         "/v1/track",
         {"userId": "{user}", "event": "Signed Up", "properties": [1, 2]},
@@ -435,6 +459,18 @@ BAD_ITEMS = [
         "must be a JSON object",
     ),
     (
+        "batch-sent-at-correction-out-of-range",
+        {
+            "sentAt": "2000-01-01T00:00:00Z",
+            "batch": [
+                {"type": "track", "userId": "{user}", "event": "A"},
+                {"type": "page", "userId": "{user}", "name": "Home", "timestamp": "9999-12-30T00:00:00Z"},
+            ],
+        },
+        "batch[1].timestamp",
+        "corrected by sentAt",
+    ),
+    (
         "oversize-batch-item",
                 {"batch": [{"type": "track", "userId": "{user}", "event": "A", "properties": {"b": big(40_000)}}]},
         "batch[0]",
@@ -448,7 +484,7 @@ async def test_a_bad_batch_item_is_refused_alone(api: Api, body: Any, field: str
     user = new_user()
     batch = fill(body, user)["batch"]
 
-    answer = await api.post("/v1/batch", {"batch": batch})
+    answer = await api.post("/v1/batch", fill(body, user))
 
     assert answer.status_code == 200, answer.text
     [refused] = answer.json()["refused"]
@@ -457,7 +493,7 @@ async def test_a_bad_batch_item_is_refused_alone(api: Api, body: Any, field: str
     assert refused["index"] == int(field[len("batch[") :].split("]")[0])
     assert answer.json()["success"] is False and len(answer.json()["results"]) == len(batch) - 1
     applied = [item for index, item in enumerate(batch) if index != refused["index"]]
-    tracked = [item["event"] for item in applied if item["type"] == "track"]
+    tracked = [item["event"] if item["type"] == "track" else "Page Viewed" for item in applied if item["type"] != "identify"]
     assert sorted(e.name for e in rows(api.db, EventRecord, user_id=user, kind="track")) == sorted(tracked)
 
 
