@@ -556,7 +556,7 @@ def hostile_body(path: str, user: str, value: str) -> str:
     return f'{{"batch": [{{"type": "track", {call}}}]}}' if path == "/v1/batch" else f"{{{call}}}"
 
 
-@pytest.mark.parametrize("path", ["/v1/track", "/v1/identify", "/v1/batch"])
+@pytest.mark.parametrize("path", ["/v1/track", "/v1/identify", "/v1/page", "/v1/batch"])
 @pytest.mark.parametrize(
     ("value", "words"), [v[1:] for v in HOSTILE_VALUES], ids=[v[0] for v in HOSTILE_VALUES]
 )
