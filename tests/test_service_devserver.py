@@ -198,17 +198,8 @@ BAD = [
     ("/v1/track", {"userId": "{user}", "event": "Signed Up", "timestamp": "2026-13-45"}, 400, "timestamp"),
     ("/v1/track", {"userId": "{user}", "event": "Order Completed", "properties": "o-1"}, 400, "properties"),
     ("/v1/identify", {"userId": "{user}", "traits": {"opted_out": "sms"}}, 400, "traits.opted_out"),
-    (
-        "/v1/batch",
-        {
-            "batch": [
-                {"type": "track", "userId": "{user}", "event": "Signed Up"},
-                {"type": "screen", "userId": "{user}"},
-            ]
-        },
-        400,
-        "batch[1].type",
-    ),
+    # A batch's bad items are refused one by one in a 200 (tests/test_api.py); a bad body whole.
+    ("/v1/batch", {"batch": {"type": "track", "userId": "{user}", "event": "Signed Up"}}, 400, "batch"),
     ("/v1/track", {"userId": "{user}", "event": "Signed Up", "properties": {"x": "y" * 40_000}}, 413, "body"),
 ]
 

@@ -194,18 +194,23 @@ async def test_a_batch_applies_changes_in_order(api: Api) -> None:
     assert api.opted_out(user) == ["newsletter", "sms"]
 
 
-async def test_a_batch_with_one_unknown_name_changes_nothing(api: Api) -> None:
+async def test_a_batch_item_with_an_unknown_name_is_refused_alone(api: Api) -> None:
     user = new_user()
     batch = [
         {"type": "identify", "userId": user, "traits": {"unsubscribe": ["promotions"]}},
         {"type": "identify", "userId": user, "traits": {"vip": True}},
-        {"type": "identify", "userId": user, "traits": {"unsubscribe": ["promos"]}},
+        {"type": "identify", "userId": user, "traits": {"vip": False, "unsubscribe": ["promos"]}},
     ]
 
     answer = await api.http.post("/v1/batch", json={"batch": batch})
 
-    assert list(fields(answer)) == ["batch[2].traits.unsubscribe[0]"]
-    assert rows(api.db, ProfileRecord) == [] and rows(api.db, EventRecord) == []
+    assert answer.status_code == 200, answer.text
+    [refused] = answer.json()["refused"]
+    assert refused["index"] == 2
+    assert [d["field"] for d in refused["detail"]] == ["batch[2].traits.unsubscribe[0]"]
+    assert api.opted_out(user) == ["promotions"]
+    [profile] = rows(api.db, ProfileRecord, user_id=user)
+    assert profile.traits == {"vip": True}  # the refused item's vip: false changed nothing
 
 
 async def test_a_change_keeps_what_a_webhook_did_meanwhile(api: Api) -> None:

@@ -1,9 +1,10 @@
-"""The event API: Segment-compatible ``track``, ``identify`` and ``batch``, profile reads, the outbox.
+"""The event API: Segment-compatible ``track``, ``identify``, ``page``, ``screen`` and ``batch``,
+profile reads, the outbox.
 
     uvicorn nurture.service.api:app_from_env --factory      (or: nurture up)
 
-Every call is validated in full before anything is written, so a bad call (or a bad item anywhere
-in a batch) changes nothing. Accepted calls go to :class:`nurture.service.ingest.Ingest`, which stores
+Every call is validated in full before anything is written, so a bad call changes nothing; a batch
+is checked item by item, and its valid items are applied while each bad one is refused alone. Accepted calls go to :class:`nurture.service.ingest.Ingest`, which stores
 them once per ``messageId`` and routes them to journey workflows on Temporal.
 """
 
@@ -18,11 +19,13 @@ import math
 import re
 import types
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
-from typing import Annotated, Any, Literal, NoReturn, TypeVar, cast
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, TypeVar, cast
 
 import uvicorn
 from fastapi import Depends, FastAPI, Path, Query, Request, Security
@@ -39,7 +42,11 @@ from pydantic import (
     Field,
     JsonValue,
     Tag,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 from sqlalchemy import text
@@ -79,12 +86,14 @@ CONNECT_TIMEOUT = 5.0
 """Seconds to wait for Temporal when the API connects on demand."""
 
 DESCRIPTION = """\
-Send your users' events to Nurture: **Segment-compatible** `track`, `identify` and `batch` calls
-start journeys, reach running ones (a goal ends a sleeping run at once) and update profiles.
+Send your users' events to Nurture: **Segment-compatible** `track`, `identify`, `page`, `screen`,
+`batch` and `import` calls start journeys, reach running ones (a goal ends a sleeping run at once)
+and update profiles. Segment's and RudderStack's libraries work unchanged, gzip included.
 
 **Authentication.** Every `/v1` endpoint takes a key, Segment style as the HTTP Basic user name
-with an empty password (`curl -u KEY: ...`), or as `Authorization: Bearer KEY`. There are three
-kinds: a **write key** (`NURTURE_WRITE_KEYS`) sends events (`track`, `identify`, `batch`) and
+with an empty password (`curl -u KEY: ...`), as `Authorization: Bearer KEY`, or (a write key) as
+`writeKey` in the body. There are three
+kinds: a **write key** (`NURTURE_WRITE_KEYS`) sends events (`track`, `identify`, `page`, ...) and
 nothing else; a **read key** (`NURTURE_READ_KEYS`) reads profiles, runs, messages, the outbox and journey reports;
 an **admin key** (`NURTURE_ADMIN_KEYS`) reads too, and exports and forgets users. Each variable is
 comma-separated. A missing or unknown key answers 401; a valid key of the wrong kind answers 403
@@ -96,10 +105,14 @@ must send its own `messageId`** (the same one on every attempt) to be de-duplica
 (Temporal unreachable), retry with the same `messageId`: an event that was stored but not fully
 routed is routed by the retry (`"rerouted": true`), or else when the API next starts.
 
-**Differences from Segment.** `userId` is required (journeys run for known users; calls with only
-an `anonymousId` answer 400). `context` and `integrations` are accepted and ignored. A
+**Differences from Segment.** `userId` is required (identity is not there yet: calls with only an
+`anonymousId` are refused, and `group` and `alias` calls too). `page` and `screen` calls are kept as
+the track events `Page Viewed` and `Screen Viewed` (their `properties` with `name` and `category`).
+On identify, `context.traits` are merged under `traits` and `context.timezone` / `context.locale`
+become the `timezone` / `locale` traits; otherwise `context` and `integrations` are ignored. A
 `timestamp` without a UTC offset is read as UTC; it defaults to the time of receipt, and must lie
-between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z.
+between 0001-01-02T00:00:00Z and 9999-12-30T23:59:59Z. With `sentAt` (on the call or the batch) it
+is corrected for the client's clock, as Segment does: `timestamp + (received - sentAt)`.
 
 **Opt-outs.** A user's opt-outs are one set of names: channels (`email`, `sms`, `wechat`) and the
 project's subscription topics (`topics:` in nurture.yaml, e.g. `promotions`). A channel opt-out
@@ -114,8 +127,11 @@ percent-encoded; not an id with a `/`, nor `.` or `..`) or in the query (`/v1/us
 takes any id.
 
 **Errors.** A bad call answers 400 with every field at fault,
-`{"error": "invalid_request", "detail": [{"field": "batch[2].event", "message": "..."}]}`, and
-changes nothing; a body over 32 KB (500 KB for `batch`, 32 KB per batch item) answers 413. A body
+`{"error": "invalid_request", "code": "invalid_request", "message": "...", "detail": [{"field":
+"event", "message": "..."}]}`, and changes nothing. A batch answers 200 as Segment does: its valid
+items are applied and each invalid one is listed in `refused` with its index and fields (an item
+over 32 KB included); only a bad body refuses it whole. A body over 32 KB (500 KB for `batch` and
+`import`), as sent or once gzip or deflate is undone, answers 413. A body
 must be UTF-8 JSON nested at most 64 levels deep, with integers between -2^63 and 2^63-1, finite
 numbers, and strings without NUL or unpaired surrogates (what every store can keep); anything else
 answers 400 on `body`, saying which rule it breaks.
@@ -218,8 +234,49 @@ class Call(BaseModel):
         max_length=255,
         description="De-duplication key: send the same one on every retry (default: a fresh UUID).",
     )
-    context: Any = Field(default=None, description="Accepted and ignored.")
+    sent_at: Timestamp | None = Field(
+        default=None,
+        alias="sentAt",
+        description="When the client sent the call; with `timestamp`, corrects the client's clock: "
+        "the event is kept at timestamp + (time received - sentAt), as Segment does.",
+    )
+    context: Any = Field(
+        default=None,
+        description="On identify, `context.traits` are merged under `traits` and `context.timezone` and "
+        "`context.locale` become the `timezone` and `locale` traits; otherwise ignored.",
+    )
     integrations: Any = Field(default=None, description="Accepted and ignored.")
+    write_key: str | None = Field(
+        default=None, alias="writeKey", description="The write key, when not sent in Authorization."
+    )
+
+    @model_validator(mode="after")
+    def _correct_clock(self) -> Call:
+        self.timestamp = _skew_corrected(self.timestamp, self.sent_at)
+        return self
+
+
+def _skew_corrected(timestamp: datetime | None, sent_at: datetime | None) -> datetime | None:
+    """``timestamp`` moved by the client's clock error (time received - ``sent_at``), as Segment does."""
+    if timestamp is None or sent_at is None:
+        return timestamp
+    try:
+        corrected = timestamp + (datetime.now(UTC) - sent_at)
+    except OverflowError:
+        corrected = None
+    if corrected is None or not EARLIEST <= corrected <= LATEST:
+        raise PydanticCustomError(
+            "timestamp_range",
+            "timestamp corrected by sentAt ({timestamp} + now - {sent_at}) falls outside "
+            "{earliest} to {latest}",
+            {
+                "timestamp": format_instant(timestamp),
+                "sent_at": format_instant(sent_at),
+                "earliest": format_instant(EARLIEST),
+                "latest": format_instant(LATEST.replace(microsecond=0)),
+            },
+        )
+    return corrected
 
 
 class TrackCall(Call):
@@ -309,7 +366,61 @@ class IdentifyCall(Call):
     model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_IDENTIFY]})
 
     type: Literal["identify"] = Field(default="identify", description="In a batch: which call this is.")
-    traits: Traits | None = Field(default=None, description="Traits to merge into the user's profile.")
+    traits: Traits | None = Field(
+        default=None,
+        description="Traits to merge into the user's profile (with `context.traits`; these win).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _context_traits(cls, data: Any) -> Any:
+        # RudderStack's libraries send identify traits in context.traits, and browsers send the
+        # user's zone and language in context: all are the user's traits, checked like the others.
+        if not isinstance(data, dict) or not isinstance(data.get("context"), dict):
+            return data
+        context, given = data["context"], data.get("traits")
+        if given is not None and not isinstance(given, dict):
+            return data
+        merged = {
+            **{name: context[name] for name in ("timezone", "locale") if context.get(name) is not None},
+            **(context["traits"] if isinstance(context.get("traits"), dict) else {}),
+            **(given or {}),
+        }
+        return {**data, "traits": merged} if merged else data
+
+
+PAGE_EVENT = "Page Viewed"
+SCREEN_EVENT = "Screen Viewed"
+
+
+class PageCall(Call):
+    """A page call: the user viewed a web page; kept as a `Page Viewed` track event."""
+
+    EVENT: ClassVar[str] = PAGE_EVENT
+    type: Literal["page"] = Field(default="page", description="In a batch: which call this is.")
+    name: str | None = Field(default=None, max_length=255, description="The page's name, e.g. `Pricing`.")
+    category: str | None = Field(default=None, max_length=255, description="The page's category.")
+    properties: dict[str, Any] | None = Field(
+        default=None, description="The page's properties, e.g. `url`, `path`, `title`, `referrer`."
+    )
+
+    def as_track(self) -> TrackCall:
+        """The call as the track event journeys see: the properties, with `name` and `category`."""
+        named = {k: v for k, v in (("name", self.name), ("category", self.category)) if v is not None}
+        return TrackCall.model_construct(
+            user_id=self.user_id,
+            event=self.EVENT,
+            properties={**(self.properties or {}), **named},
+            timestamp=self.timestamp,
+            message_id=self.message_id,
+        )
+
+
+class ScreenCall(PageCall):
+    """A screen call: the user viewed a screen of a mobile app; kept as a `Screen Viewed` track event."""
+
+    EVENT: ClassVar[str] = SCREEN_EVENT
+    type: Literal["screen"] = Field(default="screen", description="In a batch: which call this is.")  # type: ignore[assignment]
 
 
 def _call_type(value: Any) -> str | None:
@@ -329,35 +440,63 @@ def _call_size(value: Any) -> Any:
     return value
 
 
+Single = TrackCall | IdentifyCall | PageCall | ScreenCall
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A batch item that is not a valid call, with pydantic's errors about it."""
+
+    errors: list[Any]
+
+
+def _item_or_refusal(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # One bad item must not drop the others: the libraries retry or drop a refused batch whole.
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        return Refused(list(exc.errors()))
+
+
 BatchItem = Annotated[
     Annotated[
-        Annotated[TrackCall, Tag("track")] | Annotated[IdentifyCall, Tag("identify")],
+        Annotated[TrackCall, Tag("track")]
+        | Annotated[IdentifyCall, Tag("identify")]
+        | Annotated[PageCall, Tag("page")]
+        | Annotated[ScreenCall, Tag("screen")],
         Discriminator(_call_type, custom_error_type="call_type", custom_error_message="unknown call type"),
     ],
     BeforeValidator(_call_size),
+    WrapValidator(_item_or_refusal),
 ]
 
 
+def _batch_schema(schema: dict[str, Any]) -> None:
+    schema["examples"] = [{"batch": [{"type": "identify", **EXAMPLE_IDENTIFY}, {"type": "track", **EXAMPLE_TRACK}]}]
+    # Any item is taken (an invalid one is refused alone, in a 200), so the document says so.
+    batch = schema["properties"]["batch"]
+    batch["items"] = {
+        "anyOf": [batch["items"], {"description": "Anything else: refused alone, listed in `refused`."}]
+    }
+
+
 class BatchCall(BaseModel):
-    """Several track and identify calls, handled in order."""
+    """Several calls, handled in order."""
 
-    model_config = ConfigDict(
-        extra="allow",
-        json_schema_extra={
-            "examples": [
-                {
-                    "batch": [
-                        {"type": "identify", **EXAMPLE_IDENTIFY},
-                        {"type": "track", **EXAMPLE_TRACK},
-                    ]
-                }
-            ]
-        },
+    model_config = ConfigDict(extra="allow", json_schema_extra=_batch_schema)
+
+    batch: list[BatchItem] = Field(
+        description="The calls, each with `type` `track`, `identify`, `page` or `screen`; each is "
+        "checked on its own (an invalid one is listed in `refused` and changes nothing)."
     )
-
-    batch: list[BatchItem] = Field(description="The calls, each with `type` `track` or `identify`.")
+    sent_at: Timestamp | None = Field(
+        default=None, alias="sentAt", description="When the client sent the batch: corrects each item's clock."
+    )
     context: Any = Field(default=None, description="Accepted and ignored.")
     integrations: Any = Field(default=None, description="Accepted and ignored.")
+    write_key: str | None = Field(
+        default=None, alias="writeKey", description="The write key, when not sent in Authorization."
+    )
 
 
 # Bodies --------------------------------------------------------------------------------------
@@ -457,7 +596,7 @@ class Accepted(BaseModel):
     """One accepted call and what it did."""
 
     success: bool = True
-    type: Literal["track", "identify"]
+    type: Literal["track", "identify", "page", "screen"]
     message_id: str = Field(serialization_alias="messageId", description="The call's messageId.")
     duplicate: bool = Field(description="The messageId was accepted before: this call changed nothing.")
     rerouted: bool = Field(
@@ -476,22 +615,31 @@ class Accepted(BaseModel):
     )
 
 
-class BatchAccepted(BaseModel):
-    """A batch's calls, in order."""
-
-    success: bool = True
-    results: list[Accepted]
-
-
 class FieldError(BaseModel):
     field: str = Field(description="Where: `event`, `properties.total`, `batch[2].type`, `body`.")
     message: str
+
+
+class RefusedItem(BaseModel):
+    """A batch item that was not applied, and why."""
+
+    index: int = Field(description="Its position in `batch`, from 0.")
+    detail: list[FieldError] = Field(description="The fields at fault.")
+
+
+class BatchAccepted(BaseModel):
+    """A batch's valid calls, applied in order, and its refused ones."""
+
+    success: bool = Field(default=True, description="Every item was applied (none refused).")
+    results: list[Accepted] = Field(description="What each valid item did, in order.")
+    refused: list[RefusedItem] = Field(default_factory=list, description="The invalid items, in order.")
 
 
 class ErrorBody(BaseModel):
     """Every error answer."""
 
     error: str = Field(description="`invalid_request`, `unauthorized`, `not_found`, `payload_too_large`, ...")
+    code: str = Field(description="The same as `error` (RudderStack's clients read `code`).")
     message: str | None = None
     detail: list[FieldError] | None = Field(default=None, description="The fields at fault.")
 
@@ -676,7 +824,33 @@ class Service:
                 kinds.add(kind)
         return kinds
 
-    async def track(self, call: TrackCall) -> Accepted:
+    async def handle(self, call: Single) -> Accepted:
+        """Apply one valid call."""
+        if isinstance(call, IdentifyCall):
+            return await self.identify(call)
+        if isinstance(call, PageCall):
+            return await self.track(call.as_track(), kind=call.type)
+        return await self.track(call)
+
+    def refusal(self, item: object, index: int, sent_at: datetime | None) -> list[dict[str, str]]:
+        """What is wrong with batch item ``index``, with the batch's ``sent_at`` applied to a valid
+        one; empty when it can be applied."""
+        where = f"batch[{index}]"
+        if isinstance(item, Refused):
+            return _field_errors([{**e, "loc": ("body", "batch", index, *e["loc"])} for e in item.errors])
+        assert isinstance(item, Single)
+        if isinstance(item, IdentifyCall):
+            detail = _opt_out_errors(item.traits, self.opt_out_names, f"{where}.traits")
+            if detail:
+                return detail
+        if item.sent_at is None and sent_at is not None:
+            try:
+                item.timestamp = _skew_corrected(item.timestamp, sent_at)
+            except PydanticCustomError as exc:
+                return [{"field": f"{where}.timestamp", "message": exc.message()}]
+        return []
+
+    async def track(self, call: TrackCall, kind: Literal["track", "page", "screen"] = "track") -> Accepted:
         ingest = await self.ingest()
         message_id = call.message_id or str(uuid.uuid4())
         event = Event(
@@ -691,7 +865,7 @@ class Service:
             log.warning("track %s not routed (%s); asked the client to retry", message_id, exc.__cause__)
             raise _unavailable("Temporal or the database did not take the event") from exc
         _log_track(call.user_id, event, routed)
-        return Accepted(type="track", message_id=message_id, **routed.to_dict())
+        return Accepted(type=kind, message_id=message_id, **routed.to_dict())
 
     def check_opt_outs(self, calls: Iterable[tuple[str, IdentifyCall]]) -> None:
         """400 naming every opt-out fault in ``calls`` (each with where its traits are), before any
@@ -841,11 +1015,18 @@ def _authorize(service: Service, needs: Access, basic: Basic, bearer: Bearer) ->
     return key
 
 
-def write_access(
+async def write_access(
+    request: Request,
     service: ServiceDep,
     basic: Annotated[Basic, Security(_write_basic)],
     bearer: Annotated[Bearer, Security(_bearer)],
 ) -> str:
+    if basic is None and bearer is None:
+        # Segment's batch format may carry the key in the body (read and checked before this runs).
+        body = await request.json()
+        key = body.get("writeKey") if isinstance(body, dict) else None
+        if isinstance(key, str):
+            basic = HTTPBasicCredentials(username=key, password="")
     return _authorize(service, "write", basic, bearer)
 
 
@@ -886,7 +1067,11 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorBody,
         "description": "Invalid call; `detail` names every field at fault. Nothing changed.",
     },
-    413: {"model": ErrorBody, "description": "Body over 32 KB (500 KB for a batch)."},
+    413: {
+        "model": ErrorBody,
+        "description": "Body over 32 KB (500 KB for a batch or import), sent or decompressed.",
+    },
+    415: {"model": ErrorBody, "description": "A Content-Encoding other than gzip, deflate or identity."},
     503: {"model": ErrorBody, "description": "Temporal unreachable; retry with the same messageId."},
 }
 
@@ -912,21 +1097,43 @@ async def identify(call: IdentifyCall, service: ServiceDep) -> Accepted:
     return await service.identify(call)
 
 
+@v1.post("/page", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
+async def page(call: PageCall, service: ServiceDep) -> Accepted:
+    """A page view, kept as a `Page Viewed` track event (properties with `name` and `category`)."""
+    return await service.handle(call)
+
+
+@v1.post("/screen", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
+async def screen(call: ScreenCall, service: ServiceDep) -> Accepted:
+    """A screen view, kept as a `Screen Viewed` track event (properties with `name` and `category`)."""
+    return await service.handle(call)
+
+
 @v1.post("/batch", response_model=BatchAccepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def batch(call: BatchCall, service: ServiceDep) -> BatchAccepted:
-    """Several track and identify calls, handled in order (validated together: all or none)."""
-    service.check_opt_outs(
-        (f"batch[{index}].traits", item)
-        for index, item in enumerate(call.batch)
-        if isinstance(item, IdentifyCall)
-    )
-    results = []
-    for item in call.batch:
-        if isinstance(item, TrackCall):
-            results.append(await service.track(item))
+    """Several calls, applied in order; each invalid one is listed in `refused` and changes nothing,
+    and the others are applied (200, as Segment answers)."""
+    results, refused = [], []
+    for index, item in enumerate(call.batch):
+        detail = service.refusal(item, index, call.sent_at)
+        if detail:
+            refused.append(RefusedItem(index=index, detail=[FieldError(**d) for d in detail]))
         else:
-            results.append(await service.identify(item))
-    return BatchAccepted(results=results)
+            results.append(await service.handle(item))
+    return BatchAccepted(success=not refused, results=results, refused=refused)
+
+
+v1.add_api_route(
+    "/import",
+    batch,
+    methods=["POST"],
+    response_model=BatchAccepted,
+    responses=WRITE_ERRORS,
+    tags=["events"],
+    dependencies=WRITE,
+    summary="Import",
+    description="Historical events: the same as `/v1/batch`.",
+)
 
 
 # Per-user routes ------------------------------------------------------------------------------
@@ -1226,7 +1433,7 @@ async def healthz(service: ServiceDep) -> JSONResponse:
 # Errors --------------------------------------------------------------------------------------
 
 _SOURCES = ("body", "query", "path", "header", "cookie")
-_CALL_TAGS = ("track", "identify")
+_CALL_TAGS = ("track", "identify", "page", "screen")
 _OBJECT_ERRORS = ("dict_type", "model_type", "model_attributes_type")
 
 
@@ -1272,8 +1479,10 @@ def _message(error: Mapping[str, Any], field: str) -> str:
     if kind == "call_type":
         given = error.get("input", {}).get("type") if isinstance(error.get("input"), dict) else None
         if given is None:
-            return 'type is required: "track" or "identify"'
-        return f'type {given!r} is not supported: a batch takes "track" and "identify" calls'
+            return 'type is required: "track", "identify", "page" or "screen"'
+        if given in ("group", "alias"):
+            return f"type {given!r} is not supported yet (identity calls come with profile merging)"
+        return f'type {given!r} is not supported: a batch takes "track", "identify", "page" and "screen" calls'
     if kind == "literal_error":
         return f"{error['msg']}, got {error.get('input')!r}"
     return str(error["msg"])
@@ -1300,7 +1509,9 @@ def _error_response(
     detail: list[dict[str, str]] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {"error": error}
+    body: dict[str, Any] = {"error": error, "code": error}
+    if message is None and detail:  # RudderStack's clients read message as well as code
+        message = "; ".join(f"{d['field']}: {d['message']}" for d in detail)
     if message is not None:
         body["message"] = message
     if detail is not None:
@@ -1387,8 +1598,13 @@ class EncodedSlash:
         await self.app(scope, receive, send)
 
 
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+"""zlib's framing for each Content-Encoding the tracking libraries send."""
+
+
 class BodyLimit:
-    """413 for bodies over a path's limit, before any of it is parsed (Segment's limits)."""
+    """413 for bodies over a path's limit, before any of it is parsed (Segment's limits); a gzip or
+    deflate body is decompressed here, and its decompressed size is held to the same limit."""
 
     def __init__(self, app: ASGIApp, limits: Mapping[str, int]) -> None:
         self.app = app
@@ -1417,6 +1633,43 @@ class BodyLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        body = b"".join(chunks)
+        encoding = Headers(scope=scope).get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            if encoding not in _WBITS:
+                await _error_response(
+                    415,
+                    "unsupported_media_type",
+                    detail=[
+                        {
+                            "field": "Content-Encoding",
+                            "message": f"{encoding!r} is not supported; send gzip, deflate or identity",
+                        }
+                    ],
+                )(scope, receive, send)
+                return
+            stream = zlib.decompressobj(_WBITS[encoding])
+            try:
+                body = stream.decompress(body, limit + 1)
+            except zlib.error as exc:
+                await _error_response(
+                    400,
+                    "invalid_request",
+                    detail=[{"field": "body", "message": f"the body is not valid {encoding} data: {exc}"}],
+                )(scope, receive, send)
+                return
+            if len(body) > limit:
+                await self._refuse(scope, receive, send, f"over {limit} bytes decompressed", limit)
+                return
+            if not stream.eof:
+                await _error_response(
+                    400,
+                    "invalid_request",
+                    detail=[{"field": "body", "message": f"the body is truncated {encoding} data"}],
+                )(scope, receive, send)
+                return
+            headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
+            scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         replayed = False
 
         async def replay() -> Message:
@@ -1424,7 +1677,7 @@ class BodyLimit:
             if replayed:
                 return await receive()
             replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
 
@@ -1512,7 +1765,10 @@ def create_app(
         limits={
             "/v1/track": CALL_LIMIT,
             "/v1/identify": CALL_LIMIT,
+            "/v1/page": CALL_LIMIT,
+            "/v1/screen": CALL_LIMIT,
             "/v1/batch": BATCH_LIMIT,
+            "/v1/import": BATCH_LIMIT,
             **WEBHOOK_LIMITS,
         },
     )

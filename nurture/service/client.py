@@ -33,6 +33,7 @@ __all__ = [
     "NurtureError",
     "OutboxMessage",
     "Profile",
+    "RefusedItem",
     "Run",
 ]
 
@@ -47,10 +48,10 @@ class FieldDetail(TypedDict):
 
 
 class Accepted(TypedDict):
-    """An accepted track or identify call and what it did."""
+    """An accepted call and what it did."""
 
     success: bool
-    type: Literal["track", "identify"]
+    type: Literal["track", "identify", "page", "screen"]
     messageId: str
     duplicate: bool
     triggered: list[str]
@@ -58,9 +59,19 @@ class Accepted(TypedDict):
     skipped: list[str]
 
 
+class RefusedItem(TypedDict):
+    """A batch item that was not applied: its index in the batch and the fields at fault."""
+
+    index: int
+    detail: list[FieldDetail]
+
+
 class BatchAccepted(TypedDict):
+    """What each valid item did, in order, and the refused ones; ``success`` when none was refused."""
+
     success: bool
     results: list[Accepted]
+    refused: list[RefusedItem]
 
 
 class Profile(TypedDict):
@@ -298,7 +309,8 @@ class Client(_Base):
         return cast(Accepted, self._request("POST", "/v1/identify", json=body))
 
     def batch(self, items: Iterable[Item | Mapping[str, Any]]) -> BatchAccepted:
-        """Several calls in Segment's shape (``type``, ``userId``, ...), handled in order."""
+        """Several calls in Segment's shape (``type``, ``userId``, ...), handled in order; an
+        invalid one is refused alone (listed in ``refused``) and the others are applied."""
         return cast(BatchAccepted, self._request("POST", "/v1/batch", json=_batch(items)))
 
     def profile(self, user_id: str) -> Profile:

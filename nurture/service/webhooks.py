@@ -146,7 +146,7 @@ button { font-size: 1rem; padding: .6rem 1.4rem; cursor: pointer; }
 
 def _refused(status: int, error: str, message: str) -> JSONResponse:
     """An error answer in the event API's shape."""
-    return JSONResponse({"error": error, "message": message}, status_code=status)
+    return JSONResponse({"error": error, "code": error, "message": message}, status_code=status)
 
 
 def _forbidden(message: str) -> JSONResponse:

@@ -1,0 +1,208 @@
+"""Conformance: the tracking libraries engineers already use (Segment's and RudderStack's for
+Python, Segment's for Node.js) pointed at the served API (uvicorn on loopback, SQLite, a real
+Temporal dev server and worker), each call checked by its effect in the database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rudderstack.analytics.client import Client as RudderClient
+from segment.analytics.client import Client as SegmentClient
+from sqlmodel import select
+from support import uvicorn_thread
+from temporalio.client import Client as TemporalClient
+
+from nurture.language.compiler import Project
+from nurture.service.api import create_app
+from nurture.service.settings import Settings
+from nurture.service.worker import build_worker
+from nurture.storage.db import Database
+from nurture.storage.models import EventRecord, ProfileRecord, RunRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "libraries-write-key-0123"
+
+
+@pytest.fixture
+def settings(dev_server: str, tmp_path: Path) -> Settings:
+    return Settings(
+        write_keys=(KEY,),
+        temporal_address=dev_server,
+        task_queue=f"test-libraries-{uuid.uuid4().hex[:10]}",
+        database=f"sqlite:///{tmp_path / 'nurture.db'}",
+        journeys=ROOT / "journeys",
+        templates=ROOT / "templates",
+    )
+
+
+@pytest.fixture
+def url(settings: Settings) -> Iterator[str]:
+    with uvicorn_thread(create_app(settings)) as url:
+        yield url
+
+
+@pytest.fixture
+async def db(settings: Settings, project: Project, dev_server: str) -> AsyncIterator[Database]:
+    """The API's database, with a worker running its journeys."""
+    temporal = await TemporalClient.connect(dev_server)
+    db = Database(settings.database)
+    db.migrate()
+    async with build_worker(temporal, project, db, settings.task_queue):
+        yield db
+    db.dispose()
+
+
+def events(db: Database, user: str) -> dict[str, dict[str, Any]]:
+    with db.session() as session:
+        found = session.exec(select(EventRecord).where(EventRecord.user_id == user)).all()
+    return {str(e.name): dict(e.properties) for e in found}
+
+
+def traits(db: Database, user: str) -> dict[str, Any]:
+    with db.session() as session:
+        profile = session.get(ProfileRecord, user)
+    assert profile is not None, f"no profile for {user}"
+    return dict(profile.traits)
+
+
+async def runs(db: Database, user: str) -> list[tuple[str, str]]:
+    """The user's runs, once the trigger has started one (routing is done when the call returns,
+    the run row is written by the workflow)."""
+    for _ in range(100):
+        with db.session() as session:
+            found = session.exec(select(RunRecord).where(RunRecord.user_id == user)).all()
+        if found:
+            return [(r.journey, r.key) for r in found]
+        await asyncio.sleep(0.1)
+    return []
+
+
+def check_effects(db: Database, user: str, library: str) -> None:
+    expected = {"phone": "+8613800138000", "timezone": "Asia/Shanghai", "locale": "zh-CN", "first_name": "Li"}
+    # The post_purchase journey may already have added last_order_id.
+    assert {k: v for k, v in traits(db, user).items() if k in expected} == expected, library
+    seen = events(db, user)
+    assert seen["Order Completed"] == {"order_id": "o-1", "total": 10}, library
+    assert seen["Page Viewed"] == {"url": "https://example.com/pricing", "name": "Pricing", "category": "Docs"}
+    assert seen["Screen Viewed"] == {"name": "Settings"}, library
+
+
+CONTEXT = {"timezone": "Asia/Shanghai", "locale": "zh-CN"}
+
+
+def drive(client: SegmentClient | RudderClient, user: str) -> None:
+    """Every call type, as an application would make them, then a flush."""
+    client.identify(user, {"phone": "+8613800138000", "first_name": "Li"}, context=dict(CONTEXT))
+    client.track(user, "Order Completed", {"order_id": "o-1", "total": 10})
+    client.page(user, "Docs", "Pricing", {"url": "https://example.com/pricing"})
+    client.screen(user, name="Settings")
+    client.alias("previous-" + user, user)  # refused alone: the others are applied
+    client.flush()
+
+
+@pytest.mark.parametrize("library", ["segment", "rudderstack"])
+async def test_the_python_libraries_reach_profiles_events_and_journeys(
+    url: str, db: Database, library: str
+) -> None:
+    user = f"u-{uuid.uuid4().hex[:10]}"
+    errors: list[Exception] = []
+    client: SegmentClient | RudderClient
+    if library == "segment":
+        client = SegmentClient(KEY, host=url, gzip=True, on_error=lambda e, _: errors.append(e), max_retries=0)
+    else:  # RudderStack gzips by default
+        client = RudderClient(KEY, host=url, on_error=lambda e, _: errors.append(e), max_retries=0)
+
+    await asyncio.to_thread(drive, client, user)
+    await asyncio.to_thread(client.shutdown)
+
+    assert errors == []
+    check_effects(db, user, library)
+    assert await runs(db, user) == [("post_purchase", "o-1")]
+
+
+async def test_a_library_batch_with_one_bad_item_applies_the_others(url: str, db: Database) -> None:
+    user = f"u-{uuid.uuid4().hex[:10]}"
+    errors: list[Exception] = []
+    client = RudderClient(KEY, host=url, on_error=lambda e, _: errors.append(e), max_retries=0)
+
+    def calls() -> None:
+        client.track(user, "Signed Up")
+        client.identify(user, {"opted_out": ["fax"]})  # not a channel or topic: refused alone
+        client.track(user, "Logged In")
+        client.flush()
+
+    await asyncio.to_thread(calls)
+    await asyncio.to_thread(client.shutdown)
+
+    assert errors == []
+    assert set(events(db, user)) == {"Signed Up", "Logged In"}
+
+
+NODE_SCRIPT = """
+const { Analytics } = require('@segment/analytics-node');
+const [host, key, user] = process.argv.slice(2);
+const analytics = new Analytics({ writeKey: key, host, maxRetries: 0, flushAt: 10 });
+const failures = [];
+analytics.on('error', (e) => failures.push(String(e && (e.reason || e.message || e.code))));
+analytics.identify({ userId: user, traits: { phone: '+8613800138000', first_name: 'Li' },
+                     context: { timezone: 'Asia/Shanghai', locale: 'zh-CN' } });
+analytics.track({ userId: user, event: 'Order Completed', properties: { order_id: 'o-1', total: 10 } });
+analytics.page({ userId: user, category: 'Docs', name: 'Pricing',
+                 properties: { url: 'https://example.com/pricing' } });
+analytics.screen({ userId: user, name: 'Settings' });
+analytics.closeAndFlush({ timeout: 20000 }).then(() => {
+  console.log(JSON.stringify({ failures }));
+  process.exit(failures.length ? 1 : 0);
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def analytics_node(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """@segment/analytics-node 3, installed from the npm registry into a temp dir."""
+    npm, node = shutil.which("npm"), shutil.which("node")
+    assert npm is not None and node is not None, "node and npm are needed to test @segment/analytics-node"
+    where = tmp_path_factory.mktemp("analytics-node")
+    installed = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(where), "@segment/analytics-node@3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, (
+        "npm could not install @segment/analytics-node@3, so the Node.js library is UNTESTED:\n"
+        + installed.stderr[-2000:]
+    )
+    (where / "send.js").write_text(NODE_SCRIPT)
+    return where
+
+
+async def test_segments_node_library_reaches_profiles_events_and_journeys(
+    url: str, db: Database, analytics_node: Path
+) -> None:
+    user = f"u-{uuid.uuid4().hex[:10]}"
+
+    sent = await asyncio.create_subprocess_exec(
+        "node",
+        str(analytics_node / "send.js"),
+        url,
+        KEY,
+        user,
+        cwd=analytics_node,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(sent.communicate(), 60)
+
+    assert sent.returncode == 0, (out.decode(), err.decode())
+    assert json.loads(out.decode().strip().splitlines()[-1]) == {"failures": []}
+    check_effects(db, user, "analytics-node")
+    assert await runs(db, user) == [("post_purchase", "o-1")]
