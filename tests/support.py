@@ -138,3 +138,21 @@ def on_schedule(scenario: Scenario, outcomes: list[Outcome]) -> list[Outcome]:
         near = [at for at in expected if abs(at - outcome.at) <= LATENCY]
         snapped.append(dataclasses.replace(outcome, at=near[0]) if near else outcome)
     return snapped
+
+
+def served_settings(dev_server: str, database_url: str, queue: str, **options: Any) -> Any:
+    """:class:`~nurture.service.settings.Settings` for an API and worker served in a test: the
+    project's journeys and templates, ``dev_server``, the database, and a task queue of its own
+    (``queue`` plus a random suffix); ``options`` set keys and anything else."""
+    from pathlib import Path
+
+    from nurture.service.settings import Settings
+
+    root = Path(__file__).resolve().parents[1]
+    defaults: dict[str, Any] = {"journeys": root / "journeys", "templates": root / "templates"}
+    return Settings(
+        temporal_address=dev_server,
+        task_queue=f"{queue}-{uuid.uuid4().hex[:10]}",
+        database=database_url,
+        **{**defaults, **options},
+    )

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from support import uvicorn_thread
+from support import served_settings, uvicorn_thread
 from temporalio.client import Client as TemporalClient
 
 from nurture.cli import events as cli_events
@@ -29,7 +29,6 @@ from nurture.service.settings import Settings
 from nurture.service.worker import build_worker
 from nurture.storage.db import Database
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "client-test-key"
 READ_KEY = "client-read-key-0123456789"
 
@@ -233,15 +232,10 @@ def test_cli_refuses_to_mix_replacing_and_changing_opt_outs(
 
 @pytest.fixture
 def settings(dev_server: str, tmp_path: Path) -> Settings:
-    return Settings(
-        write_keys=(KEY,),
-        read_keys=(READ_KEY,),
-        temporal_address=dev_server,
-        task_queue=f"test-client-{uuid.uuid4().hex[:10]}",
-        database=f"sqlite:///{tmp_path / 'nurture.db'}",
-        journeys=ROOT / "journeys",
-        templates=ROOT / "templates",
+    settings: Settings = served_settings(
+        dev_server, f"sqlite:///{tmp_path / 'nurture.db'}", "test-client", write_keys=(KEY,), read_keys=(READ_KEY,)
     )
+    return settings
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import textwrap
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,13 +17,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 from sqlmodel import col
-from support import eventually, new_user, rows, uvicorn_thread
+from support import eventually, new_user, rows, served_settings, uvicorn_thread
 from temporalio.client import Client as TemporalClient
 
 from nurture.language.compiler import Project, load_project
 from nurture.service.api import create_app
 from nurture.service.client import AsyncClient
-from nurture.service.settings import Settings
 from nurture.service.worker import build_worker
 from nurture.storage.db import Database
 from nurture.storage.models import RunRecord, StepReach
@@ -64,13 +62,8 @@ async def service(dev_server: str, database: Database, tmp_path: Path) -> AsyncI
         (journeys / f"{name}.yaml").write_text(textwrap.dedent(text), encoding="utf-8")
     shutil.copytree(ROOT / "templates", tmp_path / "templates")
     project: Project = load_project(journeys, tmp_path / "templates")
-    settings = Settings(
-        write_keys=(KEY,),
-        temporal_address=dev_server,
-        task_queue=f"test-late-{uuid.uuid4().hex[:10]}",
-        database=database.url,
-        journeys=journeys,
-        templates=tmp_path / "templates",
+    settings = served_settings(
+        dev_server, database.url, "test-late", write_keys=(KEY,), journeys=journeys, templates=tmp_path / "templates"
     )
     temporal = await TemporalClient.connect(dev_server)
     with uvicorn_thread(create_app(settings)) as url:

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from support import eventually, messages, new_user, rows, uvicorn_thread
+from support import eventually, messages, new_user, rows, served_settings, uvicorn_thread
 from temporalio.client import Client as TemporalClient
 from temporalio.service import RPCError
 
@@ -26,12 +24,10 @@ from nurture.language.compiler import Project
 from nurture.service.api import create_app
 from nurture.service.client import AsyncClient, NurtureError
 from nurture.service.ingest import workflow_id
-from nurture.service.settings import Settings
 from nurture.service.worker import build_worker
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "devserver-test-key"
 READ_KEY = "devserver-read-key"
 T = TypeVar("T")
@@ -59,15 +55,7 @@ class Service:
 
 @pytest.fixture
 async def service(dev_server: str, database: Database, project: Project) -> AsyncIterator[Service]:
-    settings = Settings(
-        write_keys=(KEY,),
-        read_keys=(READ_KEY,),
-        temporal_address=dev_server,
-        task_queue=f"test-devserver-{uuid.uuid4().hex[:10]}",
-        database=database.url,
-        journeys=ROOT / "journeys",
-        templates=ROOT / "templates",
-    )
+    settings = served_settings(dev_server, database.url, "test-devserver", write_keys=(KEY,), read_keys=(READ_KEY,))
     temporal = await TemporalClient.connect(dev_server)
     with uvicorn_thread(create_app(settings)) as url:
         async with (

@@ -17,7 +17,7 @@ import pytest
 from rudderstack.analytics.client import Client as RudderClient
 from segment.analytics.client import Client as SegmentClient
 from sqlmodel import select
-from support import uvicorn_thread
+from support import served_settings, uvicorn_thread
 from temporalio.client import Client as TemporalClient
 
 from nurture.language.compiler import Project
@@ -27,20 +27,15 @@ from nurture.service.worker import build_worker
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, ProfileRecord, RunRecord
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "libraries-write-key-0123"
 
 
 @pytest.fixture
 def settings(dev_server: str, tmp_path: Path) -> Settings:
-    return Settings(
-        write_keys=(KEY,),
-        temporal_address=dev_server,
-        task_queue=f"test-libraries-{uuid.uuid4().hex[:10]}",
-        database=f"sqlite:///{tmp_path / 'nurture.db'}",
-        journeys=ROOT / "journeys",
-        templates=ROOT / "templates",
+    settings: Settings = served_settings(
+        dev_server, f"sqlite:///{tmp_path / 'nurture.db'}", "test-libraries", write_keys=(KEY,)
     )
+    return settings
 
 
 @pytest.fixture
