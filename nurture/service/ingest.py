@@ -39,7 +39,7 @@ from nurture.storage.models import EventRecord, utcnow
 from nurture.storage.stores import DbProfiles, DbRecorder, Events, OptOuts, Routes, has_run, run_started_by
 from workflows.journey import RECORD_STEPS, WORKFLOW_NAME
 
-from .observability import CONVERSIONS
+from .observability import count_conversion
 
 log = logging.getLogger("nurture.ingest")
 
@@ -226,9 +226,7 @@ class Ingest:
                 continue
             if await asyncio.to_thread(self.recorder.convert, run.run_id, event.timestamp, effect.value):
                 routed.converted.append(run.run_id)
-                record = late_record(run, event, effect)
-                for experiment, variant in (record["variants"] or {"": ""}).items():
-                    CONVERSIONS.labels(run.journey, experiment, variant).inc()
+                count_conversion(late_record(run, event, effect))
 
     async def _trigger(
         self, journey: Journey, user_id: str, key: str, event: dict[str, Any], routed: Routed, *, again: bool

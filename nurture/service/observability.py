@@ -114,8 +114,7 @@ class InstrumentedRecorder:
 
     async def conversion(self, record: Mapping[str, Any]) -> None:
         await self.inner.conversion(record)
-        for experiment, variant in (record.get("variants") or {"": ""}).items():
-            CONVERSIONS.labels(record["journey"], experiment, variant).inc()
+        count_conversion(record)
         log.info(
             "conversion: %s for %s on %s",
             record["journey"],
@@ -129,6 +128,12 @@ class InstrumentedRecorder:
         await self.inner.steps(record)
         for reach in record.get("reached") or ():
             STEPS_REACHED.labels(record["journey"], reach["step_id"]).inc()
+
+
+def count_conversion(record: Mapping[str, Any]) -> None:
+    """One conversion (a conversion record) in the metrics: once per experiment the run is in."""
+    for experiment, variant in (record.get("variants") or {"": ""}).items():
+        CONVERSIONS.labels(record["journey"], experiment, variant).inc()
 
 
 def _fields(record: Mapping[str, Any], *names: str) -> dict[str, Any]:
