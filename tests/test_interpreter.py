@@ -1053,7 +1053,7 @@ def test_a_conversion_carries_the_goals_value(templates: TemplateStore) -> None:
     assert run.on_event(event("Order Completed", at, total=7), at) == EventEffect()
 
 
-@pytest.mark.parametrize("total", [None, "n/a", True, [1]])
+@pytest.mark.parametrize("total", [None, "n/a", True, [1], "inf", 10**400])
 def test_a_value_that_is_not_a_number_is_no_value(templates: TemplateStore, total: Any) -> None:
     run = new_run(compile_journey(templates, VALUED.replace("from: last_message, ", "")))
     run.start()

@@ -14,6 +14,7 @@ goal or ``exit_on`` event ends it at once, even mid-sleep or while a send is def
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -212,12 +213,13 @@ def conversion_value(goal: ir.Goal, scope: Mapping[str, Any]) -> float | None:
     if goal.value is None:
         return None
     value = value_of(goal.value, scope)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value) if isinstance(value, str) else None
-        except ValueError:
-            value = None
-    return None if value is None or value != value or value in (float("inf"), float("-inf")) else float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):  # text that is no number, an integer past a float's range
+        return None
+    return number if math.isfinite(number) else None
 
 
 def late_conversion(
@@ -233,8 +235,7 @@ def late_conversion(
     if goal is None or goal.event != event.name:
         return None
     start = goal_window_start(goal, entered_at=run.entered_at, last_message_at=run.last_message_at)
-    until = goal_window_end(goal, entered_at=run.entered_at, last_message_at=run.last_message_at)
-    if start is None or until is None or not start <= event.timestamp <= until:
+    if start is None or goal.within is None or not start <= event.timestamp <= start + timedelta(seconds=goal.within):
         return None
     journey_scope = {"id": journey.id, "key": run.key, "entered_at": format_instant(run.entered_at)}
     user = user_scope(run.user_id, traits)
@@ -291,6 +292,11 @@ class OpenGoals:
         return converted
 
 
+def latest_variant(variants: Mapping[str, str]) -> str | None:
+    """The variant of the split a run went through last (``variants`` keeps the order they came)."""
+    return list(variants.values())[-1] if variants else None
+
+
 def late_record(run: EndedRun, event: Event, effect: EventEffect) -> dict[str, Any]:
     """The conversion record of an ended run (a :meth:`Run.conversion_record` made by the router)."""
     return {
@@ -298,7 +304,7 @@ def late_record(run: EndedRun, event: Event, effect: EventEffect) -> dict[str, A
         "journey": run.journey,
         "user_id": run.user_id,
         "event": event.name,
-        "variant": list(run.variants.values())[-1] if run.variants else None,
+        "variant": latest_variant(run.variants),
         "variants": dict(run.variants),
         "value": effect.value,
         "at": format_instant(event.timestamp),
@@ -605,7 +611,7 @@ class Run:
     @property
     def current_variant(self) -> str | None:
         """The most recently assigned split variant, which sends and conversions carry."""
-        return next(reversed(self.variants.values()), None) if self.variants else None
+        return latest_variant(self.variants)
 
 
 def _text(value: Any) -> str | None:
