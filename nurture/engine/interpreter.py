@@ -325,6 +325,18 @@ def choose_variant(experiment: str, user_id: str, variants: tuple[ir.Variant, ..
     return variants[-1]
 
 
+def random_wait(run_id: str, step_id: str, spread: int) -> int:
+    """Seconds a random wait adds to its shortest length for one run, 0 to ``spread``.
+
+    A pure function of the run and the step, drawn like a split's variant, so a replayed run
+    waits exactly as long as it did the first time and every runtime draws the same length.
+    """
+    if spread <= 0:
+        return 0
+    digest = hashlib.sha256(f"{run_id}:{step_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (spread + 1)
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -555,7 +567,8 @@ class Run:
                     return None
                 yield Sleep(result.defer_until, step.id, result.defer_reason)
         elif isinstance(step, ir.Wait):
-            yield Sleep(self.now + timedelta(seconds=step.seconds), step.id, "wait")
+            seconds = step.seconds + random_wait(self.run_id, step.id, step.spread)
+            yield Sleep(self.now + timedelta(seconds=seconds), step.id, "wait")
         elif isinstance(step, ir.WaitUntil):
             traits = (yield ReadProfile()) or {}
             tz = zone(_text(traits.get("timezone")), self.journey.timezone)

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from . import ir
 from .diagnostics import CompileError, Diagnostic, DiagnosticSink, did_you_mean
 from .document import (
+    FORM_TAGS,
     STEP_KINDS,
     ArmDoc,
     BranchDoc,
@@ -34,6 +35,7 @@ from .document import (
     PolicyFields,
     ProjectDoc,
     QuietHoursDoc,
+    RandomWaitDoc,
     SendDoc,
     SplitDoc,
     StepDoc,
@@ -45,7 +47,7 @@ from .document import (
     allowed_keys,
     step_kind,
 )
-from .durations import parse_duration
+from .durations import parse_duration, parse_duration_range
 from .expressions import compile_expression, compile_value
 from .providers import PROVIDER_DOCS, ProvidersDoc
 from .source import Path as KeyPath
@@ -441,7 +443,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[KeyPath, bool]:
         if part == "[key]" and index == len(loc) - 1 and index > 0:
             at_key = True
             continue
-        if isinstance(part, str) and part.startswith(("function-after[", "literal[")):
+        if isinstance(part, str) and (part.startswith(("function-after[", "literal[")) or part in FORM_TAGS):
             continue  # the union member pydantic tried, not a key of the file
         out.append(part)
         if isinstance(part, int) and index > 0 and loc[index - 1] in _STEP_LISTS:
@@ -465,6 +467,7 @@ _MODEL_AT = {
     "providers": ProvidersDoc,
     "frequency_caps": FrequencyCapsDoc,
     "holdout": HoldoutDoc,
+    "wait": RandomWaitDoc,
 }
 _PROJECT_ONLY = frozenset(ProjectDoc.model_fields) - frozenset(JourneyDoc.model_fields)
 """Keys of ``nurture.yaml`` a journey cannot set."""
@@ -739,6 +742,9 @@ class _Ids:
 
 def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
     if isinstance(doc, WaitDoc):
+        if isinstance(doc.wait, RandomWaitDoc):
+            low, high = parse_duration_range(doc.wait.random)
+            return ir.Wait(id=step_id, seconds=low, written=doc.wait.random.strip(), spread=high - low)
         return ir.Wait(id=step_id, seconds=parse_duration(doc.wait), written=doc.wait.strip())
     if isinstance(doc, WaitUntilDoc):
         days = tuple(ir.WEEKDAYS.index(d) for d in doc.days or ())

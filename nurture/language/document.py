@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .diagnostics import did_you_mean
-from .durations import DurationError, parse_duration
+from .durations import DurationError, parse_duration, parse_duration_range
 from .expressions import ExpressionError, compile_expression, compile_value
 from .ir import CHANNELS
 from .providers import ProvidersDoc
@@ -57,6 +57,14 @@ def check_ident(value: str) -> str:
 def check_duration(value: str) -> str:
     try:
         parse_duration(value)
+    except DurationError as exc:
+        raise _fail("duration", str(exc)) from None
+    return value
+
+
+def check_duration_range(value: str) -> str:
+    try:
+        parse_duration_range(value)
     except DurationError as exc:
         raise _fail("duration", str(exc)) from None
     return value
@@ -139,6 +147,15 @@ TraitValue = Annotated[Any, AfterValidator(check_value)]
 
 class Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=False)
+
+
+FORM_TAGS = ("as-text", "as-mapping")
+"""Tags of a value written either as text or as a mapping (``wait: 1h`` or ``wait: {random: ..}``);
+they are not keys of the file, so diagnostics leave them out of the path."""
+
+
+def _form(value: Any) -> str:
+    return FORM_TAGS[1] if isinstance(value, dict) else FORM_TAGS[0]
 
 
 # --- journey documents -------------------------------------------------------------------------
@@ -233,8 +250,20 @@ class StepDoc(Doc):
     id: Ident | None = Field(None, description="Stable step id for analytics and diagrams.")
 
 
+class RandomWaitDoc(Doc):
+    """A wait of a random length within a range, drawn once per run."""
+
+    random: Annotated[str, AfterValidator(check_duration_range)] = Field(
+        description="Range of durations, e.g. 0..2h: each run waits its own length within it.",
+        examples=["0..2h", "30m..1h"],
+    )
+
+
 class WaitDoc(StepDoc):
-    wait: DurationText = Field(description="Sleep, e.g. 1d12h.")
+    wait: Annotated[
+        Annotated[DurationText, Tag(FORM_TAGS[0])] | Annotated[RandomWaitDoc, Tag(FORM_TAGS[1])],
+        Discriminator(_form),
+    ] = Field(description="Sleep, e.g. 1d12h, or {random: 0..2h}.")
 
 
 class WaitUntilDoc(StepDoc):

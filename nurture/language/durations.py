@@ -43,3 +43,30 @@ def format_duration(seconds: int) -> str:
             out.append(f"{seconds // size}{unit}")
             seconds %= size
     return "".join(out)
+
+
+def parse_duration_range(text: str) -> tuple[int, int]:
+    """The bounds in seconds of a range such as ``0..2h`` or ``30m..1h``; the low end may be 0."""
+    low, separator, high = text.partition("..")
+    if not separator:
+        raise DurationError(f"'{text}' is not a range: write two durations with '..' between them, e.g. 0..2h")
+    start = 0 if low.strip() in ("0", "0s") else parse_duration(low)
+    end = parse_duration(high)
+    if end <= start:
+        raise DurationError(f"'{text}' is an empty range: the second duration must be longer than the first")
+    return start, end
+
+
+def parse_signed_duration(text: str) -> int:
+    """Seconds in a duration with an optional sign: ``-3d`` (before), ``+12h`` or ``12h`` (after)."""
+    compact = text.strip()
+    sign = -1 if compact.startswith("-") else 1
+    body = compact[1:] if compact[:1] in ("-", "+") else compact
+    if body.strip() in ("0", "0s"):
+        return 0
+    try:
+        return sign * parse_duration(body)
+    except DurationError:
+        raise DurationError(
+            f"'{text}' is not an offset: a duration with an optional sign, e.g. -3d (before) or 12h (after)"
+        ) from None

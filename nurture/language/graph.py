@@ -10,7 +10,8 @@ from .durations import format_duration
 
 def _label(step: ir.Step) -> str:
     if isinstance(step, ir.Wait):
-        return f"wait {step.written or format_duration(step.seconds)}"
+        length = step.written or format_duration(step.seconds)
+        return f"wait {length} at random" if step.spread else f"wait {length}"
     if isinstance(step, ir.WaitUntil):
         days = ",".join(ir.WEEKDAYS[d] for d in step.days)
         return f"wait until {step.minute // 60:02d}:{step.minute % 60:02d}" + (f" ({days})" if days else "")

@@ -126,7 +126,9 @@ class Wait:
     id: str
     seconds: int
     written: str = field(default="", compare=False, metadata=_AS_WRITTEN)
-    """The duration as the marketer wrote it (``30d``, not ``4w2d``), for display."""
+    """The duration as the marketer wrote it (``30d``, not ``4w2d``; ``0..2h``), for display."""
+    spread: int = field(default=0, metadata=_OPTIONAL)
+    """A random wait (``random: 0..2h``) lasts ``seconds`` plus a share of this, drawn per run."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -668,7 +668,8 @@ def step_label(step: ir.Step) -> str:
         channels = " > ".join(step.channels) or "auto"
         return f"{channels} {step.template}"
     if isinstance(step, ir.Wait):
-        return step.written or f"{step.seconds}s"
+        length = step.written or f"{step.seconds}s"
+        return f"{length} at random" if step.spread else length
     if isinstance(step, ir.WaitUntil):
         days = ",".join(ir.WEEKDAYS[d] for d in step.days)
         return f"until {step.minute // 60:02d}:{step.minute % 60:02d}" + (f" ({days})" if days else "")
