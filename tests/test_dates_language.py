@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 import textwrap
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from nurture.engine.interpreter import Run, Sleep, random_wait
+from nurture.engine.clock import date_instant, read_date, zone
+from nurture.engine.interpreter import Deliver, Ended, ReadProfile, Run, Sleep, random_wait
 from nurture.engine.model import Event
 from nurture.language import ir
 from nurture.language.compiler import Settings, compile_text
@@ -76,6 +78,25 @@ CASES = [
     Case("random-wait-backwards", "- wait: {random: 2h..1h}\n", 4, 20, "is an empty range"),
     Case("random-wait-bad-duration", "- wait: {random: 0..2 hours}\n", 4, 20, "is not a duration"),
     Case("random-wait-extra-key", "- wait: {random: 0..2h, seed: 3}\n", 4, 27, "unknown key 'seed'; allowed keys: random"),
+    Case(
+        "date-wait-key-typo",
+        '- wait_until: {date: "user.birthday", ofset: -3d}\n',
+        4,
+        41,
+        "unknown key 'ofset' (did you mean 'offset'?)",
+    ),
+    Case("date-wait-no-date", '- wait_until: {at: "10:00"}\n', 4, 17, "'date' is required"),
+    Case("date-wait-bad-offset", '- wait_until: {date: "user.birthday", offset: -3 days}\n', 4, 49, "'-3 days' is not an offset"),
+    Case("date-wait-bad-at", '- wait_until: {date: "user.birthday", at: "25:00"}\n', 4, 45, "'25:00' is not a time of day"),
+    Case("date-wait-bad-expression", '- wait_until: {date: "user.birthday ==", at: "09:00"}\n', 4, 41, "the expression ends too early"),
+    Case("date-wait-unknown-name", '- wait_until: {date: "usr.birthday"}\n', 4, 25, "did you mean 'user'"),
+    Case(
+        "date-wait-with-days",
+        '- wait_until: {date: "user.birthday"}\n  days: [mon]\n',
+        5,
+        5,
+        "days go with a time of day",
+    ),
 ]
 
 
@@ -128,3 +149,121 @@ def test_a_run_sleeps_its_own_draw_and_a_replayed_run_the_same(templates: Templa
     assert sleeps[0] == sleeps[1] == T0 + timedelta(seconds=1800 + random_wait("r1", "spread", 1800))
     assert sleeps[2] == T0 + timedelta(seconds=1800 + random_wait("r2", "spread", 1800))
     assert sleeps[0] != sleeps[2]
+
+
+# --- wait_until: {date, offset, at} -------------------------------------------------------------
+
+
+def test_date_wait_compiles_with_its_expression_offset_and_time(templates: TemplateStore) -> None:
+    journey = journey_with(
+        '- wait_until: {date: "event.properties.renews_at", offset: -3d, at: "10:00"}\n'
+        '- wait_until: {date: "user.birthday"}\n'
+        '- wait_until: "10:00"\n',
+        templates,
+    )
+    moved, plain_date, clock = journey.steps
+    assert isinstance(moved, ir.WaitUntil) and isinstance(plain_date, ir.WaitUntil) and isinstance(clock, ir.WaitUntil)
+    assert moved.date is not None and moved.date.source == "event.properties.renews_at"
+    assert (moved.offset, moved.minute) == (-3 * 86400, 600)
+    assert (plain_date.offset, plain_date.minute) == (0, None)
+    assert moved.when == "event.properties.renews_at -3d at 10:00"
+    assert plain_date.when == "user.birthday"
+    assert clock.when == "10:00"
+    encoded = ir._encode(clock, as_written=False)
+    assert "date" not in encoded and "offset" not in encoded  # the time-of-day form keeps its version
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-03-15", date(2026, 3, 15)),
+        ("2028-02-29", date(2028, 2, 29)),
+        ("2027-02-29", date(2027, 2, 28)),  # no 29 February in 2027: the last day of February
+        ("2027-02-29T10:00:00Z", datetime(2027, 2, 28, 10, 0, tzinfo=UTC)),
+        ("2026-03-15T02:00:00Z", datetime(2026, 3, 15, 2, 0, tzinfo=UTC)),
+        (" 2026-03-15T10:00:00 ", datetime(2026, 3, 15, 10, 0)),  # no offset: the person's local time
+        ("2026-03-15T10:00:00+08:00", datetime(2026, 3, 15, 2, 0, tzinfo=UTC)),
+        ("2026-02-30", None),
+        ("2026-13-01", None),
+        ("15/03/2026", None),
+        ("March 15", None),
+        ("", None),
+        (None, None),
+        (1773540000, None),  # numbers are not read as dates
+        (["2026-03-15"], None),
+    ],
+)
+def test_read_date(value: Any, expected: date | datetime | None) -> None:
+    assert read_date(value) == expected
+
+
+SHANGHAI, NEW_YORK = zone("Asia/Shanghai"), zone("America/New_York")
+
+
+@pytest.mark.parametrize(
+    ("value", "offset", "minute", "tz", "expected"),
+    [
+        # A calendar day starts at local midnight; the offset and the time apply on the wall clock.
+        (date(2026, 3, 15), 0, None, SHANGHAI, datetime(2026, 3, 14, 16, 0, tzinfo=UTC)),
+        (date(2026, 3, 15), -3 * 86400, 600, SHANGHAI, datetime(2026, 3, 12, 2, 0, tzinfo=UTC)),
+        (date(2026, 3, 15), -12 * 3600, None, SHANGHAI, datetime(2026, 3, 14, 4, 0, tzinfo=UTC)),
+        # An instant: its own local day, then the offset and the time of day.
+        (datetime(2026, 3, 20, 8, 0, tzinfo=UTC), -3 * 86400, 600, SHANGHAI, datetime(2026, 3, 17, 2, 0, tzinfo=UTC)),
+        (datetime(2026, 3, 20, 8, 0, tzinfo=UTC), 0, None, NEW_YORK, datetime(2026, 3, 20, 8, 0, tzinfo=UTC)),
+        # Across the night New York's clocks go forward (8 March 2026), -3d keeps 10:00 local.
+        (date(2026, 3, 11), -3 * 86400, 600, NEW_YORK, datetime(2026, 3, 8, 14, 0, tzinfo=UTC)),
+        (datetime(2026, 3, 10, 10, 0), -3 * 86400, None, NEW_YORK, datetime(2026, 3, 7, 15, 0, tzinfo=UTC)),
+        # A wall time in the skipped hour moves forward by the gap, as for wait_until "02:30".
+        (date(2026, 3, 8), 0, 150, NEW_YORK, datetime(2026, 3, 8, 7, 30, tzinfo=UTC)),
+        # Past the end of the calendar: no instant.
+        (datetime(9999, 12, 31, 23, 0, tzinfo=UTC), 86400, None, SHANGHAI, None),
+    ],
+)
+def test_date_instant(
+    value: date | datetime, offset: int, minute: int | None, tz: ZoneInfo, expected: datetime | None
+) -> None:
+    assert date_instant(value, offset=offset, minute=minute, tz=tz) == expected
+
+
+DATE_WAIT = '- id: before\n  wait_until: {date: "event.properties.renews_at", offset: -3d, at: "10:00"}\n'
+
+
+def _first_wait(run: Run, traits: dict[str, Any]) -> Sleep | Ended | Any:
+    command = run.start()
+    assert isinstance(command, ReadProfile)
+    return run.resume(traits, T0)
+
+
+def test_a_date_wait_sleeps_until_the_moment_in_the_users_zone(templates: TemplateStore) -> None:
+    journey = journey_with(DATE_WAIT + "- send: email\n  template: note\n", templates)
+    run = run_of(journey, properties={"renews_at": "2026-03-20"})
+    command = _first_wait(run, {"timezone": "Europe/Paris"})
+    assert command == Sleep(datetime(2026, 3, 17, 9, 0, tzinfo=UTC), "before", "wait_until")
+    run = run_of(journey, properties={"renews_at": "2026-03-20"})
+    command = _first_wait(run, {"timezone": "Mars/Olympus"})  # not a zone: the journey's (Shanghai)
+    assert command == Sleep(datetime(2026, 3, 17, 2, 0, tzinfo=UTC), "before", "wait_until")
+
+
+def test_a_date_wait_reads_the_users_traits(templates: TemplateStore) -> None:
+    journey = journey_with('- id: party\n  wait_until: {date: "user.birthday", at: "09:00"}\n', templates)
+    command = _first_wait(run_of(journey), {"birthday": "2026-05-04"})
+    assert command == Sleep(datetime(2026, 5, 4, 1, 0, tzinfo=UTC), "party", "wait_until")
+
+
+def test_a_moment_already_past_goes_on_at_once(templates: TemplateStore) -> None:
+    journey = journey_with(DATE_WAIT + "- send: email\n  template: note\n", templates)
+    for renews_at in ("2026-03-03", "2026-03-05T02:00:00Z", "2020-01-01"):  # T0 itself counts as past
+        run = run_of(journey, properties={"renews_at": renews_at})
+        command = _first_wait(run, {})
+        assert isinstance(command, Deliver), renews_at
+        assert command.request.step_id == "s2"
+
+
+@pytest.mark.parametrize("properties", [{}, {"renews_at": None}, {"renews_at": "next week"}, {"renews_at": 20260320}])
+def test_a_missing_or_unreadable_date_ends_the_run_with_no_date(
+    templates: TemplateStore, properties: dict[str, Any]
+) -> None:
+    journey = journey_with(DATE_WAIT + "- send: email\n  template: note\n", templates)
+    run = run_of(journey, properties=properties)
+    assert _first_wait(run, {}) == Ended("no_date")
+    assert run.ended == "no_date"

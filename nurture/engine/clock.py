@@ -8,7 +8,9 @@ go back) take the first occurrence. Both rules are what a person expects of "at 
 from __future__ import annotations
 
 import functools
+import re
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from nurture.language.ir import QuietHours
@@ -46,6 +48,61 @@ def next_local_time(now: datetime, minute: int, days: tuple[int, ...], tz: ZoneI
         if candidate > now:
             return candidate
     raise ValueError("no allowed weekday within two weeks")  # unreachable: days is non-empty
+
+
+_DAY = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
+_LEAP_DAY = re.compile(r"^(\d{4})-02-29(?=$|[T ])")
+
+
+def read_date(value: Any) -> date | datetime | None:
+    """A date a person or an event carries: ISO-8601 text, a calendar day or a date-time.
+
+    ``2026-03-15`` is a calendar day; ``2026-03-15T09:30:00Z`` (or with an offset) an instant;
+    ``2026-03-15T09:30:00`` a wall time in the person's zone. 29 February of a year without one
+    is read as 28 February (a birthday on the 29th is kept on the last day of February). Anything
+    else (no value, a number, text in another form, a day that does not exist) is ``None``.
+    """
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    leap = _LEAP_DAY.match(text)
+    if leap is not None and not _is_leap(int(leap.group(1))):
+        text = f"{leap.group(1)}-02-28{text[leap.end():]}"
+    try:
+        if _DAY.match(text):
+            return date.fromisoformat(text)
+        if len(text) < 11:  # a date-time needs a time after the day
+            return None
+        return datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _is_leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+def date_instant(value: date | datetime, *, offset: int, minute: int | None, tz: ZoneInfo) -> datetime | None:
+    """The instant of a date moved by ``offset`` seconds and set to ``minute`` local time.
+
+    The offset moves the local wall clock (``-3d`` keeps the time of day across a daylight-saving
+    change); ``minute`` then replaces the time of day on the day reached. A calendar day starts at
+    local midnight, and a date-time without an offset is local time. ``None`` when the result
+    falls outside the calendar (year 1 to 9999).
+    """
+    try:
+        if isinstance(value, datetime) and value.tzinfo is not None and offset == 0 and minute is None:
+            return value.astimezone(UTC)
+        if isinstance(value, datetime):
+            wall = value.astimezone(tz).replace(tzinfo=None) if value.tzinfo is not None else value
+        else:
+            wall = datetime.combine(value, time())
+        wall += timedelta(seconds=offset)
+        if minute is not None:
+            wall = datetime.combine(wall.date(), time(minute // 60, minute % 60))
+        return wall.replace(tzinfo=tz).astimezone(UTC)
+    except OverflowError:
+        return None
 
 
 def in_quiet_hours(now: datetime, quiet: QuietHours, tz: ZoneInfo) -> datetime | None:

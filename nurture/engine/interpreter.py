@@ -24,7 +24,7 @@ from urllib.parse import quote
 from nurture.language import ir
 from nurture.language.evaluation import MISSING, Expr, is_true, value_of
 
-from .clock import format_instant, next_local_time, parse_instant, zone
+from .clock import date_instant, format_instant, next_local_time, parse_instant, read_date, zone
 from .holdout import in_holdout
 from .model import EndedRun, Event, SendRequest, SendResult
 
@@ -77,6 +77,8 @@ class Ended:
 
 
 Command = Sleep | AwaitEvent | ReadProfile | Deliver | WriteTraits
+NO_DATE = "no_date"
+"""How a run ends when the date a ``wait_until`` waits for is missing or cannot be read."""
 HELD = ("quiet_hours", "frequency_cap")
 """Why a send sleeps before it goes out (a deferral), as opposed to a wait step."""
 
@@ -572,7 +574,17 @@ class Run:
         elif isinstance(step, ir.WaitUntil):
             traits = (yield ReadProfile()) or {}
             tz = zone(_text(traits.get("timezone")), self.journey.timezone)
-            until = next_local_time(self.now, step.minute, step.days, tz)
+            if step.date is None:
+                assert step.minute is not None
+                until = next_local_time(self.now, step.minute, step.days, tz)
+            else:
+                day = read_date(value_of(step.date, self._scope(traits)))
+                moment = None if day is None else date_instant(day, offset=step.offset, minute=step.minute, tz=tz)
+                if moment is None:
+                    return NO_DATE
+                if moment <= self.now:
+                    return None  # the moment has come already: go on at once
+                until = moment
             yield Sleep(until, step.id, "wait_until")
         elif isinstance(step, ir.WaitFor):
             arrived = yield AwaitEvent(step.id, step.event, self.now + timedelta(seconds=step.timeout))

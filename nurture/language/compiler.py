@@ -25,6 +25,7 @@ from .document import (
     ArmDoc,
     BranchDoc,
     ChannelQuietHoursDoc,
+    DateWaitDoc,
     ElseArmDoc,
     EventRuleDoc,
     ExitDoc,
@@ -47,7 +48,7 @@ from .document import (
     allowed_keys,
     step_kind,
 )
-from .durations import parse_duration, parse_duration_range
+from .durations import parse_duration, parse_duration_range, parse_signed_duration
 from .expressions import compile_expression, compile_value
 from .providers import PROVIDER_DOCS, ProvidersDoc
 from .source import Path as KeyPath
@@ -312,6 +313,14 @@ def _check_raw(
             if not (isinstance(order, list) and all(isinstance(c, str) for c in order)):
                 order = list(settings.policy.channel_order)
             _check_send(step, step_path, smap, templates, sink, checked_templates, settings, order)
+        if step_kind(step) == "wait_until" and isinstance(step["wait_until"], dict) and "days" in step:
+            sink.add(
+                smap.diagnostic(
+                    step_path + ("days",),
+                    'days go with a time of day (wait_until: "10:00"), not with a date: remove days',
+                    at_key=True,
+                )
+            )
         if step_kind(step) == "split":
             variants = step.get("variants")
             if isinstance(variants, dict) and variants:
@@ -468,6 +477,7 @@ _MODEL_AT = {
     "frequency_caps": FrequencyCapsDoc,
     "holdout": HoldoutDoc,
     "wait": RandomWaitDoc,
+    "wait_until": DateWaitDoc,
 }
 _PROJECT_ONLY = frozenset(ProjectDoc.model_fields) - frozenset(JourneyDoc.model_fields)
 """Keys of ``nurture.yaml`` a journey cannot set."""
@@ -747,6 +757,14 @@ def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
             return ir.Wait(id=step_id, seconds=low, written=doc.wait.random.strip(), spread=high - low)
         return ir.Wait(id=step_id, seconds=parse_duration(doc.wait), written=doc.wait.strip())
     if isinstance(doc, WaitUntilDoc):
+        if isinstance(doc.wait_until, DateWaitDoc):
+            when = doc.wait_until
+            return ir.WaitUntil(
+                id=step_id,
+                minute=None if when.at is None else _minutes(when.at),
+                date=compile_expression(when.date),
+                offset=0 if when.offset is None else parse_signed_duration(when.offset),
+            )
         days = tuple(ir.WEEKDAYS.index(d) for d in doc.days or ())
         return ir.WaitUntil(id=step_id, minute=_minutes(doc.wait_until), days=tuple(sorted(set(days))))
     if isinstance(doc, SendDoc):

@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .diagnostics import did_you_mean
-from .durations import DurationError, parse_duration, parse_duration_range
+from .durations import DurationError, parse_duration, parse_duration_range, parse_signed_duration
 from .expressions import ExpressionError, compile_expression, compile_value
 from .ir import CHANNELS
 from .providers import ProvidersDoc
@@ -65,6 +65,14 @@ def check_duration(value: str) -> str:
 def check_duration_range(value: str) -> str:
     try:
         parse_duration_range(value)
+    except DurationError as exc:
+        raise _fail("duration", str(exc)) from None
+    return value
+
+
+def check_offset(value: str) -> str:
+    try:
+        parse_signed_duration(value)
     except DurationError as exc:
         raise _fail("duration", str(exc)) from None
     return value
@@ -266,9 +274,28 @@ class WaitDoc(StepDoc):
     ] = Field(description="Sleep, e.g. 1d12h, or {random: 0..2h}.")
 
 
+OffsetText = Annotated[str, AfterValidator(check_offset), Field(examples=["-3d", "12h"])]
+
+
+class DateWaitDoc(Doc):
+    """A moment worked out from a date the person or the event carries."""
+
+    date: Condition = Field(
+        description="Expression giving the date: ISO text such as 2026-03-15 or 2026-03-15T09:30:00Z."
+    )
+    offset: OffsetText | None = Field(None, description="Moved by this much: -3d is three days before.")
+    at: ClockText | None = Field(None, description="Local time of day on the (moved) date, e.g. \"10:00\".")
+
+
 class WaitUntilDoc(StepDoc):
-    wait_until: ClockText = Field(description="Next such local time of the user, e.g. \"10:00\".")
-    days: list[Weekday] | None = Field(None, min_length=1, description="Allowed weekdays.")
+    wait_until: Annotated[
+        Annotated[ClockText, Tag(FORM_TAGS[0])] | Annotated[DateWaitDoc, Tag(FORM_TAGS[1])],
+        Discriminator(_form),
+    ] = Field(description="Next such local time of the user, e.g. \"10:00\", or {date, offset, at}.")
+    days: list[Weekday] | None = Field(
+        None, min_length=1, description="Allowed weekdays (with a time of day, not with a date)."
+    )
+
 
 
 class SendDoc(StepDoc):

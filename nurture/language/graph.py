@@ -13,8 +13,7 @@ def _label(step: ir.Step) -> str:
         length = step.written or format_duration(step.seconds)
         return f"wait {length} at random" if step.spread else f"wait {length}"
     if isinstance(step, ir.WaitUntil):
-        days = ",".join(ir.WEEKDAYS[d] for d in step.days)
-        return f"wait until {step.minute // 60:02d}:{step.minute % 60:02d}" + (f" ({days})" if days else "")
+        return f"wait until {step.when}"
     if isinstance(step, ir.Send):
         via = f" → {' → '.join(step.fallback)}" if step.fallback else ""
         kind = " (transactional)" if step.category == "transactional" else ""

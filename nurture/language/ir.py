@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
+from .durations import format_duration
 from .evaluation import Expr
 
 T = TypeVar("T")
@@ -135,10 +136,26 @@ class Wait:
 class WaitUntil:
     kind: ClassVar[str] = "wait_until"
     id: str
-    minute: int
-    """Local time of day, minutes after midnight."""
+    minute: int | None
+    """Local time of day, minutes after midnight; with a ``date``, ``None`` keeps the date's own time."""
     days: tuple[int, ...] = ()
     """Allowed weekdays, 0 = Monday; empty means every day."""
+    date: Expr | None = field(default=None, metadata=_OPTIONAL)
+    """The date to wait for (``event.properties.renews_at``); ``None`` waits for the next ``minute``."""
+    offset: int = field(default=0, metadata=_OPTIONAL)
+    """Seconds added to the date (negative: before it), counted on the local wall clock."""
+
+    @property
+    def when(self) -> str:
+        """The moment in the file's words: ``10:00 (mon,fri)``, ``user.birthday -3d at 09:00``."""
+        clock = None if self.minute is None else f"{self.minute // 60:02d}:{self.minute % 60:02d}"
+        if self.date is None:
+            days = ",".join(WEEKDAYS[d] for d in self.days)
+            return f"{clock}" + (f" ({days})" if days else "")
+        moved = ""
+        if self.offset:
+            moved = f" {'-' if self.offset < 0 else '+'}{format_duration(abs(self.offset))}"
+        return f"{self.date.source}{moved}" + (f" at {clock}" if clock else "")
 
 
 @dataclass(frozen=True, slots=True)

@@ -671,8 +671,7 @@ def step_label(step: ir.Step) -> str:
         length = step.written or f"{step.seconds}s"
         return f"{length} at random" if step.spread else length
     if isinstance(step, ir.WaitUntil):
-        days = ",".join(ir.WEEKDAYS[d] for d in step.days)
-        return f"until {step.minute // 60:02d}:{step.minute % 60:02d}" + (f" ({days})" if days else "")
+        return f"until {step.when}"
     if isinstance(step, ir.WaitFor):
         return f"{step.event} (timeout {step.timeout_written or f'{step.timeout}s'})"
     if isinstance(step, ir.Split):
