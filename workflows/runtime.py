@@ -36,6 +36,7 @@ from nurture.delivery.deliverer import (
     MemoryHistory,
     MemoryLedger,
     MemoryProfiles,
+    MemoryRates,
     UnsubscribeUrl,
     for_every_channel,
 )
@@ -190,6 +191,7 @@ class TemporalRuntime:
             links=links,
             history=MemoryHistory(),
             profiles=profiles,
+            rates=MemoryRates(),
         )
         for user_id, traits in scenario.users.items():
             profiles.update_now(user_id, traits, frozenset(scenario.opted_out.get(user_id, ())))

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from channels import Channel, DeliveryResult, Envelope, PermanentError, Reconciling, TransientError
@@ -69,6 +69,27 @@ class MemoryHistory:
 
     async def record(self, request: SendRequest, channel: str, at: datetime) -> None:
         self.sends.setdefault(request.user_id, []).append((at, channel))
+
+
+class SendRates(Protocol):
+    """Shared slots of send rates (``rate: 1000/h``): memory in simulations, the database in the
+    service, so every worker paces one journey's sends together."""
+
+    async def reserve(self, key: str, now: datetime, spacing: timedelta) -> datetime:
+        """Take the first free slot of ``key`` at or after ``now``; the next is ``spacing`` later."""
+        ...
+
+
+@dataclass
+class MemoryRates:
+    """:class:`SendRates` in a dict, for the simulator and the scenario runner."""
+
+    next_free: dict[str, datetime] = field(default_factory=dict)
+
+    async def reserve(self, key: str, now: datetime, spacing: timedelta) -> datetime:
+        slot = max(now, self.next_free.get(key, now))
+        self.next_free[key] = slot + spacing
+        return slot
 
 
 OPT_OUT_REASONS = frozenset({"unsubscribed", "not_following", "refused"})
@@ -286,9 +307,10 @@ class Deliverer:
         links: UnsubscribeUrl | None = None,
         history: SendHistory | None = None,
         profiles: ProfileStore | None = None,
+        rates: SendRates | None = None,
     ) -> None:
         """``history`` enables frequency caps; ``profiles`` records the opt-outs a provider
-        reports (a STOP reply, an unfollow)."""
+        reports (a STOP reply, an unfollow); ``rates`` enables send rates."""
         self.templates = templates
         self.channels = channels
         self.render = render
@@ -296,6 +318,7 @@ class Deliverer:
         self.links = links
         self.history = history
         self.profiles = profiles
+        self.rates = rates
 
     async def send(self, request: SendRequest, profile: Profile, now: datetime) -> SendResult:
         """Apply the send rules at ``now`` and return the outcome or the deferral instant.
@@ -327,6 +350,13 @@ class Deliverer:
             until = None if quiet is None else in_quiet_hours(now, quiet, tz)
             if until is not None:
                 return SendResult(defer_until=until)
+            paced = request.rate is not None and self.rates is not None
+            if paced and (request.rate_slot is None or request.rate_slot > now):
+                assert request.rate is not None and self.rates is not None
+                spacing = timedelta(seconds=request.rate.spacing)
+                slot = await self.rates.reserve(request.rate_key, now, spacing)
+                if slot > now:
+                    return SendResult(defer_until=slot, defer_reason="rate_limit")
         locale = text_value(profile.traits.get("locale"))
         failure = "no_channel"
         for channel in usable:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Generator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import quote
@@ -37,7 +37,7 @@ class Sleep:
 
     until: datetime
     step_id: str
-    reason: Literal["wait", "wait_until", "quiet_hours", "frequency_cap"]
+    reason: Literal["wait", "wait_until", "quiet_hours", "frequency_cap", "rate_limit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +79,7 @@ class Ended:
 Command = Sleep | AwaitEvent | ReadProfile | Deliver | WriteTraits
 NO_DATE = "no_date"
 """How a run ends when the date a ``wait_until`` waits for is missing or cannot be read."""
-HELD = ("quiet_hours", "frequency_cap")
+HELD = ("quiet_hours", "frequency_cap", "rate_limit")
 """Why a send sleeps before it goes out (a deferral), as opposed to a wait step."""
 
 
@@ -567,6 +567,11 @@ class Run:
                     if outcome is not None and (outcome.status == "sent" or outcome.reason == "holdout"):
                         self.last_message_at = self.now
                     return None
+                # Held back by the rate, the send keeps the slot it took; any other deferral
+                # gives it up (the send takes a new slot when it is decided again).
+                slot = result.defer_until if result.defer_reason == "rate_limit" else None
+                if slot != request.rate_slot:
+                    request = replace(request, rate_slot=slot)
                 yield Sleep(result.defer_until, step.id, result.defer_reason)
         elif isinstance(step, ir.Wait):
             seconds = step.seconds + random_wait(self.run_id, step.id, step.spread)
@@ -631,6 +636,8 @@ class Run:
             context={"event": self._event_scope, "last_event": self._last_scope, "journey": self._journey_scope},
             topic=step.topic,
             policy=self.journey.policy,
+            rate=step.rate or self.journey.rate,
+            rate_key=f"{self.journey.id}/{step.id}" if step.rate is not None else self.journey.id,
         )
 
     @property

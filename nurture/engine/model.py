@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from nurture.language.ir import Policy, QuietHours, from_dict, to_dict
+from nurture.language.ir import Policy, QuietHours, Rate, from_dict, to_dict
 
 from .clock import format_instant, parse_instant
 
@@ -91,6 +91,13 @@ class SendRequest:
     policy: Policy = field(default_factory=Policy)
     """Frequency caps, the channel order for ``auto`` (``channels`` is then empty) and
     per-channel quiet hours."""
+    rate: Rate | None = None
+    """The send rate this step obeys (its own, else the journey's)."""
+    rate_key: str = ""
+    """Which sends share the rate: ``<journey>`` for the journey's, ``<journey>/<step>`` for a step's."""
+    rate_slot: datetime | None = None
+    """The slot this send took under the rate when it was held back for it: at or after that
+    instant it goes without taking another."""
 
     @property
     def idempotency_key(self) -> str:
@@ -114,6 +121,16 @@ class SendRequest:
             "context": dict(self.context),
             "topic": self.topic,
             "policy": to_dict(self.policy),
+            # Only paced sends carry these, so a request looks as it did before rates existed.
+            **(
+                {}
+                if self.rate is None
+                else {
+                    "rate": to_dict(self.rate),
+                    "rate_key": self.rate_key,
+                    "rate_slot": None if self.rate_slot is None else format_instant(self.rate_slot),
+                }
+            ),
         }
 
     @classmethod
@@ -134,10 +151,15 @@ class SendRequest:
             context=dict(data.get("context") or {}),
             topic=data.get("topic"),
             policy=from_dict(Policy, data["policy"]) if data.get("policy") else Policy(),
+            rate=from_dict(Rate, data["rate"]) if data.get("rate") else None,
+            rate_key=data.get("rate_key") or "",
+            rate_slot=parse_instant(data["rate_slot"]) if data.get("rate_slot") else None,
         )
 
 
 Status = Literal["sent", "skipped", "failed"]
+DeferReason = Literal["quiet_hours", "frequency_cap", "rate_limit"]
+"""Why a send waits before it goes out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +213,7 @@ class SendResult:
 
     outcome: SendOutcome | None = None
     defer_until: datetime | None = None
-    defer_reason: Literal["quiet_hours", "frequency_cap"] = "quiet_hours"
+    defer_reason: DeferReason = "quiet_hours"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -48,7 +48,7 @@ from .document import (
     allowed_keys,
     step_kind,
 )
-from .durations import parse_duration, parse_duration_range, parse_signed_duration
+from .durations import parse_duration, parse_duration_range, parse_rate, parse_signed_duration
 from .expressions import compile_expression, compile_value
 from .providers import PROVIDER_DOCS, ProvidersDoc
 from .source import Path as KeyPath
@@ -416,6 +416,14 @@ def _check_send(
 def _check_topic(
     step: dict[str, Any], step_path: KeyPath, smap: SourceMap, sink: DiagnosticSink, settings: Settings
 ) -> None:
+    if step.get("category") == "transactional" and "rate" in step:
+        sink.add(
+            smap.diagnostic(
+                step_path + ("rate",),
+                "a transactional send is never held back, so it has no rate: remove rate, or make it marketing",
+                at_key=True,
+            )
+        )
     topic = step.get("topic")
     if not isinstance(topic, str):
         return
@@ -680,6 +688,13 @@ def _minutes(clock: str) -> int:
     return int(hours) * 60 + int(minutes)
 
 
+def _rate(text: str | None) -> ir.Rate | None:
+    if text is None:
+        return None
+    count, per = parse_rate(text)
+    return ir.Rate(count=count, per=per, written=text.strip())
+
+
 def _rule(doc: EventRuleDoc) -> ir.EventRule:
     return ir.EventRule(event=doc.event, cond=compile_expression(doc.if_) if doc.if_ else None)
 
@@ -710,6 +725,7 @@ def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journe
         timezone=doc.timezone or settings.timezone,
         quiet_hours=_quiet(doc.quiet_hours) or settings.quiet_hours,
         policy=_policy(doc, doc.quiet_hours, settings.policy),
+        rate=_rate(doc.rate),
         steps=_Ids(doc).steps(doc.steps, "s"),
         source=source,
     )
@@ -775,6 +791,7 @@ def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
             fallback=tuple(doc.fallback),
             category=doc.category,
             topic=doc.topic,
+            rate=_rate(doc.rate),
         )
     if isinstance(doc, WaitForDoc):
         return ir.WaitFor(

@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .diagnostics import did_you_mean
-from .durations import DurationError, parse_duration, parse_duration_range, parse_signed_duration
+from .durations import DurationError, parse_duration, parse_duration_range, parse_rate, parse_signed_duration
 from .expressions import ExpressionError, compile_expression, compile_value
 from .ir import CHANNELS
 from .providers import ProvidersDoc
@@ -76,6 +76,17 @@ def check_offset(value: str) -> str:
     except DurationError as exc:
         raise _fail("duration", str(exc)) from None
     return value
+
+
+def check_rate(value: str) -> str:
+    try:
+        parse_rate(value)
+    except DurationError as exc:
+        raise _fail("rate", str(exc)) from None
+    return value
+
+
+RateText = Annotated[str, AfterValidator(check_rate), Field(examples=["1000/h", "50/m"])]
 
 
 def _clock_minutes(value: str) -> int:
@@ -304,6 +315,7 @@ class SendDoc(StepDoc):
     fallback: list[ChannelName] = Field(default_factory=list, description="Channels to try next.")
     category: Literal["marketing", "transactional"] = "marketing"
     topic: Ident | None = Field(None, description="Subscription topic from nurture.yaml's topics.")
+    rate: RateText | None = Field(None, description="At most so many of this step's sends per unit of time, spread evenly.")
 
 
 class WaitForDoc(StepDoc):
@@ -405,6 +417,7 @@ class JourneyDoc(PolicyFields):
     exit_on: list[EventRuleDoc] = Field(default_factory=list)
     timezone: TimezoneName | None = None
     quiet_hours: QuietHoursDoc | None = None
+    rate: RateText | None = Field(None, description="At most so many of the journey's sends per unit of time, spread evenly.")
     steps: list[AnyStep] = Field(min_length=1)
 
 

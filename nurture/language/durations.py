@@ -70,3 +70,21 @@ def parse_signed_duration(text: str) -> int:
         raise DurationError(
             f"'{text}' is not an offset: a duration with an optional sign, e.g. -3d (before) or 12h (after)"
         ) from None
+
+
+def parse_rate(text: str) -> tuple[int, int]:
+    """``(count, seconds)`` of a send rate such as ``1000/h``, ``50/m`` or ``500/30m``."""
+    count, separator, period = text.partition("/")
+    problem = (
+        f"'{text}' is not a rate: write how many sends per unit of time, e.g. 1000/h, 50/m or 500/30m"
+    )
+    if not separator or not count.strip().isdigit():
+        raise DurationError(problem)
+    period = period.strip()
+    try:
+        seconds = UNITS[period] if period in UNITS else parse_duration(period)
+    except DurationError:
+        raise DurationError(problem) from None
+    if int(count) < 1:
+        raise DurationError(f"'{text}' allows no sends at all: the count is at least 1")
+    return int(count), seconds

@@ -103,6 +103,21 @@ class Holdout:
 
 
 @dataclass(frozen=True, slots=True)
+class Rate:
+    """At most ``count`` sends per ``per`` seconds, spread evenly: one every ``per / count`` seconds."""
+
+    count: int
+    per: int
+    written: str = field(default="", compare=False, metadata=_AS_WRITTEN)
+    """The rate as the marketer wrote it (``1000/h``), for display."""
+
+    @property
+    def spacing(self) -> float:
+        """Seconds between two sends at this rate."""
+        return self.per / self.count
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """The delivery policy of a journey: the project's, with the journey's overrides applied."""
 
@@ -167,6 +182,8 @@ class Send:
     fallback: tuple[str, ...] = ()
     category: Category = "marketing"
     topic: str | None = None
+    rate: Rate | None = field(default=None, metadata=_OPTIONAL)
+    """This step's own send rate; without one, the journey's applies."""
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -259,6 +276,8 @@ class Journey:
     timezone: str = "UTC"
     quiet_hours: QuietHours | None = None
     policy: Policy = field(default_factory=Policy)
+    rate: Rate | None = field(default=None, metadata=_OPTIONAL)
+    """The journey's send rate, shared by its send steps that have none of their own."""
     source: str = ""
     """The file it was compiled from (not part of the version)."""
 

@@ -40,6 +40,7 @@ from nurture.delivery.deliverer import Deliverer, UnsubscribeUrl, for_every_chan
 from nurture.language.compiler import Project, compile_project
 from nurture.language.diagnostics import CompileError
 from nurture.storage.db import Database
+from nurture.storage.rates import DbRates
 from nurture.storage.stores import DbHistory, DbLedger, DbOutbox, DbProfiles, DbRecorder
 from workflows.activities import JourneyActivities
 from workflows.journey import JourneyWorkflow
@@ -139,6 +140,7 @@ def build_worker(
             links=links,
             history=DbHistory(db),
             profiles=DbProfiles(db),
+            rates=DbRates(db),
         ),
         DbProfiles(db),
         InstrumentedRecorder(DbRecorder(db)),

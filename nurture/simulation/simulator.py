@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from nurture.delivery.deliverer import Deliverer, MemoryHistory, MemoryProfiles
+from nurture.delivery.deliverer import Deliverer, MemoryHistory, MemoryProfiles, MemoryRates
 from nurture.engine.interpreter import (
+    HELD,
     AwaitEvent,
     Command,
     Deliver,
@@ -90,9 +91,12 @@ class Simulator:
 
     def __post_init__(self) -> None:
         self.now = self.start
-        # Caps count this simulation's own sends; opt-outs providers report land in its profiles.
+        # Caps and rates count this simulation's own sends; opt-outs providers report land in its
+        # profiles.
         if self.deliverer.history is None:
             self.deliverer.history = MemoryHistory()
+        if self.deliverer.rates is None:
+            self.deliverer.rates = MemoryRates()
         if self.deliverer.profiles is None:
             self.deliverer.profiles = self.profiles
         self._queue: list[tuple[datetime, int, int, Any]] = []
@@ -231,7 +235,7 @@ class Simulator:
                 await self._waits(run, command)
                 self._schedule(live, command.until)
                 if self.timeline:
-                    held = command.reason in ("quiet_hours", "frequency_cap")
+                    held = command.reason in HELD
                     verb = "deferred" if held else "waiting"
                     until = f"until {self._local(command.until)}"
                     if held:

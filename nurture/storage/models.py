@@ -1,5 +1,5 @@
-"""The tables: profiles, events, runs, routes, messages, message events, provider tokens and the
-nonces of signed webhook requests.
+"""The tables: profiles, events, runs, routes, messages, message events, provider tokens, the
+nonces of signed webhook requests and the slots of send rates.
 
 Columns the service queries are real columns with indexes; free-form data (traits, properties,
 rendered content) is JSON, which SQLite and PostgreSQL both store natively.
@@ -274,3 +274,15 @@ class UsedNonce(SQLModel, table=True):
     """SHA-256 (hex) of the body that came with it: the provider's own retry repeats that body."""
     expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
     """When the signature becomes stale (refused by its timestamp); the row is pruned after."""
+
+
+class SendRate(SQLModel, table=True):
+    """Where a send rate (``rate: 1000/h``) stands: the next free slot of the sends sharing it,
+    shared by every worker."""
+
+    __tablename__ = "send_rates"
+
+    key: str = Field(primary_key=True, max_length=512)
+    """``<journey>`` for a journey's rate, ``<journey>/<step>`` for a step's own."""
+    next_free: datetime = _when(nullable=False)
+    """The first instant the next send may take; each send moves it one spacing on."""
