@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from nurture.engine.clock import date_instant, read_date, zone
-from nurture.engine.interpreter import Deliver, Ended, ReadProfile, Run, Sleep, random_wait
+from nurture.engine.interpreter import Deliver, Ended, ReadProfile, Run, Sleep, entry_decision, random_wait
 from nurture.engine.model import Event
 from nurture.language import ir
 from nurture.language.compiler import Settings, compile_text
@@ -90,6 +90,9 @@ CASES = [
     Case("date-wait-bad-at", '- wait_until: {date: "user.birthday", at: "25:00"}\n', 4, 45, "'25:00' is not a time of day"),
     Case("date-wait-bad-expression", '- wait_until: {date: "user.birthday ==", at: "09:00"}\n', 4, 41, "the expression ends too early"),
     Case("date-wait-unknown-name", '- wait_until: {date: "usr.birthday"}\n', 4, 25, "did you mean 'user'"),
+    Case("re-entry-key-typo", "- wait: 1h\n", 3, 12, "unknown key 'afer' (did you mean 'after'?)", "re_entry: {afer: 7d}\n"),
+    Case("re-entry-bad-duration", "- wait: 1h\n", 3, 19, "'7 days' is not a duration", "re_entry: {after: 7 days}\n"),
+    Case("re-entry-unknown-word", "- wait: 1h\n", 3, 11, "'weekly' (text) is not allowed", "re_entry: weekly\n"),
     Case(
         "date-wait-with-days",
         '- wait_until: {date: "user.birthday"}\n  days: [mon]\n',
@@ -267,3 +270,30 @@ def test_a_missing_or_unreadable_date_ends_the_run_with_no_date(
     run = run_of(journey, properties=properties)
     assert _first_wait(run, {}) == Ended("no_date")
     assert run.ended == "no_date"
+
+
+# --- re_entry: {after} ---------------------------------------------------------------------------
+
+
+def test_re_entry_after_compiles_to_after_exit_with_a_gap(templates: TemplateStore) -> None:
+    journey = journey_with("- wait: 1h\n", templates, head="re_entry: {after: 7d}\n")
+    assert (journey.re_entry, journey.re_entry_after) == ("after_exit", 7 * 86400)
+    plain = journey_with("- wait: 1h\n", templates, head="re_entry: after_exit\n")
+    assert (plain.re_entry, plain.re_entry_after) == ("after_exit", 0)
+    assert "re_entry_after" not in ir._encode(plain, as_written=False)  # older journeys keep their version
+    assert plain.version != journey.version
+
+
+def test_re_entry_after_counts_from_the_last_entry(templates: TemplateStore) -> None:
+    journey = journey_with("- wait: 1h\n", templates, head="re_entry: {after: 7d}\n")
+    week = timedelta(days=7)
+
+    def decide(*, active: bool = False, last: datetime | None = T0, now: datetime) -> str:
+        return entry_decision(journey, active=active, ran_before=last is not None, last_entered_at=last, now=now)
+
+    assert decide(last=None, now=T0) == "start"  # never entered
+    assert decide(active=True, now=T0 + 2 * week) == "ignore"  # a run is active, however old
+    assert decide(now=T0 + week - timedelta(seconds=1)) == "ignore"
+    assert decide(now=T0 + week) == "start"  # exactly a week after entry
+    plain = journey_with("- wait: 1h\n", templates)
+    assert entry_decision(plain, active=False, ran_before=True, last_entered_at=T0, now=T0) == "start"

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         Run,
         Sleep,
         WriteTraits,
+        too_soon,
     )
     from nurture.engine.model import Event, SendResult
     from nurture.language import ir
@@ -226,6 +227,12 @@ class JourneyWorkflow:
         for raw in self._inbox:
             payload = raw.get("__trigger__")
             if payload is None or payload["journey"].get("re_entry") == "once":
+                continue
+            # re_entry: {after}: the next run may not enter this soon after this one did
+            # (journeys compiled before it existed lack the key and replay as they ran).
+            if payload["journey"].get("re_entry_after") and too_soon(
+                ir.journey_from_dict(payload["journey"]), run.entered_at, self._now()
+            ):
                 continue
             if payload["event"].get("message_id") != run.event.message_id:
                 return dict(payload)

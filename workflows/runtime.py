@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -246,6 +246,7 @@ class _Play:
     slots: dict[tuple[str, str, str], str] = field(default_factory=dict)
     journeys_of: dict[str, str] = field(default_factory=dict)
     counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    entered: dict[tuple[str, str, str], datetime] = field(default_factory=dict)
 
     def active(self, run_id: str) -> bool:
         return run_id not in self.recorder.ended
@@ -272,7 +273,13 @@ class _Play:
             slot = (journey.id, user_id, key)
             current = self.slots.get(slot)
             is_active = current is not None and self.active(current)
-            decision = entry_decision(journey, active=is_active, ran_before=slot in self.counts)
+            decision = entry_decision(
+                journey,
+                active=is_active,
+                ran_before=slot in self.counts,
+                last_entered_at=self.entered.get(slot),
+                now=event.timestamp,
+            )
             if decision == "ignore":
                 continue
             if decision == "restart" and current is not None:
@@ -280,6 +287,7 @@ class _Play:
                 await self._settle([current])
             number = self.counts.get(slot, 0) + 1
             self.counts[slot] = number
+            self.entered[slot] = event.timestamp
             run_id = f"{journey.id}:{user_id}:{key}:{number}"
             handle = await self.client.start_workflow(
                 JourneyWorkflow.run,

@@ -184,13 +184,30 @@ def trigger_matches(journey: ir.Journey, event: Event, traits: Mapping[str, Any]
 EntryDecision = Literal["start", "restart", "ignore"]
 
 
-def entry_decision(journey: ir.Journey, *, active: bool, ran_before: bool) -> EntryDecision:
-    """What a matching trigger does given the (journey, user, key)'s history."""
+def entry_decision(
+    journey: ir.Journey,
+    *,
+    active: bool,
+    ran_before: bool,
+    last_entered_at: datetime | None = None,
+    now: datetime | None = None,
+) -> EntryDecision:
+    """What a matching trigger does at ``now`` given the (journey, user, key)'s history: whether a
+    run is active, whether one ever ran, and when the latest one entered (``re_entry: {after}``)."""
     if journey.re_entry == "once":
         return "ignore" if (active or ran_before) else "start"
     if active:
         return "restart" if journey.re_entry == "restart" else "ignore"
+    if too_soon(journey, last_entered_at, now):
+        return "ignore"
     return "start"
+
+
+def too_soon(journey: ir.Journey, last_entered_at: datetime | None, now: datetime | None) -> bool:
+    """Whether ``re_entry: {after}`` keeps a new run out at ``now``: the last one entered within it."""
+    if not journey.re_entry_after or last_entered_at is None or now is None:
+        return False
+    return now - last_entered_at < timedelta(seconds=journey.re_entry_after)
 
 
 def goal_window_end(goal: ir.Goal, *, entered_at: datetime, last_message_at: datetime | None) -> datetime | None:

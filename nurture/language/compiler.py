@@ -37,6 +37,7 @@ from .document import (
     ProjectDoc,
     QuietHoursDoc,
     RandomWaitDoc,
+    ReEntryDoc,
     SendDoc,
     SplitDoc,
     StepDoc,
@@ -486,6 +487,7 @@ _MODEL_AT = {
     "holdout": HoldoutDoc,
     "wait": RandomWaitDoc,
     "wait_until": DateWaitDoc,
+    "re_entry": ReEntryDoc,
 }
 _PROJECT_ONLY = frozenset(ProjectDoc.model_fields) - frozenset(JourneyDoc.model_fields)
 """Keys of ``nurture.yaml`` a journey cannot set."""
@@ -719,7 +721,8 @@ def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journe
         description=doc.description or "",
         trigger=_rule(doc.trigger),
         key=compile_expression(doc.key) if doc.key else None,
-        re_entry=doc.re_entry,
+        re_entry="after_exit" if isinstance(doc.re_entry, ReEntryDoc) else doc.re_entry,
+        re_entry_after=parse_duration(doc.re_entry.after) if isinstance(doc.re_entry, ReEntryDoc) else 0,
         goal=goal,
         exit_on=tuple(_rule(r) for r in doc.exit_on),
         timezone=doc.timezone or settings.timezone,

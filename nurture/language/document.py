@@ -402,6 +402,12 @@ STEP_DOCS: dict[str, type[Doc]] = {
 }
 
 
+class ReEntryDoc(Doc):
+    """Enter again once the last run has ended and this long has passed since it entered."""
+
+    after: DurationText = Field(description="Time since the last entry, e.g. 7d.")
+
+
 class JourneyDoc(PolicyFields):
     """A journey file."""
 
@@ -412,7 +418,11 @@ class JourneyDoc(PolicyFields):
     description: str | None = None
     trigger: EventRuleDoc
     key: Condition | None = Field(None, description="Expression: one run per (journey, user, key).")
-    re_entry: Literal["after_exit", "restart", "once"] = "after_exit"
+    re_entry: Annotated[
+        Annotated[Literal["after_exit", "restart", "once"], Tag(FORM_TAGS[0])]
+        | Annotated[ReEntryDoc, Tag(FORM_TAGS[1])],
+        Discriminator(_form),
+    ] = Field("after_exit", description="after_exit, restart, once, or {after: 7d} (that long after the last entry).")
     goal: GoalDoc | None = None
     exit_on: list[EventRuleDoc] = Field(default_factory=list)
     timezone: TimezoneName | None = None

@@ -271,6 +271,8 @@ class Journey:
     description: str = ""
     key: Expr | None = None
     re_entry: ReEntry = "after_exit"
+    re_entry_after: int = field(default=0, metadata=_OPTIONAL)
+    """With ``after_exit``: seconds that must also pass since the last run entered (``{after: 7d}``)."""
     goal: Goal | None = None
     exit_on: tuple[EventRule, ...] = ()
     timezone: str = "UTC"

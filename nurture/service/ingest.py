@@ -30,13 +30,29 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from nurture.engine.interpreter import late_conversion, late_record, run_key, trigger_matches, workflow_id
+from nurture.engine.interpreter import (
+    late_conversion,
+    late_record,
+    run_key,
+    too_soon,
+    trigger_matches,
+    workflow_id,
+)
 from nurture.engine.model import Event
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, utcnow
-from nurture.storage.stores import DbProfiles, DbRecorder, Events, OptOuts, Routes, has_run, run_started_by
+from nurture.storage.stores import (
+    DbProfiles,
+    DbRecorder,
+    Events,
+    OptOuts,
+    Routes,
+    has_run,
+    last_entry,
+    run_started_by,
+)
 from workflows.journey import RECORD_STEPS, WORKFLOW_NAME
 
 from .observability import count_conversion
@@ -244,6 +260,12 @@ class Ingest:
         if once and started is None and await asyncio.to_thread(has_run, self.db, journey.id, user_id, key):
             routed.skipped.append(journey.id)
             return
+        # re_entry: {after}: no new run until that long after the latest one entered.
+        if journey.re_entry_after and started is None:
+            entered = await asyncio.to_thread(last_entry, self.db, journey.id, user_id, key)
+            if too_soon(journey, entered, datetime.now(UTC)):
+                routed.skipped.append(journey.id)
+                return
         params = {
             "journey": self._payloads[journey.id],
             "user_id": user_id,

@@ -104,6 +104,8 @@ class Simulator:
         self._active: dict[tuple[str, str, str], _Live] = {}
         self._by_user: dict[str, list[_Live]] = {}
         self._history: dict[tuple[str, str, str], int] = {}
+        self._entered: dict[tuple[str, str, str], datetime] = {}
+        """When the latest run of each (journey, user, key) entered (``re_entry: {after}``)."""
         self._by_id = {journey.id: journey for journey in self.journeys}
         self._open_goals = OpenGoals()
         self._triggered_by: dict[str, list[ir.Journey]] = {}
@@ -179,7 +181,13 @@ class Simulator:
             key = run_key(journey, event, traits, user_id)
             slot = (journey.id, user_id, key)
             current = self._active.get(slot)
-            decision = entry_decision(journey, active=current is not None, ran_before=slot in self._history)
+            decision = entry_decision(
+                journey,
+                active=current is not None,
+                ran_before=slot in self._history,
+                last_entered_at=self._entered.get(slot),
+                now=self.now,
+            )
             if decision == "ignore":
                 if self.timeline:
                     self._note(user_id, journey.id, "", "not entered", f"re_entry {journey.re_entry}")
@@ -197,6 +205,7 @@ class Simulator:
         slot = (journey.id, user_id, key)
         number = self._history.get(slot, 0) + 1
         self._history[slot] = number
+        self._entered[slot] = self.now
         run_id = f"{journey.id}:{user_id}:{key}:{number}"
         live = _Live(Run(journey, run_id=run_id, user_id=user_id, key=key, event=event, entered_at=self.now))
         self._active[slot] = live

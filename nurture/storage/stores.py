@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import or_, update
+from sqlalchemy import func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -684,3 +684,18 @@ def has_run(db: Database, journey: str, user_id: str, key: str) -> bool:
             .limit(1)
         ).first()
         return row is not None
+
+
+def last_entry(db: Database, journey: str, user_id: str, key: str) -> datetime | None:
+    """When the latest run of (journey, user, key) entered (the ``re_entry: {after}`` rule)."""
+    with db.session() as session:
+        row = session.execute(
+            select(func.max(col(RunRecord.entered_at)))
+            .where(col(RunRecord.journey) == journey)
+            .where(col(RunRecord.user_id) == user_id)
+            .where(col(RunRecord.key) == key)
+        ).first()
+    value = None if row is None else row[0]
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
