@@ -13,11 +13,26 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from nurture.engine.clock import date_instant, read_date, zone
-from nurture.engine.interpreter import Deliver, Ended, ReadProfile, Run, Sleep, entry_decision, random_wait
+from nurture.engine.interpreter import (
+    DATE_REACHED,
+    DatePlan,
+    Deliver,
+    Ended,
+    ReadProfile,
+    Run,
+    Sleep,
+    date_event,
+    date_plan,
+    entry_decision,
+    next_date_moment,
+    random_wait,
+    trigger_matches,
+)
 from nurture.engine.model import Event
 from nurture.language import ir
 from nurture.language.compiler import Settings, compile_text
 from nurture.language.diagnostics import Diagnostic, DiagnosticSink
+from nurture.language.expressions import compile_expression
 from nurture.language.templates import TemplateStore
 
 T0 = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)  # Monday 10:00 in Shanghai
@@ -297,3 +312,135 @@ def test_re_entry_after_counts_from_the_last_entry(templates: TemplateStore) -> 
     assert decide(now=T0 + week) == "start"  # exactly a week after entry
     plain = journey_with("- wait: 1h\n", templates)
     assert entry_decision(plain, active=False, ran_before=True, last_entered_at=T0, now=T0) == "start"
+
+
+# --- trigger: {date, ...} ------------------------------------------------------------------------
+
+
+def dated(trigger: str, templates: TemplateStore, key: str = "") -> ir.Journey:
+    text = f"journey: notice\ntrigger: {trigger}\n{key}steps:\n  - send: email\n    template: note\n"
+    journey, diagnostics = compile_journey(text, templates)
+    assert journey is not None, "\n".join(d.headline() for d in diagnostics)
+    return journey
+
+
+TRIGGER_CASES = [
+    ('{date: "event.properties.renews_at", at: "10:00"}', 2, 17, "this reads the event, but no event is named"),
+    ('{date: "user.birthday", if: "event.properties.plan"}', 2, 38, "this reads the event, but no event is named"),
+    ('{date: "user.birthday", every: month}', 2, 41, "is not allowed"),
+    ('{date: "user.birthday", evry: year}', 2, 34, "unknown key 'evry' (did you mean 'every'?)"),
+    ('{date: "user.birthday", offset: 3 days}', 2, 42, "'3 days' is not an offset"),
+    ('{date: "user.birthday", at: "9am"}', 2, 38, "'9am' is not a time of day"),
+    ('{date: "user.birthday", event: ""}', 2, 41, "must not be empty"),
+]
+
+
+@pytest.mark.parametrize(("trigger", "line", "column", "message"), TRIGGER_CASES, ids=[c[3][:30] + str(c[2]) for c in TRIGGER_CASES])
+def test_date_trigger_mistakes_are_reported_at_their_place(
+    templates: TemplateStore, trigger: str, line: int, column: int, message: str
+) -> None:
+    text = f"journey: notice\ntrigger: {trigger}\nsteps:\n  - send: email\n    template: note\n"
+    journey, diagnostics = compile_journey(text, templates)
+    headlines = "\n".join(d.headline() for d in diagnostics)
+    assert journey is None
+    found = [d for d in diagnostics if message in d.message]
+    assert found, headlines
+    assert (found[0].line, found[0].column) == (line, column), headlines
+
+
+def test_date_triggers_compile(templates: TemplateStore) -> None:
+    birthday = dated('{date: "user.birthday", at: "09:00", every: year}', templates)
+    assert birthday.trigger == ir.EventRule(event="")
+    assert birthday.date_trigger is not None
+    assert (birthday.date_trigger.minute, birthday.date_trigger.offset, birthday.date_trigger.yearly) == (540, 0, True)
+    renewal = dated(
+        '{date: "event.properties.renews_at", offset: -3d, at: "10:00", event: Renewal Scheduled, if: "event.properties.plan"}',
+        templates,
+    )
+    assert renewal.trigger.event == "Renewal Scheduled" and renewal.trigger.cond is not None
+    assert renewal.date_trigger is not None and renewal.date_trigger.offset == -3 * 86400
+    plain = dated("{event: Renewal Scheduled}", templates)
+    assert plain.date_trigger is None and "date_trigger" not in ir._encode(plain, as_written=False)
+
+
+def test_a_carrying_event_plans_a_date_and_starts_no_run_itself(templates: TemplateStore) -> None:
+    journey = dated(
+        '{date: "event.properties.renews_at", offset: -3d, at: "10:00", event: Renewal Scheduled, if: "event.properties.plan != \'free\'"}',
+        templates,
+        key='key: "event.properties.subscription_id"\n',
+    )
+    event = Event("Renewal Scheduled", T0, {"renews_at": "2026-03-20", "subscription_id": "s1", "plan": "pro"}, "m1")
+    assert not trigger_matches(journey, event, {}, "u1")
+    plan = date_plan(journey, event, {"timezone": "Europe/Paris"}, "u1")
+    assert plan == DatePlan("s1", "2026-03-20", "Europe/Paris", event)
+    assert DatePlan.from_dict(plan.to_dict()) == plan
+    assert date_plan(journey, Event("Other", T0, {}), {}, "u1") is None  # not the carrying event
+    assert date_plan(journey, Event("Renewal Scheduled", T0, {"plan": "free"}), {}, "u1") is None  # if false
+    # A carrying event without a readable date gives up what was waited for.
+    unreadable = date_plan(journey, Event("Renewal Scheduled", T0, {"renews_at": "soon", "subscription_id": "s1"}), {}, "u1")
+    assert unreadable is not None and (unreadable.key, unreadable.date, unreadable.timezone) == ("s1", None, "Asia/Shanghai")
+
+
+def test_a_trait_date_is_planned_from_every_change_and_its_if_can_withdraw_it(templates: TemplateStore) -> None:
+    journey = dated('{date: "user.trial_ends_at", offset: -1d, if: "not user.subscribed"}', templates)
+    assert date_plan(journey, Event("Signed Up", T0), {}, "u1") is None  # events do not concern it
+    assert date_plan(journey, None, {"trial_ends_at": "2026-03-09"}, "u1") == DatePlan("", "2026-03-09", "Asia/Shanghai")
+    withdrawn = date_plan(journey, None, {"trial_ends_at": "2026-03-09", "subscribed": True}, "u1")
+    assert withdrawn == DatePlan("", None, "Asia/Shanghai")
+
+
+YEARLY = ir.DateTrigger(date=compile_expression("user.birthday"), minute=540, yearly=True)
+ONCE = ir.DateTrigger(date=compile_expression("user.birthday"), minute=540)
+
+
+@pytest.mark.parametrize(
+    ("trigger", "value", "since", "after", "expected"),
+    [
+        # A birthday: this year's moment is still ahead, so it comes first.
+        (YEARLY, "1990-05-04", T0, False, datetime(2026, 5, 4, 1, 0, tzinfo=UTC)),
+        (ONCE, "2026-05-04", T0, False, datetime(2026, 5, 4, 1, 0, tzinfo=UTC)),
+        # A one-off date in the past has no moment (old data starts nothing).
+        (ONCE, "1990-05-04", T0, False, None),
+        # Once it has come, the next is a year later; a one-off date has none.
+        (YEARLY, "1990-05-04", datetime(2026, 5, 4, 1, 0, tzinfo=UTC), True, datetime(2027, 5, 4, 1, 0, tzinfo=UTC)),
+        (ONCE, "2026-05-04", datetime(2026, 5, 4, 1, 0, tzinfo=UTC), True, None),
+        # At the moment itself, a new plan still takes it.
+        (ONCE, "2026-05-04", datetime(2026, 5, 4, 1, 0, tzinfo=UTC), False, datetime(2026, 5, 4, 1, 0, tzinfo=UTC)),
+        (YEARLY, "1990-05-04", datetime(2026, 12, 31, tzinfo=UTC), False, datetime(2027, 5, 4, 1, 0, tzinfo=UTC)),
+        (YEARLY, "not a date", T0, False, None),
+    ],
+)
+def test_next_date_moment(
+    trigger: ir.DateTrigger, value: str, since: datetime, after: bool, expected: datetime | None
+) -> None:
+    assert next_date_moment(trigger, value, "Asia/Shanghai", since=since, after=after) == expected
+
+
+def test_a_yearly_leap_day_is_the_28th_in_common_years_and_the_29th_in_leap_years() -> None:
+    moments, since = [], T0
+    for _ in range(3):
+        moment = next_date_moment(YEARLY, "2000-02-29", "Asia/Shanghai", since=since, after=True)
+        assert moment is not None
+        moments.append(moment.astimezone(zone("Asia/Shanghai")).date())
+        since = moment
+    assert moments == [date(2027, 2, 28), date(2028, 2, 29), date(2029, 2, 28)]
+
+
+def test_a_yearly_offset_reaching_into_the_year_before() -> None:
+    trigger = ir.DateTrigger(date=compile_expression("user.renews"), offset=-30 * 86400, minute=600, yearly=True)
+    moment = next_date_moment(trigger, "2020-01-10", "UTC", since=T0, after=False)
+    assert moment == datetime(2026, 12, 11, 10, 0, tzinfo=UTC)  # 30 days before 10 January 2027
+
+
+def test_the_run_event_of_a_date_is_new_for_each_moment(templates: TemplateStore) -> None:
+    moment = datetime(2026, 5, 4, 1, 0, tzinfo=UTC)
+    plan = DatePlan("", "1990-05-04", "Asia/Shanghai")
+    event = date_event("birthday", "u1", plan, moment)
+    assert (event.name, event.timestamp, event.properties) == (DATE_REACHED, moment, {"date": "1990-05-04"})
+    assert event.message_id is not None and len(event.message_id) <= 64
+    assert date_event("birthday", "u1", plan, moment) == event  # a retried activity: the same event
+    assert date_event("birthday", "u1", plan, moment + timedelta(days=365)).message_id != event.message_id
+    carrying = Event("Renewal Scheduled", T0, {"renews_at": "2026-03-20"}, "m1")
+    from_event = date_event("renewal", "u1", DatePlan("s1", "2026-03-20", "UTC", carrying), moment)
+    assert (from_event.name, from_event.properties, from_event.timestamp) == ("Renewal Scheduled", carrying.properties, T0)
+    assert from_event.message_id != "m1"

@@ -3,11 +3,13 @@ pass in the simulator and on Temporal's time-skipping server, with identical out
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from nurture.language.compiler import Project, load_project
+from nurture.language.diagnostics import CompileError
 from nurture.simulation.scenarios import SimRuntime, compare, load_scenario, observe, scenario_files
 from workflows.runtime import TemporalRuntime
 
@@ -36,3 +38,29 @@ async def test_scenario_on_both_runtimes(path: Path, dates_project: Project, tem
     assert verdict.passed, "temporal:\n" + verdict.report()
     key = lambda o: (o.at, o.user, o.journey, o.exit or "", o.send or "", o.template or "")  # noqa: E731
     assert sorted(observe(scenario, simulated), key=key) == sorted(observe(scenario, durable), key=key)
+
+
+def test_a_yearly_date_trigger_needs_the_scenario_to_end(dates_project: Project, tmp_path: Path) -> None:
+    source = (PROJECT / "journeys" / "tests" / "birthday_every_year.yaml").read_text(encoding="utf-8")
+    endless = tmp_path / "endless.yaml"
+    endless.write_text(source.replace("until: 400d\n", ""), encoding="utf-8")
+    with pytest.raises(CompileError) as caught:
+        load_scenario(endless, dates_project)
+    [problem] = caught.value.diagnostics
+    assert "starts a run every year for ever" in problem.message and problem.line == 1
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(source.replace("until: 400d", "until: next year"), encoding="utf-8")
+    with pytest.raises(CompileError, match="is not an offset"):
+        load_scenario(wrong, dates_project)
+
+
+async def test_until_ends_the_dates_not_the_runs(dates_project: Project) -> None:
+    """No date trigger starts a run after until; nothing else is cut short."""
+    scenario = load_scenario(PROJECT / "journeys" / "tests" / "birthday_every_year.yaml", dates_project)
+    short = dataclasses.replace(scenario, until=363 * 86400)
+    outcomes = await SimRuntime().play(short, dates_project)
+    assert sorted({(o.user, o.at.date().isoformat()) for o in outcomes}) == [
+        ("leap", "2027-02-28"),
+        ("mei", "2026-03-05"),
+        ("sam", "2026-03-20"),
+    ]

@@ -16,14 +16,14 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -43,6 +43,7 @@ from nurture.delivery.deliverer import (
 from nurture.engine.clock import parse_instant
 from nurture.engine.interpreter import (
     OpenGoals,
+    date_plan,
     entry_decision,
     late_record,
     run_key,
@@ -51,12 +52,13 @@ from nurture.engine.interpreter import (
 )
 from nurture.engine.model import Event, Recorder, SendOutcome, SendRequest
 from nurture.language.compiler import Project
-from nurture.language.ir import journey_to_dict
+from nurture.language.ir import Journey, journey_to_dict
 from nurture.language.templates import TemplateStore
 from nurture.simulation.scenarios import Scenario
 from nurture.simulation.simulator import Outcome
 
 from .activities import JourneyActivities
+from .dates import PLAN_SIGNAL, DateActivities, DateTriggerWorkflow, date_params
 from .journey import RECORD_STEPS, JourneyWorkflow
 
 TASK_QUEUE = "nurture-scenarios"
@@ -127,6 +129,7 @@ class TemporalRuntime:
         self._env: WorkflowEnvironment | None = None
         self._worker: Worker | None = None
         self._activities: JourneyActivities | None = None
+        self._dates = DateActivities()
         self.handles: dict[str, WorkflowHandle[Any, Any]] = {}
         """The workflow handles of the last scenario played, by run id."""
 
@@ -144,8 +147,8 @@ class TemporalRuntime:
         self._worker = Worker(
             self._env.client,
             task_queue=TASK_QUEUE,
-            workflows=[JourneyWorkflow],
-            activities=list(self._activities.all()),
+            workflows=[JourneyWorkflow, DateTriggerWorkflow],
+            activities=[*self._activities.all(), *self._dates.all()],
         )
         await self._worker.__aenter__()
         return self
@@ -197,17 +200,29 @@ class TemporalRuntime:
             profiles.update_now(user_id, traits, frozenset(scenario.opted_out.get(user_id, ())))
         journeys = project.select(scenario.journeys)
         offset = scenario.start - await env.get_current_time()
-        play = _Play(self.client, scenario, offset, recorder, uuid.uuid4().hex[:8])
+
+        async def now() -> datetime:
+            return await env.get_current_time() + offset
+
+        until = None if scenario.until is None else scenario.instant(scenario.until)
+        play = _Play(self.client, scenario, offset, recorder, uuid.uuid4().hex[:8], journeys, profiles, now, until)
+        self._dates.router = play
         self.handles = play.handles
+        for user_id in scenario.users:  # dates in the traits people start with are waited for
+            await play.identify(user_id)
         for step in sorted(scenario.events, key=lambda e: e.at):
-            delta = scenario.instant(step.at) - (await env.get_current_time() + offset)
+            delta = scenario.instant(step.at) - await now()
             if delta > timedelta(0):
                 await env.sleep(delta)
+                await play.settle_dates()
             if step.event is None:
                 profiles.update_now(step.user, step.traits or {}, step.opted_out)
+                await play.identify(step.user)
             else:
-                await play.track(step.user, step.event, journeys, profiles)
-        for handle in play.handles.values():  # one at a time: each wait unlocks time skipping
+                await play.track(step.user, step.event)
+        for date in list(play.dates.values()):  # each ends once its last moment has come
+            await date.result()
+        for handle in list(play.handles.values()):  # one at a time: each wait unlocks time skipping
             await handle.result()
         return sorted(recorder.outcomes, key=lambda o: o.at)
 
@@ -242,16 +257,24 @@ class _Play:
     offset: timedelta
     recorder: MemoryRecorder
     prefix: str
+    journeys: list[Journey]
+    profiles: MemoryProfiles
+    now: Callable[[], Awaitable[datetime]]
+    """The scenario's time on the server."""
+    until: datetime | None = None
     handles: dict[str, WorkflowHandle[Any, Any]] = field(default_factory=dict)
     slots: dict[tuple[str, str, str], str] = field(default_factory=dict)
     journeys_of: dict[str, str] = field(default_factory=dict)
     counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
     entered: dict[tuple[str, str, str], datetime] = field(default_factory=dict)
+    dates: dict[str, WorkflowHandle[Any, Any]] = field(default_factory=dict)
+    """The date trigger workflows, by workflow id."""
 
     def active(self, run_id: str) -> bool:
         return run_id not in self.recorder.ended
 
-    async def track(self, user_id: str, event: Event, journeys: list[Any], profiles: MemoryProfiles) -> None:
+    async def track(self, user_id: str, event: Event) -> None:
+        journeys, profiles = self.journeys, self.profiles
         by_id = {journey.id: journey for journey in journeys}
         for run, effect in self.recorder.open_goals.convert(by_id, user_id, event, profiles.get_now(user_id).traits):
             await self.recorder.conversion(late_record(run, event, effect))
@@ -269,44 +292,103 @@ class _Play:
             traits = profiles.get_now(user_id).traits
             if not trigger_matches(journey, event, traits, user_id):
                 continue
-            key = run_key(journey, event, traits, user_id)
-            slot = (journey.id, user_id, key)
-            current = self.slots.get(slot)
-            is_active = current is not None and self.active(current)
-            decision = entry_decision(
-                journey,
-                active=is_active,
-                ran_before=slot in self.counts,
-                last_entered_at=self.entered.get(slot),
-                now=event.timestamp,
-            )
-            if decision == "ignore":
-                continue
-            if decision == "restart" and current is not None:
-                await self._signal(current, "stop", "restarted")
-                await self._settle([current])
-            number = self.counts.get(slot, 0) + 1
-            self.counts[slot] = number
-            self.entered[slot] = event.timestamp
-            run_id = f"{journey.id}:{user_id}:{key}:{number}"
-            handle = await self.client.start_workflow(
-                JourneyWorkflow.run,
-                {
-                    "journey": journey_to_dict(journey),
-                    "user_id": user_id,
-                    "key": key,
-                    "event": event.to_dict(),
-                    "run_id": run_id,
-                    "clock_offset": self.offset.total_seconds(),
-                    RECORD_STEPS: True,
-                },
-                id=workflow_id(journey.id, user_id, key, prefix=f"scenario-{self.prefix}.{number}"),
-                task_queue=TASK_QUEUE,
-            )
-            self.handles[run_id] = handle
-            self.slots[slot] = run_id
-            touched.append(run_id)
+            started = await self._enter(journey, user_id, run_key(journey, event, traits, user_id), event)
+            if started is not None:
+                touched.append(started)
         await self._settle(touched)
+        for journey in journeys:
+            await self._plan(journey, user_id, event)
+
+    async def identify(self, user_id: str) -> None:
+        """The person's traits changed: date triggers reading them wait for the date they now hold."""
+        for journey in self.journeys:
+            await self._plan(journey, user_id, None)
+
+    async def _enter(self, journey: Journey, user_id: str, key: str, event: Event) -> str | None:
+        """Apply the re-entry rule; the id of the run started, if any."""
+        slot = (journey.id, user_id, key)
+        current = self.slots.get(slot)
+        is_active = current is not None and self.active(current)
+        decision = entry_decision(
+            journey,
+            active=is_active,
+            ran_before=slot in self.counts,
+            last_entered_at=self.entered.get(slot),
+            now=event.timestamp if journey.date_trigger is None else await self.now(),
+        )
+        if decision == "ignore":
+            return None
+        if decision == "restart" and current is not None:
+            await self._signal(current, "stop", "restarted")
+            await self._settle([current])
+        number = self.counts.get(slot, 0) + 1
+        self.counts[slot] = number
+        self.entered[slot] = event.timestamp if journey.date_trigger is None else await self.now()
+        run_id = f"{journey.id}:{user_id}:{key}:{number}"
+        handle = await self.client.start_workflow(
+            JourneyWorkflow.run,
+            {
+                "journey": journey_to_dict(journey),
+                "user_id": user_id,
+                "key": key,
+                "event": event.to_dict(),
+                "run_id": run_id,
+                "clock_offset": self.offset.total_seconds(),
+                RECORD_STEPS: True,
+            },
+            id=workflow_id(journey.id, user_id, key, prefix=f"scenario-{self.prefix}.{number}"),
+            task_queue=TASK_QUEUE,
+        )
+        self.handles[run_id] = handle
+        self.slots[slot] = run_id
+        return run_id
+
+    async def date_reached(self, journey: str, user_id: str, key: str, event: Event) -> None:
+        """A date trigger's moment (the activity's router): the run starts as a trigger would."""
+        run_id = await self._enter(next(j for j in self.journeys if j.id == journey), user_id, key, event)
+        if run_id is not None:
+            await self._settle([run_id])
+
+    async def _plan(self, journey: Journey, user_id: str, event: Event | None) -> None:
+        plan = date_plan(journey, event, self.profiles.get_now(user_id).traits, user_id)
+        if plan is None:
+            return
+        wid = workflow_id(journey.id, user_id, plan.key, prefix=f"scenario-{self.prefix}-date")
+        if plan.date is None and wid not in self.dates:
+            return  # nothing waited for, nothing to wait for
+        handle = await self.client.start_workflow(
+            DateTriggerWorkflow.run,
+            date_params(journey, user_id, plan, until=self.until, clock_offset=self.offset.total_seconds()),
+            id=wid,
+            task_queue=TASK_QUEUE,
+            start_signal=PLAN_SIGNAL,
+            start_signal_args=[plan.to_dict()],
+        )
+        self.dates[wid] = handle
+        await self._settle_date(handle)
+
+    async def settle_dates(self) -> None:
+        """Wait until every date whose moment has come has started its run."""
+        for handle in self.dates.values():
+            await self._settle_date(handle)
+
+    async def _settle_date(self, handle: WorkflowHandle[Any, Any]) -> None:
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"date trigger {handle.id} did not settle within {SETTLE_TIMEOUT:g}s")
+            try:
+                if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+                    return
+                progress = await handle.query("progress")
+            except RPCError:
+                await asyncio.sleep(0.005)
+                continue
+            upcoming = progress["next"]
+            settled = progress["handled"] >= progress["signals"] and upcoming is not None
+            if settled and parse_instant(upcoming) > await self.now():
+                return
+            await asyncio.sleep(0.005)
 
     async def _signal(self, run_id: str, name: str, arg: Any) -> None:
         with contextlib.suppress(RPCError):  # the run ended in between: nothing left to tell it
@@ -329,4 +411,3 @@ class _Play:
                 if progress["handled"] >= progress["signals"] and progress["waiting"]:
                     break
                 await asyncio.sleep(0.005)
-

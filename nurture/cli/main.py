@@ -54,7 +54,7 @@ def validate(journeys_dir: Path, templates_dir: Path, config: Path | None) -> No
         steps = sum(1 for _ in ir.walk(journey.steps))
         click.echo(
             f"ok  {journey.id:<20} version {journey.version}  {steps} steps  "
-            f"trigger: {journey.trigger.event}  ({journey.source})"
+            f"trigger: {journey.starts_on}  ({journey.source})"
         )
     click.echo(f"{len(project.journeys)} journeys valid.")
 

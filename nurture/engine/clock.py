@@ -82,6 +82,13 @@ def _is_leap(year: int) -> bool:
     return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
 
 
+def in_year(value: date | datetime, year: int) -> date | datetime:
+    """The same day (and time) in ``year``; 29 February becomes 28 February in a common year."""
+    if value.month == 2 and value.day == 29 and not _is_leap(year):
+        return value.replace(year=year, day=28)
+    return value.replace(year=year)
+
+
 def date_instant(value: date | datetime, *, offset: int, minute: int | None, tz: ZoneInfo) -> datetime | None:
     """The instant of a date moved by ``offset`` seconds and set to ``minute`` local time.
 

@@ -24,7 +24,7 @@ from urllib.parse import quote
 from nurture.language import ir
 from nurture.language.evaluation import MISSING, Expr, is_true, value_of
 
-from .clock import date_instant, format_instant, next_local_time, parse_instant, read_date, zone
+from .clock import date_instant, format_instant, in_year, next_local_time, parse_instant, read_date, zone
 from .holdout import in_holdout
 from .model import EndedRun, Event, SendRequest, SendResult
 
@@ -120,11 +120,13 @@ def user_scope(user_id: str, traits: Mapping[str, Any]) -> dict[str, Any]:
     return {**traits, "id": user_id}
 
 
-def run_key(journey: ir.Journey, event: Event, traits: Mapping[str, Any], user_id: str) -> str:
-    """The run key of a triggering event: the ``key`` expression's value, or ``""``."""
+def run_key(journey: ir.Journey, event: Event | None, traits: Mapping[str, Any], user_id: str) -> str:
+    """The run key of a triggering event (``None`` for a date in the traits): the ``key``
+    expression's value, or ``""``."""
     if journey.key is None:
         return ""
-    scope = {"user": user_scope(user_id, traits), "event": event.scope(), "last_event": MISSING, "journey": {"id": journey.id}}
+    event_scope = MISSING if event is None else event.scope()
+    scope = {"user": user_scope(user_id, traits), "event": event_scope, "last_event": MISSING, "journey": {"id": journey.id}}
     value = value_of(journey.key, scope)
     return "" if value is MISSING or value is None else str(value)
 
@@ -174,11 +176,107 @@ def _shortened(value: str, size: int) -> str:
 
 
 def trigger_matches(journey: ir.Journey, event: Event, traits: Mapping[str, Any], user_id: str) -> bool:
-    """Whether ``event`` starts a run of ``journey`` (name and ``if``)."""
-    if event.name != journey.trigger.event:
+    """Whether ``event`` starts a run of ``journey`` (name and ``if``); an event carrying a date
+    (``trigger: {date, event}``) starts none itself: see :func:`date_plan`."""
+    if event.name != journey.trigger.event or journey.date_trigger is not None:
         return False
     scope = {"user": user_scope(user_id, traits), "event": event.scope(), "last_event": MISSING, "journey": {"id": journey.id}}
     return is_true(journey.trigger.cond, scope)
+
+
+DATE_REACHED = "Date Reached"
+"""The event a run started by a date in the person's traits sees as ``event`` (``date``: the value)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DatePlan:
+    """What a date trigger waits for, for one (journey, user, key), as the router last saw it."""
+
+    key: str
+    date: str | None
+    """The date as read; ``None`` when there is none to wait for (a waiting one is given up)."""
+    timezone: str
+    """The person's zone when the date was read."""
+    event: Event | None = None
+    """The event that carried the date (the run's ``event``); ``None`` for a date in the traits."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "date": self.date,
+            "timezone": self.timezone,
+            "event": None if self.event is None else self.event.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DatePlan:
+        event = data.get("event")
+        return cls(data["key"], data.get("date"), data["timezone"], None if event is None else Event.from_dict(event))
+
+
+def date_plan(
+    journey: ir.Journey, event: Event | None, traits: Mapping[str, Any], user_id: str
+) -> DatePlan | None:
+    """What ``event`` (``None``: a change of the person's traits) tells ``journey``'s date trigger;
+    ``None`` when it does not concern it.
+
+    From an event: only the trigger's event whose ``if`` holds; its date replaces the one waited
+    for (no readable date gives the wait up). From the traits: every change; the ``if`` is about
+    the person, so when it no longer holds the wait is given up too.
+    """
+    trigger = journey.date_trigger
+    if trigger is None or (event is None) != (not journey.trigger.event):
+        return None
+    if event is not None and event.name != journey.trigger.event:
+        return None
+    user = user_scope(user_id, traits)
+    scope = {"user": user, "event": MISSING if event is None else event.scope(), "last_event": MISSING, "journey": {"id": journey.id}}
+    holds = is_true(journey.trigger.cond, scope)
+    if event is not None and not holds:
+        return None
+    value = value_of(trigger.date, scope) if holds else None
+    readable = isinstance(value, str) and read_date(value) is not None
+    return DatePlan(
+        key=run_key(journey, event, traits, user_id),
+        date=value if readable and isinstance(value, str) else None,
+        timezone=zone(_text(traits.get("timezone")), journey.timezone).key,
+        event=event,
+    )
+
+
+def next_date_moment(trigger: ir.DateTrigger, date_text: str, timezone: str, *, since: datetime, after: bool) -> datetime | None:
+    """The moment a date trigger starts a run: at or after ``since`` (strictly ``after`` it, for the
+    next year's), ``None`` when there is none (the moment of a one-off date has passed)."""
+    value = read_date(date_text)
+    if value is None:
+        return None
+    tz = zone(timezone)
+
+    def due(moment: datetime | None) -> bool:
+        return moment is not None and (moment > since or (not after and moment == since))
+
+    if not trigger.yearly:
+        moment = date_instant(value, offset=trigger.offset, minute=trigger.minute, tz=tz)
+        return moment if due(moment) else None
+    year = since.astimezone(tz).year
+    spread = abs(trigger.offset) // (365 * 86400) + 1  # an offset may move the moment across years
+    for candidate in range(max(1, year - spread), min(9999, year + spread + 1) + 1):
+        moment = date_instant(in_year(value, candidate), offset=trigger.offset, minute=trigger.minute, tz=tz)
+        if due(moment):
+            return moment
+    return None
+
+
+def date_event(journey: str, user_id: str, plan: DatePlan, moment: datetime) -> Event:
+    """The event of the run a date trigger starts at ``moment``: the carrying event, or
+    :data:`DATE_REACHED`; its id is new for each moment (a yearly trigger starts a run a year)."""
+    seed = f"{journey}\0{user_id}\0{plan.key}\0{format_instant(moment)}"
+    if plan.event is not None:
+        seed += f"\0{plan.event.message_id}"
+    message_id = "date-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
+    if plan.event is not None:
+        return replace(plan.event, message_id=message_id)
+    return Event(DATE_REACHED, moment, {"date": plan.date}, message_id)
 
 
 EntryDecision = Literal["start", "restart", "ignore"]

@@ -25,6 +25,7 @@ from .document import (
     ArmDoc,
     BranchDoc,
     ChannelQuietHoursDoc,
+    DateTriggerDoc,
     DateWaitDoc,
     ElseArmDoc,
     EventRuleDoc,
@@ -50,7 +51,7 @@ from .document import (
     step_kind,
 )
 from .durations import parse_duration, parse_duration_range, parse_rate, parse_signed_duration
-from .expressions import compile_expression, compile_value
+from .expressions import ExpressionError, compile_expression, compile_value
 from .providers import PROVIDER_DOCS, ProvidersDoc
 from .source import Path as KeyPath
 from .source import SourceError, SourceMap, load_yaml
@@ -295,6 +296,7 @@ def _check_raw(
                 f"rename the file to {journey_id}.yaml or set journey: {stem}",
             )
         )
+    _check_date_trigger(data.get("trigger"), smap, sink)
     seen_ids: dict[str, KeyPath] = {}
     for step_path, step in _raw_steps(data.get("steps"), ("steps",)):
         step_id = step.get("id")
@@ -344,6 +346,28 @@ def _check_raw(
                     )
                 )
                 break
+
+
+def _check_date_trigger(trigger: Any, smap: SourceMap, sink: DiagnosticSink) -> None:
+    """A date read from an event needs that event named; one read from traits has no event."""
+    if not isinstance(trigger, dict) or "date" not in trigger or trigger.get("event"):
+        return
+    for name in ("date", "if"):
+        text = trigger.get(name)
+        if not isinstance(text, str):
+            continue
+        try:
+            names = compile_expression(text).names
+        except ExpressionError:
+            continue  # reported by validation
+        if "event" in names:
+            sink.add(
+                smap.diagnostic(
+                    ("trigger", name),
+                    "this reads the event, but no event is named: add event: (the event that carries "
+                    "the date, e.g. event: Subscription Renewed), or read the date from user traits",
+                )
+            )
 
 
 def _check_send(
@@ -501,6 +525,8 @@ def _keys_for(path: KeyPath, value: Any) -> tuple[str, ...]:
     model: type[Any] = JourneyDoc
     if not path:
         model = JourneyDoc if "journey" in (value or {}) or "steps" in (value or {}) else ProjectDoc
+    elif path == ("trigger",) and isinstance(value, dict) and "date" in value:
+        model = DateTriggerDoc
     elif path[-1] in _MODEL_AT:
         model = _MODEL_AT[str(path[-1])]
     elif len(path) == 2 and path[0] == "providers" and path[1] in PROVIDER_DOCS:
@@ -690,6 +716,24 @@ def _minutes(clock: str) -> int:
     return int(hours) * 60 + int(minutes)
 
 
+def _trigger_rule(doc: EventRuleDoc | DateTriggerDoc) -> ir.EventRule:
+    if isinstance(doc, EventRuleDoc):
+        return _rule(doc)
+    # A date read from the traits has no trigger event: no event name is empty, so none matches.
+    return ir.EventRule(event=doc.event or "", cond=compile_expression(doc.if_) if doc.if_ else None)
+
+
+def _date_trigger(doc: EventRuleDoc | DateTriggerDoc) -> ir.DateTrigger | None:
+    if isinstance(doc, EventRuleDoc):
+        return None
+    return ir.DateTrigger(
+        date=compile_expression(doc.date),
+        offset=0 if doc.offset is None else parse_signed_duration(doc.offset),
+        minute=None if doc.at is None else _minutes(doc.at),
+        yearly=doc.every == "year",
+    )
+
+
 def _rate(text: str | None) -> ir.Rate | None:
     if text is None:
         return None
@@ -719,7 +763,8 @@ def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journe
         version="",
         name=doc.name or doc.journey.replace("_", " ").capitalize(),
         description=doc.description or "",
-        trigger=_rule(doc.trigger),
+        trigger=_trigger_rule(doc.trigger),
+        date_trigger=_date_trigger(doc.trigger),
         key=compile_expression(doc.key) if doc.key else None,
         re_entry="after_exit" if isinstance(doc.re_entry, ReEntryDoc) else doc.re_entry,
         re_entry_after=parse_duration(doc.re_entry.after) if isinstance(doc.re_entry, ReEntryDoc) else 0,

@@ -87,6 +87,7 @@ def check_rate(value: str) -> str:
 
 
 RateText = Annotated[str, AfterValidator(check_rate), Field(examples=["1000/h", "50/m"])]
+OffsetText = Annotated[str, AfterValidator(check_offset), Field(examples=["-3d", "12h"])]
 
 
 def _clock_minutes(value: str) -> int:
@@ -168,13 +169,17 @@ class Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=False)
 
 
-FORM_TAGS = ("as-text", "as-mapping")
+FORM_TAGS = ("as-text", "as-mapping", "as-date")
 """Tags of a value written either as text or as a mapping (``wait: 1h`` or ``wait: {random: ..}``);
 they are not keys of the file, so diagnostics leave them out of the path."""
 
 
 def _form(value: Any) -> str:
     return FORM_TAGS[1] if isinstance(value, dict) else FORM_TAGS[0]
+
+
+def _trigger_form(value: Any) -> str:
+    return FORM_TAGS[2] if isinstance(value, dict) and "date" in value else FORM_TAGS[1]
 
 
 # --- journey documents -------------------------------------------------------------------------
@@ -185,6 +190,25 @@ class EventRuleDoc(Doc):
 
     event: str = Field(min_length=1, description="Track event name, e.g. Order Completed.")
     if_: Condition | None = Field(None, alias="if", description="Jinja2 condition on the event.")
+
+
+class DateTriggerDoc(Doc):
+    """A run starts at a moment worked out from a date the person or an event carries."""
+
+    date: Condition = Field(description="Expression giving the date, e.g. user.birthday or event.properties.renews_at.")
+    offset: OffsetText | None = Field(None, description="Moved by this much: -3d is three days before.")
+    at: ClockText | None = Field(None, description="Local time of day on the (moved) date, e.g. \"09:00\".")
+    every: Literal["year"] | None = Field(None, description="Repeat every year (birthdays, anniversaries).")
+    event: str | None = Field(
+        None, min_length=1, description="The event that carries the date; without one, the person's traits do."
+    )
+    if_: Condition | None = Field(None, alias="if", description="Jinja2 condition on the event and the person.")
+
+
+TriggerDoc = Annotated[
+    Annotated[EventRuleDoc, Tag(FORM_TAGS[1])] | Annotated[DateTriggerDoc, Tag(FORM_TAGS[2])],
+    Discriminator(_trigger_form),
+]
 
 
 class GoalDoc(EventRuleDoc):
@@ -283,9 +307,6 @@ class WaitDoc(StepDoc):
         Annotated[DurationText, Tag(FORM_TAGS[0])] | Annotated[RandomWaitDoc, Tag(FORM_TAGS[1])],
         Discriminator(_form),
     ] = Field(description="Sleep, e.g. 1d12h, or {random: 0..2h}.")
-
-
-OffsetText = Annotated[str, AfterValidator(check_offset), Field(examples=["-3d", "12h"])]
 
 
 class DateWaitDoc(Doc):
@@ -416,7 +437,7 @@ class JourneyDoc(PolicyFields):
     journey: Ident = Field(description="Journey id; equals the file name.")
     name: str | None = None
     description: str | None = None
-    trigger: EventRuleDoc
+    trigger: TriggerDoc
     key: Condition | None = Field(None, description="Expression: one run per (journey, user, key).")
     re_entry: Annotated[
         Annotated[Literal["after_exit", "restart", "once"], Tag(FORM_TAGS[0])]

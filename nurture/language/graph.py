@@ -71,7 +71,7 @@ class _Builder:
 def mermaid(journey: ir.Journey) -> str:
     """A ``flowchart TD`` of the journey, ready for any Mermaid renderer."""
     b = _Builder()
-    trigger = f"trigger: {journey.trigger.event}"
+    trigger = f"trigger: {journey.starts_on}"
     if journey.trigger.cond is not None:
         trigger += f" if {journey.trigger.cond.source}"
     b.lines.append("flowchart TD")

@@ -48,6 +48,20 @@ class EventRule:
 
 
 @dataclass(frozen=True, slots=True)
+class DateTrigger:
+    """Runs start at a moment worked out from a date: in the trigger event (``trigger.event``) or,
+    without one, in the person's traits, read again whenever they change."""
+
+    date: Expr
+    offset: int = 0
+    """Seconds added to the date (negative: before it), counted on the local wall clock."""
+    minute: int | None = None
+    """Local time of day on the day reached; ``None`` keeps the date's own time."""
+    yearly: bool = False
+    """Repeat on the same day every year (``every: year``)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Goal:
     """The conversion event of a journey."""
 
@@ -271,6 +285,8 @@ class Journey:
     description: str = ""
     key: Expr | None = None
     re_entry: ReEntry = "after_exit"
+    date_trigger: DateTrigger | None = field(default=None, metadata=_OPTIONAL)
+    """Runs start at a date's moment rather than at the trigger event (``trigger: {date: ...}``)."""
     re_entry_after: int = field(default=0, metadata=_OPTIONAL)
     """With ``after_exit``: seconds that must also pass since the last run entered (``{after: 7d}``)."""
     goal: Goal | None = None
@@ -282,6 +298,16 @@ class Journey:
     """The journey's send rate, shared by its send steps that have none of their own."""
     source: str = ""
     """The file it was compiled from (not part of the version)."""
+
+    @property
+    def starts_on(self) -> str:
+        """What starts a run, in the file's words: ``Signed Up``, ``date user.birthday at 09:00, every year``."""
+        trigger = self.date_trigger
+        if trigger is None:
+            return self.trigger.event
+        moment = WaitUntil("", trigger.minute, date=trigger.date, offset=trigger.offset).when
+        carried = f" from {self.trigger.event}" if self.trigger.event else ""
+        return f"date {moment}{carried}" + (", every year" if trigger.yearly else "")
 
     def listens_for(self) -> frozenset[str]:
         """Event names a running run reacts to (goal, exit_on, wait_for)."""

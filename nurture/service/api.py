@@ -875,23 +875,31 @@ class Service:
             raise ApiError(400, "invalid_request", detail=detail)
 
     async def identify(self, call: IdentifyCall) -> Accepted:
-        # Profiles live in the database only: identify works while Temporal is unreachable.
-        ingest = self._ingest or Ingest(self.project, self.db, None, self.settings.task_queue)
+        # Profiles live in the database only: identify works while Temporal is unreachable, unless
+        # a journey starts on a date in the traits (its date trigger is told on Temporal).
+        if Ingest.plans_trait_dates(self.project):
+            ingest = await self.ingest()
+        else:
+            ingest = self._ingest or Ingest(self.project, self.db, None, self.settings.task_queue)
         message_id = call.message_id or str(uuid.uuid4())
         given = call.traits
         traits = dict(given.model_extra or {}) if given is not None else {}
         opted_out = None if given is None or given.opted_out is None else sorted(set(given.opted_out))
         change = None if given is None else given.opt_out_change()
         timestamp = call.timestamp or datetime.now(UTC)
-        fresh = await ingest.identify(
-            call.user_id,
-            traits,
-            message_id=message_id,
-            event=Event(name="identify", timestamp=timestamp, properties=traits, message_id=message_id),
-            # subscribe/unsubscribe apply to the locked row, so a concurrent change to other names
-            # (a STOP, a link) stays; they never come with opted_out (checked above).
-            opted_out=opted_out if change is None else change,
-        )
+        try:
+            fresh = await ingest.identify(
+                call.user_id,
+                traits,
+                message_id=message_id,
+                event=Event(name="identify", timestamp=timestamp, properties=traits, message_id=message_id),
+                # subscribe/unsubscribe apply to the locked row, so a concurrent change to other names
+                # (a STOP, a link) stays; they never come with opted_out (checked above).
+                opted_out=opted_out if change is None else change,
+            )
+        except NotRouted as exc:  # the traits are stored; the retry we ask for schedules the dates
+            log.warning("identify %s: dates not scheduled (%s); asked the client to retry", message_id, exc.__cause__)
+            raise _unavailable("Temporal did not take the dates of the traits") from exc
         _log_identify(call.user_id, message_id, traits, given, duplicate=not fresh)
         return Accepted(type="identify", message_id=message_id, duplicate=not fresh)
 

@@ -18,6 +18,7 @@ again (the ``runs`` table records each run's trigger).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from nurture.engine.interpreter import (
+    DatePlan,
+    date_plan,
     late_conversion,
     late_record,
     run_key,
@@ -53,6 +56,7 @@ from nurture.storage.stores import (
     last_entry,
     run_started_by,
 )
+from workflows.dates import DATE_WORKFLOW, PLAN_SIGNAL, date_params
 from workflows.journey import RECORD_STEPS, WORKFLOW_NAME
 
 from .observability import count_conversion
@@ -120,6 +124,20 @@ class Ingest:
                 self._goals.setdefault(journey.goal.event, []).append(journey.id)
         self._payloads = {j.id: journey_to_dict(j) for j in project.journeys.values()}
         self._listens = {j.id: sorted(j.listens_for()) for j in project.journeys.values()}
+        self._dated_by_event: dict[str, list[Journey]] = {}
+        """Journeys whose date trigger reads its date from an event, by that event's name."""
+        self._dated_by_traits = [
+            j for j in project.journeys.values() if j.date_trigger is not None and not j.trigger.event
+        ]
+        """Journeys whose date trigger reads its date from the person's traits."""
+        for journey in project.journeys.values():
+            if journey.date_trigger is not None and journey.trigger.event:
+                self._dated_by_event.setdefault(journey.trigger.event, []).append(journey)
+
+    @staticmethod
+    def plans_trait_dates(project: Project) -> bool:
+        """Whether a journey of ``project`` starts on a date in the traits (identify needs Temporal)."""
+        return any(j.date_trigger is not None and not j.trigger.event for j in project.journeys.values())
 
     async def track(self, user_id: str, event: Event) -> Routed:
         """Store the event (once per message id) and route it. A repeat routes the stored event
@@ -198,6 +216,13 @@ class Ingest:
                     await self._trigger(journey, user_id, key, payload, routed, again=again)
                 except TRANSIENT as exc:
                     failures.append(exc)
+        for journey in self._dated_by_event.get(event.name, ()):
+            plan = date_plan(journey, event, profile.traits, user_id)
+            if plan is not None:
+                try:
+                    await self._plan_date(journey, user_id, plan)
+                except TRANSIENT as exc:
+                    failures.append(exc)
         if not failures:
             try:
                 await asyncio.to_thread(self.events.routed, event.message_id)
@@ -228,7 +253,54 @@ class Ingest:
             timestamp=event.timestamp.astimezone(UTC),
             routed_at=utcnow(),
         )
-        return await asyncio.to_thread(self.profiles.apply_call, call, traits, opted_out)
+        dated = self._dated_by_traits if self.client is not None else []
+        before = await asyncio.to_thread(self.profiles.read, user_id) if dated else None
+        fresh = await asyncio.to_thread(self.profiles.apply_call, call, traits, opted_out)
+        if before is not None:
+            await self._plan_dates(user_id, before.traits, fresh=fresh)
+        return fresh
+
+    async def _plan_dates(self, user_id: str, before: Mapping[str, Any], *, fresh: bool) -> None:
+        """Date triggers reading the person's traits wait for the date the traits now hold. A
+        repeated call (a retry after a failure here) plans again even when nothing changed.
+        :class:`NotRouted` when Temporal cannot be told."""
+        profile = await asyncio.to_thread(self.profiles.read, user_id)
+        for journey in self._dated_by_traits:
+            plan = date_plan(journey, None, profile.traits, user_id)
+            if plan is None or (fresh and plan == date_plan(journey, None, before, user_id)):
+                continue
+            try:
+                await self._plan_date(journey, user_id, plan)
+            except TRANSIENT as exc:
+                raise NotRouted(f"the dates of {user_id}'s traits were not scheduled: {exc}") from exc
+
+    async def _plan_date(self, journey: Journey, user_id: str, plan: DatePlan) -> None:
+        """Tell the (journey, person, key)'s date trigger workflow what to wait for, starting it."""
+        assert self.client is not None, "date triggers need a Temporal client"
+        wid = workflow_id(journey.id, user_id, plan.key, prefix="nurture-date")
+        if plan.date is None:  # nothing to wait for: tell a waiting one, start none
+            with contextlib.suppress(RPCError):
+                await self.client.get_workflow_handle(wid).signal(PLAN_SIGNAL, plan.to_dict())
+            return
+        await self.client.start_workflow(
+            DATE_WORKFLOW,
+            date_params(journey, user_id, plan),
+            id=wid,
+            task_queue=self.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            start_signal=PLAN_SIGNAL,
+            start_signal_args=[plan.to_dict()],
+        )
+
+    async def date_reached(self, journey: str, user_id: str, key: str, event: Event) -> None:
+        """A date trigger's moment (the worker's ``nurture.date_reached`` activity): the journey is
+        triggered as by an event, re-entry rules included. Routing it twice (a retried activity)
+        starts one run: the moment's event id is recorded with the run."""
+        deployed = self.project.journeys.get(journey)
+        if deployed is None or deployed.date_trigger is None:
+            log.info("date of %s reached, but journey %s no longer starts on a date", user_id, journey)
+            return
+        await self._trigger(deployed, user_id, key, event.to_dict(), Routed(), again=True)
 
     async def _convert_ended(self, user_id: str, event: Event, traits: Mapping[str, Any], routed: Routed) -> None:
         """Conversions of the user's ended runs whose goal window is still open (no workflow is

@@ -43,8 +43,10 @@ from nurture.storage.db import Database
 from nurture.storage.rates import DbRates
 from nurture.storage.stores import DbHistory, DbLedger, DbOutbox, DbProfiles, DbRecorder
 from workflows.activities import JourneyActivities
+from workflows.dates import DateActivities, DateTriggerWorkflow
 from workflows.journey import JourneyWorkflow
 
+from .ingest import Ingest
 from .observability import JOURNEYS, ActivityMetrics, InstrumentedRecorder, configure_logging
 from .providers import Channels, advisories, build_channels
 from .settings import Settings, SettingsError
@@ -127,7 +129,8 @@ def build_worker(
     channels: Mapping[str, Channel] | None = None,
     links: UnsubscribeUrl | None = None,
 ) -> Worker:
-    """The journey workflow and its activities on the database-backed stores, instrumented.
+    """The journey and date trigger workflows and their activities on the database-backed stores,
+    instrumented.
 
     ``channels`` maps each channel to its provider adapter (default: the outbox for all);
     ``links`` makes the signed unsubscribe URL for marketing messages.
@@ -145,11 +148,13 @@ def build_worker(
         DbProfiles(db),
         InstrumentedRecorder(DbRecorder(db)),
     )
+    # A date trigger's moment starts the journey as an event would: through the event router.
+    dates = DateActivities(Ingest(project, db, client, task_queue))
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[JourneyWorkflow],
-        activities=list(activities.all()),
+        workflows=[JourneyWorkflow, DateTriggerWorkflow],
+        activities=[*activities.all(), *dates.all()],
         interceptors=[ActivityMetrics()],
         graceful_shutdown_timeout=timedelta(seconds=shutdown_timeout),
     )

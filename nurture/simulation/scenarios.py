@@ -118,6 +118,7 @@ class ScenarioDoc(_Doc):
     events: list[EventDoc] = Field(default_factory=list)
     population: PopulationDoc | None = None
     expect: list[ExpectDoc] = Field(default_factory=list)
+    until: str | int | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,8 @@ class Scenario:
     expect: list[Expectation] = field(default_factory=list)
     population: Population | None = None
     """Generated users and their events: a forecast rather than a test (it has no expectations)."""
+    until: int | None = None
+    """Offset after which date triggers start no more runs (needed by yearly ones, which never stop)."""
 
     def instant(self, offset: int) -> datetime:
         return self.start + timedelta(seconds=offset)
@@ -403,9 +406,33 @@ def load_scenario(path: Path, project: Project) -> Scenario:
                     at_key=True,
                 )
             )
+    until = None
+    if doc.until is not None:
+        try:
+            until = parse_offset(doc.until)
+        except ValueError as exc:
+            problems.append(smap.diagnostic(("until",), str(exc)))
+    yearly = [
+        name
+        for name in journeys
+        if name in project.journeys
+        and (trigger := project.journeys[name].date_trigger) is not None
+        and trigger.yearly
+    ]
+    if yearly and doc.until is None:
+        problems.append(
+            smap.diagnostic(
+                ("scenario",),
+                f"journey {yearly[0]} starts a run every year for ever: give the scenario an end, "
+                "e.g. until: 400d (no date trigger starts a run after it)",
+                at_key=True,
+            )
+        )
     if problems:
         raise CompileError(problems)
-    return Scenario(doc.scenario, str(path), start, journeys, users, opted, events, expectations, population)
+    return Scenario(
+        doc.scenario, str(path), start, journeys, users, opted, events, expectations, population, until
+    )
 
 
 def _offset_range(value: str | int) -> tuple[int, int]:
@@ -623,7 +650,12 @@ def build_simulator(
 ) -> Simulator:
     """A simulator loaded with the scenario's users and events (``timeline``, ``recorder``: see Simulator)."""
     sim = Simulator(
-        project.select(scenario.journeys), deliverer, scenario.start, timeline=timeline, recorder=recorder
+        project.select(scenario.journeys),
+        deliverer,
+        scenario.start,
+        timeline=timeline,
+        recorder=recorder,
+        until=None if scenario.until is None else scenario.instant(scenario.until),
     )
     for user_id, traits in scenario.users.items():
         sim.add_user(user_id, traits, scenario.opted_out.get(user_id, ()))

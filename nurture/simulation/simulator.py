@@ -20,6 +20,7 @@ from nurture.engine.interpreter import (
     HELD,
     AwaitEvent,
     Command,
+    DatePlan,
     Deliver,
     Ended,
     OpenGoals,
@@ -27,8 +28,11 @@ from nurture.engine.interpreter import (
     Run,
     Sleep,
     WriteTraits,
+    date_event,
+    date_plan,
     entry_decision,
     late_record,
+    next_date_moment,
     run_key,
     trigger_matches,
 )
@@ -80,6 +84,8 @@ class Simulator:
     profiles: MemoryProfiles = field(default_factory=MemoryProfiles)
     timeline: bool = True
     """Record :attr:`entries`, the step-by-step timeline; outcomes are recorded either way."""
+    until: datetime | None = None
+    """Date triggers start no run after this instant (a yearly one would go on for ever)."""
     recorder: Recorder | None = None
     """Also receives every run record (start, steps, sends, conversions, end), as the workflow's
     activities do: a database recorder makes a report of a simulation."""
@@ -110,13 +116,26 @@ class Simulator:
         self._open_goals = OpenGoals()
         self._triggered_by: dict[str, list[ir.Journey]] = {}
         """Journeys by trigger event name, in declared order: most events start nothing."""
+        self._dated_by_event: dict[str, list[ir.Journey]] = {}
+        """Journeys whose date trigger reads its date from an event, by that event's name."""
+        self._dated_by_traits = [j for j in self.journeys if j.date_trigger is not None and not j.trigger.event]
+        """Journeys whose date trigger reads its date from the person's traits."""
+        self._date_plans: dict[tuple[str, str, str], int] = {}
+        """The latest date plan of each (journey, user, key): an earlier one's moment starts nothing."""
         for journey in self.journeys:
+            if journey.date_trigger is not None:
+                if journey.trigger.event:
+                    self._dated_by_event.setdefault(journey.trigger.event, []).append(journey)
+                continue
             self._triggered_by.setdefault(journey.trigger.event, []).append(journey)
 
     # scheduling input
 
     def add_user(self, user_id: str, traits: Mapping[str, Any], opted_out: Iterable[str] = ()) -> None:
+        """A person known before the start: a date in their traits is waited for from the start."""
         self.profiles.update_now(user_id, traits, frozenset(opted_out))
+        for journey in self._dated_by_traits:
+            self._plan_date(journey, user_id, None)
 
     def track(self, at: datetime, user_id: str, event: Event) -> None:
         heapq.heappush(self._queue, (at, _EVENT, next(self._seq), ("track", user_id, event)))
@@ -139,6 +158,8 @@ class Simulator:
             self.now = max(self.now, at)
             if item[0] == "track":
                 await self._on_track(item[1], item[2])
+            elif item[0] == "date":
+                await self._date_reached(*item[1:])
             elif item[0] == "identify":
                 self.profiles.update_now(item[1], item[2], item[3])
                 if self.timeline:
@@ -146,6 +167,8 @@ class Simulator:
                     if item[3] is not None:
                         changes.append(f"opted_out=[{', '.join(sorted(item[3]))}]")
                     self._note(item[1], "", "", "identify", ", ".join(changes))
+                for journey in self._dated_by_traits:
+                    self._plan_date(journey, item[1], None)
             else:
                 live, token = item[1], item[2]
                 if live.token == token and live.run.ended is None:
@@ -178,23 +201,57 @@ class Simulator:
             traits = self.profiles.get_now(user_id).traits
             if not trigger_matches(journey, event, traits, user_id):
                 continue
-            key = run_key(journey, event, traits, user_id)
-            slot = (journey.id, user_id, key)
-            current = self._active.get(slot)
-            decision = entry_decision(
-                journey,
-                active=current is not None,
-                ran_before=slot in self._history,
-                last_entered_at=self._entered.get(slot),
-                now=self.now,
-            )
-            if decision == "ignore":
-                if self.timeline:
-                    self._note(user_id, journey.id, "", "not entered", f"re_entry {journey.re_entry}")
-                continue
-            if decision == "restart" and current is not None:
-                await self._finish(current, current.run.end("restarted", self.now))
-            await self._enter(journey, user_id, key, event)
+            await self._trigger(journey, user_id, run_key(journey, event, traits, user_id), event)
+        for journey in self._dated_by_event.get(event.name, ()):
+            self._plan_date(journey, user_id, event)
+
+    async def _trigger(self, journey: ir.Journey, user_id: str, key: str, event: Event) -> None:
+        """A trigger for (journey, user, key): the re-entry rule starts, restarts or ignores."""
+        slot = (journey.id, user_id, key)
+        current = self._active.get(slot)
+        decision = entry_decision(
+            journey,
+            active=current is not None,
+            ran_before=slot in self._history,
+            last_entered_at=self._entered.get(slot),
+            now=self.now,
+        )
+        if decision == "ignore":
+            if self.timeline:
+                self._note(user_id, journey.id, "", "not entered", f"re_entry {journey.re_entry}")
+            return
+        if decision == "restart" and current is not None:
+            await self._finish(current, current.run.end("restarted", self.now))
+        await self._enter(journey, user_id, key, event)
+
+    def _plan_date(self, journey: ir.Journey, user_id: str, event: Event | None) -> None:
+        """A date trigger waits for the date ``event`` (``None``: the traits) now holds, instead of
+        any it waited for."""
+        plan = date_plan(journey, event, self.profiles.get_now(user_id).traits, user_id)
+        if plan is None:
+            return
+        slot = (journey.id, user_id, plan.key)
+        token = self._date_plans[slot] = self._date_plans.get(slot, 0) + 1
+        self._date_next(journey, user_id, plan, token, after=False)
+
+    def _date_next(self, journey: ir.Journey, user_id: str, plan: DatePlan, token: int, *, after: bool) -> None:
+        assert journey.date_trigger is not None
+        moment = None
+        if plan.date is not None:
+            moment = next_date_moment(journey.date_trigger, plan.date, plan.timezone, since=self.now, after=after)
+        if moment is None or (self.until is not None and moment > self.until):
+            return
+        heapq.heappush(self._queue, (moment, _EVENT, next(self._seq), ("date", journey, user_id, plan, token)))
+        if self.timeline:
+            self._note(user_id, journey.id, "", "date", f"enters {self._local(moment)}")
+
+    async def _date_reached(self, journey: ir.Journey, user_id: str, plan: DatePlan, token: int) -> None:
+        if self._date_plans.get((journey.id, user_id, plan.key)) != token:
+            return  # a later date took its place
+        await self._trigger(journey, user_id, plan.key, date_event(journey.id, user_id, plan, self.now))
+        assert journey.date_trigger is not None
+        if journey.date_trigger.yearly:
+            self._date_next(journey, user_id, plan, token, after=True)
 
     def _converted(self, user_id: str, journey: str, variant: str | None, event: Event, what: str) -> None:
         self.conversions.append((self.now, user_id, journey, variant))
