@@ -2,7 +2,7 @@
 
 Run it when a release changes workflow behaviour on purpose (behind ``workflow.patched``), into a
 new folder (``v1``: the first release; ``v2``: runs record the steps they reach before each wait;
-``v3``: random waits, waits for a date, send rates and re-entry gaps),
+``v3``: random waits, waits for a date, send rates, re-entry gaps and the date trigger workflow),
 and keep the older ones: each proves that runs started on an older release still replay.
 """
 
@@ -35,6 +35,8 @@ SCENARIOS = {
         "renewal_past_missing_and_bad_dates",
         "paced_launch_spreads_sends",
         "browse_at_most_once_a_week",
+        "birthday_every_year",
+        "renewal_heads_up_from_the_event",
     ],
 }
 
@@ -47,9 +49,11 @@ async def record(dest: Path) -> None:
             for name in names:
                 scenario = load_scenario(home / "journeys" / "tests" / f"{name}.yaml", project)
                 await runtime.play(scenario, project)
-                for number, handle in enumerate(runtime.handles.values(), 1):
+                runs = [(f"{name}-{n}", h) for n, h in enumerate(runtime.handles.values(), 1)]
+                dates = [(f"{name}-date-{n}", h) for n, h in enumerate(runtime.dates.values(), 1)]
+                for stem, handle in runs + dates:
                     history = await handle.fetch_history()
-                    target = dest / f"{name}-{number}.json"
+                    target = dest / f"{stem}.json"
                     target.write_text(history.to_json(), encoding="utf-8")
                     print(f"wrote {target.relative_to(ROOT)} ({len(history.events)} events)")
 

@@ -14,6 +14,7 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+from workflows.dates import DateTriggerWorkflow
 from workflows.journey import JourneyWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").rglob("*.json"))
@@ -27,7 +28,7 @@ def test_histories_are_recorded() -> None:
 async def test_history_replays(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     history = WorkflowHistory.from_json(f"replay-{path.stem}", text)
-    result = await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history)
+    result = await Replayer(workflows=[JourneyWorkflow, DateTriggerWorkflow]).replay_workflow(history)
     assert result.replay_failure is None
     assert json.loads(text)["events"][0]["eventType"] in ("EVENT_TYPE_WORKFLOW_EXECUTION_STARTED", "WorkflowExecutionStarted")
 

@@ -132,6 +132,8 @@ class TemporalRuntime:
         self._dates = DateActivities()
         self.handles: dict[str, WorkflowHandle[Any, Any]] = {}
         """The workflow handles of the last scenario played, by run id."""
+        self.dates: dict[str, WorkflowHandle[Any, Any]] = {}
+        """The date trigger workflow handles of the last scenario played, by workflow id."""
 
     async def __aenter__(self) -> TemporalRuntime:
         with _quiet_stdout():
@@ -207,7 +209,7 @@ class TemporalRuntime:
         until = None if scenario.until is None else scenario.instant(scenario.until)
         play = _Play(self.client, scenario, offset, recorder, uuid.uuid4().hex[:8], journeys, profiles, now, until)
         self._dates.router = play
-        self.handles = play.handles
+        self.handles, self.dates = play.handles, play.dates
         for user_id in scenario.users:  # dates in the traits people start with are waited for
             await play.identify(user_id)
         for step in sorted(scenario.events, key=lambda e: e.at):
