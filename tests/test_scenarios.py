@@ -65,6 +65,7 @@ END = "{at: 25h, user: sara, journey: chat_recovery, exit: completed}"
 WRONG = {
     "at": (SMS, SMS.replace("at: 1h", "at: 2h")),
     "user": (SMS, SMS.replace("user: sara", "user: ann")),
+    "anonymous": (SMS, SMS.replace("user: sara", "anonymous: v1")),
     "journey": (SMS, SMS.replace("journey: chat_recovery", "journey: cart_abandonment")),
     "send": (SMS, SMS.replace("send: sms", "send: wechat")),
     "template": (SMS, SMS.replace("template: chat_agent_contact", "template: chat_followup_b")),
@@ -78,6 +79,7 @@ WRONG = {
 
 def _scenario(tmp_path: Path, old: str, new: str) -> Path:
     text = BASE.read_text(encoding="utf-8").replace("users:\n", "users:\n  ann: {email: ann@example.com}\n")
+    text = text.replace("events:\n", "events:\n  - {at: 0s, anonymous: v1, event: Page Viewed}\n")
     assert old in text
     path = tmp_path / "scenario.yaml"
     path.write_text(text.replace(old, new), encoding="utf-8")
