@@ -359,15 +359,19 @@ def load_scenario(path: Path, project: Project) -> Scenario:
         opted[user_id] = list(out) if isinstance(out, list) else [str(out)]
     anonymous_ids = list(dict.fromkeys(item.anonymous for item in doc.events if item.anonymous is not None))
     only_user = next(iter(users)) if len(users) == 1 and not anonymous_ids else None
+    introduced = [
+        item.user for item in doc.events if item.user is not None and item.event is None and item.user not in users
+    ]
+    known = [*users, *dict.fromkeys(introduced)]
 
     def declared(given: str, where: tuple[str | int, ...]) -> None:
-        """A ``user:`` must be declared under ``users:``."""
-        if given in users:
+        """A ``user:`` is declared under ``users:`` or named by an identify, alias or group."""
+        if given in known:
             return
         if given in anonymous_ids:
             hint = f"; '{given}' is an anonymous id here: write anonymous: {given}"
         else:
-            hint = f"{did_you_mean(given, users)}; declare it under users:"
+            hint = f"{did_you_mean(given, known)}; declare it under users: or name it in an identify"
         problems.append(smap.diagnostic(where, f"unknown user '{given}'{hint}", at_key=True))
 
     events: list[Step] = []
@@ -413,7 +417,7 @@ def load_scenario(path: Path, project: Project) -> Scenario:
                 )
             elif item.alias == item.user:
                 problems.append(smap.diagnostic((*where, "alias"), "alias: names the previous id: not user: itself", at_key=True))
-            if item.alias not in users:
+            if item.alias not in known:
                 aliased.append(item.alias)
             events.append(Step(offset, user, alias=item.alias))
             continue

@@ -179,13 +179,13 @@ class Simulator:
             changes = [f"{k}={v}" for k, v in call.traits.items()]
             if call.opted_out is not None:
                 changes.append(f"opted_out=[{', '.join(sorted(call.opted_out))}]")
-            names = f"as {call.names()}: " if call.anonymous is not None or call.user != person else ""
-            self._note(person, "", "", "identify", names + ", ".join(changes))
+            names = f"as {call.names()}" if call.anonymous is not None or call.user != person else ""
+            self._note(person, "", "", "identify", ": ".join(part for part in (names, ", ".join(changes)) if part))
         elif call.kind == "alias":
             self._note(person, "", "", "alias", f"{call.previous} is now {call.user}")
         elif call.kind == "group":
-            changes = ", ".join(f"{k}={v}" for k, v in call.traits.items())
-            self._note(person, "", "", "group", f"{call.group}" + (f": {changes}" if changes else ""))
+            shared = ", ".join(f"{k}={v}" for k, v in call.traits.items())
+            self._note(person, "", "", "group", f"{call.group}" + (f": {shared}" if shared else ""))
         for kept, merged in plan.merges:
             self._note(kept, "", "", "merged", f"{merged} into {kept}")
         for ident in plan.conflicts:
