@@ -4,8 +4,9 @@ The runner plays a scenario's events in time order: it skips the server's clock 
 resolves who the event is about by the identity rules (a merge moves the merged person's runs to
 the survivor and stops a duplicate run with reason ``merged``), routes the event the way the
 service does (signal the person's runs that listen for it, then start or restart runs it
-triggers), and waits until every touched run has handled it before moving on. Workflows see the scenario's calendar through a clock offset, so local times, quiet
-hours and daylight-saving days match the simulator's.
+triggers), and waits until every touched run has handled it before moving on. Workflows see
+the scenario's calendar through a clock offset, so local times, quiet hours and daylight-saving
+days match the simulator's.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ class People:
     def identifiers(self, call: Call) -> list[Identifier]:
         if call.kind == "alias":
             assert call.user is not None and call.previous is not None
-            return alias_identifiers(call.user, call.previous, lambda i: self.identities.resolve(i) is not None)
+            known = self.identities.resolve
+            return alias_identifiers(call.user, call.previous, lambda i: known(i) is not None)
         return call_identifiers(call.user, call.anonymous, call.traits if call.kind == "identify" else None)
 
     def apply(self, call: Call, at: datetime) -> Plan:

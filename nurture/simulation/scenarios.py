@@ -360,7 +360,9 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     anonymous_ids = list(dict.fromkeys(item.anonymous for item in doc.events if item.anonymous is not None))
     only_user = next(iter(users)) if len(users) == 1 and not anonymous_ids else None
     introduced = [
-        item.user for item in doc.events if item.user is not None and item.event is None and item.user not in users
+        item.user
+        for item in doc.events
+        if item.user is not None and item.event is None and item.user not in users
     ]
     known = [*users, *dict.fromkeys(introduced)]
 
@@ -412,11 +414,14 @@ def load_scenario(path: Path, project: Project) -> Scenario:
             if item.user is None or item.anonymous is not None:
                 problems.append(
                     smap.diagnostic(
-                        where, "an alias names the new id in user: and the previous one in alias:, without anonymous:"
+                        where,
+                        "an alias names the new id in user: and the previous one in alias:, without anonymous:",
                     )
                 )
             elif item.alias == item.user:
-                problems.append(smap.diagnostic((*where, "alias"), "alias: names the previous id: not user: itself", at_key=True))
+                problems.append(
+                    smap.diagnostic((*where, "alias"), "alias: names the previous id: not user: itself", at_key=True)
+                )
             if item.alias not in known:
                 aliased.append(item.alias)
             events.append(Step(offset, user, alias=item.alias))
@@ -424,7 +429,9 @@ def load_scenario(path: Path, project: Project) -> Scenario:
         if user is None and item.anonymous is None:
             if only_user is None:
                 problems.append(
-                    smap.diagnostic(where, "user: or anonymous: is required when the scenario names several people")
+                    smap.diagnostic(
+                        where, "user: or anonymous: is required when the scenario names several people"
+                    )
                 )
             user = only_user
         if item.event is not None:
@@ -432,7 +439,8 @@ def load_scenario(path: Path, project: Project) -> Scenario:
             event = Event(item.event, start + timedelta(seconds=offset), item.properties, message_id)
             events.append(Step(offset, user, event=event, anonymous=item.anonymous))
         elif item.group is not None:
-            events.append(Step(offset, user, traits=dict(item.traits), anonymous=item.anonymous, group=item.group))
+            traits = dict(item.traits)
+            events.append(Step(offset, user, traits=traits, anonymous=item.anonymous, group=item.group))
         else:
             traits = dict(item.identify or {})
             channels = traits.pop("opted_out", None)
@@ -444,7 +452,9 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     def who(want: ExpectDoc, where: tuple[str | int, ...]) -> tuple[str, str]:
         """The expected person's id in the final graph, and how the file named them."""
         if want.user is not None and want.anonymous is not None:
-            problems.append(smap.diagnostic(where, "an expectation names its person by user: or anonymous:, not both"))
+            problems.append(
+                smap.diagnostic(where, "an expectation names its person by user: or anonymous:, not both")
+            )
             return "", ""
         if want.user is not None:
             declared(want.user, (*where, "user"))

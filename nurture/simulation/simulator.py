@@ -140,7 +140,12 @@ class Simulator:
         self.call(at, Call("alias", user_id, previous=previous_id))
 
     def group(
-        self, at: datetime, user_id: str | None, group_id: str, traits: Mapping[str, Any], anonymous_id: str | None = None
+        self,
+        at: datetime,
+        user_id: str | None,
+        group_id: str,
+        traits: Mapping[str, Any],
+        anonymous_id: str | None = None,
     ) -> None:
         self.call(at, Call("group", user_id, anonymous_id, dict(traits), group=group_id))
 
@@ -180,7 +185,8 @@ class Simulator:
             if call.opted_out is not None:
                 changes.append(f"opted_out=[{', '.join(sorted(call.opted_out))}]")
             names = f"as {call.names()}" if call.anonymous is not None or call.user != person else ""
-            self._note(person, "", "", "identify", ": ".join(part for part in (names, ", ".join(changes)) if part))
+            detail = ": ".join(part for part in (names, ", ".join(changes)) if part)
+            self._note(person, "", "", "identify", detail)
         elif call.kind == "alias":
             self._note(person, "", "", "alias", f"{call.previous} is now {call.user}")
         elif call.kind == "group":
@@ -189,7 +195,8 @@ class Simulator:
         for kept, merged in plan.merges:
             self._note(kept, "", "", "merged", f"{merged} into {kept}")
         for ident in plan.conflicts:
-            self._note(person, "", "", "not merged", f"{ident.label()} stays with {self.people.identities.resolve(ident)}")
+            owner = self.people.identities.resolve(ident)
+            self._note(person, "", "", "not merged", f"{ident.label()} stays with {owner}")
 
     async def _merge(self, kept: str, merged: str) -> None:
         """``merged`` joined ``kept``: its runs carry on as ``kept``'s, except that of two active
