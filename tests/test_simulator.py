@@ -672,3 +672,25 @@ async def test_caps_count_both_peoples_sends_after_a_merge(templates: TemplateSt
 
     assert [s[4] for s in summary(sim)] == ["sent", "sent", "skipped:frequency_cap"]
     assert [m.address for m in outbox.messages()] == ["u1@example.com", "a1@example.com"]
+
+
+async def test_group_traits_are_shared_by_members_and_read_as_user_group(templates: TemplateStore) -> None:
+    teams = DRIP.replace("trigger: {event: Signed Up}", """trigger: {event: Signed Up, if: "user.group.plan == 'team'"}""")
+    sim, _ = simulator(templates, compile_journey(templates, teams))
+    sim.add_user("u1", {"email": "u1@example.com"})
+    sim.add_user("u2", {"email": "u2@example.com"})
+    sim.group(T0, "u1", "acme", {"plan": "free"})
+    sim.group(T0, "u2", "acme", {})
+    sim.group(T0 + HOUR, "u1", "acme", {"plan": "team"})  # every member sees the new plan
+    track(sim, 2 * HOUR, "u2", "Signed Up")
+    sim.group(T0 + 3 * HOUR, None, "solo", {"plan": "free"}, anonymous_id="a1")
+    sim.identify(T0 + 4 * HOUR, "u2", {}, anonymous_id="a1")  # the later group call wins in a merge
+
+    await sim.run()
+
+    assert {o.user for o in sends(sim)} == {"u2"}
+    assert sim.profiles.get_now("u1").traits["group"] == {"id": "acme", "plan": "team"}
+    assert sim.profiles.get_now("anonymous_id:a1").traits["group"] == {"id": "solo", "plan": "free"}
+    entered = [e.at - T0 for e in sim.entries if e.what == "entered"]
+    assert entered == [2 * HOUR]
+    assert any(e.what == "group" and e.detail == "acme: plan=team" for e in sim.entries)
