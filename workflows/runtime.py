@@ -1,10 +1,12 @@
 """Scenarios on the durable runtime: the real workflow on Temporal's time-skipping test server.
 
 The runner plays a scenario's events in time order: it skips the server's clock to each event,
-routes the event the way the service does (signal the user's runs that listen for it, then
-start or restart runs it triggers), and waits until every touched run has handled it before
-moving on. Workflows see the scenario's calendar through a clock offset, so local times, quiet
-hours and daylight-saving days match the simulator's.
+resolves who the event is about by the identity rules (a merge moves the merged person's runs to
+the survivor and stops a duplicate run with reason ``merged``), routes the event the way the
+service does (signal the person's runs that listen for it, then start or restart runs it
+triggers), and waits until every touched run has handled it before moving on. Workflows see
+the scenario's calendar through a clock offset, so local times, quiet hours and daylight-saving
+days match the simulator's.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from nurture.delivery.deliverer import (
     for_every_channel,
 )
 from nurture.engine.clock import parse_instant
+from nurture.engine.identity import MERGED, RunSlot
 from nurture.engine.interpreter import (
+    DatePlan,
     OpenGoals,
     date_plan,
     entry_decision,
@@ -54,6 +58,7 @@ from nurture.engine.model import Event, Recorder, SendOutcome, SendRequest
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.language.templates import TemplateStore
+from nurture.simulation.people import Call, People, SlotKey, join_counts, join_slots
 from nurture.simulation.scenarios import Scenario
 from nurture.simulation.simulator import Outcome
 
@@ -185,6 +190,8 @@ class TemporalRuntime:
         assert self._env is not None and self._activities is not None
         env, acts = self._env, self._activities
         profiles = MemoryProfiles()
+        history = MemoryHistory()
+        people = People(profiles, history)
         recorder = MemoryRecorder(also=record_to)
         outbox = Outbox()
         acts.profiles = profiles
@@ -194,12 +201,12 @@ class TemporalRuntime:
             for_every_channel(outbox) if channels is None else channels,
             ledger=MemoryLedger(),
             links=links,
-            history=MemoryHistory(),
+            history=history,
             profiles=profiles,
             rates=MemoryRates(),
         )
         for user_id, traits in scenario.users.items():
-            profiles.update_now(user_id, traits, frozenset(scenario.opted_out.get(user_id, ())))
+            people.add_user(user_id, traits, scenario.opted_out.get(user_id, ()), scenario.start)
         journeys = project.select(scenario.journeys)
         offset = scenario.start - await env.get_current_time()
 
@@ -207,21 +214,17 @@ class TemporalRuntime:
             return await env.get_current_time() + offset
 
         until = None if scenario.until is None else scenario.instant(scenario.until)
-        play = _Play(self.client, scenario, offset, recorder, uuid.uuid4().hex[:8], journeys, profiles, now, until)
+        play = _Play(self.client, scenario, offset, recorder, uuid.uuid4().hex[:8], people, journeys, now, until)
         self._dates.router = play
         self.handles, self.dates = play.handles, play.dates
         for user_id in scenario.users:  # dates in the traits people start with are waited for
-            await play.identify(user_id)
+            await play.plan_trait_dates(people.identities.canonical(user_id))
         for step in sorted(scenario.events, key=lambda e: e.at):
             delta = scenario.instant(step.at) - await now()
             if delta > timedelta(0):
                 await env.sleep(delta)
                 await play.settle_dates()
-            if step.event is None:
-                profiles.update_now(step.user, step.traits or {}, step.opted_out)
-                await play.identify(step.user)
-            else:
-                await play.track(step.user, step.event)
+            await play.call(step.call(), step.event, journeys, scenario.instant(step.at))
         for date in list(play.dates.values()):  # each ends once its last moment has come
             await date.result()
         for handle in list(play.handles.values()):  # one at a time: each wait unlocks time skipping
@@ -259,24 +262,62 @@ class _Play:
     offset: timedelta
     recorder: MemoryRecorder
     prefix: str
+    people: People
     journeys: list[Journey]
-    profiles: MemoryProfiles
     now: Callable[[], Awaitable[datetime]]
     """The scenario's time on the server."""
     until: datetime | None = None
+    """Date triggers start no run after this instant."""
     handles: dict[str, WorkflowHandle[Any, Any]] = field(default_factory=dict)
-    slots: dict[tuple[str, str, str], str] = field(default_factory=dict)
-    journeys_of: dict[str, str] = field(default_factory=dict)
-    counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    entered: dict[tuple[str, str, str], datetime] = field(default_factory=dict)
+    slots: dict[SlotKey, str] = field(default_factory=dict)
+    """The latest run of each (journey, person, key), ended or not."""
+    counts: dict[SlotKey, int] = field(default_factory=dict)
+    entered: dict[str, datetime] = field(default_factory=dict)
+    """When each run entered, by run id (which of two duplicates a merge keeps)."""
     dates: dict[str, WorkflowHandle[Any, Any]] = field(default_factory=dict)
     """The date trigger workflows, by workflow id."""
+    date_slots: dict[SlotKey, str] = field(default_factory=dict)
+    """The date trigger workflow id of each (journey, person, key)."""
 
     def active(self, run_id: str) -> bool:
         return run_id not in self.recorder.ended
 
-    async def track(self, user_id: str, event: Event) -> None:
-        journeys, profiles = self.journeys, self.profiles
+    async def call(self, call: Call, event: Event | None, journeys: list[Any], at: datetime) -> None:
+        """Apply a call by the identity rules, then route a track's event to its person (or let
+        date triggers read the person's traits anew)."""
+        plan = self.people.apply(call, at)
+        for kept, merged in plan.merges:
+            await self.merge(kept, merged)
+        if event is not None:
+            await self.track(plan.person, event, journeys, at)
+        else:
+            await self.plan_trait_dates(plan.person)
+
+    async def merge(self, kept: str, merged: str) -> None:
+        """``merged`` joined ``kept``: its runs are ``kept``'s now, and of two active runs of one
+        journey and key the one that entered later is stopped with reason ``merged``."""
+
+        def active(slot: SlotKey, run_id: str) -> RunSlot | None:
+            return RunSlot(slot[0], slot[2], run_id, self.entered[run_id]) if self.active(run_id) else None
+
+        losers = join_slots(self.slots, kept, merged, active)
+        join_counts(self.counts, kept, merged)
+        for run_id in losers:
+            await self._signal(run_id, "stop", MERGED)
+        await self._settle(losers)
+        # The survivor's traits say which date is waited for now (the call goes on to plan them).
+        for slot, wid in list(self.date_slots.items()):
+            journey = next(j for j in self.journeys if j.id == slot[0])
+            if slot[1] == merged and not journey.trigger.event:
+                withdrawn = DatePlan(slot[2], None, journey.timezone)
+                with contextlib.suppress(RPCError):
+                    await self.dates[wid].signal(PLAN_SIGNAL, withdrawn.to_dict())
+                await self._settle_date(self.dates[wid])
+
+    async def track(self, user_id: str, event: Event, journeys: list[Any], at: datetime) -> None:
+        profiles = self.people.profiles
+        if self.people.merged:
+            self.people.open_goals(self.recorder.open_goals, user_id)
         by_id = {journey.id: journey for journey in journeys}
         for run, effect in self.recorder.open_goals.convert(by_id, user_id, event, profiles.get_now(user_id).traits):
             await self.recorder.conversion(late_record(run, event, effect))
@@ -294,20 +335,20 @@ class _Play:
             traits = profiles.get_now(user_id).traits
             if not trigger_matches(journey, event, traits, user_id):
                 continue
-            started = await self._enter(journey, user_id, run_key(journey, event, traits, user_id), event)
+            started = await self._enter(journey, user_id, run_key(journey, event, traits, user_id), event, at)
             if started is not None:
                 touched.append(started)
         await self._settle(touched)
         for journey in journeys:
             await self._plan(journey, user_id, event)
 
-    async def identify(self, user_id: str) -> None:
+    async def plan_trait_dates(self, person: str) -> None:
         """The person's traits changed: date triggers reading them wait for the date they now hold."""
         for journey in self.journeys:
-            await self._plan(journey, user_id, None)
+            await self._plan(journey, person, None)
 
-    async def _enter(self, journey: Journey, user_id: str, key: str, event: Event) -> str | None:
-        """Apply the re-entry rule; the id of the run started, if any."""
+    async def _enter(self, journey: Journey, user_id: str, key: str, event: Event, at: datetime) -> str | None:
+        """Apply the re-entry rule at ``at``; the id of the run started, if any."""
         slot = (journey.id, user_id, key)
         current = self.slots.get(slot)
         is_active = current is not None and self.active(current)
@@ -315,8 +356,8 @@ class _Play:
             journey,
             active=is_active,
             ran_before=slot in self.counts,
-            last_entered_at=self.entered.get(slot),
-            now=event.timestamp if journey.date_trigger is None else await self.now(),
+            last_entered_at=None if current is None else self.entered.get(current),
+            now=at,
         )
         if decision == "ignore":
             return None
@@ -325,8 +366,8 @@ class _Play:
             await self._settle([current])
         number = self.counts.get(slot, 0) + 1
         self.counts[slot] = number
-        self.entered[slot] = event.timestamp if journey.date_trigger is None else await self.now()
         run_id = f"{journey.id}:{user_id}:{key}:{number}"
+        self.entered[run_id] = at
         handle = await self.client.start_workflow(
             JourneyWorkflow.run,
             {
@@ -346,13 +387,16 @@ class _Play:
         return run_id
 
     async def date_reached(self, journey: str, user_id: str, key: str, event: Event) -> None:
-        """A date trigger's moment (the activity's router): the run starts as a trigger would."""
-        run_id = await self._enter(next(j for j in self.journeys if j.id == journey), user_id, key, event)
+        """A date trigger's moment (the activity's router): the run starts as a trigger would, for
+        the person as they are now (a date from an event of a person merged since)."""
+        person = self.people.identities.canonical(user_id)
+        dated = next(j for j in self.journeys if j.id == journey)
+        run_id = await self._enter(dated, person, key, event, await self.now())
         if run_id is not None:
             await self._settle([run_id])
 
     async def _plan(self, journey: Journey, user_id: str, event: Event | None) -> None:
-        plan = date_plan(journey, event, self.profiles.get_now(user_id).traits, user_id)
+        plan = date_plan(journey, event, self.people.profiles.get_now(user_id).traits, user_id)
         if plan is None:
             return
         wid = workflow_id(journey.id, user_id, plan.key, prefix=f"scenario-{self.prefix}-date")
@@ -367,6 +411,7 @@ class _Play:
             start_signal_args=[plan.to_dict()],
         )
         self.dates[wid] = handle
+        self.date_slots[(journey.id, user_id, plan.key)] = wid
         await self._settle_date(handle)
 
     async def settle_dates(self) -> None:
