@@ -108,12 +108,15 @@ class DateTriggerWorkflow:
         offset = timedelta(seconds=float(params.get("clock_offset", 0)))
         since = parse_instant(params["since"]) if params.get("since") else workflow.now() + offset
         after = bool(params.get("after"))
+        fired: datetime | None = None
         while True:
             if self._plans:  # the latest plan wins; its moment is counted from now
                 plan = DatePlan.from_dict(self._plans[-1])
                 self._handled += len(self._plans)
                 self._plans.clear()
-                since, after = workflow.now() + offset, False
+                now = workflow.now() + offset
+                # A moment that has just started a run is not taken again.
+                since, after = now, fired is not None and fired >= now
             moment = None
             if plan.date is not None:
                 moment = next_date_moment(trigger, plan.date, plan.timezone, since=since, after=after)
@@ -138,6 +141,7 @@ class DateTriggerWorkflow:
                 retry_policy=REACHED_RETRY,
             )
             self._fired += 1
+            fired = moment
             if not trigger.yearly:
                 since, after = moment, True  # nothing more of this plan; a new plan may follow
                 plan = DatePlan(plan.key, None, plan.timezone, plan.event)
