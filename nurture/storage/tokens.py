@@ -69,4 +69,3 @@ class DbTokens:
                 .where(col(ProviderToken.name) == name)
                 .where(col(ProviderToken.token) == token)
             )
-
