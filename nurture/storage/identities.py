@@ -155,6 +155,11 @@ class DbIdentities:
         row = session.get(IdentityRecord, (ident.kind, ident.value))
         return None if row is None else canonical(session, row.person_id)
 
+    def survivor(self, person_id: str) -> str:
+        """The surviving person of ``person_id`` (itself when it is not merged, or unknown)."""
+        with self.db.session() as session:
+            return canonical(session, person_id)
+
     def lookup(self, raw: str) -> str | None:
         """An id as the per-user routes take it: a ``userId``, else a person id."""
         with self.db.session() as session:
