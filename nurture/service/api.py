@@ -68,11 +68,11 @@ from nurture.language.ir import CHANNELS
 from nurture.reports.report import JourneyCounts, JourneyReport, journey_counts, journey_report, parse_bound
 from nurture.storage.db import Database
 from nurture.storage.identities import DbIdentities
-from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
+from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, RunRecord
 from nurture.storage.stores import OptOuts
 
 from . import privacy
-from .ingest import ROUTING_GRACE, Ingest, NotRouted, Routed
+from .ingest import ROUTING_GRACE, TRANSIENT, Ingest, NotRouted, Routed
 from .observability import configure_logging
 from .privacy import ForgetReport, UserExport
 from .settings import Settings
@@ -420,6 +420,8 @@ class IdentifyCall(Call):
 
 PAGE_EVENT = "Page Viewed"
 SCREEN_EVENT = "Screen Viewed"
+WECHAT_FOLLOWED = "WeChat Followed"
+"""The track event of a WeChat follow (from the WeChat webhook), about the follower's person."""
 
 
 class PageCall(Call):
@@ -946,6 +948,30 @@ class Service:
             raise _unavailable("Temporal or the database did not take the event") from exc
         _log_track(routed.person or "", event, routed)
         return Accepted(type=kind, message_id=message_id, **routed.to_dict())
+
+    async def wechat_followed(self, openid: str, at: datetime) -> None:
+        """A WeChat follow: the follower's person (created with the ``wechat_openid`` trait when
+        the openid is new) gets the track event ``WeChat Followed``, which journeys can trigger
+        on. Never raises: WeChat must get its answer; an event not routed now is routed by the
+        API's next start."""
+        follower = [Identifier("wechat_openid", openid)]
+        message_id = f"wechat-follow:{openid}:{int(at.timestamp())}"
+        event = Event(WECHAT_FOLLOWED, at, {}, message_id)
+        try:
+            if await asyncio.to_thread(self.identities.resolve, "wechat_openid", openid) is None:
+                await asyncio.to_thread(self.identities.apply, follower, at=at, traits={"wechat_openid": openid})
+            try:
+                ingest = await self.ingest()
+            except ApiError:  # Temporal is down: kept unrouted for the next start
+                record = EventRecord(
+                    message_id=message_id, kind="track", user_id="", name=WECHAT_FOLLOWED, timestamp=at
+                )
+                await asyncio.to_thread(self.identities.apply, follower, at=at, record=record)
+                return
+            routed = await ingest.track(follower, event)
+            _log_track(routed.person or "", event, routed)
+        except (NotRouted, *TRANSIENT) as exc:
+            log.warning("wechat follow %s kept unrouted: %s", message_id, exc)
 
     def check_opt_outs(self, calls: Iterable[tuple[str, IdentifyCall]]) -> None:
         """400 naming every opt-out fault in ``calls`` (each with where its traits are), before any
@@ -1982,7 +2008,7 @@ def create_app(
     app.state.nurture = service
     app.include_router(v1)
     app.include_router(meta)
-    app.include_router(webhook_router(settings, db))
+    app.include_router(webhook_router(settings, db, on_follow=service.wechat_followed))
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
