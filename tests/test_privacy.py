@@ -636,6 +636,37 @@ def test_cli_export(home: Path) -> None:
     db.dispose()
 
 
+def test_cli_finds_the_user_by_any_identifier(home: Path) -> None:
+    db = Database(f"sqlite:///{home / 'nurture.db'}")
+    p = person()
+    seed(db, p)
+    anon = f"anon-{uuid.uuid4().hex}"
+    store = DbIdentities(db)
+    store.apply(call_identifiers(None, anon), at=NOW, traits={"seen": "browser"})
+    store.apply(call_identifiers(p.user, anon), at=NOW)
+
+    for option, value in (
+        ("--email", p.email.upper()),
+        ("--phone", p.phone),
+        ("--anonymous-id", anon),
+        ("--wechat-openid", p.openid),
+        ("--person", f"anonymous_id:{anon}"),
+    ):
+        exported = nurture(home, "export", option, value)
+        assert exported.exit_code == 0, exported.output
+        data = json.loads(exported.stdout)
+        assert data["user_id"] == p.user and data["merged"] == [f"anonymous_id:{anon}"], option
+    both = nurture(home, "export", p.user, "--email", p.email)
+    assert both.exit_code == 2 and "exactly one of --email" in both.stderr
+
+    done = nurture(home, "forget", "--anonymous-id", anon, "--yes")
+
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["deleted"]["profiles"] == 2
+    assert leftovers(db, [*p.needles(), anon]) == []
+    db.dispose()
+
+
 def test_cli_refuses_a_missing_database(tmp_path: Path) -> None:
     result = nurture(tmp_path / "nowhere", "forget", "u-1", "--yes")
     assert result.exit_code == 1 and "no database at sqlite:///" in result.stderr
