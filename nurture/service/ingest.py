@@ -37,7 +37,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from nurture.engine.identity import MERGED, Identifier
+from nurture.engine.identity import MERGED, Identifier, call_identifiers
 from nurture.engine.interpreter import late_conversion, late_record, run_key, trigger_matches, workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import Project
@@ -122,9 +122,9 @@ class Ingest:
         self._listens = {j.id: sorted(j.listens_for()) for j in project.journeys.values()}
 
     async def track(
-        self, identifiers: Sequence[Identifier], event: Event, *, anonymous_id: str | None = None
+        self, identifiers: Sequence[Identifier] | str, event: Event, *, anonymous_id: str | None = None
     ) -> Routed:
-        """Resolve the person the event is about (creating or merging as the identity rules say),
+        """Resolve the person the event is about (``identifiers``, or a userId) (creating or merging as the identity rules say),
         store the event (once per message id) and route it. A repeat routes the stored event
         again only if its routing never finished, once the call that stored it is surely over.
         :class:`NotRouted` when routing fails."""
@@ -138,6 +138,8 @@ class Ingest:
             properties=dict(event.properties),
             timestamp=event.timestamp.astimezone(UTC),
         )
+        if isinstance(identifiers, str):
+            identifiers = call_identifiers(identifiers, None)
         applied = await asyncio.to_thread(self.identities.apply, identifiers, at=event.timestamp, record=record)
         if applied is not None:
             await self._end_merged(applied.merged_away)
@@ -223,7 +225,7 @@ class Ingest:
 
     async def identify(
         self,
-        identifiers: Sequence[Identifier],
+        identifiers: Sequence[Identifier] | str,
         traits: Mapping[str, Any],
         *,
         message_id: str,
@@ -238,7 +240,10 @@ class Ingest:
         ``group``) in one transaction with its record: resolve or create the person, merge,
         merge traits and opt-outs, set the group; then end the runs a merge ends. ``None`` for a
         repeated ``message_id`` (which finishes ending them, if an earlier attempt did not).
+        ``identifiers`` may be a userId: the call names it and the address traits.
         :class:`NotRouted` when a run could not be stopped: the retry finishes it."""
+        if isinstance(identifiers, str):
+            identifiers = call_identifiers(identifiers, None, traits)
         call = EventRecord(
             message_id=message_id,
             kind=kind,
