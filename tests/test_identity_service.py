@@ -11,6 +11,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,14 @@ import httpx
 import pytest
 from support import eventually, new_user, rows, served_settings, uvicorn_thread
 from temporalio.client import Client as TemporalClient
+from temporalio.service import RPCError, RPCStatusCode
 
-from nurture.language.compiler import load_project
+from nurture.engine.identity import call_identifiers
+from nurture.engine.interpreter import workflow_id
+from nurture.engine.model import Event
+from nurture.language.compiler import Project, load_project
 from nurture.service.api import create_app
+from nurture.service.ingest import Ingest, NotRouted
 from nurture.service.worker import build_worker
 from nurture.storage.audit import AuditRecord
 from nurture.storage.db import Database
@@ -88,14 +94,18 @@ class Service:
         return await self.http.get(path, params=params, auth=(READ, ""))
 
 
-@pytest.fixture
-async def service(dev_server: str, database: Database, tmp_path: Path) -> AsyncIterator[Service]:
+def write_project(tmp_path: Path) -> tuple[Path, Project]:
     journeys = tmp_path / "journeys"
     journeys.mkdir()
     for name, text in JOURNEYS.items():
         (journeys / f"{name}.yaml").write_text(textwrap.dedent(text), encoding="utf-8")
     shutil.copytree(ROOT / "templates", tmp_path / "templates")
-    project = load_project(journeys, tmp_path / "templates")
+    return journeys, load_project(journeys, tmp_path / "templates")
+
+
+@pytest.fixture
+async def service(dev_server: str, database: Database, tmp_path: Path) -> AsyncIterator[Service]:
+    journeys, project = write_project(tmp_path)
     settings = served_settings(
         dev_server,
         database.url,
@@ -257,3 +267,61 @@ async def test_a_wechat_follow_is_a_person_joined_by_an_identify(service: Servic
     assert (await service.get(f"/v1/users/{user}")).json()["person_id"] == follower
     [moved] = rows(service.db, RunRecord, run_id=run.run_id)
     assert moved.user_id == follower
+
+
+class StopFailsOnce:
+    """A real Temporal client whose first ``stop`` signal fails as an outage would."""
+
+    def __init__(self, client: TemporalClient) -> None:
+        self.client = client
+        self.failed = False
+        self.stopped: list[str] = []
+
+    def get_workflow_handle(self, wid: str) -> Any:
+        handle = self.client.get_workflow_handle(wid)
+        outer = self
+
+        class Handle:
+            async def signal(self, name: str, arg: Any) -> None:
+                if name == "stop":
+                    if not outer.failed:
+                        outer.failed = True
+                        raise RPCError("frontend unavailable", RPCStatusCode.UNAVAILABLE, b"")
+                    outer.stopped.append(wid)
+                await handle.signal(name, arg)
+
+        return Handle()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+@pytest.mark.parametrize("finish", ["retry", "start-up"])
+async def test_a_merge_whose_stop_fails_is_finished_by_the_retry_or_the_next_start(
+    dev_server: str, database: Database, tmp_path: Path, finish: str
+) -> None:
+    _, project = write_project(tmp_path)
+    client = StopFailsOnce(await TemporalClient.connect(dev_server))
+    ingest = Ingest(project, database, client, f"test-identity-{uuid.uuid4().hex[:8]}")  # type: ignore[arg-type]
+    user, anon = new_user(), visitor()
+    now = datetime.now(UTC)
+    await ingest.track(user, Event("Course Viewed", now, {}, f"t1-{user}"))
+    await ingest.track(call_identifiers(None, anon), Event("Course Viewed", now, {}, f"t2-{user}"))
+    [newer] = rows(database, Route, user_id=f"anonymous_id:{anon}")
+    merge = {"message_id": f"i-{user}", "event": Event("identify", now)}
+
+    with pytest.raises(NotRouted):
+        await ingest.identify(call_identifiers(user, anon), {}, **merge)
+
+    [stored] = rows(database, EventRecord, message_id=f"i-{user}")
+    assert stored.routed_at is None and stored.user_id == user, "the merge is kept, its stops are owed"
+    assert [r.active for r in rows(database, Route, workflow_id=newer.workflow_id)] == [True]
+    if finish == "retry":
+        assert await ingest.identify(call_identifiers(user, anon), {}, **merge) is None
+    else:
+        assert await ingest.route_unrouted(before=datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert client.stopped == [newer.workflow_id]
+    [stored] = rows(database, EventRecord, message_id=f"i-{user}")
+    assert stored.routed_at is not None
+    kept = workflow_id("browsing", user, "")
+    assert [r.workflow_id for r in rows(database, Route, user_id=user, active=True)] == [kept]
