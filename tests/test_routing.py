@@ -24,8 +24,8 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from test_api import KEY, Api, serving
 
-from nurture.engine.interpreter import WORKFLOW_ID_LIMIT, workflow_id
 from nurture.engine.identity import call_identifiers
+from nurture.engine.interpreter import WORKFLOW_ID_LIMIT, workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import Project, load_project
 from nurture.service.api import create_app
