@@ -31,7 +31,9 @@ class AuditRecord(SQLModel, table=True):
     __tablename__ = "audit_log"
 
     id: int | None = Field(default=None, primary_key=True)
-    at: datetime = Field(default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False, index=True))
+    at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False, index=True)
+    )
     action: str = Field(max_length=16)
     """``forget``, ``export``, ``merge`` (two persons became one) or ``conflict`` (a call named
     another known user's identifier, which stayed theirs)."""

@@ -64,30 +64,14 @@ class DbProfiles:
             return session.get(ProfileRecord, user_id)
 
     def merge(self, user_id: str, traits: Mapping[str, Any], opted_out: OptOuts | None = None) -> Profile:
-        """Merge ``traits`` into the profile (creating it); ``opted_out`` replaces the opt-outs, or
-        changes them when it is a function (applied to the locked row, so changes don't race)."""
-        profile = self._merge(user_id, traits, opted_out, call=None)
-        assert profile is not None  # only a repeated call merges nothing
-        return profile
-
-    def apply_call(
-        self, call: EventRecord, traits: Mapping[str, Any], opted_out: OptOuts | None = None
-    ) -> bool:
-        """Store an identify call and merge what it says in one transaction, so a crash keeps both
-        or neither; ``False`` (and nothing changed) when its ``message_id`` was stored before."""
-        return self._merge(call.user_id, traits, opted_out, call=call) is not None
-
-    def _merge(
-        self, user_id: str, traits: Mapping[str, Any], opted_out: OptOuts | None, *, call: EventRecord | None
-    ) -> Profile | None:
+        """Merge ``traits`` into the person's profile (creating it, with its ``user_id``
+        identifier); ``opted_out`` replaces the opt-outs, or changes them when it is a function
+        (applied to the locked row, so changes don't race). Calls from clients go through
+        :class:`~nurture.storage.identities.DbIdentities` instead, with their record in the same
+        transaction: this is for the engine's profile updates and provider opt-outs."""
         for _ in range(3):
-            if call is not None and _stored(self.db, call.message_id):
-                return None
             try:
                 with self.db.write_session() as session:
-                    if call is not None:
-                        session.add(EventRecord.model_validate(call.model_dump()))
-                        session.flush()
                     user_id = canonical(session, user_id)
                     row = session.get(ProfileRecord, user_id, with_for_update=True)
                     if row is None:
@@ -105,15 +89,13 @@ class DbProfiles:
                         row.opted_out = sorted(set(opted_out))
                     row.updated_at = utcnow()
                     return Profile(user_id, dict(row.traits), frozenset(row.opted_out))
-            except IntegrityError:  # the profile (or the call) was stored concurrently: look again
+            except IntegrityError:  # the profile was stored concurrently: look again
                 continue
         raise RuntimeError(f"could not update profile {user_id}")
 
     def set_opt_out(self, user_id: str, channel: str, opted_out: bool) -> Profile:
         """Opt the user out of ``channel`` (or back in)."""
-        return self.merge(
-            user_id, {}, lambda current: current | {channel} if opted_out else current - {channel}
-        )
+        return self.merge(user_id, {}, lambda current: current | {channel} if opted_out else current - {channel})
 
     async def get(self, user_id: str) -> Profile:
         return await asyncio.to_thread(self.read, user_id)
@@ -234,9 +216,7 @@ class DbRecorder:
         with self.db.session() as session:
             _add_reaches(session, record)
             session.execute(
-                update(RunRecord)
-                .where(col(RunRecord.run_id) == record["run_id"])
-                .values(**_end_values(record))
+                update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(**_end_values(record))
             )
             if not record.get("continued") and record.get("workflow_id"):
                 session.execute(
@@ -494,9 +474,7 @@ class DbLedger:
             row = self._read(key)
             if row is None:
                 return
-            attempts = with_attempt(
-                row.attempts, channel, state=state, provider_id=provider_id, reason=reason
-            )
+            attempts = with_attempt(row.attempts, channel, state=state, provider_id=provider_id, reason=reason)
             if self._swap(row, attempts, extra):
                 return
         raise RuntimeError(f"could not record the attempt of message {key}: too much contention")
@@ -565,14 +543,6 @@ class Unrouted(NamedTuple):
     event: Event
     received_at: datetime
     kind: str = "track"
-
-
-def _stored(db: Database, message_id: str) -> bool:
-    with db.session() as session:
-        found = session.execute(
-            select(EventRecord.id).where(col(EventRecord.message_id) == message_id)
-        ).first()
-        return found is not None
 
 
 class Events:
@@ -677,9 +647,7 @@ class Routes:
     def deactivate(self, workflow_id: str) -> None:
         with self.db.session() as session:
             session.execute(
-                update(Route)
-                .where(col(Route.workflow_id) == workflow_id)
-                .values(active=False, updated_at=utcnow())
+                update(Route).where(col(Route.workflow_id) == workflow_id).values(active=False, updated_at=utcnow())
             )
 
     def active_for(self, user_id: str) -> list[Route]:

@@ -69,3 +69,4 @@ class DbTokens:
                 .where(col(ProviderToken.name) == name)
                 .where(col(ProviderToken.token) == token)
             )
+

@@ -19,9 +19,7 @@ depends_on = None
 def upgrade() -> None:
     for table in ("runs", "routes"):
         with op.batch_alter_table(table, schema=None) as batch_op:
-            batch_op.alter_column(
-                "workflow_id", existing_type=sa.String(length=512), type_=sa.String(length=1000)
-            )
+            batch_op.alter_column("workflow_id", existing_type=sa.String(length=512), type_=sa.String(length=1000))
             batch_op.alter_column("key", existing_type=sa.String(length=255), type_=sa.Text())
 
 
@@ -29,6 +27,4 @@ def downgrade() -> None:
     for table in ("routes", "runs"):
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.alter_column("key", existing_type=sa.Text(), type_=sa.String(length=255))
-            batch_op.alter_column(
-                "workflow_id", existing_type=sa.String(length=1000), type_=sa.String(length=512)
-            )
+            batch_op.alter_column("workflow_id", existing_type=sa.String(length=1000), type_=sa.String(length=512))
