@@ -229,13 +229,17 @@ class DbIdentities:
     ) -> Applied:
         now = utcnow()
         owners = self._owners(session, identifiers)
-        rows = _lock(session, {canonical(session, p) for p in owners.values()})
-        user_ids = _user_ids(session, rows)
+        survivors = {p: canonical(session, p) for p in set(owners.values())}
+        rows = _lock(session, set(survivors.values()))
+        # The userIds only decide conflicts between persons: a call naming one known person and
+        # nothing new (most calls) needs no look-up of them.
+        simple = len(rows) == 1 and len(owners) == len(identifiers)
+        user_ids = {} if simple else _user_ids(session, rows)
         found = {
             ident: Person(
-                rows[owner].user_id, _aware(rows[owner].created_at), user_ids.get(owner, frozenset())
+                survivors[p], _aware(rows[survivors[p]].created_at), user_ids.get(survivors[p], frozenset())
             )
-            for ident, owner in ((i, canonical(session, p)) for i, p in owners.items())
+            for ident, p in owners.items()
         }
 
         def taken(person_id: str) -> bool:
