@@ -60,7 +60,7 @@ from temporalio.service import RPCError
 
 from channels import mask_address, mask_user_id
 from nurture.engine.clock import format_instant
-from nurture.engine.identity import Identifier, call_identifiers, identifier
+from nurture.engine.identity import Identifier, alias_identifiers, call_identifiers
 from nurture.engine.model import Event
 from nurture.language.compiler import Project, load_project
 from nurture.language.diagnostics import did_you_mean
@@ -1004,9 +1004,8 @@ class Service:
 
     async def alias(self, call: AliasCall) -> Accepted:
         # previousId is a userId when one is known by it, else an anonymousId (known or not).
-        known = await asyncio.to_thread(self.identities.resolve, "user_id", call.previous_id)
-        previous = identifier("user_id" if known is not None else "anonymous_id", call.previous_id)
-        named = [*call.identifiers(), *([previous] if previous is not None else [])]
+        named = await asyncio.to_thread(alias_identifiers, call.user_id, call.previous_id, self.identities.known)
+        named = list(dict.fromkeys([*named, *call.identifiers()]))
         return await self._identity_call(call, "alias", named, explicit=True)
 
     async def _identity_call(

@@ -155,6 +155,11 @@ class DbIdentities:
         row = session.get(IdentityRecord, (ident.kind, ident.value))
         return None if row is None else canonical(session, row.person_id)
 
+    def known(self, ident: Identifier) -> bool:
+        """Whether someone has the identifier."""
+        with self.db.session() as session:
+            return session.get(IdentityRecord, (ident.kind, ident.value)) is not None
+
     def survivor(self, person_id: str) -> str:
         """The surviving person of ``person_id`` (itself when it is not merged, or unknown)."""
         with self.db.session() as session:
