@@ -1343,13 +1343,20 @@ AnonymousIdQuery = Annotated[
     AfterValidator(_storable_id),
 ]
 EmailQuery = Annotated[
-    str | None, Query(**_LOOKUP_RULES, description="One of the person's email addresses (any case).")
+    str | None,
+    Query(**_LOOKUP_RULES, description="One of the person's email addresses (any case)."),
+    AfterValidator(_storable_id),
 ]
 PhoneQuery = Annotated[
     str | None,
     Query(**_LOOKUP_RULES, description="One of the person's phone numbers (E.164, any punctuation)."),
+    AfterValidator(_storable_id),
 ]
-OpenidQuery = Annotated[str | None, Query(**_ID_RULES, description="The person's WeChat openid.")]
+OpenidQuery = Annotated[
+    str | None,
+    Query(**_ID_RULES, description="The person's WeChat openid."),
+    AfterValidator(_storable_id),
+]
 PersonQuery = Annotated[
     str | None,
     Query(min_length=1, max_length=512, description="A person id (a merged-away one finds the survivor)."),
