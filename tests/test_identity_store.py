@@ -223,6 +223,18 @@ def test_caps_count_both_peoples_messages(database: Database) -> None:
     assert len(sent) == 2
 
 
+def test_a_merge_keeps_the_later_group_call(database: Database) -> None:
+    store = DbIdentities(database)
+    store.apply(ids("u1"), at=at(0), group=("acme", {"plan": "team"}))
+    store.apply(ids(anon="a-1"), at=at(5), group=("globex", {"plan": "enterprise"}))
+    store.apply(ids("u2"), at=at(6), group=("initech", {}))
+    store.apply(ids(anon="a-2"), at=at(1), group=("hooli", {}))
+    store.apply(ids("u1", "a-1"), at=at(7))  # u1 survives, a-1's group call was later
+    store.apply(ids("u2", "a-2"), at=at(8))  # u2 survives and keeps its own, later, group
+    assert DbProfiles(database).read("u1").traits["group"] == {"id": "globex", "plan": "enterprise"}
+    assert DbProfiles(database).read("u2").traits["group"] == {"id": "initech"}
+
+
 def test_groups_are_shared_and_readable_as_user_group(database: Database) -> None:
     store = DbIdentities(database)
     store.apply(ids("u1"), at=at(0), group=("acme", {"plan": "enterprise", "seats": 5}))

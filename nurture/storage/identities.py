@@ -64,6 +64,10 @@ _RETRY_CODES = frozenset({"40001", "40P01"})
 PERSON_TABLES: tuple[Any, ...] = (EventRecord, MessageRecord, MessageEvent, RunRecord, Route)
 """Tables whose ``user_id`` is a person id, moved to the survivor by a merge."""
 
+GROUP_TIME = "$group"
+"""The key of ``trait_times`` that keeps when the person's latest ``group`` call was made: of two
+merging persons, the later call's group is kept."""
+
 OptOutChange = Sequence[str] | Callable[[set[str]], set[str]]
 """New opt-outs: the whole set, or a function of the stored one."""
 
@@ -283,6 +287,7 @@ class DbIdentities:
                 stored.traits = {**stored.traits, **group_traits}
                 stored.updated_at = now
             row.group_id = group_id
+            row.trait_times = stamp([GROUP_TIME], at, row.trait_times)
         if plan.merges or plan.created or plan.attach or traits or opted_out is not None or group is not None:
             row.updated_at = now
         session.flush()
@@ -357,13 +362,16 @@ def _mirror(row: ProfileRecord) -> None:
 
 
 def _merge(session: Session, kept: ProfileRecord, merged: ProfileRecord) -> None:
-    """Join ``merged`` into ``kept``: traits (the later wins), opt-outs (joined), group,
-    identifiers, and every row of the person tables."""
+    """Join ``merged`` into ``kept``: traits (the later wins), opt-outs (joined), group (the
+    later group call's), identifiers, and every row of the person tables."""
+    ours, theirs = kept.trait_times.get(GROUP_TIME, ""), merged.trait_times.get(GROUP_TIME, "")
     kept.traits, kept.trait_times = merge_traits(
         kept.traits, kept.trait_times, merged.traits, merged.trait_times
     )
     kept.opted_out = sorted(set(kept.opted_out) | set(merged.opted_out))
-    kept.group_id = kept.group_id or merged.group_id
+    if merged.group_id is not None and (kept.group_id is None or theirs > ours):
+        kept.group_id = merged.group_id
+        kept.trait_times = {**kept.trait_times, GROUP_TIME: theirs}
     _mirror(kept)
     merged.merged_into = kept.user_id
     session.execute(
