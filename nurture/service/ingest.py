@@ -39,7 +39,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from nurture.engine.identity import MERGED, Identifier, call_identifiers
 from nurture.engine.interpreter import late_conversion, late_record, run_key, trigger_matches, workflow_id
-from nurture.engine.model import Event
+from nurture.engine.model import Event, Profile
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.storage.db import Database
@@ -143,7 +143,7 @@ class Ingest:
         applied = await asyncio.to_thread(self.identities.apply, identifiers, at=event.timestamp, record=record)
         if applied is not None:
             await self._end_merged(applied.merged_away)
-            return await self._route(applied.person, event, again=False)
+            return await self._route(applied.person, event, again=False, profile=applied.profile)
         while True:
             unrouted = await asyncio.to_thread(self.events.unrouted, message_id=event.message_id)
             if not unrouted:
@@ -177,7 +177,7 @@ class Ingest:
             routed += 1
         return routed
 
-    async def _route(self, user_id: str, event: Event, *, again: bool) -> Routed:
+    async def _route(self, user_id: str, event: Event, *, again: bool, profile: Profile | None = None) -> Routed:
         """Every route and journey gets the event, each on its own: one failing leaves the others
         routed, and the event unrouted, so routing it again reaches the one that failed."""
         assert event.message_id is not None, "the API assigns a message id to every event"
@@ -188,7 +188,8 @@ class Ingest:
                 user_id = await asyncio.to_thread(self.identities.survivor, user_id)
                 await self._end_merged(await asyncio.to_thread(self.identities.merged_away, user_id))
             routes = await asyncio.to_thread(self.routes.active_for, user_id)
-            profile = await asyncio.to_thread(self.profiles.read, user_id)
+            if profile is None:  # else as the call that stored the event left it
+                profile = await asyncio.to_thread(self.profiles.read, user_id)
         except TRANSIENT as exc:
             raise NotRouted(f"event {event.message_id} not routed: {exc}") from exc
         routed = Routed(rerouted=again, person=user_id)
