@@ -1329,7 +1329,7 @@ PathUserId = Annotated[
 
 _LOOKUP_RULES = {**_ID_RULES, "max_length": 320}
 IdQuery = Annotated[
-    str | None,
+    str,
     Query(
         alias="id",
         **_ID_RULES,
@@ -1338,27 +1338,27 @@ IdQuery = Annotated[
     AfterValidator(_storable_id),
 ]
 AnonymousIdQuery = Annotated[
-    str | None,
+    str,
     Query(**_ID_RULES, description="An anonymousId the person was seen with."),
     AfterValidator(_storable_id),
 ]
 EmailQuery = Annotated[
-    str | None,
+    str,
     Query(**_LOOKUP_RULES, description="One of the person's email addresses (any case)."),
     AfterValidator(_storable_id),
 ]
 PhoneQuery = Annotated[
-    str | None,
+    str,
     Query(**_LOOKUP_RULES, description="One of the person's phone numbers (E.164, any punctuation)."),
     AfterValidator(_storable_id),
 ]
 OpenidQuery = Annotated[
-    str | None,
+    str,
     Query(**_ID_RULES, description="The person's WeChat openid."),
     AfterValidator(_storable_id),
 ]
 PersonQuery = Annotated[
-    str | None,
+    str,
     Query(min_length=1, max_length=512, description="A person id (a merged-away one finds the survivor)."),
     AfterValidator(_storable_id),
 ]
@@ -1375,12 +1375,12 @@ def _path_person(service: ServiceDep, user_id: PathUserId) -> str:
 
 def _query_person(
     service: ServiceDep,
-    user_id: IdQuery = None,
-    anonymous_id: AnonymousIdQuery = None,
-    email: EmailQuery = None,
-    phone: PhoneQuery = None,
-    wechat_openid: OpenidQuery = None,
-    person: PersonQuery = None,
+    user_id: IdQuery = "",
+    anonymous_id: AnonymousIdQuery = "",
+    email: EmailQuery = "",
+    phone: PhoneQuery = "",
+    wechat_openid: OpenidQuery = "",
+    person: PersonQuery = "",
 ) -> str:
     """The person one identifier of the query names (nobody: a person id no one has)."""
     given = [
@@ -1388,7 +1388,7 @@ def _query_person(
         for kind, value in zip(
             LOOKUPS, (user_id, anonymous_id, email, phone, wechat_openid, person), strict=True
         )
-        if value is not None
+        if value  # not given (an empty one is refused by its minimum length)
     ]
     if len(given) != 1:
         raise ApiError(
