@@ -109,3 +109,25 @@ async def test_an_identify_that_leaves_the_date_alone_tells_no_workflow(api: Api
     date = api.temporal.get_workflow_handle(workflow_id("trial_ending", user, "", prefix="nurture-date"))
     with pytest.raises(Exception, match="not found"):
         await date.describe()
+
+
+async def test_two_people_with_a_trial_merged_get_one_reminder(api: Api) -> None:
+    """Each had a trial date waited for; merged, the survivor's is waited for and the other's is
+    withdrawn, so one run starts."""
+    user, visitor = new_user(), f"anon-{new_user()}"
+    ends = format_instant(datetime.now(UTC) + timedelta(days=1, seconds=2 * LEAD))
+    known = {"userId": user, "traits": {"email": f"{user}@example.com", "trial_ends_at": ends}}
+    first = (await api.post("/v1/identify", known)).json()["person"]
+    anonymous = {"anonymousId": visitor, "traits": {"trial_ends_at": ends}}
+    second = (await api.post("/v1/identify", anonymous)).json()["person"]
+    survivor = (await api.post("/v1/identify", {"userId": user, "anonymousId": visitor, "traits": {}})).json()["person"]
+    [gone] = {first, second} - {survivor}
+
+    def date(person: str) -> Any:
+        return api.temporal.get_workflow_handle(workflow_id("trial_ending", person, "", prefix="nurture-date"))
+
+    assert await date(gone).result() == 0
+    assert await date(survivor).result() == 1
+    await asyncio.sleep(1)
+    started = [r.user_id for r in rows(api.db, RunRecord, journey="trial_ending") if r.user_id in (first, second)]
+    assert started == [survivor]
