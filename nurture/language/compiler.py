@@ -569,16 +569,18 @@ def _check_reads(
         if problem is not None:
             sink.add(_at_read(smap, path, source, read, *problem))
     for read, message in comparison_problems(expr.tree, declared, where):
-        sink.add(_at_read(smap, path, source, read, 0, message))
+        sink.add(_at_read(smap, path, source, read, -1, message))
 
 
 def _at_read(smap: SourceMap, path: KeyPath, source: str, read: Read, index: int, message: str) -> Diagnostic:
-    """A diagnostic at key ``index`` of ``read`` as written in the expression at ``path``."""
+    """A diagnostic at key ``index`` of ``read`` (-1: at the whole read) as written in the
+    expression at ``path``."""
     diagnostic = smap.diagnostic(path, message)
-    found = read.pattern(index).search(source)
+    found = read.pattern(max(index, len(read.keys) - 1 if index < 0 else index)).search(source)
     if found is None:
         return diagnostic
-    return dataclasses.replace(diagnostic, column=_column_in_value(smap, diagnostic, source, found.start(1)))
+    start = found.start() if index < 0 else found.start(1)
+    return dataclasses.replace(diagnostic, column=_column_in_value(smap, diagnostic, source, start))
 
 
 def _check_updates(
@@ -603,7 +605,7 @@ def _check_updates(
         computed = isinstance(value, str) and ("{{" in value or "{%" in value)
         problem = None if computed else value_problem(spec.type, value)
         if problem is not None:
-            sink.add(smap.diagnostic(path + (name,), f"trait '{name}' is declared as {spec.type}: {problem}"))
+            sink.add(smap.diagnostic(path + (name,), f"trait '{name}' is declared with type {spec.type}: {problem}"))
 
 
 def _template_reads(

@@ -369,7 +369,7 @@ def _compared(
     for value in values:
         if _clashes(kind, value):
             return read, (
-                f"{read.text()} is declared as {kind} but is compared with {describe_value(value)}: "
+                f"{read.text()} is declared with type {kind} but is compared with {describe_value(value)}: "
                 f"compare it with {_EXPECTED[kind]}"
             )
     return None
