@@ -204,7 +204,7 @@ class Read:
         for index, key in enumerate(self.keys[: upto + 1]):
             text = re.escape(str(key)) if key is not None else r"[^\]]*"
             name = f"({text})" if index == upto else text
-            parts.append(rf"\s*(?:\.\s*{name}\b|\[\s*['\"]?{name}['\"]?\s*\])")
+            parts.append(rf"\s*(?:\.\s*|\[\s*['\"]?){name}(?!\w)(?:['\"]?\s*\])?")
         return re.compile("".join(parts))
 
 
@@ -412,12 +412,14 @@ class Usage:
         if declarations.traits is None and self.traits:
             out.append(
                 "no traits are declared, so these reads are not checked: "
-                + ", ".join(f"user.{name}" for name in self.traits)
+                + ", ".join(f"user.{name}" for name in sorted(self.traits))
                 + " (declare them under traits: in nurture.yaml)"
             )
         events = {name: props for name, props in self.events.items() if name not in BUILTIN_EVENTS}
         if declarations.events is None and events:
-            listed = [f"{name} ({', '.join(props)})" if props else name for name, props in events.items()]
+            listed = [
+                f"{name} ({', '.join(sorted(props))})" if props else name for name, props in sorted(events.items())
+            ]
             out.append(
                 "no events are declared, so these names and properties are not checked: "
                 + "; ".join(listed)
