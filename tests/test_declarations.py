@@ -214,6 +214,15 @@ CASES = [
         key="exit_on[0].event",
     ),
     Case(
+        "exit-on-if-reads-its-own-event",
+        "  - event: Signed Up\n",
+        "  - event: Signed Up\n    if: \"event.properties.source == 'web'\"\n",
+        11,
+        27,
+        "event 'Signed Up' has no property 'source': declare it under events: 'Signed Up': properties:",
+        key="exit_on[0].if",
+    ),
+    Case(
         "update-of-an-undeclared-trait",
         "update: {plan: pro",
         "update: {plna: pro",
@@ -336,6 +345,7 @@ NURTURE_YAML_CASES = [
     ("unknown-key", "{type: integer, description:", "{type: integer, descripton:", 4, "(did you mean 'description'?)"),
     ("builtin-id", "  plan: string\n", "  id: string\n", 5, "'id' is built in (user.id) and cannot be declared"),
     ("builtin-type", "  plan: string\n", "  plan: string\n  email: number\n", 2, "'email' is built in as string"),
+    ("missing-type", "  plan: string\n", "  plan: {example: pro}\n", 5, "'type' is required (one of string, number"),
     (
         "property-unknown-key",
         "{type: string, required: true}\n      item_count",
@@ -358,6 +368,14 @@ def test_a_bad_declaration_is_reported_in_nurture_yaml(
     matching = [d for d in result.errors if message in d.message]
     assert matching, [d.headline() for d in result.diagnostics]
     assert Path(matching[0].path).name == "nurture.yaml" and matching[0].line == line
+
+
+def test_enforcing_needs_something_declared(tmp_path: Path) -> None:
+    result = compiled(make_project(tmp_path, config="timezone: UTC\nenforce_declarations: true\n"))
+
+    [error] = result.errors
+    assert Path(error.path).name == "nurture.yaml" and error.line == 1
+    assert error.message == "enforce_declarations needs traits: or events: to enforce: declare them"
 
 
 def test_an_undeclared_project_compiles_and_validate_lists_what_it_reads(tmp_path: Path) -> None:

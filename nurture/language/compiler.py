@@ -52,6 +52,7 @@ from .durations import parse_duration
 from .expressions import ExpressionError, compile_expression, compile_value
 from .providers import PROVIDER_DOCS, ProvidersDoc
 from .schema import (
+    TYPES,
     Declarations,
     Declared,
     EventScope,
@@ -783,6 +784,7 @@ def _column_in_value(smap: SourceMap, diagnostic: Diagnostic, value: Any, shift:
 def _missing_hint(name: str) -> str:
     hints = {
         "timeout": " (how long to wait, e.g. timeout: 24h)",
+        "type": f" (one of {', '.join(TYPES)})",
         "template": " (the template name, e.g. template: welcome)",
         "trigger": " (e.g. trigger: {event: Signed Up})",
         "steps": " (a non-empty list of steps)",

@@ -454,6 +454,12 @@ class ProjectDoc(PolicyFields):
     enforce_declarations: bool = False
     """Whether the event API refuses calls that contradict ``traits`` and ``events``."""
 
+    @model_validator(mode="after")
+    def _something_to_enforce(self) -> ProjectDoc:
+        if self.enforce_declarations and self.traits is None and self.events is None:
+            raise _fail("enforce", "enforce_declarations needs traits: or events: to enforce: declare them")
+        return self
+
     @field_validator("traits")
     @classmethod
     def _builtin_types(cls, value: dict[str, TraitDoc] | None) -> dict[str, TraitDoc] | None:
