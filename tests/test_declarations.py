@@ -163,6 +163,15 @@ CASES = [
         key="goal.if",
     ),
     Case(
+        "goal-value-reads-the-goal-event",
+        '  if: "event.properties.total > 0"\n',
+        '  if: "event.properties.total > 0"\n  value: "event.properties.amount"\n',
+        9,
+        28,
+        "event 'Order Completed' has no property 'amount'; it declares order_id, total",
+        key="goal.value",
+    ),
+    Case(
         "wait-for-if-reads-the-awaited-event",
         "order_id != ''",
         "cart_id != ''",

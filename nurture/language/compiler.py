@@ -512,7 +512,8 @@ def _check_declared(
     for rule_path, rule in rules:
         if isinstance(rule, dict):
             named.append((rule_path + ("event",), rule.get("event")))
-            places += [(rule_path + (key,), rule.get(key), scope(rule)) for key in ("if", "value")]
+            keys = ("if", "value") if rule_path == ("goal",) else ("if",)
+            places += [(rule_path + (key,), rule.get(key), scope(rule)) for key in keys]
     for step_path, step in steps:
         kind = step_kind(step)
         if kind == "wait_for":
