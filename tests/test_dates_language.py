@@ -7,6 +7,7 @@ import hashlib
 import textwrap
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -444,3 +445,25 @@ def test_the_run_event_of_a_date_is_new_for_each_moment(templates: TemplateStore
     from_event = date_event("renewal", "u1", DatePlan("s1", "2026-03-20", "UTC", carrying), moment)
     assert (from_event.name, from_event.properties, from_event.timestamp) == ("Renewal Scheduled", carrying.properties, T0)
     assert from_event.message_id != "m1"
+
+
+# --- declared traits --------------------------------------------------------------------------------
+
+
+DECLARED_DATES = """\
+journey: welcome
+trigger: {date: "user.birthdy", at: "09:00", every: year}
+steps:
+  - wait_until: {date: "user.birthday_party", offset: -1d}
+  - send: email
+    template: welcome
+"""
+
+
+def test_dates_read_declared_traits_with_did_you_mean(tmp_path: Path) -> None:
+    from test_declarations import compiled, make_project
+
+    result = compiled(make_project(tmp_path, journey=DECLARED_DATES))
+    found = {(d.line, d.key): d.message for d in result.errors}
+    assert "did you mean 'birthday'" in found[(2, "trigger.date")], found
+    assert "birthday_party" in found[(4, "steps[0].wait_until.date")], found
