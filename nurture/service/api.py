@@ -611,7 +611,12 @@ class Accepted(BaseModel):
     )
     signalled: list[str] = Field(default_factory=list, description="Workflow ids of active runs it reached.")
     skipped: list[str] = Field(
-        default_factory=list, description="Journeys it matched but could not enter (`re_entry: once`)."
+        default_factory=list,
+        description="Journeys it matched but could not enter (`re_entry: once`, or the journey is paused).",
+    )
+    skip_reasons: dict[str, str] = Field(
+        default_factory=dict,
+        description="Why each skipped journey was skipped: `re_entry_once` or `journey_paused`.",
     )
 
 

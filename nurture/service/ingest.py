@@ -30,10 +30,18 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from nurture.engine.interpreter import late_conversion, late_record, run_key, trigger_matches, workflow_id
+from nurture.engine.interpreter import (
+    JOURNEY_PAUSED,
+    late_conversion,
+    late_record,
+    run_key,
+    trigger_matches,
+    workflow_id,
+)
 from nurture.engine.model import Event
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
+from nurture.storage.console import PausedJourneys
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, utcnow
 from nurture.storage.stores import DbProfiles, DbRecorder, Events, OptOuts, Routes, has_run, run_started_by
@@ -48,6 +56,9 @@ ROUTING_GRACE = 5.0
 """Seconds after which an unrouted event is taken to be left behind by a process that died, not
 being routed by a live request: the API's start-up routes those received before it started, this
 long after it started."""
+
+RE_ENTRY_ONCE = "re_entry_once"
+"""Why a matching trigger started nothing: the journey's ``re_entry: once`` and an earlier run."""
 
 TRANSIENT = (RPCError, OperationalError)
 """Failures a later attempt may not meet: Temporal or the database unavailable or timing out."""
@@ -70,7 +81,9 @@ class Routed:
     signalled: list[str] = field(default_factory=list)
     """Workflow ids of active runs the event was delivered to."""
     skipped: list[str] = field(default_factory=list)
-    """Journeys the event matched but could not enter (``once``)."""
+    """Journeys the event matched but could not enter (``once``, or paused)."""
+    skip_reasons: dict[str, str] = field(default_factory=dict)
+    """Why each skipped journey was skipped: ``re_entry_once`` or ``journey_paused``."""
     converted: list[str] = field(default_factory=list)
     """Ended runs whose goal window was still open and that this event converted."""
 
@@ -81,6 +94,7 @@ class Routed:
             "triggered": self.triggered,
             "signalled": self.signalled,
             "skipped": self.skipped,
+            "skip_reasons": self.skip_reasons,
         }
 
 
@@ -104,6 +118,8 @@ class Ingest:
                 self._goals.setdefault(journey.goal.event, []).append(journey.id)
         self._payloads = {j.id: journey_to_dict(j) for j in project.journeys.values()}
         self._listens = {j.id: sorted(j.listens_for()) for j in project.journeys.values()}
+        self._triggers = frozenset(j.trigger.event for j in project.journeys.values())
+        self.paused = PausedJourneys(db)
 
     async def track(self, user_id: str, event: Event) -> Routed:
         """Store the event (once per message id) and route it. A repeat routes the stored event
@@ -160,6 +176,7 @@ class Ingest:
         try:
             routes = await asyncio.to_thread(self.routes.active_for, user_id)
             profile = await asyncio.to_thread(self.profiles.read, user_id)
+            paused = await asyncio.to_thread(self.paused.all) if event.name in self._triggers else frozenset()
         except TRANSIENT as exc:
             raise NotRouted(f"event {event.message_id} not routed: {exc}") from exc
         if event.name in self._goals:
@@ -177,6 +194,10 @@ class Ingest:
                 failures.append(exc)
         for journey in self.project.journeys.values():
             if trigger_matches(journey, event, profile.traits, user_id):
+                if journey.id in paused:  # runs in flight got the event above; no new run starts
+                    routed.skipped.append(journey.id)
+                    routed.skip_reasons[journey.id] = JOURNEY_PAUSED
+                    continue
                 key = run_key(journey, event, profile.traits, user_id)
                 try:
                     await self._trigger(journey, user_id, key, payload, routed, again=again)
@@ -243,6 +264,7 @@ class Ingest:
         # it) and its route; any other earlier run means ``once`` keeps the user out.
         if once and started is None and await asyncio.to_thread(has_run, self.db, journey.id, user_id, key):
             routed.skipped.append(journey.id)
+            routed.skip_reasons[journey.id] = RE_ENTRY_ONCE
             return
         params = {
             "journey": self._payloads[journey.id],
@@ -266,6 +288,7 @@ class Ingest:
             )
         except WorkflowAlreadyStartedError:
             routed.skipped.append(journey.id)
+            routed.skip_reasons[journey.id] = RE_ENTRY_ONCE
             return
         await asyncio.to_thread(
             self.routes.activate,
