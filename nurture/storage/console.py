@@ -1,4 +1,5 @@
-"""The console's tables: accounts, sessions, sign-in attempts, and paused journeys.
+"""The console's tables: accounts, sessions, sign-in attempts and links, and paused
+journeys.
 
 Passwords are kept as argon2id hashes, sessions as the SHA-256 of their token (a copy of the
 database opens no session), and each sign-in attempt as a row, so every API process throttles
@@ -60,13 +61,15 @@ class SignInAttempt(SQLModel, table=True):
     at: datetime = Field(default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False))
 
 
-class UsedSignInLink(SQLModel, table=True):
-    """A one-time sign-in link already used (by its nonce), kept until it would have expired."""
+class SignInLink(SQLModel, table=True):
+    """A one-time sign-in link: the link carries a random token, the table its SHA-256."""
 
-    __tablename__ = "console_used_links"
+    __tablename__ = "console_links"
 
-    nonce: str = Field(primary_key=True, max_length=64)
+    token_hash: str = Field(primary_key=True, max_length=64)
+    email: str = Field(max_length=320)
     expires_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False, index=True))
+    used_at: datetime | None = Field(default=None, sa_column=Column(UtcDateTime(), nullable=True))
 
 
 class PausedJourney(SQLModel, table=True):

@@ -1,5 +1,5 @@
-"""console: accounts, sessions, sign-in attempts, used sign-in links, paused journeys; audit actors
-may be console accounts
+"""console: accounts, sessions, sign-in attempts and links, paused journeys, an index for the
+latest reaches of a step; audit actors may be console accounts
 
 Revision ID: 0010
 Revises: 0009
@@ -48,13 +48,18 @@ def upgrade() -> None:
     with op.batch_alter_table("console_sign_in_attempts", schema=None) as batch_op:
         batch_op.create_index("ix_console_sign_in_attempts_key_at", ["key", "at"], unique=False)
     op.create_table(
-        "console_used_links",
-        sa.Column("nonce", sa.String(length=64), nullable=False),
+        "console_links",
+        sa.Column("token_hash", sa.String(length=64), nullable=False),
+        sa.Column("email", sa.String(length=320), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("nonce"),
+        sa.Column("used_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("token_hash"),
     )
-    with op.batch_alter_table("console_used_links", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_console_used_links_expires_at"), ["expires_at"], unique=False)
+    with op.batch_alter_table("console_links", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_console_links_expires_at"), ["expires_at"], unique=False)
+    with op.batch_alter_table("step_reaches", schema=None) as batch_op:
+        # The console lists the latest people to reach a step.
+        batch_op.create_index("ix_step_reaches_journey_step_at", ["journey", "step_id", "reached_at"], unique=False)
     op.create_table(
         "paused_journeys",
         sa.Column("journey", sa.String(length=128), nullable=False),
@@ -74,9 +79,11 @@ def downgrade() -> None:
             "actor", existing_type=sa.String(length=330), type_=sa.String(length=64), existing_nullable=False
         )
     op.drop_table("paused_journeys")
-    with op.batch_alter_table("console_used_links", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_console_used_links_expires_at"))
-    op.drop_table("console_used_links")
+    with op.batch_alter_table("step_reaches", schema=None) as batch_op:
+        batch_op.drop_index("ix_step_reaches_journey_step_at")
+    with op.batch_alter_table("console_links", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_console_links_expires_at"))
+    op.drop_table("console_links")
     with op.batch_alter_table("console_sign_in_attempts", schema=None) as batch_op:
         batch_op.drop_index("ix_console_sign_in_attempts_key_at")
     op.drop_table("console_sign_in_attempts")

@@ -1,0 +1,57 @@
+"""A console with data on it: the project's chat recovery forecast played into a database, with
+the profiles and events of its people, for the console's browser tests and screenshots."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from nurture.language.compiler import Project
+from nurture.delivery.deliverer import Deliverer
+from nurture.simulation.scenarios import build_simulator, load_scenario
+from nurture.storage.db import Database
+from nurture.storage.models import EventRecord, utcnow
+from nurture.storage.stores import BatchRecorder, DbProfiles
+
+ROOT = Path(__file__).resolve().parents[1]
+FORECAST = ROOT / "journeys" / "forecasts" / "chat_followup_copy.yaml"
+
+
+def seed_console(db: Database, project: Project, *, people: int = 400) -> list[str]:
+    """Play ``people`` interrupted chats of the last three days into ``db`` up to now (runs,
+    steps, messages, conversions; the latest runs still active), store their profiles and
+    events; the user ids, in order."""
+    scenario = load_scenario(FORECAST, project)
+    assert scenario.population is not None
+    scenario.population = dataclasses.replace(scenario.population, count=people)
+    now = datetime.now(UTC)
+    scenario.start = now - timedelta(days=3)
+    recorder = BatchRecorder(db)
+    simulator = build_simulator(
+        scenario, project, Deliverer(project.templates, {}, render=False), timeline=False, recorder=recorder
+    )
+    asyncio.run(simulator.run(until=now))
+    recorder.flush()
+    profiles = DbProfiles(db)
+    users = []
+    with db.session() as session:
+        for person in scenario.population.generate(scenario.start):
+            users.append(person.user_id)
+            traits = {k: v for k, v in person.traits.items() if v is not None}
+            profiles.merge(person.user_id, traits)
+            for index, event in enumerate(e for e in person.events if e.timestamp <= now):
+                session.add(
+                    EventRecord(
+                        message_id=f"{person.user_id}-{index}",
+                        kind="track",
+                        user_id=person.user_id,
+                        name=event.name,
+                        properties=dict(event.properties),
+                        timestamp=event.timestamp.astimezone(UTC),
+                        received_at=utcnow(),
+                        routed_at=datetime.now(UTC),
+                    )
+                )
+    return users
