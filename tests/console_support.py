@@ -8,11 +8,13 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from nurture.language.compiler import Project
+from sqlmodel import select
+
 from nurture.delivery.deliverer import Deliverer
+from nurture.language.compiler import Project
 from nurture.simulation.scenarios import build_simulator, load_scenario
 from nurture.storage.db import Database
-from nurture.storage.models import EventRecord, utcnow
+from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, utcnow
 from nurture.storage.stores import BatchRecorder, DbProfiles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,4 +56,11 @@ def seed_console(db: Database, project: Project, *, people: int = 400) -> list[s
                         routed_at=datetime.now(UTC),
                     )
                 )
+    # The forecast renders nothing, so its messages have no address: give them the person's.
+    with db.session() as session:
+        for message in session.exec(select(MessageRecord)).all():
+            profile = session.get(ProfileRecord, message.user_id)
+            if profile is not None:
+                message.address = {"email": profile.email, "sms": profile.phone}.get(message.channel)
+                session.add(message)
     return users

@@ -625,7 +625,7 @@ def preview_page(request: Request) -> Response:
             entry["error"] = str(exc)
             rendered.append(entry)
             continue
-        entry["file"] = locale_line(store, message, locale)
+        entry["file"] = locale_line(store, message, locale).replace(f"{store.root.parent}/", "")
         address = profile.traits.get(ADDRESS_TRAITS[channel])
         entry["to"] = data.shown_address(address if isinstance(address, str) else None, reveal=False)
         if channel == "email":

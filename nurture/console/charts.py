@@ -46,7 +46,9 @@ class _Canvas:
         return widest
 
     def line(self, x1: float, y1: float, x2: float, y2: float, label: str = "") -> None:
-        mid = y1 + 14
+        # A fork's edges turn just below the fork; edges that join a later step turn just above
+        # it, so they never cross the boxes of another branch.
+        mid = y1 + 14 if label or y2 - y1 <= ROW else y2 - 14
         self.parts.append(
             f'<path class="edge" d="M{x1:.0f},{y1:.0f} V{mid:.0f} H{x2:.0f} V{y2:.0f}" '
             'fill="none" stroke="#94a3b8" stroke-width="1.5" marker-end="url(#arrow)"/>'
@@ -185,7 +187,7 @@ def funnel_chart(stages: list[FunnelStage]) -> Markup:
     if not stages:
         return Markup("")
     top = max(stages[0].runs, 1)
-    label_w, bar_w, row = 190, 420, 34
+    label_w, bar_w, row = 150, 300, 34
     parts = []
     for index, stage in enumerate(stages):
         y = index * row + 6

@@ -17,7 +17,7 @@ from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, Ru
 
 PERSON_ROWS = 200
 """The newest events, messages and runs a person page shows of each."""
-STEP_ROWS = 20
+STEP_ROWS = 12
 PAGE_ROWS = 50
 
 
@@ -63,6 +63,10 @@ class Moment:
     title: str
     detail: str = ""
     journey: str = ""
+
+
+_ORDER = {"event": 0, "identify": 0, "entered": 1, "deferred": 2, "fallback": 4, "converted": 5, "ended": 6}
+"""Of moments at the same instant, which came first (the event before the run it started)."""
 
 
 @dataclass
@@ -154,7 +158,7 @@ def person(db: Database, user_id: str, *, reveal: bool) -> Person:
         if failed and len(message.attempts) > 1:
             tried = " → ".join(_attempt_text(a) for a in message.attempts)
             timeline.append(Moment(at, "fallback", f"fallback on {message.template}", tried, message.journey))
-    timeline.sort(key=lambda m: m.at, reverse=True)
+    timeline.sort(key=lambda m: (m.at, _ORDER.get(m.kind, 3)), reverse=True)
     return Person(profile, user_id, runs, messages, timeline)
 
 
