@@ -22,6 +22,11 @@ FORECAST = ROOT / "journeys" / "forecasts" / "chat_followup_copy.yaml"
 
 
 def seed_console(db: Database, project: Project, *, people: int = 400) -> list[str]:
+    """:func:`seed` outside an event loop."""
+    return asyncio.run(seed(db, project, people=people))
+
+
+async def seed(db: Database, project: Project, *, people: int = 400) -> list[str]:
     """Play ``people`` interrupted chats of the last three days into ``db`` up to now (runs,
     steps, messages, conversions; the latest runs still active), store their profiles and
     events; the user ids, in order."""
@@ -34,7 +39,7 @@ def seed_console(db: Database, project: Project, *, people: int = 400) -> list[s
     simulator = build_simulator(
         scenario, project, Deliverer(project.templates, {}, render=False), timeline=False, recorder=recorder
     )
-    asyncio.run(simulator.run(until=now))
+    await simulator.run(until=now)
     recorder.flush()
     profiles = DbProfiles(db)
     users = []
