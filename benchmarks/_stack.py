@@ -153,6 +153,15 @@ class Stack:
             yield Service(f"http://127.0.0.1:{port}", process)
 
     @contextlib.contextmanager
+    def floor(self) -> Iterator[Service]:
+        """The ingest floor (see ``_serve_floor``) as a subprocess, like :meth:`api`."""
+        port = free_port()
+        args = [sys.executable, str(Path(__file__)), "floor", "--port", str(port)]
+        with self._process("floor", args) as (process, _log):
+            wait_for_port(port, process)
+            yield Service(f"http://127.0.0.1:{port}", process)
+
+    @contextlib.contextmanager
     def _process(self, name: str, args: Sequence[str]) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
         path = self.home / f"{name}.log"
         with path.open("wb") as log:
@@ -303,6 +312,12 @@ def _serve_api(port: int) -> None:
     asyncio.run(serve(Settings.from_env(), "127.0.0.1", port))
 
 
+def _serve_floor(port: int) -> None:
+    from _floor import serve  # imported here: the other entry points work without it
+
+    serve(Database(database_url(dict(os.environ))), port)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="service processes for the benchmarks")
     sub = parser.add_subparsers(dest="role", required=True)
@@ -310,11 +325,15 @@ def main() -> None:
     sub.add_parser("worker-unrecorded", help="the journey worker without step-reach recording's writes")
     api = sub.add_parser("api", help="the event API")
     api.add_argument("--port", type=int, required=True)
+    floor = sub.add_parser("floor", help="the ingest floor: FastAPI inserting each call as one row")
+    floor.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     if args.role == "worker-handwritten":
         _serve_handwritten()
     elif args.role == "worker-unrecorded":
         _serve_unrecorded()
+    elif args.role == "floor":
+        _serve_floor(args.port)
     else:
         _serve_api(args.port)
 

@@ -3,6 +3,11 @@
     python benchmarks/ingest.py [--events 2000] [--concurrency 32] [--rounds 2] [--warmup 200]
                                 [--paced-rates 5 20] [--paced-seconds 15] [--load-worker both]
                                 [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
+    python benchmarks/ingest.py --streams [--stream-events 3000] [--concurrency 32] [--rounds 2]
+                                [--database-url ...]
+
+``--streams`` measures everyday traffic instead (calls that trigger nothing, identifies, merges)
+against a plain insert of the same calls: see ``benchmarks/_streams.py``. Without it:
 
 Everything runs on this machine, on loopback: a real dev server (``temporal server start-dev``,
 its default in-memory store), the operator's worker (``python worker.py``, a subprocess), the
@@ -66,6 +71,7 @@ from _stack import (
     percentile,
     seed,
 )
+from _streams import measure_streams, report_streams
 from sqlalchemy import func
 from sqlmodel import col, select
 from temporalio.api.enums.v1 import EventType
@@ -258,7 +264,6 @@ class Bench:
                 )
             ).all()
         return {user: _utc(created).timestamp() for user, created in rows}
-
 
 
 def sent_count(db: Database, tag: str) -> int:
@@ -454,6 +459,10 @@ async def main() -> None:
         help="the dev server's store: in memory (its default) or a SQLite file in the temp dir",
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    parser.add_argument(
+        "--streams", action="store_true", help="the traffic streams against the floor instead"
+    )
+    parser.add_argument("--stream-events", type=int, default=3000, help="calls per stream and round")
     args = parser.parse_args()
     if min(args.rounds, args.concurrency, args.warmup, args.paced_seconds, *args.paced_rates) <= 0:
         parser.error("--rounds, --concurrency, --warmup, --paced-seconds and --paced-rates must be positive")
@@ -473,6 +482,30 @@ async def main() -> None:
                 f"{args.paced_seconds:g} s; load {args.events} events per path, {args.concurrency} "
                 f"in flight, {args.rounds} rounds, worker {args.load_worker}"
             )
+            if args.streams:
+                with stack.worker() as worker, stack.api() as api, stack.floor() as floor:
+                    pids = {
+                        "temporal": temporal.process.pid,
+                        "api": api.process.pid,
+                        "floor": floor.process.pid,
+                        "client": os.getpid(),
+                    }
+                    streams = await asyncio.wait_for(
+                        measure_streams(
+                            stack,
+                            api,
+                            floor,
+                            pids,
+                            worker.process.pid,
+                            events=args.stream_events,
+                            concurrency=args.concurrency,
+                            rounds=args.rounds,
+                            postgres=bool(args.database_url),
+                        ),
+                        args.timeout,
+                    )
+                report_streams(streams)
+                return
             db = stack.db()
             with stack.worker() as worker, stack.api() as api:
                 pids = {

@@ -234,7 +234,9 @@ def measure(row: Row, jobs: list[Job], seconds: float) -> tuple[int, float, floa
                 return done, time.perf_counter() - start, used
 
 
-def measure_compilers(jobs: list[Job], sources: dict[tuple[str, str | None], Source], seconds: float) -> list[tuple[str, float]]:
+def measure_compilers(
+    jobs: list[Job], sources: dict[tuple[str, str | None], Source], seconds: float
+) -> list[tuple[str, float]]:
     """Compiles per second of each compiler alone, on the same recipient-rendered MJML."""
     documents = []
     for job in jobs:
@@ -272,7 +274,9 @@ def main() -> None:
         f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    print("checked first: every row gives the cached row's subject, preheader, HTML text and links, for every file")
+    print(
+        "checked first: every row gives the cached row's subject, preheader, HTML text and links, for every file"
+    )
     print()
 
     rates: dict[str, float] = {}

@@ -1,0 +1,281 @@
+"""Streams of everyday traffic through the event API, against a plain insert of the same calls
+(``python benchmarks/ingest.py --streams``; see that script's docstring for the stack).
+
+Real traffic is mostly calls that start nothing: page views and track events no journey listens
+for. Three streams, each ``--stream-events`` calls with ``--concurrency`` in flight, from a fixed
+random seed:
+
+- **quiet**: only calls that trigger nothing: ``page`` calls (half of them from anonymous
+  visitors) and ``track`` of ``Product Viewed``;
+- **mixed**: 80% such calls, 15% ``identify`` (a trait change, every third with an email), 5%
+  ``Order Completed`` triggers of ``post_purchase``;
+- **merge**: identity at work: an anonymous visitor's ``page``, then their ``identify`` with the
+  ``anonymousId``, a known user's ``userId`` and email (two people merge), and an ``alias``.
+
+The floor is the same **mixed** calls, at the same paths, to a FastAPI app served by uvicorn like
+the API, that parses each JSON body and inserts it as one row of the ``events`` table of the same
+database (``python benchmarks/_stack.py floor``): what any web service storing these events pays.
+The goal: the API ingests the mixed stream at 80% or more of the floor's rate, and a call of the
+quiet stream costs the API under 2 ms of CPU. The worker is stopped (SIGSTOP) while the calls are
+made, so the numbers are ingestion alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from _stack import WRITE_KEY, CommandCpu, Service, Stack, bounded, busy_seconds, cpu_seconds, percentile
+
+FLOOR_GOAL = 0.80
+QUIET_CPU_GOAL_MS = 2.0
+KNOWN = 2000
+"""Known users seeded before the streams (each with a phone), so identifies and triggers find them."""
+
+Call = tuple[str, dict[str, Any]]
+"""A path (``/v1/page``) and its JSON body."""
+
+
+def _base(rng: random.Random, *, anonymous: bool, known: int) -> dict[str, Any]:
+    body: dict[str, Any] = {"messageId": str(uuid.uuid4()), "timestamp": datetime.now(UTC).isoformat()}
+    if anonymous:
+        body["anonymousId"] = f"visitor-{rng.randrange(10**9):09d}"
+    else:
+        body["userId"] = f"known-{rng.randrange(known):05d}"
+    return body
+
+
+def quiet_call(rng: random.Random, known: int) -> Call:
+    body = _base(rng, anonymous=rng.random() < 0.5, known=known)
+    if rng.random() < 0.5:
+        body.update(name="Pricing", properties={"path": "/pricing", "url": "https://example.com/pricing"})
+        return "/v1/page", body
+    body.update(event="Product Viewed", properties={"product_id": f"p{rng.randrange(500)}", "price": 19.9})
+    return "/v1/track", body
+
+
+def mixed_call(rng: random.Random, known: int) -> Call:
+    roll = rng.random()
+    if roll < 0.80:
+        return quiet_call(rng, known)
+    body = _base(rng, anonymous=False, known=known)
+    if roll < 0.95:
+        traits: dict[str, Any] = {"plan": rng.choice(["free", "pro", "team"]), "visits": rng.randrange(100)}
+        if rng.random() < 1 / 3:
+            traits["email"] = f"{body['userId']}@example.com"
+        body["traits"] = traits
+        return "/v1/identify", body
+    key = f"order-{uuid.uuid4().hex[:12]}"
+    body.update(
+        event="Order Completed", properties={"order_id": key, "course_name": "Durable Python", "total": 199}
+    )
+    return "/v1/track", body
+
+
+def merge_calls(rng: random.Random, known: int, count: int) -> list[Call]:
+    """Visitors who sign in: a page view, then an identify joining their anonymousId to a known
+    user (with the user's email), and every fourth visitor an alias of the visitor id as well."""
+    calls: list[Call] = []
+    while len(calls) < count:
+        visitor = f"visitor-{uuid.uuid4().hex[:16]}"
+        user = f"known-{rng.randrange(known):05d}"
+        now = datetime.now(UTC).isoformat()
+        calls.append(
+            (
+                "/v1/page",
+                {"anonymousId": visitor, "name": "Home", "messageId": str(uuid.uuid4()), "timestamp": now},
+            )
+        )
+        traits = {"email": f"{user}@example.com", "plan": "pro"}
+        identify = {
+            "anonymousId": visitor,
+            "userId": user,
+            "traits": traits,
+            "messageId": str(uuid.uuid4()),
+            "timestamp": now,
+        }
+        calls.append(("/v1/identify", identify))
+        if len(calls) % 4 == 0:
+            calls.append(
+                (
+                    "/v1/alias",
+                    {"previousId": visitor, "userId": user, "messageId": str(uuid.uuid4()), "timestamp": now},
+                )
+            )
+    return calls[:count]
+
+
+@dataclass
+class StreamRun:
+    stream: str
+    target: str
+    calls: int
+    seconds: float
+    answer_ms: list[float]
+    cpu_ms: dict[str, float]
+    failed: int
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds
+
+
+async def run_stream(
+    http: httpx.AsyncClient,
+    stream: str,
+    target: str,
+    calls: list[Call],
+    concurrency: int,
+    meters: dict[str, Callable[[], float]],
+    pause: int | None,
+) -> StreamRun:
+    """Send ``calls``; CPU per call by process from the meters (the worker stopped meanwhile)."""
+    answers: list[float] = []
+    failed = 0
+
+    async def one(index: int) -> float:
+        nonlocal failed
+        path, body = calls[index]
+        started = time.perf_counter()
+        try:
+            response = await http.post(path, json=body)
+            if response.status_code != 200:
+                failed += 1
+        except httpx.HTTPError:
+            failed += 1
+        answered = time.perf_counter()
+        answers.append((answered - started) * 1000)
+        return answered
+
+    before = {name: meter() for name, meter in meters.items()}
+    if pause is not None:
+        os.kill(pause, signal.SIGSTOP)
+    try:
+        start = time.perf_counter()
+        await bounded(len(calls), concurrency, one)
+        seconds = time.perf_counter() - start
+    finally:
+        if pause is not None:
+            os.kill(pause, signal.SIGCONT)
+    used = {name: (meter() - before[name]) * 1000 / len(calls) for name, meter in meters.items()}
+    used["other"] = max(0.0, used.pop("machine") - sum(used.values()))
+    return StreamRun(stream, target, len(calls), seconds, answers, used, failed)
+
+
+async def seed_known(http: httpx.AsyncClient, known: int) -> None:
+    """Known users with a phone, through the API (one batch per 100), before anything is timed."""
+    for start in range(0, known, 100):
+        batch = [
+            {
+                "type": "identify",
+                "userId": f"known-{i:05d}",
+                "traits": {"phone": f"+8613{i:09d}", "first_name": f"K{i}"},
+                "messageId": f"seed-{i}",
+            }
+            for i in range(start, min(known, start + 100))
+        ]
+        response = await http.post("/v1/batch", json={"batch": batch})
+        response.raise_for_status()
+
+
+async def measure_streams(
+    stack: Stack,
+    api: Service,
+    floor: Service,
+    pids: dict[str, int],
+    worker: int,
+    *,
+    events: int,
+    concurrency: int,
+    rounds: int,
+    postgres: bool,
+) -> list[StreamRun]:
+    rng = random.Random(11)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {WRITE_KEY}"}
+    runs: list[StreamRun] = []
+    async with (
+        httpx.AsyncClient(base_url=api.address, headers=headers, limits=limits, timeout=60) as to_api,
+        httpx.AsyncClient(base_url=floor.address, headers=headers, limits=limits, timeout=60) as to_floor,
+    ):
+        await seed_known(to_api, KNOWN)
+        warm = [mixed_call(rng, KNOWN) for _ in range(200)]
+        for http in (to_api, to_floor):
+            await bounded(len(warm), concurrency, lambda i, http=http: http.post(warm[i][0], json=warm[i][1]))
+
+        def meters(process: str) -> dict[str, Callable[[], float]]:
+            chosen: dict[str, Callable[[], float]] = {
+                process: functools.partial(cpu_seconds, pids[process]),
+                "temporal": functools.partial(cpu_seconds, pids["temporal"]),
+                "client": functools.partial(cpu_seconds, pids["client"]),
+            }
+            if postgres:
+                chosen["postgres"] = CommandCpu("postgres")
+            chosen["machine"] = busy_seconds
+            return chosen
+
+        for index in range(rounds):
+            quiet = [quiet_call(rng, KNOWN) for _ in range(events)]
+            mixed = [mixed_call(rng, KNOWN) for _ in range(events)]
+            merge = merge_calls(rng, KNOWN, events)
+            floor_mixed = [(path, {**body, "messageId": str(uuid.uuid4())}) for path, body in mixed]
+            order = [
+                ("mixed", "floor", to_floor, floor_mixed, "floor"),
+                ("mixed", "api", to_api, mixed, "api"),
+            ]
+            if index % 2:
+                order.reverse()
+            order += [("quiet", "api", to_api, quiet, "api"), ("merge", "api", to_api, merge, "api")]
+            for stream, target, http, calls, process in order:
+                runs.append(
+                    await run_stream(http, stream, target, calls, concurrency, meters(process), worker)
+                )
+    return runs
+
+
+def report_streams(runs: list[StreamRun]) -> None:
+    print()
+    print(
+        f"{'stream':<8}{'to':<7}{'calls':>7}{'calls/s':>9}{'answer ms p50/p99':>19}{'failed':>8}  CPU ms per call"
+    )
+    for run in runs:
+        cpu = ", ".join(f"{name} {value:.2f}" for name, value in run.cpu_ms.items())
+        p50, p99 = percentile(run.answer_ms, 0.5), percentile(run.answer_ms, 0.99)
+        print(
+            f"{run.stream:<8}{run.target:<7}{run.calls:>7}{run.rate:>9.1f}{f'{p50:.0f}/{p99:.0f}':>19}{run.failed:>8}  {cpu}"
+        )
+
+    def total(stream: str, target: str) -> tuple[float, float]:
+        chosen = [r for r in runs if r.stream == stream and r.target == target]
+        rate = sum(r.calls for r in chosen) / sum(r.seconds for r in chosen)
+        cpu = sum(r.cpu_ms.get(target if target == "floor" else "api", 0.0) * r.calls for r in chosen)
+        return rate, cpu / sum(r.calls for r in chosen)
+
+    print()
+    api_rate, api_cpu = total("mixed", "api")
+    floor_rate, floor_cpu = total("mixed", "floor")
+    share = api_rate / floor_rate
+    print(
+        f"mixed stream: api {api_rate:.1f} calls/s ({api_cpu:.2f} CPU ms per call), floor {floor_rate:.1f} calls/s "
+        f"({floor_cpu:.2f} CPU ms per call): api = {share * 100:.1f}% of the floor "
+        f"(goal >= {FLOOR_GOAL * 100:.0f}%: {'met' if share >= FLOOR_GOAL else 'NOT met'})"
+    )
+    quiet_rate, quiet_cpu = total("quiet", "api")
+    print(
+        f"quiet stream (calls that trigger nothing): api {quiet_rate:.1f} calls/s, {quiet_cpu:.2f} CPU ms per call "
+        f"(goal < {QUIET_CPU_GOAL_MS:.0f} ms: {'met' if quiet_cpu < QUIET_CPU_GOAL_MS else 'NOT met'})"
+    )
+    merge_rate, merge_cpu = total("merge", "api")
+    print(f"merge stream: api {merge_rate:.1f} calls/s, {merge_cpu:.2f} CPU ms per call")
+    failed = sum(r.failed for r in runs)
+    if failed:
+        print(f"WARNING: {failed} calls failed (not 200)")
