@@ -12,6 +12,7 @@ from sqlalchemy import or_
 from sqlmodel import col, select
 
 from channels import mask_address, mask_user_id
+from nurture.engine.identity import normalise
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, RunRecord, StepReach
 
@@ -21,30 +22,27 @@ STEP_ROWS = 12
 PAGE_ROWS = 50
 
 
-def _phone_forms(text: str) -> list[str]:
-    digits = "".join(ch for ch in text if ch.isdigit())
-    forms = [text]
-    if digits:
-        forms += [digits, "+" + digits]
-    return forms
+def _forms(kind: str, text: str) -> list[str]:
+    """``text`` as typed and as the identity rules normalise a ``kind`` (emails lower-cased,
+    phones as E.164): stored values may be either."""
+    return list(dict.fromkeys(v for v in (text, normalise(kind, text)) if v))
 
 
 def find_people(db: Database, query: str, *, limit: int = 20) -> list[ProfileRecord]:
     """Profiles whose user id, email, phone or WeChat openid is ``query`` (emails in any case,
-    phones with or without spacing and ``+``)."""
+    phones with or without spacing, brackets or dashes), through the indexed columns."""
     text = query.strip()
     if not text:
         return []
-    emails = list(dict.fromkeys([text, text.lower()]))
     with db.session() as session:
         found = session.exec(
             select(ProfileRecord)
             .where(
                 or_(
                     col(ProfileRecord.user_id) == text,
-                    col(ProfileRecord.email).in_(emails),
-                    col(ProfileRecord.phone).in_(_phone_forms(text)),
-                    col(ProfileRecord.wechat_openid) == text,
+                    col(ProfileRecord.email).in_(_forms("email", text)),
+                    col(ProfileRecord.phone).in_(_forms("phone", text)),
+                    col(ProfileRecord.wechat_openid).in_(_forms("wechat_openid", text)),
                 )
             )
             .limit(limit)
