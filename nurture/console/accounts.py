@@ -3,8 +3,9 @@
 A password is kept as an argon2id hash (argon2-cffi's defaults). A session is a random token in
 an HttpOnly, SameSite=Strict cookie (Secure when the public URL is https); the database keeps only
 its SHA-256, with the session's CSRF token, which every form sends back. Failed sign-ins are
-counted per account and per client address: past :data:`MAX_FAILURES` in :data:`THROTTLE_WINDOW`
-either one is refused until the window passes. A sign-in link carries a random token, kept as its
+counted per account and per client address: past :data:`MAX_FAILURES` for the account (or
+:data:`MAX_CLIENT_FAILURES` from the address) in :data:`THROTTLE_WINDOW`, sign-in is refused
+until the window passes. A sign-in link carries a random token, kept as its
 SHA-256, that works once and expires.
 """
 
@@ -14,7 +15,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from argon2 import PasswordHasher
@@ -37,7 +38,10 @@ SESSION_LIFETIME = timedelta(hours=12)
 LINK_LIFETIME = timedelta(minutes=30)
 THROTTLE_WINDOW = timedelta(minutes=15)
 MAX_FAILURES = 5
-"""Failed sign-ins allowed per account and per client address within :data:`THROTTLE_WINDOW`."""
+"""Failed sign-ins allowed per account within :data:`THROTTLE_WINDOW`."""
+MAX_CLIENT_FAILURES = 20
+"""Failed sign-ins allowed per client address within :data:`THROTTLE_WINDOW`: more than per
+account, since colleagues behind one proxy or office address share it."""
 MIN_PASSWORD = 10
 
 _hasher = PasswordHasher()
@@ -119,12 +123,20 @@ def _throttle_keys(email: str, client: str) -> list[str]:
     return [f"email:{email.strip().lower()}"[:330], f"ip:{client}"[:330]]
 
 
+def _throttled(db: Database, keys: list[str], since: datetime) -> bool:
+    account, address = keys
+    return (
+        count_attempts(db, [account], since) >= MAX_FAILURES
+        or count_attempts(db, [address], since) >= MAX_CLIENT_FAILURES
+    )
+
+
 def check_password(db: Database, email: str, password: str, client: str) -> str | None:
     """The account's email when ``password`` is right, else ``None`` (the failure is counted);
     :class:`Throttled` while the account or the client address has too many recent failures."""
     now = utcnow()
     keys = _throttle_keys(email, client)
-    if count_attempts(db, keys, now - THROTTLE_WINDOW) >= MAX_FAILURES:
+    if _throttled(db, keys, now - THROTTLE_WINDOW):
         raise Throttled
     try:
         address = normal_email(email)

@@ -30,7 +30,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import FileSystemLoader, StrictUndefined, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
-from markupsafe import Markup
 from sqlalchemy import func
 from sqlmodel import col, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,7 +47,7 @@ from nurture.service.api import ApiError, Service
 from nurture.service.observability import configure_logging
 from nurture.service.preview import PreviewError, locale_line, preview_context, render_template
 from nurture.service.settings import Settings
-from nurture.storage.console import ROLES, PausedJourneys
+from nurture.storage.console import PausedJourneys
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
 
@@ -972,8 +971,6 @@ def _pages() -> SandboxedEnvironment:
     env.filters["number"] = lambda value: f"{value:,}" if isinstance(value, int) else value
     env.filters["percent"] = lambda value: "—" if value is None else f"{value:.1%}"
     env.filters["q"] = lambda value: quote(str(value), safe="")
-    env.globals["roles"] = ROLES
-    env.globals["markup"] = Markup
     return env
 
 
