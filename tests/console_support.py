@@ -14,7 +14,7 @@ from nurture.delivery.deliverer import Deliverer
 from nurture.language.compiler import Project
 from nurture.simulation.scenarios import build_simulator, load_scenario
 from nurture.storage.db import Database
-from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, utcnow
+from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, StepReach, utcnow
 from nurture.storage.stores import BatchRecorder, DbProfiles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,11 +61,15 @@ async def seed(db: Database, project: Project, *, people: int = 400) -> list[str
                         routed_at=datetime.now(UTC),
                     )
                 )
-    # The forecast renders nothing, so its messages have no address: give them the person's.
+    # The forecast renders nothing, so its messages have no address: give them the person's; and
+    # a message that was not sent gets the time its step was reached, not the time of seeding.
     with db.session() as session:
         for message in session.exec(select(MessageRecord)).all():
             profile = session.get(ProfileRecord, message.user_id)
             if profile is not None:
                 message.address = {"email": profile.email, "sms": profile.phone}.get(message.channel)
-                session.add(message)
+            reach = session.get(StepReach, (message.run_id, message.step_id))
+            if reach is not None:
+                message.created_at = reach.reached_at
+            session.add(message)
     return users
