@@ -314,3 +314,21 @@ async def test_a_paused_journey_starts_no_run_and_says_why(database: Database, p
     assert routed.triggered == [] and rows(database, RunRecord, user_id="u-paused") == []
     assert not PausedJourneys(database).pause("welcome_series", "again")
     assert PausedJourneys(database).resume("welcome_series") and not PausedJourneys(database).resume("welcome_series")
+
+
+def test_the_map_draws_every_step_and_fork_as_nurture_graph_does(project: Project) -> None:
+    import xml.etree.ElementTree as ET
+
+    from nurture.console.charts import journey_map
+    from nurture.language import ir
+    from nurture.language.graph import mermaid
+
+    svg = "{http://www.w3.org/2000/svg}"
+    for journey in project.journeys.values():
+        drawn = ET.fromstring(str(journey_map(journey, {}, selected=None, link="?step=", entered=0)))
+        links = [a.get("href") for a in drawn.iter(f"{svg}a")]
+        assert links == [f"?step={step.id}#step" for step in ir.walk(journey.steps)], journey.id
+        labels = {t.text for t in drawn.iter(f"{svg}text") if t.get("class") == "edge-label"}
+        # Every labelled edge of the Mermaid graph (then, timeout, conditions, variants) is drawn.
+        graph_labels = set(re.findall(r'-->\|"([^"]*)"\|', mermaid(journey)))
+        assert {label if len(label) <= 28 else label[:27] + "…" for label in graph_labels} == labels, journey.id
