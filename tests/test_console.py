@@ -332,3 +332,9 @@ def test_the_map_draws_every_step_and_fork_as_nurture_graph_does(project: Projec
         # Every labelled edge of the Mermaid graph (then, timeout, conditions, variants) is drawn.
         graph_labels = set(re.findall(r'-->\|"([^"]*)"\|', mermaid(journey)))
         assert {label if len(label) <= 28 else label[:27] + "…" for label in graph_labels} == labels, journey.id
+
+
+def test_a_form_larger_than_any_console_form_is_refused_unread(console: TestClient) -> None:
+    token = csrf_of(console.get("/console/sign-in").text)
+    answer = console.post("/console/sign-in", data={"csrf": token, "email": "a" * 20_000, "password": "x"})
+    assert answer.status_code == 413 and "larger than the console accepts" in answer.text

@@ -256,9 +256,13 @@ def signed_in(request: Request, role: Role = "viewer") -> Account:
 
 async def form_of(request: Request, account: Account | None) -> dict[str, str]:
     """The posted form's fields, after the CSRF check (403 without the right token)."""
-    body = await request.body()
-    if len(body) > MAX_FORM:
-        raise ConsoleError(413, "Form too large", "The form is larger than the console accepts.")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # read no further than a form may be long
+        size += len(chunk)
+        if size > MAX_FORM:
+            raise ConsoleError(413, "Form too large", "The form is larger than the console accepts.")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     fields = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
     expected = account.csrf if account is not None else request.cookies.get(FORM_COOKIE, "")
     if not expected or not accounts.csrf_ok(expected, fields.get("csrf")):
