@@ -17,7 +17,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,7 +41,14 @@ from nurture.language.compiler import Project, compile_project
 from nurture.language.diagnostics import format_all
 from nurture.language.ir import ADDRESS_TRAITS, CHANNELS, Journey
 from nurture.language.sms import sms_info
-from nurture.reports.report import JourneyReport, journey_counts, journey_report, parse_bound, walk_counts
+from nurture.reports.report import (
+    JourneyCounts,
+    JourneyReport,
+    journey_counts,
+    journey_report,
+    parse_bound,
+    walk_counts,
+)
 from nurture.service import api, privacy
 from nurture.service.api import ApiError, Service
 from nurture.service.observability import configure_logging
@@ -73,7 +80,7 @@ FRAME_CSP = (
 ``sandbox`` directive keeps it sandboxed even when opened outside the frame)."""
 
 REPORTS_KEPT = 64
-"""Counted reports kept (journeys times ranges times versions), the oldest dropped first."""
+"""Counts kept (reports of journeys times ranges times versions, the list's), the oldest dropped first."""
 
 RANGES = {"today": timedelta(days=1), "7d": timedelta(days=7), "30d": timedelta(days=30), "90d": timedelta(days=90)}
 
@@ -134,17 +141,21 @@ class SecurityHeaders:
 
 
 REPORT_FRESH = 30.0
-"""Seconds a journey's counted report is shown as is; after that the page shows it once more
-while a fresh one is counted in the background (a report over a million runs takes seconds)."""
+"""Seconds a count (a journey's report, the journeys list's numbers) is shown as is; after that
+the page shows it once more while a fresh one is counted in the background (a report over a
+million runs takes seconds)."""
 
 
 @dataclass
 class Counted:
-    report: JourneyReport
+    value: Any
     at: float
     """``time.monotonic()`` when counting finished."""
     seconds: float
     """How long counting took."""
+
+
+Key = tuple[Any, ...]
 
 
 @dataclass
@@ -156,40 +167,64 @@ class Console:
     secure: bool
     paused: PausedJourneys
     _compiled: tuple[float, dict[str, str]] | None = None
-    _reports: dict[tuple[str, str, datetime | None, datetime | None, str | None], Counted] = field(default_factory=dict)
-    _counting: set[tuple[str, str, datetime | None, datetime | None, str | None]] = field(default_factory=set)
+    _counts: dict[Key, Counted] = field(default_factory=dict)
+    _counting: set[Key] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def report(
         self, journey: Journey, *, since: datetime | None, until: datetime | None, version: str | None
     ) -> Counted:
-        """The journey's report, counted at most :data:`REPORT_FRESH` seconds ago, or the last
-        one while a fresh one is being counted. Ranges ending in the future are keyed by the
-        minute, so "the last 7 days" is shared by every viewer."""
-        key = (journey.id, journey.version, since, until, version)
+        """The journey's report (see :meth:`counted`). Ranges ending now are keyed by the minute
+        (see :func:`_range`), so "the last 7 days" is shared by every viewer."""
+        return self.counted(
+            ("report", journey.id, journey.version, since, until, version),
+            lambda: journey_report(self.db, journey, since=since, until=until, version=version),
+        )
+
+    def overview(self, ids: list[str]) -> Counted:
+        """The journeys list's numbers: :func:`journey_counts` and every journey's runs."""
+
+        def count() -> tuple[dict[str, JourneyCounts], dict[str, int]]:
+            with self.db.session() as session:
+                found = session.execute(
+                    select(col(RunRecord.journey), func.count())
+                    .where(col(RunRecord.journey).in_(ids))
+                    .group_by(col(RunRecord.journey))
+                )
+                entered = {journey: int(total) for journey, total in found}
+            return journey_counts(self.db, ids), entered
+
+        return self.counted(("overview", *ids), count)
+
+    def counted(self, key: Key, count: Callable[[], Any]) -> Counted:
+        """``count()``'s value, counted at most :data:`REPORT_FRESH` seconds ago, or the last one
+        while a fresh one is counted in the background; counted now when there is none."""
         with self._lock:
-            known = self._reports.get(key)
+            known = self._counts.get(key)
             if known is not None and time.monotonic() - known.at < REPORT_FRESH:
                 return known
             if known is not None:
                 if key not in self._counting:
                     self._counting.add(key)
-                    threading.Thread(target=self._count, args=(key, journey), daemon=True).start()
+                    threading.Thread(target=self._count, args=(key, count), daemon=True).start()
                 return known
-        return self._count(key, journey)
+        return self._count(key, count)
 
-    def _count(
-        self, key: tuple[str, str, datetime | None, datetime | None, str | None], journey: Journey
-    ) -> Counted:
+    def forget_counts(self) -> None:
+        """Count everything afresh on the next view."""
+        with self._lock:
+            self._counts.clear()
+
+    def _count(self, key: Key, count: Callable[[], Any]) -> Counted:
         try:
             started = time.monotonic()
-            report = journey_report(self.db, journey, since=key[2], until=key[3], version=key[4])
-            counted = Counted(report, time.monotonic(), time.monotonic() - started)
+            value = count()
+            counted = Counted(value, time.monotonic(), time.monotonic() - started)
             with self._lock:
-                self._reports[key] = counted
-                if len(self._reports) > REPORTS_KEPT:
-                    oldest = min(self._reports, key=lambda k: self._reports[k].at)
-                    del self._reports[oldest]
+                self._counts[key] = counted
+                if len(self._counts) > REPORTS_KEPT:
+                    oldest = min(self._counts, key=lambda k: self._counts[k].at)
+                    del self._counts[oldest]
             return counted
         finally:
             with self._lock:
@@ -443,18 +478,9 @@ def journeys_page(request: Request) -> Response:
     console = console_of(request)
     project = console.project
     ids = sorted(project.journeys)
-    counts = journey_counts(console.db, ids)
+    counts, entered = console.overview(ids).value
     paused = console.paused.details()
     compiled = console.compile_result()
-    with console.db.session() as session:
-        entered = {
-            journey: total
-            for journey, total in session.execute(
-                select(col(RunRecord.journey), func.count())
-                .where(col(RunRecord.journey).in_(ids))
-                .group_by(col(RunRecord.journey))
-            ).all()
-        }
     rows = []
     for journey_id in ids:
         journey = project.journeys[journey_id]
@@ -523,7 +549,7 @@ def journey_page(request: Request, journey_id: str) -> Response:
     since, until, preset = _range(params)
     version = params.get("version") or None
     counted = console.report(journey, since=since, until=until, version=version)
-    report = counted.report
+    report: JourneyReport = counted.value
     steps = {step.id: step for step in walk_counts(report.steps)}
     selected = params.get("step") or None
     if selected is not None and selected not in steps:
