@@ -73,6 +73,12 @@ def main() -> None:
                     "&properties=" + quote("{chat_id: chat-42, agent_name: Grace Liu, topic: billing}"),
                     True,
                 ),
+                (
+                    "preview-email",
+                    "/console/preview?template=cart_reminder&event=Cart+Updated"
+                    "&properties=" + quote("{cart_id: c-7, item_count: 2, top_item: Intro to Photography}"),
+                    True,
+                ),
                 ("people", "/console/people", True),
                 ("person", f"/console/person?id={quote(person)}", True),
                 ("messages", "/console/messages", True),
