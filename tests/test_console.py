@@ -338,3 +338,28 @@ def test_a_form_larger_than_any_console_form_is_refused_unread(console: TestClie
     token = csrf_of(console.get("/console/sign-in").text)
     answer = console.post("/console/sign-in", data={"csrf": token, "email": "a" * 20_000, "password": "x"})
     assert answer.status_code == 413 and "larger than the console accepts" in answer.text
+
+
+def test_the_journeys_page_shows_compile_errors_as_validate_prints_them(
+    database: Database, project: Project, tmp_path: Path
+) -> None:
+    import shutil
+
+    journeys = tmp_path / "journeys"
+    shutil.copytree(ROOT / "journeys", journeys)
+    shutil.copy(ROOT / "nurture.yaml", tmp_path / "nurture.yaml")
+    broken = journeys / "welcome_series.yaml"
+    broken.write_text(broken.read_text().replace("template: welcome\n", "template: welcom\n", 1))
+    accounts.add_user(database, "viewer@example.com", "viewer", PASSWORD)
+    settings = Settings(
+        write_keys=(WRITE,), database=database.url, journeys=journeys, templates=ROOT / "templates",
+        temporal_address="127.0.0.1:1",
+    )
+    with TestClient(create_app(settings, project=project, db=database)) as client:
+        sign_in(client, "viewer")
+        page = client.get("/console/journeys").text
+    validate = CliRunner().invoke(cli, ["validate", "--journeys", str(journeys), "--templates", str(ROOT / "templates")])
+    assert validate.exit_code == 1
+    first = next(line for line in validate.output.splitlines() if "welcome_series.yaml:" in line)
+    assert first.split(": ", 1)[0] in page and "did you mean" in page
+    assert page.count(">errors</summary>") == 1 and page.count(">compiles<") == len(project.journeys) - 1
