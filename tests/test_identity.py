@@ -13,6 +13,7 @@ from nurture.engine.identity import (
     Identifier,
     Identities,
     RunSlot,
+    alias_identifiers,
     call_identifiers,
     merge_traits,
     merged_away,
@@ -94,6 +95,21 @@ def test_an_alias_joins_two_known_users() -> None:
     plan = ids.apply([Identifier("user_id", "new-id"), Identifier("user_id", "old-id")], at(2), explicit=True)
     assert plan.merges == (("old-id", "new-id"),)
     assert ids.lookup("user_id", "new-id") == "old-id"
+
+
+def test_an_alias_previous_id_is_a_user_id_when_someone_has_it_else_an_anonymous_id() -> None:
+    ids = Identities()
+    ids.apply(call_identifiers("old-id", None), at(0))
+    known = ids.resolve
+    assert alias_identifiers("new-id", "old-id", lambda i: known(i) is not None) == [
+        Identifier("user_id", "new-id"),
+        Identifier("user_id", "old-id"),
+    ]
+    assert alias_identifiers("new-id", "a-77", lambda i: known(i) is not None) == [
+        Identifier("user_id", "new-id"),
+        Identifier("anonymous_id", "a-77"),
+    ]
+    assert alias_identifiers("new-id", "new-id", lambda i: True) == [Identifier("user_id", "new-id")]
 
 
 def test_a_shared_device_does_not_merge_two_users() -> None:

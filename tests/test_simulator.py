@@ -536,3 +536,161 @@ async def test_timeline_entries_describe_the_run(templates: TemplateStore) -> No
     sent_line = next(e for e in sim.entries if e.what == "sent")
     assert sent_line.detail.startswith("email note")
     assert "Note for li" in sent_line.detail
+
+
+# --- people: anonymous visitors and merges -------------------------------------------------------
+
+
+def visit(sim: Simulator, offset: timedelta, anonymous: str, name: str, **properties: Any) -> None:
+    at = T0 + offset
+    sim.track(at, None, Event(name=name, timestamp=at, properties=properties), anonymous_id=anonymous)
+
+
+async def test_an_anonymous_visitor_is_a_person_whose_runs_reach_them_once_an_address_is_known(
+    templates: TemplateStore,
+) -> None:
+    sim, outbox = simulator(templates, compile_journey(templates, CART))
+    visit(sim, timedelta(0), "a1", "Cart Updated", cart_id="c1")
+    visit(sim, timedelta(minutes=10), "a1", "Cart Updated", cart_id="c2")
+    sim.identify(T0 + timedelta(minutes=30), "u1", {"email": "li@example.com"}, anonymous_id="a1")
+
+    await sim.run()
+
+    # c1's reminder at 1h and c2's at 1h10 both reach the visitor, named u1 since
+    assert summary(sim) == [
+        (HOUR, "anonymous_id:a1", "reminder", "email", "sent"),
+        (timedelta(minutes=70), "anonymous_id:a1", "reminder", "email", "sent"),
+    ]
+    assert [m.address for m in outbox.messages()] == ["li@example.com"] * 2
+    assert sim.people.identities.lookup("user_id", "u1") == "anonymous_id:a1"
+    assert not any(e.what == "merged" for e in sim.entries)  # no second person: nothing merged
+
+
+async def test_a_merge_ends_the_newer_of_two_runs_of_one_journey_and_key(templates: TemplateStore) -> None:
+    sim, outbox = simulator(templates, compile_journey(templates, CART))
+    sim.add_user("u1", {"email": "u1@example.com"})
+    visit(sim, timedelta(0), "a1", "Cart Updated", cart_id="c1")  # the visitor's run is the older
+    track(sim, timedelta(minutes=5), "u1", "Cart Updated", cart_id="c1")
+    track(sim, timedelta(minutes=6), "u1", "Cart Updated", cart_id="c2")
+    sim.identify(T0 + timedelta(minutes=20), "u1", {}, anonymous_id="a1")
+
+    await sim.run()
+
+    assert ends(sim) == [
+        (timedelta(minutes=20), "u1", "merged"),
+        (HOUR, "anonymous_id:a1", "completed"),
+        (timedelta(minutes=66), "u1", "completed"),
+    ]
+    merged = next(o for o in sim.outcomes if o.exit == "merged")
+    assert merged.run_id == "cart:u1:c1:1"
+    # the survivor's c1 run (the visitor's) sends to the merged profile's address
+    assert [(m.run_id, m.address) for m in outbox.messages()] == [
+        ("cart:anonymous_id:a1:c1:1", "u1@example.com"),
+        ("cart:u1:c2:1", "u1@example.com"),
+    ]
+    assert sim.active_runs == 0
+    assert any(e.what == "merged" and e.detail == "u1 into anonymous_id:a1" for e in sim.entries)
+
+
+async def test_once_treats_the_merged_person_as_one(templates: TemplateStore) -> None:
+    journey = compile_journey(templates, DRIP.replace("steps:", "re_entry: once\nsteps:", 1))
+    sim, _ = simulator(templates, journey)
+    sim.add_user("u1", {"email": "u1@example.com", "phone": "+8613800000001"})
+    visit(sim, timedelta(minutes=1), "a1", "Signed Up")
+    sim.identify(T0 + HOUR, "u1", {}, anonymous_id="a1")
+    track(sim, 2 * HOUR, "u1", "Signed Up")  # the merged person's run is active
+    track(sim, 10 * DAY, "u1", "Signed Up")  # ... and later has run before
+
+    await sim.run()
+
+    assert ends(sim) == [(3 * DAY + timedelta(minutes=1), "anonymous_id:a1", "completed")]
+    refused = [e.at - T0 for e in sim.entries if e.what == "not entered"]
+    assert refused == [2 * HOUR, 10 * DAY]
+    assert [s[4] for s in summary(sim)] == ["skipped:no_address", "sent", "sent"]
+
+
+async def test_a_goal_after_the_merge_converts_the_merged_persons_ended_run(templates: TemplateStore) -> None:
+    late = NUDGE.replace("goal: {event: Order Completed}", "goal: {event: Order Completed, within: 7d}")
+    sim, _ = simulator(templates, compile_journey(templates, late))
+    sim.add_user("u1", {"email": "u1@example.com"})
+    visit(sim, timedelta(minutes=1), "a1", "Signed Up")  # ends at 1h01 (no address); goal open 7 days
+    sim.identify(T0 + 2 * HOUR, "u1", {}, anonymous_id="a1")
+    track(sim, DAY, "u1", "Order Completed")
+
+    await sim.run()
+
+    assert [(at - T0, user, journey) for at, user, journey, _ in sim.conversions] == [(DAY, "u1", "nudge")]
+
+
+async def test_merged_profiles_keep_the_newer_traits_and_every_opt_out(templates: TemplateStore) -> None:
+    sim, _ = simulator(templates, compile_journey(templates, DRIP))
+    sim.add_user("u1", {"email": "old@example.com", "first_name": "Li", "plan": "free"}, ["sms"])
+    sim.identify(T0 + HOUR, None, {"email": "new@example.com", "plan": "pro"}, ["wechat"], anonymous_id="a1")
+    sim.identify(T0 + 2 * HOUR, "u1", {"city": "Shanghai"}, anonymous_id="a1")
+
+    await sim.run()
+
+    for name in ("u1", "anonymous_id:a1"):
+        profile = sim.profiles.get_now(name)
+        assert profile.user_id == "u1"
+        assert profile.traits == {"email": "new@example.com", "first_name": "Li", "plan": "pro", "city": "Shanghai"}
+        assert profile.opted_out == {"sms", "wechat"}
+    assert sim.people.identities.lookup("email", "OLD@example.com") == "u1"
+    assert sim.people.identities.lookup("email", "new@example.com") == "u1"
+
+
+async def test_two_known_users_sharing_an_address_stay_apart_unless_aliased(templates: TemplateStore) -> None:
+    sim, outbox = simulator(templates, compile_journey(templates, CART))
+    sim.add_user("mum", {"email": "family@example.com"})
+    sim.add_user("son", {})
+    sim.identify(T0, "son", {"email": "family@example.com"})
+    track(sim, timedelta(minutes=1), "mum", "Cart Updated", cart_id="c1")
+    track(sim, timedelta(minutes=2), "son", "Cart Updated", cart_id="c1")
+    sim.alias(T0 + timedelta(minutes=30), "son", "mum")
+
+    await sim.run()
+
+    conflict = next(e for e in sim.entries if e.what == "not merged")
+    assert (conflict.user, conflict.detail) == ("son", "email:family@example.com stays with mum")
+    alias = next(e for e in sim.entries if e.what == "alias")
+    assert alias.detail == "mum is now son"
+    assert ends(sim) == [(timedelta(minutes=30), "son", "merged"), (timedelta(minutes=61), "mum", "completed")]
+    assert len(outbox.messages()) == 1
+
+
+async def test_caps_count_both_peoples_sends_after_a_merge(templates: TemplateStore) -> None:
+    capped = CART.replace("journey: cart", "journey: cart\nfrequency_caps: {all: {per_day: 2}}")
+    sim, outbox = simulator(templates, compile_journey(templates, capped))
+    sim.add_user("u1", {"email": "u1@example.com"})
+    track(sim, timedelta(0), "u1", "Cart Updated", cart_id="c1")
+    sim.identify(T0 + timedelta(minutes=1), None, {"email": "a1@example.com"}, anonymous_id="a1")
+    visit(sim, timedelta(minutes=2), "a1", "Cart Updated", cart_id="c2")
+    sim.identify(T0 + 2 * HOUR, "u1", {}, anonymous_id="a1")
+    track(sim, 3 * HOUR, "u1", "Cart Updated", cart_id="c3")
+
+    await sim.run()
+
+    assert [s[4] for s in summary(sim)] == ["sent", "sent", "skipped:frequency_cap"]
+    assert [m.address for m in outbox.messages()] == ["u1@example.com", "a1@example.com"]
+
+
+async def test_group_traits_are_shared_by_members_and_read_as_user_group(templates: TemplateStore) -> None:
+    teams = DRIP.replace("trigger: {event: Signed Up}", """trigger: {event: Signed Up, if: "user.group.plan == 'team'"}""")
+    sim, _ = simulator(templates, compile_journey(templates, teams))
+    sim.add_user("u1", {"email": "u1@example.com"})
+    sim.add_user("u2", {"email": "u2@example.com"})
+    sim.group(T0, "u1", "acme", {"plan": "free"})
+    sim.group(T0, "u2", "acme", {})
+    sim.group(T0 + HOUR, "u1", "acme", {"plan": "team"})  # every member sees the new plan
+    track(sim, 2 * HOUR, "u2", "Signed Up")
+    sim.group(T0 + 3 * HOUR, None, "solo", {"plan": "free"}, anonymous_id="a1")
+    sim.identify(T0 + 4 * HOUR, "u2", {}, anonymous_id="a1")  # the later group call wins in a merge
+
+    await sim.run()
+
+    assert {o.user for o in sends(sim)} == {"u2"}
+    assert sim.profiles.get_now("u1").traits["group"] == {"id": "acme", "plan": "team"}
+    assert sim.profiles.get_now("anonymous_id:a1").traits["group"] == {"id": "solo", "plan": "free"}
+    entered = [e.at - T0 for e in sim.entries if e.what == "entered"]
+    assert entered == [2 * HOUR]
+    assert any(e.what == "group" and e.detail == "acme: plan=team" for e in sim.entries)

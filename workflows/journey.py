@@ -90,7 +90,9 @@ class JourneyWorkflow:
 
     @workflow.signal(name="stop")
     def stop(self, reason: str) -> None:
-        """End the run from outside (``restarted`` when a newer trigger replaces it)."""
+        """End the run from outside with ``reason``, which its end record keeps: ``restarted``
+        when a newer trigger replaces it, ``merged`` when its person merged into one with an
+        older run of the same journey and key."""
         self._signals += 1
         self._inbox.append({"__stop__": reason})
 

@@ -1,10 +1,12 @@
 """Scenarios on the durable runtime: the real workflow on Temporal's time-skipping test server.
 
 The runner plays a scenario's events in time order: it skips the server's clock to each event,
-routes the event the way the service does (signal the user's runs that listen for it, then
-start or restart runs it triggers), and waits until every touched run has handled it before
-moving on. Workflows see the scenario's calendar through a clock offset, so local times, quiet
-hours and daylight-saving days match the simulator's.
+resolves who the event is about by the identity rules (a merge moves the merged person's runs to
+the survivor and stops a duplicate run with reason ``merged``), routes the event the way the
+service does (signal the person's runs that listen for it, then start or restart runs it
+triggers), and waits until every touched run has handled it before moving on. Workflows see
+the scenario's calendar through a clock offset, so local times, quiet hours and daylight-saving
+days match the simulator's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,6 +42,7 @@ from nurture.delivery.deliverer import (
     for_every_channel,
 )
 from nurture.engine.clock import parse_instant
+from nurture.engine.identity import MERGED, RunSlot
 from nurture.engine.interpreter import (
     OpenGoals,
     entry_decision,
@@ -52,6 +55,7 @@ from nurture.engine.model import Event, Recorder, SendOutcome, SendRequest
 from nurture.language.compiler import Project
 from nurture.language.ir import journey_to_dict
 from nurture.language.templates import TemplateStore
+from nurture.simulation.people import Call, People, SlotKey, join_counts, join_slots
 from nurture.simulation.scenarios import Scenario
 from nurture.simulation.simulator import Outcome
 
@@ -179,6 +183,8 @@ class TemporalRuntime:
         assert self._env is not None and self._activities is not None
         env, acts = self._env, self._activities
         profiles = MemoryProfiles()
+        history = MemoryHistory()
+        people = People(profiles, history)
         recorder = MemoryRecorder(also=record_to)
         outbox = Outbox()
         acts.profiles = profiles
@@ -188,23 +194,20 @@ class TemporalRuntime:
             for_every_channel(outbox) if channels is None else channels,
             ledger=MemoryLedger(),
             links=links,
-            history=MemoryHistory(),
+            history=history,
             profiles=profiles,
         )
         for user_id, traits in scenario.users.items():
-            profiles.update_now(user_id, traits, frozenset(scenario.opted_out.get(user_id, ())))
+            people.add_user(user_id, traits, scenario.opted_out.get(user_id, ()), scenario.start)
         journeys = project.select(scenario.journeys)
         offset = scenario.start - await env.get_current_time()
-        play = _Play(self.client, scenario, offset, recorder, uuid.uuid4().hex[:8])
+        play = _Play(self.client, scenario, offset, recorder, uuid.uuid4().hex[:8], people)
         self.handles = play.handles
         for step in sorted(scenario.events, key=lambda e: e.at):
             delta = scenario.instant(step.at) - (await env.get_current_time() + offset)
             if delta > timedelta(0):
                 await env.sleep(delta)
-            if step.event is None:
-                profiles.update_now(step.user, step.traits or {}, step.opted_out)
-            else:
-                await play.track(step.user, step.event, journeys, profiles)
+            await play.call(step.call(), step.event, journeys, scenario.instant(step.at))
         for handle in play.handles.values():  # one at a time: each wait unlocks time skipping
             await handle.result()
         return sorted(recorder.outcomes, key=lambda o: o.at)
@@ -240,15 +243,42 @@ class _Play:
     offset: timedelta
     recorder: MemoryRecorder
     prefix: str
+    people: People
     handles: dict[str, WorkflowHandle[Any, Any]] = field(default_factory=dict)
-    slots: dict[tuple[str, str, str], str] = field(default_factory=dict)
-    journeys_of: dict[str, str] = field(default_factory=dict)
-    counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    slots: dict[SlotKey, str] = field(default_factory=dict)
+    """The latest run of each (journey, person, key), ended or not."""
+    counts: dict[SlotKey, int] = field(default_factory=dict)
+    entered: dict[str, datetime] = field(default_factory=dict)
+    """When each run entered, by run id (which of two duplicates a merge keeps)."""
 
     def active(self, run_id: str) -> bool:
         return run_id not in self.recorder.ended
 
-    async def track(self, user_id: str, event: Event, journeys: list[Any], profiles: MemoryProfiles) -> None:
+    async def call(self, call: Call, event: Event | None, journeys: list[Any], at: datetime) -> None:
+        """Apply a call by the identity rules, then route a track's event to its person."""
+        plan = self.people.apply(call, at)
+        for kept, merged in plan.merges:
+            await self.merge(kept, merged)
+        if event is not None:
+            await self.track(plan.person, event, journeys, at)
+
+    async def merge(self, kept: str, merged: str) -> None:
+        """``merged`` joined ``kept``: its runs are ``kept``'s now, and of two active runs of one
+        journey and key the one that entered later is stopped with reason ``merged``."""
+
+        def active(slot: SlotKey, run_id: str) -> RunSlot | None:
+            return RunSlot(slot[0], slot[2], run_id, self.entered[run_id]) if self.active(run_id) else None
+
+        losers = join_slots(self.slots, kept, merged, active)
+        join_counts(self.counts, kept, merged)
+        for run_id in losers:
+            await self._signal(run_id, "stop", MERGED)
+        await self._settle(losers)
+
+    async def track(self, user_id: str, event: Event, journeys: list[Any], at: datetime) -> None:
+        profiles = self.people.profiles
+        if self.people.merged:
+            self.people.open_goals(self.recorder.open_goals, user_id)
         by_id = {journey.id: journey for journey in journeys}
         for run, effect in self.recorder.open_goals.convert(by_id, user_id, event, profiles.get_now(user_id).traits):
             await self.recorder.conversion(late_record(run, event, effect))
@@ -297,6 +327,7 @@ class _Play:
             )
             self.handles[run_id] = handle
             self.slots[slot] = run_id
+            self.entered[run_id] = at
             touched.append(run_id)
         await self._settle(touched)
 

@@ -99,12 +99,13 @@ async def _timeline(path: Path, project: Project) -> str:
     sim = build_simulator(scenario, project, Deliverer(project.templates, for_every_channel(outbox)))
     await sim.run()
     lines = [f"scenario: {scenario.name}  ({path})", f"start:    {scenario.start.isoformat()}", ""]
+    width = max((len(entry.user) for entry in sim.entries), default=8)
     for entry in sim.entries:
         offset = entry.at - scenario.start
         stamp = entry.at.astimezone(scenario.start.tzinfo).strftime("%a %m-%d %H:%M")
         hours, rest = divmod(int(offset.total_seconds()), 3600)
         where = f"{entry.journey}/{entry.step}" if entry.step else entry.journey
-        lines.append(f"{stamp}  +{hours:>3}h{rest // 60:02d}  {entry.user:<8} {where:<34} {entry.what:<12} {entry.detail}")
+        lines.append(f"{stamp}  +{hours:>3}h{rest // 60:02d}  {entry.user:<{width}} {where:<34} {entry.what:<12} {entry.detail}")
     verdict = compare(scenario, sim.outcomes)
     lines.append("")
     lines.append("matches the expectations" if verdict.passed else verdict.report())

@@ -11,13 +11,14 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from channels import Channel, DeliveryResult, Envelope, PermanentError, Reconciling, TransientError
 from channels import mask_address as mask_address
 from nurture.engine.clock import in_quiet_hours, zone
 from nurture.engine.holdout import in_holdout
+from nurture.engine.identity import Identities, merge_traits, stamp
 from nurture.engine.model import Profile, SendOutcome, SendRequest, SendResult, Status
 from nurture.language.ir import ADDRESS_TRAITS, CHANNELS
 from nurture.language.templates import RenderedMessage, TemplateError, TemplateStore
@@ -60,15 +61,29 @@ class SendHistory(Protocol):
 
 @dataclass
 class MemoryHistory:
-    """A :class:`SendHistory` in a dict, for the simulator and the scenario runner."""
+    """A :class:`SendHistory` in a dict, for the simulator and the scenario runner.
+
+    With ``identities``, sends are counted per surviving person: a merged person's sends and
+    those of runs that still carry a merged-away id count for the survivor (see :meth:`merge`).
+    """
 
     sends: dict[str, list[tuple[datetime, str]]] = field(default_factory=dict)
+    identities: Identities | None = None
+
+    def _person(self, user_id: str) -> str:
+        return user_id if self.identities is None else self.identities.canonical(user_id)
 
     async def sent(self, user_id: str, since: datetime) -> list[tuple[datetime, str]]:
-        return [(at, channel) for at, channel in self.sends.get(user_id, ()) if at >= since]
+        return [(at, channel) for at, channel in self.sends.get(self._person(user_id), ()) if at >= since]
 
     async def record(self, request: SendRequest, channel: str, at: datetime) -> None:
-        self.sends.setdefault(request.user_id, []).append((at, channel))
+        self.sends.setdefault(self._person(request.user_id), []).append((at, channel))
+
+    def merge(self, kept: str, merged: str) -> None:
+        """``merged`` joined ``kept``: its sends count for ``kept`` from now on."""
+        moved = self.sends.pop(merged, [])
+        if moved:
+            self.sends[kept] = sorted([*self.sends.get(kept, []), *moved])
 
 
 OPT_OUT_REASONS = frozenset({"unsubscribed", "not_following", "refused"})
@@ -78,34 +93,88 @@ unfollowed the Official Account, refused its messages): recorded as an opt-out a
 
 @dataclass
 class MemoryProfiles:
-    """Profiles held in a dict; the simulator's and the scenario runner's store."""
+    """Profiles held in a dict; the simulator's and the scenario runner's store.
+
+    With ``identities`` (nurture.engine.identity), profiles are kept per surviving person: a
+    lookup or update by any id a person had (a merged-away person id included) reaches the
+    survivor, and :meth:`merge` joins two profiles by the identity rules. Each trait keeps the
+    time the call that set it was made (``at``); a trait written without a time (a journey's
+    ``update`` step) counts as older than any call's in a merge.
+    """
 
     profiles: dict[str, Profile] = field(default_factory=dict)
+    identities: Identities | None = None
+    times: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per person, when each trait was set (ISO-8601 UTC, see :func:`stamp`)."""
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Group traits by group id, shared by every member (``user.group``)."""
+    member_of: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Per person, the group of their latest group call and when it was made."""
+
+    def _person(self, user_id: str) -> str:
+        return user_id if self.identities is None else self.identities.canonical(user_id)
 
     async def get(self, user_id: str) -> Profile:
         return self.get_now(user_id)
 
     def get_now(self, user_id: str) -> Profile:
-        return self.profiles.get(user_id) or Profile(user_id)
+        person = self._person(user_id)
+        profile = self.profiles.get(person) or Profile(person)
+        membership = self.member_of.get(person)
+        if membership is None:
+            return profile
+        group = {**self.groups.get(membership[0], {}), "id": membership[0]}
+        return Profile(person, {**profile.traits, "group": group}, profile.opted_out)
 
     async def update(self, user_id: str, traits: Mapping[str, Any]) -> Profile:
         return self.update_now(user_id, traits)
 
     async def opt_out(self, user_id: str, name: str) -> None:
-        current = self.get_now(user_id)
+        current = self.profiles.get(self._person(user_id)) or Profile(user_id)
         self.update_now(user_id, {}, current.opted_out | {name})
 
     def update_now(
-        self, user_id: str, traits: Mapping[str, Any], opted_out: frozenset[str] | None = None
+        self,
+        user_id: str,
+        traits: Mapping[str, Any],
+        opted_out: frozenset[str] | None = None,
+        *,
+        at: datetime | None = None,
     ) -> Profile:
-        current = self.get_now(user_id)
+        person = self._person(user_id)
+        current = self.profiles.get(person) or Profile(person)
         profile = Profile(
-            user_id,
+            person,
             {**current.traits, **traits},
             current.opted_out if opted_out is None else opted_out,
         )
-        self.profiles[user_id] = profile
+        self.profiles[person] = profile
+        if traits:
+            times = {k: v for k, v in self.times.get(person, {}).items() if k not in traits}
+            self.times[person] = times if at is None else stamp(traits, at, times)
         return profile
+
+    def join_group(self, user_id: str, group_id: str, traits: Mapping[str, Any], at: datetime) -> None:
+        """A group call: the group's traits updated for every member, and the person a member."""
+        self.groups[group_id] = {**self.groups.get(group_id, {}), **traits}
+        self.member_of[self._person(user_id)] = (group_id, at.astimezone(UTC).isoformat())
+
+    def merge(self, kept: str, merged: str) -> None:
+        """``merged`` joined ``kept``: per trait the later value wins (ties: ``kept``'s), opt-outs
+        are joined, and the later group call sets the group."""
+        theirs = self.profiles.pop(merged, None)
+        their_times = self.times.pop(merged, {})
+        their_group = self.member_of.pop(merged, None)
+        if their_group is not None:
+            ours = self.member_of.get(kept)
+            if ours is None or their_group[1] > ours[1]:
+                self.member_of[kept] = their_group
+        if theirs is None:
+            return
+        mine = self.profiles.get(kept) or Profile(kept)
+        traits, times = merge_traits(mine.traits, self.times.get(kept, {}), theirs.traits, their_times)
+        self.profiles[kept] = Profile(kept, traits, mine.opted_out | theirs.opted_out)
+        self.times[kept] = times
 
 
 def for_every_channel(channel: Channel) -> dict[str, Channel]:

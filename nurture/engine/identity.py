@@ -100,6 +100,19 @@ def call_identifiers(
     return list(dict.fromkeys(i for i in found if i is not None))
 
 
+def alias_identifiers(
+    user_id: str, previous_id: str, has_user_id: Callable[[Identifier], bool]
+) -> list[Identifier]:
+    """The identifiers an ``alias`` names: its ``userId``, then its ``previousId``, which
+    Segment's clients fill with either an old ``userId`` or the visitor's ``anonymousId``: read as
+    a ``userId`` when someone has that ``userId`` (``has_user_id``), else as an ``anonymousId``."""
+    previous = identifier("user_id", previous_id)
+    if previous is not None and not has_user_id(previous):
+        previous = identifier("anonymous_id", previous_id)
+    found = [identifier("user_id", user_id), previous]
+    return list(dict.fromkeys(i for i in found if i is not None))
+
+
 @dataclass(frozen=True)
 class Person:
     """What the merge rules need to know of a person."""

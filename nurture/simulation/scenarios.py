@@ -2,7 +2,9 @@
 
 A runtime takes a :class:`Scenario` and returns the :class:`~nurture.simulation.simulator.Outcome` list;
 :func:`compare` matches it against the expectations (same-instant outcomes as a set, otherwise
-in order) and explains any difference as expected against actual.
+in order) and explains any difference as expected against actual. People are compared through
+the scenario's final identity graph: an outcome of a run whose person merged into another since
+is the survivor's, and an expectation may name the person by any of their ids.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from channels.outbox import Outbox
-from nurture.delivery.deliverer import Deliverer, for_every_channel
+from nurture.delivery.deliverer import Deliverer, MemoryProfiles, for_every_channel
+from nurture.engine.identity import Identities
 from nurture.engine.model import Event, Recorder
 from nurture.language import ir
 from nurture.language.compiler import Project, _validation_diagnostics
@@ -28,6 +31,7 @@ from nurture.language.durations import UNITS, format_duration
 from nurture.language.expressions import ExpressionError, compile_expression
 from nurture.language.source import SourceError, SourceMap, load_yaml
 
+from .people import Call, People
 from .population import EventSpec, Population, SegmentRate, VariantRates, value_spec
 from .simulator import Outcome, Simulator
 
@@ -53,9 +57,13 @@ class _Doc(BaseModel):
 class EventDoc(_Doc):
     at: str | int
     user: str | None = None
+    anonymous: str | None = None
     event: str | None = None
     properties: dict[str, Any] = Field(default_factory=dict)
     identify: dict[str, Any] | None = None
+    alias: str | None = None
+    group: str | None = None
+    traits: dict[str, Any] = Field(default_factory=dict)
     message_id: str | None = None
 
     @field_validator("at")
@@ -68,6 +76,7 @@ class EventDoc(_Doc):
 class ExpectDoc(_Doc):
     at: str | int
     user: str | None = None
+    anonymous: str | None = None
     journey: str | None = None
     send: Literal["email", "sms", "wechat"] | None = None
     template: str | None = None
@@ -136,6 +145,9 @@ class Expectation:
     line: int = 0
     at_written: str = ""
     """``at`` as the scenario wrote it, for reports."""
+    who: str = ""
+    """The person as the scenario named them (``u1``, ``anonymous a1``), for reports; ``user``
+    is their person id in the scenario's final identity graph."""
 
     def matches(self, actual: Observed) -> bool:
         """Whether ``actual`` is this outcome; a field left out of the expectation matches anything.
@@ -159,7 +171,7 @@ class Expectation:
     def describe(self) -> str:
         return _describe(
             self.at_written or format_duration(self.at),
-            self.user,
+            self.who or self.user,
             self.journey,
             self.exit,
             self.send,
@@ -231,14 +243,29 @@ def _describe(
 
 @dataclass(frozen=True)
 class Step:
-    """One scenario input: a track event or an identify, at an offset."""
+    """One scenario input at an offset: a track event, an identify, an alias or a group call."""
 
     at: int
-    user: str
+    user: str | None
     event: Event | None = None
     traits: dict[str, Any] | None = None
+    """An identify's traits, or a group's."""
     opted_out: frozenset[str] | None = None
     """With identify: the channels the user is now opted out of (``None``: unchanged)."""
+    anonymous: str | None = None
+    alias: str | None = None
+    """An alias's previous id (``user`` is the new one)."""
+    group: str | None = None
+
+    def call(self) -> Call:
+        """Who the step names, as the identity rules read it."""
+        if self.event is not None:
+            return Call("track", self.user, self.anonymous)
+        if self.alias is not None:
+            return Call("alias", self.user, previous=self.alias)
+        if self.group is not None:
+            return Call("group", self.user, self.anonymous, self.traits or {}, group=self.group)
+        return Call("identify", self.user, self.anonymous, self.traits or {}, self.opted_out)
 
 
 @dataclass
@@ -257,9 +284,29 @@ class Scenario:
     """Generated users and their events: a forecast rather than a test (it has no expectations)."""
     paused: frozenset[str] = frozenset()
     """Journeys paused for the whole scenario: their triggers start no run."""
+    _identities: Identities | None = field(default=None, init=False, repr=False, compare=False)
 
     def instant(self, offset: int) -> datetime:
         return self.start + timedelta(seconds=offset)
+
+    def identities(self) -> Identities:
+        """Who is who once every event has been applied: the users, then the events in time
+        order, by the rules every runtime applies (journeys never change identities)."""
+        if self._identities is None:
+            self._identities = replay(self.start, self.users, self.opted_out, self.events)
+        return self._identities
+
+
+def replay(
+    start: datetime, users: dict[str, dict[str, Any]], opted_out: dict[str, list[str]], events: Sequence[Step]
+) -> Identities:
+    """The identity graph the scenario's users and events make (see :meth:`Scenario.identities`)."""
+    people = People(MemoryProfiles())
+    for user_id, traits in users.items():
+        people.add_user(user_id, traits, opted_out.get(user_id, ()), start)
+    for step in sorted(events, key=lambda e: e.at):
+        people.apply(step.call(), start + timedelta(seconds=step.at))
+    return people.identities
 
 
 _DOC_AT: dict[str, type[_Doc]] = {
@@ -318,39 +365,130 @@ def load_scenario(path: Path, project: Project) -> Scenario:
         out = traits.pop("opted_out", [])
         users[user_id] = traits
         opted[user_id] = list(out) if isinstance(out, list) else [str(out)]
-    only_user = next(iter(users)) if len(users) == 1 else None
+    anonymous_ids = list(dict.fromkeys(item.anonymous for item in doc.events if item.anonymous is not None))
+    only_user = next(iter(users)) if len(users) == 1 and not anonymous_ids else None
+    introduced = [
+        item.user
+        for item in doc.events
+        if item.user is not None and item.event is None and item.user not in users
+    ]
+    known = [*users, *dict.fromkeys(introduced)]
 
-    def who(given: str | None, where: tuple[str | int, ...]) -> str:
-        if given is not None:
-            if given not in users:
-                problems.append(
-                    smap.diagnostic(
-                        where, f"unknown user '{given}'{did_you_mean(given, users)}; declare it under users:"
-                    )
-                )
-            return given
-        if only_user is None:
-            problems.append(smap.diagnostic(where, "user is required when the scenario has several users"))
-            return ""
-        return only_user
+    def declared(given: str, where: tuple[str | int, ...]) -> None:
+        """A ``user:`` is declared under ``users:`` or named by an identify, alias or group."""
+        if given in known:
+            return
+        if given in anonymous_ids:
+            hint = f"; '{given}' is an anonymous id here: write anonymous: {given}"
+        else:
+            hint = f"{did_you_mean(given, known)}; declare it under users: or name it in an identify"
+        problems.append(smap.diagnostic(where, f"unknown user '{given}'{hint}", at_key=True))
 
     events: list[Step] = []
+    aliased: list[str] = []
     for index, item in enumerate(doc.events):
+        where: tuple[str | int, ...] = ("events", index)
         offset = parse_offset(item.at)
-        user = who(item.user, ("events", index))
-        if (item.event is None) == (item.identify is None):
-            problems.append(smap.diagnostic(("events", index), "an event has either event: or identify:"))
+        given = item.model_fields_set
+        kinds = [k for k in ("event", "identify", "alias", "group") if getattr(item, k) is not None]
+        if len(kinds) != 1:
+            problems.append(
+                smap.diagnostic(where, "an event has exactly one of event:, identify:, alias: or group:")
+            )
             continue
+        kind = kinds[0]
+        problems.extend(
+            smap.diagnostic((*where, key), f"{key}: goes with {owner}:", at_key=True)
+            for key, owner in (("properties", "event"), ("message_id", "event"), ("traits", "group"))
+            if key in given and kind != owner
+        )
+        if item.user is not None:
+            declared(item.user, (*where, "user"))
+        for key in ("anonymous", "alias"):
+            if key in given and not str(getattr(item, key) or "").strip():
+                problems.append(smap.diagnostic((*where, key), f"{key}: needs an id", at_key=True))
+        if item.anonymous is not None and item.anonymous in users:
+            problems.append(
+                smap.diagnostic(
+                    (*where, "anonymous"),
+                    f"'{item.anonymous}' is a user declared under users:; write user: {item.anonymous} "
+                    "(anonymous: names a visitor's anonymousId)",
+                    at_key=True,
+                )
+            )
+        user = item.user
+        if kind == "alias":
+            assert item.alias is not None
+            if item.user is None or item.anonymous is not None:
+                problems.append(
+                    smap.diagnostic(
+                        where,
+                        "an alias names the new id in user: and the previous one in alias:, without anonymous:",
+                    )
+                )
+            elif item.alias == item.user:
+                problems.append(
+                    smap.diagnostic((*where, "alias"), "alias: names the previous id: not user: itself", at_key=True)
+                )
+            if item.alias not in known:
+                aliased.append(item.alias)
+            events.append(Step(offset, user, alias=item.alias))
+            continue
+        if user is None and item.anonymous is None:
+            if only_user is None:
+                problems.append(
+                    smap.diagnostic(
+                        where, "user: or anonymous: is required when the scenario names several people"
+                    )
+                )
+            user = only_user
         if item.event is not None:
             message_id = item.message_id or f"{path.stem}-{index}"
             event = Event(item.event, start + timedelta(seconds=offset), item.properties, message_id)
-            events.append(Step(offset, user, event=event))
+            events.append(Step(offset, user, event=event, anonymous=item.anonymous))
+        elif item.group is not None:
+            traits = dict(item.traits)
+            events.append(Step(offset, user, traits=traits, anonymous=item.anonymous, group=item.group))
         else:
             traits = dict(item.identify or {})
             channels = traits.pop("opted_out", None)
-            events.append(
-                Step(offset, user, traits=traits, opted_out=None if channels is None else frozenset(channels))
+            out = None if channels is None else frozenset(channels)
+            events.append(Step(offset, user, traits=traits, opted_out=out, anonymous=item.anonymous))
+    anonymous_names = list(dict.fromkeys([*anonymous_ids, *aliased]))
+    graph = None if problems else replay(start, users, opted, events)
+
+    def who(want: ExpectDoc, where: tuple[str | int, ...]) -> tuple[str, str]:
+        """The expected person's id in the final graph, and how the file named them."""
+        if want.user is not None and want.anonymous is not None:
+            problems.append(
+                smap.diagnostic(where, "an expectation names its person by user: or anonymous:, not both")
             )
+            return "", ""
+        if want.user is not None:
+            declared(want.user, (*where, "user"))
+            person = None if graph is None else graph.lookup("user_id", want.user)
+            return person or want.user, want.user
+        if want.anonymous is not None:
+            if want.anonymous not in anonymous_names:
+                hint = (
+                    f"; '{want.anonymous}' is a user: write user: {want.anonymous}"
+                    if want.anonymous in users
+                    else did_you_mean(want.anonymous, anonymous_names)
+                )
+                problems.append(
+                    smap.diagnostic(
+                        (*where, "anonymous"), f"no event names anonymous '{want.anonymous}'{hint}", at_key=True
+                    )
+                )
+            person = None if graph is None else graph.lookup("anonymous_id", want.anonymous)
+            return person or want.anonymous, f"anonymous {want.anonymous}"
+        persons = [] if graph is None else sorted(p for p in graph.persons if p not in graph.merged_into)
+        if graph is not None and len(persons) != 1:
+            problems.append(
+                smap.diagnostic(where, "user: or anonymous: is required when the scenario has several people")
+            )
+        return (persons[0], "") if len(persons) == 1 else ("", "")
+
     expectations: list[Expectation] = []
     last = -1
     for index, want in enumerate(doc.expect):
@@ -382,10 +520,11 @@ def load_scenario(path: Path, project: Project) -> Scenario:
             smap.diagnostic(("expect", index, key), message, at_key=True)
             for key, message in _unsupported(want)
         )
+        person, written = who(want, ("expect", index))
         expectations.append(
             Expectation(
                 at=offset,
-                user=who(want.user, ("expect", index)),
+                user=person,
                 journey=journey,
                 send=want.send,
                 template=want.template,
@@ -396,6 +535,7 @@ def load_scenario(path: Path, project: Project) -> Scenario:
                 exit=want.exit,
                 line=smap.value(("expect", index)).line,
                 at_written=str(want.at).strip(),
+                who=written,
             )
         )
     population = None
@@ -553,20 +693,21 @@ def _unsupported(want: ExpectDoc) -> list[tuple[str, str]]:
 
 
 def observe(scenario: Scenario, outcomes: Sequence[Outcome]) -> list[Observed]:
-    """Actual outcomes as offsets from the scenario start, rounded to whole seconds."""
+    """Actual outcomes as offsets from the scenario start, rounded to whole seconds, each with
+    the person its run had as they are at the end (a merged person is the survivor)."""
     out = []
     start = scenario.start
+    person = scenario.identities().canonical
     for item in outcomes:
         at = round((item.at - start).total_seconds())
         s = item.send
+        user = person(item.user)
         if s is not None:
             out.append(
-                Observed(
-                    at, item.user, item.journey, s.channel, s.template, s.status, s.reason, s.variant, s.text
-                )
+                Observed(at, user, item.journey, s.channel, s.template, s.status, s.reason, s.variant, s.text)
             )
         else:
-            out.append(Observed(at, item.user, item.journey, exit=item.exit))
+            out.append(Observed(at, user, item.journey, exit=item.exit))
     out.sort(key=_offset)
     return out
 
@@ -643,11 +784,7 @@ def build_simulator(
     for user_id, traits in scenario.users.items():
         sim.add_user(user_id, traits, scenario.opted_out.get(user_id, ()))
     for step in scenario.events:
-        when = scenario.instant(step.at)
-        if step.event is not None:
-            sim.track(when, step.user, step.event)
-        else:
-            sim.identify(when, step.user, step.traits or {}, step.opted_out)
+        sim.call(scenario.instant(step.at), step.call(), step.event)
     if scenario.population is not None:
         for person in scenario.population.generate(scenario.start):
             sim.add_user(person.user_id, person.traits)

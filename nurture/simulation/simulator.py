@@ -1,7 +1,10 @@
 """The in-process runtime: journeys on a virtual clock, for previews, scenarios and benchmarks.
 
-It routes events exactly as the service does (an event reaches the user's active runs first,
-then may start or restart runs) and answers the interpreter's commands from memory. Nothing
+It routes events exactly as the service does (an event reaches the person's active runs first,
+then may start or restart runs) and answers the interpreter's commands from memory. Every call
+names its person by the identity rules (:mod:`nurture.simulation.people`): an anonymous visitor
+is a person of their own, and an identify or alias that merges two people moves the merged
+person's runs, history, profile and sends to the survivor. Nothing
 sleeps: a heap of due instants is popped in order. At one instant, events come before timers,
 so a goal arriving exactly when a wait ends wins over the send that would follow.
 """
@@ -16,6 +19,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from nurture.delivery.deliverer import Deliverer, MemoryHistory, MemoryProfiles
+from nurture.engine.identity import MERGED, Plan, RunSlot
 from nurture.engine.interpreter import (
     JOURNEY_PAUSED,
     AwaitEvent,
@@ -35,6 +39,8 @@ from nurture.engine.interpreter import (
 from nurture.engine.model import EndedRun, Event, Recorder, SendOutcome
 from nurture.language import ir
 
+from .people import Call, People, SlotKey, join_counts, join_slots
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -42,6 +48,7 @@ class Outcome:
 
     at: datetime
     user: str
+    """The person id the run had (a person merged since resolves to the survivor)."""
     journey: str
     run_id: str
     send: SendOutcome | None = None
@@ -98,6 +105,8 @@ class Simulator:
             self.deliverer.history = MemoryHistory()
         if self.deliverer.profiles is None:
             self.deliverer.profiles = self.profiles
+        history = self.deliverer.history
+        self.people = People(self.profiles, history if isinstance(history, MemoryHistory) else None)
         self._queue: list[tuple[datetime, int, int, Any]] = []
         self._seq = itertools.count()
         self._active: dict[tuple[str, str, str], _Live] = {}
@@ -113,16 +122,39 @@ class Simulator:
     # scheduling input
 
     def add_user(self, user_id: str, traits: Mapping[str, Any], opted_out: Iterable[str] = ()) -> None:
-        self.profiles.update_now(user_id, traits, frozenset(opted_out))
+        """A person known from the start, with these traits (their addresses identify them)."""
+        self.people.add_user(user_id, traits, opted_out, self.start)
 
-    def track(self, at: datetime, user_id: str, event: Event) -> None:
-        heapq.heappush(self._queue, (at, _EVENT, next(self._seq), ("track", user_id, event)))
+    def track(self, at: datetime, user_id: str | None, event: Event, anonymous_id: str | None = None) -> None:
+        self.call(at, Call("track", user_id, anonymous_id), event)
 
     def identify(
-        self, at: datetime, user_id: str, traits: Mapping[str, Any], opted_out: Iterable[str] | None = None
+        self,
+        at: datetime,
+        user_id: str | None,
+        traits: Mapping[str, Any],
+        opted_out: Iterable[str] | None = None,
+        anonymous_id: str | None = None,
     ) -> None:
-        payload = ("identify", user_id, dict(traits), None if opted_out is None else frozenset(opted_out))
-        heapq.heappush(self._queue, (at, _EVENT, next(self._seq), payload))
+        out = None if opted_out is None else frozenset(opted_out)
+        self.call(at, Call("identify", user_id, anonymous_id, dict(traits), out))
+
+    def alias(self, at: datetime, user_id: str, previous_id: str) -> None:
+        self.call(at, Call("alias", user_id, previous=previous_id))
+
+    def group(
+        self,
+        at: datetime,
+        user_id: str | None,
+        group_id: str,
+        traits: Mapping[str, Any],
+        anonymous_id: str | None = None,
+    ) -> None:
+        self.call(at, Call("group", user_id, anonymous_id, dict(traits), group=group_id))
+
+    def call(self, at: datetime, call: Call, event: Event | None = None) -> None:
+        """Schedule a call (a track's ``event`` with it)."""
+        heapq.heappush(self._queue, (at, _EVENT, next(self._seq), ("call", call, event)))
 
     # running
 
@@ -134,23 +166,60 @@ class Simulator:
                 break
             heapq.heappop(self._queue)
             self.now = max(self.now, at)
-            if item[0] == "track":
-                await self._on_track(item[1], item[2])
-            elif item[0] == "identify":
-                self.profiles.update_now(item[1], item[2], item[3])
+            if item[0] == "call":
+                call, event = item[1], item[2]
+                plan = self.people.apply(call, self.now)
                 if self.timeline:
-                    changes = [f"{k}={v}" for k, v in item[2].items()]
-                    if item[3] is not None:
-                        changes.append(f"opted_out=[{', '.join(sorted(item[3]))}]")
-                    self._note(item[1], "", "", "identify", ", ".join(changes))
+                    self._note_call(call, plan)
+                for kept, merged in plan.merges:
+                    await self._merge(kept, merged)
+                if event is not None:
+                    await self._on_track(plan.person, event)
             else:
                 live, token = item[1], item[2]
                 if live.token == token and live.run.ended is None:
                     await self._drive(live, live.run.resume(None, self.now))
 
+    def _note_call(self, call: Call, plan: Plan) -> None:
+        """Timeline lines of an identify, alias or group call, and of the merges it made."""
+        person = plan.person
+        if call.kind == "identify":
+            changes = [f"{k}={v}" for k, v in call.traits.items()]
+            if call.opted_out is not None:
+                changes.append(f"opted_out=[{', '.join(sorted(call.opted_out))}]")
+            names = f"as {call.names()}" if call.anonymous is not None or call.user != person else ""
+            detail = ": ".join(part for part in (names, ", ".join(changes)) if part)
+            self._note(person, "", "", "identify", detail)
+        elif call.kind == "alias":
+            self._note(person, "", "", "alias", f"{call.previous} is now {call.user}")
+        elif call.kind == "group":
+            shared = ", ".join(f"{k}={v}" for k, v in call.traits.items())
+            self._note(person, "", "", "group", f"{call.group}" + (f": {shared}" if shared else ""))
+        for kept, merged in plan.merges:
+            self._note(kept, "", "", "merged", f"{merged} into {kept}")
+        for ident in plan.conflicts:
+            owner = self.people.identities.resolve(ident)
+            self._note(person, "", "", "not merged", f"{ident.label()} stays with {owner}")
+
+    async def _merge(self, kept: str, merged: str) -> None:
+        """``merged`` joined ``kept``: its runs carry on as ``kept``'s, except that of two active
+        runs of one journey and key the later one ends ``merged``; re-entry history joins."""
+
+        def active(slot: SlotKey, live: _Live) -> RunSlot | None:
+            run = live.run
+            return None if run.ended is not None else RunSlot(slot[0], slot[2], run.run_id, run.entered_at)
+
+        losers = join_slots(self._active, kept, merged, active)
+        join_counts(self._history, kept, merged)
+        self._by_user.setdefault(kept, []).extend(self._by_user.pop(merged, []))
+        for live in losers:
+            await self._finish(live, live.run.end(MERGED, self.now))
+
     async def _on_track(self, user_id: str, event: Event) -> None:
         if self.timeline:
             self._note(user_id, "", "", "event", event.name)
+        if self.people.merged:
+            self.people.open_goals(self._open_goals, user_id)
         if self._open_goals.by_user.get(user_id):
             traits = self.profiles.get_now(user_id).traits
             for ended, effect in self._open_goals.convert(self._by_id, user_id, event, traits):
@@ -231,7 +300,7 @@ class Simulator:
             elif isinstance(command, ReadProfile):
                 command = run.resume(self.profiles.get_now(run.user_id).traits, self.now)
             elif isinstance(command, WriteTraits):
-                self.profiles.update_now(run.user_id, command.traits)
+                self.profiles.update_now(run.user_id, command.traits)  # untimed, as on every runtime
                 if self.timeline:
                     detail = ", ".join(f"{k}={v}" for k, v in command.traits.items())
                     self._note(run.user_id, run.journey.id, command.step_id, "update", detail)
@@ -298,10 +367,11 @@ class Simulator:
                     run.run_id, run.journey.id, run.user_id, run.key, run.entered_at, run.last_message_at, run.variants
                 )
                 self._open_goals.keep(ended_run, until)
-        slot = (run.journey.id, run.user_id, run.key)
+        person = self.people.identities.canonical(run.user_id)
+        slot = (run.journey.id, person, run.key)
         if self._active.get(slot) is live:
             del self._active[slot]
-        runs = self._by_user.get(run.user_id, [])
+        runs = self._by_user.get(person, [])
         if live in runs:
             runs.remove(live)
         live.token += 1
