@@ -363,3 +363,26 @@ def test_the_journeys_page_shows_compile_errors_as_validate_prints_them(
     first = next(line for line in validate.output.splitlines() if "welcome_series.yaml:" in line)
     assert first.split(": ", 1)[0] in page and "did you mean" in page
     assert page.count(">errors</summary>") == 1 and page.count(">compiles<") == len(project.journeys) - 1
+
+
+def test_a_link_signs_in_and_a_password_is_set_then_changed_only_with_the_current_one(
+    console: TestClient, database: Database
+) -> None:
+    accounts.add_user(database, "new@example.com", "viewer", None)
+    token = accounts.make_link(database, "new@example.com")
+    opened = console.get(f"/console/link/{token}", follow_redirects=False)
+    assert opened.status_code == 303 and opened.headers["location"] == "/console/account"
+    form = console.get("/console/account")
+    assert "Set a password" in form.text and 'name="current"' not in form.text
+    csrf = csrf_of(form.text)
+    differ = console.post("/console/account", data={"csrf": csrf, "password": PASSWORD, "again": PASSWORD + "x"})
+    assert differ.status_code == 400 and "again:" in differ.text
+    saved = console.post("/console/account", data={"csrf": csrf, "password": PASSWORD, "again": PASSWORD})
+    assert saved.status_code == 200 and "Your password is set" in saved.text
+    assert accounts.check_password(database, "new@example.com", PASSWORD, "t") == "new@example.com"
+    change = {"csrf": csrf, "password": "another long password", "again": "another long password"}
+    refused = console.post("/console/account", data={**change, "current": "wrong"})
+    assert refused.status_code == 400 and "current:" in refused.text
+    assert console.post("/console/account", data={**change, "current": PASSWORD}).status_code == 200
+    assert accounts.check_password(database, "new@example.com", "another long password", "t") == "new@example.com"
+    assert console.get(f"/console/link/{token}").status_code == 400  # once only

@@ -108,6 +108,12 @@ def has_users(db: Database) -> bool:
         return session.exec(select(ConsoleUser.email).limit(1)).first() is not None
 
 
+def has_password(db: Database, email: str) -> bool:
+    with db.session() as session:
+        user = session.get(ConsoleUser, email)
+        return user is not None and user.password_hash is not None
+
+
 def set_password(db: Database, email: str, password: str) -> None:
     if len(password) < MIN_PASSWORD:
         raise AccountError(f"the password needs at least {MIN_PASSWORD} characters")

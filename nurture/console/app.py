@@ -403,7 +403,7 @@ async def sign_in(request: Request) -> Response:
         )
     if found is None:
         return _sign_in_page(request, error="The email or the password is not right.", status=401, email=email)
-    return _start(request, found, _safe_next(fields.get("next")))
+    return await asyncio.to_thread(_start, request, found, _safe_next(fields.get("next")))
 
 
 def _start(request: Request, email: str, target: str) -> Response:
@@ -431,9 +431,9 @@ def sign_in_link(request: Request, token: str) -> Response:
 
 @router.post("/sign-out")
 async def sign_out(request: Request) -> Response:
-    account = signed_in(request)
+    account = await asyncio.to_thread(signed_in, request)
     await form_of(request, account)
-    accounts.end_session(console_of(request).db, request.cookies.get(COOKIE))
+    await asyncio.to_thread(accounts.end_session, console_of(request).db, request.cookies.get(COOKIE))
     response = redirect(PREFIX + "/sign-in")
     response.delete_cookie(COOKIE, path=PREFIX)
     return response
@@ -442,22 +442,37 @@ async def sign_out(request: Request) -> Response:
 @router.get("/account")
 def account_page(request: Request) -> Response:
     account = signed_in(request)
-    return page(request, "account.html", account, title="Your account", saved=False, error="")
+    has_password = accounts.has_password(console_of(request).db, account.email)
+    return page(
+        request, "account.html", account, title="Your account", saved=False, error="", has_password=has_password
+    )
 
 
 @router.post("/account")
 async def set_password(request: Request) -> Response:
-    account = signed_in(request)
+    account = await asyncio.to_thread(signed_in, request)
     fields = await form_of(request, account)
     password, again = fields.get("password", ""), fields.get("again", "")
+    db = console_of(request).db
+    has_password = await asyncio.to_thread(accounts.has_password, db, account.email)
     error = ""
-    if password != again:
-        error = "The two passwords differ."
-    else:
+    if has_password:
+        # A password is changed by someone who knows it, not by whoever holds the session.
         try:
-            await asyncio.to_thread(accounts.set_password, console_of(request).db, account.email, password)
+            known = await asyncio.to_thread(
+                accounts.check_password, db, account.email, fields.get("current", ""), _client(request)
+            )
+        except accounts.Throttled:
+            known = None
+        if known is None:
+            error = "current: the current password is not right."
+    if not error and password != again:
+        error = "again: the two new passwords differ."
+    if not error:
+        try:
+            await asyncio.to_thread(accounts.set_password, db, account.email, password)
         except accounts.AccountError as exc:
-            error = str(exc)
+            error = f"password: {exc}"
     return page(
         request,
         "account.html",
@@ -466,6 +481,7 @@ async def set_password(request: Request) -> Response:
         title="Your account",
         saved=not error,
         error=error,
+        has_password=has_password or not error,
     )
 
 
@@ -619,7 +635,7 @@ def _message_row(message: MessageRecord, *, reveal: bool) -> dict[str, Any]:
 
 
 async def _confirmed_journey_action(request: Request, journey_id: str, action: str) -> Response:
-    account = signed_in(request, "operator")
+    account = await asyncio.to_thread(signed_in, request, "operator")
     console = console_of(request)
     _journey(console, journey_id)
     await form_of(request, account)
@@ -838,13 +854,13 @@ def person_page(request: Request) -> Response:
 
 @router.post("/person/reveal")
 async def reveal(request: Request) -> Response:
-    account = signed_in(request, "admin")
+    account = await asyncio.to_thread(signed_in, request, "admin")
     fields = await form_of(request, account)
     user_id = fields.get("id", "")
     if not user_id:
         raise ConsoleError(400, "Who?", "id: the form names no user")
     console = console_of(request)
-    response = _person_page(request, account, user_id, reveal=True)
+    response = await asyncio.to_thread(_person_page, request, account, user_id, reveal=True)
     await asyncio.to_thread(
         privacy.audit, console.db, "reveal", actor=account.actor, secret=console.settings.secret, user_id=user_id
     )
@@ -870,10 +886,10 @@ def confirm_end_run(request: Request) -> Response:
 
 @router.post("/person/end-run")
 async def end_run(request: Request) -> Response:
-    account = signed_in(request, "operator")
+    account = await asyncio.to_thread(signed_in, request, "operator")
     fields = await form_of(request, account)
     console = console_of(request)
-    run = _run(console, fields.get("run", ""))
+    run = await asyncio.to_thread(_run, console, fields.get("run", ""))
     if run.status != "active":
         raise ConsoleError(400, "Run already ended", f"run: this run ended already ({run.end_reason})")
     try:
@@ -899,7 +915,7 @@ def confirm_forget(request: Request) -> Response:
 
 @router.post("/person/forget")
 async def forget(request: Request) -> Response:
-    account = signed_in(request, "operator")
+    account = await asyncio.to_thread(signed_in, request, "operator")
     fields = await form_of(request, account)
     user_id = fields.get("id", "")
     if not user_id:
@@ -976,7 +992,7 @@ STATUSES = ("sending", "sent", "skipped", "failed")
 async def _on_console_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ConsoleError)
     try:
-        account = current(request)
+        account = await asyncio.to_thread(current, request)
     except Exception:  # the error page must not fail on a broken session
         account = None
     return page(request, "error.html", account, status=exc.status, title=exc.title, message=exc.message)
