@@ -96,7 +96,8 @@ def main() -> None:
                     page.wait_for_load_state("networkidle")
                     if suffix and name not in ("journey", "person", "journeys"):
                         continue
-                    page.screenshot(path=str(OUT / f"{name}{suffix}.png"), full_page=True)
+                    # The message log is as long as its page of 50: its first screen shows it.
+                    page.screenshot(path=str(OUT / f"{name}{suffix}.png"), full_page=name != "messages")
                 context.close()
             browser.close()
         db.dispose()
