@@ -153,6 +153,7 @@ async def test_an_operator_pauses_and_resumes_a_journey_and_ends_a_run(stack: St
     await expect(page.get_by_role("heading", name=re.compile(r"^Pause Welcome series\?$"))).to_be_visible()
     await page.get_by_role("button", name="Pause journey").click()
     await expect(page.get_by_role("status")).to_contain_text("This journey is paused")
+    await expect(page.get_by_role("status")).to_contain_text("by operator@example.com")
 
     paused_user = new_user()
     answer = await stack.track(paused_user, "Signed Up")
