@@ -11,11 +11,13 @@ from pathlib import Path
 from sqlmodel import select
 
 from nurture.delivery.deliverer import Deliverer
+from nurture.engine.identity import call_identifiers
 from nurture.language.compiler import Project
 from nurture.simulation.scenarios import build_simulator, load_scenario
 from nurture.storage.db import Database
+from nurture.storage.identities import DbIdentities
 from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, StepReach, utcnow
-from nurture.storage.stores import BatchRecorder, DbProfiles
+from nurture.storage.stores import BatchRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
 FORECAST = ROOT / "journeys" / "forecasts" / "chat_followup_copy.yaml"
@@ -41,13 +43,13 @@ async def seed(db: Database, project: Project, *, people: int = 400) -> list[str
     )
     await simulator.run(until=now)
     recorder.flush()
-    profiles = DbProfiles(db)
+    people = DbIdentities(db)
     users = []
     with db.session() as session:
         for person in scenario.population.generate(scenario.start):
             users.append(person.user_id)
             traits = {k: v for k, v in person.traits.items() if v is not None}
-            profiles.merge(person.user_id, traits)
+            people.apply(call_identifiers(person.user_id, None, traits), at=scenario.start, traits=traits)
             for index, event in enumerate(e for e in person.events if e.timestamp <= now):
                 session.add(
                     EventRecord(

@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 
 from channels.wechat import template_payload
+from nurture.engine.identity import ADDRESS_KINDS
 from nurture.engine.model import Event, Profile
 from nurture.language.compiler import Project, compile_project
 from nurture.language.diagnostics import format_all
@@ -813,8 +814,9 @@ def people_page(request: Request) -> Response:
     )
 
 
-def _person_page(request: Request, account: Account, user_id: str, *, reveal: bool) -> HTMLResponse:
+def _person_page(request: Request, account: Account, given: str, *, reveal: bool) -> HTMLResponse:
     console = console_of(request)
+    user_id = data.person_id(console.db, given)
     found = data.person(console.db, user_id, reveal=reveal)
     if found.profile is None and not found.runs and not found.messages and not found.timeline:
         raise ConsoleError(404, "No such person", f"id: nothing is held about user {data.shown_user(user_id, reveal=False)!r}")
@@ -838,6 +840,10 @@ def _person_page(request: Request, account: Account, user_id: str, *, reveal: bo
         traits=traits,
         subscriptions=subscriptions,
         runs=found.runs,
+        identifiers=[
+            (ident.kind, ident.value if reveal or ident.kind not in ADDRESS_KINDS else data.shown_address(ident.value, reveal=False))
+            for ident in data.identifiers(console.db, user_id)
+        ],
         timeline=found.timeline,
         messages=[_message_row(m, reveal=reveal) for m in found.messages],
     )

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_
 from sqlmodel import col, select
 
 from channels import mask_address, mask_user_id
-from nurture.engine.identity import normalise
+from nurture.engine.identity import Identifier
 from nurture.storage.db import Database
+from nurture.storage.identities import DbIdentities
 from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, RunRecord, StepReach
 
 PERSON_ROWS = 200
@@ -22,32 +22,32 @@ STEP_ROWS = 12
 PAGE_ROWS = 50
 
 
-def _forms(kind: str, text: str) -> list[str]:
-    """``text`` as typed and as the identity rules normalise a ``kind`` (emails lower-cased,
-    phones as E.164): stored values may be either."""
-    return list(dict.fromkeys(v for v in (text, normalise(kind, text)) if v))
+LOOKUP_KINDS = ("user_id", "anonymous_id", "email", "phone", "wechat_openid", "person")
+"""What a lookup may be: any identifier (normalised by the identity rules) or a person id."""
 
 
 def find_people(db: Database, query: str, *, limit: int = 20) -> list[ProfileRecord]:
-    """Profiles whose user id, email, phone or WeChat openid is ``query`` (emails in any case,
-    phones with or without spacing, brackets or dashes), through the indexed columns."""
+    """The persons ``query`` names as any identifier or as a person id, through the person store
+    (emails in any case, phones with or without spacing, brackets or dashes)."""
     text = query.strip()
     if not text:
         return []
+    store = DbIdentities(db)
+    found = list(dict.fromkeys(p for kind in LOOKUP_KINDS if (p := store.resolve(kind, text)) is not None))
+    if not found:
+        return []
     with db.session() as session:
-        found = session.exec(
-            select(ProfileRecord)
-            .where(
-                or_(
-                    col(ProfileRecord.user_id) == text,
-                    col(ProfileRecord.email).in_(_forms("email", text)),
-                    col(ProfileRecord.phone).in_(_forms("phone", text)),
-                    col(ProfileRecord.wechat_openid).in_(_forms("wechat_openid", text)),
-                )
-            )
-            .limit(limit)
-        ).all()
-    return list(found)
+        rows = {row.user_id: row for row in session.exec(select(ProfileRecord).where(col(ProfileRecord.user_id).in_(found)))}
+    return [rows[p] for p in found[:limit] if p in rows]
+
+
+def person_id(db: Database, given: str) -> str:
+    """The surviving person an id names (a userId or a person id); the id itself when no one has it."""
+    return DbIdentities(db).lookup(given) or given
+
+
+def identifiers(db: Database, person: str) -> list[Identifier]:
+    return DbIdentities(db).identifiers_of(person)
 
 
 @dataclass

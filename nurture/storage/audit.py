@@ -20,7 +20,7 @@ from sqlmodel import Field, SQLModel
 
 from .models import UtcDateTime, utcnow
 
-AuditAction = Literal["forget", "export", "reveal", "pause", "resume", "end_run"]
+AuditAction = Literal["forget", "export", "merge", "conflict", "reveal", "pause", "resume", "end_run"]
 
 _DOMAIN = b"nurture-audit-subject\x00"
 """Prefixed to the id before keyed hashing, so a subject never equals another use of the secret."""
@@ -36,7 +36,9 @@ class AuditRecord(SQLModel, table=True):
         default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False, index=True)
     )
     action: str = Field(max_length=16)
-    """``forget``, ``export``, ``reveal``, ``end_run``, ``pause`` or ``resume``."""
+    """``forget``, ``export``, ``merge`` (two persons became one), ``conflict`` (a call named
+    another known user's identifier, which stayed theirs); from the console ``reveal``,
+    ``end_run``, ``pause`` or ``resume``."""
     subject: str = Field(max_length=64, index=True)
     """:func:`subject_hash` of the user id, never the id itself; ``journey:<id>`` for pause and resume."""
     actor: str = Field(max_length=330)
