@@ -134,6 +134,13 @@ class Ingest:
                 self._goals.setdefault(journey.goal.event, []).append(journey.id)
         self._payloads = {j.id: journey_to_dict(j) for j in project.journeys.values()}
         self._listens = {j.id: sorted(j.listens_for()) for j in project.journeys.values()}
+        self._routable = frozenset(
+            {j.trigger.event for j in project.journeys.values()}
+            | {name for listens in self._listens.values() for name in listens}
+            | set(self._goals)
+        )
+        """Event names some journey triggers on, a run may wait for, or a goal converts on: any
+        other event (most page views, say) is stored as routed, with nothing to route."""
         self._triggers = frozenset(j.trigger.event for j in project.journeys.values())
         self.paused = PausedJourneys(db)
 
@@ -153,12 +160,17 @@ class Ingest:
             name=event.name,
             properties=dict(event.properties),
             timestamp=event.timestamp.astimezone(UTC),
+            routed_at=None if event.name in self._routable else utcnow(),
         )
         if isinstance(identifiers, str):
             identifiers = call_identifiers(identifiers, None)
         applied = await asyncio.to_thread(self.identities.apply, identifiers, at=event.timestamp, record=record)
         if applied is not None:
             await self._end_merged(applied.merged_away)
+            if record.routed_at is not None:
+                if applied.merged_away:  # stored unrouted until the runs it ended had their stop
+                    await asyncio.to_thread(self.events.routed, event.message_id)
+                return Routed(person=applied.person)
             return await self._route(applied.person, event, again=False, profile=applied.profile)
         while True:
             unrouted = await asyncio.to_thread(self.events.unrouted, message_id=event.message_id)
