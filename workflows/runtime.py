@@ -356,10 +356,11 @@ class _Play:
             journey,
             active=is_active,
             ran_before=slot in self.counts,
+            paused=journey.id in self.scenario.paused,
             last_entered_at=None if current is None else self.entered.get(current),
             now=at,
         )
-        if decision == "ignore":
+        if decision in ("ignore", "paused"):
             return None
         if decision == "restart" and current is not None:
             await self._signal(current, "stop", "restarted")

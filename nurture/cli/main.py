@@ -22,7 +22,7 @@ from nurture.simulation.scenarios import (
     scenario_files,
 )
 
-from . import events, preview, privacy, report, service
+from . import console, events, preview, privacy, report, service
 from .options import project_options
 
 
@@ -222,6 +222,7 @@ for command in (
     privacy.forget,
     privacy.export,
     report.report,
+    console.console,
 ):
     main.add_command(command)
 

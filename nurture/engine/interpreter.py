@@ -279,7 +279,10 @@ def date_event(journey: str, user_id: str, plan: DatePlan, moment: datetime) -> 
     return Event(DATE_REACHED, moment, {"date": plan.date}, message_id)
 
 
-EntryDecision = Literal["start", "restart", "ignore"]
+EntryDecision = Literal["start", "restart", "ignore", "paused"]
+
+JOURNEY_PAUSED = "journey_paused"
+"""Why a matching trigger started nothing: an operator paused the journey."""
 
 
 def entry_decision(
@@ -287,11 +290,17 @@ def entry_decision(
     *,
     active: bool,
     ran_before: bool,
+    paused: bool = False,
     last_entered_at: datetime | None = None,
     now: datetime | None = None,
 ) -> EntryDecision:
     """What a matching trigger does at ``now`` given the (journey, user, key)'s history: whether a
-    run is active, whether one ever ran, and when the latest one entered (``re_entry: {after}``)."""
+    run is active, whether one ever ran, and when the latest one entered (``re_entry: {after}``).
+
+    A paused journey starts no new run and restarts none (``paused``); its runs in flight go on.
+    """
+    if paused:
+        return "paused"
     if journey.re_entry == "once":
         return "ignore" if (active or ran_before) else "start"
     if active:

@@ -675,7 +675,12 @@ class Accepted(BaseModel):
     )
     signalled: list[str] = Field(default_factory=list, description="Workflow ids of active runs it reached.")
     skipped: list[str] = Field(
-        default_factory=list, description="Journeys it matched but could not enter (`re_entry: once`)."
+        default_factory=list,
+        description="Journeys it matched but could not enter (`re_entry: once`, or the journey is paused).",
+    )
+    skip_reasons: dict[str, str] = Field(
+        default_factory=dict,
+        description="Why each skipped journey was skipped: `re_entry_once` or `journey_paused`.",
     )
 
 
@@ -2075,6 +2080,13 @@ def app_from_env() -> FastAPI:
     return create_app(Settings.from_env())
 
 
+KEEP_ALIVE = 75
+"""Seconds an idle keep-alive connection stays open. Longer than the idle time of clients' own
+connection pools (httpx and Node's agents keep one 4 to 5 s), so the client always closes first:
+with uvicorn's default of 5 s a server could close a connection just as a client sent a call on
+it, and the client saw a dropped connection (``httpx.ReadError``) under load."""
+
+
 async def serve(
     settings: Settings,
     host: str = "127.0.0.1",
@@ -2092,7 +2104,9 @@ async def serve(
         uvicorn_log.handlers.clear()
         uvicorn_log.propagate = True
         uvicorn_log.setLevel(logging.NOTSET)
-    config = uvicorn.Config(app or create_app(settings), host=host, port=port, log_config=None)
+    config = uvicorn.Config(
+        app or create_app(settings), host=host, port=port, log_config=None, timeout_keep_alive=KEEP_ALIVE
+    )
     server = uvicorn.Server(config)
 
     async def watch(event: asyncio.Event) -> None:

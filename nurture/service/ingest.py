@@ -40,6 +40,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from nurture.engine.identity import MERGED, Identifier, call_identifiers
 from nurture.engine.interpreter import (
+    JOURNEY_PAUSED,
     DatePlan,
     date_plan,
     late_conversion,
@@ -52,6 +53,7 @@ from nurture.engine.interpreter import (
 from nurture.engine.model import Event, Profile
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
+from nurture.storage.console import PausedJourneys
 from nurture.storage.db import Database
 from nurture.storage.identities import Applied, DbIdentities
 from nurture.storage.models import EventRecord, Route, utcnow
@@ -78,6 +80,11 @@ ROUTING_GRACE = 5.0
 being routed by a live request: the API's start-up routes those received before it started, this
 long after it started."""
 
+RE_ENTRY_ONCE = "re_entry_once"
+"""Why a matching trigger started nothing: the journey's ``re_entry: once`` and an earlier run."""
+RE_ENTRY_AFTER = "re_entry_after"
+"""Why a trigger started nothing under ``re_entry: {after}``: the latest run entered too recently."""
+
 TRANSIENT = (RPCError, OperationalError)
 """Failures a later attempt may not meet: Temporal or the database unavailable or timing out."""
 
@@ -99,7 +106,9 @@ class Routed:
     signalled: list[str] = field(default_factory=list)
     """Workflow ids of active runs the event was delivered to."""
     skipped: list[str] = field(default_factory=list)
-    """Journeys the event matched but could not enter (``once``)."""
+    """Journeys the event matched but could not enter (``once``, or paused)."""
+    skip_reasons: dict[str, str] = field(default_factory=dict)
+    """Why each skipped journey was skipped: ``re_entry_once``, ``re_entry_after`` or ``journey_paused``."""
     converted: list[str] = field(default_factory=list)
     """Ended runs whose goal window was still open and that this event converted."""
     person: str | None = None
@@ -113,6 +122,7 @@ class Routed:
             "triggered": self.triggered,
             "signalled": self.signalled,
             "skipped": self.skipped,
+            "skip_reasons": self.skip_reasons,
         }
 
 
@@ -147,6 +157,8 @@ class Ingest:
         )
         """Event names some journey triggers on, a run may wait for, or a goal converts on: any
         other event (most page views, say) is stored as routed, with nothing to route."""
+        self._triggers = frozenset(j.trigger.event for j in project.journeys.values())
+        self.paused = PausedJourneys(db)
         self._dated_by_event: dict[str, list[Journey]] = {}
         """Journeys whose date trigger reads its date from an event, by that event's name."""
         self._dated_by_traits = [
@@ -185,6 +197,7 @@ class Ingest:
             name=event.name,
             properties=dict(event.properties),
             timestamp=event.timestamp.astimezone(UTC),
+            received_at=utcnow(),  # given, as every field: a default factory costs an inspection
             routed_at=None if event.name in self._routable else utcnow(),
         )
         if isinstance(identifiers, str):
@@ -243,6 +256,7 @@ class Ingest:
             routes = await asyncio.to_thread(self.routes.active_for, user_id)
             if profile is None:  # else as the call that stored the event left it
                 profile = await asyncio.to_thread(self.profiles.read, user_id)
+            paused = await asyncio.to_thread(self.paused.all) if event.name in self._triggers else frozenset()
         except TRANSIENT as exc:
             raise NotRouted(f"event {event.message_id} not routed: {exc}") from exc
         routed = Routed(rerouted=again, person=user_id)
@@ -261,6 +275,10 @@ class Ingest:
                 failures.append(exc)
         for journey in self.project.journeys.values():
             if trigger_matches(journey, event, profile.traits, user_id):
+                if journey.id in paused:  # runs in flight got the event above; no new run starts
+                    routed.skipped.append(journey.id)
+                    routed.skip_reasons[journey.id] = JOURNEY_PAUSED
+                    continue
                 key = run_key(journey, event, profile.traits, user_id)
                 try:
                     await self._trigger(journey, user_id, key, payload, routed, again=again, routes=routes)
@@ -419,6 +437,9 @@ class Ingest:
         if deployed is None or deployed.date_trigger is None:
             log.info("date of %s reached, but journey %s no longer starts on a date", user_id, journey)
             return
+        if journey in await asyncio.to_thread(self.paused.all):
+            log.info("date of %s reached, but journey %s is paused: no run starts", user_id, journey)
+            return
         person = await asyncio.to_thread(self.identities.survivor, user_id)  # merged since, perhaps
         routes = await asyncio.to_thread(self.routes.active_for, person)
         await self._trigger(deployed, person, key, event.to_dict(), Routed(), again=True, routes=routes)
@@ -468,12 +489,14 @@ class Ingest:
         # it) and its route; any other earlier run means ``once`` keeps the user out.
         if once and started is None and await asyncio.to_thread(has_run, self.db, journey.id, user_id, key):
             routed.skipped.append(journey.id)
+            routed.skip_reasons[journey.id] = RE_ENTRY_ONCE
             return
         # re_entry: {after}: no new run until that long after the latest one entered.
         if journey.re_entry_after and started is None:
             entered = await asyncio.to_thread(last_entry, self.db, journey.id, user_id, key)
             if too_soon(journey, entered, datetime.now(UTC)):
                 routed.skipped.append(journey.id)
+                routed.skip_reasons[journey.id] = RE_ENTRY_AFTER
                 return
         params = {
             "journey": self._payloads[journey.id],
@@ -497,6 +520,7 @@ class Ingest:
             )
         except WorkflowAlreadyStartedError:
             routed.skipped.append(journey.id)
+            routed.skip_reasons[journey.id] = RE_ENTRY_ONCE
             return
         await asyncio.to_thread(
             self.routes.activate,

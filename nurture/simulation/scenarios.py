@@ -123,6 +123,7 @@ class ScenarioDoc(_Doc):
     scenario: str
     start: datetime
     journeys: list[str] | None = None
+    paused: list[str] = Field(default_factory=list)
     users: dict[str, dict[str, Any]] = Field(default_factory=dict)
     events: list[EventDoc] = Field(default_factory=list)
     population: PopulationDoc | None = None
@@ -284,6 +285,8 @@ class Scenario:
     """Generated users and their events: a forecast rather than a test (it has no expectations)."""
     until: int | None = None
     """Offset after which date triggers start no more runs (needed by yearly ones, which never stop)."""
+    paused: frozenset[str] = frozenset()
+    """Journeys paused for the whole scenario: their triggers start no run."""
     _identities: Identities | None = field(default=None, init=False, repr=False, compare=False)
 
     def instant(self, offset: int) -> datetime:
@@ -351,6 +354,11 @@ def load_scenario(path: Path, project: Project) -> Scenario:
                 smap.diagnostic(
                     ("journeys", index), f"unknown journey '{name}'{did_you_mean(name, project.journeys)}"
                 )
+            )
+    for index, name in enumerate(doc.paused):
+        if name not in journeys:
+            problems.append(
+                smap.diagnostic(("paused", index), f"'{name}' is not a journey of this scenario{did_you_mean(name, journeys)}")
             )
     start = doc.start if doc.start.tzinfo else doc.start.replace(tzinfo=UTC)
     users: dict[str, dict[str, Any]] = {}
@@ -571,7 +579,17 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     if problems:
         raise CompileError(problems)
     return Scenario(
-        doc.scenario, str(path), start, journeys, users, opted, events, expectations, population, until
+        doc.scenario,
+        str(path),
+        start,
+        journeys,
+        users,
+        opted,
+        events,
+        expectations,
+        population,
+        until,
+        frozenset(doc.paused),
     )
 
 
@@ -797,6 +815,7 @@ def build_simulator(
         timeline=timeline,
         recorder=recorder,
         until=None if scenario.until is None else scenario.instant(scenario.until),
+        paused=scenario.paused,
     )
     for user_id, traits in scenario.users.items():
         sim.add_user(user_id, traits, scenario.opted_out.get(user_id, ()))

@@ -22,6 +22,7 @@ from nurture.delivery.deliverer import Deliverer, MemoryHistory, MemoryProfiles,
 from nurture.engine.identity import MERGED, Plan, RunSlot
 from nurture.engine.interpreter import (
     HELD,
+    JOURNEY_PAUSED,
     AwaitEvent,
     Command,
     DatePlan,
@@ -96,6 +97,8 @@ class Simulator:
     recorder: Recorder | None = None
     """Also receives every run record (start, steps, sends, conversions, end), as the workflow's
     activities do: a database recorder makes a report of a simulation."""
+    paused: frozenset[str] = frozenset()
+    """Journeys an operator paused: their triggers start no run; runs in flight go on."""
     now: datetime = field(init=False)
     outcomes: list[Outcome] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
@@ -289,9 +292,14 @@ class Simulator:
             journey,
             active=current is not None,
             ran_before=slot in self._history,
+            paused=journey.id in self.paused,
             last_entered_at=self._entered.get(slot),
             now=self.now,
         )
+        if decision == "paused":
+            if self.timeline:
+                self._note(user_id, journey.id, "", "not entered", JOURNEY_PAUSED)
+            return
         if decision == "ignore":
             if self.timeline:
                 self._note(user_id, journey.id, "", "not entered", f"re_entry {journey.re_entry}")
