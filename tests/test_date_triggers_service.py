@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 from support import eventually, messages, new_user, rows
 from temporalio.client import Client, WorkflowExecutionStatus
-from test_api import Api, serving
+from temporalio.service import RPCError, RPCStatusCode
+from test_api import ADMIN_KEY, Api, serving
 
 from nurture.engine.clock import format_instant
 from nurture.engine.interpreter import workflow_id
 from nurture.language.compiler import Project, load_project
 from nurture.storage.db import Database
-from nurture.storage.models import RunRecord
+from nurture.storage.models import DateTriggerRecord, RunRecord
 
 PROJECT = Path(__file__).parent / "projects" / "dates"
 LEAD = 4.0
@@ -131,3 +132,28 @@ async def test_two_people_with_a_trial_merged_get_one_reminder(api: Api) -> None
     await asyncio.sleep(1)
     started = [r.user_id for r in rows(api.db, RunRecord, journey="trial_ending") if r.user_id in (first, second)]
     assert started == [survivor]
+
+
+async def test_forgetting_a_person_ends_their_date_trigger_and_erases_its_record(api: Api) -> None:
+    """A date waited for holds the person's id in a workflow: forgetting them ends it (before its
+    moment, so no run ever starts) and leaves no record of it."""
+    user = new_user()
+    ends = format_instant(datetime.now(UTC) + timedelta(days=1, seconds=LEAD))
+    answer = await api.post("/v1/identify", {"userId": user, "traits": {"email": f"{user}@example.com", "trial_ends_at": ends}})
+    assert answer.status_code == 200, answer.text
+    wid = workflow_id("trial_ending", user, "", prefix="nurture-date")
+    assert [r.user_id for r in rows(api.db, DateTriggerRecord, workflow_id=wid)] == [user]
+    assert (await api.temporal.get_workflow_handle(wid).describe()).status == WorkflowExecutionStatus.RUNNING
+
+    forgot = await api.http.delete(f"/v1/users/{user}", auth=(ADMIN_KEY, ""))
+
+    assert forgot.status_code == 200, forgot.text
+    assert rows(api.db, DateTriggerRecord, workflow_id=wid) == []
+    try:
+        status = (await api.temporal.get_workflow_handle(wid).describe()).status
+    except RPCError as exc:  # its history deleted
+        assert exc.status == RPCStatusCode.NOT_FOUND
+    else:
+        assert status != WorkflowExecutionStatus.RUNNING
+    await asyncio.sleep(LEAD + 2)
+    assert entered(api.db, "trial_ending", user) == []

@@ -58,6 +58,7 @@ from nurture.storage.db import Database
 from nurture.storage.identities import Applied, DbIdentities
 from nurture.storage.models import EventRecord, Route, utcnow
 from nurture.storage.stores import (
+    DateTriggers,
     DbProfiles,
     DbRecorder,
     Events,
@@ -140,6 +141,7 @@ class Ingest:
         self.task_queue = task_queue
         self.events = Events(db)
         self.routes = Routes(db)
+        self.date_triggers = DateTriggers(db)
         self.profiles = DbProfiles(db)
         self.identities = DbIdentities(db, secret=secret)
         self.recorder = DbRecorder(db)
@@ -419,6 +421,8 @@ class Ingest:
             with contextlib.suppress(RPCError):
                 await self.client.get_workflow_handle(wid).signal(PLAN_SIGNAL, plan.to_dict())
             return
+        # Recorded first, so forgetting the person finds every workflow that may hold their id.
+        await asyncio.to_thread(self.date_triggers.add, wid, user_id=user_id, journey=journey.id)
         await self.client.start_workflow(
             DATE_WORKFLOW,
             date_params(journey, user_id, plan),

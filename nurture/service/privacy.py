@@ -53,6 +53,7 @@ from nurture.storage.audit import AuditAction, AuditRecord, subject_hash, subjec
 from nurture.storage.db import Database
 from nurture.storage.identities import canonical, merged_persons
 from nurture.storage.models import (
+    DateTriggerRecord,
     EventRecord,
     IdentityRecord,
     MessageEvent,
@@ -296,7 +297,16 @@ def holdings(db: Database, user_id: str) -> Holdings:
         routes = session.execute(
             select(col(Route.workflow_id), col(Route.active)).where(col(Route.user_id).in_(ids))
         ).all()
-        active = {wid for wid, _, status in runs if status == "active"} | {wid for wid, on in routes if on}
+        dated = set(
+            session.execute(
+                select(col(DateTriggerRecord.workflow_id)).where(col(DateTriggerRecord.user_id).in_(ids))
+            ).scalars()
+        )
+        active = (
+            {wid for wid, _, status in runs if status == "active"}
+            | {wid for wid, on in routes if on}
+            | dated  # date trigger workflows: ended if still waiting
+        )
         return Holdings(
             profile=session.get(ProfileRecord, ids[0]) is not None,
             events=_count(session, EventRecord, col(EventRecord.user_id).in_(ids)),
@@ -304,7 +314,7 @@ def holdings(db: Database, user_id: str) -> Holdings:
             runs=len(runs),
             active=sorted(active),
             executions=sorted((wid, run_id) for wid, run_id, _ in runs if wid),
-            routes=sorted(wid for wid, _ in routes),
+            routes=sorted({wid for wid, _ in routes} | dated),
         )
 
 
@@ -493,7 +503,10 @@ def _erase(db: Database, user_id: str, counts: TemporalCounts, actor: str, secre
                 session.execute(delete(IdentityRecord).where(col(IdentityRecord.person_id).in_(ids)))
             ),
             events=_changed(session.execute(delete(EventRecord).where(col(EventRecord.user_id).in_(ids)))),
-            routes=_changed(session.execute(delete(Route).where(col(Route.user_id).in_(ids)))),
+            routes=_changed(session.execute(delete(Route).where(col(Route.user_id).in_(ids))))
+            + _changed(
+                session.execute(delete(DateTriggerRecord).where(col(DateTriggerRecord.user_id).in_(ids)))
+            ),
             message_events=deleted_feedback,
         )
         anonymized = Anonymized(messages=anonymized_messages, runs=anonymized_runs)

@@ -44,6 +44,7 @@ from nurture.engine.model import Profile
 from .audit import AuditRecord, subject_hash
 from .db import Database
 from .models import (
+    DateTriggerRecord,
     EventRecord,
     GroupRecord,
     IdentityRecord,
@@ -61,7 +62,14 @@ IDENTIFIER_LIMIT = 320
 """Characters an identifier may have; a longer value (no real address is) identifies no one."""
 _RETRY_CODES = frozenset({"40001", "40P01"})
 """PostgreSQL's serialization failure and deadlock: the transaction may simply run again."""
-PERSON_TABLES: tuple[Any, ...] = (EventRecord, MessageRecord, MessageEvent, RunRecord, Route)
+PERSON_TABLES: tuple[Any, ...] = (
+    EventRecord,
+    MessageRecord,
+    MessageEvent,
+    RunRecord,
+    Route,
+    DateTriggerRecord,
+)
 """Tables whose ``user_id`` is a person id, moved to the survivor by a merge."""
 
 GROUP_TIME = "$group"

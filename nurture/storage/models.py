@@ -206,6 +206,18 @@ class StepReach(SQLModel, table=True):
     """The latest reason it was held: ``quiet_hours`` or ``frequency_cap``."""
 
 
+class DateTriggerRecord(SQLModel, table=True):
+    """A date trigger workflow the event API started for a person: what forgetting them ends
+    (the workflow itself keeps no row anywhere else)."""
+
+    __tablename__ = "date_triggers"
+
+    workflow_id: str = Field(primary_key=True, max_length=1000)
+    user_id: str = Field(max_length=PERSON_ID, index=True)
+    journey: str = Field(max_length=128)
+    updated_at: datetime = _when(nullable=False, default=utcnow)
+
+
 class Route(SQLModel, table=True):
     """Where a user's events go: one row per (journey, user, key) workflow id.
 

@@ -25,6 +25,7 @@ from nurture.language.templates import RenderedMessage
 from .db import Database, upsert
 from .identities import canonical, merged_persons, with_group
 from .models import (
+    DateTriggerRecord,
     EventRecord,
     IdentityRecord,
     MessageRecord,
@@ -701,3 +702,26 @@ def last_entry(db: Database, journey: str, user_id: str, key: str) -> datetime |
     if not isinstance(value, datetime):
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class DateTriggers:
+    """The ``date_triggers`` table: which date trigger workflows were started for whom."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add(self, workflow_id: str, *, user_id: str, journey: str) -> None:
+        """Record (or re-record) a started date trigger workflow."""
+        values = {"workflow_id": workflow_id, "user_id": user_id, "journey": journey, "updated_at": utcnow()}
+        with self.db.session() as session:
+            insert = upsert(session)
+            if insert is None:
+                session.merge(DateTriggerRecord.model_validate(values))
+                return
+            statement = insert(DateTriggerRecord).values(**values)
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["workflow_id"],
+                    set_={"user_id": statement.excluded.user_id, "updated_at": statement.excluded.updated_at},
+                )
+            )
