@@ -22,7 +22,7 @@ from nurture.simulation.scenarios import (
     scenario_files,
 )
 
-from . import events, preview, privacy, report, service
+from . import events, preview, privacy, report, runs, service
 from .options import project_options
 
 
@@ -220,6 +220,7 @@ for command in (
     privacy.forget,
     privacy.export,
     report.report,
+    runs.runs,
 ):
     main.add_command(command)
 

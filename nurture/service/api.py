@@ -65,6 +65,7 @@ from nurture.language.compiler import Project, load_project
 from nurture.language.diagnostics import did_you_mean
 from nurture.language.ir import CHANNELS
 from nurture.reports.report import JourneyCounts, JourneyReport, journey_counts, journey_report, parse_bound
+from nurture.reports.runs import PAGE_LIMIT, RunPage, State, VersionCount, list_runs, version_counts
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
 
@@ -1341,6 +1342,47 @@ def journeys(service: ServiceDep) -> list[JourneyPublic]:
         )
         for journey in (project[name] for name in sorted(project))
     ]
+
+
+@v1.get(
+    "/runs",
+    response_model=RunPage,
+    responses={**ERRORS, 400: {"model": ErrorBody, "description": "`after` is not a cursor of this listing."}},
+    tags=["reports"],
+    dependencies=READ,
+)
+def runs(
+    service: ServiceDep,
+    journey: Annotated[str | None, Query(description="Only runs of this journey.")] = None,
+    version: Annotated[str | None, Query(description="Only runs at this journey version.")] = None,
+    state: Annotated[State | None, Query(description="`active` or `ended`.")] = None,
+    step: Annotated[str | None, Query(description="Only active runs waiting at this step id.")] = None,
+    limit: Annotated[int, Query(ge=1, le=PAGE_LIMIT, description="Runs per page.")] = 100,
+    after: Annotated[str | None, Query(description="The previous page's `next` cursor.")] = None,
+) -> RunPage:
+    """Runs by journey, version, state and step, oldest entry first, a page at a time (from the
+    database: where each active run waits, which version it follows)."""
+    try:
+        return list_runs(
+            service.db, journey, version=version, state=state, step=step, limit=limit, after=after
+        )
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request", detail=[{"field": "after", "message": str(exc)}]) from None
+
+
+@v1.get(
+    "/runs/counts",
+    response_model=list[VersionCount],
+    responses=ERRORS,
+    tags=["reports"],
+    dependencies=READ,
+)
+def run_counts(
+    service: ServiceDep, journey: Annotated[str, Query(description="The journey's id.")]
+) -> list[VersionCount]:
+    """Per version of the journey, oldest first: active and ended runs, and active runs by the
+    step they wait at (what a migration would move)."""
+    return version_counts(service.db, journey)
 
 
 def _bound(name: str, text: str | None, *, end: bool) -> datetime | None:
