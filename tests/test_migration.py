@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from support import rows
 from test_interpreter import T0, answer, compile_journey, event, new_run, sent, templates
 
 from nurture.engine.interpreter import AwaitEvent, Deliver, Ended, Run, Sleep, WriteTraits
@@ -13,6 +14,10 @@ from nurture.engine.model import SendResult
 from nurture.language import ir
 from nurture.language.migration import MigrationError, parse_map, plan_end, plan_move, waiting_steps
 from nurture.language.templates import TemplateStore
+from nurture.simulation.simulator import Simulator
+from nurture.storage.db import Database
+from nurture.storage.models import MessageRecord, RunRecord, StepReach
+from nurture.storage.stores import DbRecorder
 
 __all__ = ["templates"]  # the module's fixture, shared
 
@@ -88,15 +93,15 @@ def versions(templates: TemplateStore) -> tuple[ir.Journey, ir.Journey]:
     return compile_journey(templates, V1), compile_journey(templates, V2)
 
 
-def user_in(journey: ir.Journey, variant: str) -> str:
-    """A user id the copy split assigns to ``variant``."""
+def user_in(journey: ir.Journey, variant: str, nth: int = 0) -> str:
+    """A user id the copy split assigns to ``variant`` (the ``nth`` one)."""
     from nurture.engine.interpreter import choose_variant
 
     split = journey.step("split_copy")
     assert isinstance(split, ir.Split)
-    return next(
+    return [
         user for user in (f"u{n}" for n in range(100)) if choose_variant("copy", user, split.variants).name == variant
-    )
+    ][nth]
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -261,3 +266,111 @@ def test_a_restored_snapshot_runs_exactly_as_the_run_would_have(
     assert log.pop() == waiting  # drive logs it again
     drive(restored, waiting, log)
     assert log == expected
+
+
+# --- the simulator -------------------------------------------------------------------------------
+
+
+def simulate(
+    templates: TemplateStore, old: ir.Journey, db: Database | None = None
+) -> tuple[Simulator, dict[str, str]]:
+    """Four people: a and b enter at T0 (by the upgrade at 2d1h they wait for a click, one per
+    variant), d enters at 1d (asleep at first_wait until 3d), e enters after the upgrade."""
+    from channels.outbox import Outbox
+    from nurture.delivery.deliverer import Deliverer
+    from nurture.simulation.simulator import Simulator
+
+    outbox = Outbox()
+    deliverer = Deliverer(templates, {"email": outbox, "sms": outbox, "wechat": outbox})
+    sim = Simulator([old], deliverer, T0, recorder=None if db is None else DbRecorder(db))
+    people = {"a": user_in(old, "a"), "b": user_in(old, "b"), "d": user_in(old, "b", 1), "e": user_in(old, "a", 1)}
+    for name, user in people.items():
+        sim.add_user(user, {"email": f"{name}@example.com", "phone": "+8613800138000"})
+    for name, offset in [("a", 0), ("b", 0), ("d", 1), ("e", 4)]:
+        at = T0 + timedelta(days=offset)
+        sim.track(at, people[name], event("Signed Up", at))
+    return sim, people
+
+
+def by_person(sim: Simulator, people: dict[str, str]) -> dict[str, list[tuple[timedelta, str]]]:
+    names = {user: name for name, user in people.items()}
+    seen: dict[str, list[tuple[timedelta, str]]] = {}
+    for o in sim.outcomes:
+        what = f"{o.send.step_id} {o.send.channel}" if o.send is not None else f"ended {o.exit}"
+        seen.setdefault(names[o.user], []).append((o.at - T0, what))
+    return seen
+
+
+async def test_the_simulator_moves_sleeping_runs_at_an_upgrade(
+    versions: tuple[ir.Journey, ir.Journey], templates: TemplateStore, database: Database
+) -> None:
+    old, new = versions
+    sim, people = simulate(templates, old, database)
+    at_upgrade = T0 + timedelta(days=2, hours=1)
+    plan = plan_move(old, new, {"first_wait": "first_pause", "thanks": "thanks_v2", "nudge": "last_note"})
+    sim.upgrade(at_upgrade, new, plan)
+    click = T0 + timedelta(days=3)
+    sim.track(click, people["a"], event("Clicked", click))
+
+    await sim.run()
+
+    day = timedelta(days=1)
+    assert by_person(sim, people) == {
+        # mid-wait_for when moved: the click takes the new version's branch (an SMS)
+        "a": [(0 * day, "hello email"), (3 * day, "thanks_v2 sms"), (3 * day, "last_note email"), (3 * day, "ended completed")],
+        # its wait_for times out when it would have (5d, not 2d1h + 3d), then the new steps
+        "b": [(0 * day, "hello email"), (5 * day, "last_note email"), (5 * day, "ended completed")],
+        # asleep at first_wait: wakes at 3d as planned, at first_pause, then follows the new version
+        "d": [(1 * day, "hello email"), (6 * day, "last_note email"), (6 * day, "ended completed")],
+        # entered after the upgrade: the new version from the start (1d pause, then a 5d wait_for)
+        "e": [(4 * day, "hello email"), (10 * day, "last_note email"), (10 * day, "ended completed")],
+    }
+    runs = {row.user_id: row for row in rows(database, RunRecord)}
+    assert {runs[people[name]].version for name in "abde"} == {new.version}
+    messages = {(m.run_id, m.step_id): m for m in rows(database, MessageRecord)}
+    assert len(messages) == len(sends_of(sim))
+    reach = {(r.run_id, r.step_id): r.version for r in rows(database, StepReach)}
+    assert reach[(runs[people["a"]].run_id, "hello")] == old.version
+    assert reach[(runs[people["a"]].run_id, "thanks_v2")] == new.version
+
+
+def sends_of(sim: Simulator) -> list[object]:
+    return [o for o in sim.outcomes if o.send is not None]
+
+
+async def test_the_simulator_ends_runs_of_a_retired_version(
+    versions: tuple[ir.Journey, ir.Journey], templates: TemplateStore
+) -> None:
+    old, new = versions
+    sim, people = simulate(templates, old)
+    sim.upgrade(T0 + timedelta(days=2, hours=1), new, plan_end(old, "retired"))
+
+    await sim.run()
+
+    seen = by_person(sim, people)
+    for name in "abd":
+        assert seen[name][-1] == (timedelta(days=2, hours=1), "ended retired")
+    assert seen["e"] == [
+        (timedelta(days=4), "hello email"),
+        (timedelta(days=10), "last_note email"),
+        (timedelta(days=10), "ended completed"),
+    ]
+    assert any(entry.what == "deployed" and entry.detail == f"version {new.version}" for entry in sim.entries)
+
+
+async def test_without_a_plan_runs_in_flight_finish_on_their_version(
+    versions: tuple[ir.Journey, ir.Journey], templates: TemplateStore
+) -> None:
+    old, new = versions
+    sim, people = simulate(templates, old)
+    sim.upgrade(T0 + timedelta(days=2, hours=1), new)
+
+    await sim.run()
+
+    seen = by_person(sim, people)
+    # b waits for a click in the old version, times out at 5d and gets the old last_note at once
+    assert seen["b"] == [(timedelta(0), "hello email"), (timedelta(days=5), "last_note email"), (timedelta(days=5), "ended completed")]
+    # a's old branch: no click, so the old `nudge` email goes out at 5d
+    assert (timedelta(days=5), "nudge email") in seen["a"]
+    with pytest.raises(ValueError, match="moves runs to version"):
+        sim.upgrade(T0, old, plan_move(old, new, {"first_wait": "first_pause", "thanks": "thanks_v2", "nudge": "last_note"}))

@@ -68,6 +68,7 @@ from nurture.reports.report import JourneyCounts, JourneyReport, journey_counts,
 from nurture.reports.runs import PAGE_LIMIT, RunPage, State, VersionCount, list_runs, version_counts
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
+from nurture.storage.stores import store_versions
 
 from . import privacy
 from .ingest import ROUTING_GRACE, Ingest, NotRouted, Routed
@@ -1773,6 +1774,7 @@ def create_app(
     if db is None:
         db = Database(settings.database)
         db.migrate()
+    store_versions(db, list(project.journeys.values()))  # what `nurture migrate` moves runs from
     service = Service(settings, project, db, client)
 
     @asynccontextmanager

@@ -274,3 +274,21 @@ class UsedNonce(SQLModel, table=True):
     """SHA-256 (hex) of the body that came with it: the provider's own retry repeats that body."""
     expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
     """When the signature becomes stale (refused by its timestamp); the row is pruned after."""
+
+
+class JourneyVersion(SQLModel, table=True):
+    """The compiled form of one journey version, stored when a worker or the API starts with it.
+
+    Runs in flight keep the version they entered with; to move them to a newer one, ``nurture
+    migrate`` needs the older version's steps, which the journey files no longer hold.
+    """
+
+    __tablename__ = "journey_versions"
+
+    journey: str = Field(primary_key=True, max_length=128)
+    version: str = Field(primary_key=True, max_length=32)
+    ir: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    """The intermediate form (:func:`nurture.language.ir.journey_to_dict`)."""
+    source: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    deployed_at: datetime = _when(nullable=False, default=utcnow)
+    """When a process first started with this version."""

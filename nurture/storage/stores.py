@@ -20,10 +20,20 @@ from channels.outbox import outbox_id
 from nurture.delivery.deliverer import AttemptState, Claim, earlier_claim, with_attempt
 from nurture.engine.clock import format_instant, parse_instant
 from nurture.engine.model import EndedRun, Event, Profile, SendOutcome, SendRequest
+from nurture.language import ir
 from nurture.language.templates import RenderedMessage
 
 from .db import Database, upsert
-from .models import EventRecord, MessageRecord, ProfileRecord, Route, RunRecord, StepReach, utcnow
+from .models import (
+    EventRecord,
+    JourneyVersion,
+    MessageRecord,
+    ProfileRecord,
+    Route,
+    RunRecord,
+    StepReach,
+    utcnow,
+)
 
 IDENTITY = ("email", "phone", "wechat_openid")
 
@@ -242,8 +252,11 @@ class DbRecorder:
             waiting = record.get("waiting")
             if waiting is None:
                 return
+            # The version too: a run moved to a newer version records it with its first wait there.
             session.execute(
-                update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(step=waiting)
+                update(RunRecord)
+                .where(col(RunRecord.run_id) == record["run_id"])
+                .values(step=waiting, version=record["version"])
             )
             if record.get("deferred"):
                 session.execute(
@@ -684,3 +697,46 @@ def has_run(db: Database, journey: str, user_id: str, key: str) -> bool:
             .limit(1)
         ).first()
         return row is not None
+
+
+def store_versions(db: Database, journeys: Sequence[ir.Journey]) -> None:
+    """Keep the compiled form of each journey version (once; the first start's time stays)."""
+    rows: list[dict[str, Any]] = [
+        {
+            "journey": journey.id,
+            "version": journey.version,
+            "ir": ir.journey_to_dict(journey),
+            "source": journey.source,
+            "deployed_at": utcnow(),
+        }
+        for journey in journeys
+    ]
+    if not rows:
+        return
+    with db.session() as session:
+        insert = upsert(session)
+        if insert is not None:
+            session.execute(insert(JourneyVersion).values(rows).on_conflict_do_nothing())
+            return
+        for row in rows:
+            if session.get(JourneyVersion, (row["journey"], row["version"])) is None:
+                session.add(JourneyVersion(**row))
+
+
+def stored_version(db: Database, journey: str, version: str) -> ir.Journey | None:
+    """A stored journey version (:func:`store_versions`), or ``None``."""
+    with db.session() as session:
+        row = session.get(JourneyVersion, (journey, version))
+        return None if row is None else ir.journey_from_dict(row.ir)
+
+
+def stored_versions(db: Database, journey: str) -> list[str]:
+    """The stored versions of ``journey``, first deployed first."""
+    with db.session() as session:
+        return list(
+            session.execute(
+                select(col(JourneyVersion.version))
+                .where(col(JourneyVersion.journey) == journey)
+                .order_by(col(JourneyVersion.deployed_at))
+            ).scalars()
+        )

@@ -1,0 +1,32 @@
+"""journey_versions: the compiled form of every journey version deployed
+
+Revision ID: 0030
+Revises: 0009
+Create Date: 2026-12-06 04:30:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0030"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "journey_versions",
+        sa.Column("journey", sa.String(length=128), nullable=False),
+        sa.Column("version", sa.String(length=32), nullable=False),
+        sa.Column("ir", sa.JSON(), nullable=False),
+        sa.Column("source", sa.Text(), nullable=False, server_default=""),
+        sa.Column("deployed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("journey", "version"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("journey_versions")
