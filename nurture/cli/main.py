@@ -221,6 +221,7 @@ for command in (
     privacy.export,
     report.report,
     runs.runs,
+    runs.migrate,
 ):
     main.add_command(command)
 

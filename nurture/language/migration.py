@@ -44,8 +44,12 @@ class Migration:
     """Every waiting step of the old version, by id, to the step of the new version it continues at."""
     end_reason: str | None = None
 
-    def signal(self, target: ir.Journey) -> dict[str, Any]:
-        """The ``migrate`` signal's payload: the new version's intermediate form and the map."""
+    def signal(self, target: ir.Journey | None = None) -> dict[str, Any]:
+        """The ``migrate`` signal's payload: the new version's intermediate form and the map, or
+        the end reason. A run applies it only while it is at ``from_version``."""
+        if self.end_reason is not None:
+            return {"from_version": self.from_version, "end": self.end_reason}
+        assert target is not None and target.version == self.to_version
         return {
             "from_version": self.from_version,
             "journey": ir.journey_to_dict(target),

@@ -661,6 +661,16 @@ class Routes:
                 update(Route).where(col(Route.workflow_id) == workflow_id).values(active=False, updated_at=utcnow())
             )
 
+    def listen_also(self, workflow_ids: Sequence[str], names: Sequence[str]) -> None:
+        """Add event ``names`` to these routes' (a run moving to a version that waits for more)."""
+        with self.db.session() as session:
+            for start in range(0, len(workflow_ids), 500):
+                for route in session.execute(
+                    select(Route).where(col(Route.workflow_id).in_(workflow_ids[start : start + 500]))
+                ).scalars():
+                    route.listens = sorted(set(route.listens) | set(names))
+                    route.updated_at = utcnow()
+
     def active_for(self, user_id: str) -> list[Route]:
         with self.db.session() as session:
             rows = session.execute(
