@@ -55,7 +55,8 @@ CARRIED = "carried"
 """Workflow input of a run that continued as new: its state (:meth:`Run.snapshot`), the message
 ids it has seen, and signals not yet handled."""
 SEEN_LIMIT = 1_000
-"""A run remembers the message ids of its latest 1,000 events, to ignore a retried call ..."""
+"""A run remembers the message ids of its latest 1,000 events, to ignore a retried call (the
+workflow input ``seen_limit`` sets another number; tests use a small one) ..."""
 SEEN_FOR = timedelta(days=7)
 """.. and forgets an id after 7 days: retries come within minutes, hours at most."""
 
@@ -85,6 +86,7 @@ class JourneyWorkflow:
         self._record_steps = False
         self._migration: dict[str, Any] | None = None
         self._params = params
+        self._seen_limit = int(params.get("seen_limit") or SEEN_LIMIT)
         self._seen: dict[str, float] = {}
         """Message ids seen, in arrival order, with when (workflow time, POSIX seconds)."""
         carried = params.get(CARRIED)
@@ -109,12 +111,12 @@ class JourneyWorkflow:
         self._inbox.append(event)
 
     def _forget_old_ids(self, now: float) -> None:
-        """Keep the latest :data:`SEEN_LIMIT` ids, none older than :data:`SEEN_FOR`."""
+        """Keep the latest :data:`SEEN_LIMIT` ids (or ``seen_limit``), none older than :data:`SEEN_FOR`."""
         oldest = next(iter(self._seen.values()))
         too_old = oldest < now - SEEN_FOR.total_seconds()
-        if not (too_old or len(self._seen) > SEEN_LIMIT) or not workflow.patched(SEEN_PATCH):
+        if not (too_old or len(self._seen) > self._seen_limit) or not workflow.patched(SEEN_PATCH):
             return  # runs from before the bound (no patch marker) replay keeping every id
-        while len(self._seen) > SEEN_LIMIT:
+        while len(self._seen) > self._seen_limit:
             del self._seen[next(iter(self._seen))]
         for message_id, at in list(self._seen.items()):
             if at >= now - SEEN_FOR.total_seconds():
@@ -303,7 +305,7 @@ class JourneyWorkflow:
             "run_id": run.run_id,
             CARRIED: {
                 "run": run.snapshot(),
-                "seen": seen[-SEEN_LIMIT:],
+                "seen": seen[-self._seen_limit :],
                 "inbox": self._inbox,
                 "migration": self._migration,
             },
