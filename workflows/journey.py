@@ -71,8 +71,10 @@ class JourneyWorkflow:
 
     Input (JSON): ``journey`` (the intermediate form), ``user_id``, ``key``, ``event`` (the
     trigger), ``run_id``, ``clock_offset`` (seconds added to workflow time; the scenario
-    runner uses it to place the time-skipping server's clock on the scenario's start) and
-    ``record_steps`` (record the steps reached before each wait; every router sets it).
+    runner uses it to place the time-skipping server's clock on the scenario's start),
+    ``record_steps`` (record the steps reached before each wait; every router sets it), and
+    optionally ``continue_after`` and ``seen_limit`` (see :data:`HISTORY_LIMIT` and
+    :data:`SEEN_LIMIT`). A run that continued as new also gets ``carried``.
     """
 
     @workflow.init
