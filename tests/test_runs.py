@@ -18,6 +18,7 @@ from nurture.service.api import create_app
 from nurture.service.settings import Settings
 from nurture.storage.db import Database
 from nurture.storage.models import RunRecord
+from nurture.storage.stores import Routes
 
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 READ_KEY = "read-key-0123456789"
@@ -157,3 +158,14 @@ def test_the_command_lists_and_counts_runs(tmp_path: Path) -> None:
     assert json.loads(run("runs", "welcome", "--counts", "--json"))[1]["waiting"] == {"first_wait": 1}
     bad = runner.invoke(main, ["runs", "welcome", "--after", "x", "--home", str(tmp_path)], env={"DATABASE_URL": ""})
     assert bad.exit_code == 2 and "--after" in bad.output
+
+
+def test_moved_runs_routes_listen_for_the_new_versions_events(database: Database) -> None:
+    routes = Routes(database)
+    routes.activate("nurture/welcome/u1/", user_id="u1", journey="welcome", key="", listens=["Clicked"])
+    routes.activate("nurture/welcome/u2/", user_id="u2", journey="welcome", key="", listens=["Clicked"])
+
+    routes.listen_also(["nurture/welcome/u1/"], ["Upgraded", "Clicked"])
+
+    assert routes.active_for("u1")[0].listens == ["Clicked", "Upgraded"]
+    assert routes.active_for("u2")[0].listens == ["Clicked"]

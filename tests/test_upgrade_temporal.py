@@ -172,10 +172,10 @@ async def test_migrate_moves_sleeping_runs_mid_wait_and_mid_wait_for(
     assert moved.exit_code == 0, moved.output
     assert "signalled 3 run(s) to move at their next wait" in moved.output
     await stage.settled(run_d, "waiting:first_pause")
-    await eventually(lambda: {stage.run_of(u).version for u in (a, b, d)} == {new.version}, what="new versions")
+    await eventually(lambda: {stage.run_of(u).version for u in (a, b, d)} == {new.version}, what="new versions", timeout=20)
     assert stage.run_of(d).step == "first_pause"
     await stage.event(run_a, "Clicked", "click-a")  # mid-wait_for: the new version's branch (an SMS)
-    await eventually(lambda: "thanks_v2" in stage.sends(a), what="the new version's thank-you")
+    await eventually(lambda: "thanks_v2" in stage.sends(a), what="the new version's thank-you", timeout=20)
     for handle in (run_a, run_b, run_d):
         assert (await handle.result())["reason"] == "completed"
     assert stage.sends(a) == ["hello", "last_note", "thanks_v2"]
