@@ -151,8 +151,8 @@ def migrate(
     A moved run changes version at its next wait (at once if it is waiting): it waits at the step
     of --to with the same id, or the one --map names, until the instant it was due, keeping its
     variants, goal window and last event, and goes on with --to's steps. Every step of --from
-    where runs wait must have a place in --to of a kind that can take the wait; nothing is sent
-    otherwise. Versions come from the journey files (the current one) and from the database,
+    where runs wait must have a place in --to of a kind that can take the wait, or no run is
+    touched. Versions come from the journey files (the current one) and from the database,
     which keeps every version a worker or the API started with. Runs not named by a plan finish
     on the version they entered with.
     """
