@@ -224,6 +224,23 @@ def test_only_a_waiting_run_moves(versions: tuple[ir.Journey, ir.Journey]) -> No
         run.move_to(new, "hello")
 
 
+def test_a_step_that_cannot_take_the_wait_leaves_the_run_as_it_was(versions: tuple[ir.Journey, ir.Journey]) -> None:
+    old, new = versions
+    run = new_run(old, user_id=user_in(old, "b"))
+    waiting = answer(run, run.start())
+    assert waiting == Sleep(T0 + timedelta(days=2), "first_wait", "wait")
+
+    with pytest.raises(ValueError, match="no step nowhere"):
+        run.move_to(new, "nowhere")
+    with pytest.raises(ValueError, match=r"step await_click \(wait_for\) cannot take a run waiting at first_wait"):
+        run.move_to(new, "await_click")
+    with pytest.raises(ValueError, match=r"step tag \(update\)"):
+        run.move_to(new, "tag")
+
+    assert run.journey is old
+    assert run.resume(None, waiting.until) == AwaitEvent("await_click_b", "Clicked", T0 + timedelta(days=5))
+
+
 # --- carried whole to a fresh history ------------------------------------------------------------
 
 

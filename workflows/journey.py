@@ -284,7 +284,11 @@ class JourneyWorkflow:
         target = plan["steps"].get(command.step_id)
         if target is None:
             return command
-        moved = run.move_to(ir.journey_from_dict(plan["journey"]), target)
+        try:
+            moved = run.move_to(ir.journey_from_dict(plan["journey"]), target)
+        except (ValueError, KeyError, TypeError) as exc:  # not a plan `nurture migrate` checked: no move
+            workflow.logger.warning("migrate signal ignored: %s", exc)
+            return command
         self._state = f"waiting:{moved.step_id}"
         # Always recorded: the run's row takes the new version and step.
         await workflow.execute_local_activity(

@@ -400,8 +400,9 @@ class Run:
 
         Only a waiting run moves: it keeps what it has (variants, goal window, last event) and the
         instant its wait ends, and waits at ``step_id`` instead; what comes after is the new
-        version's. The caller checked that the step is of a kind that can take this wait
-        (:func:`nurture.language.migration.plan_move`).
+        version's. ``ValueError`` (and the run unchanged) when ``step_id`` is no step of
+        ``journey`` of a kind that can take this wait (as :func:`nurture.language.migration.
+        plan_move` checks for every step beforehand).
         """
         waiting = self.pending
         if not isinstance(waiting, (Sleep, AwaitEvent)):
@@ -472,11 +473,26 @@ class Run:
     def _continue_at(
         self, journey: ir.Journey, step_id: str, waiting: Sleep | AwaitEvent
     ) -> Generator[Command, Any, str | None]:
-        """The steps of ``journey`` from a wait at ``step_id`` on: the wait (ending at
-        ``waiting.until``), what follows it in its block, then in each enclosing block."""
+        """The steps of ``journey`` from a wait at ``step_id`` on (checked here, before anything
+        changes: ``ValueError`` when there is no such step or it cannot take this wait)."""
         path = _path_to(journey.steps, step_id)
         if path is None:
-            raise KeyError(step_id)
+            raise ValueError(f"version {journey.version} has no step {step_id}")
+        block, index = path[-1]
+        kind = block[index].kind
+        if isinstance(waiting, AwaitEvent):
+            fits = kind == "wait_for"
+        else:
+            fits = kind == "send" if waiting.reason in HELD else kind in ("wait", "wait_until")
+        if not fits:
+            raise ValueError(f"step {step_id} ({kind}) cannot take a run waiting at {waiting.step_id}")
+        return self._resume(path, waiting)
+
+    def _resume(
+        self, path: list[tuple[tuple[ir.Step, ...], int]], waiting: Sleep | AwaitEvent
+    ) -> Generator[Command, Any, str | None]:
+        """The wait (ending at ``waiting.until``), what follows it in its block, then in each
+        enclosing block."""
         block, index = path[-1]
         reason = yield from self._rewait(block[index], waiting)
         if reason is not None:
