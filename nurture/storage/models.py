@@ -101,7 +101,11 @@ class RunRecord(SQLModel, table=True):
     """One journey run (one workflow run), written by the workflow's own activities."""
 
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_journey_entered_at", "journey", "entered_at"),)
+    __table_args__ = (
+        Index("ix_runs_journey_entered_at", "journey", "entered_at"),
+        # `nurture runs --counts` and the runs a migration moves: one version's active runs.
+        Index("ix_runs_journey_version_status", "journey", "version", "status"),
+    )
 
     run_id: str = Field(primary_key=True, max_length=255)
     workflow_id: str = Field(max_length=1000, index=True)

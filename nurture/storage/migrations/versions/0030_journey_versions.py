@@ -1,4 +1,4 @@
-"""journey_versions: the compiled form of every journey version deployed
+"""journey_versions: the compiled form of every journey version deployed; runs by version
 
 Revision ID: 0030
 Revises: 0009
@@ -26,7 +26,9 @@ def upgrade() -> None:
         sa.Column("deployed_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("journey", "version"),
     )
+    op.create_index("ix_runs_journey_version_status", "runs", ["journey", "version", "status"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_runs_journey_version_status", table_name="runs")
     op.drop_table("journey_versions")
