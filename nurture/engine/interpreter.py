@@ -18,7 +18,7 @@ import math
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import quote
 
 from nurture.language import ir
@@ -505,21 +505,20 @@ class Run:
         return None
 
     def _rewait(self, step: ir.Step, waiting: Sleep | AwaitEvent) -> Generator[Command, Any, str | None]:
-        """``step`` entered at its wait: it runs as written up to the command it waits on, with
-        what comes before answered here (the profile read of a ``wait_until``, the deferral of a
-        held send) and the wait ending when ``waiting`` did; then it goes on as usual."""
+        """``step`` entered at its wait, which ends when ``waiting`` did. A wait is that sleep
+        alone; a ``wait_for`` and a held send run as written up to the command they wait on (a
+        send's deferral answered here, so nothing is delivered twice), then go on as usual."""
+        if isinstance(step, (ir.Wait, ir.WaitUntil)):
+            yield Sleep(waiting.until, step.id, "wait" if isinstance(step, ir.Wait) else "wait_until")
+            return None
         inner = self._step(step)
         reached = len(self.reached)
         command = next(inner)
         while not isinstance(command, (Sleep, AwaitEvent)):
-            if isinstance(command, ReadProfile):
-                command = inner.send({})
-            elif isinstance(command, Deliver):
-                capped = isinstance(waiting, Sleep) and waiting.reason == "frequency_cap"
-                held: Literal["quiet_hours", "frequency_cap"] = "frequency_cap" if capped else "quiet_hours"
-                command = inner.send(SendResult(defer_until=waiting.until, defer_reason=held))
-            else:
+            if not isinstance(command, Deliver):
                 raise RuntimeError(f"step {step.id} does not wait")
+            held = waiting.reason if isinstance(waiting, Sleep) and waiting.reason in HELD else "quiet_hours"
+            command = inner.send(SendResult(defer_until=waiting.until, defer_reason=cast(Any, held)))
         del self.reached[reached:]  # the step was reached before; only its wait goes on
         command = replace(command, until=waiting.until)
         while True:
