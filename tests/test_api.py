@@ -281,14 +281,17 @@ def big(size: int) -> str:
 BAD_CALLS: list[tuple[str, str, Any, int, str, str]] = [
     # (id, path, body, status, field, words of the message)
     (
-        "anonymous",
+        "no-ids",
         "/v1/track",
-        {"anonymousId": "a-1", "event": "Signed Up"},
+        {"event": "Signed Up"},
         400,
         "userId",
-        "userId is required",
+        "userId or anonymousId is required",
     ),
-    ("no-user", "/v1/identify", {"traits": {"vip": True}}, 400, "userId", "userId is required"),
+    ("no-user", "/v1/identify", {"traits": {"vip": True}}, 400, "userId", "userId or anonymousId is required"),
+    ("blank-ids", "/v1/page", {"userId": " ", "anonymousId": " "}, 400, "userId", "userId or anonymousId"),
+    ("alias-without-user", "/v1/alias", {"previousId": "a-1", "anonymousId": "a-2"}, 400, "userId", "required"),
+    ("group-without-id", "/v1/group", {"userId": "{user}", "traits": {}}, 400, "groupId", "required"),
     ("empty-user", "/v1/track", {"userId": "", "event": "Signed Up"}, 400, "userId", "at least 1 character"),
     ("numeric-user", "/v1/track", {"userId": 42, "event": "Signed Up"}, 400, "userId", "valid string"),
     (
@@ -442,11 +445,11 @@ BAD_ITEMS = [
                 {
             "batch": [
                 {"type": "track", "userId": "{user}", "event": "Signed Up"},
-                {"type": "group", "userId": "{user}", "groupId": "g-1"},
+                {"type": "merge", "userId": "{user}", "groupId": "g-1"},
             ]
         },
         "batch[1].type",
-        "'group' is not supported yet",
+        "'merge' is not supported",
     ),
     (
         "batch-item-without-event",
@@ -626,15 +629,15 @@ async def test_a_batch_with_one_bad_item_applies_the_others(api: Api) -> None:
     calls = [
         {"type": "track", **order(user, "o-9")},
         {"type": "track", "userId": user, "event": "Cart Updated", "properties": {"item_count": "two"}},
-        {"type": "alias", "userId": user, "previousId": "x"},
+        {"type": "alias", "userId": user},
     ]
 
     answer = await api.post("/v1/batch", {"batch": calls})
 
     assert answer.status_code == 200, answer.text
     [refused] = answer.json()["refused"]
-    assert refused["index"] == 2 and [d["field"] for d in refused["detail"]] == ["batch[2].type"]
-    assert "not supported yet" in refused["detail"][0]["message"]
+    assert refused["index"] == 2 and [d["field"] for d in refused["detail"]] == ["batch[2].previousId"]
+    assert "previousId is required" in refused["detail"][0]["message"]
     assert [r["type"] for r in answer.json()["results"]] == ["track", "track"]
     assert {e.name for e in rows(api.db, EventRecord, kind="track", user_id=user)} == {
         "Order Completed",
@@ -657,6 +660,7 @@ async def test_a_repeated_message_id_changes_nothing(api: Api) -> None:
         "success": True,
         "type": "track",
         "messageId": f"m-{user}",
+        "person": None,
         "duplicate": True,
         "rerouted": False,
         "triggered": [],

@@ -271,6 +271,27 @@ def test_the_client_against_the_served_api(url: str) -> None:
     assert wrong_kind.value.status == 403 and "needs a read key" in wrong_kind.value.message
 
 
+def test_the_client_makes_one_person_of_a_visitor_and_a_user(url: str) -> None:
+    user, visitor = f"u-{uuid.uuid4().hex[:10]}", f"v-{uuid.uuid4().hex[:10]}"
+    with Client(KEY, base_url=url) as nurture, Client(READ_KEY, base_url=url) as reader:
+        browsed = nurture.track(None, "Course Viewed", anonymous_id=visitor)
+        signed_in = nurture.identify(user, {"email": f"{user}@example.com"}, anonymous_id=visitor)
+        grouped = nurture.group(user, "acme", {"plan": "team"})
+        aliased = nurture.alias(f"old-{user}", user)
+        profile = reader.profile(user)
+
+    person = f"anonymous_id:{visitor}"  # seen first
+    assert [c["person"] for c in (browsed, signed_in, grouped, aliased)] == [person] * 4
+    assert [c["type"] for c in (grouped, aliased)] == ["group", "alias"]
+    assert profile["person_id"] == person and profile["group_id"] == "acme"
+    assert {(i["kind"], i["value"]) for i in profile["identifiers"]} == {
+        ("anonymous_id", visitor),
+        ("anonymous_id", f"old-{user}"),
+        ("user_id", user),
+        ("email", f"{user}@example.com"),
+    }
+
+
 def test_subscribe_and_unsubscribe_against_the_served_api(url: str) -> None:
     user = f"u-{uuid.uuid4().hex[:10]}"
     runner = CliRunner()

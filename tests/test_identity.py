@@ -209,3 +209,8 @@ def test_merging_is_commutative_in_effect(order: list[str]) -> None:
     for name in itertools.chain(order):
         again.apply(joins[name], at(20))  # idempotent: nothing changes
     assert again.merged_into == ids.merged_into and again.owner == ids.owner
+
+
+def test_ids_are_kept_exactly_as_sent() -> None:
+    assert call_identifiers(" u-1\n", "a 1 ") == [Identifier("user_id", " u-1\n"), Identifier("anonymous_id", "a 1 ")]
+    assert call_identifiers(" ", "\t") == []

@@ -30,6 +30,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from nurture.cli.main import main
+from nurture.engine.identity import call_identifiers
 from nurture.language.compiler import Project
 from nurture.service.api import create_app
 from nurture.service.devserver import free_port
@@ -39,8 +40,10 @@ from nurture.service.settings import Settings
 from nurture.service.worker import build_worker
 from nurture.storage.audit import AuditRecord, subject_hash, subject_hashes
 from nurture.storage.db import Database
+from nurture.storage.identities import DbIdentities
 from nurture.storage.models import (
     EventRecord,
+    IdentityRecord,
     MessageEvent,
     MessageRecord,
     ProfileRecord,
@@ -104,6 +107,9 @@ def seed(db: Database, p: Person, *, active: bool = False) -> None:
                 opted_out=["sms"],
             )
         )
+        # Their identifiers, as the identity migration or the event API keep them.
+        for kind, value in (("user_id", p.user), ("email", p.email), ("phone", p.phone), ("wechat_openid", p.openid)):
+            session.add(IdentityRecord(kind=kind, value=value, person_id=p.user))
         session.add(
             EventRecord(
                 message_id=f"i-{tag}", kind="identify", user_id=p.user, properties=traits, timestamp=NOW
@@ -312,7 +318,18 @@ async def test_export_then_forget_leaves_nothing_but_counts(database: Database, 
     p, bystander = person(), person()
     seed(database, p)
     seed(database, bystander)
-    assert all(leftovers(database, [needle]) for needle in p.needles()), "the scan finds every needle"
+    # A visitor who browsed before signing in, merged into p: forgetting p forgets them too.
+    anon, visitor_name = f"anon-{uuid.uuid4().hex}", f"Visitor{uuid.uuid4().hex[:8]}"
+    store = DbIdentities(database, secret=SECRET)
+    page = EventRecord(
+        message_id=f"p-{anon}", kind="track", user_id="", name="Page Viewed", properties={"who": visitor_name},
+        timestamp=NOW, anonymous_id=anon,
+    )
+    store.apply(call_identifiers(None, anon), at=NOW, record=page, traits={"nickname": visitor_name})
+    merged = store.apply(call_identifiers(p.user, anon), at=NOW)
+    assert merged is not None and merged.plan.merges == ((p.user, f"anonymous_id:{anon}"),)
+    needles = [*p.needles(), anon, visitor_name]
+    assert all(leftovers(database, [needle]) for needle in needles), "the scan finds every needle"
     before = counts(database)
 
     async with api(database, project) as http:
@@ -321,7 +338,15 @@ async def test_export_then_forget_leaves_nothing_but_counts(database: Database, 
         data = exported.json()
         assert data["user_id"] == p.user and data["profile"]["traits"]["first_name"] == p.first_name
         assert data["profile"]["opted_out"] == ["sms"] and data["profile"]["wechat_openid"] == p.openid
-        assert sorted(e["kind"] for e in data["events"]) == ["identify", "track"]
+        assert sorted(e["kind"] for e in data["events"]) == ["identify", "track", "track"]
+        assert data["merged"] == [f"anonymous_id:{anon}"]
+        assert {(i["kind"], i["value"]) for i in data["identifiers"]} == {
+            ("user_id", p.user),
+            ("anonymous_id", anon),
+            ("email", p.email),
+            ("phone", p.phone),
+            ("wechat_openid", p.openid),
+        }
         assert {r["journey"] for r in data["runs"]} == {"welcome_series", "cart_abandonment"}
         assert len(data["routes"]) == 2
         assert {(m["channel"], m["address"]) for m in data["messages"]} == {
@@ -336,11 +361,12 @@ async def test_export_then_forget_leaves_nothing_but_counts(database: Database, 
             "unsubscribe",
         ]
         assert bystander.email not in exported.text and bystander.user not in exported.text
-        [audit] = data["audit"]
+        assert [a["action"] for a in data["audit"]] == ["merge", "export"]
+        audit = data["audit"][1]
         assert (audit["action"], audit["actor"]) == ("export", key_fingerprint(ADMIN_KEY))
         assert audit["details"] == {
             "profiles": 1,
-            "events": 2,
+            "events": 3,
             "runs": 2,
             "routes": 2,
             "messages": 2,
@@ -351,7 +377,13 @@ async def test_export_then_forget_leaves_nothing_but_counts(database: Database, 
 
         assert forgotten.status_code == 200, forgotten.text
         report = forgotten.json()
-        assert report["deleted"] == {"profiles": 1, "events": 2, "routes": 2, "message_events": 4}
+        assert report["deleted"] == {
+            "profiles": 2,
+            "identifiers": 5,
+            "events": 3,
+            "routes": 2,
+            "message_events": 4,
+        }
         assert report["anonymized"] == {"messages": 2, "runs": 2}
         # Temporal is down, which is fine without active runs: the histories await retention.
         assert report["temporal"] == {
@@ -360,7 +392,7 @@ async def test_export_then_forget_leaves_nothing_but_counts(database: Database, 
             "histories_deleted": 0,
             "histories_kept": 2,
         }
-        assert leftovers(database, p.needles()) == []
+        assert leftovers(database, needles) == []
         assert counts(database) == before, "the message counts per journey stay"
         assert rows(database, ProfileRecord, user_id=bystander.user), "nobody else is touched"
         assert len(leftovers(database, [bystander.email])) >= 4
@@ -368,20 +400,28 @@ async def test_export_then_forget_leaves_nothing_but_counts(database: Database, 
         assert all(r.converted_at is not None for r in rows(database, RunRecord, user_id=""))
 
         entries = rows(database, AuditRecord)
-        assert [e.action for e in entries] == ["export", "forget"]
+        assert [e.action for e in entries] == ["merge", "export", "forget"]
         assert {e.subject for e in entries} == {subject_hash(p.user, SECRET)}
-        assert all(e.actor == key_fingerprint(ADMIN_KEY) and ADMIN_KEY not in e.actor for e in entries)
-        assert entries[1].id == report["audit_id"] and only_counts(entries[1].details)
+        assert entries[0].actor == "api"  # the merge: an event call did it
+        assert all(e.actor == key_fingerprint(ADMIN_KEY) and ADMIN_KEY not in e.actor for e in entries[1:])
+        assert entries[2].id == report["audit_id"] and only_counts(entries[2].details)
 
         again = await http.delete(f"/v1/users/{p.user}")
         assert again.status_code == 200, "a retried erasure request is safe"
-        assert again.json()["deleted"] == {"profiles": 0, "events": 0, "routes": 0, "message_events": 0}
+        assert again.json()["deleted"] == {
+            "profiles": 0,
+            "identifiers": 0,
+            "events": 0,
+            "routes": 0,
+            "message_events": 0,
+        }
         assert again.json()["anonymized"] == {"messages": 0, "runs": 0}
         after = (await http.get(f"/v1/users/{p.user}/export")).json()
 
     assert after["profile"] is None
     assert [after[k] for k in ("events", "runs", "routes", "messages", "message_events")] == [[]] * 5
-    assert [e["action"] for e in after["audit"]] == ["export", "forget", "forget", "export"]
+    assert [e["action"] for e in after["audit"]] == ["merge", "export", "forget", "forget", "export"]
+    assert DbIdentities(database).resolve("anonymous_id", anon) is None, "every identifier is forgotten"
     assert counts(database) == before
     # A later event for the same id starts from scratch.
     assert DbProfiles(database).read(p.user).traits == {}
@@ -593,6 +633,37 @@ def test_cli_export(home: Path) -> None:
     assert len(data["messages"]) == 2 and [e["actor"] for e in data["audit"]] == ["cli", "cli"]
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert written.stdout == "" and p.email not in written.stderr
+    db.dispose()
+
+
+def test_cli_finds_the_user_by_any_identifier(home: Path) -> None:
+    db = Database(f"sqlite:///{home / 'nurture.db'}")
+    p = person()
+    seed(db, p)
+    anon = f"anon-{uuid.uuid4().hex}"
+    store = DbIdentities(db)
+    store.apply(call_identifiers(None, anon), at=NOW, traits={"seen": "browser"})
+    store.apply(call_identifiers(p.user, anon), at=NOW)
+
+    for option, value in (
+        ("--email", p.email.upper()),
+        ("--phone", p.phone),
+        ("--anonymous-id", anon),
+        ("--wechat-openid", p.openid),
+        ("--person", f"anonymous_id:{anon}"),
+    ):
+        exported = nurture(home, "export", option, value)
+        assert exported.exit_code == 0, exported.output
+        data = json.loads(exported.stdout)
+        assert data["user_id"] == p.user and data["merged"] == [f"anonymous_id:{anon}"], option
+    both = nurture(home, "export", p.user, "--email", p.email)
+    assert both.exit_code == 2 and "exactly one of --email" in both.stderr
+
+    done = nurture(home, "forget", "--anonymous-id", anon, "--yes")
+
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["deleted"]["profiles"] == 2
+    assert leftovers(db, [*p.needles(), anon]) == []
     db.dispose()
 
 

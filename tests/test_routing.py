@@ -24,6 +24,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from test_api import KEY, Api, serving
 
+from nurture.engine.identity import call_identifiers
 from nurture.engine.interpreter import WORKFLOW_ID_LIMIT, workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import Project, load_project
@@ -226,11 +227,11 @@ async def test_one_journeys_failure_leaves_the_others_routed_and_the_retry_route
     event = Event("Joined", datetime.now(UTC), {}, f"m-{user}")
 
     with pytest.raises(NotRouted):
-        await ingest.track(user, event)
+        await ingest.track(call_identifiers(user, None), event)
     assert await status(temporal_client, first) is None
     assert await status(temporal_client, second) == WorkflowExecutionStatus.RUNNING
 
-    routed = await ingest.track(user, event)
+    routed = await ingest.track(call_identifiers(user, None), event)
 
     assert routed.rerouted and sorted(routed.triggered) == [first, second]
     assert await status(temporal_client, first) == WorkflowExecutionStatus.RUNNING

@@ -181,7 +181,7 @@ async def test_a_repeated_message_id_sends_nothing_twice(service: Service) -> No
 
 
 BAD = [
-    ("/v1/track", {"anonymousId": "anon-1", "event": "Signed Up"}, 400, "userId"),
+    ("/v1/track", {"event": "Signed Up"}, 400, "userId"),  # neither userId nor anonymousId
     ("/v1/track", {"userId": "{user}", "properties": {"cart_id": "c"}}, 400, "event"),
     ("/v1/track", {"userId": "{user}", "event": "Signed Up", "timestamp": "2026-13-45"}, 400, "timestamp"),
     ("/v1/track", {"userId": "{user}", "event": "Order Completed", "properties": "o-1"}, 400, "properties"),

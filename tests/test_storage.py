@@ -11,9 +11,11 @@ from sqlmodel import select
 from support import rows, send_request
 
 from nurture.delivery.deliverer import Claim
+from nurture.engine.identity import call_identifiers
 from nurture.engine.model import SendOutcome, SendRequest
 from nurture.language.templates import RenderedMessage
 from nurture.storage.db import Database, database_url
+from nurture.storage.identities import DbIdentities
 from nurture.storage.models import EventRecord, MessageRecord, RunRecord
 from nurture.storage.stores import DbHistory, DbLedger, DbProfiles, DbRecorder, Events, Routes, has_run
 
@@ -50,24 +52,25 @@ def test_profiles_merge_traits_and_opt_outs(database: Database) -> None:
 
 
 def test_an_identify_call_and_its_merge_are_kept_together_or_not_at_all(database: Database) -> None:
-    profiles = DbProfiles(database)
+    store, profiles = DbIdentities(database), DbProfiles(database)
 
     def call() -> EventRecord:
-        return EventRecord(message_id="id-1", kind="identify", user_id="u1", properties={}, timestamp=NOW)
+        return EventRecord(message_id="id-1", kind="identify", user_id="", properties={}, timestamp=NOW)
 
     def crash(current: set[str]) -> set[str]:
         raise RuntimeError("the process died here")
 
+    named = call_identifiers("u1", None, {"email": "li@example.com"})
     with pytest.raises(RuntimeError):
-        profiles.apply_call(call(), {"email": "li@example.com"}, crash)
-    # Neither the call nor the traits were kept, so the client's retry is applied, once.
-    assert profiles.read("u1").traits == {}
-    assert profiles.apply_call(call(), {"email": "li@example.com"}, ["sms"]) is True
-    assert profiles.apply_call(call(), {"email": "other@example.com"}, []) is False
+        store.apply(named, at=NOW, record=call(), traits={"email": "li@example.com"}, opted_out=crash)
+    # Neither the call, the person nor the traits were kept, so the client's retry is applied, once.
+    assert store.resolve("user_id", "u1") is None and profiles.read("u1").traits == {}
+    assert store.apply(named, at=NOW, record=call(), traits={"email": "li@example.com"}, opted_out=["sms"])
+    assert store.apply(named, at=NOW, record=call(), traits={"email": "other@example.com"}, opted_out=[]) is None
     profile = profiles.read("u1")
     assert (profile.traits, profile.opted_out) == ({"email": "li@example.com"}, {"sms"})
     with database.session() as session:
-        assert [row.message_id for row in session.exec(select(EventRecord)).all()] == ["id-1"]
+        assert [(row.message_id, row.user_id) for row in session.exec(select(EventRecord)).all()] == [("id-1", "u1")]
 
 
 def test_events_deduplicate_on_message_id(database: Database) -> None:

@@ -25,7 +25,8 @@ from nurture.service.api import create_app
 from nurture.service.settings import Settings
 from nurture.service.worker import build_worker
 from nurture.storage.db import Database
-from nurture.storage.models import EventRecord, ProfileRecord, RunRecord
+from nurture.storage.identities import DbIdentities
+from nurture.storage.models import EventRecord, GroupRecord, ProfileRecord, RunRecord
 
 KEY = "libraries-write-key-0123"
 
@@ -80,26 +81,47 @@ async def runs(db: Database, user: str) -> list[tuple[str, str]]:
     return []
 
 
-def check_effects(db: Database, user: str, library: str) -> None:
+def check_effects(db: Database, user: str, library: str) -> str:
+    """Every call's effect, on the person ``user`` became; that person's id."""
+    store = DbIdentities(db)
+    # The visitor was seen first: the identify with both ids merged the user into them, and the
+    # alias's unknown previousId became one of their anonymous ids.
+    person = store.resolve("user_id", user)
+    assert person == f"anonymous_id:visitor-{user}", library
+    assert store.resolve("anonymous_id", f"previous-{user}") == person, library
     expected = {"phone": "+8613800138000", "timezone": "Asia/Shanghai", "locale": "zh-CN", "first_name": "Li"}
     # The post_purchase journey may already have added last_order_id.
-    assert {k: v for k, v in traits(db, user).items() if k in expected} == expected, library
-    seen = events(db, user)
+    assert {k: v for k, v in traits(db, person).items() if k in expected} == expected, library
+    seen = events(db, person)
+    assert seen["Course Viewed"] == {"course": "c-1"}, library  # sent anonymously
     assert seen["Order Completed"] == {"order_id": "o-1", "total": 10}, library
     assert seen["Page Viewed"] == {"url": "https://example.com/pricing", "name": "Pricing", "category": "Docs"}
     assert seen["Screen Viewed"] == {"name": "Settings"}, library
+    with db.session() as session:
+        profile = session.get(ProfileRecord, person)
+        assert profile is not None and profile.group_id == f"acme-{user}", library
+        group = session.get(GroupRecord, f"acme-{user}")
+        assert group is not None and group.traits == {"plan": "enterprise"}, library
+    return person
 
 
 CONTEXT = {"timezone": "Asia/Shanghai", "locale": "zh-CN"}
 
 
 def drive(client: SegmentClient | RudderClient, user: str) -> None:
-    """Every call type, as an application would make them, then a flush."""
-    client.identify(user, {"phone": "+8613800138000", "first_name": "Li"}, context=dict(CONTEXT))
+    """Every call type, as an application would make them, then a flush: a visitor browses
+    anonymously, signs in, buys, joins an account."""
+    visitor = f"visitor-{user}"
+    client.track(anonymous_id=visitor, event="Course Viewed", properties={"course": "c-1"})
+    client.flush()  # the visitor is seen first
+    client.identify(
+        user, {"phone": "+8613800138000", "first_name": "Li"}, context=dict(CONTEXT), anonymous_id=visitor
+    )
     client.track(user, "Order Completed", {"order_id": "o-1", "total": 10})
     client.page(user, "Docs", "Pricing", {"url": "https://example.com/pricing"})
     client.screen(user, name="Settings")
-    client.alias("previous-" + user, user)  # refused alone: the others are applied
+    client.group(user, f"acme-{user}", {"plan": "enterprise"})
+    client.alias("previous-" + user, user)
     client.flush()
 
 
@@ -119,8 +141,8 @@ async def test_the_python_libraries_reach_profiles_events_and_journeys(
     await asyncio.to_thread(client.shutdown)
 
     assert errors == []
-    check_effects(db, user, library)
-    assert await runs(db, user) == [("post_purchase", "o-1")]
+    person = check_effects(db, user, library)
+    assert await runs(db, person) == [("post_purchase", "o-1")]
 
 
 async def test_a_library_batch_with_one_bad_item_applies_the_others(url: str, db: Database) -> None:
@@ -147,13 +169,21 @@ const [host, key, user] = process.argv.slice(2);
 const analytics = new Analytics({ writeKey: key, host, maxRetries: 0, flushAt: 10 });
 const failures = [];
 analytics.on('error', (e) => failures.push(String(e && (e.reason || e.message || e.code))));
-analytics.identify({ userId: user, traits: { phone: '+8613800138000', first_name: 'Li' },
-                     context: { timezone: 'Asia/Shanghai', locale: 'zh-CN' } });
-analytics.track({ userId: user, event: 'Order Completed', properties: { order_id: 'o-1', total: 10 } });
-analytics.page({ userId: user, category: 'Docs', name: 'Pricing',
-                 properties: { url: 'https://example.com/pricing' } });
-analytics.screen({ userId: user, name: 'Settings' });
-analytics.closeAndFlush({ timeout: 20000 }).then(() => {
+const visitor = 'visitor-' + user;
+analytics.track({ anonymousId: visitor, event: 'Course Viewed', properties: { course: 'c-1' } });
+analytics.closeAndFlush({ timeout: 20000 }).then(() => {  // the visitor is seen first
+  const signedIn = new Analytics({ writeKey: key, host, maxRetries: 0, flushAt: 10 });
+  signedIn.on('error', (e) => failures.push(String(e && (e.reason || e.message || e.code))));
+  signedIn.identify({ userId: user, anonymousId: visitor, traits: { phone: '+8613800138000', first_name: 'Li' },
+                      context: { timezone: 'Asia/Shanghai', locale: 'zh-CN' } });
+  signedIn.track({ userId: user, event: 'Order Completed', properties: { order_id: 'o-1', total: 10 } });
+  signedIn.page({ userId: user, category: 'Docs', name: 'Pricing',
+                  properties: { url: 'https://example.com/pricing' } });
+  signedIn.screen({ userId: user, name: 'Settings' });
+  signedIn.group({ userId: user, groupId: 'acme-' + user, traits: { plan: 'enterprise' } });
+  signedIn.alias({ userId: user, previousId: 'previous-' + user });
+  return signedIn.closeAndFlush({ timeout: 20000 });
+}).then(() => {
   console.log(JSON.stringify({ failures }));
   process.exit(failures.length ? 1 : 0);
 });
@@ -199,5 +229,5 @@ async def test_segments_node_library_reaches_profiles_events_and_journeys(
 
     assert sent.returncode == 0, (out.decode(), err.decode())
     assert json.loads(out.decode().strip().splitlines()[-1]) == {"failures": []}
-    check_effects(db, user, "analytics-node")
-    assert await runs(db, user) == [("post_purchase", "o-1")]
+    person = check_effects(db, user, "analytics-node")
+    assert await runs(db, person) == [("post_purchase", "o-1")]

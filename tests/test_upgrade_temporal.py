@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from support import eventually, rows
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from test_interpreter import templates
 from test_migration import V1, V2, user_in
@@ -80,7 +81,18 @@ class Stage:
 
     async def event(self, handle: WorkflowHandle[Any, Any], name: str, message_id: str) -> None:
         now = await self.env.get_current_time()
-        await handle.signal("event", Event(name=name, timestamp=now, message_id=message_id).to_dict())
+        payload = Event(name=name, timestamp=now, message_id=message_id).to_dict()
+        for _ in range(50):
+            try:
+                await handle.signal("event", payload)
+                return
+            except RPCError as exc:
+                # The test server answers "Completed workflow" for a moment while a run continues
+                # as new (a real server hands the signal to the new run).
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                await _pause()
+        raise AssertionError(f"{handle.id} took no signal")
 
     async def settled(self, handle: WorkflowHandle[Any, Any], state: str) -> dict[str, Any]:
         """Wait until the run has handled every signal and waits (or ended) in ``state``."""

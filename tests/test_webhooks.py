@@ -26,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from support import link_payload, rows, v1_link_token
+from support import eventually, link_payload, rows, v1_link_token
 from twilio.request_validator import RequestValidator  # type: ignore[import-untyped, unused-ignore]
 
 from nurture.language.compiler import Project
@@ -35,6 +35,7 @@ from nurture.service.api import serve as serve_api
 from nurture.service.devserver import free_port
 from nurture.service.settings import Settings, SettingsError
 from nurture.storage.db import Database
+from nurture.storage.identities import DbIdentities
 from nurture.storage.models import MessageEvent, MessageRecord, ProfileRecord, UsedNonce
 from nurture.storage.stores import DbProfiles
 
@@ -808,6 +809,8 @@ async def test_a_signed_query_used_again_with_another_body_is_refused(
     victim = profile(hooks.db, openid=OTHER_OPENID)
     query = wechat_query()
     assert (await hooks.wechat(follow("subscribe"), query=query)).status_code == 200
+    # The follow is the follower's person too, made in the background.
+    await eventually(lambda: DbIdentities(hooks.db).resolve("wechat_openid", OPENID), what="the follower")
     before = state(hooks.db)
 
     replayed = await hooks.wechat(follow("unsubscribe", openid=OTHER_OPENID), query=query)

@@ -3,6 +3,11 @@
     nurture forget u_1024                 # shows what it holds, asks, then forgets
     nurture forget u_1024 --yes           # no question (scripts)
     nurture export u_1024 --out u_1024.json
+    nurture export --email li@example.com # any identifier finds the person
+
+A user is named by a userId (else a person id) or by one identifier option (``--email``,
+``--phone``, ``--anonymous-id``, ``--wechat-openid``, ``--person``); either way the person it
+belongs to is exported or forgotten, with every person merged into it (docs/identity.md).
 
 Both work on the database directly (``DATABASE_URL``, else SQLite in ``--home`` or
 ``NURTURE_HOME``), exactly as ``DELETE /v1/users/{id}`` and ``GET /v1/users/{id}/export`` do
@@ -17,6 +22,7 @@ import asyncio
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import click
 from sqlalchemy.engine import make_url
@@ -28,6 +34,7 @@ from channels import mask_user_id
 from nurture.service import privacy
 from nurture.service.settings import Settings, SettingsError
 from nurture.storage.db import Database
+from nurture.storage.identities import DbIdentities
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to wait for Temporal once its port answers."""
@@ -39,12 +46,43 @@ home_option = click.option(
     help="Local state directory [default: NURTURE_HOME or .nurture]; DATABASE_URL wins.",
 )
 
+IDENTIFIER_OPTIONS = {
+    "email": "an email address of the person",
+    "phone": "a phone number of the person (E.164, any punctuation)",
+    "anonymous_id": "an anonymousId the person was seen with",
+    "wechat_openid": "the person's WeChat openid",
+    "person": "a person id (a merged-away one finds the survivor)",
+}
+
+
+def who_options(func: Any) -> Any:
+    """USER (optional) and one ``--email`` / ``--phone`` / ... option instead of it."""
+    for kind, text in reversed(IDENTIFIER_OPTIONS.items()):
+        func = click.option(f"--{kind.replace('_', '-')}", kind, default=None, help=f"Find USER by {text}.")(func)
+    return click.argument("user", required=False)(func)
+
+
+def _person(db: Database, user: str | None, named: dict[str, str | None]) -> str:
+    """The person USER or the one identifier option names; a name no one has is kept as given."""
+    given = [(kind, value) for kind, value in named.items() if value is not None]
+    if user is not None:
+        given.insert(0, ("user", user))
+    if len(given) != 1:
+        options = ", ".join(f"--{k.replace('_', '-')}" for k in IDENTIFIER_OPTIONS)
+        raise click.UsageError(f"name the user with USER or exactly one of {options}")
+    [(kind, value)] = given
+    store = DbIdentities(db)
+    if kind == "user":
+        return store.lookup(value) or value
+    found = store.resolve(kind, value)
+    return found if found is not None else (value if kind == "person" else f"{kind}:{value}")
+
 
 @click.command()
-@click.argument("user")
+@who_options
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @home_option
-def forget(user: str, yes: bool, home: Path | None) -> None:
+def forget(user: str | None, yes: bool, home: Path | None, **named: str | None) -> None:
     """Forget USER: end their runs, delete their profile, events and message bodies.
 
     Messages and runs stay as anonymous counts (no user id, address or content). Active runs get
@@ -54,6 +92,7 @@ def forget(user: str, yes: bool, home: Path | None) -> None:
     settings = _settings(home)
     db = _open(settings)
     try:
+        user = _person(db, user, named)
         held = privacy.holdings(db, user)
         if not yes:
             click.echo(_summary(user, held), err=True)
@@ -72,7 +111,7 @@ def forget(user: str, yes: bool, home: Path | None) -> None:
 
 
 @click.command()
-@click.argument("user")
+@who_options
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -80,11 +119,13 @@ def forget(user: str, yes: bool, home: Path | None) -> None:
     help="Write the JSON to FILE (readable by you only) instead of printing it.",
 )
 @home_option
-def export(user: str, out: Path | None, home: Path | None) -> None:
-    """Print everything held about USER as JSON: profile, events, runs, messages, feedback, audit."""
+def export(user: str | None, out: Path | None, home: Path | None, **named: str | None) -> None:
+    """Print everything held about USER as JSON: profile, identifiers, events, runs, messages,
+    feedback, audit."""
     settings = _settings(home)
     db = _open(settings)
     try:
+        user = _person(db, user, named)
         text = privacy.export_user(db, user, actor=privacy.CLI_ACTOR, secret=settings.secret).model_dump_json(
             indent=2
         )

@@ -72,12 +72,16 @@ def normalise_phone(raw: str) -> str | None:
 
 def normalise(kind: str, raw: Any) -> str | None:
     """The identifier's canonical value, or ``None`` when ``raw`` cannot identify anyone: emails
-    are trimmed and lower-cased, phones made E.164, ids kept as sent (but never empty)."""
+    are trimmed and lower-cased, phones made E.164, ids kept exactly as sent (but never blank:
+    ``"u-1 "`` is not ``"u-1"``, as the user ids runs and messages were kept under before)."""
     if raw is None or isinstance(raw, bool) or not isinstance(raw, str | int):
         return None
-    value = str(raw).strip()
-    if not value:
+    value = str(raw)
+    if not value.strip():
         return None
+    if kind in ("user_id", "anonymous_id"):
+        return value
+    value = value.strip()
     if kind == "email":
         value = value.lower()
         return value if _EMAIL.fullmatch(value) else None

@@ -1,5 +1,5 @@
-"""The event API: Segment-compatible ``track``, ``identify``, ``page``, ``screen`` and ``batch``,
-profile reads, the outbox.
+"""The event API: Segment-compatible ``track``, ``identify``, ``page``, ``screen``, ``group``,
+``alias`` and ``batch``, person lookups by any identifier, the outbox.
 
     uvicorn nurture.service.api:app_from_env --factory      (or: nurture up)
 
@@ -60,6 +60,7 @@ from temporalio.service import RPCError
 
 from channels import mask_address, mask_user_id
 from nurture.engine.clock import format_instant
+from nurture.engine.identity import Identifier, alias_identifiers, call_identifiers
 from nurture.engine.model import Event
 from nurture.language.compiler import Project, load_project
 from nurture.language.diagnostics import did_you_mean
@@ -67,11 +68,12 @@ from nurture.language.ir import CHANNELS
 from nurture.reports.report import JourneyCounts, JourneyReport, journey_counts, journey_report, parse_bound
 from nurture.reports.runs import PAGE_LIMIT, RunPage, State, VersionCount, list_runs, version_counts
 from nurture.storage.db import Database
-from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
-from nurture.storage.stores import store_versions
+from nurture.storage.identities import DbIdentities
+from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, RunRecord
+from nurture.storage.stores import OptOuts, store_versions
 
 from . import privacy
-from .ingest import ROUTING_GRACE, Ingest, NotRouted, Routed
+from .ingest import ROUTING_GRACE, TRANSIENT, Ingest, NotRouted, Routed
 from .observability import configure_logging
 from .privacy import ForgetReport, UserExport
 from .settings import Settings
@@ -89,8 +91,18 @@ CONNECT_TIMEOUT = 5.0
 
 DESCRIPTION = """\
 Send your users' events to Nurture: **Segment-compatible** `track`, `identify`, `page`, `screen`,
-`batch` and `import` calls start journeys, reach running ones (a goal ends a sleeping run at once)
-and update profiles. Segment's and RudderStack's libraries work unchanged, gzip included.
+`group`, `alias`, `batch` and `import` calls start journeys, reach running ones (a goal ends a
+sleeping run at once) and update profiles. Segment's and RudderStack's libraries work unchanged,
+gzip included.
+
+**People.** Every call names `userId`, `anonymousId` or both (at least one), and resolves to one
+person, whose stable **person id** answers as `person`: the `userId` of a person first seen signed
+in, else `<kind>:<value>` (`anonymous_id:7f3c...`). Anonymous visitors are people too and enter
+journeys. A call naming identifiers of two people merges them (docs/identity.md): `identify` or
+`track` with both ids, an `identify` whose `email`, `phone` or `wechat_openid` trait is another
+person's, and `alias` (`previousId`, `userId`). Two people who each have a `userId` are merged only
+by `alias`. `group` (`groupId`, `traits`) makes the person a member of the account, read in
+journeys as `user.group`.
 
 **Authentication.** Every `/v1` endpoint takes a key, Segment style as the HTTP Basic user name
 with an empty password (`curl -u KEY: ...`), as `Authorization: Bearer KEY`, or (a write key) as
@@ -107,8 +119,9 @@ must send its own `messageId`** (the same one on every attempt) to be de-duplica
 (Temporal unreachable), retry with the same `messageId`: an event that was stored but not fully
 routed is routed by the retry (`"rerouted": true`), or else when the API next starts.
 
-**Differences from Segment.** `userId` is required (identity is not there yet: calls with only an
-`anonymousId` are refused, and `group` and `alias` calls too). `page` and `screen` calls are kept as
+**Differences from Segment.** Identity is resolved here, as described above (Segment leaves it to
+its destinations); `alias` needs `userId` and takes `previousId` as a userId when one is known,
+else as an anonymousId. `page` and `screen` calls are kept as
 the track events `Page Viewed` and `Screen Viewed` (their `properties` with `name` and `category`).
 On identify, `context.traits` are merged under `traits` and `context.timezone` / `context.locale`
 become the `timezone` / `locale` traits; otherwise `context` and `integrations` are ignored. A
@@ -125,8 +138,9 @@ removes them, keeping the rest, so a client needs no read-modify-write. `opted_o
 combined with the other two; a name that is neither a channel nor a declared topic answers 400.
 
 **User ids in URLs.** Each per-user route takes the id in the path (`/v1/users/{user_id}`,
-percent-encoded; not an id with a `/`, nor `.` or `..`) or in the query (`/v1/user?id=`), which
-takes any id.
+percent-encoded; not an id with a `/`, nor `.` or `..`: a userId, else a person id) or in the query
+(`/v1/user?id=`, which takes any id), where any one identifier also finds the person:
+`?anonymous_id=`, `?email=`, `?phone=`, `?wechat_openid=` or `?person=`.
 
 **Errors.** A bad call answers 400 with every field at fault,
 `{"error": "invalid_request", "code": "invalid_request", "message": "...", "detail": [{"field":
@@ -208,9 +222,10 @@ UserId = Annotated[
         alias="userId",
         min_length=1,
         max_length=255,
-        description="The user's id in your system (required: journeys run for known users).",
+        description="The user's id in your system.",
     ),
 ]
+IdText = Annotated[str, Field(min_length=1, max_length=255)]
 
 
 class Call(BaseModel):
@@ -218,11 +233,15 @@ class Call(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    user_id: UserId
-    anonymous_id: Any = Field(
+    user_id: IdText | None = Field(
+        default=None,
+        alias="userId",
+        description="The user's id in your system (userId, anonymousId or both).",
+    )
+    anonymous_id: IdText | None = Field(
         default=None,
         alias="anonymousId",
-        description="Accepted and ignored; a call with only an anonymousId is rejected.",
+        description="The visitor's device or browser id, before (and after) they sign in.",
     )
     timestamp: Timestamp | None = Field(
         default=None,
@@ -254,8 +273,17 @@ class Call(BaseModel):
 
     @model_validator(mode="after")
     def _correct_clock(self) -> Call:
+        if not call_identifiers(self.user_id, self.anonymous_id):
+            raise PydanticCustomError(
+                "identity_missing",
+                "userId or anonymousId is required (at least one, not blank): who the call is about",
+            )
         self.timestamp = _skew_corrected(self.timestamp, self.sent_at)
         return self
+
+    def identifiers(self, traits: Mapping[str, Any] | None = None) -> list[Identifier]:
+        """The identifiers the call names: its ids, and the address traits given."""
+        return call_identifiers(self.user_id, self.anonymous_id, traits)
 
 
 def _skew_corrected(timestamp: datetime | None, sent_at: datetime | None) -> datetime | None:
@@ -393,6 +421,8 @@ class IdentifyCall(Call):
 
 PAGE_EVENT = "Page Viewed"
 SCREEN_EVENT = "Screen Viewed"
+WECHAT_FOLLOWED = "WeChat Followed"
+"""The track event of a WeChat follow (from the WeChat webhook), about the follower's person."""
 
 
 class PageCall(Call):
@@ -411,6 +441,7 @@ class PageCall(Call):
         named = {k: v for k, v in (("name", self.name), ("category", self.category)) if v is not None}
         return TrackCall.model_construct(
             user_id=self.user_id,
+            anonymous_id=self.anonymous_id,
             event=self.EVENT,
             properties={**(self.properties or {}), **named},
             timestamp=self.timestamp,
@@ -423,6 +454,31 @@ class ScreenCall(PageCall):
 
     EVENT: ClassVar[str] = SCREEN_EVENT
     type: Literal["screen"] = Field(default="screen", description="In a batch: which call this is.")  # type: ignore[assignment]
+
+
+class GroupCall(Call):
+    """A group call: the account the user belongs to, and its traits (`user.group` in journeys)."""
+
+    type: Literal["group"] = Field(default="group", description="In a batch: which call this is.")
+    group_id: str = Field(
+        alias="groupId", min_length=1, max_length=255, description="The account's id in your system."
+    )
+    traits: dict[str, Any] | None = Field(
+        default=None, description="The account's traits, merged into those every member sees."
+    )
+
+
+class AliasCall(Call):
+    """An alias call: `previousId` (an earlier userId or anonymousId) and `userId` are one person."""
+
+    type: Literal["alias"] = Field(default="alias", description="In a batch: which call this is.")
+    user_id: UserId
+    previous_id: str = Field(
+        alias="previousId",
+        min_length=1,
+        max_length=255,
+        description="The earlier id: a userId, else an anonymousId (an unknown one is kept as an anonymousId).",
+    )
 
 
 def _call_type(value: Any) -> str | None:
@@ -442,7 +498,7 @@ def _call_size(value: Any) -> Any:
     return value
 
 
-Single = TrackCall | IdentifyCall | PageCall | ScreenCall
+Single = TrackCall | IdentifyCall | PageCall | ScreenCall | GroupCall | AliasCall
 
 
 @dataclass(frozen=True)
@@ -465,7 +521,9 @@ BatchItem = Annotated[
         Annotated[TrackCall, Tag("track")]
         | Annotated[IdentifyCall, Tag("identify")]
         | Annotated[PageCall, Tag("page")]
-        | Annotated[ScreenCall, Tag("screen")],
+        | Annotated[ScreenCall, Tag("screen")]
+        | Annotated[GroupCall, Tag("group")]
+        | Annotated[AliasCall, Tag("alias")],
         Discriminator(_call_type, custom_error_type="call_type", custom_error_message="unknown call type"),
     ],
     BeforeValidator(_call_size),
@@ -488,7 +546,7 @@ class BatchCall(BaseModel):
     model_config = ConfigDict(extra="allow", json_schema_extra=_batch_schema)
 
     batch: list[BatchItem] = Field(
-        description="The calls, each with `type` `track`, `identify`, `page` or `screen`; each is "
+        description="The calls, each with `type` `track`, `identify`, `page`, `screen`, `group` or `alias`; each is "
         "checked on its own (an invalid one is listed in `refused` and changes nothing)."
     )
     sent_at: Timestamp | None = Field(
@@ -598,8 +656,11 @@ class Accepted(BaseModel):
     """One accepted call and what it did."""
 
     success: bool = True
-    type: Literal["track", "identify", "page", "screen"]
+    type: Literal["track", "identify", "page", "screen", "group", "alias"]
     message_id: str = Field(serialization_alias="messageId", description="The call's messageId.")
+    person: str | None = Field(
+        default=None, description="The person id the call is about (absent on a duplicate identity call)."
+    )
     duplicate: bool = Field(description="The messageId was accepted before: this call changed nothing.")
     rerouted: bool = Field(
         default=False,
@@ -656,10 +717,22 @@ class _Public(SQLModel):
         return value
 
 
-class ProfilePublic(_Public):
-    """A user's profile."""
+class IdentifierPublic(BaseModel):
+    kind: str = Field(description="`user_id`, `anonymous_id`, `email`, `phone` or `wechat_openid`.")
+    value: str
 
-    user_id: str
+
+class ProfilePublic(_Public):
+    """A person's profile."""
+
+    user_id: str = Field(description="The person id (the same as `person_id`).")
+    person_id: str = Field(
+        default="", description="The person id: the userId of a person first seen signed in."
+    )
+    identifiers: list[IdentifierPublic] = Field(
+        default_factory=list, description="Every identifier of the person, merged people's included."
+    )
+    group_id: str | None = Field(default=None, description="The account of the person's latest `group` call.")
     traits: dict[str, Any]
     opted_out: list[str] = Field(
         description=(
@@ -784,8 +857,12 @@ class Service:
         self.keys = tuple((kind, key.encode()) for kind, keys in kinds.items() for key in keys)
         self.opt_out_names = tuple(dict.fromkeys((*CHANNELS, *project.settings.topics)))
         """What an opt-out may name: the channels, then the project's topics."""
-        self._ingest = None if client is None else Ingest(project, db, client, settings.task_queue)
+        self._ingest = None if client is None else self._router(client)
+        self.identities = DbIdentities(db, secret=settings.secret)
         self._lock = asyncio.Lock()
+
+    def _router(self, client: Client | None) -> Ingest:
+        return Ingest(self.project, self.db, client, self.settings.task_queue, secret=self.settings.secret)
 
     async def ingest(self) -> Ingest:
         """The router, connecting to Temporal on first use (it may start after the API)."""
@@ -799,7 +876,7 @@ class Service:
                         raise _unavailable(
                             f"Temporal at {self.settings.temporal_address} is unreachable"
                         ) from exc
-                    self._ingest = Ingest(self.project, self.db, client, self.settings.task_queue)
+                    self._ingest = self._router(client)
                     log.info("connected to temporal at %s", self.settings.temporal_address)
         return self._ingest
 
@@ -830,6 +907,10 @@ class Service:
         """Apply one valid call."""
         if isinstance(call, IdentifyCall):
             return await self.identify(call)
+        if isinstance(call, GroupCall):
+            return await self.group(call)
+        if isinstance(call, AliasCall):
+            return await self.alias(call)
         if isinstance(call, PageCall):
             return await self.track(call.as_track(), kind=call.type)
         return await self.track(call)
@@ -862,12 +943,36 @@ class Service:
             message_id=message_id,
         )
         try:
-            routed = await ingest.track(call.user_id, event)
+            routed = await ingest.track(call.identifiers(), event, anonymous_id=call.anonymous_id)
         except NotRouted as exc:  # kept as unrouted: the retry we ask for routes it
             log.warning("track %s not routed (%s); asked the client to retry", message_id, exc.__cause__)
             raise _unavailable("Temporal or the database did not take the event") from exc
-        _log_track(call.user_id, event, routed)
+        _log_track(routed.person or "", event, routed)
         return Accepted(type=kind, message_id=message_id, **routed.to_dict())
+
+    async def wechat_followed(self, openid: str, at: datetime) -> None:
+        """A WeChat follow: the follower's person (created with the ``wechat_openid`` trait when
+        the openid is new) gets the track event ``WeChat Followed``, which journeys can trigger
+        on. Never raises: WeChat must get its answer; an event not routed now is routed by the
+        API's next start."""
+        follower = [Identifier("wechat_openid", openid)]
+        message_id = f"wechat-follow:{openid}:{int(at.timestamp())}"
+        event = Event(WECHAT_FOLLOWED, at, {}, message_id)
+        try:
+            if await asyncio.to_thread(self.identities.resolve, "wechat_openid", openid) is None:
+                await asyncio.to_thread(self.identities.apply, follower, at=at, traits={"wechat_openid": openid})
+            try:
+                ingest = await self.ingest()
+            except ApiError:  # Temporal is down: kept unrouted for the next start
+                record = EventRecord(
+                    message_id=message_id, kind="track", user_id="", name=WECHAT_FOLLOWED, timestamp=at
+                )
+                await asyncio.to_thread(self.identities.apply, follower, at=at, record=record)
+                return
+            routed = await ingest.track(follower, event)
+            _log_track(routed.person or "", event, routed)
+        except (NotRouted, *TRANSIENT) as exc:
+            log.warning("wechat follow %s kept unrouted: %s", message_id, exc)
 
     def check_opt_outs(self, calls: Iterable[tuple[str, IdentifyCall]]) -> None:
         """400 naming every opt-out fault in ``calls`` (each with where its traits are), before any
@@ -877,25 +982,75 @@ class Service:
             raise ApiError(400, "invalid_request", detail=detail)
 
     async def identify(self, call: IdentifyCall) -> Accepted:
-        # Profiles live in the database only: identify works while Temporal is unreachable.
-        ingest = self._ingest or Ingest(self.project, self.db, None, self.settings.task_queue)
-        message_id = call.message_id or str(uuid.uuid4())
         given = call.traits
         traits = dict(given.model_extra or {}) if given is not None else {}
         opted_out = None if given is None or given.opted_out is None else sorted(set(given.opted_out))
         change = None if given is None else given.opt_out_change()
-        timestamp = call.timestamp or datetime.now(UTC)
-        fresh = await ingest.identify(
-            call.user_id,
-            traits,
-            message_id=message_id,
-            event=Event(name="identify", timestamp=timestamp, properties=traits, message_id=message_id),
+        accepted = await self._identity_call(
+            call,
+            "identify",
+            call.identifiers(traits),
+            traits=traits,
             # subscribe/unsubscribe apply to the locked row, so a concurrent change to other names
             # (a STOP, a link) stays; they never come with opted_out (checked above).
             opted_out=opted_out if change is None else change,
         )
-        _log_identify(call.user_id, message_id, traits, given, duplicate=not fresh)
-        return Accepted(type="identify", message_id=message_id, duplicate=not fresh)
+        _log_identify(accepted.person or "", accepted.message_id, traits, given, duplicate=accepted.duplicate)
+        return accepted
+
+    async def group(self, call: GroupCall) -> Accepted:
+        return await self._identity_call(
+            call, "group", call.identifiers(), group=(call.group_id, call.traits or {})
+        )
+
+    async def alias(self, call: AliasCall) -> Accepted:
+        # previousId is a userId when one is known by it, else an anonymousId (known or not).
+        named = await asyncio.to_thread(alias_identifiers, call.user_id, call.previous_id, self.identities.known)
+        named = list(dict.fromkeys([*named, *call.identifiers()]))
+        return await self._identity_call(call, "alias", named, explicit=True)
+
+    async def _identity_call(
+        self,
+        call: Call,
+        kind: Literal["identify", "group", "alias"],
+        identifiers: list[Identifier],
+        *,
+        traits: Mapping[str, Any] | None = None,
+        opted_out: OptOuts | None = None,
+        explicit: bool = False,
+        group: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> Accepted:
+        """Apply an identity call. Persons live in the database only: these calls work while
+        Temporal is unreachable, unless a merge has runs to end (then 503, and the retry with the
+        same messageId ends them)."""
+        message_id = call.message_id or str(uuid.uuid4())
+        timestamp = call.timestamp or datetime.now(UTC)
+        values = dict(traits or {})
+        options: dict[str, Any] = {
+            "message_id": message_id,
+            "event": Event(name=kind, timestamp=timestamp, properties=values, message_id=message_id),
+            "opted_out": opted_out,
+            "kind": kind,
+            "anonymous_id": call.anonymous_id,
+            "explicit": explicit,
+            "group": group,
+        }
+        try:
+            applied = await (self._ingest or self._router(None)).identify(identifiers, values, **options)
+        except NotRouted:  # stored; a merge has runs to end, which takes Temporal
+            try:
+                # The same call again: stored already, so this ends the runs and marks it routed.
+                await (await self.ingest()).identify(identifiers, values, **options)
+            except NotRouted as exc:
+                log.warning("%s %s merged people but did not end their runs: %s", kind, message_id, exc)
+                raise _unavailable("Temporal did not take the end of runs this merge ends") from exc
+            person = await asyncio.to_thread(
+                self.identities.resolve, identifiers[0].kind, identifiers[0].value
+            )
+            return Accepted(type=kind, message_id=message_id, duplicate=False, person=person)
+        if applied is None:
+            return Accepted(type=kind, message_id=message_id, duplicate=True)
+        return Accepted(type=kind, message_id=message_id, duplicate=False, person=applied.person)
 
     def database_ok(self) -> Check:
         try:
@@ -1111,6 +1266,20 @@ async def screen(call: ScreenCall, service: ServiceDep) -> Accepted:
     return await service.handle(call)
 
 
+@v1.post("/group", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
+async def group(call: GroupCall, service: ServiceDep) -> Accepted:
+    """Make the person a member of the account `groupId` and merge its traits (read in journeys as
+    `user.group`: `user.group.id`, `user.group.plan`, ...)."""
+    return await service.group(call)
+
+
+@v1.post("/alias", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
+async def alias(call: AliasCall, service: ServiceDep) -> Accepted:
+    """`previousId` and `userId` are one person: merge them (even two known users; see
+    docs/identity.md). A run of each for the same journey and key: the newer ends `merged`."""
+    return await service.alias(call)
+
+
 @v1.post("/batch", response_model=BatchAccepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def batch(call: BatchCall, service: ServiceDep) -> BatchAccepted:
     """Several calls, applied in order; each invalid one is listed in `refused` and changes nothing,
@@ -1141,8 +1310,8 @@ v1.add_api_route(
 # Per-user routes ------------------------------------------------------------------------------
 
 
-def _storable_id(value: str) -> str:
-    if _UNSTORABLE.search(value):
+def _storable_id(value: str | None) -> str | None:
+    if value is not None and _UNSTORABLE.search(value):
         raise PydanticCustomError("user_id", "a user id cannot contain NUL or unpaired surrogates")
     return value
 
@@ -1157,11 +1326,94 @@ PathUserId = Annotated[
     ),
     AfterValidator(_storable_id),
 ]
-QueryUserId = Annotated[
+
+
+_LOOKUP_RULES = {**_ID_RULES, "max_length": 320}
+IdQuery = Annotated[
     str,
-    Query(alias="id", **_ID_RULES, description="The user id, any id the API accepts (percent-encoded)."),
+    Query(
+        alias="id",
+        **_ID_RULES,
+        description="A userId (else a person id): any id the API accepts, percent-encoded.",
+    ),
     AfterValidator(_storable_id),
 ]
+AnonymousIdQuery = Annotated[
+    str,
+    Query(**_ID_RULES, description="An anonymousId the person was seen with."),
+    AfterValidator(_storable_id),
+]
+EmailQuery = Annotated[
+    str,
+    Query(**_LOOKUP_RULES, description="One of the person's email addresses (any case)."),
+    AfterValidator(_storable_id),
+]
+PhoneQuery = Annotated[
+    str,
+    Query(**_LOOKUP_RULES, description="One of the person's phone numbers (E.164, any punctuation)."),
+    AfterValidator(_storable_id),
+]
+OpenidQuery = Annotated[
+    str,
+    Query(**_ID_RULES, description="The person's WeChat openid."),
+    AfterValidator(_storable_id),
+]
+PersonQuery = Annotated[
+    str,
+    Query(min_length=1, max_length=512, description="A person id (a merged-away one finds the survivor)."),
+    AfterValidator(_storable_id),
+]
+
+
+LOOKUPS = ("id", "anonymous_id", "email", "phone", "wechat_openid", "person")
+"""The query form's ways to name a person, one per request."""
+
+
+def _path_person(service: ServiceDep, user_id: PathUserId) -> str:
+    """The person the path's id names: a userId, else a person id (else nobody: the id itself)."""
+    return service.identities.lookup(user_id) or user_id
+
+
+def _query_person(
+    service: ServiceDep,
+    user_id: IdQuery = "",
+    anonymous_id: AnonymousIdQuery = "",
+    email: EmailQuery = "",
+    phone: PhoneQuery = "",
+    wechat_openid: OpenidQuery = "",
+    person: PersonQuery = "",
+) -> str:
+    """The person one identifier of the query names (nobody: a person id no one has)."""
+    given = [
+        (kind, value)
+        for kind, value in zip(
+            LOOKUPS, (user_id, anonymous_id, email, phone, wechat_openid, person), strict=True
+        )
+        if value  # not given (an empty one is refused by its minimum length)
+    ]
+    if len(given) != 1:
+        raise ApiError(
+            400,
+            "invalid_request",
+            detail=[
+                {
+                    "field": "id" if not given else given[1][0],
+                    "message": f"name the person with exactly one of {', '.join(LOOKUPS)}"
+                    + ("" if not given else f"; got {', '.join(k for k, _ in given)}"),
+                }
+            ],
+        )
+    [(kind, value)] = given
+    if kind == "id":
+        return service.identities.lookup(value) or value
+    found = service.identities.resolve(kind, value)
+    if found is not None:
+        return found
+    return value if kind == "person" else f"{kind}:{value}"
+
+
+PersonOfPath = Annotated[str, Depends(_path_person)]
+PersonOfQuery = Annotated[str, Depends(_query_person)]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -1183,7 +1435,8 @@ def _with_user_id(func: F, annotation: Any) -> F:
 
 
 def per_user(method: str, suffix: str, **options: Any) -> Callable[[F], F]:
-    """Serve ``func(user_id, ...)`` at ``/v1/users/{user_id}{suffix}`` and ``/v1/user{suffix}?id=``.
+    """Serve ``func(user_id, ...)`` at ``/v1/users/{user_id}{suffix}`` and ``/v1/user{suffix}?id=``
+    (or any one identifier: ``?email=`` ...); ``func`` gets the person id they resolve to.
 
     A path segment cannot carry every id: routers and proxies decode ``%2F`` into a path separator,
     and clients drop ``.`` and ``..``; the query form carries any id.
@@ -1191,8 +1444,8 @@ def per_user(method: str, suffix: str, **options: Any) -> Callable[[F], F]:
 
     def register(func: F) -> F:
         for path, annotation in (
-            (f"/users/{{user_id}}{suffix}", PathUserId),
-            (f"/user{suffix}", QueryUserId),
+            (f"/users/{{user_id}}{suffix}", PersonOfPath),
+            (f"/user{suffix}", PersonOfQuery),
         ):
             v1.add_api_route(path, _with_user_id(func, annotation), methods=[method], **options)
         return func
@@ -1217,12 +1470,17 @@ USER_ERRORS: dict[int | str, dict[str, Any]] = {
     dependencies=READ,
     responses={**USER_ERRORS, 404: {"model": ErrorBody, "description": "No profile for this user."}},
 )
-def user_profile(user_id: str, session: SessionDep) -> ProfilePublic:
-    """The user's traits and opt-outs."""
+def user_profile(user_id: str, session: SessionDep, service: ServiceDep) -> ProfilePublic:
+    """The person's traits, opt-outs and identifiers."""
     row = session.get(ProfileRecord, user_id)
     if row is None:
         raise ApiError(404, "not_found", f"no profile for user {user_id!r} (identify the user first)")
-    return ProfilePublic.model_validate(row, from_attributes=True)
+    profile = ProfilePublic.model_validate(row, from_attributes=True)
+    profile.person_id = row.user_id
+    profile.identifiers = [
+        IdentifierPublic(kind=i.kind, value=i.value) for i in service.identities.identifiers_of(row.user_id)
+    ]
+    return profile
 
 
 @per_user(
@@ -1476,7 +1734,7 @@ async def healthz(service: ServiceDep) -> JSONResponse:
 # Errors --------------------------------------------------------------------------------------
 
 _SOURCES = ("body", "query", "path", "header", "cookie")
-_CALL_TAGS = ("track", "identify", "page", "screen")
+_CALL_TAGS = ("track", "identify", "page", "screen", "group", "alias")
 _OBJECT_ERRORS = ("dict_type", "model_type", "model_attributes_type")
 
 
@@ -1506,10 +1764,7 @@ def _message(error: Mapping[str, Any], field: str) -> str:
         if field == "body":
             return "the body must be a JSON object"
         if name == "userId":
-            return (
-                "userId is required: journeys run for known users, so calls with only an "
-                "anonymousId are not accepted"
-            )
+            return "userId is required for alias: the id previousId becomes one person with"
         if name == "event":
             return "event is required for track"
         return f"{name} is required"
@@ -1522,10 +1777,11 @@ def _message(error: Mapping[str, Any], field: str) -> str:
     if kind == "call_type":
         given = error.get("input", {}).get("type") if isinstance(error.get("input"), dict) else None
         if given is None:
-            return 'type is required: "track", "identify", "page" or "screen"'
-        if given in ("group", "alias"):
-            return f"type {given!r} is not supported yet (identity calls come with profile merging)"
-        return f'type {given!r} is not supported: a batch takes "track", "identify", "page" and "screen" calls'
+            return 'type is required: "track", "identify", "page", "screen", "group" or "alias"'
+        return (
+            f'type {given!r} is not supported: a batch takes "track", "identify", "page", "screen", '
+            '"group" and "alias" calls'
+        )
     if kind == "literal_error":
         return f"{error['msg']}, got {error.get('input')!r}"
     return str(error["msg"])
@@ -1541,6 +1797,8 @@ def _field_errors(errors: Sequence[Any]) -> list[dict[str, str]]:
             field = _field(loc)
             if error["type"] == "call_type":
                 field += ".type"
+            if error["type"] == "identity_missing":  # the call as a whole: name the fields
+                field = _field((*loc, "userId"))
         detail.append({"field": field, "message": _message(error, field)})
     return detail
 
@@ -1799,7 +2057,7 @@ def create_app(
     app.state.nurture = service
     app.include_router(v1)
     app.include_router(meta)
-    app.include_router(webhook_router(settings, db))
+    app.include_router(webhook_router(settings, db, on_follow=service.wechat_followed))
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
@@ -1811,6 +2069,8 @@ def create_app(
             "/v1/identify": CALL_LIMIT,
             "/v1/page": CALL_LIMIT,
             "/v1/screen": CALL_LIMIT,
+            "/v1/group": CALL_LIMIT,
+            "/v1/alias": CALL_LIMIT,
             "/v1/batch": BATCH_LIMIT,
             "/v1/import": BATCH_LIMIT,
             **WEBHOOK_LIMITS,

@@ -51,8 +51,10 @@ class Accepted(TypedDict):
     """An accepted call and what it did."""
 
     success: bool
-    type: Literal["track", "identify", "page", "screen"]
+    type: Literal["track", "identify", "page", "screen", "group", "alias"]
     messageId: str
+    person: str | None
+    """The person id the call is about (docs/identity.md)."""
     duplicate: bool
     triggered: list[str]
     signalled: list[str]
@@ -74,8 +76,16 @@ class BatchAccepted(TypedDict):
     refused: list[RefusedItem]
 
 
+class Identifier(TypedDict):
+    kind: str
+    value: str
+
+
 class Profile(TypedDict):
     user_id: str
+    person_id: str
+    identifiers: list[Identifier]
+    group_id: str | None
     traits: dict[str, Any]
     opted_out: list[str]
     created_at: str
@@ -156,41 +166,47 @@ def _instant(value: datetime | str | None) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def _track(
-    user_id: str,
-    event: str,
-    properties: Mapping[str, Any] | None,
+def _call(
+    user_id: str | None,
+    anonymous_id: str | None,
     timestamp: datetime | str | None,
     message_id: str | None,
+    **fields: Any,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "userId": user_id,
-        "event": event,
-        "properties": dict(properties or {}),
-        "messageId": message_id or str(uuid.uuid4()),
-    }
+    """A call's body: who (``userId``, ``anonymousId`` or both), ``fields``, a ``messageId``."""
+    body: dict[str, Any] = {**fields, "messageId": message_id or str(uuid.uuid4())}
+    if user_id is not None:
+        body["userId"] = user_id
+    if anonymous_id is not None:
+        body["anonymousId"] = anonymous_id
     if timestamp is not None:
         body["timestamp"] = _instant(timestamp)
     return body
 
 
+def _track(
+    user_id: str | None,
+    event: str,
+    properties: Mapping[str, Any] | None,
+    timestamp: datetime | str | None,
+    message_id: str | None,
+    anonymous_id: str | None = None,
+) -> dict[str, Any]:
+    return _call(user_id, anonymous_id, timestamp, message_id, event=event, properties=dict(properties or {}))
+
+
 def _identify(
-    user_id: str,
+    user_id: str | None,
     traits: Mapping[str, Any],
     opt_outs: Mapping[str, Iterable[str] | None],
     timestamp: datetime | str | None,
     message_id: str | None,
+    anonymous_id: str | None = None,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "userId": user_id,
-        "traits": dict(traits),
-        "messageId": message_id or str(uuid.uuid4()),
-    }
+    body = _call(user_id, anonymous_id, timestamp, message_id, traits=dict(traits))
     for name, names in opt_outs.items():  # opted_out, subscribe, unsubscribe: only those given
         if names is not None:
             body["traits"][name] = list(names)
-    if timestamp is not None:
-        body["timestamp"] = _instant(timestamp)
     return body
 
 
@@ -276,36 +292,58 @@ class Client(_Base):
 
     def track(
         self,
-        user_id: str,
+        user_id: str | None,
         event: str,
         properties: Mapping[str, Any] | None = None,
         *,
+        anonymous_id: str | None = None,
         timestamp: datetime | str | None = None,
         message_id: str | None = None,
     ) -> Accepted:
-        """Record an event of a user."""
-        body = _track(user_id, event, properties, timestamp, message_id)
+        """Record an event of a user (``user_id`` may be ``None`` for a visitor's
+        ``anonymous_id``; both join the two)."""
+        body = _track(user_id, event, properties, timestamp, message_id, anonymous_id)
         return cast(Accepted, self._request("POST", "/v1/track", json=body))
+
+    def alias(self, previous_id: str, user_id: str, *, message_id: str | None = None) -> Accepted:
+        """``previous_id`` (an earlier userId or anonymousId) and ``user_id`` are one person."""
+        body = _call(user_id, None, None, message_id, previousId=previous_id)
+        return cast(Accepted, self._request("POST", "/v1/alias", json=body))
+
+    def group(
+        self,
+        user_id: str | None,
+        group_id: str,
+        traits: Mapping[str, Any] | None = None,
+        *,
+        anonymous_id: str | None = None,
+        message_id: str | None = None,
+    ) -> Accepted:
+        """Make the person a member of the account ``group_id`` (``user.group``) and merge its traits."""
+        body = _call(user_id, anonymous_id, None, message_id, groupId=group_id, traits=dict(traits or {}))
+        return cast(Accepted, self._request("POST", "/v1/group", json=body))
 
     def identify(
         self,
-        user_id: str,
+        user_id: str | None,
         traits: Mapping[str, Any],
         *,
+        anonymous_id: str | None = None,
         opted_out: Iterable[str] | None = None,
         subscribe: Iterable[str] | None = None,
         unsubscribe: Iterable[str] | None = None,
         timestamp: datetime | str | None = None,
         message_id: str | None = None,
     ) -> Accepted:
-        """Merge traits into a user's profile.
+        """Merge traits into a user's profile; with ``anonymous_id`` too, the visitor and the user
+        become one person.
 
         Opt-outs name channels (``email``, ``sms``, ``wechat``) and the project's topics:
         ``opted_out`` replaces them all; ``unsubscribe`` adds names and ``subscribe`` removes them,
         keeping the rest (applied atomically by the server, so no read-modify-write is needed).
         """
         opt_outs = {"opted_out": opted_out, "subscribe": subscribe, "unsubscribe": unsubscribe}
-        body = _identify(user_id, traits, opt_outs, timestamp, message_id)
+        body = _identify(user_id, traits, opt_outs, timestamp, message_id, anonymous_id)
         return cast(Accepted, self._request("POST", "/v1/identify", json=body))
 
     def batch(self, items: Iterable[Item | Mapping[str, Any]]) -> BatchAccepted:
@@ -378,21 +416,41 @@ class AsyncClient(_Base):
 
     async def track(
         self,
-        user_id: str,
+        user_id: str | None,
         event: str,
         properties: Mapping[str, Any] | None = None,
         *,
+        anonymous_id: str | None = None,
         timestamp: datetime | str | None = None,
         message_id: str | None = None,
     ) -> Accepted:
-        body = _track(user_id, event, properties, timestamp, message_id)
+        body = _track(user_id, event, properties, timestamp, message_id, anonymous_id)
         return cast(Accepted, await self._request("POST", "/v1/track", json=body))
+
+    async def alias(self, previous_id: str, user_id: str, *, message_id: str | None = None) -> Accepted:
+        """As :meth:`Client.alias`."""
+        body = _call(user_id, None, None, message_id, previousId=previous_id)
+        return cast(Accepted, await self._request("POST", "/v1/alias", json=body))
+
+    async def group(
+        self,
+        user_id: str | None,
+        group_id: str,
+        traits: Mapping[str, Any] | None = None,
+        *,
+        anonymous_id: str | None = None,
+        message_id: str | None = None,
+    ) -> Accepted:
+        """As :meth:`Client.group`."""
+        body = _call(user_id, anonymous_id, None, message_id, groupId=group_id, traits=dict(traits or {}))
+        return cast(Accepted, await self._request("POST", "/v1/group", json=body))
 
     async def identify(
         self,
-        user_id: str,
+        user_id: str | None,
         traits: Mapping[str, Any],
         *,
+        anonymous_id: str | None = None,
         opted_out: Iterable[str] | None = None,
         subscribe: Iterable[str] | None = None,
         unsubscribe: Iterable[str] | None = None,
@@ -401,7 +459,7 @@ class AsyncClient(_Base):
     ) -> Accepted:
         """As :meth:`Client.identify`."""
         opt_outs = {"opted_out": opted_out, "subscribe": subscribe, "unsubscribe": unsubscribe}
-        body = _identify(user_id, traits, opt_outs, timestamp, message_id)
+        body = _identify(user_id, traits, opt_outs, timestamp, message_id, anonymous_id)
         return cast(Accepted, await self._request("POST", "/v1/identify", json=body))
 
     async def batch(self, items: Iterable[Item | Mapping[str, Any]]) -> BatchAccepted:

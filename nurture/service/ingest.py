@@ -7,10 +7,17 @@ when none is active, and otherwise reaches the active run, which applies the re-
 (``restart`` ends itself and continues as a new run; ``after_exit`` and ``once`` ignore it).
 ``once`` is also checked against the ``runs`` table, so it holds beyond Temporal's retention.
 
+Every call first resolves to a person (:class:`~nurture.storage.identities.DbIdentities`, the
+rules of docs/identity.md): routes, runs and workflow ids are the person's. A call that merges two
+people ends the newer of two active runs of one journey and key with the ``stop`` signal (reason
+``merged``); a trigger for a (journey, key) whose active run moved to the person in a merge goes to
+that run (signal ``trigger``), so re-entry rules apply to the merged person as one.
+
 Routing is at least once. The event is stored first and marked routed only when every route and
 journey has had it; one that fails part-way (Temporal, the database) or whose process dies stays
 unrouted, and is routed again, whole, by the retry of the call (same ``messageId``) or by
-:meth:`Ingest.route_unrouted` when the API starts. Routing twice is harmless: a run ignores an
+:meth:`Ingest.route_unrouted` when the API starts. An identity call that merged people stays
+unrouted in the same way until the runs the merge ends have had their stop signal. Routing twice is harmless: a run ignores an
 event or trigger it has seen, and a run the event started that has ended since is not started
 again (the ``runs`` table records each run's trigger).
 """
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,12 +37,14 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from nurture.engine.identity import MERGED, Identifier, call_identifiers
 from nurture.engine.interpreter import late_conversion, late_record, run_key, trigger_matches, workflow_id
-from nurture.engine.model import Event
+from nurture.engine.model import Event, Profile
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.storage.db import Database
-from nurture.storage.models import EventRecord, utcnow
+from nurture.storage.identities import Applied, DbIdentities
+from nurture.storage.models import EventRecord, Route, utcnow
 from nurture.storage.stores import DbProfiles, DbRecorder, Events, OptOuts, Routes, has_run, run_started_by
 from workflows.journey import RECORD_STEPS, WORKFLOW_NAME
 
@@ -73,9 +82,12 @@ class Routed:
     """Journeys the event matched but could not enter (``once``)."""
     converted: list[str] = field(default_factory=list)
     """Ended runs whose goal window was still open and that this event converted."""
+    person: str | None = None
+    """The person the event is about."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "person": self.person,
             "duplicate": self.duplicate,
             "rerouted": self.rerouted,
             "triggered": self.triggered,
@@ -87,8 +99,11 @@ class Routed:
 class Ingest:
     """Accepts events and identifies for a compiled project."""
 
-    def __init__(self, project: Project, db: Database, client: Client | None, task_queue: str) -> None:
-        """``client`` may be ``None`` for a profile-only router (identify works without Temporal)."""
+    def __init__(
+        self, project: Project, db: Database, client: Client | None, task_queue: str, *, secret: str = ""
+    ) -> None:
+        """``client`` may be ``None`` for a profile-only router (identify works without Temporal,
+        unless it merges people with runs to end). ``secret`` keys the audit log's hashes."""
         self.project = project
         self.db = db
         self.client = client
@@ -96,6 +111,7 @@ class Ingest:
         self.events = Events(db)
         self.routes = Routes(db)
         self.profiles = DbProfiles(db)
+        self.identities = DbIdentities(db, secret=secret)
         self.recorder = DbRecorder(db)
         self._goals: dict[str, list[str]] = {}
         """Journeys by goal event name: which ended runs an event may still convert."""
@@ -105,27 +121,34 @@ class Ingest:
         self._payloads = {j.id: journey_to_dict(j) for j in project.journeys.values()}
         self._listens = {j.id: sorted(j.listens_for()) for j in project.journeys.values()}
 
-    async def track(self, user_id: str, event: Event) -> Routed:
-        """Store the event (once per message id) and route it. A repeat routes the stored event
+    async def track(
+        self, identifiers: Sequence[Identifier] | str, event: Event, *, anonymous_id: str | None = None
+    ) -> Routed:
+        """Resolve the person the event is about (``identifiers``, or a userId) (creating or merging as the identity rules say),
+        store the event (once per message id) and route it. A repeat routes the stored event
         again only if its routing never finished, once the call that stored it is surely over.
         :class:`NotRouted` when routing fails."""
         assert event.message_id is not None, "the API assigns a message id to every event"
-        fresh = await asyncio.to_thread(
-            self.events.add,
+        record = EventRecord(
             message_id=event.message_id,
             kind="track",
-            user_id=user_id,
+            user_id="",
+            anonymous_id=anonymous_id,
             name=event.name,
-            properties=event.properties,
-            timestamp=event.timestamp,
+            properties=dict(event.properties),
+            timestamp=event.timestamp.astimezone(UTC),
         )
-        if fresh:
-            return await self._route(user_id, event, again=False)
+        if isinstance(identifiers, str):
+            identifiers = call_identifiers(identifiers, None)
+        applied = await asyncio.to_thread(self.identities.apply, identifiers, at=event.timestamp, record=record)
+        if applied is not None:
+            await self._end_merged(applied.merged_away)
+            return await self._route(applied.person, event, again=False, profile=applied.profile)
         while True:
             unrouted = await asyncio.to_thread(self.events.unrouted, message_id=event.message_id)
             if not unrouted:
                 return Routed(duplicate=True)
-            [(stored_user, stored, received_at)] = unrouted
+            [(stored_user, stored, received_at, _)] = unrouted
             # A young one is most likely still being routed by the call that stored it (a
             # concurrent retry): its answer is awaited, not raced.
             if datetime.now(UTC) - received_at >= timedelta(seconds=ROUTING_GRACE):
@@ -141,27 +164,35 @@ class Ingest:
             log.warning("unrouted events not read, so not routed until the next start: %s", exc)
             return 0
         routed = 0
-        for user_id, event, _ in left:
+        for user_id, event, _, kind in left:
             try:
-                await self._route(user_id, event, again=True)
+                if kind == "track":
+                    await self._route(user_id, event, again=True)
+                else:
+                    assert event.message_id is not None
+                    await self._finish_merge(user_id, event.message_id)
             except NotRouted as exc:
                 log.warning("event %s still not routed: %s", event.message_id, exc.__cause__)
                 continue
             routed += 1
         return routed
 
-    async def _route(self, user_id: str, event: Event, *, again: bool) -> Routed:
+    async def _route(self, user_id: str, event: Event, *, again: bool, profile: Profile | None = None) -> Routed:
         """Every route and journey gets the event, each on its own: one failing leaves the others
         routed, and the event unrouted, so routing it again reaches the one that failed."""
         assert event.message_id is not None, "the API assigns a message id to every event"
-        routed = Routed(rerouted=again)
         failures: list[Exception] = []
         payload = event.to_dict()
         try:
+            if again:  # merged since it was stored, perhaps by this very call
+                user_id = await asyncio.to_thread(self.identities.survivor, user_id)
+                await self._end_merged(await asyncio.to_thread(self.identities.merged_away, user_id))
             routes = await asyncio.to_thread(self.routes.active_for, user_id)
-            profile = await asyncio.to_thread(self.profiles.read, user_id)
+            if profile is None:  # else as the call that stored the event left it
+                profile = await asyncio.to_thread(self.profiles.read, user_id)
         except TRANSIENT as exc:
             raise NotRouted(f"event {event.message_id} not routed: {exc}") from exc
+        routed = Routed(rerouted=again, person=user_id)
         if event.name in self._goals:
             try:
                 await self._convert_ended(user_id, event, profile.traits, routed)
@@ -179,7 +210,7 @@ class Ingest:
             if trigger_matches(journey, event, profile.traits, user_id):
                 key = run_key(journey, event, profile.traits, user_id)
                 try:
-                    await self._trigger(journey, user_id, key, payload, routed, again=again)
+                    await self._trigger(journey, user_id, key, payload, routed, again=again, routes=routes)
                 except TRANSIENT as exc:
                     failures.append(exc)
         if not failures:
@@ -195,24 +226,79 @@ class Ingest:
 
     async def identify(
         self,
-        user_id: str,
+        identifiers: Sequence[Identifier] | str,
         traits: Mapping[str, Any],
         *,
         message_id: str,
         event: Event,
         opted_out: OptOuts | None = None,
-    ) -> bool:
-        """Merge traits (and opt-outs) into the profile in one transaction; ``False`` for a
-        repeated ``message_id``."""
+        kind: str = "identify",
+        anonymous_id: str | None = None,
+        explicit: bool = False,
+        group: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> Applied | None:
+        """Apply an identity call (``identify``, ``alias`` with ``explicit``, ``group`` with
+        ``group``) in one transaction with its record: resolve or create the person, merge,
+        merge traits and opt-outs, set the group; then end the runs a merge ends. ``None`` for a
+        repeated ``message_id`` (which finishes ending them, if an earlier attempt did not).
+        ``identifiers`` may be a userId: the call names it and the address traits.
+        :class:`NotRouted` when a run could not be stopped: the retry finishes it."""
+        if isinstance(identifiers, str):
+            identifiers = call_identifiers(identifiers, None, traits)
         call = EventRecord(
             message_id=message_id,
-            kind="identify",
-            user_id=user_id,
-            properties=dict(traits),
+            kind=kind,
+            user_id="",
+            anonymous_id=anonymous_id,
+            name=None if group is None else group[0],
+            properties=dict(traits if group is None else group[1]),
             timestamp=event.timestamp.astimezone(UTC),
             routed_at=utcnow(),
         )
-        return await asyncio.to_thread(self.profiles.apply_call, call, traits, opted_out)
+        applied = await asyncio.to_thread(
+            self.identities.apply,
+            identifiers,
+            at=event.timestamp,
+            explicit=explicit,
+            record=call,
+            traits=traits,
+            opted_out=opted_out,
+            group=group,
+        )
+        if applied is None:
+            left = await asyncio.to_thread(self.events.unrouted, message_id=message_id)
+            for person, *_ in left:
+                await self._finish_merge(person, message_id)
+            return None
+        if applied.merged_away:
+            await self._finish_merge(applied.person, message_id, applied.merged_away)
+        return applied
+
+    async def _finish_merge(self, person: str, message_id: str, ending: Sequence[str] | None = None) -> None:
+        """Stop the runs a merge ends (``ending``, else the person's as they are now), then mark
+        the call that merged routed."""
+        try:
+            if ending is None:
+                person = await asyncio.to_thread(self.identities.survivor, person)
+                ending = await asyncio.to_thread(self.identities.merged_away, person)
+            await self._end_merged(ending)
+            await asyncio.to_thread(self.events.routed, message_id)
+        except TRANSIENT as exc:
+            raise NotRouted(f"call {message_id} merged people but did not end their runs: {exc}") from exc
+
+    async def _end_merged(self, workflow_ids: Sequence[str]) -> None:
+        """Send each run a merge ends the ``stop`` signal (reason ``merged``) and deactivate its
+        route; a run already gone is done with."""
+        if not workflow_ids:
+            return
+        if self.client is None:
+            raise NotRouted(f"{len(workflow_ids)} run(s) to end after a merge need Temporal")
+        for wid in workflow_ids:
+            try:
+                await self._signal(wid, "stop", MERGED)
+            except TRANSIENT as exc:
+                raise NotRouted(f"run {wid} not stopped after a merge: {exc}") from exc
+            await asyncio.to_thread(self.routes.deactivate, wid)
 
     async def _convert_ended(self, user_id: str, event: Event, traits: Mapping[str, Any], routed: Routed) -> None:
         """Conversions of the user's ended runs whose goal window is still open (no workflow is
@@ -229,9 +315,25 @@ class Ingest:
                 count_conversion(late_record(run, event, effect))
 
     async def _trigger(
-        self, journey: Journey, user_id: str, key: str, event: dict[str, Any], routed: Routed, *, again: bool
+        self,
+        journey: Journey,
+        user_id: str,
+        key: str,
+        event: dict[str, Any],
+        routed: Routed,
+        *,
+        again: bool,
+        routes: Sequence[Route] = (),
     ) -> None:
         wid = workflow_id(journey.id, user_id, key)
+        for route in routes:
+            # A run that moved to this person in a merge, under the merged-away person's workflow
+            # id: the trigger goes to it, which applies the re-entry rule.
+            if route.journey == journey.id and route.key == key and route.workflow_id != wid:
+                trigger = {"event": event, "journey": self._payloads[journey.id]}
+                if await self._signal(route.workflow_id, "trigger", trigger):
+                    routed.triggered.append(route.workflow_id)
+                    return
         started = await asyncio.to_thread(run_started_by, self.db, journey.id, event["message_id"]) if again else None
         if started == "ended":
             # The first routing started it, then failed elsewhere or died: another start would
@@ -277,7 +379,7 @@ class Ingest:
         )
         routed.triggered.append(wid)
 
-    async def _signal(self, wid: str, name: str, payload: Mapping[str, Any]) -> bool:
+    async def _signal(self, wid: str, name: str, payload: Mapping[str, Any] | str) -> bool:
         assert self.client is not None, "routing track events needs a Temporal client"
         try:
             await self.client.get_workflow_handle(wid).signal(name, payload)

@@ -15,6 +15,11 @@ dates, end reason, variants and conversion, but lose the user id, workflow id (i
 user id) and key. Nothing else about the user is left, so a later event for the same id starts
 from scratch.
 
+A user is a person (docs/identity.md): both functions take a person id, resolved first to its
+surviving person, and cover every person merged into it. Forgetting deletes every identifier
+(user ids, anonymous ids, addresses) the person and those merged into it ever had, so a later call
+naming one of them starts a new person.
+
 :func:`export_user` returns everything the database holds about a user. Both are written to the
 ``audit_log`` table (:mod:`nurture.storage.audit`), under a hash of the user id.
 """
@@ -46,8 +51,10 @@ from temporalio.service import RPCError, RPCStatusCode
 from nurture.language.ir import ADDRESS_TRAITS
 from nurture.storage.audit import AuditAction, AuditRecord, subject_hash, subject_hashes
 from nurture.storage.db import Database
+from nurture.storage.identities import canonical, merged_persons
 from nurture.storage.models import (
     EventRecord,
+    IdentityRecord,
     MessageEvent,
     MessageRecord,
     ProfileRecord,
@@ -188,11 +195,21 @@ class ExportedAudit(_Row):
     details: dict[str, Any] = Field(description="Counts of what was exported or forgotten.")
 
 
+class ExportedIdentifier(_Row):
+    kind: str = Field(description="`user_id`, `anonymous_id`, `email`, `phone` or `wechat_openid`.")
+    value: str
+    created_at: Instant
+
+
 class UserExport(BaseModel):
     """Everything the database holds about one user."""
 
-    user_id: str
+    user_id: str = Field(description="The person id.")
     exported_at: Instant
+    merged: list[str] = Field(default_factory=list, description="Person ids merged into this person.")
+    identifiers: list[ExportedIdentifier] = Field(
+        default_factory=list, description="Every identifier of the person."
+    )
     profile: ExportedProfile | None = Field(description="`null` when there is no profile.")
     events: list[ExportedEvent]
     runs: list[ExportedRun]
@@ -222,7 +239,8 @@ class TemporalCounts(BaseModel):
 
 
 class Deleted(BaseModel):
-    profiles: int
+    profiles: int = Field(description="The person's profile, and those of the persons merged into it.")
+    identifiers: int = 0
     events: int
     routes: int
     message_events: int
@@ -261,22 +279,28 @@ class Holdings:
     """Workflow ids of every route, including runs whose start was never recorded."""
 
 
+def persons(session: Session, user_id: str) -> list[str]:
+    """The surviving person of ``user_id``, then every person merged into it."""
+    return merged_persons(session, canonical(session, user_id))
+
+
 def holdings(db: Database, user_id: str) -> Holdings:
     """What forgetting ``user_id`` would end, delete and anonymise."""
     with db.session() as session:
+        ids = persons(session, user_id)
         runs = session.execute(
             select(col(RunRecord.workflow_id), col(RunRecord.run_id), col(RunRecord.status)).where(
-                col(RunRecord.user_id) == user_id
+                col(RunRecord.user_id).in_(ids)
             )
         ).all()
         routes = session.execute(
-            select(col(Route.workflow_id), col(Route.active)).where(col(Route.user_id) == user_id)
+            select(col(Route.workflow_id), col(Route.active)).where(col(Route.user_id).in_(ids))
         ).all()
         active = {wid for wid, _, status in runs if status == "active"} | {wid for wid, on in routes if on}
         return Holdings(
-            profile=session.get(ProfileRecord, user_id) is not None,
-            events=_count(session, EventRecord, col(EventRecord.user_id) == user_id),
-            messages=_count(session, MessageRecord, col(MessageRecord.user_id) == user_id),
+            profile=session.get(ProfileRecord, ids[0]) is not None,
+            events=_count(session, EventRecord, col(EventRecord.user_id).in_(ids)),
+            messages=_count(session, MessageRecord, col(MessageRecord.user_id).in_(ids)),
             runs=len(runs),
             active=sorted(active),
             executions=sorted((wid, run_id) for wid, run_id, _ in runs if wid),
@@ -428,18 +452,20 @@ async def _delete_histories(client: Client, held: Holdings) -> tuple[int, int]:
 def _erase(db: Database, user_id: str, counts: TemporalCounts, actor: str, secret: str) -> ForgetReport:
     """Delete and anonymise in one transaction, with its audit entry."""
     with db.session() as session:
-        messages = _messages(session, user_id)
-        profile = session.get(ProfileRecord, user_id)
-        feedback = _message_events(session, user_id, messages, profile)
+        ids = persons(session, user_id)
+        messages = _messages(session, ids)
+        profiles = _profiles(session, ids)
+        identifiers = _identifier_rows(session, ids)
+        feedback = _message_events(session, ids, messages, profiles, identifiers)
         deleted_feedback = 0
-        for ids in _chunks([row.id for row in feedback if row.id is not None]):
+        for chunk in _chunks([row.id for row in feedback if row.id is not None]):
             deleted_feedback += _changed(
-                session.execute(delete(MessageEvent).where(col(MessageEvent.id).in_(ids)))
+                session.execute(delete(MessageEvent).where(col(MessageEvent.id).in_(chunk)))
             )
         anonymized_messages = _changed(
             session.execute(
                 update(MessageRecord)
-                .where(col(MessageRecord.user_id) == user_id)
+                .where(col(MessageRecord.user_id).in_(ids))
                 .values(
                     user_id="", address=None, subject=None, preview=None, content=None, updated_at=utcnow()
                 )
@@ -448,23 +474,26 @@ def _erase(db: Database, user_id: str, counts: TemporalCounts, actor: str, secre
         # A run that was terminated (or whose end was never recorded) ends here, as forgotten.
         session.execute(
             update(RunRecord)
-            .where(col(RunRecord.user_id) == user_id)
+            .where(col(RunRecord.user_id).in_(ids))
             .where(col(RunRecord.status) == "active")
             .values(status="ended", ended_at=utcnow(), end_reason=FORGOTTEN)
         )
         anonymized_runs = _changed(
             session.execute(
                 update(RunRecord)
-                .where(col(RunRecord.user_id) == user_id)
+                .where(col(RunRecord.user_id).in_(ids))
                 .values(user_id="", workflow_id="", key="")
             )
         )
         deleted = Deleted(
             profiles=_changed(
-                session.execute(delete(ProfileRecord).where(col(ProfileRecord.user_id) == user_id))
+                session.execute(delete(ProfileRecord).where(col(ProfileRecord.user_id).in_(ids)))
             ),
-            events=_changed(session.execute(delete(EventRecord).where(col(EventRecord.user_id) == user_id))),
-            routes=_changed(session.execute(delete(Route).where(col(Route.user_id) == user_id))),
+            identifiers=_changed(
+                session.execute(delete(IdentityRecord).where(col(IdentityRecord.person_id).in_(ids)))
+            ),
+            events=_changed(session.execute(delete(EventRecord).where(col(EventRecord.user_id).in_(ids)))),
+            routes=_changed(session.execute(delete(Route).where(col(Route.user_id).in_(ids)))),
             message_events=deleted_feedback,
         )
         anonymized = Anonymized(messages=anonymized_messages, runs=anonymized_runs)
@@ -473,7 +502,7 @@ def _erase(db: Database, user_id: str, counts: TemporalCounts, actor: str, secre
             "deleted": deleted.model_dump(),
             "anonymized": anonymized.model_dump(),
         }
-        entry = _audit(session, "forget", user_id, actor, secret, details)
+        entry = _audit(session, "forget", ids[0], actor, secret, details)
         return ForgetReport(temporal=counts, deleted=deleted, anonymized=anonymized, audit_id=entry)
 
 
@@ -487,11 +516,14 @@ def _changed(result: Any) -> int:
 def export_user(db: Database, user_id: str, *, actor: str, secret: str = "") -> UserExport:
     """Everything the database holds about ``user_id`` (nothing is not an error), audited."""
     with db.session() as session:
-        profile = session.get(ProfileRecord, user_id)
+        ids = persons(session, user_id)
+        profiles = _profiles(session, ids)
+        profile = profiles[0] if profiles and profiles[0].user_id == ids[0] else None
+        identifiers = _identifier_rows(session, ids)
         events = (
             session.execute(
                 select(EventRecord)
-                .where(col(EventRecord.user_id) == user_id)
+                .where(col(EventRecord.user_id).in_(ids))
                 .order_by(col(EventRecord.timestamp), col(EventRecord.id))
             )
             .scalars()
@@ -500,26 +532,26 @@ def export_user(db: Database, user_id: str, *, actor: str, secret: str = "") -> 
         runs = (
             session.execute(
                 select(RunRecord)
-                .where(col(RunRecord.user_id) == user_id)
+                .where(col(RunRecord.user_id).in_(ids))
                 .order_by(col(RunRecord.entered_at), col(RunRecord.run_id))
             )
             .scalars()
             .all()
         )
         routes = (
-            session.execute(
-                select(Route).where(col(Route.user_id) == user_id).order_by(col(Route.workflow_id))
-            )
+            session.execute(select(Route).where(col(Route.user_id).in_(ids)).order_by(col(Route.workflow_id)))
             .scalars()
             .all()
         )
-        messages = _messages(session, user_id)
+        messages = _messages(session, ids)
         feedback = sorted(
-            _message_events(session, user_id, messages, profile), key=lambda e: (e.at, e.id or 0)
+            _message_events(session, ids, messages, profiles, identifiers), key=lambda e: (e.at, e.id or 0)
         )
         export = UserExport(
-            user_id=user_id,
+            user_id=ids[0],
             exported_at=utcnow(),
+            merged=ids[1:],
+            identifiers=[ExportedIdentifier.model_validate(row) for row in identifiers],
             profile=None if profile is None else ExportedProfile.model_validate(profile),
             events=[ExportedEvent.model_validate(row) for row in events],
             runs=[ExportedRun.model_validate(row) for row in runs],
@@ -535,11 +567,11 @@ def export_user(db: Database, user_id: str, *, actor: str, secret: str = "") -> 
                 for name in ("events", "runs", "routes", "messages", "message_events")
             },
         }
-        _audit(session, "export", user_id, actor, secret, details)
+        _audit(session, "export", ids[0], actor, secret, details)
         entries = (
             session.execute(
                 select(AuditRecord)
-                .where(col(AuditRecord.subject).in_(subject_hashes(user_id, secret)))
+                .where(col(AuditRecord.subject).in_([h for i in ids for h in subject_hashes(i, secret)]))
                 .order_by(col(AuditRecord.at), col(AuditRecord.id))
             )
             .scalars()
@@ -552,23 +584,46 @@ def export_user(db: Database, user_id: str, *, actor: str, secret: str = "") -> 
 # Shared --------------------------------------------------------------------------------------
 
 
-def _messages(session: Session, user_id: str) -> list[MessageRecord]:
+def _profiles(session: Session, ids: Sequence[str]) -> list[ProfileRecord]:
+    """The profiles of ``ids``, in that order (the survivor first)."""
+    rows = {
+        row.user_id: row
+        for row in session.execute(select(ProfileRecord).where(col(ProfileRecord.user_id).in_(ids))).scalars()
+    }
+    return [rows[i] for i in ids if i in rows]
+
+
+def _identifier_rows(session: Session, ids: Sequence[str]) -> list[IdentityRecord]:
+    return list(
+        session.execute(
+            select(IdentityRecord)
+            .where(col(IdentityRecord.person_id).in_(ids))
+            .order_by(col(IdentityRecord.kind), col(IdentityRecord.value))
+        ).scalars()
+    )
+
+
+def _messages(session: Session, ids: Sequence[str]) -> list[MessageRecord]:
     return list(
         session.execute(
             select(MessageRecord)
-            .where(col(MessageRecord.user_id) == user_id)
+            .where(col(MessageRecord.user_id).in_(ids))
             .order_by(col(MessageRecord.created_at), col(MessageRecord.id))
         ).scalars()
     )
 
 
 def _message_events(
-    session: Session, user_id: str, messages: Sequence[MessageRecord], profile: ProfileRecord | None
+    session: Session,
+    ids: Sequence[str],
+    messages: Sequence[MessageRecord],
+    profiles: Sequence[ProfileRecord],
+    identifiers: Sequence[IdentityRecord],
 ) -> list[MessageEvent]:
     """Provider events about the user: theirs by user id, about their messages (by idempotency key
     or provider id), and unattributed ones (an inbound SMS from a number several profiles share,
     a bounce for no known message) whose payload names the user or one of their addresses."""
-    conditions: list[Any] = [col(MessageEvent.user_id) == user_id]
+    conditions: list[Any] = [col(MessageEvent.user_id).in_(ids)]
     keys = [m.idempotency_key for m in messages]
     provider_ids = [m.provider_id for m in messages if m.provider_id]
     conditions += [col(MessageEvent.idempotency_key).in_(chunk) for chunk in _chunks(keys)]
@@ -577,7 +632,7 @@ def _message_events(
     for condition in conditions:
         for row in session.execute(select(MessageEvent).where(condition)).scalars():
             found[row.id or 0] = row
-    needles = _identities(user_id, messages, profile)
+    needles = _identities(ids, messages, profiles, identifiers)
     unattributed = select(MessageEvent).where(col(MessageEvent.user_id).is_(None))
     for row in session.execute(unattributed.execution_options(yield_per=_CHUNK)).scalars():
         if row.id not in found and _mentions(row.data, needles):
@@ -585,10 +640,16 @@ def _message_events(
     return list(found.values())
 
 
-def _identities(user_id: str, messages: Iterable[MessageRecord], profile: ProfileRecord | None) -> set[str]:
-    """The user id and every address the user is known by, normalised for comparison."""
-    values: list[Any] = [user_id, *(m.address for m in messages)]
-    if profile is not None:
+def _identities(
+    ids: Sequence[str],
+    messages: Iterable[MessageRecord],
+    profiles: Iterable[ProfileRecord],
+    identifiers: Iterable[IdentityRecord],
+) -> set[str]:
+    """The person ids, every identifier and every address the user is known by, normalised for
+    comparison."""
+    values: list[Any] = [*ids, *(m.address for m in messages), *(i.value for i in identifiers)]
+    for profile in profiles:
         values += [profile.email, profile.phone, profile.wechat_openid]
         values += [profile.traits.get(name) for name in ADDRESS_TRAITS.values()]
     return {_normal(v) for v in values if isinstance(v, str) and v.strip()}

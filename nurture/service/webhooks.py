@@ -25,7 +25,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
@@ -262,8 +262,13 @@ def _instant(value: Any) -> datetime:
 # The routes ----------------------------------------------------------------------------------
 
 
-def webhook_router(settings: Settings, db: Database) -> APIRouter:
-    """The webhook and unsubscribe routes for ``settings``, writing to ``db``.
+FollowHandler = Callable[[str, datetime], Coroutine[Any, Any, None]]
+"""What a WeChat follow also does (the event API's: the follower's person and `WeChat Followed`)."""
+
+
+def webhook_router(settings: Settings, db: Database, *, on_follow: FollowHandler | None = None) -> APIRouter:
+    """The webhook and unsubscribe routes for ``settings``, writing to ``db``; ``on_follow`` is
+    called with the openid and time of each new WeChat follow.
 
     Raises :class:`SettingsError` when ``SENDGRID_WEBHOOK_PUBLIC_KEY`` is set but not a key.
     """
@@ -280,6 +285,7 @@ def webhook_router(settings: Settings, db: Database) -> APIRouter:
         if not value
     ]
     router = APIRouter(tags=["webhooks"])
+    following: set[asyncio.Task[None]] = set()
 
     async def twilio_form(request: Request, path: str) -> ImmutableMultiDict[str, str] | Response:
         """The signed form of a Twilio webhook, or the answer refusing it."""
@@ -424,8 +430,8 @@ def webhook_router(settings: Settings, db: Database) -> APIRouter:
     )
     async def wechat_events(request: Request) -> Response:
         """A WeChat push (XML, signed in the query): ``unsubscribe`` (unfollow) opts every profile
-        with that ``wechat_openid`` out of WeChat, ``subscribe`` (follow) opts them back in; the rest
-        is ignored."""
+        with that ``wechat_openid`` out of WeChat, ``subscribe`` (follow) opts them back in and is
+        the track event ``WeChat Followed`` of the follower's person; the rest is ignored."""
         if not settings.wechat_token:
             return _not_configured("WECHAT_TOKEN", "WeChat's pushes cannot be verified")
         query = request.query_params
@@ -479,6 +485,12 @@ def webhook_router(settings: Settings, db: Database) -> APIRouter:
         }
         if await asyncio.to_thread(_record_opt_in_or_out, db, event, users, "wechat", opt_out):
             log.info("wechat %s by %s: %d profile(s)", name, mask_address(openid), len(users))
+        if not opt_out and on_follow is not None:
+            # In the background: WeChat wants its answer within 5 seconds, whatever Temporal does.
+            # The event's messageId comes from the follower and time: WeChat's retry adds nothing.
+            task = asyncio.create_task(on_follow(openid, _instant(created)))
+            following.add(task)
+            task.add_done_callback(following.discard)
         # WeChat wants "success" (or an empty body): anything else shows the follower an error.
         return PlainTextResponse("success")
 

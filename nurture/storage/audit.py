@@ -19,7 +19,7 @@ from sqlmodel import Field, SQLModel
 
 from .models import UtcDateTime, utcnow
 
-AuditAction = Literal["forget", "export"]
+AuditAction = Literal["forget", "export", "merge", "conflict"]
 
 _DOMAIN = b"nurture-audit-subject\x00"
 """Prefixed to the id before keyed hashing, so a subject never equals another use of the secret."""
@@ -35,7 +35,8 @@ class AuditRecord(SQLModel, table=True):
         default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False, index=True)
     )
     action: str = Field(max_length=16)
-    """``forget`` or ``export``."""
+    """``forget``, ``export``, ``merge`` (two persons became one) or ``conflict`` (a call named
+    another known user's identifier, which stayed theirs)."""
     subject: str = Field(max_length=64, index=True)
     """:func:`subject_hash` of the user id; never the id itself."""
     actor: str = Field(max_length=64)

@@ -1,5 +1,5 @@
-"""The tables: profiles, events, runs, routes, messages, message events, provider tokens and the
-nonces of signed webhook requests.
+"""The tables: profiles (persons), identities, groups, events, runs, routes, messages, message
+events, provider tokens and the nonces of signed webhook requests.
 
 Columns the service queries are real columns with indexes; free-form data (traits, properties,
 rendered content) is JSON, which SQLite and PostgreSQL both store natively.
@@ -63,18 +63,55 @@ def _when(*, nullable: bool, default: Any = None, index: bool = False) -> Any:
     return Field(sa_column=column)
 
 
+PERSON_ID = 512
+"""Characters a person id may have: ``<kind>:<value>`` for a person first seen by an address."""
+
+
 class ProfileRecord(SQLModel, table=True):
-    """A user: traits (identity fields mirrored into columns) and per-channel opt-outs."""
+    """A person: traits (identity fields mirrored into columns) and per-channel opt-outs.
+
+    ``user_id`` is the person id (docs/identity.md). A person merged into another keeps its row,
+    with ``merged_into`` naming the survivor, so its id keeps resolving."""
 
     __tablename__ = "profiles"
 
-    user_id: str = Field(primary_key=True, max_length=255)
+    user_id: str = Field(primary_key=True, max_length=PERSON_ID)
     traits: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     email: str | None = Field(default=None, max_length=320, index=True)
     phone: str | None = Field(default=None, max_length=32, index=True)
     wechat_openid: str | None = Field(default=None, max_length=128, index=True)
     opted_out: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     created_at: datetime = _when(nullable=False, default=utcnow)
+    updated_at: datetime = _when(nullable=False, default=utcnow)
+    merged_into: str | None = Field(default=None, max_length=PERSON_ID, index=True)
+    """The person this one was merged into (``None`` for a surviving person)."""
+    trait_times: dict[str, str] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False, server_default=text("'{}'"))
+    )
+    """Per trait, the time (ISO 8601, UTC) of the call that set it: a merge keeps the later."""
+    group_id: str | None = Field(default=None, max_length=255)
+    """The group of the person's latest ``group`` call."""
+
+
+class IdentityRecord(SQLModel, table=True):
+    """One identifier (``user_id``, ``anonymous_id``, ``email``, ``phone``, ``wechat_openid``) and
+    the person it belongs to (always a surviving person: a merge re-points its identifiers)."""
+
+    __tablename__ = "identities"
+
+    kind: str = Field(primary_key=True, max_length=32)
+    value: str = Field(primary_key=True, max_length=320)
+    person_id: str = Field(max_length=PERSON_ID, index=True)
+    created_at: datetime = _when(nullable=False, default=utcnow)
+
+
+class GroupRecord(SQLModel, table=True):
+    """An account (a ``group`` call's ``groupId``) and its traits, shared by its members."""
+
+    __tablename__ = "groups"
+
+    group_id: str = Field(primary_key=True, max_length=255)
+    traits: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     updated_at: datetime = _when(nullable=False, default=utcnow)
 
 
@@ -86,15 +123,19 @@ class EventRecord(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     message_id: str = Field(max_length=255, unique=True)
     kind: str = Field(max_length=16)
-    """``track`` or ``identify``."""
-    user_id: str = Field(max_length=255, index=True)
+    """``track``, ``identify``, ``alias`` or ``group``."""
+    user_id: str = Field(max_length=PERSON_ID, index=True)
+    """The person id (the survivor's, after a merge)."""
+    anonymous_id: str | None = Field(default=None, max_length=255)
+    """The call's ``anonymousId``, as sent."""
     name: str | None = Field(default=None, max_length=255)
     properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     timestamp: datetime = _when(nullable=False)
     received_at: datetime = _when(nullable=False, default=utcnow)
     routed_at: datetime | None = _when(nullable=True, index=True)
     """When routing a track event finished; ``None`` while it has not (a crash, a refused call):
-    a retry of the call, or the API's next start, routes it again. Identify calls have it at once."""
+    a retry of the call, or the API's next start, routes it again. Identity calls have it at once,
+    unless they merged persons: then once the runs the merge ends have had their stop signal."""
 
 
 class RunRecord(SQLModel, table=True):
@@ -111,7 +152,7 @@ class RunRecord(SQLModel, table=True):
     workflow_id: str = Field(max_length=1000, index=True)
     journey: str = Field(max_length=128, index=True)
     version: str = Field(max_length=32)
-    user_id: str = Field(max_length=255, index=True)
+    user_id: str = Field(max_length=PERSON_ID, index=True)
     key: str = Field(default="", sa_column=Column(Text, nullable=False))
     """The full run key (the workflow id may carry only its start and a hash)."""
     trigger_message_id: str | None = Field(default=None, max_length=255, index=True)
@@ -178,7 +219,7 @@ class Route(SQLModel, table=True):
     __tablename__ = "routes"
 
     workflow_id: str = Field(primary_key=True, max_length=1000)
-    user_id: str = Field(max_length=255, index=True)
+    user_id: str = Field(max_length=PERSON_ID, index=True)
     journey: str = Field(max_length=128)
     key: str = Field(default="", sa_column=Column(Text, nullable=False))
     listens: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
@@ -198,7 +239,7 @@ class MessageRecord(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     idempotency_key: str = Field(max_length=512, unique=True)
     run_id: str = Field(max_length=255, index=True)
-    user_id: str = Field(default="", max_length=255, index=True)
+    user_id: str = Field(default="", max_length=PERSON_ID, index=True)
     journey: str = Field(default="", max_length=128)
     step_id: str = Field(max_length=255)
     channel: str = Field(max_length=16)
@@ -247,7 +288,7 @@ class MessageEvent(SQLModel, table=True):
     """The provider's own id for the event (SendGrid ``sg_event_id``): repeats are ignored."""
     idempotency_key: str | None = Field(default=None, max_length=512, index=True)
     provider_id: str | None = Field(default=None, max_length=255, index=True)
-    user_id: str | None = Field(default=None, max_length=255, index=True)
+    user_id: str | None = Field(default=None, max_length=PERSON_ID, index=True)
     at: datetime = _when(nullable=False)
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     received_at: datetime = _when(nullable=False, default=utcnow)

@@ -24,8 +24,10 @@ from nurture.language import ir
 from nurture.language.templates import RenderedMessage
 
 from .db import Database, upsert
+from .identities import canonical, merged_persons, with_group
 from .models import (
     EventRecord,
+    IdentityRecord,
     JourneyVersion,
     MessageRecord,
     ProfileRecord,
@@ -42,49 +44,43 @@ OptOuts = Sequence[str] | Callable[[set[str]], set[str]]
 
 
 class DbProfiles:
-    """Profiles in the ``profiles`` table (the engine's ``ProfileStore``)."""
+    """Profiles in the ``profiles`` table (the engine's ``ProfileStore``).
+
+    Every id given is a person id, resolved to its surviving person: a run started under a
+    person since merged away reads, and sends to, the merged profile."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
     def read(self, user_id: str) -> Profile:
+        """The surviving person's profile, with ``group`` among its traits when it has one."""
         with self.db.session() as session:
-            row = session.get(ProfileRecord, user_id)
+            person = canonical(session, user_id)
+            row = session.get(ProfileRecord, person)
             if row is None:
-                return Profile(user_id)
-            return Profile(user_id, dict(row.traits), frozenset(row.opted_out))
+                return Profile(person)
+            return with_group(session, row, person)
 
     def record(self, user_id: str) -> ProfileRecord | None:
         with self.db.session() as session:
             return session.get(ProfileRecord, user_id)
 
     def merge(self, user_id: str, traits: Mapping[str, Any], opted_out: OptOuts | None = None) -> Profile:
-        """Merge ``traits`` into the profile (creating it); ``opted_out`` replaces the opt-outs, or
-        changes them when it is a function (applied to the locked row, so changes don't race)."""
-        profile = self._merge(user_id, traits, opted_out, call=None)
-        assert profile is not None  # only a repeated call merges nothing
-        return profile
-
-    def apply_call(self, call: EventRecord, traits: Mapping[str, Any], opted_out: OptOuts | None = None) -> bool:
-        """Store an identify call and merge what it says in one transaction, so a crash keeps both
-        or neither; ``False`` (and nothing changed) when its ``message_id`` was stored before."""
-        return self._merge(call.user_id, traits, opted_out, call=call) is not None
-
-    def _merge(
-        self, user_id: str, traits: Mapping[str, Any], opted_out: OptOuts | None, *, call: EventRecord | None
-    ) -> Profile | None:
+        """Merge ``traits`` into the person's profile (creating it, with its ``user_id``
+        identifier); ``opted_out`` replaces the opt-outs, or changes them when it is a function
+        (applied to the locked row, so changes don't race). Calls from clients go through
+        :class:`~nurture.storage.identities.DbIdentities` instead, with their record in the same
+        transaction: this is for the engine's profile updates and provider opt-outs."""
         for _ in range(3):
-            if call is not None and _stored(self.db, call.message_id):
-                return None
             try:
                 with self.db.write_session() as session:
-                    if call is not None:
-                        session.add(EventRecord.model_validate(call.model_dump()))
-                        session.flush()
+                    user_id = canonical(session, user_id)
                     row = session.get(ProfileRecord, user_id, with_for_update=True)
                     if row is None:
                         row = ProfileRecord(user_id=user_id)
                         session.add(row)
+                        if session.get(IdentityRecord, ("user_id", user_id)) is None:
+                            session.add(IdentityRecord(kind="user_id", value=user_id, person_id=user_id))
                     row.traits = {**row.traits, **traits}
                     for name in IDENTITY:
                         value = row.traits.get(name)
@@ -95,7 +91,7 @@ class DbProfiles:
                         row.opted_out = sorted(set(opted_out))
                     row.updated_at = utcnow()
                     return Profile(user_id, dict(row.traits), frozenset(row.opted_out))
-            except IntegrityError:  # the profile (or the call) was stored concurrently: look again
+            except IntegrityError:  # the profile was stored concurrently: look again
                 continue
         raise RuntimeError(f"could not update profile {user_id}")
 
@@ -211,7 +207,9 @@ class DbRecorder:
         with self.db.session() as session:
             if session.get(RunRecord, record["run_id"]) is not None:
                 return  # a retried activity
-            session.add(RunRecord(**_run_row(record)))
+            row = _run_row(record)
+            row["user_id"] = canonical(session, row["user_id"])  # a run of a person merged since
+            session.add(RunRecord(**row))
 
     async def end(self, record: Mapping[str, Any]) -> None:
         await asyncio.to_thread(self._end, record)
@@ -300,6 +298,7 @@ class DbRecorder:
         for _ in range(3):
             try:
                 with self.db.session() as session:
+                    values["user_id"] = canonical(session, request.user_id)
                     row = session.execute(
                         select(MessageRecord).where(col(MessageRecord.idempotency_key) == key)
                     ).scalar_one_or_none()
@@ -441,7 +440,7 @@ class DbLedger:
                             MessageRecord(
                                 idempotency_key=key,
                                 run_id=request.run_id,
-                                user_id=request.user_id,
+                                user_id=canonical(session, request.user_id),
                                 journey=request.journey,
                                 step_id=request.step_id,
                                 variant=request.variant,
@@ -519,9 +518,12 @@ class DbHistory:
 
     def _sent(self, user_id: str, since: datetime) -> list[tuple[datetime, str]]:
         with self.db.session() as session:
+            # The person's messages and those of people merged into it (a message recorded under
+            # a merged-away id while the merge committed counts too).
+            persons = merged_persons(session, canonical(session, user_id))
             rows = session.execute(
                 select(col(MessageRecord.sent_at), col(MessageRecord.created_at), col(MessageRecord.channel))
-                .where(col(MessageRecord.user_id) == user_id)
+                .where(col(MessageRecord.user_id).in_(persons))
                 .where(col(MessageRecord.category) == "marketing")
                 .where(col(MessageRecord.status).in_(("sent", "sending")))
                 .where(or_(col(MessageRecord.sent_at) >= since, col(MessageRecord.created_at) >= since))
@@ -539,17 +541,13 @@ def _aware(value: datetime) -> datetime:
 
 
 class Unrouted(NamedTuple):
-    """A stored track event whose routing has not finished."""
+    """A stored call whose routing has not finished: a track event, or an identity call whose
+    merge has runs to end."""
 
     user_id: str
     event: Event
     received_at: datetime
-
-
-def _stored(db: Database, message_id: str) -> bool:
-    with db.session() as session:
-        found = session.execute(select(EventRecord.id).where(col(EventRecord.message_id) == message_id)).first()
-        return found is not None
+    kind: str = "track"
 
 
 class Events:
@@ -589,14 +587,9 @@ class Events:
             return False
 
     def unrouted(self, *, before: datetime | None = None, message_id: str | None = None) -> list[Unrouted]:
-        """Track events whose routing never finished, oldest first: those received before
-        ``before``, or the one with ``message_id``."""
-        query = (
-            select(EventRecord)
-            .where(col(EventRecord.routed_at).is_(None))
-            .where(col(EventRecord.kind) == "track")
-            .order_by(col(EventRecord.id))
-        )
+        """Calls whose routing never finished, oldest first: those received before ``before``,
+        or the one with ``message_id``."""
+        query = select(EventRecord).where(col(EventRecord.routed_at).is_(None)).order_by(col(EventRecord.id))
         if before is not None:
             query = query.where(col(EventRecord.received_at) < before)
         if message_id is not None:
@@ -607,6 +600,7 @@ class Events:
                     row.user_id,
                     Event(row.name or "", _aware(row.timestamp), dict(row.properties), row.message_id),
                     _aware(row.received_at),
+                    row.kind,
                 )
                 for row in session.execute(query).scalars()
             ]
