@@ -1606,7 +1606,10 @@ def journeys(service: ServiceDep) -> list[JourneyPublic]:
 @v1.get(
     "/runs",
     response_model=RunPage,
-    responses={**ERRORS, 400: {"model": ErrorBody, "description": "`after` is not a cursor of this listing."}},
+    responses={
+        **ERRORS,
+        400: {"model": ErrorBody, "description": "`state` or `limit` is out of range, or `after` is no cursor."},
+    },
     tags=["reports"],
     dependencies=READ,
 )
@@ -1632,7 +1635,7 @@ def runs(
 @v1.get(
     "/runs/counts",
     response_model=list[VersionCount],
-    responses=ERRORS,
+    responses={**ERRORS, 400: {"model": ErrorBody, "description": "`journey` is missing."}},
     tags=["reports"],
     dependencies=READ,
 )
