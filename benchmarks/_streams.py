@@ -208,9 +208,11 @@ async def measure_streams(
         httpx.AsyncClient(base_url=floor.address, headers=headers, limits=limits, timeout=60) as to_floor,
     ):
         await seed_known(to_api, KNOWN)
-        warm = [mixed_call(rng, KNOWN) for _ in range(200)]
-        for http in (to_api, to_floor):
-            await bounded(len(warm), concurrency, lambda i, http=http: http.post(warm[i][0], json=warm[i][1]))
+        for http in (to_api, to_floor):  # warm-up: connections and caches (each its own calls)
+            warm = [mixed_call(rng, KNOWN) for _ in range(200)]
+            await bounded(
+                len(warm), concurrency, lambda i, http=http, warm=warm: http.post(warm[i][0], json=warm[i][1])
+            )
 
         def meters(process: str) -> dict[str, Callable[[], float]]:
             chosen: dict[str, Callable[[], float]] = {

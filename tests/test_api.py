@@ -666,6 +666,7 @@ async def test_a_repeated_message_id_changes_nothing(api: Api) -> None:
         "triggered": [],
         "signalled": [],
         "skipped": [],
+        "skip_reasons": {},
     }
     await asyncio.sleep(1.0)  # long enough for a second run to have sent its SMS
     assert len(messages(api.db, user_id=user)) == 1

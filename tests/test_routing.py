@@ -297,3 +297,31 @@ def test_the_upgrade_counts_every_event_stored_before_it_as_routed(database: Dat
     [event] = rows(database, EventRecord)
     assert event.routed_at is not None and event.routed_at == event.received_at
     assert Events(database).unrouted(before=datetime.now(UTC)) == []
+
+
+async def test_an_event_no_journey_reacts_to_is_stored_routed_with_nothing_to_route(
+    api: Api, project: Project
+) -> None:
+    """Most traffic (page views, say) starts and reaches nothing: it is stored as routed in the
+    call's own transaction, and a repeat of it is a duplicate, not a reroute."""
+    user, message_id = new_user(), f"m-{uuid.uuid4().hex}"
+    journeys = project.journeys.values()
+    listened = {j.trigger.event for j in journeys} | {name for j in journeys for name in j.listens_for()}
+    assert "Product Viewed" not in listened
+    call = {"userId": user, "event": "Product Viewed", "messageId": message_id, "properties": {"sku": "p1"}}
+
+    first = await api.post("/v1/track", call)
+
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert (body["duplicate"], body["rerouted"], body["triggered"], body["signalled"]) == (
+        False,
+        False,
+        [],
+        [],
+    )
+    [event] = rows(api.db, EventRecord, message_id=message_id)
+    assert event.routed_at is not None and event.name == "Product Viewed"
+    again = (await api.post("/v1/track", call)).json()
+    assert (again["duplicate"], again["rerouted"]) == (True, False)
+    assert len(rows(api.db, EventRecord, message_id=message_id)) == 1

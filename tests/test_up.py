@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -227,6 +228,18 @@ async def test_up_serves_the_welcome_series_then_resumes_after_a_restart(stack: 
     assert httpx.get(f"{api}/docs", timeout=10).status_code == 200
     assert listening(ports["ui"])
 
+    # The console is served at once; the printed link signs its first admin in, once.
+    assert f"Console       {api}/console\n" in banner
+    link = re.search(rf"Sign in       ({re.escape(api)}/console/link/\S+)", banner)
+    assert link is not None and "as admin@localhost" in banner
+    with httpx.Client(base_url=api, timeout=10) as browser:
+        assert browser.get("/console/journeys").status_code == 303  # signed out
+        signed = browser.get(link.group(1))
+        assert signed.status_code == 303 and signed.headers["location"] == "/console/account"
+        journeys = browser.get("/console/journeys")
+        assert journeys.status_code == 200 and "Welcome series" in journeys.text
+    assert httpx.get(link.group(1), timeout=10).status_code == 400  # once only
+
     # The printed curl, pasted into a shell, starts the welcome series.
     curl = subprocess.run(["sh", "-c", curl_command(banner)], capture_output=True, text=True, timeout=60)
     assert curl.returncode == 0, curl.stderr
@@ -290,6 +303,7 @@ async def test_up_serves_the_welcome_series_then_resumes_after_a_restart(stack: 
     second: Up = stack["up"]()
     banner = second.banner()
     assert f"Write key     {key}   (from {home / 'write_key'}: sends events)" in banner
+    assert f"Sign in       {api}/console/link/" in banner  # a fresh link for the same admin
     assert f"Admin key     {admin_key}   (from {home / 'admin_key'}: " in banner
 
     recorded = runs(home)

@@ -300,8 +300,10 @@ class _Play:
             slot = (journey.id, user_id, key)
             current = self.slots.get(slot)
             is_active = current is not None and self.active(current)
-            decision = entry_decision(journey, active=is_active, ran_before=slot in self.counts)
-            if decision == "ignore":
+            decision = entry_decision(
+                journey, active=is_active, ran_before=slot in self.counts, paused=journey.id in self.scenario.paused
+            )
+            if decision in ("ignore", "paused"):
                 continue
             if decision == "restart" and current is not None:
                 await self._signal(current, "stop", "restarted")

@@ -22,12 +22,14 @@ from nurture.simulation.scenarios import (
     scenario_files,
 )
 
-from . import events, preview, privacy, report, runs, service
+from . import console, events, preview, privacy, report, runs, service
 from .options import project_options
 
 
-def _compile(journeys_dir: Path, templates_dir: Path, config: Path | None) -> Project:
-    result = compile_project(journeys_dir, templates_dir, config)
+def _compile(
+    journeys_dir: Path, templates_dir: Path, config: Path | None, *, report_undeclared: bool = False
+) -> Project:
+    result = compile_project(journeys_dir, templates_dir, config, report_undeclared=report_undeclared)
     if result.diagnostics:
         click.echo(format_all(result.diagnostics), err=True)
     if result.project is None:
@@ -47,7 +49,7 @@ def main() -> None:
 @project_options
 def validate(journeys_dir: Path, templates_dir: Path, config: Path | None) -> None:
     """Compile every journey and check every template they use."""
-    project = _compile(journeys_dir, templates_dir, config)
+    project = _compile(journeys_dir, templates_dir, config, report_undeclared=True)
     from nurture.language import ir
 
     for journey in project.journeys.values():
@@ -222,6 +224,7 @@ for command in (
     report.report,
     runs.runs,
     runs.migrate,
+    console.console,
 ):
     main.add_command(command)
 

@@ -6,8 +6,9 @@
 
 USER.yaml holds the user's traits (``id`` is required; ``locale`` picks the variant unless
 ``--locale`` is given); EVENT.yaml holds ``name``, ``properties`` and optionally ``timestamp``, and
-templates see it as ``event`` and ``last_event``. The context is built by the engine's own
-:func:`nurture.delivery.deliverer.render_context`, so a preview shows what a recipient would get.
+templates see it as ``event`` and ``last_event``. The context and the rendering are
+:mod:`nurture.service.preview`'s, which the console's preview page uses too, so both show what a
+recipient would get.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -28,15 +28,15 @@ from typing import Any
 import click
 import yaml
 
-from nurture.delivery.deliverer import render_context, text_value
+from nurture.delivery.deliverer import text_value
 from nurture.engine.clock import format_instant, parse_instant
-from nurture.engine.model import Event, Profile, SendRequest
+from nurture.engine.model import Event, Profile
 from nurture.language.compiler import Settings, load_settings
 from nurture.language.diagnostics import DiagnosticSink, did_you_mean, format_all
 from nurture.language.ir import ADDRESS_TRAITS, CHANNELS
 from nurture.language.sms import sms_info
-from nurture.language.templates import RenderedMessage, TemplateError, TemplateStore
-from nurture.service.settings import Settings as ServiceSettings
+from nurture.language.templates import RenderedMessage, TemplateStore
+from nurture.service.preview import PreviewError, locale_line, preview_context, render_template
 
 from .options import project_options
 
@@ -110,7 +110,7 @@ def preview(
     message = _render(store, channel, name, preview_context(profile, event, channel, name, settings), wanted)
     address = text_value(profile.traits.get(ADDRESS_TRAITS[channel]))
     if channel == "email":
-        _show_email(message, address, _locale_line(store, message, wanted))
+        _show_email(message, address, locale_line(store, message, wanted))
         if html_file:
             html_file.write_text(message.html or "", encoding="utf-8")
             click.echo(f"HTML written to {html_file}", err=True)
@@ -120,9 +120,9 @@ def preview(
             screenshot(message.html or "", png_file, browser)
             click.echo(f"screenshot written to {png_file}", err=True)
     elif channel == "sms":
-        _show_sms(message, address, _locale_line(store, message, wanted), settings)
+        _show_sms(message, address, locale_line(store, message, wanted), settings)
     else:
-        _show_wechat(message, address, _locale_line(store, message, wanted))
+        _show_wechat(message, address, locale_line(store, message, wanted))
 
 
 def resolve_template(store: TemplateStore, spec: str) -> tuple[str, str]:
@@ -180,34 +180,6 @@ def load_event(path: Path) -> dict[str, Any]:
     if not isinstance(properties, dict):
         raise click.ClickException(f"{path}: properties must be a mapping ('key: value' lines)")
     return Event(name, _timestamp(path, data.get("timestamp")), _plain(properties)).scope()
-
-
-PREVIEW_LINK_BASE = "https://nurture.example"
-"""Where the preview's unsubscribe link points when NURTURE_PUBLIC_URL and NURTURE_SECRET are unset."""
-
-
-def preview_context(
-    profile: Profile, event: Mapping[str, Any], channel: str, name: str, settings: Settings
-) -> dict[str, Any]:
-    """The render context of a send of ``name`` in a run triggered by ``event``."""
-    journey = {"id": "preview", "key": profile.user_id, "entered_at": format_instant(datetime.now(UTC))}
-    request = SendRequest(
-        run_id="preview",
-        journey="preview",
-        version="",
-        step_id="preview",
-        user_id=profile.user_id,
-        channels=(channel,),
-        template=name,
-        category="marketing",
-        timezone=settings.timezone,
-        quiet_hours=settings.quiet_hours,
-        variant=None,
-        context={"event": dict(event), "last_event": dict(event) or None, "journey": journey},
-    )
-    links = ServiceSettings.from_env().unsubscribe_links()
-    url = links.url(profile.user_id, channel) if links is not None else f"{PREVIEW_LINK_BASE}/u/preview"
-    return render_context(request, profile, unsubscribe_url=url)
 
 
 def find_browser() -> str:
@@ -358,17 +330,9 @@ def _render(
     store: TemplateStore, channel: str, name: str, context: dict[str, Any], locale: str | None
 ) -> RenderedMessage:
     try:
-        return store.render(channel, name, context, locale=locale)
-    except TemplateError as exc:
-        # Errors in the file are shown with their place in it; data errors as the render says.
-        try:
-            used = store.path(channel, name, store.prepare(channel, name, locale=locale))
-        except TemplateError:
-            used = None
-        errors = [
-            d for d in store.check(channel, name) if d.severity == "error" and d.path == str(used)
-        ]
-        raise click.ClickException(format_all(errors) if errors else str(exc)) from None
+        return render_template(store, channel, name, context, locale)
+    except PreviewError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _settings(path: Path) -> Settings:
@@ -378,15 +342,6 @@ def _settings(path: Path) -> Settings:
         click.echo(format_all(sink.errors), err=True)
         click.echo(f"{path} has errors: previewing with the default settings", err=True)
     return settings
-
-
-def _locale_line(store: TemplateStore, message: RenderedMessage, wanted: str | None) -> str:
-    used = store.path(message.channel, message.template, message.locale)
-    if message.locale:
-        return f"{message.locale} ({used})"
-    if wanted:
-        return f"base file, no '{wanted}' variant ({used})"
-    return f"base file ({used})"
 
 
 def _to(channel: str, address: str | None) -> str:

@@ -39,9 +39,10 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 from temporalio.runtime import Runtime
 
+from nurture.console import accounts
+from nurture.console.app import PREFIX, create_app
 from nurture.language.compiler import Project
 from nurture.service import worker
-from nurture.service.api import create_app
 from nurture.service.devserver import PRIVATE_UMASK, private_file
 from nurture.service.settings import Settings
 from nurture.storage.db import Database
@@ -500,7 +501,14 @@ async def up(options: UpOptions, *, out: IO[str]) -> None:
         except Interrupted:
             log.info("interrupted while starting")
             return
-        out.write(banner(options, settings, project, key_origins, reused=stack.reused and not stack.adopted))
+        assert stack.db is not None
+        admin = os.environ.get("NURTURE_CONSOLE_ADMIN") or accounts.FIRST_ADMIN
+        console = await asyncio.to_thread(accounts.first_admin_link, stack.db, admin)
+        out.write(
+            banner(
+                options, settings, project, key_origins, reused=stack.reused and not stack.adopted, console=console
+            )
+        )
         out.flush()
         while not stop.is_set():
             problem = stack.failed()
@@ -522,10 +530,24 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
 
 
 def banner(
-    options: UpOptions, settings: Settings, project: Project, key_origins: Mapping[str, str], *, reused: bool
+    options: UpOptions,
+    settings: Settings,
+    project: Project,
+    key_origins: Mapping[str, str],
+    *,
+    reused: bool,
+    console: tuple[str, str] | None = None,
 ) -> str:
-    """What ``nurture up`` prints once everything is ready."""
+    """What ``nurture up`` prints once everything is ready; ``console`` is the first admin's
+    email and one-time sign-in token."""
     api = f"http://{_url_host(options.host)}:{options.port}"
+    minutes = int(accounts.LINK_LIFETIME.total_seconds() // 60)
+    sign_in = (
+        f"  Sign in       {api}{PREFIX}/link/{console[1]}\n"
+        f"                (once, within {minutes} minutes, as {console[0]}; then set a password)\n"
+        if console is not None
+        else "  Sign in       with your console account (nurture console link EMAIL prints a link)\n"
+    )
     key, read_key, admin_key = settings.write_keys[0], settings.read_keys[0], settings.admin_keys[0]
     ui = f"http://{_url_host(options.temporal_host)}:{options.temporal_ui_port}"
     temporal = (
@@ -540,7 +562,8 @@ def banner(
     return f"""
 Nurture is up.
 {warnings}
-  API           {api}
+  Console       {api}{PREFIX}
+{sign_in}  API           {api}
   API docs      {api}/docs
   Temporal UI   {ui}{" (if the reused server serves one)" if reused else ""}
   Temporal      {temporal}

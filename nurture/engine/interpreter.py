@@ -179,11 +179,19 @@ def trigger_matches(journey: ir.Journey, event: Event, traits: Mapping[str, Any]
     return is_true(journey.trigger.cond, scope)
 
 
-EntryDecision = Literal["start", "restart", "ignore"]
+EntryDecision = Literal["start", "restart", "ignore", "paused"]
+
+JOURNEY_PAUSED = "journey_paused"
+"""Why a matching trigger started nothing: an operator paused the journey."""
 
 
-def entry_decision(journey: ir.Journey, *, active: bool, ran_before: bool) -> EntryDecision:
-    """What a matching trigger does given the (journey, user, key)'s history."""
+def entry_decision(journey: ir.Journey, *, active: bool, ran_before: bool, paused: bool = False) -> EntryDecision:
+    """What a matching trigger does given the (journey, user, key)'s history.
+
+    A paused journey starts no new run and restarts none (``paused``); its runs in flight go on.
+    """
+    if paused:
+        return "paused"
     if journey.re_entry == "once":
         return "ignore" if (active or ran_before) else "start"
     if active:

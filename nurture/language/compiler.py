@@ -18,13 +18,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import ir
-from .diagnostics import CompileError, Diagnostic, DiagnosticSink, did_you_mean
+from .diagnostics import CompileError, Diagnostic, DiagnosticSink, describe_value, did_you_mean
 from .document import (
     STEP_KINDS,
     ArmDoc,
     BranchDoc,
     ChannelQuietHoursDoc,
     ElseArmDoc,
+    EventDoc,
     EventRuleDoc,
     ExitDoc,
     FrequencyCapsDoc,
@@ -33,10 +34,12 @@ from .document import (
     JourneyDoc,
     PolicyFields,
     ProjectDoc,
+    PropertyDoc,
     QuietHoursDoc,
     SendDoc,
     SplitDoc,
     StepDoc,
+    TraitDoc,
     UpdateDoc,
     VariantDoc,
     WaitDoc,
@@ -46,11 +49,23 @@ from .document import (
     step_kind,
 )
 from .durations import parse_duration
-from .expressions import compile_expression, compile_value
+from .expressions import ExpressionError, compile_expression, compile_value
 from .providers import PROVIDER_DOCS, ProvidersDoc
+from .schema import (
+    TYPES,
+    Declarations,
+    Declared,
+    EventScope,
+    Read,
+    Usage,
+    comparison_problems,
+    read_problem,
+    reads,
+    value_problem,
+)
 from .source import Path as KeyPath
 from .source import SourceError, SourceMap, load_yaml
-from .templates import TemplateStore, name_in_path, valid_name
+from .templates import TemplateRead, TemplateStore, name_in_path, valid_name
 
 _STEP_LISTS = frozenset({"steps", "then", "else", "branch"})
 
@@ -70,6 +85,8 @@ class Settings:
     """Subscription topics a send may name and users may opt out of."""
     policy: ir.Policy = field(default_factory=ir.Policy)
     """Frequency caps, what to do at a cap, the channel order and per-channel quiet hours."""
+    declarations: Declarations = field(default_factory=Declarations)
+    """The declared traits and events, built-ins included (nothing declared: nothing checked)."""
 
 
 @dataclass
@@ -105,9 +122,13 @@ class CompileResult:
 
 
 def compile_project(
-    journeys_dir: Path, templates_dir: Path, config: Path | None = None
+    journeys_dir: Path, templates_dir: Path, config: Path | None = None, *, report_undeclared: bool = False
 ) -> CompileResult:
-    """Compile every ``*.yaml`` directly in ``journeys_dir`` against ``templates_dir``."""
+    """Compile every ``*.yaml`` directly in ``journeys_dir`` against ``templates_dir``.
+
+    With ``report_undeclared``, a project that declares no traits (or no events) gets a warning
+    listing the ones its journeys and templates read, which declarations would check.
+    """
     sink = DiagnosticSink()
     if config is not None and not config.is_file():
         sink.add(Diagnostic(str(config), 0, 0, "project file not found (check --config or NURTURE_CONFIG)"))
@@ -123,10 +144,17 @@ def compile_project(
         if (twin := stems.setdefault(path.stem, path)) is not path:
             sink.add(Diagnostic(str(path), 0, 0, f"journey '{path.stem}' is also defined in {twin.name}: keep one file"))
     checked_templates: set[tuple[str, str]] = set()
+    usage = Usage()
     for path in files:
-        journey = compile_file(path, templates, settings, sink, checked_templates)
+        journey = compile_file(path, templates, settings, sink, checked_templates, usage=usage)
         if journey is not None:
             journeys[journey.id] = journey
+    if report_undeclared:
+        where = str(config) if config.exists() else str(journeys_dir)
+        for message in usage.warnings(settings.declarations):
+            sink.add(Diagnostic(where, 0, 0, message, severity="warning"))
+    # A template shared by journeys is checked for each; the same finding is shown once.
+    sink.items = list(dict.fromkeys(sink.items))
     errors = sink.errors
     project = None if errors else Project(journeys, templates, settings, sink.warnings)
     ordered = sorted(sink.items, key=lambda d: (d.path, d.line, d.column))
@@ -163,7 +191,21 @@ def load_settings(path: Path, sink: DiagnosticSink) -> Settings:
         providers=doc.providers,
         topics=tuple(doc.topics),
         policy=_policy(doc, doc.quiet_hours, ir.Policy(holdout=_holdout(doc.holdout))),
+        declarations=Declarations.build(
+            None if doc.traits is None else {name: _declared(t) for name, t in doc.traits.items()},
+            None
+            if doc.events is None
+            else {
+                name: {prop: _declared(p, p.required) for prop, p in event.properties.items()}
+                for name, event in doc.events.items()
+            },
+            enforce=doc.enforce_declarations,
+        ),
     )
+
+
+def _declared(doc: TraitDoc, required: bool = False) -> Declared:
+    return Declared(doc.type, required=required, description=doc.description or "", example=doc.example)
 
 
 def compile_file(
@@ -172,6 +214,8 @@ def compile_file(
     settings: Settings,
     sink: DiagnosticSink,
     checked_templates: set[tuple[str, str]] | None = None,
+    *,
+    usage: Usage | None = None,
 ) -> ir.Journey | None:
     """Compile one journey file, adding its diagnostics to ``sink``."""
     try:
@@ -179,7 +223,7 @@ def compile_file(
     except (OSError, UnicodeDecodeError) as exc:
         sink.add(Diagnostic(str(path), 0, 0, f"cannot read file: {exc}"))
         return None
-    return compile_text(text, str(path), templates, settings, sink, checked_templates)
+    return compile_text(text, str(path), templates, settings, sink, checked_templates, usage=usage)
 
 
 def compile_text(
@@ -189,11 +233,16 @@ def compile_text(
     settings: Settings,
     sink: DiagnosticSink,
     checked_templates: set[tuple[str, str]] | None = None,
+    *,
+    usage: Usage | None = None,
 ) -> ir.Journey | None:
-    """Compile journey source text; ``path`` is used for messages and the id check."""
+    """Compile journey source text; ``path`` is used for messages and the id check.
+
+    ``usage`` collects the traits and events the journey and its templates read.
+    """
     before = len(sink.errors)
     try:
-        return _compile_text(text, path, templates, settings, sink, checked_templates, before)
+        return _compile_text(text, path, templates, settings, sink, checked_templates, before, usage or Usage())
     except RecursionError:
         sink.add(Diagnostic(path, 1, 1, "the document is nested too deeply to read: simplify it"))
         return None
@@ -207,6 +256,7 @@ def _compile_text(
     sink: DiagnosticSink,
     checked_templates: set[tuple[str, str]] | None,
     before: int,
+    usage: Usage,
 ) -> ir.Journey | None:
     try:
         data, smap = load_yaml(text, path)
@@ -222,6 +272,7 @@ def _compile_text(
     except ValidationError as exc:
         sink.extend(_validation_diagnostics(exc, data, smap))
     _check_raw(data, smap, path, templates, sink, checked_templates, settings)
+    _check_declared(data, smap, templates, sink, settings, usage)
     if doc is None or len(sink.errors) > before:
         return None
     return build_journey(doc, settings, path)
@@ -426,6 +477,158 @@ def _check_topic(
         )
 
 
+# --- declared traits and events ----------------------------------------------------------------
+
+
+def _check_declared(
+    data: dict[str, Any],
+    smap: SourceMap,
+    templates: TemplateStore,
+    sink: DiagnosticSink,
+    settings: Settings,
+    usage: Usage,
+) -> None:
+    """Event names, reads of ``user``, ``event`` and ``last_event`` (in expressions and in the
+    templates the journey sends) and updated traits, against ``nurture.yaml``'s declarations."""
+    declared = settings.declarations
+    steps = list(_raw_steps(data.get("steps"), ("steps",)))
+    waits = tuple(
+        dict.fromkeys(
+            step["wait_for"] for _, step in steps if step_kind(step) == "wait_for" and isinstance(step["wait_for"], str)
+        )
+    )
+
+    def scope(rule: Any) -> EventScope:
+        event = rule.get("event") if isinstance(rule, dict) else rule
+        return EventScope(event=(event,) if isinstance(event, str) else (), last_event=waits)
+
+    trigger = data.get("trigger")
+    main = scope(trigger)
+    named: list[tuple[KeyPath, Any]] = []
+    places: list[tuple[KeyPath, Any, EventScope]] = [(("key",), data.get("key"), main)]
+    rules: list[tuple[KeyPath, Any]] = [(("trigger",), trigger), (("goal",), data.get("goal"))]
+    exits = data.get("exit_on")
+    rules += [(("exit_on", index), rule) for index, rule in enumerate(exits)] if isinstance(exits, list) else []
+    for rule_path, rule in rules:
+        if isinstance(rule, dict):
+            named.append((rule_path + ("event",), rule.get("event")))
+            keys = ("if", "value") if rule_path == ("goal",) else ("if",)
+            places += [(rule_path + (key,), rule.get(key), scope(rule)) for key in keys]
+    for step_path, step in steps:
+        kind = step_kind(step)
+        if kind == "wait_for":
+            named.append((step_path + ("wait_for",), step["wait_for"]))
+            places.append((step_path + ("if",), step.get("if"), scope(step["wait_for"])))
+        elif kind == "branch" and isinstance(step["branch"], list):
+            for index, arm in enumerate(step["branch"]):
+                if isinstance(arm, dict):
+                    places.append((step_path + ("branch", index, "if"), arm.get("if"), main))
+        elif kind == "update" and isinstance(step["update"], dict):
+            _check_updates(step["update"], step_path + ("update",), smap, sink, declared, usage)
+            places += [(step_path + ("update", k), v, main) for k, v in step["update"].items() if isinstance(k, str)]
+    for path, name in named:
+        if not isinstance(name, str) or not name:
+            continue
+        usage.add_event(name)
+        if declared.events is not None and name not in declared.events:
+            hint = did_you_mean(name, declared.events)
+            sink.add(smap.diagnostic(path, f"unknown event '{name}'{hint}: declare it under events: in nurture.yaml"))
+    for path, source, where in places:
+        _check_reads(path, source, where, smap, sink, declared, usage, value=path[-2:-1] == ("update",))
+    journey_id = data.get("journey") if isinstance(data.get("journey"), str) else Path(smap.path).stem
+    in_templates = dataclasses.replace(main, context=f"the trigger of journey {journey_id}")
+    found: dict[Diagnostic, None] = {}
+    for read in _template_reads(data, steps, templates, settings):
+        usage.add_read(read.read, main)
+        problem = read_problem(read.read, declared, in_templates)
+        if problem is not None:
+            index, message = problem
+            column = read.columns[index] if index < len(read.columns) else read.columns[-1]
+            found[Diagnostic(read.path, read.line, column, message)] = None
+    sink.extend(found)
+
+
+def _check_reads(
+    path: KeyPath,
+    source: Any,
+    where: EventScope,
+    smap: SourceMap,
+    sink: DiagnosticSink,
+    declared: Declarations,
+    usage: Usage,
+    *,
+    value: bool,
+) -> None:
+    if not isinstance(source, str):
+        return
+    try:
+        expr = compile_value(source) if value else compile_expression(source)
+    except ExpressionError:
+        return  # reported by validation
+    for read in reads(expr.tree):
+        usage.add_read(read, where)
+        problem = read_problem(read, declared, where)
+        if problem is not None:
+            sink.add(_at_read(smap, path, source, read, *problem))
+    for read, message in comparison_problems(expr.tree, declared, where):
+        sink.add(_at_read(smap, path, source, read, -1, message))
+
+
+def _at_read(smap: SourceMap, path: KeyPath, source: str, read: Read, index: int, message: str) -> Diagnostic:
+    """A diagnostic at key ``index`` of ``read`` (-1: at the whole read) as written in the
+    expression at ``path``."""
+    diagnostic = smap.diagnostic(path, message)
+    found = read.pattern(max(index, len(read.keys) - 1 if index < 0 else index)).search(source)
+    if found is None:
+        return diagnostic
+    start = found.start() if index < 0 else found.start(1)
+    return dataclasses.replace(diagnostic, column=_column_in_value(smap, diagnostic, source, start))
+
+
+def _check_updates(
+    update: dict[Any, Any], path: KeyPath, smap: SourceMap, sink: DiagnosticSink, declared: Declarations, usage: Usage
+) -> None:
+    """Updated traits are declared, and a plain value fits the declared type."""
+    for name, value in update.items():
+        if not isinstance(name, str):
+            continue
+        usage.add_read(Read("user", (name,)), EventScope())
+        if declared.traits is None:
+            continue
+        spec = declared.traits.get(name)
+        if spec is None:
+            hint = did_you_mean(name, declared.traits)
+            sink.add(
+                smap.diagnostic(
+                    path + (name,), f"unknown trait '{name}'{hint}: declare it under traits: in nurture.yaml", at_key=True
+                )
+            )
+            continue
+        computed = isinstance(value, str) and ("{{" in value or "{%" in value)
+        problem = None if computed else value_problem(spec.type, value)
+        if problem is not None:
+            sink.add(smap.diagnostic(path + (name,), f"trait '{name}' is declared with type {spec.type}: {problem}"))
+
+
+def _template_reads(
+    data: dict[str, Any], steps: list[tuple[KeyPath, dict[str, Any]]], templates: TemplateStore, settings: Settings
+) -> Iterator[TemplateRead]:
+    """The reads in every template file a send of the journey may use."""
+    order = data.get("channel_order")
+    if not (isinstance(order, list) and all(isinstance(c, str) for c in order)):
+        order = list(settings.policy.channel_order)
+    seen: set[tuple[str, str]] = set()
+    for _, step in steps:
+        name = step.get("template")
+        if step_kind(step) != "send" or not isinstance(name, str) or not valid_name(name):
+            continue
+        fallback = step["fallback"] if isinstance(step.get("fallback"), list) else []
+        for channel in order if step["send"] == "auto" else [step["send"], *fallback]:
+            if channel in ir.CHANNELS and (channel, name) not in seen and templates.exists(channel, name):
+                seen.add((channel, name))
+                yield from templates.reads(channel, name)
+
+
 # --- pydantic errors as marketer-facing diagnostics --------------------------------------------
 
 
@@ -480,6 +683,12 @@ def _keys_for(path: KeyPath, value: Any) -> tuple[str, ...]:
         model = JourneyDoc if "journey" in (value or {}) or "steps" in (value or {}) else ProjectDoc
     elif path[-1] in _MODEL_AT:
         model = _MODEL_AT[str(path[-1])]
+    elif len(path) == 2 and path[0] == "traits":
+        model = TraitDoc
+    elif len(path) == 2 and path[0] == "events":
+        model = EventDoc
+    elif len(path) == 4 and path[0] == "events" and path[2] == "properties":
+        model = PropertyDoc
     elif len(path) == 2 and path[0] == "providers" and path[1] in PROVIDER_DOCS:
         model = PROVIDER_DOCS[str(path[1])]
     elif len(path) >= 2 and path[-2] == "exit_on":
@@ -491,22 +700,6 @@ def _keys_for(path: KeyPath, value: Any) -> tuple[str, ...]:
     elif len(path) >= 2 and path[-2] in _STEP_LISTS:
         return STEP_KINDS + ("id",)
     return tuple(f.alias or name for name, f in model.model_fields.items())
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, (int, float)):
-        return f"{value} (a number)"
-    if isinstance(value, str):
-        return f"'{value}' (text)"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
 
 
 def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) -> list[Diagnostic]:
@@ -535,25 +728,25 @@ def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) ->
         elif kind == "union_tag_not_found":
             message = _step_shape_message(_lookup(data, loc), loc)
         elif kind in ("string_type",):
-            message = f"expected text, got {_describe(value)}" + (
+            message = f"expected text, got {describe_value(value)}" + (
                 "; quote it" if isinstance(value, (int, float, bool)) else ""
             )
         elif kind in ("int_type", "int_from_float"):
-            message = f"expected a whole number, got {_describe(value)}"
+            message = f"expected a whole number, got {describe_value(value)}"
         elif kind == "float_type":
-            message = f"expected a number, got {_describe(value)}"
+            message = f"expected a number, got {describe_value(value)}"
         elif kind == "bool_type":
-            message = f"expected true or false, got {_describe(value)}"
+            message = f"expected true or false, got {describe_value(value)}"
         elif kind == "list_type":
-            message = f"expected a list ('- item' lines), got {_describe(value)}"
+            message = f"expected a list ('- item' lines), got {describe_value(value)}"
         elif kind in ("dict_type", "model_type", "model_attributes_type"):
-            message = f"expected a mapping ('key: value' lines), got {_describe(value)}"
+            message = f"expected a mapping ('key: value' lines), got {describe_value(value)}"
         elif kind == "literal_error":
             expected = ctx.get("expected", "")
             options = [o.strip(" '") for o in expected.replace(" or ", ",").split(",") if o.strip()]
             # Options are short words (mon, sms): a looser match still helps.
             hint = did_you_mean(str(value), options, cutoff=0.5) if isinstance(value, str) else ""
-            message = f"{_describe(value)} is not allowed{hint}; expected {expected}"
+            message = f"{describe_value(value)} is not allowed{hint}; expected {expected}"
         elif kind in ("too_short", "string_too_short"):
             message = "must not be empty"
         elif kind == "greater_than_equal":
@@ -592,6 +785,7 @@ def _column_in_value(smap: SourceMap, diagnostic: Diagnostic, value: Any, shift:
 def _missing_hint(name: str) -> str:
     hints = {
         "timeout": " (how long to wait, e.g. timeout: 24h)",
+        "type": f" (one of {', '.join(TYPES)})",
         "template": " (the template name, e.g. template: welcome)",
         "trigger": " (e.g. trigger: {event: Signed Up})",
         "steps": " (a non-empty list of steps)",
@@ -609,7 +803,7 @@ def _step_shape_message(value: Any, loc: KeyPath) -> str:
     if len(loc) >= 2 and loc[-2] == "branch":
         return "a branch arm is a mapping with 'if:' and 'then:', or a last 'else:'"
     if not isinstance(value, dict):
-        return f"a step is a mapping like '- wait: 1h', got {_describe(value)}"
+        return f"a step is a mapping like '- wait: 1h', got {describe_value(value)}"
     kinds = [k for k in STEP_KINDS if k in value]
     if len(kinds) > 1:
         return (

@@ -99,6 +99,23 @@ def did_you_mean(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> s
     return f" (did you mean '{matches[0]}'?)" if matches else ""
 
 
+def describe_value(value: object) -> str:
+    """A value as a message shows it: ``'abc' (text)``, ``3 (a number)``, ``a list``."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (int, float)):
+        return f"{value} (a number)"
+    if isinstance(value, str):
+        return f"'{value}' (text)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
 def format_all(diagnostics: Sequence[Diagnostic]) -> str:
     """Render diagnostics with snippets, reading each file once."""
     cache: dict[str, str | None] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import zoneinfo
+from datetime import date
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -30,6 +31,7 @@ from .durations import DurationError, parse_duration
 from .expressions import ExpressionError, compile_expression, compile_value
 from .ir import CHANNELS
 from .providers import ProvidersDoc
+from .schema import BUILTIN_TRAITS, TYPES, TypeName, value_problem
 
 IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
 STEP_KINDS = ("wait", "wait_until", "send", "wait_for", "branch", "split", "update", "exit")
@@ -115,6 +117,12 @@ def check_channel(value: str) -> str:
 def check_send_channel(value: str) -> str:
     """A channel, or ``auto``: the user's ``preferred_channel``, then the channel order."""
     return value if value == "auto" else check_channel(value)
+
+
+def check_property_name(value: str) -> str:
+    if not value or value.startswith("_"):
+        raise _fail("property", f"'{value}' is not a property name: it cannot be empty or start with _")
+    return value
 
 
 def check_trait_name(value: str) -> str:
@@ -370,6 +378,61 @@ class HoldoutDoc(Doc):
         return value
 
 
+class TraitDoc(Doc):
+    """A declared trait: its type, and optionally an example and what it means."""
+
+    type: TypeName = Field(description=f"One of {', '.join(TYPES)}.")
+    example: Any = Field(None, description="A typical value, checked against the type.")
+    description: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # `vip: boolean` is short for `vip: {type: boolean}`; YAML reads an unquoted 1990-05-01
+        # as a date, which is the text a date trait holds.
+        if isinstance(data, str):
+            return {"type": data}
+        if isinstance(data, dict) and isinstance(data.get("example"), date):
+            return {**data, "example": data["example"].isoformat()}
+        return data
+
+    @model_validator(mode="after")
+    def _example_fits(self) -> TraitDoc:
+        problem = value_problem(self.type, self.example)
+        if problem is not None:
+            raise _fail("example", f"the example does not fit type {self.type}: {problem}")
+        return self
+
+
+class PropertyDoc(TraitDoc):
+    """A declared event property."""
+
+    required: bool = Field(False, description="Whether every such event carries it (not null).")
+
+
+class EventDoc(Doc):
+    """A declared event and its properties (`properties:` left out: it has none)."""
+
+    description: str | None = None
+    properties: dict[Annotated[str, AfterValidator(check_property_name)], PropertyDoc] = Field(
+        default_factory=dict
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare(cls, data: Any) -> Any:
+        # `Signed Up:` with nothing after it declares an event without properties.
+        return {} if data is None else data
+
+
+def check_declared_trait(value: str) -> str:
+    if value in ("id", "group"):
+        raise _fail("trait", f"'{value}' is built in (user.{value}) and cannot be declared")
+    if not re.match(r"^[A-Za-z][A-Za-z0-9_]*$", value):
+        raise _fail("trait", f"'{value}' is not a trait name: use letters, digits and _, starting with a letter")
+    return value
+
+
 class ProjectDoc(PolicyFields):
     """``nurture.yaml``: project defaults."""
 
@@ -384,6 +447,27 @@ class ProjectDoc(PolicyFields):
     """Subscription topics a send may name (``topic: promotions``) and users may opt out of."""
     holdout: HoldoutDoc | None = None
     """Users no journey sends marketing to, measured against everyone else."""
+    traits: dict[Annotated[str, AfterValidator(check_declared_trait)], TraitDoc] | None = None
+    """The traits people have; when set, every ``user.<trait>`` read must name one."""
+    events: dict[Annotated[str, Field(min_length=1)], EventDoc] | None = None
+    """The events and their properties; when set, every event named and property read must be one."""
+    enforce_declarations: bool = False
+    """Whether the event API refuses calls that contradict ``traits`` and ``events``."""
+
+    @model_validator(mode="after")
+    def _something_to_enforce(self) -> ProjectDoc:
+        if self.enforce_declarations and self.traits is None and self.events is None:
+            raise _fail("enforce", "enforce_declarations needs traits: or events: to enforce: declare them")
+        return self
+
+    @field_validator("traits")
+    @classmethod
+    def _builtin_types(cls, value: dict[str, TraitDoc] | None) -> dict[str, TraitDoc] | None:
+        for name, doc in (value or {}).items():
+            builtin = BUILTIN_TRAITS.get(name)
+            if builtin is not None and doc.type != builtin.type:
+                raise _fail("trait", f"'{name}' is built in as {builtin.type}: declare it as {builtin.type} or leave it out")
+        return value
 
     @field_validator("topics")
     @classmethod

@@ -29,6 +29,19 @@ def _label(step: ir.Step) -> str:
     return f"exit: {step.reason}"
 
 
+def paths(step: ir.Step) -> list[tuple[str, tuple[ir.Step, ...]]]:
+    """The ways out of a step that forks, as a map draws them: a ``wait_for``'s ``then`` and
+    ``timeout``, a branch's conditions and ``otherwise`` (empty when it declares no ``else``),
+    a split's variants. Empty for any other step."""
+    found = [
+        ("timeout" if isinstance(step, ir.WaitFor) and label == "else" else label, nested)
+        for label, nested in ir.children(step)
+    ]
+    if isinstance(step, ir.Branch) and not step.otherwise:
+        found.append(("otherwise", ()))
+    return found
+
+
 def _quote(text: str) -> str:
     return '"' + text.replace('"', "#quot;") + '"'
 
@@ -59,12 +72,8 @@ class _Builder:
                 ends = [(name, "")]
                 continue
             ends = []
-            for label, nested in ir.children(step):
-                if isinstance(step, ir.WaitFor) and label == "else":
-                    label = "timeout"
+            for label, nested in paths(step):
                 ends.extend(self.chain(nested, [(name, label)]) if nested else [(name, label)])
-            if isinstance(step, ir.Branch) and not step.otherwise:
-                ends.append((name, "otherwise"))
         return ends
 
 

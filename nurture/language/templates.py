@@ -38,6 +38,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .diagnostics import Diagnostic, did_you_mean
+from .schema import READ_ROOTS, Read
 from .sms import minimum_text, non_gsm7, sms_info
 
 CHANNELS: dict[str, tuple[str, str]] = {
@@ -339,7 +340,7 @@ class TemplateStore:
         self._files: dict[str, tuple[_Stamp, _File]] = {}
         self._listings: dict[Path, tuple[_Stamp, tuple[str, ...]]] = {}
         self._resolved: dict[tuple[str, str, str | None], tuple[tuple[str, ...] | None, Path, str | None]] = {}
-        self._checked: dict[str, tuple[str, list[Diagnostic]]] = {}
+        self._checked: dict[str, tuple[str, list[Diagnostic], list[TemplateRead]]] = {}
         self._mjml: dict[str, tuple[str, _Markup]] = {}
         self._compiled: dict[str, tuple[str, _Compiled]] = {}
 
@@ -510,10 +511,25 @@ class TemplateStore:
             self._listings.pop(directory, None)
         return names
 
+    def reads(self, channel: str, name: str) -> list[TemplateRead]:
+        """Every read of ``user``, ``event`` and ``last_event`` in the base file and each locale
+        variant, where it is written; a file that does not parse has none."""
+        if not valid_name(name):
+            return []
+        found: list[TemplateRead] = []
+        for path in [self.path(channel, name)] + [self.path(channel, name, v) for v in self.locales(channel, name)]:
+            file = self._file(path)
+            if not isinstance(file, Diagnostic):
+                found.extend(self._checked_file(channel, file)[1])
+        return found
+
     def _check_file(self, channel: str, file: _File) -> list[Diagnostic]:
+        return list(self._checked_file(channel, file)[0])
+
+    def _checked_file(self, channel: str, file: _File) -> tuple[list[Diagnostic], list[TemplateRead]]:
         cached = self._checked.get(file.label)
         if cached is not None and cached[0] == file.digest:
-            return list(cached[1])
+            return cached[1], cached[2]
         checker = _Checker(file)
         if channel == "email":
             self._check_email(checker)
@@ -522,8 +538,8 @@ class TemplateStore:
         else:
             _check_wechat(checker)
         found = sorted(checker.found, key=lambda d: (d.line, d.column))
-        self._checked[file.label] = (file.digest, found)
-        return list(found)
+        self._checked[file.label] = (file.digest, found, checker.reads)
+        return found, checker.reads
 
     def _check_email(self, checker: _Checker) -> None:
         parts = _split_front_matter(checker.file.text)
@@ -719,12 +735,24 @@ def _read(path: Path) -> _File | Diagnostic:
     return _File(label, text, hashlib.blake2b(data, digest_size=16).hexdigest())
 
 
+@dataclass(frozen=True)
+class TemplateRead:
+    """A read of ``user``, ``event`` or ``last_event`` in a template file, and where it is."""
+
+    read: Read
+    path: str
+    line: int
+    columns: tuple[int, ...]
+    """Where each key of the read is written (``first_name`` of ``user.first_name``)."""
+
+
 class _Checker:
     """Collects diagnostics for one file and maps offsets in it to lines and columns."""
 
     def __init__(self, file: _File) -> None:
         self.file = file
         self.found: list[Diagnostic] = []
+        self.reads: list[TemplateRead] = []
         self._lines = file.text.splitlines()
 
     def add(self, line: int, column: int, message: str, key: str = "") -> None:
@@ -760,6 +788,14 @@ class _Checker:
             self.add(line, self._code_column(line), f"Jinja syntax error: {exc.message}")
             return False
         self._check_filters(ast, env, first_line)
+        for read, lineno in _reads(ast):
+            line = first_line + lineno - 1
+            text = self._lines[line - 1] if 1 <= line <= len(self._lines) else ""
+            columns = []
+            for index in range(len(read.keys)):
+                found = read.pattern(index).search(text)
+                columns.append(found.start(1) + 1 if found else self._code_column(line))
+            self.reads.append(TemplateRead(read, self.file.label, line, tuple(columns) or (self._code_column(line),)))
         try:
             undeclared = meta.find_undeclared_variables(ast)
         except jinja2.TemplateAssertionError as exc:
@@ -808,6 +844,39 @@ class _Checker:
         if starts:
             return min(starts) + 1
         return len(text) - len(text.lstrip()) + 1
+
+
+def _reads(ast: nodes.Node) -> list[tuple[Read, int]]:
+    """Reads of ``user``, ``event`` and ``last_event`` in a Jinja tree, each as long as written,
+    with its line in the parsed text. A read through another name (``{% set u = user %}``) is
+    not followed."""
+    found: list[tuple[Read, int]] = []
+
+    def visit(node: nodes.Node) -> None:
+        if isinstance(node, (nodes.Getattr, nodes.Getitem)):
+            keys: list[str | int | None] = []
+            current: nodes.Node = node
+            while isinstance(current, (nodes.Getattr, nodes.Getitem)):
+                if isinstance(current, nodes.Getattr):
+                    keys.append(current.attr)
+                else:
+                    arg = current.arg
+                    if isinstance(arg, nodes.Const) and type(arg.value) in (str, int):
+                        keys.append(arg.value)
+                    else:
+                        keys.append(None)
+                        visit(arg)
+                current = current.node
+            if isinstance(current, nodes.Name) and current.name in READ_ROOTS:
+                found.append((Read(current.name, tuple(reversed(keys))), node.lineno))
+            else:
+                visit(current)
+            return
+        for child in node.iter_child_nodes():
+            visit(child)
+
+    visit(ast)
+    return found
 
 
 _BLOCK_TAG = re.compile(r"\{%[-+]?\s*(\w+)")

@@ -65,6 +65,7 @@ from nurture.engine.model import Event
 from nurture.language.compiler import Project, load_project
 from nurture.language.diagnostics import did_you_mean
 from nurture.language.ir import CHANNELS
+from nurture.language.schema import WECHAT_FOLLOWED, properties_problems, traits_problems
 from nurture.reports.report import JourneyCounts, JourneyReport, journey_counts, journey_report, parse_bound
 from nurture.reports.runs import PAGE_LIMIT, RunPage, State, VersionCount, list_runs, version_counts
 from nurture.storage.db import Database
@@ -146,7 +147,10 @@ percent-encoded; not an id with a `/`, nor `.` or `..`: a userId, else a person 
 `{"error": "invalid_request", "code": "invalid_request", "message": "...", "detail": [{"field":
 "event", "message": "..."}]}`, and changes nothing. A batch answers 200 as Segment does: its valid
 items are applied and each invalid one is listed in `refused` with its index and fields (an item
-over 32 KB included); only a bad body refuses it whole. A body over 32 KB (500 KB for `batch` and
+over 32 KB included); only a bad body refuses it whole. With `enforce_declarations: true` in
+nurture.yaml, a call that contradicts the declared traits and events is refused the same way: a
+declared property of the wrong type or a required one missing (`properties.total: expected a
+number, got '12' (text)`), a declared trait of the wrong type (`traits.vip`). A body over 32 KB (500 KB for `batch` and
 `import`), as sent or once gzip or deflate is undone, answers 413. A body
 must be UTF-8 JSON nested at most 64 levels deep, with integers between -2^63 and 2^63-1, finite
 numbers, and strings without NUL or unpaired surrogates (what every store can keep); anything else
@@ -421,8 +425,6 @@ class IdentifyCall(Call):
 
 PAGE_EVENT = "Page Viewed"
 SCREEN_EVENT = "Screen Viewed"
-WECHAT_FOLLOWED = "WeChat Followed"
-"""The track event of a WeChat follow (from the WeChat webhook), about the follower's person."""
 
 
 class PageCall(Call):
@@ -674,7 +676,12 @@ class Accepted(BaseModel):
     )
     signalled: list[str] = Field(default_factory=list, description="Workflow ids of active runs it reached.")
     skipped: list[str] = Field(
-        default_factory=list, description="Journeys it matched but could not enter (`re_entry: once`)."
+        default_factory=list,
+        description="Journeys it matched but could not enter (`re_entry: once`, or the journey is paused).",
+    )
+    skip_reasons: dict[str, str] = Field(
+        default_factory=dict,
+        description="Why each skipped journey was skipped: `re_entry_once` or `journey_paused`.",
     )
 
 
@@ -926,6 +933,9 @@ class Service:
             detail = _opt_out_errors(item.traits, self.opt_out_names, f"{where}.traits")
             if detail:
                 return detail
+        detail = self.declaration_errors(item, f"{where}.")
+        if detail:
+            return detail
         if item.sent_at is None and sent_at is not None:
             try:
                 item.timestamp = _skew_corrected(item.timestamp, sent_at)
@@ -973,6 +983,26 @@ class Service:
             _log_track(routed.person or "", event, routed)
         except (NotRouted, *TRANSIENT) as exc:
             log.warning("wechat follow %s kept unrouted: %s", message_id, exc)
+
+    def declaration_errors(self, call: Single, prefix: str = "") -> list[dict[str, str]]:
+        """What in ``call`` contradicts the declared traits and events, when nurture.yaml sets
+        ``enforce_declarations``; field names start with ``prefix``."""
+        declarations = self.project.settings.declarations
+        if not declarations.enforce:
+            return []
+        if isinstance(call, IdentifyCall):
+            traits = dict(call.traits.model_extra or {}) if call.traits is not None else {}
+            return traits_problems(declarations, traits, f"{prefix}traits")
+        if isinstance(call, GroupCall | AliasCall):  # no declared shape: group traits are the account's
+            return []
+        track = call.as_track() if isinstance(call, PageCall) else call
+        return properties_problems(declarations, track.event, track.properties, f"{prefix}properties")
+
+    def check_declared(self, call: Single) -> None:
+        """400 naming every field of ``call`` that contradicts the declarations (when enforced)."""
+        detail = self.declaration_errors(call)
+        if detail:
+            raise ApiError(400, "invalid_request", detail=detail)
 
     def check_opt_outs(self, calls: Iterable[tuple[str, IdentifyCall]]) -> None:
         """400 naming every opt-out fault in ``calls`` (each with where its traits are), before any
@@ -1243,6 +1273,7 @@ READ = [Depends(read_access)]
 @v1.post("/track", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def track(call: TrackCall, service: ServiceDep) -> Accepted:
     """Record what a user did: starts journeys it triggers and reaches the user's active runs."""
+    service.check_declared(call)
     return await service.track(call)
 
 
@@ -1251,18 +1282,21 @@ async def identify(call: IdentifyCall, service: ServiceDep) -> Accepted:
     """Merge traits into a user's profile; the traits `opted_out` (replace), `unsubscribe` (add) and
     `subscribe` (remove) change its channel and topic opt-outs."""
     service.check_opt_outs([("traits", call)])
+    service.check_declared(call)
     return await service.identify(call)
 
 
 @v1.post("/page", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def page(call: PageCall, service: ServiceDep) -> Accepted:
     """A page view, kept as a `Page Viewed` track event (properties with `name` and `category`)."""
+    service.check_declared(call)
     return await service.handle(call)
 
 
 @v1.post("/screen", response_model=Accepted, responses=WRITE_ERRORS, tags=["events"], dependencies=WRITE)
 async def screen(call: ScreenCall, service: ServiceDep) -> Accepted:
     """A screen view, kept as a `Screen Viewed` track event (properties with `name` and `category`)."""
+    service.check_declared(call)
     return await service.handle(call)
 
 

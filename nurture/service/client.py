@@ -59,6 +59,8 @@ class Accepted(TypedDict):
     triggered: list[str]
     signalled: list[str]
     skipped: list[str]
+    skip_reasons: NotRequired[dict[str, str]]
+    """Why each skipped journey was skipped: ``re_entry_once`` or ``journey_paused``."""
 
 
 class RefusedItem(TypedDict):

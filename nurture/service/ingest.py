@@ -38,10 +38,18 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from nurture.engine.identity import MERGED, Identifier, call_identifiers
-from nurture.engine.interpreter import late_conversion, late_record, run_key, trigger_matches, workflow_id
+from nurture.engine.interpreter import (
+    JOURNEY_PAUSED,
+    late_conversion,
+    late_record,
+    run_key,
+    trigger_matches,
+    workflow_id,
+)
 from nurture.engine.model import Event, Profile
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
+from nurture.storage.console import PausedJourneys
 from nurture.storage.db import Database
 from nurture.storage.identities import Applied, DbIdentities
 from nurture.storage.models import EventRecord, Route, utcnow
@@ -57,6 +65,9 @@ ROUTING_GRACE = 5.0
 """Seconds after which an unrouted event is taken to be left behind by a process that died, not
 being routed by a live request: the API's start-up routes those received before it started, this
 long after it started."""
+
+RE_ENTRY_ONCE = "re_entry_once"
+"""Why a matching trigger started nothing: the journey's ``re_entry: once`` and an earlier run."""
 
 TRANSIENT = (RPCError, OperationalError)
 """Failures a later attempt may not meet: Temporal or the database unavailable or timing out."""
@@ -79,7 +90,9 @@ class Routed:
     signalled: list[str] = field(default_factory=list)
     """Workflow ids of active runs the event was delivered to."""
     skipped: list[str] = field(default_factory=list)
-    """Journeys the event matched but could not enter (``once``)."""
+    """Journeys the event matched but could not enter (``once``, or paused)."""
+    skip_reasons: dict[str, str] = field(default_factory=dict)
+    """Why each skipped journey was skipped: ``re_entry_once`` or ``journey_paused``."""
     converted: list[str] = field(default_factory=list)
     """Ended runs whose goal window was still open and that this event converted."""
     person: str | None = None
@@ -93,6 +106,7 @@ class Routed:
             "triggered": self.triggered,
             "signalled": self.signalled,
             "skipped": self.skipped,
+            "skip_reasons": self.skip_reasons,
         }
 
 
@@ -120,6 +134,15 @@ class Ingest:
                 self._goals.setdefault(journey.goal.event, []).append(journey.id)
         self._payloads = {j.id: journey_to_dict(j) for j in project.journeys.values()}
         self._listens = {j.id: sorted(j.listens_for()) for j in project.journeys.values()}
+        self._routable = frozenset(
+            {j.trigger.event for j in project.journeys.values()}
+            | {name for listens in self._listens.values() for name in listens}
+            | set(self._goals)
+        )
+        """Event names some journey triggers on, a run may wait for, or a goal converts on: any
+        other event (most page views, say) is stored as routed, with nothing to route."""
+        self._triggers = frozenset(j.trigger.event for j in project.journeys.values())
+        self.paused = PausedJourneys(db)
 
     async def track(
         self, identifiers: Sequence[Identifier] | str, event: Event, *, anonymous_id: str | None = None
@@ -137,12 +160,17 @@ class Ingest:
             name=event.name,
             properties=dict(event.properties),
             timestamp=event.timestamp.astimezone(UTC),
+            routed_at=None if event.name in self._routable else utcnow(),
         )
         if isinstance(identifiers, str):
             identifiers = call_identifiers(identifiers, None)
         applied = await asyncio.to_thread(self.identities.apply, identifiers, at=event.timestamp, record=record)
         if applied is not None:
             await self._end_merged(applied.merged_away)
+            if record.routed_at is not None:
+                if applied.merged_away:  # stored unrouted until the runs it ended had their stop
+                    await asyncio.to_thread(self.events.routed, event.message_id)
+                return Routed(person=applied.person)
             return await self._route(applied.person, event, again=False, profile=applied.profile)
         while True:
             unrouted = await asyncio.to_thread(self.events.unrouted, message_id=event.message_id)
@@ -190,6 +218,7 @@ class Ingest:
             routes = await asyncio.to_thread(self.routes.active_for, user_id)
             if profile is None:  # else as the call that stored the event left it
                 profile = await asyncio.to_thread(self.profiles.read, user_id)
+            paused = await asyncio.to_thread(self.paused.all) if event.name in self._triggers else frozenset()
         except TRANSIENT as exc:
             raise NotRouted(f"event {event.message_id} not routed: {exc}") from exc
         routed = Routed(rerouted=again, person=user_id)
@@ -208,6 +237,10 @@ class Ingest:
                 failures.append(exc)
         for journey in self.project.journeys.values():
             if trigger_matches(journey, event, profile.traits, user_id):
+                if journey.id in paused:  # runs in flight got the event above; no new run starts
+                    routed.skipped.append(journey.id)
+                    routed.skip_reasons[journey.id] = JOURNEY_PAUSED
+                    continue
                 key = run_key(journey, event, profile.traits, user_id)
                 try:
                     await self._trigger(journey, user_id, key, payload, routed, again=again, routes=routes)
@@ -345,6 +378,7 @@ class Ingest:
         # it) and its route; any other earlier run means ``once`` keeps the user out.
         if once and started is None and await asyncio.to_thread(has_run, self.db, journey.id, user_id, key):
             routed.skipped.append(journey.id)
+            routed.skip_reasons[journey.id] = RE_ENTRY_ONCE
             return
         params = {
             "journey": self._payloads[journey.id],
@@ -368,6 +402,7 @@ class Ingest:
             )
         except WorkflowAlreadyStartedError:
             routed.skipped.append(journey.id)
+            routed.skip_reasons[journey.id] = RE_ENTRY_ONCE
             return
         await asyncio.to_thread(
             self.routes.activate,

@@ -389,10 +389,10 @@ async def _running(client: Client, workflow_id: str) -> str | None:
     return description.run_id if description.status == WorkflowExecutionStatus.RUNNING else None
 
 
-async def _stop(handle: WorkflowHandle[Any, Any], timeout: float) -> str:
+async def _stop(handle: WorkflowHandle[Any, Any], timeout: float, reason: str = FORGOTTEN) -> str:
     """``stopped``, ``gone`` (it ended on its own meanwhile) or ``timeout``."""
     try:
-        await handle.signal("stop", FORGOTTEN)
+        await handle.signal("stop", reason)
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
             return "gone"
@@ -406,9 +406,9 @@ async def _stop(handle: WorkflowHandle[Any, Any], timeout: float) -> str:
     return "stopped"
 
 
-async def _terminate(handle: WorkflowHandle[Any, Any]) -> int:
+async def _terminate(handle: WorkflowHandle[Any, Any], reason: str = FORGOTTEN) -> int:
     try:
-        await handle.terminate(reason=f"{FORGOTTEN}: the run did not end on its stop signal")
+        await handle.terminate(reason=f"{reason}: the run did not end on its stop signal")
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
             return 0  # it ended after all
@@ -679,6 +679,55 @@ def _audit(
     session.flush()
     assert entry.id is not None
     return entry.id
+
+
+def audit(
+    db: Database, action: AuditAction, *, actor: str, secret: str = "", user_id: str | None = None,
+    journey: str | None = None, details: dict[str, Any] | None = None,
+) -> int:
+    """Write one audit entry about a user (under the hash of the id) or a journey; its id."""
+    with db.session() as session:
+        if user_id is not None:
+            return _audit(session, action, user_id, actor, secret, details or {})
+        assert journey is not None, "an audit entry is about a user or a journey"
+        entry = AuditRecord(action=action, subject=f"journey:{journey}"[:64], actor=actor, details=details or {})
+        session.add(entry)
+        session.flush()
+        assert entry.id is not None
+        return entry.id
+
+
+ENDED_BY_OPERATOR = "ended_by_operator"
+"""The ``stop`` signal's reason when an operator ends one run from the console."""
+
+
+async def end_run(
+    db: Database,
+    client: Client,
+    run: RunRecord,
+    *,
+    actor: str,
+    secret: str = "",
+    stop_timeout: float = STOP_TIMEOUT,
+) -> str:
+    """End one active run through the workflow's ``stop`` signal (terminated when it does not end
+    in time) and audit it; ``stopped``, ``terminated`` or ``gone`` (it had ended already)."""
+    try:
+        running = await _running(client, run.workflow_id)
+        if running is None:
+            outcome = "gone"
+        else:
+            handle = client.get_workflow_handle(run.workflow_id, run_id=running)
+            outcome = await _stop(handle, stop_timeout, ENDED_BY_OPERATOR)
+            if outcome == "timeout":
+                outcome = "terminated" if await _terminate(handle, ENDED_BY_OPERATOR) else "gone"
+    except RPCError as exc:
+        raise TemporalUnavailable(f"Temporal refused a call ({exc.status.name})") from exc
+    await asyncio.to_thread(
+        audit, db, "end_run", actor=actor, secret=secret, user_id=run.user_id,
+        details={"journey": run.journey, "outcome": outcome},
+    )
+    return outcome
 
 
 def _chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:

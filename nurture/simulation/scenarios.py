@@ -123,6 +123,7 @@ class ScenarioDoc(_Doc):
     scenario: str
     start: datetime
     journeys: list[str] | None = None
+    paused: list[str] = Field(default_factory=list)
     users: dict[str, dict[str, Any]] = Field(default_factory=dict)
     events: list[EventDoc] = Field(default_factory=list)
     population: PopulationDoc | None = None
@@ -281,6 +282,8 @@ class Scenario:
     expect: list[Expectation] = field(default_factory=list)
     population: Population | None = None
     """Generated users and their events: a forecast rather than a test (it has no expectations)."""
+    paused: frozenset[str] = frozenset()
+    """Journeys paused for the whole scenario: their triggers start no run."""
     _identities: Identities | None = field(default=None, init=False, repr=False, compare=False)
 
     def instant(self, offset: int) -> datetime:
@@ -348,6 +351,11 @@ def load_scenario(path: Path, project: Project) -> Scenario:
                 smap.diagnostic(
                     ("journeys", index), f"unknown journey '{name}'{did_you_mean(name, project.journeys)}"
                 )
+            )
+    for index, name in enumerate(doc.paused):
+        if name not in journeys:
+            problems.append(
+                smap.diagnostic(("paused", index), f"'{name}' is not a journey of this scenario{did_you_mean(name, journeys)}")
             )
     start = doc.start if doc.start.tzinfo else doc.start.replace(tzinfo=UTC)
     users: dict[str, dict[str, Any]] = {}
@@ -545,7 +553,9 @@ def load_scenario(path: Path, project: Project) -> Scenario:
             )
     if problems:
         raise CompileError(problems)
-    return Scenario(doc.scenario, str(path), start, journeys, users, opted, events, expectations, population)
+    return Scenario(
+        doc.scenario, str(path), start, journeys, users, opted, events, expectations, population, frozenset(doc.paused)
+    )
 
 
 def _offset_range(value: str | int) -> tuple[int, int]:
@@ -764,7 +774,12 @@ def build_simulator(
 ) -> Simulator:
     """A simulator loaded with the scenario's users and events (``timeline``, ``recorder``: see Simulator)."""
     sim = Simulator(
-        project.select(scenario.journeys), deliverer, scenario.start, timeline=timeline, recorder=recorder
+        project.select(scenario.journeys),
+        deliverer,
+        scenario.start,
+        timeline=timeline,
+        recorder=recorder,
+        paused=scenario.paused,
     )
     for user_id, traits in scenario.users.items():
         sim.add_user(user_id, traits, scenario.opted_out.get(user_id, ()))

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from nurture.delivery.deliverer import Deliverer, MemoryHistory, MemoryProfiles
 from nurture.engine.identity import MERGED, Plan, RunSlot
 from nurture.engine.interpreter import (
+    JOURNEY_PAUSED,
     AwaitEvent,
     Command,
     Deliver,
@@ -90,6 +91,8 @@ class Simulator:
     recorder: Recorder | None = None
     """Also receives every run record (start, steps, sends, conversions, end), as the workflow's
     activities do: a database recorder makes a report of a simulation."""
+    paused: frozenset[str] = frozenset()
+    """Journeys an operator paused: their triggers start no run; runs in flight go on."""
     now: datetime = field(init=False)
     outcomes: list[Outcome] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
@@ -282,7 +285,13 @@ class Simulator:
             key = run_key(journey, event, traits, user_id)
             slot = (journey.id, user_id, key)
             current = self._active.get(slot)
-            decision = entry_decision(journey, active=current is not None, ran_before=slot in self._history)
+            decision = entry_decision(
+                journey, active=current is not None, ran_before=slot in self._history, paused=journey.id in self.paused
+            )
+            if decision == "paused":
+                if self.timeline:
+                    self._note(user_id, journey.id, "", "not entered", JOURNEY_PAUSED)
+                continue
             if decision == "ignore":
                 if self.timeline:
                     self._note(user_id, journey.id, "", "not entered", f"re_entry {journey.re_entry}")

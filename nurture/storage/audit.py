@@ -1,4 +1,5 @@
-"""The ``audit_log`` table: who forgot or exported which user, when, and how much.
+"""The ``audit_log`` table: who forgot or exported which user, when, and how much; and what the
+console's operators did (paused or resumed a journey, ended a run, revealed an address).
 
 The log must outlive the data it is about, so it never holds a user id: the subject is a one-way
 hash of it (HMAC-SHA256 keyed with ``NURTURE_SECRET`` when set, else plain SHA-256). Knowing a
@@ -19,14 +20,14 @@ from sqlmodel import Field, SQLModel
 
 from .models import UtcDateTime, utcnow
 
-AuditAction = Literal["forget", "export", "merge", "conflict"]
+AuditAction = Literal["forget", "export", "merge", "conflict", "reveal", "pause", "resume", "end_run"]
 
 _DOMAIN = b"nurture-audit-subject\x00"
 """Prefixed to the id before keyed hashing, so a subject never equals another use of the secret."""
 
 
 class AuditRecord(SQLModel, table=True):
-    """One privacy action on one user."""
+    """One privacy or console action on one user (or, for pause and resume, on one journey)."""
 
     __tablename__ = "audit_log"
 
@@ -35,12 +36,14 @@ class AuditRecord(SQLModel, table=True):
         default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False, index=True)
     )
     action: str = Field(max_length=16)
-    """``forget``, ``export``, ``merge`` (two persons became one) or ``conflict`` (a call named
-    another known user's identifier, which stayed theirs)."""
+    """``forget``, ``export``, ``merge`` (two persons became one), ``conflict`` (a call named
+    another known user's identifier, which stayed theirs); from the console ``reveal``,
+    ``end_run``, ``pause`` or ``resume``."""
     subject: str = Field(max_length=64, index=True)
-    """:func:`subject_hash` of the user id; never the id itself."""
-    actor: str = Field(max_length=64)
-    """``key:<fingerprint>`` for the event API's write keys, ``cli`` for the command line."""
+    """:func:`subject_hash` of the user id, never the id itself; ``journey:<id>`` for pause and resume."""
+    actor: str = Field(max_length=330)
+    """``key:<fingerprint>`` for the event API's keys, ``cli`` for the command line,
+    ``console:<email>`` for a console account."""
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     """Counts of what was exported or forgotten; no values."""
 

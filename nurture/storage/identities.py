@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, insert, or_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
@@ -209,12 +209,16 @@ class DbIdentities:
         merge ``traits`` (stamped ``at``), change the opt-outs, set the group. ``None`` (and
         nothing changed) when ``record``'s ``message_id`` was stored before."""
         identifiers = usable(identifiers)
-        for _ in range(ATTEMPTS):
-            if record is not None and _stored(self.db, record.message_id):
+        for attempt in range(ATTEMPTS):
+            # A repeated message id fails the event's insert (it is unique): only then, and on
+            # the other retries, is it worth a look-up first.
+            if attempt and record is not None and _stored(self.db, record.message_id):
                 return None
             try:
                 with self.db.write_session() as session:
-                    return self._apply(session, identifiers, at, explicit, record, traits, opted_out, group)
+                    return self._apply(
+                        session, identifiers, at, explicit, record, traits, opted_out, group, first=not attempt
+                    )
             except _Moved:
                 continue
             except DBAPIError as exc:
@@ -235,10 +239,16 @@ class DbIdentities:
         traits: Mapping[str, Any] | None,
         opted_out: OptOutChange | None,
         group: tuple[str, Mapping[str, Any]] | None,
+        *,
+        first: bool,
     ) -> Applied:
+        """``first``: the first attempt assumes what is almost always true and costs a query
+        each when checked: that identifiers point at surviving persons (a merge re-points them;
+        :func:`_lock` finds out otherwise) and that a new person's id is free (its insert finds
+        out otherwise). A retry checks both."""
         now = utcnow()
         owners = self._owners(session, identifiers)
-        survivors = {p: canonical(session, p) for p in set(owners.values())}
+        survivors = {p: p if first else canonical(session, p) for p in set(owners.values())}
         rows = _lock(session, set(survivors.values()))
         # The userIds only decide conflicts between persons: a call naming one known person and
         # nothing new (most calls) needs no look-up of them.
@@ -252,7 +262,7 @@ class DbIdentities:
         }
 
         def taken(person_id: str) -> bool:
-            return session.get(ProfileRecord, person_id) is not None
+            return not first and session.get(ProfileRecord, person_id) is not None
 
         plan = plan_call(identifiers, found, now=now, taken=taken, explicit=explicit)
         if plan.created is not None:
@@ -293,12 +303,11 @@ class DbIdentities:
         session.flush()
         ending = _merged_away(session, plan.person) if plan.merges else []
         if record is not None:
-            stored_call = EventRecord.model_validate(record.model_dump())
-            stored_call.user_id = plan.person
+            values = record.model_dump(exclude={"id"})
+            values["user_id"] = plan.person
             if ending:
-                stored_call.routed_at = None  # routed once the runs it ends have had their stop
-            session.add(stored_call)
-            session.flush()
+                values["routed_at"] = None  # routed once the runs it ends have had their stop
+            session.execute(insert(EventRecord).values(**values))
         return Applied(plan, ending, with_group(session, row, plan.person))
 
     def _owners(self, session: Session, identifiers: Sequence[Identifier]) -> dict[Identifier, str]:

@@ -186,6 +186,7 @@ class StepReach(SQLModel, table=True):
     __tablename__ = "step_reaches"
     __table_args__ = (
         Index("ix_step_reaches_journey_step", "journey", "step_id"),
+        Index("ix_step_reaches_journey_step_at", "journey", "step_id", "reached_at"),
         # Few sends are ever held: reports sum their deferrals without reading every reach.
         Index(
             "ix_step_reaches_deferred",

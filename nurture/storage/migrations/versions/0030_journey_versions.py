@@ -1,7 +1,7 @@
 """journey_versions: the compiled form of every journey version deployed; runs by version
 
 Revision ID: 0030
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-06 04:30:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0030"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
