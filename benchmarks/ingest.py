@@ -107,6 +107,8 @@ class Sample:
     workflow_id: str
     sent: float
     accepted: float
+    failed: str | None = None
+    """Why the call failed (a dropped connection, a status other than 200); ``None`` when accepted."""
 
 
 class Ingress(Protocol):
@@ -171,10 +173,13 @@ class Api:
         }
         wid = workflow_id(self.journey.id, user_id, key)
         sent = time.time()
-        response = await self.http.post("/v1/track", json=body)
+        try:
+            response = await self.http.post("/v1/track", json=body)
+        except httpx.HTTPError as exc:  # counted and reported, not fatal: the run goes on
+            return Sample(user_id, wid, sent, time.time(), failed=f"{type(exc).__name__}: {exc}")
         accepted = time.time()
         if response.status_code != 200 or response.json().get("triggered") != [wid]:
-            raise SystemExit(f"the API did not start {wid}: {response.status_code} {response.text}")
+            return Sample(user_id, wid, sent, accepted, failed=f"{response.status_code} {response.text[:200]}")
         return Sample(user_id, wid, sent, accepted)
 
 
@@ -196,6 +201,8 @@ class Run:
     elapsed: float
     """Seconds from the first call until the last message."""
     stages: dict[str, list[float]] = field(default_factory=dict)
+    failed: int = 0
+    """Calls that failed (reported; their events are not counted or waited for)."""
     """For paced runs: milliseconds per event in each of :data:`STAGES`."""
 
     @property
@@ -243,12 +250,16 @@ class Bench:
         finally:
             if pause is not None:
                 os.kill(pause, signal.SIGCONT)
-        created = await self.drain(tag, count)
+        failed = [sample for sample in samples if sample.failed is not None]
+        for sample in failed[:3]:
+            print(f"failed call ({path.name}): {sample.failed}")
+        samples = [sample for sample in samples if sample.failed is None]
+        created = await self.drain(tag, len(samples))
         elapsed = time.perf_counter() - start
         used = {name: (meter() - before[name]) * 1000 / count for name, meter in self.meters.items()}
         # Whatever else ran on the machine meanwhile (it competes for the same cores).
         used["other"] = max(0.0, used.pop(BUSY) - sum(used.values()))
-        return Run(group, phase, path.name, samples, seconds, created, used, elapsed)
+        return Run(group, phase, path.name, samples, seconds, created, used, elapsed, failed=len(failed))
 
     async def drain(self, tag: str, count: int) -> dict[str, float]:
         """Wait until every user's SMS is in the outbox; each one's ``created_at``."""
@@ -382,6 +393,8 @@ def report(runs: list[Run], args: argparse.Namespace, meters: list[str]) -> None
             f"{ms(run.answer_ms):>19}{ms(run.outbox_ms):>27}"
         )
     print("(load: the worker runs meanwhile; paused: it is stopped while the calls are made)")
+    failures = sum(run.failed for run in runs)
+    print(f"failed calls: {failures}" + ("" if not failures else " (see the lines above the table)"))
     print()
     print(f"{'CPU ms per event':<30}" + "".join(f"{name:>10}" for name in [*meters, "total"]))
     for run in runs:

@@ -43,6 +43,7 @@ from nurture.console import accounts
 from nurture.console.app import PREFIX, create_app
 from nurture.language.compiler import Project
 from nurture.service import worker
+from nurture.service.api import KEEP_ALIVE
 from nurture.service.devserver import PRIVATE_UMASK, private_file
 from nurture.service.settings import Settings
 from nurture.storage.db import Database
@@ -284,6 +285,7 @@ class Stack:
             log_config=None,  # uvicorn's records go through our masked JSON handler
             lifespan="on",
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=KEEP_ALIVE,
         )
         self.api = QuietServer(config)
         self.tasks["API"] = asyncio.ensure_future(self.api.serve_until_stopped())

@@ -2123,6 +2123,13 @@ def app_from_env() -> FastAPI:
     return create_app(Settings.from_env())
 
 
+KEEP_ALIVE = 75
+"""Seconds an idle keep-alive connection stays open. Longer than the idle time of clients' own
+connection pools (httpx and Node's agents keep one 4 to 5 s), so the client always closes first:
+with uvicorn's default of 5 s a server could close a connection just as a client sent a call on
+it, and the client saw a dropped connection (``httpx.ReadError``) under load."""
+
+
 async def serve(
     settings: Settings,
     host: str = "127.0.0.1",
@@ -2140,7 +2147,9 @@ async def serve(
         uvicorn_log.handlers.clear()
         uvicorn_log.propagate = True
         uvicorn_log.setLevel(logging.NOTSET)
-    config = uvicorn.Config(app or create_app(settings), host=host, port=port, log_config=None)
+    config = uvicorn.Config(
+        app or create_app(settings), host=host, port=port, log_config=None, timeout_keep_alive=KEEP_ALIVE
+    )
     server = uvicorn.Server(config)
 
     async def watch(event: asyncio.Event) -> None:

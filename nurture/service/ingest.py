@@ -160,6 +160,7 @@ class Ingest:
             name=event.name,
             properties=dict(event.properties),
             timestamp=event.timestamp.astimezone(UTC),
+            received_at=utcnow(),  # given, as every field: a default factory costs an inspection
             routed_at=None if event.name in self._routable else utcnow(),
         )
         if isinstance(identifiers, str):

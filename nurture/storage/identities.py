@@ -266,7 +266,10 @@ class DbIdentities:
 
         plan = plan_call(identifiers, found, now=now, taken=taken, explicit=explicit)
         if plan.created is not None:
-            row = ProfileRecord(user_id=plan.created.id, created_at=now, updated_at=now)
+            # Every field given: a default factory costs a signature inspection per row.
+            row = ProfileRecord(
+                user_id=plan.created.id, traits={}, opted_out=[], trait_times={}, created_at=now, updated_at=now
+            )
             session.add(row)
             session.flush()  # a person id taken concurrently fails here: plan again
             rows[row.user_id] = row
