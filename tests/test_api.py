@@ -233,6 +233,8 @@ ENDPOINTS = [
     ("GET", "/v1/outbox", None, READ),
     ("GET", "/v1/journeys", None, READ),
     ("GET", "/v1/journeys/post_purchase/report", None, READ),
+    ("GET", "/v1/runs?journey=post_purchase", None, READ),
+    ("GET", "/v1/runs/counts?journey=post_purchase", None, READ),
     ("GET", "/v1/users/{user}/export", None, ADMIN),
     ("GET", "/v1/user/export?id={user}", None, ADMIN),
     ("DELETE", "/v1/users/{user}", None, ADMIN),

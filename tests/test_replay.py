@@ -33,6 +33,24 @@ async def test_history_replays(path: Path) -> None:
     assert json.loads(text)["events"][0]["eventType"] in ("EVENT_TYPE_WORKFLOW_EXECUTION_STARTED", "WorkflowExecutionStarted")
 
 
+def test_histories_include_upgrades_while_runs_sleep() -> None:
+    """A run moved to a new version mid-wait_for, and both histories of a run that continued as new."""
+    folder = Path(__file__).parent / "histories" / "v4"
+
+    def events(name: str) -> list[dict[str, object]]:
+        found: list[dict[str, object]] = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))["events"]
+        return found
+
+    migrated = events("migrated-1")
+    signals = [e["workflowExecutionSignaledEventAttributes"] for e in migrated if "workflowExecutionSignaledEventAttributes" in e]
+    assert [s["signalName"] for s in signals] == ["migrate"]  # type: ignore[index]
+    patches = [e for e in migrated if "core_patch" in json.dumps(e.get("markerRecordedEventAttributes", ""))]
+    assert patches and migrated[-1]["eventType"] == "EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED"
+    assert events("continued-1")[-1]["eventType"] == "EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW"
+    started = events("continued-2")[0]["workflowExecutionStartedEventAttributes"]
+    assert started["continuedExecutionRunId"]  # type: ignore[index]
+
+
 async def test_changed_workflow_code_fails_replay(monkeypatch: pytest.MonkeyPatch) -> None:
     """The guard works: a run whose steps now issue different commands does not replay."""
     from nurture.engine import interpreter

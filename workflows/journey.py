@@ -46,6 +46,25 @@ SEND_RETRY = RetryPolicy(
 
 LOCAL = timedelta(seconds=30)
 
+CONTINUE_AFTER = "continue_after"
+"""Workflow input: how many history events a run may reach before it continues as new at its
+next wait (default :data:`HISTORY_LIMIT`; tests set a small one)."""
+HISTORY_LIMIT = 2_000
+"""Where a long run starts a fresh history: a run that has handled hundreds of events continues
+as new at its next wait, so replaying it (after a worker restart or a cache eviction) stays cheap."""
+CARRIED = "carried"
+"""Workflow input of a run that continued as new: its state (:meth:`Run.snapshot`), the message
+ids it has seen, and signals not yet handled."""
+SEEN_LIMIT = 1_000
+"""A run remembers the message ids of its latest 1,000 events, to ignore a retried call (the
+workflow input ``seen_limit`` sets another number; tests use a small one) ..."""
+SEEN_FOR = timedelta(days=7)
+""".. and forgets an id after 7 days: retries come within minutes, hours at most."""
+
+MIGRATE_PATCH = "nurture-migrate"
+CONTINUE_PATCH = "nurture-continue-as-new"
+SEEN_PATCH = "nurture-bounded-seen"
+
 
 @workflow.defn(name=WORKFLOW_NAME)
 class JourneyWorkflow:
@@ -53,11 +72,14 @@ class JourneyWorkflow:
 
     Input (JSON): ``journey`` (the intermediate form), ``user_id``, ``key``, ``event`` (the
     trigger), ``run_id``, ``clock_offset`` (seconds added to workflow time; the scenario
-    runner uses it to place the time-skipping server's clock on the scenario's start) and
-    ``record_steps`` (record the steps reached before each wait; every router sets it).
+    runner uses it to place the time-skipping server's clock on the scenario's start),
+    ``record_steps`` (record the steps reached before each wait; every router sets it), and
+    optionally ``continue_after`` and ``seen_limit`` (see :data:`HISTORY_LIMIT` and
+    :data:`SEEN_LIMIT`). A run that continued as new also gets ``carried``.
     """
 
-    def __init__(self) -> None:
+    @workflow.init
+    def __init__(self, params: dict[str, Any]) -> None:
         self._inbox: list[dict[str, Any]] = []
         self._signals = 0
         self._handled = 0
@@ -65,7 +87,17 @@ class JourneyWorkflow:
         self._state = "starting"
         self._restart: dict[str, Any] | None = None
         self._record_steps = False
-        self._seen: set[str] = set()
+        self._migration: dict[str, Any] | None = None
+        self._params = params
+        self._seen_limit = int(params.get("seen_limit") or SEEN_LIMIT)
+        self._seen: dict[str, float] = {}
+        """Message ids seen, in arrival order, with when (workflow time, POSIX seconds)."""
+        carried = params.get(CARRIED)
+        if carried is not None:
+            self._seen = {message_id: at for message_id, at in carried["seen"]}
+            self._inbox = list(carried["inbox"])
+            self._signals = len(self._inbox)
+            self._migration = carried.get("migration")
 
     @workflow.signal(name="event")
     def event(self, event: dict[str, Any]) -> None:
@@ -76,8 +108,33 @@ class JourneyWorkflow:
             if message_id in self._seen:
                 self._handled += 1
                 return
-            self._seen.add(message_id)
+            now = workflow.now().timestamp()
+            self._seen[message_id] = now
+            self._forget_old_ids(now)
         self._inbox.append(event)
+
+    def _forget_old_ids(self, now: float) -> None:
+        """Keep the latest :data:`SEEN_LIMIT` ids (or ``seen_limit``), none older than :data:`SEEN_FOR`."""
+        oldest = next(iter(self._seen.values()))
+        too_old = oldest < now - SEEN_FOR.total_seconds()
+        if not (too_old or len(self._seen) > self._seen_limit) or not workflow.patched(SEEN_PATCH):
+            return  # runs from before the bound (no patch marker) replay keeping every id
+        while len(self._seen) > self._seen_limit:
+            del self._seen[next(iter(self._seen))]
+        for message_id, at in list(self._seen.items()):
+            if at >= now - SEEN_FOR.total_seconds():
+                break
+            del self._seen[message_id]
+
+    @workflow.signal(name="migrate")
+    def migrate(self, payload: dict[str, Any]) -> None:
+        """Move this run to a newer version of its journey at its next wait (``nurture migrate``):
+        ``from_version`` (a run of another version ignores it), ``journey`` (the new version's
+        intermediate form) and ``steps`` (each waiting step of the old version to its new step)."""
+        self._signals += 1
+        if self._migration is not None:
+            self._handled += 1  # replaced by the newer plan before it was applied
+        self._migration = payload
 
     @workflow.signal(name="trigger")
     def trigger(self, payload: dict[str, Any]) -> None:
@@ -113,18 +170,23 @@ class JourneyWorkflow:
         self._record_steps = bool(params.get(RECORD_STEPS))
         self._offset = timedelta(seconds=float(params.get("clock_offset", 0)))
         info = workflow.info()
-        run = Run(
-            journey,
-            run_id=params.get("run_id") or info.run_id,
-            user_id=params["user_id"],
-            key=params.get("key", ""),
-            event=Event.from_dict(params["event"]),
-            entered_at=self._now(),
-        )
-        await workflow.execute_local_activity(
-            "nurture.record_start", run.start_record(info.workflow_id), start_to_close_timeout=LOCAL
-        )
-        command: Command | Ended = run.start()
+        command: Command | Ended
+        carried = params.get(CARRIED)
+        if carried is not None:  # a long run continued as new: it goes on waiting where it was
+            run, command = Run.restore(journey, carried["run"])
+        else:
+            run = Run(
+                journey,
+                run_id=params.get("run_id") or info.run_id,
+                user_id=params["user_id"],
+                key=params.get("key", ""),
+                event=Event.from_dict(params["event"]),
+                entered_at=self._now(),
+            )
+            await workflow.execute_local_activity(
+                "nurture.record_start", run.start_record(info.workflow_id), start_to_close_timeout=LOCAL
+            )
+            command = run.start()
         while not isinstance(command, Ended):
             if self._inbox:  # events that arrived while the run was sending or reading
                 changed = await self._judge(run, self._inbox.pop(0))
@@ -185,12 +247,21 @@ class JourneyWorkflow:
                 "nurture.record_steps", run.steps_record(command), start_to_close_timeout=LOCAL
             )
         while True:
+            if self._migration is not None:
+                moved = await self._migrate(run, command)
+                if isinstance(moved, Ended):
+                    return moved
+                command = moved
+            if self._history_full() and workflow.patched(CONTINUE_PATCH):
+                workflow.continue_as_new(self._carry(run))
             remaining = (command.until - self._now()).total_seconds()
             if remaining <= 0:
                 return run.resume(None, self._now())
             self._waiting = True
             try:
-                await workflow.wait_condition(lambda: bool(self._inbox), timeout=remaining)
+                await workflow.wait_condition(
+                    lambda: bool(self._inbox) or self._migration is not None, timeout=remaining
+                )
             except TimeoutError:
                 self._waiting = False
                 return run.resume(None, self._now())
@@ -199,6 +270,53 @@ class JourneyWorkflow:
                 outcome = await self._judge(run, self._inbox.pop(0))
                 if outcome is not None:
                     return outcome
+
+    async def _migrate(self, run: Run, command: Sleep | AwaitEvent) -> Sleep | AwaitEvent | Ended:
+        """Apply a pending ``migrate`` plan to the waiting run: it ends with the plan's reason, or
+        continues at the mapped step of the new version, keeping its state and the instant its
+        wait ends. A run of another version (a newer run under the same workflow id) ignores it."""
+        plan, self._migration = self._migration, None
+        self._handled += 1
+        assert plan is not None
+        if plan.get("from_version") != run.journey.version or not workflow.patched(MIGRATE_PATCH):
+            return command
+        if plan.get("end") is not None:
+            return run.end(str(plan["end"]), self._now())
+        target = plan["steps"].get(command.step_id)
+        if target is None:
+            return command
+        try:
+            moved = run.move_to(ir.journey_from_dict(plan["journey"]), target)
+        except (ValueError, KeyError, TypeError) as exc:  # not a plan `nurture migrate` checked: no move
+            workflow.logger.warning("migrate signal ignored: %s", exc)
+            return command
+        self._state = f"waiting:{moved.step_id}"
+        # Always recorded: the run's row takes the new version and step.
+        await workflow.execute_local_activity(
+            "nurture.record_steps", run.steps_record(moved), start_to_close_timeout=LOCAL
+        )
+        return moved
+
+    def _history_full(self) -> bool:
+        info = workflow.info()
+        limit = int(self._params.get(CONTINUE_AFTER) or HISTORY_LIMIT)
+        return info.is_continue_as_new_suggested() or info.get_current_history_length() > limit
+
+    def _carry(self, run: Run) -> dict[str, Any]:
+        """The input of this run's next history: the same run, waiting where it waits."""
+        now = self._now().timestamp()
+        seen = [[m, at] for m, at in self._seen.items() if at >= now - SEEN_FOR.total_seconds()]
+        return {
+            **{k: v for k, v in self._params.items() if k != CARRIED},
+            "journey": ir.journey_to_dict(run.journey),
+            "run_id": run.run_id,
+            CARRIED: {
+                "run": run.snapshot(),
+                "seen": seen[-self._seen_limit :],
+                "inbox": self._inbox,
+                "migration": self._migration,
+            },
+        }
 
     async def _judge(self, run: Run, raw: dict[str, Any]) -> Command | Ended | None:
         """Apply one inbox item; a new command or end when it changes the run's course."""

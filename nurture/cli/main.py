@@ -22,7 +22,7 @@ from nurture.simulation.scenarios import (
     scenario_files,
 )
 
-from . import console, events, preview, privacy, report, service
+from . import console, events, preview, privacy, report, runs, service
 from .options import project_options
 
 
@@ -222,6 +222,8 @@ for command in (
     privacy.forget,
     privacy.export,
     report.report,
+    runs.runs,
+    runs.migrate,
     console.console,
 ):
     main.add_command(command)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from nurture.simulation.scenarios import load_scenario
 from nurture.storage.db import Database
 
 from .options import project_options
+from .privacy import home_option
 
 
 def show_report(
@@ -56,6 +59,28 @@ class _Bound(click.ParamType[datetime]):
             self.fail(str(exc), param, ctx)
 
 
+@contextmanager
+def worker_database(home: Path | None) -> Iterator[Database]:
+    """The worker's database (DATABASE_URL, else SQLite in ``home``), for commands that read it."""
+    env = dict(os.environ)
+    if home is not None:
+        env["NURTURE_HOME"] = str(home)
+    url = Settings.from_env(env).database
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise click.ClickException(
+            f"no database at {url}: run the worker (nurture up) first, or set DATABASE_URL"
+        )
+    db = Database(url)
+    try:
+        yield db
+    except (OperationalError, ProgrammingError) as exc:
+        raise click.ClickException(
+            f"the database at {url} has no run records yet ({type(exc).__name__})"
+        ) from None
+    finally:
+        db.dispose()
+
+
 @click.command()
 @click.argument("journey")
 @click.option(
@@ -80,12 +105,7 @@ class _Bound(click.ParamType[datetime]):
     default=None,
     help="Forecast: play this scenario file in the simulator and report it, instead of the database.",
 )
-@click.option(
-    "--home",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Local state directory [default: NURTURE_HOME or .nurture]; DATABASE_URL wins.",
-)
+@home_option
 @project_options
 def report(
     journey: str,
@@ -118,25 +138,10 @@ def report(
             nl=False,
         )
         return
-    env = dict(os.environ)
-    if home is not None:
-        env["NURTURE_HOME"] = str(home)
-    url = Settings.from_env(env).database
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        raise click.ClickException(
-            f"no database at {url}: run the worker (nurture up) first, or set DATABASE_URL"
-        )
-    db = Database(url)
-    try:
+    with worker_database(home) as db:
         click.echo(
             show_report(db, selected, since=since, until=until, version=version, as_json=as_json), nl=False
         )
-    except (OperationalError, ProgrammingError) as exc:
-        raise click.ClickException(
-            f"the database at {url} has no run records yet ({type(exc).__name__})"
-        ) from None
-    finally:
-        db.dispose()
 
 
 def _forecast(

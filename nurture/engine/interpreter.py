@@ -18,7 +18,7 @@ import math
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import quote
 
 from nurture.language import ir
@@ -531,6 +531,144 @@ class Run:
         self.pending = command
         return command
 
+    # upgrades and continue-as-new: a run moved to another version, or carried to a fresh history
+
+    def move_to(self, journey: ir.Journey, step_id: str) -> Sleep | AwaitEvent:
+        """Follow ``journey`` (a newer version) from now on, continuing at its ``step_id``.
+
+        Only a waiting run moves: it keeps what it has (variants, goal window, last event) and the
+        instant its wait ends, and waits at ``step_id`` instead; what comes after is the new
+        version's. ``ValueError`` (and the run unchanged) when ``step_id`` is no step of
+        ``journey`` of a kind that can take this wait (as :func:`nurture.language.migration.
+        plan_move` checks for every step beforehand).
+        """
+        waiting = self.pending
+        if not isinstance(waiting, (Sleep, AwaitEvent)):
+            raise RuntimeError("only a waiting run can move to another version")
+        steps = self._continue_at(journey, step_id, waiting)
+        self._steps.close()
+        self.journey = journey
+        self._steps = steps
+        command = self._advance(None)
+        assert isinstance(command, (Sleep, AwaitEvent))
+        return command
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a waiting run is, as JSON: :meth:`restore` continues it in a fresh history."""
+        waiting = self.pending
+        if not isinstance(waiting, (Sleep, AwaitEvent)):
+            raise RuntimeError("only a waiting run can be carried over")
+        return {
+            "run_id": self.run_id,
+            "user_id": self.user_id,
+            "key": self.key,
+            "event": self.event.to_dict(),
+            "entered_at": format_instant(self.entered_at),
+            "now": format_instant(self.now),
+            "last_event": None if self.last_event is None else self.last_event.to_dict(),
+            "last_message_at": None if self.last_message_at is None else format_instant(self.last_message_at),
+            "variants": dict(self.variants),
+            "converted": self.converted,
+            "reached": [reach.to_dict() for reach in self.reached],
+            "waiting": {
+                "step_id": waiting.step_id,
+                "until": format_instant(waiting.until),
+                "reason": waiting.reason if isinstance(waiting, Sleep) else None,
+            },
+        }
+
+    @classmethod
+    def restore(cls, journey: ir.Journey, snapshot: Mapping[str, Any]) -> tuple[Run, Sleep | AwaitEvent]:
+        """The run of a :meth:`snapshot`, waiting where it waited, and the command it waits on."""
+        run = cls(
+            journey,
+            run_id=snapshot["run_id"],
+            user_id=snapshot["user_id"],
+            key=snapshot["key"],
+            event=Event.from_dict(snapshot["event"]),
+            entered_at=parse_instant(snapshot["entered_at"]),
+        )
+        run.now = parse_instant(snapshot["now"])
+        if snapshot.get("last_event") is not None:
+            run.last_event = Event.from_dict(snapshot["last_event"])
+            run._last_scope = run.last_event.scope()
+        if snapshot.get("last_message_at") is not None:
+            run.last_message_at = parse_instant(snapshot["last_message_at"])
+        run.variants = dict(snapshot.get("variants") or {})
+        run.converted = bool(snapshot.get("converted"))
+        run.reached = [Reach.from_dict(reach) for reach in snapshot.get("reached") or ()]
+        spot = snapshot["waiting"]
+        until = parse_instant(spot["until"])
+        reason = spot.get("reason")
+        waiting: Sleep | AwaitEvent = (
+            AwaitEvent(spot["step_id"], "", until) if reason is None else Sleep(until, spot["step_id"], reason)
+        )
+        run._steps = run._continue_at(journey, spot["step_id"], waiting)
+        command = run._advance(None)
+        assert isinstance(command, (Sleep, AwaitEvent))
+        return run, command
+
+    def _continue_at(
+        self, journey: ir.Journey, step_id: str, waiting: Sleep | AwaitEvent
+    ) -> Generator[Command, Any, str | None]:
+        """The steps of ``journey`` from a wait at ``step_id`` on (checked here, before anything
+        changes: ``ValueError`` when there is no such step or it cannot take this wait)."""
+        path = _path_to(journey.steps, step_id)
+        if path is None:
+            raise ValueError(f"version {journey.version} has no step {step_id}")
+        block, index = path[-1]
+        kind = block[index].kind
+        if isinstance(waiting, AwaitEvent):
+            fits = kind == "wait_for"
+        else:
+            fits = kind == "send" if waiting.reason in HELD else kind in ("wait", "wait_until")
+        if not fits:
+            raise ValueError(f"step {step_id} ({kind}) cannot take a run waiting at {waiting.step_id}")
+        return self._resume(path, waiting)
+
+    def _resume(
+        self, path: list[tuple[tuple[ir.Step, ...], int]], waiting: Sleep | AwaitEvent
+    ) -> Generator[Command, Any, str | None]:
+        """The wait (ending at ``waiting.until``), what follows it in its block, then in each
+        enclosing block."""
+        block, index = path[-1]
+        reason = yield from self._rewait(block[index], waiting)
+        if reason is not None:
+            return reason
+        for block, index in reversed(path):
+            for step in block[index + 1 :]:
+                reason = yield from self._step(step)
+                if reason is not None:
+                    return reason
+        return None
+
+    def _rewait(self, step: ir.Step, waiting: Sleep | AwaitEvent) -> Generator[Command, Any, str | None]:
+        """``step`` entered at its wait, which ends when ``waiting`` did. A wait is that sleep
+        alone; a ``wait_for`` and a held send run as written up to the command they wait on (a
+        send's deferral answered here, so nothing is delivered twice), then go on as usual."""
+        if isinstance(step, (ir.Wait, ir.WaitUntil)):
+            yield Sleep(waiting.until, step.id, "wait" if isinstance(step, ir.Wait) else "wait_until")
+            return None
+        inner = self._step(step)
+        reached = len(self.reached)
+        command = next(inner)
+        while not isinstance(command, (Sleep, AwaitEvent)):
+            if not isinstance(command, Deliver):
+                raise RuntimeError(f"step {step.id} does not wait")
+            held = waiting.reason if isinstance(waiting, Sleep) and waiting.reason in HELD else "quiet_hours"
+            command = inner.send(SendResult(defer_until=waiting.until, defer_reason=cast(Any, held)))
+        del self.reached[reached:]  # the step was reached before; only its wait goes on
+        command = replace(command, until=waiting.until)
+        while True:
+            try:
+                reply = yield command
+                command = inner.send(reply)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            except GeneratorExit:
+                inner.close()
+                raise
+
     # events
 
     def event_reads_profile(self, event: Event) -> bool:
@@ -768,6 +906,18 @@ class Run:
     def current_variant(self) -> str | None:
         """The most recently assigned split variant, which sends and conversions carry."""
         return latest_variant(self.variants)
+
+
+def _path_to(steps: tuple[ir.Step, ...], step_id: str) -> list[tuple[tuple[ir.Step, ...], int]] | None:
+    """Where ``step_id`` is: each enclosing block and the index in it, outermost first."""
+    for index, step in enumerate(steps):
+        if step.id == step_id:
+            return [(steps, index)]
+        for _, nested in ir.children(step):
+            found = _path_to(nested, step_id)
+            if found is not None:
+                return [(steps, index), *found]
+    return None
 
 
 def _text(value: Any) -> str | None:

@@ -67,10 +67,11 @@ from nurture.language.diagnostics import did_you_mean
 from nurture.language.ir import CHANNELS
 from nurture.language.schema import WECHAT_FOLLOWED, properties_problems, traits_problems
 from nurture.reports.report import JourneyCounts, JourneyReport, journey_counts, journey_report, parse_bound
+from nurture.reports.runs import PAGE_LIMIT, RunPage, State, VersionCount, list_runs, version_counts
 from nurture.storage.db import Database
 from nurture.storage.identities import DbIdentities
 from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, RunRecord
-from nurture.storage.stores import OptOuts
+from nurture.storage.stores import OptOuts, store_versions
 
 from . import privacy
 from .ingest import ROUTING_GRACE, TRANSIENT, Ingest, NotRouted, Routed
@@ -1639,6 +1640,50 @@ def journeys(service: ServiceDep) -> list[JourneyPublic]:
     ]
 
 
+@v1.get(
+    "/runs",
+    response_model=RunPage,
+    responses={
+        **ERRORS,
+        400: {"model": ErrorBody, "description": "`state` or `limit` is out of range, or `after` is no cursor."},
+    },
+    tags=["reports"],
+    dependencies=READ,
+)
+def runs(
+    service: ServiceDep,
+    journey: Annotated[str | None, Query(description="Only runs of this journey.")] = None,
+    version: Annotated[str | None, Query(description="Only runs at this journey version.")] = None,
+    state: Annotated[State | None, Query(description="`active` or `ended`.")] = None,
+    step: Annotated[str | None, Query(description="Only active runs waiting at this step id.")] = None,
+    limit: Annotated[int, Query(ge=1, le=PAGE_LIMIT, description="Runs per page.")] = 100,
+    after: Annotated[str | None, Query(description="The previous page's `next` cursor.")] = None,
+) -> RunPage:
+    """Runs by journey, version, state and step, oldest entry first, a page at a time (from the
+    database: where each active run waits, which version it follows)."""
+    try:
+        return list_runs(
+            service.db, journey, version=version, state=state, step=step, limit=limit, after=after
+        )
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request", detail=[{"field": "after", "message": str(exc)}]) from None
+
+
+@v1.get(
+    "/runs/counts",
+    response_model=list[VersionCount],
+    responses={**ERRORS, 400: {"model": ErrorBody, "description": "`journey` is missing."}},
+    tags=["reports"],
+    dependencies=READ,
+)
+def run_counts(
+    service: ServiceDep, journey: Annotated[str, Query(description="The journey's id.")]
+) -> list[VersionCount]:
+    """Per version of the journey, oldest first: active and ended runs, and active runs by the
+    step they wait at (what a migration would move)."""
+    return version_counts(service.db, journey)
+
+
 def _bound(name: str, text: str | None, *, end: bool) -> datetime | None:
     if text is None:
         return None
@@ -2027,6 +2072,7 @@ def create_app(
     if db is None:
         db = Database(settings.database)
         db.migrate()
+    store_versions(db, list(project.journeys.values()))  # what `nurture migrate` moves runs from
     service = Service(settings, project, db, client)
 
     @asynccontextmanager

@@ -41,7 +41,7 @@ from nurture.language.compiler import Project, compile_project
 from nurture.language.diagnostics import CompileError
 from nurture.storage.db import Database
 from nurture.storage.rates import DbRates
-from nurture.storage.stores import DbHistory, DbLedger, DbOutbox, DbProfiles, DbRecorder
+from nurture.storage.stores import DbHistory, DbLedger, DbOutbox, DbProfiles, DbRecorder, store_versions
 from workflows.activities import JourneyActivities
 from workflows.dates import DateActivities, DateTriggerWorkflow
 from workflows.journey import JourneyWorkflow
@@ -209,6 +209,7 @@ async def run(
     channels: Channels | None = None
     try:
         db.migrate()
+        store_versions(db, list(project.journeys.values()))
         channels = provider_channels(project, db)
         if settings.metrics_port:
             try:

@@ -43,6 +43,7 @@ from nurture.engine.interpreter import (
 )
 from nurture.engine.model import EndedRun, Event, Recorder, SendOutcome
 from nurture.language import ir
+from nurture.language.migration import Migration
 
 from .people import Call, People, SlotKey, join_counts, join_slots
 
@@ -126,14 +127,18 @@ class Simulator:
         """When the latest run of each (journey, user, key) entered (``re_entry: {after}``)."""
         self._by_id = {journey.id: journey for journey in self.journeys}
         self._open_goals = OpenGoals()
+        self._date_plans: dict[tuple[str, str, str], int] = {}
+        """The latest date plan of each (journey, user, key): an earlier one's moment starts nothing."""
+        self._index_triggers()
+
+    def _index_triggers(self) -> None:
+        """Which journeys each event (or a person's date) may start, from :attr:`journeys`."""
         self._triggered_by: dict[str, list[ir.Journey]] = {}
         """Journeys by trigger event name, in declared order: most events start nothing."""
         self._dated_by_event: dict[str, list[ir.Journey]] = {}
         """Journeys whose date trigger reads its date from an event, by that event's name."""
         self._dated_by_traits = [j for j in self.journeys if j.date_trigger is not None and not j.trigger.event]
         """Journeys whose date trigger reads its date from the person's traits."""
-        self._date_plans: dict[tuple[str, str, str], int] = {}
-        """The latest date plan of each (journey, user, key): an earlier one's moment starts nothing."""
         for journey in self.journeys:
             if journey.date_trigger is not None:
                 if journey.trigger.event:
@@ -177,6 +182,14 @@ class Simulator:
     ) -> None:
         self.call(at, Call("group", user_id, anonymous_id, dict(traits), group=group_id))
 
+    def upgrade(self, at: datetime, journey: ir.Journey, migration: Migration | None = None) -> None:
+        """Deploy ``journey`` (a new version) at ``at``: new runs take it, and runs in flight of
+        ``migration.from_version`` end or move to it as the plan says (without a plan they finish
+        on the version they entered with)."""
+        if migration is not None and migration.to_version not in (None, journey.version):
+            raise ValueError(f"the plan moves runs to version {migration.to_version}, not {journey.version}")
+        heapq.heappush(self._queue, (at, _EVENT, next(self._seq), ("upgrade", journey, migration)))
+
     def call(self, at: datetime, call: Call, event: Event | None = None) -> None:
         """Schedule a call (a track's ``event`` with it)."""
         heapq.heappush(self._queue, (at, _EVENT, next(self._seq), ("call", call, event)))
@@ -191,7 +204,9 @@ class Simulator:
                 break
             heapq.heappop(self._queue)
             self.now = max(self.now, at)
-            if item[0] == "call":
+            if item[0] == "upgrade":
+                await self._upgrade(item[1], item[2])
+            elif item[0] == "call":
                 call, event = item[1], item[2]
                 plan = self.people.apply(call, self.now)
                 if self.timeline:
@@ -209,6 +224,31 @@ class Simulator:
                 live, token = item[1], item[2]
                 if live.token == token and live.run.ended is None:
                     await self._drive(live, live.run.resume(None, self.now))
+
+    async def _upgrade(self, journey: ir.Journey, migration: Migration | None) -> None:
+        self.journeys = [journey if known.id == journey.id else known for known in self.journeys]
+        self._by_id[journey.id] = journey
+        self._index_triggers()
+        if self.timeline:
+            self._note("", journey.id, "", "deployed", f"version {journey.version}")
+        if migration is None:
+            return
+        for live in list(self._active.values()):
+            run = live.run
+            if run.journey.id != migration.journey or run.journey.version != migration.from_version:
+                continue
+            if migration.end_reason is not None:
+                await self._finish(live, run.end(migration.end_reason, self.now))
+                continue
+            # Between two items every active run waits: it moves at once, keeping its wake-up.
+            waiting = run.pending
+            assert isinstance(waiting, (Sleep, AwaitEvent))
+            target = migration.steps.get(waiting.step_id)
+            if target is None:
+                continue  # the plan names no place for this wait: the run stays on its version
+            if self.timeline:
+                self._note(run.user_id, journey.id, target, "moved", f"from {waiting.step_id} of {migration.from_version}")
+            await self._drive(live, run.move_to(journey, target))
 
     def _note_call(self, call: Call, plan: Plan) -> None:
         """Timeline lines of an identify, alias or group call, and of the merges it made."""

@@ -142,7 +142,11 @@ class RunRecord(SQLModel, table=True):
     """One journey run (one workflow run), written by the workflow's own activities."""
 
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_journey_entered_at", "journey", "entered_at"),)
+    __table_args__ = (
+        Index("ix_runs_journey_entered_at", "journey", "entered_at"),
+        # `nurture runs --counts` and the runs a migration moves: one version's active runs.
+        Index("ix_runs_journey_version_status", "journey", "version", "status"),
+    )
 
     run_id: str = Field(primary_key=True, max_length=255)
     workflow_id: str = Field(max_length=1000, index=True)
@@ -340,3 +344,19 @@ class SendRate(SQLModel, table=True):
     """``<journey>`` for a journey's rate, ``<journey>/<step>`` for a step's own."""
     next_free: datetime = _when(nullable=False)
     """The first instant the next send may take; each send moves it one spacing on."""
+class JourneyVersion(SQLModel, table=True):
+    """The compiled form of one journey version, stored when a worker or the API starts with it.
+
+    Runs in flight keep the version they entered with; to move them to a newer one, ``nurture
+    migrate`` needs the older version's steps, which the journey files no longer hold.
+    """
+
+    __tablename__ = "journey_versions"
+
+    journey: str = Field(primary_key=True, max_length=128)
+    version: str = Field(primary_key=True, max_length=32)
+    ir: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    """The intermediate form (:func:`nurture.language.ir.journey_to_dict`)."""
+    source: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    deployed_at: datetime = _when(nullable=False, default=utcnow)
+    """When a process first started with this version."""

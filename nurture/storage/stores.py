@@ -20,6 +20,7 @@ from channels.outbox import outbox_id
 from nurture.delivery.deliverer import AttemptState, Claim, earlier_claim, with_attempt
 from nurture.engine.clock import format_instant, parse_instant
 from nurture.engine.model import EndedRun, Event, Profile, SendOutcome, SendRequest
+from nurture.language import ir
 from nurture.language.templates import RenderedMessage
 
 from .db import Database, upsert
@@ -28,6 +29,7 @@ from .models import (
     DateTriggerRecord,
     EventRecord,
     IdentityRecord,
+    JourneyVersion,
     MessageRecord,
     ProfileRecord,
     Route,
@@ -249,8 +251,11 @@ class DbRecorder:
             waiting = record.get("waiting")
             if waiting is None:
                 return
+            # The version too: a run moved to a newer version records it with its first wait there.
             session.execute(
-                update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(step=waiting)
+                update(RunRecord)
+                .where(col(RunRecord.run_id) == record["run_id"])
+                .values(step=waiting, version=record["version"])
             )
             if record.get("deferred"):
                 session.execute(
@@ -651,6 +656,16 @@ class Routes:
                 update(Route).where(col(Route.workflow_id) == workflow_id).values(active=False, updated_at=utcnow())
             )
 
+    def listen_also(self, workflow_ids: Sequence[str], names: Sequence[str]) -> None:
+        """Add event ``names`` to these routes' (a run moving to a version that waits for more)."""
+        with self.db.session() as session:
+            for start in range(0, len(workflow_ids), 500):
+                for route in session.execute(
+                    select(Route).where(col(Route.workflow_id).in_(workflow_ids[start : start + 500]))
+                ).scalars():
+                    route.listens = sorted(set(route.listens) | set(names))
+                    route.updated_at = utcnow()
+
     def active_for(self, user_id: str) -> list[Route]:
         with self.db.session() as session:
             rows = session.execute(
@@ -725,3 +740,44 @@ class DateTriggers:
                     set_={"user_id": statement.excluded.user_id, "updated_at": statement.excluded.updated_at},
                 )
             )
+def store_versions(db: Database, journeys: Sequence[ir.Journey]) -> None:
+    """Keep the compiled form of each journey version (once; the first start's time stays)."""
+    rows: list[dict[str, Any]] = [
+        {
+            "journey": journey.id,
+            "version": journey.version,
+            "ir": ir.journey_to_dict(journey),
+            "source": journey.source,
+            "deployed_at": utcnow(),
+        }
+        for journey in journeys
+    ]
+    if not rows:
+        return
+    with db.session() as session:
+        insert = upsert(session)
+        if insert is not None:
+            session.execute(insert(JourneyVersion).values(rows).on_conflict_do_nothing())
+            return
+        for row in rows:
+            if session.get(JourneyVersion, (row["journey"], row["version"])) is None:
+                session.add(JourneyVersion(**row))
+
+
+def stored_version(db: Database, journey: str, version: str) -> ir.Journey | None:
+    """A stored journey version (:func:`store_versions`), or ``None``."""
+    with db.session() as session:
+        row = session.get(JourneyVersion, (journey, version))
+        return None if row is None else ir.journey_from_dict(row.ir)
+
+
+def stored_versions(db: Database, journey: str) -> list[str]:
+    """The stored versions of ``journey``, first deployed first."""
+    with db.session() as session:
+        return list(
+            session.execute(
+                select(col(JourneyVersion.version))
+                .where(col(JourneyVersion.journey) == journey)
+                .order_by(col(JourneyVersion.deployed_at))
+            ).scalars()
+        )
