@@ -6,6 +6,7 @@ routed, and workflow ids fit Temporal's limit whatever the user id and key.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -27,13 +28,14 @@ from test_api import KEY, Api, serving
 from nurture.engine.identity import call_identifiers
 from nurture.engine.interpreter import WORKFLOW_ID_LIMIT, workflow_id
 from nurture.engine.model import Event
+from nurture.language import ir
 from nurture.language.compiler import Project, load_project
 from nurture.service.api import create_app
 from nurture.service.ingest import Ingest, NotRouted
 from nurture.service.settings import Settings
 from nurture.storage.db import MIGRATIONS, Database
 from nurture.storage.models import EventRecord, Route, RunRecord
-from nurture.storage.stores import Events, Routes
+from nurture.storage.stores import Events, Routes, store_versions
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +327,18 @@ async def test_an_event_no_journey_reacts_to_is_stored_routed_with_nothing_to_ro
     again = (await api.post("/v1/track", call)).json()
     assert (again["duplicate"], again["rerouted"]) == (True, False)
     assert len(rows(api.db, EventRecord, message_id=message_id)) == 1
+
+
+def test_events_an_older_stored_version_waits_for_are_routed(project: Project, database: Database) -> None:
+    """Runs in flight keep their version: an event only an older version's runs wait for is not
+    taken for one that nothing listens for (and so is routed, not stored as routed)."""
+    current = project.journeys["chat_recovery"]
+    older = dataclasses.replace(
+        current,
+        version="older-1",
+        steps=(ir.WaitFor(id="legacy_wait", event="Legacy Clicked", timeout=3600, cond=None),),
+    )
+    assert "Legacy Clicked" not in Ingest(project, database, None, "q")._routable
+    store_versions(database, [older])
+
+    assert "Legacy Clicked" in Ingest(project, database, None, "q")._routable

@@ -66,6 +66,7 @@ from nurture.storage.stores import (
     Routes,
     has_run,
     last_entry,
+    listened_events,
     run_started_by,
 )
 from workflows.dates import DATE_WORKFLOW, PLAN_SIGNAL, date_params
@@ -156,9 +157,11 @@ class Ingest:
             {j.trigger.event for j in project.journeys.values()}
             | {name for listens in self._listens.values() for name in listens}
             | set(self._goals)
+            | listened_events(db)
         )
-        """Event names some journey triggers on, a run may wait for, or a goal converts on: any
-        other event (most page views, say) is stored as routed, with nothing to route."""
+        """Event names some journey (or a stored older version, whose runs may still be in
+        flight) triggers on, a run may wait for, or a goal converts on: any other event (most
+        page views, say) is stored as routed, with nothing to route."""
         self._triggers = frozenset(j.trigger.event for j in project.journeys.values())
         self.paused = PausedJourneys(db)
         self._dated_by_event: dict[str, list[Journey]] = {}

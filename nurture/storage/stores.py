@@ -764,6 +764,18 @@ def store_versions(db: Database, journeys: Sequence[ir.Journey]) -> None:
                 session.add(JourneyVersion(**row))
 
 
+def listened_events(db: Database) -> set[str]:
+    """Every event name a stored journey version triggers on or its runs may wait for: runs in
+    flight keep their version, so events an older version listens for still need routing."""
+    names: set[str] = set()
+    with db.session() as session:
+        for stored in session.execute(select(col(JourneyVersion.ir))).scalars():
+            journey = ir.journey_from_dict(stored)
+            names.add(journey.trigger.event)
+            names.update(journey.listens_for())
+    return names
+
+
 def stored_version(db: Database, journey: str, version: str) -> ir.Journey | None:
     """A stored journey version (:func:`store_versions`), or ``None``."""
     with db.session() as session:
