@@ -360,3 +360,38 @@ class JourneyVersion(SQLModel, table=True):
     source: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
     deployed_at: datetime = _when(nullable=False, default=utcnow)
     """When a process first started with this version."""
+
+
+class AudienceMember(SQLModel, table=True):
+    """A person in an audience now (``audiences/<id>.yaml``); leaving deletes the row."""
+
+    __tablename__ = "audience_members"
+
+    audience: str = Field(primary_key=True, max_length=128)
+    person: str = Field(primary_key=True, max_length=PERSON_ID)
+    entered_at: datetime = _when(nullable=False)
+
+
+class AudienceChange(SQLModel, table=True):
+    """Every entry and exit: who, which audience, when (``entered`` or ``exited``)."""
+
+    __tablename__ = "audience_history"
+
+    id: int | None = Field(default=None, primary_key=True)
+    audience: str = Field(max_length=128)
+    person: str = Field(max_length=PERSON_ID, index=True)
+    change: str = Field(max_length=8)
+    at: datetime = _when(nullable=False)
+
+
+class AudienceState(SQLModel, table=True):
+    """What keeping one person's membership current needs: the tallies of
+    :mod:`nurture.engine.audience` and the next moment it changes with no new input."""
+
+    __tablename__ = "audience_state"
+
+    audience: str = Field(primary_key=True, max_length=128)
+    person: str = Field(primary_key=True, max_length=PERSON_ID)
+    tallies: list[list[str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """Per clause, ISO 8601 UTC times, oldest first."""
+    changes_at: datetime | None = _when(nullable=True, index=True)

@@ -1,0 +1,55 @@
+"""audiences: current members, the history of entries and exits, and the upkeep state
+
+Revision ID: 0015
+Revises: 0014
+Create Date: 2026-12-06 07:30:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0015"
+down_revision = "0014"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "audience_members",
+        sa.Column("audience", sa.String(length=128), nullable=False),
+        sa.Column("person", sa.String(length=512), nullable=False),
+        sa.Column("entered_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("audience", "person"),
+    )
+    op.create_table(
+        "audience_history",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("audience", sa.String(length=128), nullable=False),
+        sa.Column("person", sa.String(length=512), nullable=False),
+        sa.Column("change", sa.String(length=8), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ix_audience_history_person", "audience_history", ["person"])
+    op.create_index("ix_audience_history_audience_at", "audience_history", ["audience", "at"])
+    op.create_table(
+        "audience_state",
+        sa.Column("audience", sa.String(length=128), nullable=False),
+        sa.Column("person", sa.String(length=512), nullable=False),
+        sa.Column("tallies", sa.JSON(), nullable=False),
+        sa.Column("changes_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("audience", "person"),
+    )
+    op.create_index("ix_audience_state_changes_at", "audience_state", ["changes_at"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_audience_state_changes_at", table_name="audience_state")
+    op.drop_table("audience_state")
+    op.drop_index("ix_audience_history_audience_at", table_name="audience_history")
+    op.drop_index("ix_audience_history_person", table_name="audience_history")
+    op.drop_table("audience_history")
+    op.drop_table("audience_members")
