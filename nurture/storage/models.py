@@ -376,6 +376,7 @@ class AudienceChange(SQLModel, table=True):
     """Every entry and exit: who, which audience, when (``entered`` or ``exited``)."""
 
     __tablename__ = "audience_history"
+    __table_args__ = (Index("ix_audience_history_audience_at", "audience", "at"),)
 
     id: int | None = Field(default=None, primary_key=True)
     audience: str = Field(max_length=128)
