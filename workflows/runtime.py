@@ -6,7 +6,10 @@ the survivor and stops a duplicate run with reason ``merged``), routes the event
 service does (signal the person's runs that listen for it, then start or restart runs it
 triggers), and waits until every touched run has handled it before moving on. Workflows see
 the scenario's calendar through a clock offset, so local times, quiet hours and daylight-saving
-days match the simulator's.
+days match the simulator's. Audiences are kept current by the simulator's upkeep
+(:mod:`nurture.simulation.audiences`): after each call, and at each moment a standing changes by
+itself (the server's clock is skipped to it), a changed membership is routed as the person's
+audience event.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from nurture.engine.model import Event, Recorder, SendOutcome, SendRequest
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.language.templates import TemplateStore
+from nurture.simulation.audiences import Change, Upkeep
 from nurture.simulation.people import Call, People, SlotKey, join_counts, join_slots
 from nurture.simulation.scenarios import Scenario
 from nurture.simulation.simulator import Outcome
@@ -214,17 +218,36 @@ class TemporalRuntime:
             return await env.get_current_time() + offset
 
         until = None if scenario.until is None else scenario.instant(scenario.until)
-        play = _Play(self.client, scenario, offset, recorder, uuid.uuid4().hex[:8], people, journeys, now, until)
+        play = _Play(
+            self.client, scenario, offset, recorder, uuid.uuid4().hex[:8], people, journeys, now, until,
+            upkeep=Upkeep(project.audiences),
+        )
         self._dates.router = play
         self.handles, self.dates = play.handles, play.dates
         for user_id in scenario.users:  # dates in the traits people start with are waited for
             await play.plan_trait_dates(people.identities.canonical(user_id))
-        for step in sorted(scenario.events, key=lambda e: e.at):
-            delta = scenario.instant(step.at) - await now()
+        if play.upkeep:  # the audiences people start in are entered at the start
+            for user_id in scenario.users:
+                person = people.identities.canonical(user_id)
+                await play.audiences(play.upkeep.touch(profiles.get_now(person), scenario.start))
+
+        async def skip_to(instant: datetime) -> None:
+            delta = instant - await now()
             if delta > timedelta(0):
                 await env.sleep(delta)
                 await play.settle_dates()
+
+        async def wake(before: datetime | None) -> None:
+            """Standings that change by themselves before ``before`` (``None``: ever), in time order."""
+            while (due := play.upkeep.next_due()) is not None and (before is None or due < before):
+                await skip_to(due)
+                await play.audiences(play.upkeep.advance(due, profiles.get_now))
+
+        for step in sorted(scenario.events, key=lambda e: e.at):
+            await wake(scenario.instant(step.at))
+            await skip_to(scenario.instant(step.at))
             await play.call(step.call(), step.event, journeys, scenario.instant(step.at))
+        await wake(None)
         for date in list(play.dates.values()):  # each ends once its last moment has come
             await date.result()
         for handle in list(play.handles.values()):  # one at a time: each wait unlocks time skipping
@@ -268,6 +291,8 @@ class _Play:
     """The scenario's time on the server."""
     until: datetime | None = None
     """Date triggers start no run after this instant."""
+    upkeep: Upkeep = field(default_factory=lambda: Upkeep({}))
+    """The audiences' standings of every person."""
     handles: dict[str, WorkflowHandle[Any, Any]] = field(default_factory=dict)
     slots: dict[SlotKey, str] = field(default_factory=dict)
     """The latest run of each (journey, person, key), ended or not."""
@@ -292,6 +317,13 @@ class _Play:
             await self.track(plan.person, event, journeys, at)
         else:
             await self.plan_trait_dates(plan.person)
+        if self.upkeep:
+            await self.audiences(self.upkeep.touch(self.people.profiles.get_now(plan.person), at, event))
+
+    async def audiences(self, changes: list[Change]) -> None:
+        """Each membership change is routed as the person's audience event, at its moment."""
+        for change in changes:
+            await self.track(change.person, change.event(), self.journeys, change.at)
 
     async def merge(self, kept: str, merged: str) -> None:
         """``merged`` joined ``kept``: its runs are ``kept``'s now, and of two active runs of one
@@ -302,6 +334,7 @@ class _Play:
 
         losers = join_slots(self.slots, kept, merged, active)
         join_counts(self.counts, kept, merged)
+        self.upkeep.merge(kept, merged)
         for run_id in losers:
             await self._signal(run_id, "stop", MERGED)
         await self._settle(losers)

@@ -503,7 +503,8 @@ def journeys_page(request: Request) -> Response:
         journey = project.journeys[journey_id]
         c = counts[journey_id]
         total = entered.get(journey_id, 0)
-        trigger = journey.trigger.event + (f" if {journey.trigger.cond.source}" if journey.trigger.cond else "")
+        written = journey.trigger.written_if
+        trigger = journey.trigger.describe + (f" if {written}" if written else "")
         rows.append(
             {
                 "id": journey_id,

@@ -148,7 +148,7 @@ def journey_map(
     canvas = _Canvas(steps, selected, link)
     width = canvas.width(journey.steps) + 2 * PAD
     cx = width / 2
-    trigger = f"trigger {journey.trigger.event}"
+    trigger = f"trigger {journey.trigger.describe}"
     canvas.parts.append(
         f'<rect x="{cx - NODE_W / 2:.0f}" y="{PAD}" width="{NODE_W}" height="44" rx="22" fill="#f1f5f9" '
         'stroke="#64748b" stroke-width="1.5"/>'

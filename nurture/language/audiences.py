@@ -21,6 +21,28 @@ ENTERED = "Audience Entered"
 """The event a person gets when they enter an audience (``properties.audience`` names it)."""
 EXITED = "Audience Exited"
 """The event a person gets when they leave one."""
+PROPERTY = "audience"
+"""The property of :data:`ENTERED` and :data:`EXITED` naming the audience."""
+
+
+
+
+def condition_source(audience_id: str, written: str | None) -> str:
+    """The condition a journey's audience trigger, goal or ``wait_for`` compiles to: the audience
+    event names ``audience_id``, and the marketer's ``if`` (``written``) holds."""
+    own = f'event.properties.{PROPERTY} == "{audience_id}"'
+    return own if written is None else f"{own} and ({written})"
+
+
+def written_condition(cond: Expr | None, audience_id: str | None) -> str | None:
+    """The marketer's ``if`` inside a condition made by :func:`condition_source` (``None``: none),
+    for display; any other condition as it is."""
+    if cond is None or audience_id is None:
+        return None if cond is None else cond.source
+    own = condition_source(audience_id, None)
+    if cond.source == own:
+        return None
+    return cond.source.removeprefix(f"{own} and (").removesuffix(")")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ Only a file with no errors becomes an :class:`nurture.language.ir.Journey`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,18 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import ir
+from .audiences import ENTERED, EXITED, Activity, Audience, condition_source
 from .diagnostics import CompileError, Diagnostic, DiagnosticSink, describe_value, did_you_mean
 from .document import (
     FORM_TAGS,
+    IDENT,
     STEP_KINDS,
+    ActivityDoc,
     ArmDoc,
+    AudienceDoc,
+    AudienceGoalDoc,
+    AudienceTriggerDoc,
+    AudienceWaitDoc,
     BranchDoc,
     ChannelQuietHoursDoc,
     DateTriggerDoc,
@@ -102,6 +109,8 @@ class Project:
     templates: TemplateStore
     settings: Settings
     warnings: list[Diagnostic] = field(default_factory=list)
+    audiences: dict[str, Audience] = field(default_factory=dict)
+    """The compiled audiences (``audiences/<id>.yaml``), by id."""
 
     def select(self, ids: list[str] | None) -> list[ir.Journey]:
         """The named journeys (all when ``ids`` is empty); unknown names raise ``KeyError``."""
@@ -127,9 +136,15 @@ class CompileResult:
 
 
 def compile_project(
-    journeys_dir: Path, templates_dir: Path, config: Path | None = None, *, report_undeclared: bool = False
+    journeys_dir: Path,
+    templates_dir: Path,
+    config: Path | None = None,
+    *,
+    report_undeclared: bool = False,
+    audiences_dir: Path | None = None,
 ) -> CompileResult:
-    """Compile every ``*.yaml`` directly in ``journeys_dir`` against ``templates_dir``.
+    """Compile every ``*.yaml`` directly in ``journeys_dir`` against ``templates_dir``, and the
+    audiences in ``audiences_dir`` (default: ``audiences/`` beside the journeys; none when absent).
 
     With ``report_undeclared``, a project that declares no traits (or no events) gets a warning
     listing the ones its journeys and templates read, which declarations would check.
@@ -150,8 +165,15 @@ def compile_project(
             sink.add(Diagnostic(str(path), 0, 0, f"journey '{path.stem}' is also defined in {twin.name}: keep one file"))
     checked_templates: set[tuple[str, str]] = set()
     usage = Usage()
+    audience_files = _audience_files(audiences_dir or journeys_dir.parent / "audiences", sink)
+    audiences = {
+        audience.id: audience
+        for path in audience_files
+        if (audience := compile_audience_file(path, settings, sink, usage=usage)) is not None
+    }
+    known = [path.stem for path in audience_files]
     for path in files:
-        journey = compile_file(path, templates, settings, sink, checked_templates, usage=usage)
+        journey = compile_file(path, templates, settings, sink, checked_templates, usage=usage, audiences=known)
         if journey is not None:
             journeys[journey.id] = journey
     if report_undeclared:
@@ -161,14 +183,16 @@ def compile_project(
     # A template shared by journeys is checked for each; the same finding is shown once.
     sink.items = list(dict.fromkeys(sink.items))
     errors = sink.errors
-    project = None if errors else Project(journeys, templates, settings, sink.warnings)
+    project = None if errors else Project(journeys, templates, settings, sink.warnings, audiences)
     ordered = sorted(sink.items, key=lambda d: (d.path, d.line, d.column))
-    return CompileResult(project, ordered, [str(p) for p in files])
+    return CompileResult(project, ordered, [str(p) for p in files + audience_files])
 
 
-def load_project(journeys_dir: Path, templates_dir: Path, config: Path | None = None) -> Project:
+def load_project(
+    journeys_dir: Path, templates_dir: Path, config: Path | None = None, *, audiences_dir: Path | None = None
+) -> Project:
     """Compile, raising :class:`CompileError` with every diagnostic on any error."""
-    result = compile_project(journeys_dir, templates_dir, config)
+    result = compile_project(journeys_dir, templates_dir, config, audiences_dir=audiences_dir)
     if result.project is None:
         raise CompileError(result.errors)
     return result.project
@@ -221,6 +245,7 @@ def compile_file(
     checked_templates: set[tuple[str, str]] | None = None,
     *,
     usage: Usage | None = None,
+    audiences: Collection[str] = (),
 ) -> ir.Journey | None:
     """Compile one journey file, adding its diagnostics to ``sink``."""
     try:
@@ -228,7 +253,7 @@ def compile_file(
     except (OSError, UnicodeDecodeError) as exc:
         sink.add(Diagnostic(str(path), 0, 0, f"cannot read file: {exc}"))
         return None
-    return compile_text(text, str(path), templates, settings, sink, checked_templates, usage=usage)
+    return compile_text(text, str(path), templates, settings, sink, checked_templates, usage=usage, audiences=audiences)
 
 
 def compile_text(
@@ -240,14 +265,18 @@ def compile_text(
     checked_templates: set[tuple[str, str]] | None = None,
     *,
     usage: Usage | None = None,
+    audiences: Collection[str] = (),
 ) -> ir.Journey | None:
     """Compile journey source text; ``path`` is used for messages and the id check.
 
-    ``usage`` collects the traits and events the journey and its templates read.
+    ``usage`` collects the traits and events the journey and its templates read; ``audiences``
+    are the ids of the project's audiences, which a trigger, goal or ``wait_for`` may name.
     """
     before = len(sink.errors)
     try:
-        return _compile_text(text, path, templates, settings, sink, checked_templates, before, usage or Usage())
+        return _compile_text(
+            text, path, templates, settings, sink, checked_templates, before, usage or Usage(), audiences
+        )
     except RecursionError:
         sink.add(Diagnostic(path, 1, 1, "the document is nested too deeply to read: simplify it"))
         return None
@@ -262,6 +291,7 @@ def _compile_text(
     checked_templates: set[tuple[str, str]] | None,
     before: int,
     usage: Usage,
+    audiences: Collection[str],
 ) -> ir.Journey | None:
     try:
         data, smap = load_yaml(text, path)
@@ -277,10 +307,149 @@ def _compile_text(
     except ValidationError as exc:
         sink.extend(_validation_diagnostics(exc, data, smap))
     _check_raw(data, smap, path, templates, sink, checked_templates, settings)
+    _check_audiences(data, smap, sink, audiences)
     _check_declared(data, smap, templates, sink, settings, usage)
     if doc is None or len(sink.errors) > before:
         return None
     return build_journey(doc, settings, path)
+
+
+# --- audiences ----------------------------------------------------------------------------------
+
+
+def _audience_files(directory: Path, sink: DiagnosticSink) -> list[Path]:
+    """The audience files directly in ``directory`` (none when it does not exist)."""
+    files = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml"))
+    stems: dict[str, Path] = {}
+    for path in files:
+        if (twin := stems.setdefault(path.stem, path)) is not path:
+            sink.add(Diagnostic(str(path), 0, 0, f"audience '{path.stem}' is also defined in {twin.name}: keep one file"))
+    return [path for path in files if stems[path.stem] is path]
+
+
+def compile_audience_file(
+    path: Path, settings: Settings, sink: DiagnosticSink, *, usage: Usage | None = None
+) -> Audience | None:
+    """Compile one audience file (its id is the file name), adding its diagnostics to ``sink``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        sink.add(Diagnostic(str(path), 0, 0, f"cannot read file: {exc}"))
+        return None
+    return compile_audience_text(text, str(path), settings, sink, usage=usage)
+
+
+def compile_audience_text(
+    text: str, path: str, settings: Settings, sink: DiagnosticSink, *, usage: Usage | None = None
+) -> Audience | None:
+    """Compile audience source text; ``path`` gives the id (its stem) and places messages."""
+    before = len(sink.errors)
+    try:
+        data, smap = load_yaml(text, path)
+    except SourceError as exc:
+        sink.extend(exc.diagnostics)
+        return None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        sink.add(Diagnostic(path, 1, 1, "an audience file is a mapping with where:, did:, not_did: or subscribed:"))
+        return None
+    stem = Path(path).stem
+    if not IDENT.match(stem):
+        sink.add(
+            Diagnostic(
+                path, 1, 1, f"'{stem}' is not a valid audience id: name the file with lowercase letters, digits "
+                "and _, starting with a letter"
+            )
+        )
+    doc: AudienceDoc | None = None
+    try:
+        doc = AudienceDoc.model_validate(data)
+    except ValidationError as exc:
+        sink.extend(_validation_diagnostics(exc, data, smap, AudienceDoc))
+    _check_audience(data, smap, sink, settings, usage or Usage())
+    if doc is None or len(sink.errors) > before:
+        return None
+    return Audience(
+        id=stem,
+        name=doc.name or stem.replace("_", " ").capitalize(),
+        description=doc.description or "",
+        where=compile_expression(doc.where) if doc.where else None,
+        did=tuple(_activity(clause) for clause in doc.did),
+        not_did=tuple(_activity(clause) for clause in doc.not_did),
+        subscribed=tuple(doc.subscribed),
+        source=path,
+    )
+
+
+def _activity(doc: ActivityDoc) -> Activity:
+    return Activity(
+        event=doc.event,
+        cond=compile_expression(doc.if_) if doc.if_ else None,
+        at_least=doc.at_least,
+        within=parse_duration(doc.within) if doc.within else None,
+        within_written=doc.within.strip() if doc.within else None,
+    )
+
+
+_AUDIENCE_NAMES = frozenset({"user", "event"})
+
+
+def _check_audience(data: dict[str, Any], smap: SourceMap, sink: DiagnosticSink, settings: Settings, usage: Usage) -> None:
+    """Topics, event names and reads of an audience file against the project."""
+    topics = data.get("subscribed")
+    for index, topic in enumerate(topics if isinstance(topics, list) else []):
+        if isinstance(topic, str) and IDENT.match(topic) and topic not in settings.topics:
+            declared = f"declared topics: {', '.join(settings.topics)}" if settings.topics else "no topics are declared"
+            sink.add(
+                smap.diagnostic(
+                    ("subscribed", index),
+                    f"unknown topic '{topic}'{did_you_mean(topic, settings.topics)}; {declared} (add it to topics: in nurture.yaml)",
+                )
+            )
+    places: list[tuple[KeyPath, Any, EventScope]] = [(("where",), data.get("where"), EventScope())]
+    for key in ("did", "not_did"):
+        clauses = data.get(key)
+        for index, clause in enumerate(clauses if isinstance(clauses, list) else []):
+            if not isinstance(clause, dict):
+                continue
+            name = clause.get("event")
+            here: KeyPath = (key, index)
+            if isinstance(name, str) and name:
+                _check_counted_event(name, here + ("event",), smap, sink, settings, usage)
+            places.append((here + ("if",), clause.get("if"), EventScope(event=(name,) if isinstance(name, str) else ())))
+    for path, source, where in places:
+        if not isinstance(source, str):
+            continue
+        try:
+            names = compile_expression(source).names
+        except ExpressionError:
+            continue  # reported by validation
+        for name in names:
+            if name not in _AUDIENCE_NAMES or (name == "event" and path == ("where",)):
+                sink.add(smap.diagnostic(path, _audience_name_message(name, path)))
+        _check_reads(path, source, where, smap, sink, settings.declarations, usage, value=False)
+
+
+def _audience_name_message(name: str, path: KeyPath) -> str:
+    if path == ("where",):
+        return (
+            f"where: is about the person and reads user only, not {name}: "
+            "a condition on events goes in the if: of a did: or not_did: clause"
+        )
+    return f"an audience clause reads user and event only, not {name}"
+
+
+def _check_counted_event(
+    name: str, path: KeyPath, smap: SourceMap, sink: DiagnosticSink, settings: Settings, usage: Usage
+) -> None:
+    if name in (ENTERED, EXITED):
+        sink.add(smap.diagnostic(path, f"an audience cannot count '{name}' events: name the events that make a person a member"))
+        return
+    usage.add_event(name)
+    events = settings.declarations.events
+    if events is not None and name not in events:
+        sink.add(smap.diagnostic(path, f"unknown event '{name}'{did_you_mean(name, events)}: declare it under events: in nurture.yaml"))
 
 
 # --- checks on the raw document ----------------------------------------------------------------
@@ -397,6 +566,31 @@ def _check_raw(
                     )
                 )
                 break
+
+
+def _audience_refs(data: dict[str, Any]) -> Iterator[tuple[KeyPath, Any]]:
+    """Where the journey names an audience (trigger, goal, ``wait_for``), and the name."""
+    for key in ("trigger", "goal"):
+        rule = data.get(key)
+        if isinstance(rule, dict) and "audience" in rule:
+            yield (key, "audience"), rule["audience"]
+    for step_path, step in _raw_steps(data.get("steps"), ("steps",)):
+        waited = step.get("wait_for") if step_kind(step) == "wait_for" else None
+        if isinstance(waited, dict) and "audience" in waited:
+            yield step_path + ("wait_for", "audience"), waited["audience"]
+
+
+def _check_audiences(data: dict[str, Any], smap: SourceMap, sink: DiagnosticSink, audiences: Collection[str]) -> None:
+    """Every audience a journey names is one of the project's."""
+    for path, name in _audience_refs(data):
+        if not isinstance(name, str) or not IDENT.match(name) or name in audiences:
+            continue  # a malformed id is reported by validation
+        known = f"the project's audiences: {', '.join(sorted(audiences))}" if audiences else "the project has none"
+        sink.add(
+            smap.diagnostic(
+                path, f"unknown audience '{name}'{did_you_mean(name, audiences)}; {known} (create audiences/{name}.yaml)"
+            )
+        )
 
 
 def _check_date_trigger(trigger: Any, smap: SourceMap, sink: DiagnosticSink) -> None:
@@ -538,12 +732,14 @@ def _check_declared(
     steps = list(_raw_steps(data.get("steps"), ("steps",)))
     waits = tuple(
         dict.fromkeys(
-            step["wait_for"] for _, step in steps if step_kind(step) == "wait_for" and isinstance(step["wait_for"], str)
+            waited
+            for _, step in steps
+            if step_kind(step) == "wait_for" and isinstance(waited := _rule_event(step["wait_for"]), str)
         )
     )
 
     def scope(rule: Any) -> EventScope:
-        event = rule.get("event") if isinstance(rule, dict) else rule
+        event = _rule_event(rule)
         return EventScope(event=(event,) if isinstance(event, str) else (), last_event=waits)
 
     trigger = data.get("trigger")
@@ -555,13 +751,15 @@ def _check_declared(
     rules += [(("exit_on", index), rule) for index, rule in enumerate(exits)] if isinstance(exits, list) else []
     for rule_path, rule in rules:
         if isinstance(rule, dict):
-            named.append((rule_path + ("event",), rule.get("event")))
+            if "audience" not in rule:
+                named.append((rule_path + ("event",), rule.get("event")))
             keys = ("if", "value") if rule_path == ("goal",) else ("if", "date")
             places += [(rule_path + (key,), rule.get(key), scope(rule)) for key in keys]
     for step_path, step in steps:
         kind = step_kind(step)
         if kind == "wait_for":
-            named.append((step_path + ("wait_for",), step["wait_for"]))
+            if not isinstance(step["wait_for"], dict):
+                named.append((step_path + ("wait_for",), step["wait_for"]))
             places.append((step_path + ("if",), step.get("if"), scope(step["wait_for"])))
         elif kind == "wait_until" and isinstance(step["wait_until"], dict):
             places.append((step_path + ("wait_until", "date"), step["wait_until"].get("date"), main))
@@ -592,6 +790,14 @@ def _check_declared(
             column = read.columns[index] if index < len(read.columns) else read.columns[-1]
             found[Diagnostic(read.path, read.line, column, message)] = None
     sink.extend(found)
+
+
+def _rule_event(rule: Any) -> Any:
+    """The event a raw trigger, goal, ``exit_on`` or ``wait_for`` is about: an audience's is the
+    audience event (entry, or exit with ``on: exit``)."""
+    if isinstance(rule, dict) and "audience" in rule:
+        return EXITED if rule.get("on") == "exit" else ENTERED
+    return rule.get("event") if isinstance(rule, dict) else rule
 
 
 def _check_reads(
@@ -722,14 +928,26 @@ _PROJECT_ONLY = frozenset(ProjectDoc.model_fields) - frozenset(JourneyDoc.model_
 """Keys of ``nurture.yaml`` a journey cannot set."""
 
 
-def _keys_for(path: KeyPath, value: Any) -> tuple[str, ...]:
-    """Keys allowed in the mapping at ``path`` (for "did you mean")."""
+def _keys_for(path: KeyPath, value: Any, root: type[Any] | None = None) -> tuple[str, ...]:
+    """Keys allowed in the mapping at ``path`` (for "did you mean"); ``root`` is the model of the
+    whole file when it is neither a journey nor ``nurture.yaml``."""
     keys = allowed_keys(value)
     if keys is not None:
         return keys
     model: type[Any] = JourneyDoc
+    audience = isinstance(value, dict) and "audience" in value
     if not path:
         model = JourneyDoc if "journey" in (value or {}) or "steps" in (value or {}) else ProjectDoc
+        if root is not None:
+            model = root
+    elif root is AudienceDoc:
+        model = ActivityDoc
+    elif path == ("trigger",) and audience:
+        model = AudienceTriggerDoc
+    elif path == ("goal",) and audience:
+        model = AudienceGoalDoc
+    elif path[-1] == "wait_for":
+        model = AudienceWaitDoc
     elif path == ("trigger",) and isinstance(value, dict) and "date" in value:
         model = DateTriggerDoc
     elif path[-1] in _MODEL_AT:
@@ -753,7 +971,9 @@ def _keys_for(path: KeyPath, value: Any) -> tuple[str, ...]:
     return tuple(f.alias or name for name, f in model.model_fields.items())
 
 
-def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) -> list[Diagnostic]:
+def _validation_diagnostics(
+    exc: ValidationError, data: Any, smap: SourceMap, root: type[Any] | None = None
+) -> list[Diagnostic]:
     out: list[Diagnostic] = []
     seen: set[tuple[KeyPath, str]] = set()
     for error in exc.errors():
@@ -768,7 +988,7 @@ def _validation_diagnostics(exc: ValidationError, data: Any, smap: SourceMap) ->
             message = f"'{loc[-1]}' is required" + _missing_hint(str(loc[-1]))
         elif kind == "extra_forbidden":
             name = str(loc[-1])
-            candidates = _keys_for(parent, _lookup(data, parent))
+            candidates = _keys_for(parent, _lookup(data, parent), root)
             hint = did_you_mean(name, candidates)
             if not hint:
                 hint = f"; allowed keys: {', '.join(candidates)}"
@@ -912,15 +1132,23 @@ def _minutes(clock: str) -> int:
     return int(hours) * 60 + int(minutes)
 
 
-def _trigger_rule(doc: EventRuleDoc | DateTriggerDoc) -> ir.EventRule:
+def _audience_rule(audience: str, on: str, written: str | None) -> ir.EventRule:
+    """An audience trigger or ``wait_for`` as the event rule it stands for."""
+    event = EXITED if on == "exit" else ENTERED
+    return ir.EventRule(event=event, cond=compile_expression(condition_source(audience, written)), audience=audience)
+
+
+def _trigger_rule(doc: EventRuleDoc | DateTriggerDoc | AudienceTriggerDoc) -> ir.EventRule:
+    if isinstance(doc, AudienceTriggerDoc):
+        return _audience_rule(doc.audience, doc.on, doc.if_)
     if isinstance(doc, EventRuleDoc):
         return _rule(doc)
     # A date read from the traits has no trigger event: no event name is empty, so none matches.
     return ir.EventRule(event=doc.event or "", cond=compile_expression(doc.if_) if doc.if_ else None)
 
 
-def _date_trigger(doc: EventRuleDoc | DateTriggerDoc) -> ir.DateTrigger | None:
-    if isinstance(doc, EventRuleDoc):
+def _date_trigger(doc: EventRuleDoc | DateTriggerDoc | AudienceTriggerDoc) -> ir.DateTrigger | None:
+    if not isinstance(doc, DateTriggerDoc):
         return None
     return ir.DateTrigger(
         date=compile_expression(doc.date),
@@ -944,7 +1172,18 @@ def _rule(doc: EventRuleDoc) -> ir.EventRule:
 def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journey:
     """The intermediate form of a validated document, with its content version."""
     goal = None
-    if doc.goal is not None:
+    if isinstance(doc.goal, AudienceGoalDoc):
+        entered = _audience_rule(doc.goal.audience, "enter", doc.goal.if_)
+        goal = ir.Goal(
+            event=entered.event,
+            cond=entered.cond,
+            within=parse_duration(doc.goal.within) if doc.goal.within else None,
+            exit=doc.goal.exit,
+            within_written=doc.goal.within.strip() if doc.goal.within else None,
+            measured_from=doc.goal.from_,
+            audience=doc.goal.audience,
+        )
+    elif doc.goal is not None:
         goal = ir.Goal(
             event=doc.goal.event,
             cond=compile_expression(doc.goal.if_) if doc.goal.if_ else None,
@@ -1038,12 +1277,17 @@ def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
             rate=_rate(doc.rate),
         )
     if isinstance(doc, WaitForDoc):
+        if isinstance(doc.wait_for, AudienceWaitDoc):
+            rule = _audience_rule(doc.wait_for.audience, doc.wait_for.on, doc.if_)
+        else:
+            rule = ir.EventRule(doc.wait_for, compile_expression(doc.if_) if doc.if_ else None)
         return ir.WaitFor(
             id=step_id,
-            event=doc.wait_for,
+            event=rule.event,
             timeout=parse_duration(doc.timeout),
             timeout_written=doc.timeout.strip(),
-            cond=compile_expression(doc.if_) if doc.if_ else None,
+            cond=rule.cond,
+            audience=rule.audience,
             then=ids.steps(doc.then, f"{step_id}.then"),
             otherwise=ids.steps(doc.else_, f"{step_id}.else"),
         )

@@ -177,7 +177,7 @@ class Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=False)
 
 
-FORM_TAGS = ("as-text", "as-mapping", "as-date")
+FORM_TAGS = ("as-text", "as-mapping", "as-date", "as-audience")
 """Tags of a value written either as text or as a mapping (``wait: 1h`` or ``wait: {random: ..}``);
 they are not keys of the file, so diagnostics leave them out of the path."""
 
@@ -187,7 +187,19 @@ def _form(value: Any) -> str:
 
 
 def _trigger_form(value: Any) -> str:
+    if isinstance(value, dict) and "audience" in value:
+        return FORM_TAGS[3]
     return FORM_TAGS[2] if isinstance(value, dict) and "date" in value else FORM_TAGS[1]
+
+
+def _goal_form(value: Any) -> str:
+    """A goal naming an audience (``{audience: customers}``), or an event."""
+    return FORM_TAGS[3] if isinstance(value, dict) and "audience" in value else FORM_TAGS[1]
+
+
+def _wait_for_form(value: Any) -> str:
+    """``wait_for: Order Completed``, or a mapping naming an audience."""
+    return FORM_TAGS[3] if isinstance(value, dict) else FORM_TAGS[0]
 
 
 # --- journey documents -------------------------------------------------------------------------
@@ -213,8 +225,18 @@ class DateTriggerDoc(Doc):
     if_: Condition | None = Field(None, alias="if", description="Jinja2 condition on the event and the person.")
 
 
+class AudienceTriggerDoc(Doc):
+    """A run starts when a person enters (or leaves) an audience."""
+
+    audience: Ident = Field(description="Audience id: the file name in audiences/, e.g. lapsed_customers.")
+    on: Literal["enter", "exit"] = Field("enter", description="enter (default) or exit.")
+    if_: Condition | None = Field(None, alias="if", description="Condition on the person (and the audience event).")
+
+
 TriggerDoc = Annotated[
-    Annotated[EventRuleDoc, Tag(FORM_TAGS[1])] | Annotated[DateTriggerDoc, Tag(FORM_TAGS[2])],
+    Annotated[EventRuleDoc, Tag(FORM_TAGS[1])]
+    | Annotated[DateTriggerDoc, Tag(FORM_TAGS[2])]
+    | Annotated[AudienceTriggerDoc, Tag(FORM_TAGS[3])],
     Discriminator(_trigger_form),
 ]
 
@@ -230,6 +252,24 @@ class GoalDoc(EventRuleDoc):
     value: Condition | None = Field(
         None, description="Expression: what one conversion is worth, e.g. event.properties.total."
     )
+
+
+class AudienceGoalDoc(Doc):
+    """The conversion is entering an audience."""
+
+    audience: Ident = Field(description="Audience id; entering it is the conversion.")
+    if_: Condition | None = Field(None, alias="if", description="Condition on the person.")
+    within: DurationText | None = Field(None, description="Conversion window (from entry, or see `from`).")
+    exit: bool = Field(True, description="Whether the goal ends the run at once.")
+    from_: Literal["entry", "last_message"] = Field(
+        "entry", alias="from", description="Where the window starts: entry, or the latest message sent."
+    )
+
+
+AnyGoal = Annotated[
+    Annotated[GoalDoc, Tag(FORM_TAGS[1])] | Annotated[AudienceGoalDoc, Tag(FORM_TAGS[3])],
+    Discriminator(_goal_form),
+]
 
 
 class ChannelQuietHoursDoc(Doc):
@@ -347,8 +387,18 @@ class SendDoc(StepDoc):
     rate: RateText | None = Field(None, description="At most so many of this step's sends per unit of time, spread evenly.")
 
 
+class AudienceWaitDoc(Doc):
+    """Waiting for the person to enter (or leave) an audience."""
+
+    audience: Ident = Field(description="Audience id.")
+    on: Literal["enter", "exit"] = Field("enter", description="enter (default) or exit.")
+
+
 class WaitForDoc(StepDoc):
-    wait_for: str = Field(min_length=1, description="Event to wait for.")
+    wait_for: Annotated[
+        Annotated[str, Field(min_length=1), Tag(FORM_TAGS[0])] | Annotated[AudienceWaitDoc, Tag(FORM_TAGS[3])],
+        Discriminator(_wait_for_form),
+    ] = Field(description="Event to wait for, or {audience: id}.")
     timeout: DurationText
     if_: Condition | None = Field(None, alias="if")
     then: list[AnyStep] = Field(default_factory=list)
@@ -452,7 +502,7 @@ class JourneyDoc(PolicyFields):
         | Annotated[ReEntryDoc, Tag(FORM_TAGS[1])],
         Discriminator(_form),
     ] = Field("after_exit", description="after_exit, restart, once, or {after: 7d} (that long after the last entry).")
-    goal: GoalDoc | None = None
+    goal: AnyGoal | None = None
     exit_on: list[EventRuleDoc] = Field(default_factory=list)
     timezone: TimezoneName | None = None
     quiet_hours: QuietHoursDoc | None = None
@@ -523,6 +573,28 @@ class EventDoc(Doc):
     def _bare(cls, data: Any) -> Any:
         # `Signed Up:` with nothing after it declares an event without properties.
         return {} if data is None else data
+
+
+class ActivityDoc(Doc):
+    """One ``did`` or ``not_did`` clause of an audience: an event, counted in a trailing window."""
+
+    event: str = Field(min_length=1, description="Track event name, e.g. Order Completed.")
+    at_least: int = Field(1, ge=1, description="How many such events (default 1).")
+    within: DurationText | None = Field(None, description="Counted in the last so long, e.g. 30d (default: ever).")
+    if_: Condition | None = Field(None, alias="if", description="Condition on each event (and the person).")
+
+
+class AudienceDoc(Doc):
+    """An audience file: who is in it, as a condition on a person."""
+
+    model_config = ConfigDict(title="Nurture audience")
+
+    name: str | None = None
+    description: str | None = None
+    where: Condition | None = Field(None, description="Condition on the person's traits, e.g. user.interest == \"python\".")
+    did: list[ActivityDoc] = Field(default_factory=list, description="Every clause must hold.")
+    not_did: list[ActivityDoc] = Field(default_factory=list, description="No clause may hold.")
+    subscribed: list[Ident] = Field(default_factory=list, description="Topics the person has not opted out of.")
 
 
 def check_declared_trait(value: str) -> str:

@@ -19,7 +19,7 @@ def _label(step: ir.Step) -> str:
         kind = " (transactional)" if step.category == "transactional" else ""
         return f"send {step.channel}{via}: {step.template}{kind}"
     if isinstance(step, ir.WaitFor):
-        return f"wait for {step.event}<br/>up to {step.timeout_written or format_duration(step.timeout)}"
+        return f"wait for {step.describe}<br/>up to {step.timeout_written or format_duration(step.timeout)}"
     if isinstance(step, ir.Branch):
         return "branch"
     if isinstance(step, ir.Split):
@@ -81,8 +81,8 @@ def mermaid(journey: ir.Journey) -> str:
     """A ``flowchart TD`` of the journey, ready for any Mermaid renderer."""
     b = _Builder()
     trigger = f"trigger: {journey.starts_on}"
-    if journey.trigger.cond is not None:
-        trigger += f" if {journey.trigger.cond.source}"
+    if (written := journey.trigger.written_if) is not None:
+        trigger += f" if {written}"
     b.lines.append("flowchart TD")
     b.lines.append(f"    start(({_quote(trigger)}))")
     ends = b.chain(journey.steps, [("start", "")])
@@ -94,7 +94,7 @@ def mermaid(journey: ir.Journey) -> str:
         goal = journey.goal
         window = f" within {goal.within_written or format_duration(goal.within)}" if goal.within else ""
         ends_run = ", ends the run" if journey.goal.exit else ""
-        b.lines.append(f"    goal[/{_quote(f'goal: {journey.goal.event}{window}{ends_run}')}/]")
+        b.lines.append(f"    goal[/{_quote(f'goal: {journey.goal.describe}{window}{ends_run}')}/]")
     for index, rule in enumerate(journey.exit_on, 1):
         b.lines.append(f"    exit_on_{index}[/{_quote(f'exit on: {rule.event}')}/]")
     return "\n".join(b.lines) + "\n"

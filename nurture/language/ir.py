@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
+from .audiences import EXITED, written_condition
 from .durations import format_duration
 from .evaluation import Expr
 
@@ -45,6 +46,19 @@ class EventRule:
 
     event: str
     cond: Expr | None = None
+    audience: str | None = field(default=None, metadata=_OPTIONAL)
+    """With ``trigger: {audience: ...}``: the audience whose entry (or exit) this is; ``event`` is
+    then the audience event and ``cond`` also requires its ``audience`` property."""
+
+    @property
+    def describe(self) -> str:
+        """The rule in the file's words: ``Order Completed``, ``leaving audience customers``."""
+        return self.event if self.audience is None else f"{audience_verb(self.event)} audience {self.audience}"
+
+    @property
+    def written_if(self) -> str | None:
+        """The condition as the marketer wrote it (an audience rule's own part left out)."""
+        return written_condition(self.cond, self.audience)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +91,12 @@ class Goal:
     """What one conversion is worth (``event.properties.total``), summed in reports."""
     measured_from: GoalFrom = field(default="entry", metadata=_OPTIONAL)
     """Where the window starts: the run's entry, or the latest message sent to the user."""
+    audience: str | None = field(default=None, metadata=_OPTIONAL)
+    """With ``goal: {audience: ...}``: converting is entering this audience (see :class:`EventRule`)."""
+
+    @property
+    def describe(self) -> str:
+        return self.event if self.audience is None else f"entering audience {self.audience}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +236,13 @@ class WaitFor:
     otherwise: tuple[Step, ...] = ()
     timeout_written: str = field(default="", compare=False, metadata=_AS_WRITTEN)
     """``timeout`` as the marketer wrote it, for display."""
+    audience: str | None = field(default=None, metadata=_OPTIONAL)
+    """With ``wait_for: {audience: ...}``: the audience waited for (see :class:`EventRule`)."""
+
+    @property
+    def describe(self) -> str:
+        """What is waited for, in the file's words."""
+        return self.event if self.audience is None else f"{audience_verb(self.event)} audience {self.audience}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +331,7 @@ class Journey:
         """What starts a run, in the file's words: ``Signed Up``, ``date user.birthday at 09:00, every year``."""
         trigger = self.date_trigger
         if trigger is None:
-            return self.trigger.event
+            return self.trigger.describe
         moment = WaitUntil("", trigger.minute, date=trigger.date, offset=trigger.offset).when
         carried = f" from {self.trigger.event}" if self.trigger.event else ""
         return f"date {moment}{carried}" + (", every year" if trigger.yearly else "")
@@ -322,6 +349,11 @@ class Journey:
             if step.id == step_id:
                 return step
         raise KeyError(step_id)
+
+
+def audience_verb(event: str) -> str:
+    """``entering`` for the audience entry event, ``leaving`` for the exit one."""
+    return "leaving" if event == EXITED else "entering"
 
 
 def children(step: Step) -> Iterator[tuple[str, tuple[Step, ...]]]:

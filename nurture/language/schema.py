@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Literal, get_args
 
+from .audiences import ENTERED, EXITED, PROPERTY
 from .diagnostics import describe_value, did_you_mean
 
 TypeName = Literal["string", "number", "integer", "boolean", "date", "datetime", "list", "object"]
@@ -73,9 +74,12 @@ BUILTIN_EVENTS: Mapping[str, Mapping[str, Declared]] = {
     "Page Viewed": {name: _TEXT for name in _PAGE},
     "Screen Viewed": {name: _TEXT for name in ("name", "category")},
     WECHAT_FOLLOWED: {},
+    ENTERED: {PROPERTY: Declared("string", required=True, description="The audience id.")},
+    EXITED: {PROPERTY: Declared("string", required=True, description="The audience id.")},
 }
-"""Events the API makes of ``page`` and ``screen`` calls, with Segment's properties for them, and
-of a WeChat follow (no properties: the follower is the person)."""
+"""Events the API makes of ``page`` and ``screen`` calls, with Segment's properties for them,
+of a WeChat follow (no properties: the follower is the person), and of a person entering or
+leaving an audience (its id in ``audience``)."""
 EVENT_FIELDS = ("name", "properties", "timestamp")
 """What an event has (``event.name``, ``event.properties.<name>``, ``event.timestamp``)."""
 READ_ROOTS = ("user", "event", "last_event")

@@ -205,7 +205,8 @@ def _convert_collection(
         for key_node, value_node in node.value:
             key = _convert(loader, key_node, path + ("<key>",), smap, problems, walk)
             if not isinstance(key, str):
-                key = str(key).lower() if isinstance(key, bool) else str(key)
+                # A key is a name: `on:` is the word on, not YAML 1.1's true.
+                key = str(key_node.value).lower() if isinstance(key, bool) else str(key)
             child = path + (key,)
             if key in out:
                 mark = _mark(key_node)

@@ -673,7 +673,7 @@ def step_label(step: ir.Step) -> str:
     if isinstance(step, ir.WaitUntil):
         return f"until {step.when}"
     if isinstance(step, ir.WaitFor):
-        return f"{step.event} (timeout {step.timeout_written or f'{step.timeout}s'})"
+        return f"{step.describe} (timeout {step.timeout_written or f'{step.timeout}s'})"
     if isinstance(step, ir.Split):
         return step.experiment
     if isinstance(step, ir.Branch):

@@ -816,6 +816,7 @@ def build_simulator(
         recorder=recorder,
         until=None if scenario.until is None else scenario.instant(scenario.until),
         paused=scenario.paused,
+        audiences=project.audiences,
     )
     for user_id, traits in scenario.users.items():
         sim.add_user(user_id, traits, scenario.opted_out.get(user_id, ()))

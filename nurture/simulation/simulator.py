@@ -7,6 +7,10 @@ is a person of their own, and an identify or alias that merges two people moves 
 person's runs, history, profile and sends to the survivor. Nothing
 sleeps: a heap of due instants is popped in order. At one instant, events come before timers,
 so a goal arriving exactly when a wait ends wins over the send that would follow.
+
+With audiences, every call is followed by the person's audience upkeep
+(:mod:`nurture.simulation.audiences`), and each membership that changes, after the call or
+when a window passes, is the person's track event ``Audience Entered`` or ``Audience Exited``.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ from nurture.engine.interpreter import (
 )
 from nurture.engine.model import EndedRun, Event, Recorder, SendOutcome
 from nurture.language import ir
+from nurture.language.audiences import ENTERED, EXITED, PROPERTY, Audience
 from nurture.language.migration import Migration
 
+from .audiences import Change, Upkeep
 from .people import Call, People, SlotKey, join_counts, join_slots
 
 
@@ -100,6 +106,8 @@ class Simulator:
     activities do: a database recorder makes a report of a simulation."""
     paused: frozenset[str] = frozenset()
     """Journeys an operator paused: their triggers start no run; runs in flight go on."""
+    audiences: Mapping[str, Audience] = field(default_factory=dict)
+    """The project's audiences, kept current for every person (their changes are events)."""
     now: datetime = field(init=False)
     outcomes: list[Outcome] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
@@ -129,6 +137,9 @@ class Simulator:
         self._open_goals = OpenGoals()
         self._date_plans: dict[tuple[str, str, str], int] = {}
         """The latest date plan of each (journey, user, key): an earlier one's moment starts nothing."""
+        self.upkeep = Upkeep(self.audiences)
+        self._wakes: set[datetime] = set()
+        """Moments an audience standing changes at that are in the queue."""
         self._index_triggers()
 
     def _index_triggers(self) -> None:
@@ -154,6 +165,8 @@ class Simulator:
         person = self.people.add_user(user_id, traits, opted_out, self.start)
         for journey in self._dated_by_traits:
             self._plan_date(journey, person, None)
+        if self.upkeep:  # the audiences the person starts in are entered at the start
+            heapq.heappush(self._queue, (self.start, _EVENT, next(self._seq), ("audiences", person)))
 
     def track(self, at: datetime, user_id: str | None, event: Event, anonymous_id: str | None = None) -> None:
         self.call(at, Call("track", user_id, anonymous_id), event)
@@ -218,12 +231,29 @@ class Simulator:
                 else:  # the person's traits may hold a new date
                     for journey in self._dated_by_traits:
                         self._plan_date(journey, plan.person, None)
+                if self.upkeep:
+                    await self._audiences(self.upkeep.touch(self.profiles.get_now(plan.person), self.now, event))
+            elif item[0] == "audiences":
+                await self._audiences(self.upkeep.touch(self.profiles.get_now(item[1]), self.now))
+            elif item[0] == "wake":
+                self._wakes.discard(at)
+                await self._audiences(self.upkeep.advance(self.now, self.profiles.get_now))
             elif item[0] == "date":
                 await self._date_reached(*item[1:])
             else:
                 live, token = item[1], item[2]
                 if live.token == token and live.run.ended is None:
                     await self._drive(live, live.run.resume(None, self.now))
+
+    async def _audiences(self, changes: list[Change]) -> None:
+        """Each membership change is the person's audience event, processed as a track event;
+        the next moment a standing changes by itself is queued."""
+        for change in changes:
+            await self._on_track(change.person, change.event())
+        due = self.upkeep.next_due()
+        if due is not None and due not in self._wakes:
+            self._wakes.add(due)
+            heapq.heappush(self._queue, (due, _EVENT, next(self._seq), ("wake",)))
 
     async def _upgrade(self, journey: ir.Journey, migration: Migration | None) -> None:
         self.journeys = [journey if known.id == journey.id else known for known in self.journeys]
@@ -281,6 +311,7 @@ class Simulator:
 
         losers = join_slots(self._active, kept, merged, active)
         join_counts(self._history, kept, merged)
+        self.upkeep.merge(kept, merged)
         for slot in [s for s in self._entered if s[1] == merged]:
             target, at = (slot[0], kept, slot[2]), self._entered.pop(slot)
             self._entered[target] = max(at, self._entered.get(target, at))
@@ -293,7 +324,8 @@ class Simulator:
 
     async def _on_track(self, user_id: str, event: Event) -> None:
         if self.timeline:
-            self._note(user_id, "", "", "event", event.name)
+            audience = f" {event.properties.get(PROPERTY)}" if event.name in (ENTERED, EXITED) else ""
+            self._note(user_id, "", "", "event", event.name + audience)
         if self.people.merged:
             self.people.open_goals(self._open_goals, user_id)
         if self._open_goals.by_user.get(user_id):
