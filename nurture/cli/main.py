@@ -23,13 +23,15 @@ from nurture.simulation.scenarios import (
 )
 
 from . import console, events, preview, privacy, report, runs, service
-from .options import project_options
+from .options import audiences_dir, project_options
 
 
 def _compile(
     journeys_dir: Path, templates_dir: Path, config: Path | None, *, report_undeclared: bool = False
 ) -> Project:
-    result = compile_project(journeys_dir, templates_dir, config, report_undeclared=report_undeclared)
+    result = compile_project(
+        journeys_dir, templates_dir, config, report_undeclared=report_undeclared, audiences_dir=audiences_dir()
+    )
     if result.diagnostics:
         click.echo(format_all(result.diagnostics), err=True)
     if result.project is None:
@@ -59,6 +61,10 @@ def validate(journeys_dir: Path, templates_dir: Path, config: Path | None) -> No
             f"trigger: {journey.starts_on}  ({journey.source})"
         )
     click.echo(f"{len(project.journeys)} journeys valid.")
+    for audience in project.audiences.values():
+        click.echo(f"ok  {audience.id:<20} version {audience.version}  {audience.name}  ({audience.source})")
+    if project.audiences:
+        click.echo(f"{len(project.audiences)} audiences valid.")
 
 
 @main.command()

@@ -253,7 +253,9 @@ class Console:
         )
         if self._compiled is not None and self._compiled[0] == stamp:
             return self._compiled[1]
-        result = compile_project(self.settings.journeys, self.settings.templates, self.settings.config)
+        result = compile_project(
+            self.settings.journeys, self.settings.templates, self.settings.config, audiences_dir=self.settings.audiences
+        )
         by_journey: dict[str, str] = {}
         for diagnostic in result.errors:
             stem = Path(diagnostic.path).stem

@@ -2067,7 +2067,7 @@ def create_app(
     first call that needs it when Temporal is not up yet.
     """
     if project is None:
-        project = load_project(settings.journeys, settings.templates, settings.config)
+        project = load_project(settings.journeys, settings.templates, settings.config, audiences_dir=settings.audiences)
     owns_db = db is None
     if db is None:
         db = Database(settings.database)
