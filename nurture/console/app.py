@@ -246,7 +246,8 @@ class Console:
     def compile_result(self) -> dict[str, str]:
         """The journey files on disk compiled now, as ``nurture validate`` prints their errors,
         by journey id (the file's stem); recompiled when a file changed."""
-        files = [self.settings.journeys, self.settings.templates]
+        audiences = self.settings.audiences or self.settings.journeys.parent / "audiences"
+        files = [self.settings.journeys, self.settings.templates, audiences]
         stamp = max(
             (p.stat().st_mtime for root in files if root.is_dir() for p in root.rglob("*") if p.is_file()),
             default=0.0,
