@@ -17,6 +17,7 @@ from nurture.language.audiences import ENTERED, EXITED, Activity
 from nurture.language.compiler import CompileResult, compile_project, load_project
 from nurture.language.diagnostics import Diagnostic
 from nurture.language.evaluation import is_true
+from nurture.language.graph import mermaid
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = Path(__file__).parent / "projects" / "audiences"
@@ -137,6 +138,7 @@ def test_an_audience_trigger_is_an_event_rule_on_the_audience_event(tmp_path: Pa
     assert not is_true(trigger.cond, other) and not is_true(trigger.cond, tester)
     back = ir.journey_from_dict(json.loads(json.dumps(ir.journey_to_dict(journey))))
     assert back == journey and back.version == journey.version
+    assert "trigger: entering audience lapsed_customers if user.first_name != 'test'" in mermaid(journey)
 
 
 def test_on_exit_goal_and_wait_for_name_audiences(tmp_path: Path) -> None:

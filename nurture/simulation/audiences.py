@@ -51,13 +51,14 @@ class Upkeep:
     time passes."""
 
     audiences: Mapping[str, Audience]
-    _people: dict[str, dict[str, _Standing]] = field(default_factory=dict)
-    _due: list[tuple[datetime, str]] = field(default_factory=list)
+    _people: dict[str, dict[str, _Standing]] = field(default_factory=dict, init=False)
+    _due: list[tuple[datetime, str]] = field(default_factory=list, init=False)
     """A heap of (moment, person); an entry is stale once the person's next moment differs."""
-    _next: dict[str, datetime] = field(default_factory=dict)
+    _next: dict[str, datetime] = field(default_factory=dict, init=False)
     """Each person's next moment a standing can change with no new input."""
 
     def __bool__(self) -> bool:
+        """Whether there is any audience to keep (without one, runtimes skip the upkeep)."""
         return bool(self.audiences)
 
     def members(self, audience: str) -> set[str]:
