@@ -128,7 +128,7 @@ class CompileResult:
     project: Project | None
     diagnostics: list[Diagnostic]
     checked: list[str]
-    """The journey files that were read."""
+    """The journey and audience files that were read."""
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -343,6 +343,16 @@ def compile_audience_text(
     text: str, path: str, settings: Settings, sink: DiagnosticSink, *, usage: Usage | None = None
 ) -> Audience | None:
     """Compile audience source text; ``path`` gives the id (its stem) and places messages."""
+    try:
+        return _compile_audience_text(text, path, settings, sink, usage or Usage())
+    except RecursionError:
+        sink.add(Diagnostic(path, 1, 1, "the document is nested too deeply to read: simplify it"))
+        return None
+
+
+def _compile_audience_text(
+    text: str, path: str, settings: Settings, sink: DiagnosticSink, usage: Usage
+) -> Audience | None:
     before = len(sink.errors)
     try:
         data, smap = load_yaml(text, path)
@@ -367,7 +377,7 @@ def compile_audience_text(
         doc = AudienceDoc.model_validate(data)
     except ValidationError as exc:
         sink.extend(_validation_diagnostics(exc, data, smap, AudienceDoc))
-    _check_audience(data, smap, sink, settings, usage or Usage())
+    _check_audience(data, smap, sink, settings, usage)
     if doc is None or len(sink.errors) > before:
         return None
     return Audience(
