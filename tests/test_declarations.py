@@ -1,6 +1,7 @@
 """Declared traits and events: reads of undeclared names are compile errors at their place, with
 "did you mean"; an undeclared project compiles as before and `nurture validate` lists what it
 reads; with `enforce_declarations`, the event API refuses calls that contradict the declarations.
+Scenario files are held to the same declarations: what they give people and send.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from test_api import Api, serving
 
 from nurture.cli.main import main
 from nurture.language.compiler import CompileResult, Project, compile_project, load_project
+from nurture.language.diagnostics import CompileError, Diagnostic
 from nurture.language.schema import Declarations, Declared, value_problem
+from nurture.simulation.scenarios import Scenario, load_scenario, scenario_files
 from nurture.storage.db import Database
 from nurture.storage.models import EventRecord, ProfileRecord
 
@@ -574,3 +577,256 @@ def test_enforcement_is_off_unless_nurture_yaml_asks(project: Project) -> None:
     assert project.settings.declarations.events is not None
 
 
+
+
+# --- scenario files ----------------------------------------------------------------------------
+
+SCENARIO = """\
+scenario: what a scenario gives people and sends is declared
+start: 2026-03-02T10:00:00Z
+journeys: [welcome]
+users:
+  u1: {email: u1@example.com, first_name: Mei, vip: false, opted_out: [sms]}
+events:
+  - {at: 0s, user: u1, identify: {plan: pro, age: 30, birthday: "1990-05-01", opted_out: []}}
+  - {at: 1h, user: u1, event: Cart Updated, properties: {cart_id: c1, item_count: 2}}
+  - {at: 2h, user: u1, event: Order Completed, properties: {order_id: o1, total: 12.5}}
+  - {at: 3h, user: u1, event: Page Viewed, properties: {path: /pricing}}
+  - {at: 4h, user: u1, group: g1, traits: {seats: 12}}
+"""
+
+POPULATION = """\
+scenario: generated people and events are declared too
+start: 2026-03-02T10:00:00Z
+journeys: [welcome]
+population:
+  count: 3
+  traits: {first_name: "Mei {n}", age: 20..60, vip: [true, false]}
+  events:
+    - {event: Cart Updated, at: 0s..1h, properties: {cart_id: "c{n}", item_count: [1, 2]}}
+"""
+
+
+@dataclass(frozen=True)
+class ScenarioCase:
+    id: str
+    old: str
+    new: str
+    point: str
+    """Where in the changed line the error points: its first occurrence there."""
+    key: str
+    message: str
+    text: str = SCENARIO
+
+
+SCENARIO_CASES = [
+    ScenarioCase(
+        "user-trait",
+        "first_name: Mei",
+        "frist_name: Mei",
+        "frist_name",
+        "users.u1.frist_name",
+        "unknown trait 'frist_name' (did you mean 'first_name'?): declare it under traits: in nurture.yaml",
+    ),
+    ScenarioCase(
+        "user-trait-type",
+        "vip: false",
+        'vip: "no"',
+        '"no"',
+        "users.u1.vip",
+        "trait 'vip' is declared with type boolean: expected true or false, got 'no' (text)",
+    ),
+    ScenarioCase(
+        "identify-trait", "age: 30", "ag: 30", "ag:", "events[0].identify.ag", "unknown trait 'ag' (did you mean 'age'?)"
+    ),
+    ScenarioCase(
+        "identify-trait-type",
+        "age: 30",
+        "age: thirty",
+        "thirty",
+        "events[0].identify.age",
+        "trait 'age' is declared with type integer: expected a whole number, got 'thirty' (text)",
+    ),
+    ScenarioCase(
+        "identify-bad-date",
+        '"1990-05-01"',
+        '"1990-02-30"',
+        '"1990-02-30"',
+        "events[0].identify.birthday",
+        "trait 'birthday' is declared with type date: expected a date written YYYY-MM-DD, got '1990-02-30' (text)",
+    ),
+    ScenarioCase(
+        "identify-unquoted-date",
+        '"1990-05-01"',
+        "1990-05-01",
+        "1990-05-01",
+        "events[0].identify.birthday",
+        "got 1990-05-01 unquoted (YAML reads it as a date, not as text: write it in quotes)",
+    ),
+    ScenarioCase(
+        "event-name",
+        "event: Order Completed",
+        "event: Order Complete",
+        "Order Complete",
+        "events[2].event",
+        "unknown event 'Order Complete' (did you mean 'Order Completed'?): declare it under events: in nurture.yaml",
+    ),
+    ScenarioCase(
+        "property",
+        "cart_id: c1",
+        "cart_idd: c1, cart_id: c1",
+        "cart_idd",
+        "events[1].properties.cart_idd",
+        "event 'Cart Updated' has no property 'cart_idd' (did you mean 'cart_id'?): "
+        "declare it under events: 'Cart Updated': properties: in nurture.yaml",
+    ),
+    ScenarioCase(
+        "property-type",
+        "item_count: 2",
+        'item_count: "2"',
+        '"2"',
+        "events[1].properties.item_count",
+        "property 'item_count' is declared with type integer: expected a whole number, got '2' (text)",
+    ),
+    ScenarioCase(
+        "builtin-event-property",
+        "path: /pricing",
+        "pth: /pricing",
+        "pth",
+        "events[3].properties.pth",
+        "event 'Page Viewed' has no property 'pth' (did you mean 'path'?)",
+    ),
+    ScenarioCase(
+        "population-trait",
+        "age: 20..60",
+        "agee: 20..60",
+        "agee",
+        "population.traits.agee",
+        "unknown trait 'agee' (did you mean 'age'?)",
+        POPULATION,
+    ),
+    ScenarioCase(
+        "population-trait-range",
+        "age: 20..60",
+        "age: 20.5..60",
+        "20.5..60",
+        "population.traits.age",
+        "trait 'age' is declared with type integer: expected a whole number, got ",
+        POPULATION,
+    ),
+    ScenarioCase(
+        "population-event",
+        "event: Cart Updated",
+        "event: Cart Update",
+        "Cart Update",
+        "population.events[0].event",
+        "unknown event 'Cart Update' (did you mean 'Cart Updated'?)",
+        POPULATION,
+    ),
+    ScenarioCase(
+        "population-property-choice",
+        "item_count: [1, 2]",
+        "item_count: [1, two]",
+        "[1, two]",
+        "population.events[0].properties.item_count",
+        "property 'item_count' is declared with type integer: expected a whole number, got 'two' (text)",
+        POPULATION,
+    ),
+]
+
+
+def write_scenario(root: Path, text: str) -> Path:
+    (root / "journeys" / "tests").mkdir(parents=True, exist_ok=True)
+    path = root / "journeys" / "tests" / "declared.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def loaded(root: Path, text: str) -> Scenario:
+    project = load_project(root / "journeys", root / "templates", root / "nurture.yaml")
+    return load_scenario(write_scenario(root, text), project)
+
+
+def scenario_errors(root: Path, text: str) -> list[Diagnostic]:
+    with pytest.raises(CompileError) as caught:
+        loaded(root, text)
+    return caught.value.diagnostics
+
+
+@pytest.mark.parametrize("text", [SCENARIO, POPULATION], ids=["written", "population"])
+def test_a_declared_scenario_loads(tmp_path: Path, text: str) -> None:
+    scenario = loaded(make_project(tmp_path), text)
+
+    assert scenario.journeys == ["welcome"]
+
+
+@pytest.mark.parametrize("case", SCENARIO_CASES, ids=[case.id for case in SCENARIO_CASES])
+def test_an_undeclared_name_or_a_wrong_value_in_a_scenario_is_reported_at_its_place(
+    case: ScenarioCase, tmp_path: Path
+) -> None:
+    assert case.text.count(case.old) == 1
+    text = case.text.replace(case.old, case.new)
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if case.new in row)
+    column = text.splitlines()[line - 1].index(case.point) + 1
+
+    [error] = scenario_errors(make_project(tmp_path), text)
+
+    assert (Path(error.path).name, error.line, error.column) == ("declared.yaml", line, column), error
+    assert error.key == case.key
+    assert case.message in error.message, error.message
+
+
+def test_every_fault_of_a_scenario_is_reported_in_one_go(tmp_path: Path) -> None:
+    text = SCENARIO.replace("first_name: Mei", "frist_name: Mei").replace("item_count: 2", "item_count: two")
+
+    errors = scenario_errors(make_project(tmp_path), text)
+
+    assert [e.key for e in errors] == ["users.u1.frist_name", "events[1].properties.item_count"]
+
+
+def test_a_required_property_may_be_left_out_unless_declarations_are_enforced(tmp_path: Path) -> None:
+    text = SCENARIO.replace("order_id: o1, ", "")
+    loaded(make_project(tmp_path), text)  # the event API takes such an event
+
+    make_project(tmp_path, config=DECLARATIONS + "enforce_declarations: true\n")
+    [error] = scenario_errors(tmp_path, text)
+    assert (error.key, error.line) == ("events[2].event", 9)
+    assert error.message == "'Order Completed' requires order_id (string)"
+
+    [error] = scenario_errors(tmp_path, POPULATION.replace('cart_id: "c{n}", ', ""))
+    assert (error.key, error.message) == ("population.events[0].event", "'Cart Updated' requires cart_id (string)")
+
+
+@pytest.mark.parametrize("declared", ["events", "traits"])
+def test_what_is_not_declared_is_not_checked(tmp_path: Path, declared: str) -> None:
+    """Traits alone leave events as they were, and events alone leave traits."""
+    text = SCENARIO.replace("first_name: Mei", "frist_name: Mei").replace("cart_id: c1", "cart_idd: c1")
+    kept = DECLARATIONS[DECLARATIONS.index("events:") :] if declared == "events" else DECLARATIONS[: DECLARATIONS.index("events:")]
+
+    [error] = scenario_errors(make_project(tmp_path, config=kept), text)
+
+    assert error.key == ("events[1].properties.cart_idd" if declared == "events" else "users.u1.frist_name")
+
+
+def test_an_undeclared_project_loads_any_scenario_as_before(tmp_path: Path) -> None:
+    text = SCENARIO.replace("first_name: Mei", "frist_name: Mei").replace("item_count: 2", 'item_count: "2"')
+    make_project(tmp_path, config="timezone: UTC\n")
+
+    scenario = loaded(tmp_path, text.replace("event: Order Completed", "event: Order Complete"))
+
+    assert scenario.users["u1"]["frist_name"] == "Mei"
+    assert scenario.events[1].event is not None and scenario.events[1].event.properties["item_count"] == "2"
+
+
+@pytest.mark.parametrize(
+    "project_dir", [ROOT, ROOT / "tests" / "projects" / "dates"], ids=["example", "dates"]
+)
+def test_every_scenario_of_the_repository_loads_against_its_project(project_dir: Path) -> None:
+    config = project_dir / "nurture.yaml"
+    project = load_project(project_dir / "journeys", project_dir / "templates", config)
+    folders = [project_dir / "journeys" / "tests", project_dir / "journeys" / "forecasts", project_dir / "tests" / "scenarios"]
+    files = scenario_files([folder for folder in folders if folder.exists()])
+
+    assert len(files) >= 15
+    for path in files:
+        load_scenario(path, project)  # raises CompileError naming the file, line and column

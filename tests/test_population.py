@@ -20,6 +20,7 @@ from nurture.engine.interpreter import choose_variant
 from nurture.language import ir
 from nurture.language.compiler import Project
 from nurture.language.diagnostics import CompileError
+from nurture.language.schema import Declarations
 from nurture.reports.forecast import play_into, scratch_database
 from nurture.simulation.population import Person
 from nurture.simulation.scenarios import Scenario, build_simulator, load_scenario
@@ -48,9 +49,12 @@ population:
 
 
 def _load(tmp_path: Path, project: Project, body: str) -> Scenario:
+    """``body`` against the project without its declarations: BASE's trait and property are the
+    generator's, not the example project's (tests/test_declarations.py checks populations)."""
     path = tmp_path / "population.yaml"
     path.write_text(body)
-    return load_scenario(path, project)
+    settings = dataclasses.replace(project.settings, declarations=Declarations())
+    return load_scenario(path, dataclasses.replace(project, settings=settings))
 
 
 def _people(scenario: Scenario) -> list[Person]:

@@ -73,7 +73,8 @@ from .schema import (
     comparison_problems,
     read_problem,
     reads,
-    value_problem,
+    trait_faults,
+    unknown_event,
 )
 from .source import Path as KeyPath
 from .source import SourceError, SourceMap, load_yaml
@@ -785,8 +786,7 @@ def _check_declared(
             continue
         usage.add_event(name)
         if declared.events is not None and name not in declared.events:
-            hint = did_you_mean(name, declared.events)
-            sink.add(smap.diagnostic(path, f"unknown event '{name}'{hint}: declare it under events: in nurture.yaml"))
+            sink.add(smap.diagnostic(path, unknown_event(name, declared)))
     for path, source, where in places:
         _check_reads(path, source, where, smap, sink, declared, usage, value=path[-2:-1] == ("update",))
     journey_id = data.get("journey") if isinstance(data.get("journey"), str) else Path(smap.path).stem
@@ -855,21 +855,9 @@ def _check_updates(
         if not isinstance(name, str):
             continue
         usage.add_read(Read("user", (name,)), EventScope())
-        if declared.traits is None:
-            continue
-        spec = declared.traits.get(name)
-        if spec is None:
-            hint = did_you_mean(name, declared.traits)
-            sink.add(
-                smap.diagnostic(
-                    path + (name,), f"unknown trait '{name}'{hint}: declare it under traits: in nurture.yaml", at_key=True
-                )
-            )
-            continue
         computed = isinstance(value, str) and ("{{" in value or "{%" in value)
-        problem = None if computed else value_problem(spec.type, value)
-        if problem is not None:
-            sink.add(smap.diagnostic(path + (name,), f"trait '{name}' is declared with type {spec.type}: {problem}"))
+        for fault in trait_faults(declared, {name: None if computed else value}, undeclared=True):
+            sink.add(smap.diagnostic(path + (name,), fault.describe("trait"), at_key=fault.type is None))
 
 
 def _template_reads(

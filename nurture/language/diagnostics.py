@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 
@@ -109,6 +110,8 @@ def describe_value(value: object) -> str:
         return f"{value} (a number)"
     if isinstance(value, str):
         return f"'{value}' (text)"
+    if isinstance(value, date):  # a datetime too
+        return f"{value.isoformat()} unquoted (YAML reads it as a date, not as text: write it in quotes)"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):

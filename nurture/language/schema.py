@@ -11,8 +11,9 @@
 
 With declarations, the compiler checks every read of ``user.<trait>`` and
 ``event.properties.<name>`` in journeys and templates against them (:func:`read_problem`,
-:func:`comparison_problems`), and the event API may refuse calls whose values contradict them
-(:func:`value_problem`). Without them nothing is checked, as before. Pure: no I/O, no Jinja.
+:func:`comparison_problems`), the event API may refuse calls whose values contradict them
+(:func:`trait_faults`, :func:`property_faults`), and scenario files are held to them, undeclared
+names included. Without them nothing is checked, as before. Pure: no I/O, no Jinja.
 """
 
 from __future__ import annotations
@@ -155,39 +156,98 @@ def _fits(kind: str, value: Any) -> bool:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One trait or property of a call that the declarations contradict."""
+
+    name: str
+    message: str
+    type: str | None = None
+    """The declared type, when the value is of another; ``None`` for an undeclared or a missing name."""
+
+    def describe(self, kind: str) -> str:
+        """The fault as a compile error tells it; ``kind`` is ``trait`` or ``property``."""
+        if self.type is None:
+            return self.message
+        return f"{kind} '{self.name}' is declared with type {self.type}: {self.message}"
+
+
+def unknown_trait(name: str, declarations: Declarations) -> str:
+    """What is said of a trait the declarations do not name, with the closest one that they do."""
+    traits = [n for n in declarations.traits or () if n != "group"]
+    return f"unknown trait '{name}'{did_you_mean(name, traits)}: declare it under traits: in nurture.yaml"
+
+
+def unknown_event(name: str, declarations: Declarations) -> str:
+    """What is said of an event the declarations do not name, with the closest one that they do."""
+    hint = did_you_mean(name, declarations.events or ())
+    return f"unknown event '{name}'{hint}: declare it under events: in nurture.yaml"
+
+
+def _no_property(event: str, prop: str, known: Sequence[str], context: str = "") -> str:
+    hint = did_you_mean(prop, known)
+    listed = f"; it declares {', '.join(known)}" if known and not hint else ""
+    return (
+        f"event '{event}'{context} has no property '{prop}'{hint}{listed}: "
+        f"declare it under events: '{event}': properties: in nurture.yaml"
+    )
+
+
+def trait_faults(
+    declarations: Declarations, traits: Mapping[str, Any], *, undeclared: bool = False
+) -> Iterator[Fault]:
+    """Traits whose values contradict their declared types; with ``undeclared``, also the traits
+    the declarations do not name (when traits are declared at all)."""
+    for name, value in traits.items():
+        spec = declarations.trait(name)
+        if spec is None:
+            if undeclared and declarations.traits is not None:
+                yield Fault(name, unknown_trait(name, declarations))
+            continue
+        problem = value_problem(spec.type, value)
+        if problem is not None:
+            yield Fault(name, problem, spec.type)
+
+
+def property_faults(
+    declarations: Declarations, event: str, properties: Mapping[str, Any] | None, *, undeclared: bool = False
+) -> Iterator[Fault]:
+    """A track call's properties against its event's declaration: declared ones of the wrong type,
+    required ones missing or null; with ``undeclared``, also properties the declaration does not
+    name. An undeclared event has no faults here (see :func:`unknown_event`)."""
+    declared = None if declarations.events is None else declarations.events.get(event)
+    if declared is None:
+        return
+    given = properties or {}
+    for name, spec in declared.items():
+        value = given.get(name)
+        if value is None:
+            if spec.required:
+                yield Fault(name, f"'{event}' requires {name} ({spec.type})")
+            continue
+        problem = value_problem(spec.type, value)
+        if problem is not None:
+            yield Fault(name, problem, spec.type)
+    if undeclared:
+        yield from (Fault(name, _no_property(event, name, list(declared))) for name in given if name not in declared)
+
+
 def properties_problems(
     declarations: Declarations, event: str, properties: Mapping[str, Any] | None, where: str
 ) -> list[dict[str, str]]:
     """A track call's faults against its event's declaration, as API ``detail`` entries: declared
     properties of the wrong type, required ones missing or null. An undeclared event, and
     properties the declaration does not name, are accepted."""
-    declared = None if declarations.events is None else declarations.events.get(event)
-    if declared is None:
-        return []
-    given = properties or {}
-    out = []
-    for name, spec in declared.items():
-        value = given.get(name)
-        if value is None:
-            if spec.required:
-                out.append({"field": f"{where}.{name}", "message": f"'{event}' requires {name} ({spec.type})"})
-            continue
-        problem = value_problem(spec.type, value)
-        if problem is not None:
-            out.append({"field": f"{where}.{name}", "message": problem})
-    return out
+    return [
+        {"field": f"{where}.{fault.name}", "message": fault.message}
+        for fault in property_faults(declarations, event, properties)
+    ]
 
 
 def traits_problems(declarations: Declarations, traits: Mapping[str, Any], where: str) -> list[dict[str, str]]:
     """Identify traits whose values contradict their declared types, as API ``detail`` entries;
     undeclared traits are accepted."""
-    out = []
-    for name, value in traits.items():
-        spec = declarations.trait(name)
-        problem = None if spec is None else value_problem(spec.type, value)
-        if problem is not None:
-            out.append({"field": f"{where}.{name}", "message": problem})
-    return out
+    return [{"field": f"{where}.{fault.name}", "message": fault.message} for fault in trait_faults(declarations, traits)]
 
 
 # --- reads in expressions ----------------------------------------------------------------------
@@ -287,8 +347,7 @@ def read_problem(read: Read, declarations: Declarations, scope: EventScope) -> t
     if read.root == "user":
         if declarations.traits is None or first in declarations.traits:
             return None
-        traits = [n for n in declarations.traits if n != "group"]
-        return 0, f"unknown trait '{first}'{did_you_mean(first, traits)}: declare it under traits: in nurture.yaml"
+        return 0, unknown_trait(first, declarations)
     if declarations.events is None:
         return None
     if first not in EVENT_FIELDS:
@@ -305,15 +364,10 @@ def read_problem(read: Read, declarations: Declarations, scope: EventScope) -> t
         if prop in declarations.events[name]:
             return None
         known.update(dict.fromkeys(declarations.events[name]))
-    hint = did_you_mean(prop, known)
     if len(names) == 1:
         where = f" ({scope.context})" if scope.context and read.root == "event" else ""
-        listed = f"; it declares {', '.join(known)}" if known and not hint else ""
-        return 1, (
-            f"event '{names[0]}'{where} has no property '{prop}'{hint}{listed}: "
-            f"declare it under events: '{names[0]}': properties: in nurture.yaml"
-        )
-    return 1, f"none of the events {', '.join(names)} has a property '{prop}'{hint}"
+        return 1, _no_property(names[0], prop, list(known), where)
+    return 1, f"none of the events {', '.join(names)} has a property '{prop}'{did_you_mean(prop, known)}"
 
 
 def declared_type(read: Read, declarations: Declarations, scope: EventScope) -> str | None:

@@ -84,6 +84,16 @@ def draw(spec: Any, rng: random.Random, n: int) -> Any:
     return spec
 
 
+def examples(spec: Any) -> Iterator[Any]:
+    """A value of each choice ``spec`` may draw (see :func:`value_spec`): what declared types are
+    checked against."""
+    if isinstance(spec, OneOf):
+        for choice in spec.choices:
+            yield from examples(choice)
+    else:
+        yield draw(spec, random.Random(0), 1)
+
+
 @dataclass(frozen=True, slots=True)
 class VariantRates:
     """Probabilities by the variant a split of ``experiment`` assigns the user."""

@@ -10,9 +10,10 @@ is the survivor's, and an expectation may name the person by any of their ids.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,10 +30,11 @@ from nurture.language.compiler import Project, _validation_diagnostics
 from nurture.language.diagnostics import CompileError, Diagnostic, did_you_mean
 from nurture.language.durations import UNITS, format_duration
 from nurture.language.expressions import ExpressionError, compile_expression
+from nurture.language.schema import Declarations, Fault, property_faults, trait_faults, unknown_event
 from nurture.language.source import SourceError, SourceMap, load_yaml
 
 from .people import Call, People
-from .population import EventSpec, Population, SegmentRate, VariantRates, value_spec
+from .population import EventSpec, Population, SegmentRate, VariantRates, examples, value_spec
 from .simulator import Outcome, Simulator
 
 _OFFSET = re.compile(r"^(?:\d+[smhdw])+$")
@@ -347,6 +349,7 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     except ValidationError as exc:
         raise CompileError([_scenario_keys(d) for d in _validation_diagnostics(exc, data, smap)]) from None
     problems: list[Diagnostic] = []
+    declarations = project.settings.declarations
     journeys = doc.journeys or sorted(project.journeys)
     for index, name in enumerate(doc.journeys or []):
         if name not in project.journeys:
@@ -368,6 +371,7 @@ def load_scenario(path: Path, project: Project) -> Scenario:
         out = traits.pop("opted_out", [])
         users[user_id] = traits
         opted[user_id] = list(out) if isinstance(out, list) else [str(out)]
+        problems.extend(_traits_checked(traits, ("users", user_id), declarations, smap))
     anonymous_ids = list(dict.fromkeys(item.anonymous for item in doc.events if item.anonymous is not None))
     only_user = next(iter(users)) if len(users) == 1 and not anonymous_ids else None
     introduced = [
@@ -446,6 +450,7 @@ def load_scenario(path: Path, project: Project) -> Scenario:
                 )
             user = only_user
         if item.event is not None:
+            problems.extend(_event_checked(item.event, item.properties, where, declarations, smap))
             message_id = item.message_id or f"{path.stem}-{index}"
             event = Event(item.event, start + timedelta(seconds=offset), item.properties, message_id)
             events.append(Step(offset, user, event=event, anonymous=item.anonymous))
@@ -455,6 +460,7 @@ def load_scenario(path: Path, project: Project) -> Scenario:
         else:
             traits = dict(item.identify or {})
             channels = traits.pop("opted_out", None)
+            problems.extend(_traits_checked(traits, (*where, "identify"), declarations, smap))
             out = None if channels is None else frozenset(channels)
             events.append(Step(offset, user, traits=traits, opted_out=out, anonymous=item.anonymous))
     anonymous_names = list(dict.fromkeys([*anonymous_ids, *aliased]))
@@ -593,6 +599,68 @@ def load_scenario(path: Path, project: Project) -> Scenario:
     )
 
 
+def _traits_checked(
+    traits: Mapping[str, Any], where: tuple[str | int, ...], declarations: Declarations, smap: SourceMap
+) -> list[Diagnostic]:
+    """The traits a scenario gives a person against the declared traits (when there are some):
+    an undeclared name at its key, a value of another type at the value."""
+    return [
+        smap.diagnostic((*where, fault.name), fault.describe("trait"), at_key=fault.type is None)
+        for fault in trait_faults(declarations, traits, undeclared=True)
+    ]
+
+
+def _event_checked(
+    name: str,
+    properties: Mapping[str, Any],
+    where: tuple[str | int, ...],
+    declarations: Declarations,
+    smap: SourceMap,
+) -> list[Diagnostic]:
+    """An event a scenario sends against the declared events (when there are some): the event's
+    name, then its properties as the event API checks them, and none it does not declare. A
+    required property may be left out unless ``enforce_declarations`` is on (the event API takes
+    such an event otherwise)."""
+    if declarations.events is None:
+        return []
+    if name not in declarations.events:
+        return [smap.diagnostic((*where, "event"), unknown_event(name, declarations))]
+    return [
+        _at_fault(fault, where, properties, smap)
+        for fault in property_faults(declarations, name, properties, undeclared=True)
+        if fault.name in properties or declarations.enforce
+    ]
+
+
+def _at_fault(fault: Fault, where: tuple[str | int, ...], properties: Mapping[str, Any], smap: SourceMap) -> Diagnostic:
+    """A property's fault where it is written; a missing one at the event."""
+    if fault.name not in properties:
+        return smap.diagnostic((*where, "event"), fault.describe("property"))
+    return smap.diagnostic((*where, "properties", fault.name), fault.describe("property"), at_key=fault.type is None)
+
+
+def _drawn_faults(specs: Mapping[str, Any], faults: Callable[[Mapping[str, Any]], Iterator[Fault]]) -> Iterator[Fault]:
+    """The first fault of each generated trait or property, over every choice its spec may draw."""
+    for name, spec in specs.items():
+        yield from itertools.islice((f for value in examples(spec) for f in faults({name: value})), 1)
+
+
+def _generated_event_checked(
+    name: str, specs: Mapping[str, Any], where: tuple[str | int, ...], declarations: Declarations, smap: SourceMap
+) -> list[Diagnostic]:
+    """A population's event as :func:`_event_checked` checks a written one, each property over
+    every choice it may draw."""
+    if declarations.events is None or name not in declarations.events:
+        return _event_checked(name, {}, where, declarations, smap)
+    first = {key: next(examples(spec)) for key, spec in specs.items()}
+    missing = [f for f in property_faults(declarations, name, first) if f.name not in first and declarations.enforce]
+
+    def faults(given: Mapping[str, Any]) -> Iterator[Fault]:
+        return (f for f in property_faults(declarations, name, given, undeclared=True) if f.name in given)
+
+    return [_at_fault(fault, where, specs, smap) for fault in [*missing, *_drawn_faults(specs, faults)]]
+
+
 def _offset_range(value: str | int) -> tuple[int, int]:
     """``2h`` or ``0s..2d`` as (low, high) seconds."""
     low, sep, high = str(value).partition("..")
@@ -613,6 +681,7 @@ def _population(
 ) -> Population:
     """The population block, checked against the project: positions of every mistake in ``problems``."""
     where: tuple[str | int, ...] = ("population",)
+    declarations = project.settings.declarations
     splits = {
         step.experiment: step.variants
         for name in journeys
@@ -684,18 +753,25 @@ def _population(
                 segments.append(SegmentRate(compile_expression(segment.if_), segment.probability))
             except ExpressionError as exc:
                 problems.append(smap.diagnostic((*at, "by_segment", number, "if"), exc.message))
+        properties = values(item.properties, (*at, "properties"))
+        problems.extend(_generated_event_checked(item.event, properties, at, declarations, smap))
         specs.append(
             EventSpec(
                 item.event,
                 offset,
                 after_entry,
-                values(item.properties, (*at, "properties")),
+                properties,
                 item.probability,
                 tuple(rates),
                 tuple(segments),
             )
         )
-    return Population(doc.count, doc.seed, doc.user, values(doc.traits, (*where, "traits")), tuple(specs))
+    traits = values(doc.traits, (*where, "traits"))
+    problems.extend(
+        smap.diagnostic((*where, "traits", fault.name), fault.describe("trait"), at_key=fault.type is None)
+        for fault in _drawn_faults(traits, lambda given: trait_faults(declarations, given, undeclared=True))
+    )
+    return Population(doc.count, doc.seed, doc.user, traits, tuple(specs))
 
 
 def _numbered(template: str, user_id: str, count: int) -> bool:
