@@ -22,14 +22,21 @@ from nurture.simulation.scenarios import (
     scenario_files,
 )
 
-from . import console, events, preview, privacy, report, runs, service
+from . import broadcast, console, events, preview, privacy, report, runs, service
 from .options import project_options
 
 
 def _compile(
-    journeys_dir: Path, templates_dir: Path, config: Path | None, *, report_undeclared: bool = False
+    journeys_dir: Path,
+    templates_dir: Path,
+    config: Path | None,
+    *,
+    report_undeclared: bool = False,
+    broadcasts_dir: Path | None = None,
 ) -> Project:
-    result = compile_project(journeys_dir, templates_dir, config, report_undeclared=report_undeclared)
+    result = compile_project(
+        journeys_dir, templates_dir, config, report_undeclared=report_undeclared, broadcasts_dir=broadcasts_dir
+    )
     if result.diagnostics:
         click.echo(format_all(result.diagnostics), err=True)
     if result.project is None:
@@ -58,7 +65,11 @@ def validate(journeys_dir: Path, templates_dir: Path, config: Path | None) -> No
             f"ok  {journey.id:<20} version {journey.version}  {steps} steps  "
             f"trigger: {journey.starts_on}  ({journey.source})"
         )
-    click.echo(f"{len(project.journeys)} journeys valid.")
+    for item in project.broadcasts.values():
+        steps = sum(1 for _ in ir.walk(item.journey.steps))
+        when = "by command" if item.schedule is None else item.schedule.written
+        click.echo(f"ok  {item.journey.id:<20} version {item.journey.version}  {steps} steps  to: {item.audience}  when: {when}  ({item.source})")
+    click.echo(f"{len(project.journeys)} journeys valid." + (f" {len(project.broadcasts)} broadcasts valid." if project.broadcasts else ""))
 
 
 @main.command()
@@ -225,6 +236,7 @@ for command in (
     runs.runs,
     runs.migrate,
     console.console,
+    broadcast.broadcast,
 ):
     main.add_command(command)
 

@@ -18,6 +18,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import ir
+from .audiences import Audience
+from .broadcasts import Broadcast, ScheduleDoc, compile_broadcasts
 from .diagnostics import CompileError, Diagnostic, DiagnosticSink, describe_value, did_you_mean
 from .document import (
     FORM_TAGS,
@@ -102,6 +104,9 @@ class Project:
     templates: TemplateStore
     settings: Settings
     warnings: list[Diagnostic] = field(default_factory=list)
+    audiences: dict[str, Audience] = field(default_factory=dict)
+    broadcasts: dict[str, Broadcast] = field(default_factory=dict)
+    """``broadcasts/<id>.yaml``, by id (:mod:`nurture.language.broadcasts`)."""
 
     def select(self, ids: list[str] | None) -> list[ir.Journey]:
         """The named journeys (all when ``ids`` is empty); unknown names raise ``KeyError``."""
@@ -127,9 +132,15 @@ class CompileResult:
 
 
 def compile_project(
-    journeys_dir: Path, templates_dir: Path, config: Path | None = None, *, report_undeclared: bool = False
+    journeys_dir: Path,
+    templates_dir: Path,
+    config: Path | None = None,
+    *,
+    report_undeclared: bool = False,
+    broadcasts_dir: Path | None = None,
 ) -> CompileResult:
-    """Compile every ``*.yaml`` directly in ``journeys_dir`` against ``templates_dir``.
+    """Compile every ``*.yaml`` directly in ``journeys_dir`` against ``templates_dir``, and the
+    broadcasts in ``broadcasts_dir`` (default: ``broadcasts`` beside the journeys directory).
 
     With ``report_undeclared``, a project that declares no traits (or no events) gets a warning
     listing the ones its journeys and templates read, which declarations would check.
@@ -154,6 +165,14 @@ def compile_project(
         journey = compile_file(path, templates, settings, sink, checked_templates, usage=usage)
         if journey is not None:
             journeys[journey.id] = journey
+    broadcasts = compile_broadcasts(
+        broadcasts_dir if broadcasts_dir is not None else journeys_dir.parent / "broadcasts",
+        templates,
+        settings,
+        sink,
+        checked_templates,
+        usage=usage,
+    )
     if report_undeclared:
         where = str(config) if config.exists() else str(journeys_dir)
         for message in usage.warnings(settings.declarations):
@@ -161,14 +180,16 @@ def compile_project(
     # A template shared by journeys is checked for each; the same finding is shown once.
     sink.items = list(dict.fromkeys(sink.items))
     errors = sink.errors
-    project = None if errors else Project(journeys, templates, settings, sink.warnings)
+    project = None if errors else Project(journeys, templates, settings, sink.warnings, broadcasts=broadcasts)
     ordered = sorted(sink.items, key=lambda d: (d.path, d.line, d.column))
     return CompileResult(project, ordered, [str(p) for p in files])
 
 
-def load_project(journeys_dir: Path, templates_dir: Path, config: Path | None = None) -> Project:
+def load_project(
+    journeys_dir: Path, templates_dir: Path, config: Path | None = None, *, broadcasts_dir: Path | None = None
+) -> Project:
     """Compile, raising :class:`CompileError` with every diagnostic on any error."""
-    result = compile_project(journeys_dir, templates_dir, config)
+    result = compile_project(journeys_dir, templates_dir, config, broadcasts_dir=broadcasts_dir)
     if result.project is None:
         raise CompileError(result.errors)
     return result.project
@@ -717,6 +738,7 @@ _MODEL_AT = {
     "wait": RandomWaitDoc,
     "wait_until": DateWaitDoc,
     "re_entry": ReEntryDoc,
+    "schedule": ScheduleDoc,
 }
 _PROJECT_ONLY = frozenset(ProjectDoc.model_fields) - frozenset(JourneyDoc.model_fields)
 """Keys of ``nurture.yaml`` a journey cannot set."""

@@ -55,6 +55,8 @@ class Settings:
     """``NURTURE_JOURNEYS``: directory of journey files."""
     templates: Path = Path("templates")
     """``NURTURE_TEMPLATES``: directory of templates."""
+    broadcasts: Path | None = None
+    """``NURTURE_BROADCASTS``: directory of broadcast files (default: ``broadcasts`` beside the journeys)."""
     config: Path | None = None
     """``NURTURE_CONFIG``: the project file (default: ``nurture.yaml`` beside the journeys directory)."""
     write_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -111,6 +113,7 @@ class Settings:
             database=database_url(env, home),
             journeys=Path(env.get("NURTURE_JOURNEYS", "journeys")),
             templates=Path(env.get("NURTURE_TEMPLATES", "templates")),
+            broadcasts=path("NURTURE_BROADCASTS"),
             config=path("NURTURE_CONFIG"),
             write_keys=_keys(env, "NURTURE_WRITE_KEYS"),
             read_keys=_keys(env, "NURTURE_READ_KEYS"),
