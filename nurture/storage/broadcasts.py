@@ -150,14 +150,19 @@ class Occurrences:
             )
 
     def cancel(self, broadcast: str, occurrence: str) -> bool:
-        """Mark a running occurrence ``cancelled`` (its driver stops at its next lease renewal)."""
+        """Mark a running or done occurrence ``cancelled``: a driver stops at its next lease
+        renewal, and no start of it does anything again."""
         now = utcnow()
         with self.db.session() as session:
             result = session.execute(
                 update(BroadcastOccurrence)
                 .where(self._where(broadcast, occurrence))
-                .where(col(BroadcastOccurrence.status) == "running")
-                .values(status="cancelled", finished_at=now, updated_at=now)
+                .where(col(BroadcastOccurrence.status).in_(("running", "done")))
+                .values(
+                    status="cancelled",
+                    finished_at=func.coalesce(col(BroadcastOccurrence.finished_at), now),
+                    updated_at=now,
+                )
             )
             return bool(getattr(result, "rowcount", 0) == 1)
 
