@@ -16,10 +16,12 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from click.testing import CliRunner, Result
 from support import eventually, messages, new_user, rows
 from temporalio.client import Client
 from test_api import READ_KEY, serving
 
+from nurture.cli.main import main
 from nurture.language.compiler import Project, load_project
 from nurture.service.broadcasts import LEASE, PAGE, Broadcaster, Busy
 from nurture.service.worker import build_worker
@@ -37,6 +39,11 @@ BROADCASTS = {
     ),
     "paced": "audience: fans\nrate: 10/s\nsteps:\n  - send: email\n    template: course_launch\n",
     "slow": "audience: fans\nrate: 4/s\nsteps:\n  - send: email\n    template: course_launch\n",
+    "minutely": "audience: fans\nschedule: {cron: \"* * * * *\"}\nsteps:\n  - send: email\n    template: course_launch\n",
+    "offer": (
+        "audience: fans\ngoal: {event: Order Completed, within: 7d}\nsteps:\n  - send: email\n"
+        "    template: course_launch\n  - wait: 1d\n  - send: email\n    template: course_last_chance\n"
+    ),
     "later": (
         'audience: fans\nschedule: {at: "2030-01-07 09:00", timezone: person}\n'
         "steps:\n  - send: email\n    template: course_launch\n"
@@ -300,3 +307,68 @@ async def test_the_api_starts_reports_and_cancels(broadcast_project: Project, da
         assert cancelled.status_code == 200
         assert (cancelled.json()["status"], cancelled.json()["stopped"]) == ("cancelled", 0), "every run had ended"
     assert Counter(m.user_id for m in sent(database, "broadcast:launch")) == Counter(people)
+
+
+async def test_the_scheduler_starts_each_due_occurrence_once(stack: Stack) -> None:
+    people = audience(stack.db, 4)
+    broadcaster = stack.broadcaster()
+    now = datetime.now(UTC)
+    [spawned] = await broadcaster.start_due(now)
+    key = now.astimezone(ZoneInfo("Asia/Shanghai")).strftime("%Y-%m-%dT%H:%M")
+    assert spawned == f"minutely/{key}", "only the cron broadcast is due; the others have no schedule or wait"
+    assert await broadcaster.start_due(now) == [], "this process drives it already"
+    while broadcaster.drives("minutely", key):
+        await asyncio.sleep(0.1)
+    assert await broadcaster.start_due(now) == [], "done"
+    assert await stack.broadcaster().start_due(now) == [], "done, for another process too"
+    await eventually(lambda: len(sent(stack.db, "broadcast:minutely")) >= 4, timeout=30, what="4 sends")
+    runs = rows(stack.db, RunRecord, journey="broadcast:minutely")
+    assert Counter(r.user_id for r in runs) == Counter(people) and {r.key for r in runs} == {key}
+
+
+def cli(stack: Stack, dev_server: str, *argv: str) -> Result:
+    """``nurture broadcast ...`` on the stack's database, Temporal and queue."""
+    folder = Path(stack.project.broadcasts["launch"].source).parent
+    env = {"DATABASE_URL": stack.db.url, "TEMPORAL_ADDRESS": dev_server, "NURTURE_TASK_QUEUE": stack.queue}
+    options = ["--journeys", str(ROOT / "journeys"), "--templates", str(ROOT / "templates"), "--broadcasts", str(folder)]
+    return CliRunner().invoke(main, ["broadcast", *argv, *options], env=env)
+
+
+async def test_the_commands_start_show_and_cancel(stack: Stack, dev_server: str) -> None:
+    audience(stack.db, 6)
+    missing = await asyncio.to_thread(cli, stack, dev_server, "status", "series")
+    assert missing.exit_code == 1 and "broadcast 'series' has not been started" in missing.output
+    started = await asyncio.to_thread(cli, stack, dev_server, "start", "series")
+    assert started.exit_code == 0, started.output
+    assert "[##############################] 100%  started 6 of 6" in started.output
+    await eventually(runs_of(stack.db, "broadcast:series", 6, "s2"), timeout=30, what="6 runs waiting a day")
+    shown = await asyncio.to_thread(cli, stack, dev_server, "status", "series")
+    assert "series (once): done" in shown.output and "messages: sent 6, sending 0" in shown.output
+    assert "runs: 6 (6 active; ended: none)" in shown.output
+    again = await asyncio.to_thread(cli, stack, dev_server, "start", "series")
+    assert "occurrence once was already done: nothing was started" in again.output
+    cancelled = await asyncio.to_thread(cli, stack, dev_server, "cancel", "series")
+    assert "series (once) is cancelled: 6 run(s) in flight stopped" in cancelled.output
+    unknown = await asyncio.to_thread(cli, stack, dev_server, "start", "serie")
+    assert unknown.exit_code == 1 and "unknown broadcast 'serie' (did you mean 'series'?)" in unknown.output
+
+
+async def test_a_members_goal_event_reaches_their_broadcast_run(
+    broadcast_project: Project, database: Database, temporal_client: Client
+) -> None:
+    buyer, other = audience(database, 2)
+    async with serving(broadcast_project, database, temporal_client) as api:
+        assert (await api.http.post("/v1/broadcasts/offer/start")).status_code == 202
+        await eventually(runs_of(database, "broadcast:offer", 2, "s2"), timeout=30, what="2 runs waiting a day")
+        order = {"userId": buyer, "event": "Order Completed", "properties": {"order_id": "o-1", "total": 49}}
+        answer = (await api.post("/v1/track", order)).json()
+        assert answer["signalled"] == [f"nurture/broadcast:offer/{buyer}/once"]
+
+        def converted() -> list[RunRecord]:
+            found: list[RunRecord] = rows(database, RunRecord, journey="broadcast:offer", user_id=buyer)
+            return found if found and found[0].end_reason == "goal" else []
+
+        [run] = await eventually(converted, timeout=30, what="the buyer's run ending at its goal")
+        assert run.converted_at is not None
+    [still] = rows(database, RunRecord, journey="broadcast:offer", user_id=other)
+    assert still.status == "active"

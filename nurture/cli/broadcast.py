@@ -109,8 +109,8 @@ def start(
                         f"occurrence {occurrence} is not the one due now ({chosen.key}); only that one can be started"
                     )
 
-            def shown(row: BroadcastOccurrence) -> None:
-                click.echo("\r" + progress_line(broadcaster.status(broadcast_id, row.occurrence)), nl=False)
+            def shown(row: BroadcastOccurrence) -> None:  # the row only: no count per page
+                click.echo(f"\r{bar(row.started + row.existing, row.selected)}  started {row.started} of {row.selected}", nl=False)
 
             done = await broadcaster.start(broadcast_id, occurrence=chosen, on_page=shown)
             click.echo("")

@@ -54,9 +54,16 @@ def main() -> None:
 
 @main.command()
 @project_options
-def validate(journeys_dir: Path, templates_dir: Path, config: Path | None) -> None:
-    """Compile every journey and check every template they use."""
-    project = _compile(journeys_dir, templates_dir, config, report_undeclared=True)
+@click.option(
+    "--broadcasts",
+    "broadcasts_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Broadcasts directory [default: broadcasts beside the journeys directory].",
+)
+def validate(journeys_dir: Path, templates_dir: Path, config: Path | None, broadcasts_dir: Path | None) -> None:
+    """Compile every journey and broadcast and check every template they use."""
+    project = _compile(journeys_dir, templates_dir, config, report_undeclared=True, broadcasts_dir=broadcasts_dir)
     from nurture.language import ir
 
     for journey in project.journeys.values():

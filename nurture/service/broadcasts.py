@@ -48,6 +48,7 @@ from nurture.language.broadcasts import (
     occurrence_journey,
 )
 from nurture.language.compiler import Project
+from nurture.language.diagnostics import did_you_mean
 from nurture.storage.broadcasts import (
     Occurrences,
     Progress,
@@ -144,8 +145,6 @@ class Broadcaster:
     def broadcast(self, broadcast_id: str) -> Broadcast:
         found = self.project.broadcasts.get(broadcast_id)
         if found is None:
-            from nurture.language.diagnostics import did_you_mean
-
             known = ", ".join(sorted(self.project.broadcasts)) or "none"
             raise BroadcastError(
                 f"unknown broadcast '{broadcast_id}'{did_you_mean(broadcast_id, self.project.broadcasts)} "
@@ -391,7 +390,8 @@ class _Drive:
                 if not moved:
                     self.stop = self.stop or "lost"
                 if self.on_page is not None:
-                    maybe = self.on_page(self.row)
+                    current = await asyncio.to_thread(self.b.occurrences.get, self.broadcast.id, self.row.occurrence)
+                    maybe = self.on_page(current or self.row)
                     if maybe is not None:
                         await maybe
             if self.stop is None:
