@@ -283,6 +283,8 @@ async def test_a_person_time_occurrence_waits_for_the_moment_in_each_zone(stack:
 async def test_the_api_starts_reports_and_cancels(broadcast_project: Project, database: Database, temporal_client: Client) -> None:
     people = audience(database, 5)
     async with serving(broadcast_project, database, temporal_client) as api:
+        anonymous = await api.http.post("/v1/broadcasts/launch/start", auth=None)  # type: ignore[arg-type]
+        assert anonymous.status_code == 401, "no key and no body: a 401, not a 5xx"
         refused = await api.http.post("/v1/broadcasts/launch/start", auth=(READ_KEY, ""))
         assert refused.status_code == 403
         unknown = await api.http.post("/v1/broadcasts/lunch/start")

@@ -1232,8 +1232,12 @@ async def write_access(
     bearer: Annotated[Bearer, Security(_bearer)],
 ) -> str:
     if basic is None and bearer is None:
-        # Segment's batch format may carry the key in the body (read and checked before this runs).
-        body = await request.json()
+        # Segment's batch format may carry the key in the body (read and checked before this runs);
+        # a call with no body (starting a broadcast) has none.
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
         key = body.get("writeKey") if isinstance(body, dict) else None
         if isinstance(key, str):
             basic = HTTPBasicCredentials(username=key, password="")
