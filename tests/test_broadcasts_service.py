@@ -372,5 +372,8 @@ async def test_a_members_goal_event_reaches_their_broadcast_run(
 
         [run] = await eventually(converted, timeout=30, what="the buyer's run ending at its goal")
         assert run.converted_at is not None
+        report = (await api.get("/v1/journeys/broadcast:offer/report")).json()
+        assert report["journey"] == "broadcast:offer" and report["totals"]["entered"] == 2
+        assert report["totals"]["ended"] == {"goal": 1}
     [still] = rows(database, RunRecord, journey="broadcast:offer", user_id=other)
     assert still.status == "active"

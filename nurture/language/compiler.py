@@ -109,14 +109,16 @@ class Project:
     """``broadcasts/<id>.yaml``, by id (:mod:`nurture.language.broadcasts`)."""
 
     def select(self, ids: list[str] | None) -> list[ir.Journey]:
-        """The named journeys (all when ``ids`` is empty); unknown names raise ``KeyError``."""
+        """The named journeys (all when ``ids`` is empty; a broadcast's by ``broadcast:<id>``);
+        unknown names raise ``KeyError``."""
         if not ids:
             return list(self.journeys.values())
-        missing = [i for i in ids if i not in self.journeys]
+        known = {**self.journeys, **{b.journey.id: b.journey for b in self.broadcasts.values()}}
+        missing = [i for i in ids if i not in known]
         if missing:
-            hint = did_you_mean(missing[0], self.journeys)
+            hint = did_you_mean(missing[0], known)
             raise KeyError(f"unknown journey '{missing[0]}'{hint}")
-        return [self.journeys[i] for i in ids]
+        return [known[i] for i in ids]
 
 
 @dataclass

@@ -1744,10 +1744,11 @@ def report(
     """The journey's report (schema `nurture.report/v1`, described in docs/results.md): the runs
     that entered in [since, until), with everything they did: entries, ends, step reach, messages,
     conversions, the funnel, experiments and the holdout."""
-    journey = service.project.journeys.get(journey_id)
-    if journey is None:
+    try:
+        [journey] = service.project.select([journey_id])
+    except KeyError:
         names = service.project.journeys
-        raise ApiError(404, "not_found", f"no journey {journey_id!r}{did_you_mean(journey_id, names)}")
+        raise ApiError(404, "not_found", f"no journey {journey_id!r}{did_you_mean(journey_id, names)}") from None
     start, end = _bound("since", since, end=False), _bound("until", until, end=True)
     return journey_report(service.db, journey, since=start, until=end, version=version)
 
