@@ -42,6 +42,7 @@ from nurture.engine.interpreter import workflow_id
 from nurture.engine.model import Event
 from nurture.language import ir
 from nurture.language.broadcasts import (
+    CATCH_UP,
     Broadcast,
     Occurrence,
     current_occurrence,
@@ -282,7 +283,7 @@ class Broadcaster:
             if broadcast.schedule is None:
                 continue
             found = current_occurrence(broadcast, now, self.project.settings.timezone)
-            if found is None or found.due is None or found.due > now or now - found.due > _CATCH_UP:
+            if found is None or found.due is None or found.due > now or now - found.due > CATCH_UP:
                 continue
             row = await asyncio.to_thread(self.occurrences.get, broadcast.id, found.key)
             if row is not None and (row.status != "running" or self.occurrences.held(broadcast.id, found.key)):
@@ -291,8 +292,6 @@ class Broadcaster:
                 spawned.append(f"{broadcast.id}/{found.key}")
         return spawned
 
-
-_CATCH_UP = timedelta(days=1)
 
 
 def _log_outcome(task: asyncio.Task[Started]) -> None:
