@@ -22,15 +22,25 @@ from nurture.simulation.scenarios import (
     scenario_files,
 )
 
-from . import console, events, preview, privacy, report, runs, service
+from . import broadcast, console, events, preview, privacy, report, runs, service
 from .options import audiences_dir, project_options
 
 
 def _compile(
-    journeys_dir: Path, templates_dir: Path, config: Path | None, *, report_undeclared: bool = False
+    journeys_dir: Path,
+    templates_dir: Path,
+    config: Path | None,
+    *,
+    report_undeclared: bool = False,
+    broadcasts_dir: Path | None = None,
 ) -> Project:
     result = compile_project(
-        journeys_dir, templates_dir, config, report_undeclared=report_undeclared, audiences_dir=audiences_dir()
+        journeys_dir,
+        templates_dir,
+        config,
+        report_undeclared=report_undeclared,
+        audiences_dir=audiences_dir(),
+        broadcasts_dir=broadcasts_dir,
     )
     if result.diagnostics:
         click.echo(format_all(result.diagnostics), err=True)
@@ -49,9 +59,16 @@ def main() -> None:
 
 @main.command()
 @project_options
-def validate(journeys_dir: Path, templates_dir: Path, config: Path | None) -> None:
-    """Compile every journey and check every template they use."""
-    project = _compile(journeys_dir, templates_dir, config, report_undeclared=True)
+@click.option(
+    "--broadcasts",
+    "broadcasts_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Broadcasts directory [default: broadcasts beside the journeys directory].",
+)
+def validate(journeys_dir: Path, templates_dir: Path, config: Path | None, broadcasts_dir: Path | None) -> None:
+    """Compile every journey and broadcast and check every template they use."""
+    project = _compile(journeys_dir, templates_dir, config, report_undeclared=True, broadcasts_dir=broadcasts_dir)
     from nurture.language import ir
 
     for journey in project.journeys.values():
@@ -65,6 +82,12 @@ def validate(journeys_dir: Path, templates_dir: Path, config: Path | None) -> No
         click.echo(f"ok  {audience.id:<20} version {audience.version}  {audience.name}  ({audience.source})")
     if project.audiences:
         click.echo(f"{len(project.audiences)} audiences valid.")
+    for item in project.broadcasts.values():
+        steps = sum(1 for _ in ir.walk(item.journey.steps))
+        when = "by command" if item.schedule is None else item.schedule.written
+        click.echo(f"ok  {item.journey.id:<20} version {item.journey.version}  {steps} steps  to: {item.audience}  when: {when}  ({item.source})")
+    if project.broadcasts:
+        click.echo(f"{len(project.broadcasts)} broadcasts valid.")
 
 
 @main.command()
@@ -231,6 +254,7 @@ for command in (
     runs.runs,
     runs.migrate,
     console.console,
+    broadcast.broadcast,
 ):
     main.add_command(command)
 

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from . import ir
 from .audiences import ENTERED, EXITED, Activity, Audience, condition_source
+from .broadcasts import Broadcast, ScheduleDoc, compile_broadcasts
 from .diagnostics import CompileError, Diagnostic, DiagnosticSink, describe_value, did_you_mean
 from .document import (
     FORM_TAGS,
@@ -112,16 +113,20 @@ class Project:
     warnings: list[Diagnostic] = field(default_factory=list)
     audiences: dict[str, Audience] = field(default_factory=dict)
     """The compiled audiences (``audiences/<id>.yaml``), by id."""
+    broadcasts: dict[str, Broadcast] = field(default_factory=dict)
+    """``broadcasts/<id>.yaml``, by id (:mod:`nurture.language.broadcasts`)."""
 
     def select(self, ids: list[str] | None) -> list[ir.Journey]:
-        """The named journeys (all when ``ids`` is empty); unknown names raise ``KeyError``."""
+        """The named journeys (all when ``ids`` is empty; a broadcast's by ``broadcast:<id>``);
+        unknown names raise ``KeyError``."""
         if not ids:
             return list(self.journeys.values())
-        missing = [i for i in ids if i not in self.journeys]
+        known = {**self.journeys, **{b.journey.id: b.journey for b in self.broadcasts.values()}}
+        missing = [i for i in ids if i not in known]
         if missing:
-            hint = did_you_mean(missing[0], self.journeys)
+            hint = did_you_mean(missing[0], known)
             raise KeyError(f"unknown journey '{missing[0]}'{hint}")
-        return [self.journeys[i] for i in ids]
+        return [known[i] for i in ids]
 
 
 @dataclass
@@ -143,9 +148,11 @@ def compile_project(
     *,
     report_undeclared: bool = False,
     audiences_dir: Path | None = None,
+    broadcasts_dir: Path | None = None,
 ) -> CompileResult:
-    """Compile every ``*.yaml`` directly in ``journeys_dir`` against ``templates_dir``, and the
-    audiences in ``audiences_dir`` (default: ``audiences/`` beside the journeys; none when absent).
+    """Compile every ``*.yaml`` directly in ``journeys_dir`` against ``templates_dir``, the
+    audiences in ``audiences_dir`` (default: ``audiences/`` beside the journeys; none when absent)
+    and the broadcasts in ``broadcasts_dir`` (default: ``broadcasts/`` beside the journeys).
 
     With ``report_undeclared``, a project that declares no traits (or no events) gets a warning
     listing the ones its journeys and templates read, which declarations would check.
@@ -177,6 +184,15 @@ def compile_project(
         journey = compile_file(path, templates, settings, sink, checked_templates, usage=usage, audiences=known)
         if journey is not None:
             journeys[journey.id] = journey
+    broadcasts = compile_broadcasts(
+        broadcasts_dir if broadcasts_dir is not None else journeys_dir.parent / "broadcasts",
+        templates,
+        settings,
+        sink,
+        checked_templates,
+        usage=usage,
+        audiences=audiences,
+    )
     if report_undeclared:
         where = str(config) if config.exists() else str(journeys_dir)
         for message in usage.warnings(settings.declarations):
@@ -184,16 +200,23 @@ def compile_project(
     # A template shared by journeys is checked for each; the same finding is shown once.
     sink.items = list(dict.fromkeys(sink.items))
     errors = sink.errors
-    project = None if errors else Project(journeys, templates, settings, sink.warnings, audiences)
+    project = None if errors else Project(journeys, templates, settings, sink.warnings, audiences, broadcasts)
     ordered = sorted(sink.items, key=lambda d: (d.path, d.line, d.column))
     return CompileResult(project, ordered, [str(p) for p in files + audience_files])
 
 
 def load_project(
-    journeys_dir: Path, templates_dir: Path, config: Path | None = None, *, audiences_dir: Path | None = None
+    journeys_dir: Path,
+    templates_dir: Path,
+    config: Path | None = None,
+    *,
+    audiences_dir: Path | None = None,
+    broadcasts_dir: Path | None = None,
 ) -> Project:
     """Compile, raising :class:`CompileError` with every diagnostic on any error."""
-    result = compile_project(journeys_dir, templates_dir, config, audiences_dir=audiences_dir)
+    result = compile_project(
+        journeys_dir, templates_dir, config, audiences_dir=audiences_dir, broadcasts_dir=broadcasts_dir
+    )
     if result.project is None:
         raise CompileError(result.errors)
     return result.project
@@ -921,6 +944,7 @@ _MODEL_AT = {
     "wait": RandomWaitDoc,
     "wait_until": DateWaitDoc,
     "re_entry": ReEntryDoc,
+    "schedule": ScheduleDoc,
 }
 _PROJECT_ONLY = frozenset(ProjectDoc.model_fields) - frozenset(JourneyDoc.model_fields)
 """Keys of ``nurture.yaml`` a journey cannot set."""

@@ -74,6 +74,7 @@ from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, Ru
 from nurture.storage.stores import OptOuts, store_versions
 
 from . import privacy
+from .broadcasts import Broadcaster, BroadcastError
 from .ingest import ROUTING_GRACE, TRANSIENT, Ingest, NotRouted, Routed
 from .observability import configure_logging
 from .privacy import ForgetReport, UserExport
@@ -867,6 +868,25 @@ class Service:
         self._ingest = None if client is None else self._router(client)
         self.identities = DbIdentities(db, secret=settings.secret)
         self._lock = asyncio.Lock()
+        self._broadcaster: Broadcaster | None = None
+
+    async def broadcaster(self) -> Broadcaster:
+        """The broadcasts' driver, on the router's Temporal client (one per process, so a second
+        start of an occurrence this process drives is a no-op)."""
+        if self._broadcaster is None or self._broadcaster.client is None:
+            client = (await self.ingest()).client
+            self._broadcaster = Broadcaster(self.project, self.db, client, self.settings.task_queue)
+        return self._broadcaster
+
+    async def run_schedules(self) -> None:
+        """Start scheduled broadcasts as their occurrences fall due (once Temporal is reachable)."""
+        while True:
+            try:
+                broadcaster = await self.broadcaster()
+                break
+            except ApiError:
+                await asyncio.sleep(ROUTING_GRACE)
+        await broadcaster.run_schedules()
 
     def _router(self, client: Client | None) -> Ingest:
         return Ingest(self.project, self.db, client, self.settings.task_queue, secret=self.settings.secret)
@@ -1212,8 +1232,12 @@ async def write_access(
     bearer: Annotated[Bearer, Security(_bearer)],
 ) -> str:
     if basic is None and bearer is None:
-        # Segment's batch format may carry the key in the body (read and checked before this runs).
-        body = await request.json()
+        # Segment's batch format may carry the key in the body (read and checked before this runs);
+        # a call with no body (starting a broadcast) has none.
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
         key = body.get("writeKey") if isinstance(body, dict) else None
         if isinstance(key, str):
             basic = HTTPBasicCredentials(username=key, password="")
@@ -1720,10 +1744,11 @@ def report(
     """The journey's report (schema `nurture.report/v1`, described in docs/results.md): the runs
     that entered in [since, until), with everything they did: entries, ends, step reach, messages,
     conversions, the funnel, experiments and the holdout."""
-    journey = service.project.journeys.get(journey_id)
-    if journey is None:
+    try:
+        [journey] = service.project.select([journey_id])
+    except KeyError:
         names = service.project.journeys
-        raise ApiError(404, "not_found", f"no journey {journey_id!r}{did_you_mean(journey_id, names)}")
+        raise ApiError(404, "not_found", f"no journey {journey_id!r}{did_you_mean(journey_id, names)}") from None
     start, end = _bound("since", since, end=False), _bound("until", until, end=True)
     return journey_report(service.db, journey, since=start, until=end, version=version)
 
@@ -1752,6 +1777,115 @@ def outbox(
         message.user_id = mask_user_id(message.user_id)
         message.address = None if message.address is None else mask_address(message.address)
     return messages
+
+
+class BroadcastStatus(BaseModel):
+    """An occurrence of a broadcast and its progress, counted from runs and messages."""
+
+    broadcast: str
+    occurrence: str = Field(description="`once`, or the wall time the occurrence is scheduled for.")
+    status: Literal["running", "done", "cancelled"]
+    selected: int = Field(description="Members of the audience when the occurrence was first started.")
+    started: int = Field(description="Runs started.")
+    runs: int = Field(description="Runs recorded (a run records itself as it begins).")
+    active: int
+    ended: dict[str, int] = Field(description="Ended runs by end reason (`broadcast_cancelled` after a cancel).")
+    sent: int
+    sending: int
+    skipped: dict[str, int] = Field(description="Messages skipped, by reason (`frequency_cap`, `holdout`, ...).")
+    failed: dict[str, int]
+    deferred: dict[str, int] = Field(description="Sends held back at least once, by latest reason.")
+    driving: bool = Field(description="A process is starting its runs now.")
+    created_at: str | None
+    finished_at: str | None
+    stopped: int | None = Field(None, description="For a cancel: the runs in flight it stopped.")
+
+
+BROADCAST_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: {"model": ErrorBody, "description": "No broadcast with this id, or (status) none started yet."},
+    409: {"model": ErrorBody, "description": "Another process is starting this occurrence now, or none is due."},
+    503: {"model": ErrorBody, "description": "Temporal unreachable."},
+}
+
+
+def _broadcast_status(broadcaster: Broadcaster, broadcast_id: str, occurrence: str | None, **extra: Any) -> BroadcastStatus:
+    try:
+        found = broadcaster.status(broadcast_id, occurrence)
+    except BroadcastError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    return BroadcastStatus.model_validate({**found.to_dict(), **extra})
+
+
+BroadcastId = Annotated[str, Path(description="The broadcast's id (its file name in broadcasts/).")]
+
+
+@v1.post(
+    "/broadcasts/{broadcast_id}/start",
+    status_code=202,
+    response_model=BroadcastStatus,
+    responses=BROADCAST_ERRORS,
+    tags=["broadcasts"],
+    dependencies=WRITE,
+)
+async def start_broadcast(service: ServiceDep, broadcast_id: BroadcastId) -> BroadcastStatus:
+    """Start the broadcast's occurrence due now, in the background: one run per member of its
+    audience, paced. Idempotent: a started occurrence goes on where it stopped, or (done,
+    cancelled) starts nothing. Watch it with `GET /v1/broadcasts/{id}`."""
+    if broadcast_id not in service.project.broadcasts:
+        names = service.project.broadcasts
+        raise ApiError(404, "not_found", f"no broadcast {broadcast_id!r}{did_you_mean(broadcast_id, names)}")
+    broadcaster = await service.broadcaster()
+    try:
+        broadcast = broadcaster.broadcast(broadcast_id)
+        chosen = broadcaster.occurrence(broadcast)
+        row = await asyncio.to_thread(broadcaster.open, broadcast, chosen)
+    except BroadcastError as exc:
+        raise ApiError(409, "not_due", str(exc)) from None
+    if row.status == "running" and not broadcaster.drives(broadcast_id, row.occurrence):
+        if await asyncio.to_thread(broadcaster.occurrences.held, broadcast_id, row.occurrence):
+            raise ApiError(409, "busy", f"broadcast '{broadcast_id}' ({row.occurrence}) is being started by another process")
+        broadcaster.spawn(broadcast_id, chosen)
+    return _broadcast_status(broadcaster, broadcast_id, chosen.key)
+
+
+@v1.post(
+    "/broadcasts/{broadcast_id}/cancel",
+    response_model=BroadcastStatus,
+    responses=BROADCAST_ERRORS,
+    tags=["broadcasts"],
+    dependencies=WRITE,
+)
+async def cancel_broadcast(
+    service: ServiceDep,
+    broadcast_id: BroadcastId,
+    occurrence: Annotated[str | None, Query(description="Which occurrence [default: the latest started].")] = None,
+) -> BroadcastStatus:
+    """Cancel the occurrence: no more runs start, and its runs in flight end with reason
+    `broadcast_cancelled` (messages already sent stay sent). Answers once they were told."""
+    broadcaster = await service.broadcaster()
+    try:
+        row, stopped = await broadcaster.cancel(broadcast_id, occurrence)
+    except BroadcastError as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    return _broadcast_status(broadcaster, broadcast_id, row.occurrence, stopped=stopped)
+
+
+@v1.get(
+    "/broadcasts/{broadcast_id}",
+    response_model=BroadcastStatus,
+    responses=BROADCAST_ERRORS,
+    tags=["broadcasts"],
+    dependencies=READ,
+)
+def broadcast_status(
+    service: ServiceDep,
+    broadcast_id: BroadcastId,
+    occurrence: Annotated[str | None, Query(description="Which occurrence [default: the latest started].")] = None,
+) -> BroadcastStatus:
+    """An occurrence's progress: selected, started, runs by state and end reason, messages sent,
+    skipped and failed by reason, and sends held back (quiet hours, caps, rates)."""
+    return _broadcast_status(Broadcaster(service.project, service.db, None, service.settings.task_queue), broadcast_id, occurrence)
 
 
 meta = APIRouter()
@@ -2067,7 +2201,13 @@ def create_app(
     first call that needs it when Temporal is not up yet.
     """
     if project is None:
-        project = load_project(settings.journeys, settings.templates, settings.config, audiences_dir=settings.audiences)
+        project = load_project(
+            settings.journeys,
+            settings.templates,
+            settings.config,
+            audiences_dir=settings.audiences,
+            broadcasts_dir=settings.broadcasts,
+        )
     owns_db = db is None
     if db is None:
         db = Database(settings.database)
@@ -2083,8 +2223,12 @@ def create_app(
             except ApiError:
                 log.warning("starting without Temporal; calls will connect when it is reachable")
         left_over = asyncio.create_task(service.route_left_over(datetime.now(UTC)))
+        scheduled = any(b.schedule is not None for b in project.broadcasts.values())
+        schedules = asyncio.create_task(service.run_schedules()) if scheduled else None
         yield
         left_over.cancel()
+        if schedules is not None:
+            schedules.cancel()
         if owns_db:
             service.db.dispose()
 

@@ -147,8 +147,13 @@ class Ingest:
         self.identities = DbIdentities(db, secret=secret)
         self.recorder = DbRecorder(db)
         self._goals: dict[str, list[str]] = {}
-        """Journeys by goal event name: which ended runs an event may still convert."""
-        for journey in project.journeys.values():
+        """Journeys (and broadcasts) by goal event name: which ended runs an event may still convert."""
+        self._converting = {
+            **{j.id: j for j in project.journeys.values()},
+            **{b.journey.id: b.journey for b in project.broadcasts.values()},
+        }
+        """The journeys whose ended runs a goal event may convert, broadcasts' included."""
+        for journey in self._converting.values():
             if journey.goal is not None and journey.goal.within is not None:
                 self._goals.setdefault(journey.goal.event, []).append(journey.id)
         self._payloads = {j.id: journey_to_dict(j) for j in project.journeys.values()}
@@ -156,6 +161,7 @@ class Ingest:
         self._routable = frozenset(
             {j.trigger.event for j in project.journeys.values()}
             | {name for listens in self._listens.values() for name in listens}
+            | {name for b in project.broadcasts.values() for name in b.journey.listens_for()}
             | set(self._goals)
             | listened_events(db)
         )
@@ -458,7 +464,7 @@ class Ingest:
             self.recorder.ended_runs_converting, user_id, self._goals[event.name], event.timestamp
         )
         for run in ended:
-            effect = late_conversion(self.project.journeys[run.journey], run, event, traits)
+            effect = late_conversion(self._converting[run.journey], run, event, traits)
             if effect is None:
                 continue
             if await asyncio.to_thread(self.recorder.convert, run.run_id, event.timestamp, effect.value):

@@ -57,6 +57,8 @@ class Settings:
     """``NURTURE_TEMPLATES``: directory of templates."""
     audiences: Path | None = None
     """``NURTURE_AUDIENCES``: directory of audience files (default: ``audiences`` beside the journeys)."""
+    broadcasts: Path | None = None
+    """``NURTURE_BROADCASTS``: directory of broadcast files (default: ``broadcasts`` beside the journeys)."""
     config: Path | None = None
     """``NURTURE_CONFIG``: the project file (default: ``nurture.yaml`` beside the journeys directory)."""
     write_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -114,6 +116,7 @@ class Settings:
             journeys=Path(env.get("NURTURE_JOURNEYS", "journeys")),
             templates=Path(env.get("NURTURE_TEMPLATES", "templates")),
             audiences=path("NURTURE_AUDIENCES"),
+            broadcasts=path("NURTURE_BROADCASTS"),
             config=path("NURTURE_CONFIG"),
             write_keys=_keys(env, "NURTURE_WRITE_KEYS"),
             read_keys=_keys(env, "NURTURE_READ_KEYS"),

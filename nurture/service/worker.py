@@ -89,7 +89,13 @@ class WorkerOptions:
 
 def compile_journeys(settings: Settings) -> Project:
     """The project, or :class:`CompileError` carrying every diagnostic (``file:line:col: ...``)."""
-    result = compile_project(settings.journeys, settings.templates, settings.config, audiences_dir=settings.audiences)
+    result = compile_project(
+        settings.journeys,
+        settings.templates,
+        settings.config,
+        audiences_dir=settings.audiences,
+        broadcasts_dir=settings.broadcasts,
+    )
     if result.project is None:
         raise CompileError(result.errors)
     for warning in result.project.warnings:

@@ -146,6 +146,8 @@ class RunRecord(SQLModel, table=True):
         Index("ix_runs_journey_entered_at", "journey", "entered_at"),
         # `nurture runs --counts` and the runs a migration moves: one version's active runs.
         Index("ix_runs_journey_version_status", "journey", "version", "status"),
+        # A broadcast's progress: the runs of one occurrence (the occurrence is the run key).
+        Index("ix_runs_journey_key", "journey", "key"),
     )
 
     run_id: str = Field(primary_key=True, max_length=255)
@@ -396,3 +398,38 @@ class AudienceState(SQLModel, table=True):
     tallies: list[list[str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     """Per clause, ISO 8601 UTC times, oldest first."""
     changes_at: datetime | None = _when(nullable=True, index=True)
+
+
+class BroadcastOccurrence(SQLModel, table=True):
+    """One occurrence of a broadcast (``broadcasts/<id>.yaml``): what was started, how far the
+    audience has been streamed, and which process drives it now.
+
+    The row is the occurrence's idempotency: starting it again finds it and goes on from
+    ``cursor`` (or does nothing once it is ``done`` or ``cancelled``), and the lease lets one
+    process at a time start its runs.
+    """
+
+    __tablename__ = "broadcast_occurrences"
+
+    broadcast: str = Field(primary_key=True, max_length=128)
+    occurrence: str = Field(primary_key=True, max_length=64)
+    """``once`` for a broadcast without a schedule, else the wall time it is scheduled for."""
+    audience: str = Field(max_length=128)
+    version: str = Field(max_length=32)
+    journey: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    """The occurrence's intermediate form: a restart after a redeploy starts the same version."""
+    status: str = Field(default="running", max_length=16)
+    """``running``, ``done`` (every member was started) or ``cancelled``."""
+    selected: int = 0
+    """Members of the audience when the occurrence was first started."""
+    started: int = 0
+    """Runs this occurrence started."""
+    existing: int = 0
+    """Members whose run was already started (a restart going over the page it died in)."""
+    cursor: str | None = Field(default=None, max_length=PERSON_ID)
+    """The last member of the last page whose runs were all started (keyset paging on person)."""
+    lease_owner: str | None = Field(default=None, max_length=128)
+    lease_until: datetime | None = _when(nullable=True)
+    created_at: datetime = _when(nullable=False, default=utcnow)
+    updated_at: datetime = _when(nullable=False, default=utcnow)
+    finished_at: datetime | None = _when(nullable=True)
