@@ -23,7 +23,7 @@ from nurture.language.broadcasts import (
     occurrence_journey,
     parse_cron,
 )
-from nurture.language.compiler import Settings, compile_project
+from nurture.language.compiler import CompileResult, Settings, compile_project
 from nurture.language.diagnostics import Diagnostic, DiagnosticSink
 from nurture.language.templates import TemplateStore
 
@@ -208,14 +208,32 @@ def test_audiences_are_checked_only_against_known_ones(templates: TemplateStore)
 
 
 def test_a_project_compiles_its_broadcasts_directory(tmp_path: Path) -> None:
-    (tmp_path / "launch.yaml").write_text(
+    broadcasts, audiences = tmp_path / "broadcasts", tmp_path / "audiences"
+    broadcasts.mkdir()
+    audiences.mkdir()
+    (broadcasts / "launch.yaml").write_text(
         "audience: python_fans\nsteps:\n  - send: email\n    template: course_launch\n", encoding="utf-8"
     )
-    (tmp_path / "broken.yaml").write_text("audience: python_fans\nsteps: []\n", encoding="utf-8")
-    result = compile_project(ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml", broadcasts_dir=tmp_path)
+    (broadcasts / "broken.yaml").write_text("audience: python_fans\nsteps: []\n", encoding="utf-8")
+
+    def compile_it() -> CompileResult:
+        return compile_project(
+            ROOT / "journeys",
+            ROOT / "templates",
+            ROOT / "nurture.yaml",
+            audiences_dir=audiences,
+            broadcasts_dir=broadcasts,
+        )
+
+    # The project's audience files are what a broadcast may name.
+    result = compile_it()
+    found = [(Path(e.path).name, e.line, "unknown audience 'python_fans'" in e.message) for e in result.errors]
+    assert found == [("broken.yaml", 1, True), ("broken.yaml", 2, False), ("launch.yaml", 1, True)]
+    (audiences / "python_fans.yaml").write_text("where: user.vip\n", encoding="utf-8")
+    result = compile_it()
     [error] = result.errors
     assert (Path(error.path).name, error.line, error.message) == ("broken.yaml", 2, "must not be empty")
-    (tmp_path / "broken.yaml").unlink()
-    result = compile_project(ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml", broadcasts_dir=tmp_path)
+    (broadcasts / "broken.yaml").unlink()
+    result = compile_it()
     assert result.project is not None and list(result.project.broadcasts) == ["launch"]
     assert result.project.broadcasts["launch"].journey.id == "broadcast:launch"

@@ -62,7 +62,12 @@ def broadcast_project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     folder = tmp_path_factory.mktemp("broadcasts")
     for name, text in BROADCASTS.items():
         (folder / f"{name}.yaml").write_text(text, encoding="utf-8")
-    return load_project(ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml", broadcasts_dir=folder)
+    audiences = tmp_path_factory.mktemp("audiences")
+    # Members are written straight into audience_members by the tests; the file only has to exist.
+    (audiences / "fans.yaml").write_text("name: Fans\n", encoding="utf-8")
+    return load_project(
+        ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml", audiences_dir=audiences, broadcasts_dir=folder
+    )
 
 
 @pytest.fixture(scope="module")
