@@ -337,7 +337,9 @@ def cli(stack: Stack, dev_server: str, *argv: str) -> Result:
     """``nurture broadcast ...`` on the stack's database, Temporal and queue."""
     folder = Path(stack.project.broadcasts["launch"].source).parent
     env = {"DATABASE_URL": stack.db.url, "TEMPORAL_ADDRESS": dev_server, "NURTURE_TASK_QUEUE": stack.queue}
-    options = ["--journeys", str(ROOT / "journeys"), "--templates", str(ROOT / "templates"), "--broadcasts", str(folder)]
+    audiences = Path(stack.project.audiences["fans"].source).parent
+    options = ["--journeys", str(ROOT / "journeys"), "--templates", str(ROOT / "templates")]
+    options += ["--broadcasts", str(folder), "--audiences", str(audiences)]
     return CliRunner().invoke(main, ["broadcast", *argv, *options], env=env)
 
 
