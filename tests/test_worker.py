@@ -7,6 +7,7 @@ it through the service's own router (:class:`nurture.service.ingest.Ingest`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -189,6 +190,11 @@ def test_a_configured_provider_without_its_secrets_stops_the_worker(tmp_path: Pa
         ("NURTURE_SHUTDOWN_TIMEOUT", "soon", "NURTURE_SHUTDOWN_TIMEOUT must be a number of seconds"),
         ("NURTURE_SHUTDOWN_TIMEOUT", "-1", "NURTURE_SHUTDOWN_TIMEOUT must not be negative"),
         ("NURTURE_TEMPORAL_METRICS_PORT", "x", "NURTURE_TEMPORAL_METRICS_PORT must be a port number"),
+        ("NURTURE_MAX_CACHED_WORKFLOWS", "many", "NURTURE_MAX_CACHED_WORKFLOWS must be a whole number"),
+        ("NURTURE_MAX_CACHED_WORKFLOWS", "-5", "NURTURE_MAX_CACHED_WORKFLOWS must be a whole number"),
+        ("NURTURE_GC_FREEZE", "maybe", "NURTURE_GC_FREEZE must be 1 or 0"),
+        ("NURTURE_GC_THRESHOLD", "700,10", "NURTURE_GC_THRESHOLD must be three whole numbers"),
+        ("NURTURE_GC_THRESHOLD", "700,ten,10", "NURTURE_GC_THRESHOLD must be three whole numbers"),
     ],
 )
 def test_bad_worker_options_name_the_variable(variable: str, value: str, message: str) -> None:
@@ -211,6 +217,38 @@ def test_worker_options_defaults() -> None:
     assert (
         worker.WorkerOptions.from_env(Settings(), {"NURTURE_SHUTDOWN_TIMEOUT": "2.5"}).shutdown_timeout == 2.5
     )
+
+
+def test_worker_cache_and_gc_settings() -> None:
+    """A bounded workflow cache and a frozen collector by default (docs/operations.md); each can be set."""
+    default = worker.WorkerOptions.from_env(Settings(), {})
+    assert (default.max_cached_workflows, default.gc_freeze, default.gc_threshold) == (100, True, None)
+    tuned = worker.WorkerOptions.from_env(
+        Settings(),
+        {"NURTURE_MAX_CACHED_WORKFLOWS": "250", "NURTURE_GC_FREEZE": "0", "NURTURE_GC_THRESHOLD": "5000, 20, 40"},
+    )
+    assert (tuned.max_cached_workflows, tuned.gc_freeze, tuned.gc_threshold) == (250, False, (5000, 20, 40))
+
+
+async def test_the_worker_is_built_with_the_cache_size(dev_server: str, tmp_path: Path) -> None:
+    project = load_project(ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml")
+    db = Database(f"sqlite:///{tmp_path / 'nurture.db'}")
+    db.migrate()
+    client = await Client.connect(dev_server)
+    built = worker.build_worker(client, project, db, "q", max_cached_workflows=7)
+    assert built.config()["max_cached_workflows"] == 7
+    db.dispose()
+
+
+def test_gc_policy_sets_thresholds_and_freezes() -> None:
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    try:
+        worker.apply_gc_policy(worker.WorkerOptions(gc_threshold=(5000, 20, 40), gc_freeze=True))
+        assert gc.get_threshold() == (5000, 20, 40)
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 # Masked JSON logs (unit) ---------------------------------------------------------------------
