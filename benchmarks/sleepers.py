@@ -19,6 +19,9 @@ database (SQLite, or a fresh PostgreSQL database). For each kind, the hand-writt
 4. **wake**: every run of the kind is due at the same instant; the time from it until the last
    message is in the outbox, then a check that every run sent exactly one message.
 
+Through all four, the worker writes each full garbage collection's pause to a file (``_stack.py``,
+``NURTURE_BENCH_GC_LOG``); they are counted per phase.
+
 The instant is worked out from a warm-up of 200 runs of each kind (their start and settle time
 per run, times 1.5, plus 30 s of sleep). Prints a table per phase, the worker's RSS as the runs
 started (to show it flat in the number of sleeping runs, bounded by the workflow cache), the CPU
@@ -39,7 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from _stack import ROOT, Stack, bounded, busy_seconds, cpu_seconds, database, machine
+from _stack import GC_LOG, ROOT, Stack, bounded, busy_seconds, cpu_seconds, database, machine
 from handwritten import WORKFLOW_NAME as HANDWRITTEN
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -86,6 +89,7 @@ def rss_bytes(pid: int) -> int:
 @dataclass
 class Sample:
     at: float
+    wall: float
     phase: str
     started: int
     worker_rss: int
@@ -109,6 +113,7 @@ class Meter:
     def sample(self) -> Sample:
         s = Sample(
             time.perf_counter(),
+            time.time(),
             self.phase,
             self.started,
             rss_bytes(self.worker),
@@ -148,6 +153,8 @@ class Phase:
     """The worker's RSS at the end of each phase, and the highest seen."""
     by_started: list[tuple[int, int]] = field(default_factory=list)
     """(runs started, worker RSS) through the start and settle phases."""
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Each phase's beginning and end, POSIX seconds."""
 
 
 class Bench:
@@ -241,6 +248,7 @@ class Bench:
                 "wall": now.at - previous.at,
             }
             result.rss[name] = now.worker_rss
+            result.bounds[name] = (previous.wall, now.wall)
             previous = now
         mine = [s for s in self.meter.samples if s.phase.startswith(f"{kind}:")]
         result.rss["max"] = max(s.worker_rss for s in mine)
@@ -277,6 +285,25 @@ def people(kind: str, count: int) -> list[str]:
 
 def mib(value: int) -> str:
     return f"{value / 2**20:.0f}"
+
+
+def collections(path: Path) -> list[tuple[float, float]]:
+    """The worker's full garbage collections: (when, pause ms)."""
+    if not path.exists():
+        return []
+    return [(float(a), float(b)) for a, b in (line.split() for line in path.read_text().splitlines() if line)]
+
+
+def report_collections(phases: list[Phase], pauses: list[tuple[float, float]]) -> None:
+    print()
+    print(f"{'full GC pauses':<20}{'phase':<8}{'count':>7}{'p50 ms':>9}{'max ms':>9}{'total ms':>10}")
+    for p in phases:
+        for name, (begin, end) in p.bounds.items():
+            mine = sorted(ms for at, ms in pauses if begin <= at < end)
+            if mine:
+                print(f"{p.kind:<20}{name:<8}{len(mine):>7}{mine[len(mine) // 2]:>9.1f}{mine[-1]:>9.1f}{sum(mine):>10.1f}")
+            else:
+                print(f"{p.kind:<20}{name:<8}{0:>7}{'-':>9}{'-':>9}{0:>10.1f}")
 
 
 def report(phases: list[Phase], warm: dict[str, float]) -> None:
@@ -370,6 +397,7 @@ async def main() -> None:
                 seed(db, warm_up + measured)
             print(f"seeded {2 * (args.runs + WARM_UP)} profiles in {time.perf_counter() - began:.0f} s", flush=True)
             os.environ.update(extra)  # the worker's environment is this process's (Stack.env)
+            os.environ[GC_LOG] = str(home / "gc.log")
             with stack.worker(handwritten=True) as worker:
                 client = await Client.connect(temporal.address)
                 meter = Meter(worker.process.pid, temporal.process.pid, args.sample)
@@ -381,7 +409,9 @@ async def main() -> None:
                     sampler.cancel()
             db.dispose()
             print(f"load after: {load()}")
+            pauses = collections(home / "gc.log")
     report(phases, warm)
+    report_collections(phases, pauses)
 
 
 async def run(

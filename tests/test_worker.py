@@ -472,3 +472,35 @@ async def test_worker_process_counts_masks_and_stops_on_sigterm(dev_server: str,
     assert user_id not in raw and EMAIL not in raw and PHONE not in raw
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
+
+
+# The start record riding on a run's first recording activity (start_rides) ------------------
+
+
+async def test_a_start_record_riding_on_the_first_wait_writes_the_run_before_its_step(tmp_path: Path) -> None:
+    """A run whose first step is a wait: its row is inserted, then updated with where it waits,
+    in one activity; the recorder gets the step record without the start in it."""
+    from temporalio.testing import ActivityEnvironment
+
+    from nurture.delivery.deliverer import Deliverer, MemoryProfiles, for_every_channel
+    from nurture.storage.models import RunRecord
+    from nurture.storage.stores import DbOutbox, DbRecorder
+    from workflows.activities import JourneyActivities
+
+    db = Database(f"sqlite:///{tmp_path / 'nurture.db'}")
+    db.migrate()
+    project = load_project(ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml")
+    activities = JourneyActivities(
+        Deliverer(project.templates, for_every_channel(DbOutbox())), MemoryProfiles(), DbRecorder(db)
+    )
+    start = {
+        "run_id": "r-1", "workflow_id": "w-1", "journey": "welcome_series", "version": "v1", "user_id": "u-1",
+        "key": "", "trigger_message_id": "m-1", "at": "2026-03-02T04:00:00Z", "holdout": False,
+    }
+    steps: dict[str, object] = {"run_id": "r-1", "journey": "welcome_series", "version": "v1", "reached": [], "waiting": "day_two", "deferred": None}
+    await ActivityEnvironment().run(activities.record_steps, {**steps, "start": start})
+    await ActivityEnvironment().run(activities.record_steps, steps)  # a later wait carries no start
+    with db.session() as session:
+        run = session.get(RunRecord, "r-1")
+        assert run is not None and (run.user_id, run.step, run.status) == ("u-1", "day_two", "active")
+    db.dispose()
