@@ -16,14 +16,15 @@ database (SQLite, or a fresh PostgreSQL database). For each kind, the hand-writt
    ``JourneyRun`` with signal-with-start and its ``trigger`` signal, as the event API starts it;
 2. **settle**: until the worker is idle (every run has taken its first workflow task and sleeps);
 3. **sleep**: the worker's resident memory (RSS) and CPU, sampled every ``--sample`` seconds;
-4. **wake**: every run of the kind is due at the same instant; the time from it until the last
-   message is in the outbox, then a check that every run sent exactly one message.
+4. **wake**: every run of the kind is due in the same minute (evenly over 60 s from one instant);
+   the time from that instant until the last message is in the outbox, then a check that every
+   run sent exactly one message.
 
 Through all four, the worker writes each full garbage collection's pause to a file (``_stack.py``,
 ``NURTURE_BENCH_GC_LOG``); they are counted per phase.
 
 The instant is worked out from a warm-up of 200 runs of each kind (their start and settle time
-per run, times 1.5, plus 30 s of sleep). Prints a table per phase, the worker's RSS as the runs
+per run, times 1.3, plus 30 s of sleep). Each phase's figures are printed as it ends. Prints a table per phase, the worker's RSS as the runs
 started (to show it flat in the number of sleeping runs, bounded by the workflow cache), the CPU
 per run, and the ratios against the goals (wake-up within 1.10x of the hand-written workflow).
 ``--worker-env`` passes settings to the worker (``NURTURE_MAX_CACHED_WORKFLOWS=1000``, ...).
@@ -60,6 +61,8 @@ from workflows.journey import RECORD_STEPS, START_RIDES
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WAKE_GOAL = 1.10
+SPREAD = 60.0
+"""Runs are due evenly over this many seconds from the wake-up instant: all in the same minute."""
 WARM_UP = 200
 TEMPLATE = "course_access"
 JOURNEY = """journey: bench_sleepers
@@ -167,6 +170,7 @@ class Bench:
         self.concurrency = concurrency
 
     async def start(self, kind: str, user: str, due: datetime) -> None:
+        """Start ``user``'s run of ``kind``, due at ``due``."""
         key = f"order-{user}"
         if kind == HANDWRITTEN:
             params: dict[str, Any] = {
@@ -207,7 +211,7 @@ class Bench:
         self.meter.phase, self.meter.started = f"{kind}:start", 0
 
         async def one(index: int) -> bool:
-            await self.start(kind, users[index], due)
+            await self.start(kind, users[index], due + timedelta(seconds=SPREAD * index / len(users)))
             self.meter.started += 1
             return True
 
@@ -222,6 +226,12 @@ class Bench:
             await asyncio.sleep(0.5)
         result.settle_s = time.perf_counter() - began
         marks["settle"] = self.meter.sample()
+        print(
+            f"{kind}: {len(users)} started in {result.start_s:.1f} s, all asleep after {result.settle_s:.1f} s; "
+            f"worker RSS {mib(marks['begin'].worker_rss)} -> {mib(marks['settle'].worker_rss)} MiB, CPU "
+            f"{(marks['settle'].worker_cpu - marks['begin'].worker_cpu) * 1000 / len(users):.2f} ms per run",
+            flush=True,
+        )
         self.meter.phase = f"{kind}:sleep"
         await asyncio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()))
         marks["sleep"] = self.meter.sample()
@@ -237,6 +247,7 @@ class Bench:
             raise SystemExit(f"{kind}: {count} messages for {distinct} of {len(users)} runs: lost or duplicated")
         result.wake_s = (last - due).total_seconds()
         self.meter.phase = "idle"
+        print(f"{kind}: {len(users)} messages, the last {result.wake_s:.1f} s after the first run was due", flush=True)
         previous = marks["begin"]
         for name in ("start", "settle", "sleep", "wake"):
             now = marks[name]
@@ -315,7 +326,7 @@ def report(phases: list[Phase], warm: dict[str, float]) -> None:
             f"{p.wake_s:>9.1f}{p.runs / p.wake_s:>9.1f}"
         )
     print("(start: the client's starts; settled: until the worker is idle, every run sleeping; wake: from the")
-    print(" instant every run is due until the last message is in the outbox)")
+    print(f" first instant a run is due (they are due over {SPREAD:.0f} s) until the last message is in the outbox)")
     print()
     print(f"{'CPU ms per run':<20}{'phase':<8}{'worker':>9}{'temporal':>10}{'other':>8}{'wall s':>8}")
     for p in phases:
@@ -422,10 +433,9 @@ async def run(
         done = await bench.phase(kind, warm_up, None, 20.0 + WARM_UP * 0.1, db)
         warm[kind] = done.settle_s / WARM_UP
         print(f"warm-up {kind}: settled in {done.settle_s:.1f} s, woken in {done.wake_s:.1f} s", flush=True)
-    per_run = max(warm.values())
     phases = []
     for kind, (_, measured) in users.items():
-        lead = runs * per_run * 1.2 + 20.0
+        lead = runs * warm[kind] * 1.3 + 30.0
         print(f"{kind}: {runs} runs due in {lead:.0f} s ({datetime.now(UTC):%H:%M:%S})", flush=True)
         due = datetime.now(UTC) + timedelta(seconds=lead)
         phases.append(await bench.phase(kind, measured, due, lead, db))
