@@ -14,7 +14,9 @@ database (SQLite, or a fresh PostgreSQL database). For each kind, the hand-writt
 1. **start**: ``--runs`` runs, ``--concurrency`` starts in flight: the hand-written workflow with
    a plain ``start_workflow`` (the floor: what any Temporal application pays to start a run),
    ``JourneyRun`` with signal-with-start and its ``trigger`` signal, as the event API starts it;
-2. **settle**: until the worker is idle (every run has taken its first workflow task and sleeps);
+2. **settle**: until every run has taken its first workflow task and sleeps (JourneyRun: its
+   ``runs`` row says it waits; the hand-written workflow writes nothing, so: until the worker and
+   the dev server have both been idle for 3 s);
 3. **sleep**: the worker's resident memory (RSS) and CPU, sampled every ``--sample`` seconds;
 4. **wake**: every run of the kind is due in the same minute (evenly over 60 s from one instant);
    the time from that instant until the last message is in the outbox, then a check that every
@@ -56,7 +58,7 @@ from nurture.language.compiler import load_project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.service.devserver import dev_server
 from nurture.storage.db import Database
-from nurture.storage.models import MessageRecord, ProfileRecord
+from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
 from workflows.journey import RECORD_STEPS, START_RIDES
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
@@ -133,12 +135,16 @@ class Meter:
             self.sample()
             await asyncio.sleep(self.every)
 
-    def worker_rate(self, seconds: float) -> float:
-        """Cores the worker used over the last ``seconds`` (at least two samples apart)."""
+    def idle(self, seconds: float) -> bool:
+        """Whether the worker and the dev server both used under 3% of a core over the last
+        ``seconds`` (a worker starved by a busy server is not idle: the server is not either)."""
         recent = [s for s in self.samples if s.at >= self.samples[-1].at - seconds]
         if len(recent) < 2 or recent[-1].at - recent[0].at < seconds * 0.5:
-            return 1.0
-        return (recent[-1].worker_cpu - recent[0].worker_cpu) / (recent[-1].at - recent[0].at)
+            return False
+        span = recent[-1].at - recent[0].at
+        worker = (recent[-1].worker_cpu - recent[0].worker_cpu) / span
+        temporal = (recent[-1].temporal_cpu - recent[0].temporal_cpu) / span
+        return worker < 0.03 and temporal < 0.03
 
 
 @dataclass
@@ -203,6 +209,21 @@ class Bench:
             start_signal_args=[{"event": event, "journey": self.payload}],
         )
 
+    def asleep(self, kind: str, users: list[str], db: Database) -> bool:
+        """Every run has taken its first workflow task: JourneyRun's record where it waits (its
+        ``runs`` row at ``until_due``), which the hand-written workflow does not write, so for it
+        the worker and the dev server both idle."""
+        if kind == HANDWRITTEN:
+            return self.meter.idle(3.0)
+        with db.session() as session:
+            query = (
+                select(func.count())
+                .select_from(RunRecord)
+                .where(col(RunRecord.user_id).like(users[0].rsplit("-", 1)[0] + "-%"))
+                .where(col(RunRecord.step) == "until_due")
+            )
+            return int(session.exec(query).one()) == len(users)
+
     async def phase(self, kind: str, users: list[str], due: datetime | None, lead: float, db: Database) -> Phase:
         """Start, settle, sleep and wake ``users``' runs; ``due`` None: ``lead`` seconds after the start."""
         result = Phase(kind, len(users))
@@ -220,7 +241,7 @@ class Bench:
         result.start_s = time.perf_counter() - began
         marks["start"] = self.meter.sample()
         self.meter.phase = f"{kind}:settle"
-        while self.meter.worker_rate(3.0) > 0.03:
+        while not self.asleep(kind, users, db):
             if datetime.now(UTC) >= due:
                 raise SystemExit(f"{kind}: the runs were still being started when they became due; raise the lead")
             await asyncio.sleep(0.5)
