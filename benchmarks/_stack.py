@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import platform
 import subprocess
@@ -35,6 +36,8 @@ from nurture.storage.models import ProfileRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_QUEUE = "nurture-bench"
+GC_LOG = "NURTURE_BENCH_GC_LOG"
+"""Set for ``worker-handwritten``: the file its full garbage collections are written to."""
 WRITE_KEY = "bench-write-key"
 
 T = TypeVar("T")
@@ -276,9 +279,28 @@ def _serve_handwritten() -> None:
     # build_worker takes no extra workflows; the Worker it builds gets one more, so both workflows
     # share one worker (its activities, recorder, interceptors, slots) exactly as configured there.
     worker.Worker = with_handwritten  # type: ignore[assignment,attr-defined]
+    if os.environ.get(GC_LOG):
+        _log_full_collections(Path(os.environ[GC_LOG]))
     configure_logging()
     settings = Settings.from_env()
     asyncio.run(worker.run(settings))
+
+
+def _log_full_collections(path: Path) -> None:
+    """Append each full garbage collection to ``path``: when it ended (POSIX seconds) and how long
+    it paused the process (ms). ``benchmarks/sleepers.py`` reads it."""
+    log = path.open("a", buffering=1)
+    began = [0.0]
+
+    def on_collection(phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            log.write(f"{time.time():.3f} {(time.perf_counter() - began[0]) * 1000:.2f}\n")
+
+    gc.callbacks.append(on_collection)
 
 
 def _serve_unrecorded() -> None:

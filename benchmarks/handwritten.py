@@ -8,7 +8,7 @@ run records, no signal inbox.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -28,12 +28,17 @@ SEND_RETRY = RetryPolicy(
 class HandwrittenJourney:
     """Input (JSON): ``journey`` (a name for the records), ``user_id``, ``key``, ``event`` (as
     templates see it), ``wait_seconds``, and ``sends``: ``{step_id, channel, template}`` each,
-    with a wait between two sends."""
+    with a wait between two sends; optionally ``until``, an ISO-8601 instant slept until before
+    the first send (``benchmarks/sleepers.py``: a ``wait_until`` written by hand)."""
 
     @workflow.run
     async def run(self, params: dict[str, Any]) -> dict[str, Any]:
         run_id = workflow.info().run_id
         journey = {"id": params["journey"], "key": params["key"], "entered_at": workflow.now().isoformat()}
+        if params.get("until"):
+            remaining = (datetime.fromisoformat(params["until"]) - workflow.now()).total_seconds()
+            if remaining > 0:
+                await workflow.sleep(remaining)
         for index, send in enumerate(params["sends"]):
             if index:
                 await workflow.sleep(params["wait_seconds"])

@@ -3,7 +3,7 @@ or, with ``--compare recording``, the worker's cost of recording the steps runs 
 
     python benchmarks/overhead.py [--runs 100] [--sends 3] [--wait 2s] [--rounds 2]
                                   [--start service|plain] [--database-url postgresql://...]
-                                  [--compare handwritten|recording|writes]
+                                  [--compare handwritten|recording|writes] [--record-start rides|local]
 
 One journey, "send, wait, send, wait, send" (``--sends`` transactional SMS, ``--wait`` apart),
 compiled from YAML and run by ``JourneyRun``, against ``benchmarks/handwritten.py`` doing the
@@ -12,7 +12,9 @@ same sends through the same ``nurture.send`` activity and the same waits with
 worker subprocess serving both workflows on SQLite (or a fresh PostgreSQL database). Each round
 starts ``--runs`` of one kind at once and waits for all to complete, then the other kind (the
 order alternates by round). ``--start service`` starts JourneyRun the way the event API does
-(signal-with-start with the ``trigger`` signal); ``plain`` uses a plain start. Prints wall times,
+(signal-with-start with the ``trigger`` signal); ``plain`` uses a plain start. JourneyRun's
+start record rides on its first recording activity as the event API's runs do (``start_rides``);
+``--record-start local`` starts runs as before that (a local activity before the first step). Prints wall times,
 history events per run by type, and the two ratios against the goals (<= 1.10 and <= +10%).
 
 ``--compare recording``: JourneyRun on two workers, each a subprocess on its own task queue and
@@ -65,7 +67,7 @@ from nurture.language.ir import Journey, Send, journey_to_dict
 from nurture.service.devserver import dev_server
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, RunRecord, StepReach
-from workflows.journey import RECORD_STEPS
+from workflows.journey import RECORD_STEPS, START_RIDES
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WALL_GOAL = 1.10
@@ -140,6 +142,7 @@ class Bench:
         *,
         wait: int,
         service_start: bool,
+        start_rides: bool = True,
     ) -> None:
         self.client = client
         self.lanes = lanes
@@ -147,6 +150,7 @@ class Bench:
         self.payload = journey_to_dict(journey)
         self.wait = wait
         self.service_start = service_start
+        self.start_rides = start_rides
         self.sends = [
             {"step_id": s.id, "channel": s.channels[0], "template": s.template}
             for s in journey.steps
@@ -186,6 +190,7 @@ class Bench:
                 "key": key,
                 "event": event.to_dict(),
                 RECORD_STEPS: lane.record_steps,
+                START_RIDES: self.start_rides,
             }
             extra: dict[str, Any] = {}
             if self.service_start:  # what nurture.service.ingest does for every trigger
@@ -271,6 +276,13 @@ async def main() -> None:
         default="handwritten",
         help="JourneyRun against the hand-written workflow, or with step-reach recording against without",
     )
+    parser.add_argument(
+        "--record-start",
+        choices=("rides", "local"),
+        default="rides",
+        help="JourneyRun's start record: on its first recording activity, as the event API starts runs "
+        "(start_rides), or its own local activity before the first step, as runs started before it",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     args = parser.parse_args()
     if args.sends < 1 or args.runs < 1 or args.rounds < 1:
@@ -292,7 +304,7 @@ async def main() -> None:
             print(f"{machine()}; dev server (store: {args.temporal_store}); worker subprocess on {engine}")
             print(
                 f"journey: {args.sends} transactional SMS, {args.wait} apart; {args.runs} runs of each kind "
-                f"per round, {args.rounds} rounds; JourneyRun started {args.start}"
+                f"per round, {args.rounds} rounds; JourneyRun started {args.start}, start record {args.record_start}"
             )
             db = stack.db()
             off_stack = replace(stack, task_queue=f"{stack.task_queue}-unrecorded")
@@ -321,7 +333,14 @@ async def main() -> None:
                 else:
                     kinds = (GENERIC, HANDWRITTEN)
                     lanes = {kind: lane(kind, stack.task_queue, worker.process.pid) for kind in kinds}
-                bench = Bench(client, lanes, journey, wait=wait, service_start=args.start == "service")
+                bench = Bench(
+                    client,
+                    lanes,
+                    journey,
+                    wait=wait,
+                    service_start=args.start == "service",
+                    start_rides=args.record_start == "rides",
+                )
                 batches = await asyncio.wait_for(
                     run_rounds(bench, db, kinds, args.runs, args.rounds), args.timeout
                 )

@@ -7,8 +7,10 @@ histories with ``python tests/record_histories.py`` beside the old ones.
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import WorkflowHistory
@@ -22,6 +24,7 @@ HISTORIES = sorted((Path(__file__).parent / "histories").rglob("*.json"))
 
 def test_histories_are_recorded() -> None:
     assert len(HISTORIES) >= 6
+    assert {p.parent.name for p in HISTORIES} >= {"v1", "v2", "v3", "v4", "v5"}
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[f"{p.parent.name}/{p.stem}" for p in HISTORIES])
@@ -68,3 +71,36 @@ async def test_changed_workflow_code_fails_replay(monkeypatch: pytest.MonkeyPatc
     history = WorkflowHistory.from_json("replay-changed", path.read_text(encoding="utf-8"))
     result = await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is not None
+
+
+def _activity_types(events: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The local activities a history's markers record, in order, and the activities' inputs."""
+    local, remote = [], []
+    for event in events:
+        marker = event.get("markerRecordedEventAttributes")
+        if marker and marker["markerName"] == "core_local_activity":
+            data = json.loads(base64.b64decode(marker["details"]["data"]["payloads"][0]["data"]))
+            local.append(data["activity_type"])
+        scheduled = event.get("activityTaskScheduledEventAttributes")
+        if scheduled:
+            remote.append(json.loads(base64.b64decode(scheduled["input"]["payloads"][0]["data"])))
+    return local, remote
+
+
+def test_histories_include_the_start_record_riding_on_the_first_send() -> None:
+    """v4 runs wrote their start with a local activity before the first send; v5 runs (started
+    with ``start_rides``) have none: the first send's input carries the start record instead."""
+    folder = Path(__file__).parent / "histories"
+
+    def events(release: str) -> list[dict[str, Any]]:
+        text = (folder / release / "welcome_full_series-1.json").read_text(encoding="utf-8")
+        found: list[dict[str, Any]] = json.loads(text)["events"]
+        return found
+
+    old_local, old_sends = _activity_types(events("v4"))
+    assert old_local[0] == "nurture.record_start" and "start" not in old_sends[0]
+    new_local, new_sends = _activity_types(events("v5"))
+    assert "nurture.record_start" not in new_local
+    assert new_sends[0]["start"]["journey"] == "welcome_series"
+    assert all("start" not in send for send in new_sends[1:])
+    assert len(events("v5")) < len(events("v4"))

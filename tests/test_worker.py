@@ -7,6 +7,7 @@ it through the service's own router (:class:`nurture.service.ingest.Ingest`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -189,6 +190,11 @@ def test_a_configured_provider_without_its_secrets_stops_the_worker(tmp_path: Pa
         ("NURTURE_SHUTDOWN_TIMEOUT", "soon", "NURTURE_SHUTDOWN_TIMEOUT must be a number of seconds"),
         ("NURTURE_SHUTDOWN_TIMEOUT", "-1", "NURTURE_SHUTDOWN_TIMEOUT must not be negative"),
         ("NURTURE_TEMPORAL_METRICS_PORT", "x", "NURTURE_TEMPORAL_METRICS_PORT must be a port number"),
+        ("NURTURE_MAX_CACHED_WORKFLOWS", "many", "NURTURE_MAX_CACHED_WORKFLOWS must be a whole number"),
+        ("NURTURE_MAX_CACHED_WORKFLOWS", "-5", "NURTURE_MAX_CACHED_WORKFLOWS must be a whole number"),
+        ("NURTURE_GC_FREEZE", "maybe", "NURTURE_GC_FREEZE must be 1 or 0"),
+        ("NURTURE_GC_THRESHOLD", "700,10", "NURTURE_GC_THRESHOLD must be three whole numbers"),
+        ("NURTURE_GC_THRESHOLD", "700,ten,10", "NURTURE_GC_THRESHOLD must be three whole numbers"),
     ],
 )
 def test_bad_worker_options_name_the_variable(variable: str, value: str, message: str) -> None:
@@ -211,6 +217,38 @@ def test_worker_options_defaults() -> None:
     assert (
         worker.WorkerOptions.from_env(Settings(), {"NURTURE_SHUTDOWN_TIMEOUT": "2.5"}).shutdown_timeout == 2.5
     )
+
+
+def test_worker_cache_and_gc_settings() -> None:
+    """A bounded workflow cache and a frozen collector by default (docs/operations.md); each can be set."""
+    default = worker.WorkerOptions.from_env(Settings(), {})
+    assert (default.max_cached_workflows, default.gc_freeze, default.gc_threshold) == (100, True, None)
+    tuned = worker.WorkerOptions.from_env(
+        Settings(),
+        {"NURTURE_MAX_CACHED_WORKFLOWS": "250", "NURTURE_GC_FREEZE": "0", "NURTURE_GC_THRESHOLD": "5000, 20, 40"},
+    )
+    assert (tuned.max_cached_workflows, tuned.gc_freeze, tuned.gc_threshold) == (250, False, (5000, 20, 40))
+
+
+async def test_the_worker_is_built_with_the_cache_size(dev_server: str, tmp_path: Path) -> None:
+    project = load_project(ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml")
+    db = Database(f"sqlite:///{tmp_path / 'nurture.db'}")
+    db.migrate()
+    client = await Client.connect(dev_server)
+    built = worker.build_worker(client, project, db, "q", max_cached_workflows=7)
+    assert built.config()["max_cached_workflows"] == 7
+    db.dispose()
+
+
+def test_gc_policy_sets_thresholds_and_freezes() -> None:
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    try:
+        worker.apply_gc_policy(worker.WorkerOptions(gc_threshold=(5000, 20, 40), gc_freeze=True))
+        assert gc.get_threshold() == (5000, 20, 40)
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 # Masked JSON logs (unit) ---------------------------------------------------------------------
@@ -434,3 +472,35 @@ async def test_worker_process_counts_masks_and_stops_on_sigterm(dev_server: str,
     assert user_id not in raw and EMAIL not in raw and PHONE not in raw
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
+
+
+# The start record riding on a run's first recording activity (start_rides) ------------------
+
+
+async def test_a_start_record_riding_on_the_first_wait_writes_the_run_before_its_step(tmp_path: Path) -> None:
+    """A run whose first step is a wait: its row is inserted, then updated with where it waits,
+    in one activity; the recorder gets the step record without the start in it."""
+    from temporalio.testing import ActivityEnvironment
+
+    from nurture.delivery.deliverer import Deliverer, MemoryProfiles, for_every_channel
+    from nurture.storage.models import RunRecord
+    from nurture.storage.stores import DbOutbox, DbRecorder
+    from workflows.activities import JourneyActivities
+
+    db = Database(f"sqlite:///{tmp_path / 'nurture.db'}")
+    db.migrate()
+    project = load_project(ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml")
+    activities = JourneyActivities(
+        Deliverer(project.templates, for_every_channel(DbOutbox())), MemoryProfiles(), DbRecorder(db)
+    )
+    start = {
+        "run_id": "r-1", "workflow_id": "w-1", "journey": "welcome_series", "version": "v1", "user_id": "u-1",
+        "key": "", "trigger_message_id": "m-1", "at": "2026-03-02T04:00:00Z", "holdout": False,
+    }
+    steps: dict[str, object] = {"run_id": "r-1", "journey": "welcome_series", "version": "v1", "reached": [], "waiting": "day_two", "deferred": None}
+    await ActivityEnvironment().run(activities.record_steps, {**steps, "start": start})
+    await ActivityEnvironment().run(activities.record_steps, steps)  # a later wait carries no start
+    with db.session() as session:
+        run = session.get(RunRecord, "r-1")
+        assert run is not None and (run.user_id, run.step, run.status) == ("u-1", "day_two", "active")
+    db.dispose()

@@ -31,6 +31,7 @@ class JourneyActivities:
     @activity.defn(name="nurture.send")
     async def send(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Render and deliver one send step; returns a SendResult as JSON."""
+        await self._start(payload)
         request = SendRequest.from_dict(payload["request"])
         now = parse_instant(payload["now"])
         profile = await self.profiles.get(request.user_id)
@@ -61,16 +62,25 @@ class JourneyActivities:
 
     @activity.defn(name="nurture.record_end")
     async def record_end(self, payload: dict[str, Any]) -> None:
-        await self.recorder.end(payload)
+        await self.recorder.end(await self._start(payload))
 
     @activity.defn(name="nurture.record_conversion")
     async def record_conversion(self, payload: dict[str, Any]) -> None:
-        await self.recorder.conversion(payload)
+        await self.recorder.conversion(await self._start(payload))
 
     @activity.defn(name="nurture.record_steps")
     async def record_steps(self, payload: dict[str, Any]) -> None:
         """Steps reached, and the step the run now waits at (reports read both)."""
-        await self.recorder.steps(payload)
+        await self.recorder.steps(await self._start(payload))
+
+    async def _start(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The run's start record when it rides on this activity (``start_rides`` runs: the first
+        activity that records for a run writes its row first); the payload without it."""
+        start = payload.get("start")
+        if start is None:
+            return payload
+        await self.recorder.start(start)
+        return {name: value for name, value in payload.items() if name != "start"}
 
     def all(self) -> Sequence[Callable[..., Any]]:
         """Every activity, for ``Worker(activities=...)``."""

@@ -35,6 +35,12 @@ WORKFLOW_NAME = "JourneyRun"
 RECORD_STEPS = "record_steps"
 """Workflow input flag: before each wait the run records the steps it reached and where it waits
 (reports). Runs started without it (before this release) replay as they ran."""
+START_RIDES = "start_rides"
+"""Workflow input flag: the run's start record rides on the first activity that records for it
+(its first send, the record before its first wait, a conversion or its end) instead of a local
+activity of its own before the first step, which delayed the first send. Runs started without
+it (before this release) replay as they ran. An input flag rather than ``workflow.patched``:
+a patch would add a marker and a search-attribute upsert to every new run."""
 
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -88,6 +94,8 @@ class JourneyWorkflow:
         self._restart: dict[str, Any] | None = None
         self._record_steps = False
         self._migration: dict[str, Any] | None = None
+        self._start: dict[str, Any] | None = None
+        """The start record, until an activity has carried it (:data:`START_RIDES`)."""
         self._params = params
         self._seen_limit = int(params.get("seen_limit") or SEEN_LIMIT)
         self._seen: dict[str, float] = {}
@@ -183,9 +191,12 @@ class JourneyWorkflow:
                 event=Event.from_dict(params["event"]),
                 entered_at=self._now(),
             )
-            await workflow.execute_local_activity(
-                "nurture.record_start", run.start_record(info.workflow_id), start_to_close_timeout=LOCAL
-            )
+            if params.get(START_RIDES):
+                self._start = run.start_record(info.workflow_id)
+            else:
+                await workflow.execute_local_activity(
+                    "nurture.record_start", run.start_record(info.workflow_id), start_to_close_timeout=LOCAL
+                )
             command = run.start()
         while not isinstance(command, Ended):
             if self._inbox:  # events that arrived while the run was sending or reading
@@ -197,7 +208,7 @@ class JourneyWorkflow:
         if self._restart is None:
             self._restart = self._pending_trigger(run)
         record = run.end_record(info.workflow_id, command.reason, self._now(), continued=self._restart is not None)
-        await workflow.execute_local_activity("nurture.record_end", record, start_to_close_timeout=LOCAL)
+        await workflow.execute_local_activity("nurture.record_end", self._riding(record), start_to_close_timeout=LOCAL)
         if self._restart is not None:
             # Same workflow id, fresh history: the new run takes the journey as deployed now.
             workflow.continue_as_new(
@@ -208,6 +219,7 @@ class JourneyWorkflow:
                     "event": self._restart["event"],
                     "clock_offset": self._offset.total_seconds(),
                     RECORD_STEPS: True,
+                    START_RIDES: True,
                 }
             )
         self._waiting = True
@@ -231,7 +243,7 @@ class JourneyWorkflow:
             self._state = f"sending:{command.request.step_id}"
             raw = await workflow.execute_activity(
                 "nurture.send",
-                {"request": command.request.to_dict(), "now": format_instant(self._now())},
+                self._riding({"request": command.request.to_dict(), "now": format_instant(self._now())}),
                 # Short: after a worker crash mid-send, the retry starts this much later.
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=SEND_RETRY,
@@ -244,7 +256,7 @@ class JourneyWorkflow:
         self._state = f"waiting:{command.step_id}"
         if self._record_steps:
             await workflow.execute_local_activity(
-                "nurture.record_steps", run.steps_record(command), start_to_close_timeout=LOCAL
+                "nurture.record_steps", self._riding(run.steps_record(command)), start_to_close_timeout=LOCAL
             )
         while True:
             if self._migration is not None:
@@ -293,9 +305,17 @@ class JourneyWorkflow:
         self._state = f"waiting:{moved.step_id}"
         # Always recorded: the run's row takes the new version and step.
         await workflow.execute_local_activity(
-            "nurture.record_steps", run.steps_record(moved), start_to_close_timeout=LOCAL
+            "nurture.record_steps", self._riding(run.steps_record(moved)), start_to_close_timeout=LOCAL
         )
         return moved
+
+    def _riding(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``payload`` carrying the start record when no activity has carried it yet; the
+        activity writes the run's row before its own (:data:`START_RIDES`)."""
+        if self._start is None:
+            return payload
+        start, self._start = self._start, None
+        return {**payload, "start": start}
 
     def _history_full(self) -> bool:
         info = workflow.info()
@@ -331,7 +351,7 @@ class JourneyWorkflow:
             if effect.converted:
                 await workflow.execute_local_activity(
                     "nurture.record_conversion",
-                    run.conversion_record(event, effect, self._now()),
+                    self._riding(run.conversion_record(event, effect, self._now())),
                     start_to_close_timeout=LOCAL,
                 )
             if effect.end is not None:

@@ -68,7 +68,7 @@ from nurture.simulation.simulator import Outcome
 
 from .activities import JourneyActivities
 from .dates import PLAN_SIGNAL, DateActivities, DateTriggerWorkflow, date_params
-from .journey import RECORD_STEPS, JourneyWorkflow
+from .journey import RECORD_STEPS, START_RIDES, JourneyWorkflow
 
 TASK_QUEUE = "nurture-scenarios"
 
@@ -412,6 +412,7 @@ class _Play:
                 "run_id": run_id,
                 "clock_offset": self.offset.total_seconds(),
                 RECORD_STEPS: True,
+                START_RIDES: True,
             },
             id=workflow_id(journey.id, user_id, key, prefix=f"scenario-{self.prefix}.{number}"),
             task_queue=TASK_QUEUE,

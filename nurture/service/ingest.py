@@ -70,7 +70,7 @@ from nurture.storage.stores import (
     run_started_by,
 )
 from workflows.dates import DATE_WORKFLOW, PLAN_SIGNAL, date_params
-from workflows.journey import RECORD_STEPS, WORKFLOW_NAME
+from workflows.journey import RECORD_STEPS, START_RIDES, WORKFLOW_NAME
 
 from .observability import count_conversion
 
@@ -517,6 +517,7 @@ class Ingest:
             "key": key,
             "event": event,
             RECORD_STEPS: True,
+            START_RIDES: True,
         }
         assert self.client is not None, "routing track events needs a Temporal client"
         try:

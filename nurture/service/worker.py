@@ -14,6 +14,7 @@ start while a configured provider's environment variables are missing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -67,6 +68,19 @@ class WorkerOptions:
     temporal_metrics_port: int | None = None
     """``NURTURE_TEMPORAL_METRICS_PORT``: where the Temporal SDK's own metrics are served
     (default: ``NURTURE_METRICS_PORT`` + 1 when that is set; ``0`` turns them off)."""
+    max_cached_workflows: int = 100
+    """``NURTURE_MAX_CACHED_WORKFLOWS``: runs the worker keeps in memory between their workflow
+    tasks (the SDK's default is 1,000). Journeys sleep for hours or days, so a cached run is
+    rarely reused before it is evicted; a run not in the cache is replayed from its history when
+    it wakes. The cache bounds the worker's memory, whatever the number of sleeping runs, and the
+    cost of a full garbage collection (docs/performance.md, "Sleeping runs")."""
+    gc_freeze: bool = True
+    """``NURTURE_GC_FREEZE`` (``0`` turns it off): after compiling the journeys and connecting,
+    move every object so far to the collector's permanent generation (``gc.freeze()``), so full
+    collections no longer walk the compiled project, the SDK and the imported modules."""
+    gc_threshold: tuple[int, int, int] | None = None
+    """``NURTURE_GC_THRESHOLD``: three numbers for ``gc.set_threshold``, e.g. ``700,10,10``
+    (default: Python's own)."""
 
     @classmethod
     def from_env(cls, settings: Settings, env: Mapping[str, str] | None = None) -> WorkerOptions:
@@ -84,7 +98,37 @@ class WorkerOptions:
         if port and not port.isdigit():
             raise SettingsError(f"NURTURE_TEMPORAL_METRICS_PORT must be a port number, got {port!r}")
         default = settings.metrics_port + 1 if settings.metrics_port else None
-        return cls(shutdown_timeout=timeout, temporal_metrics_port=(int(port) or None) if port else default)
+        cache = env.get("NURTURE_MAX_CACHED_WORKFLOWS", "").strip()
+        if cache and not cache.isdigit():
+            raise SettingsError(f"NURTURE_MAX_CACHED_WORKFLOWS must be a whole number, got {cache!r}")
+        freeze = env.get("NURTURE_GC_FREEZE", "").strip().lower()
+        if freeze not in ("", "0", "1", "true", "false", "yes", "no"):
+            raise SettingsError(f"NURTURE_GC_FREEZE must be 1 or 0, got {freeze!r}")
+        return cls(
+            shutdown_timeout=timeout,
+            temporal_metrics_port=(int(port) or None) if port else default,
+            max_cached_workflows=int(cache) if cache else cls.max_cached_workflows,
+            gc_freeze=freeze in ("1", "true", "yes") if freeze else cls.gc_freeze,
+            gc_threshold=_threshold(env.get("NURTURE_GC_THRESHOLD", "").strip()),
+        )
+
+
+def _threshold(raw: str) -> tuple[int, int, int] | None:
+    if not raw:
+        return None
+    parts = [part.strip() for part in raw.split(",")]
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        raise SettingsError(f"NURTURE_GC_THRESHOLD must be three whole numbers such as 700,10,10, got {raw!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def apply_gc_policy(options: WorkerOptions) -> None:
+    """The garbage collector's thresholds, then (once the long-lived objects exist) its freeze."""
+    if options.gc_threshold is not None:
+        gc.set_threshold(*options.gc_threshold)
+    if options.gc_freeze:
+        gc.collect()
+        gc.freeze()
 
 
 def compile_journeys(settings: Settings) -> Project:
@@ -132,6 +176,7 @@ def build_worker(
     task_queue: str,
     *,
     shutdown_timeout: float = WorkerOptions.shutdown_timeout,
+    max_cached_workflows: int = WorkerOptions.max_cached_workflows,
     channels: Mapping[str, Channel] | None = None,
     links: UnsubscribeUrl | None = None,
 ) -> Worker:
@@ -163,6 +208,7 @@ def build_worker(
         activities=[*activities.all(), *dates.all()],
         interceptors=[ActivityMetrics()],
         graceful_shutdown_timeout=timedelta(seconds=shutdown_timeout),
+        max_cached_workflows=max_cached_workflows,
     )
 
 
@@ -248,9 +294,11 @@ async def run(
             db,
             settings.task_queue,
             shutdown_timeout=options.shutdown_timeout,
+            max_cached_workflows=options.max_cached_workflows,
             channels=channels.by_channel,
             links=unsubscribe_url(settings),
         )
+        apply_gc_policy(options)
         async with worker:
             log.info(
                 "worker ready on %s namespace %s queue %s",

@@ -1,0 +1,471 @@
+"""Many sleeping runs: the worker's memory and CPU while runs sleep, the start rate, and the
+wake-up of every run in the same minute, against the same journey written by hand.
+
+    python benchmarks/sleepers.py [--runs 100000] [--concurrency 64] [--database-url postgresql://...]
+                                  [--worker-env NAME=VALUE ...] [--sample 1.0] [--timeout 7200]
+
+The journey sleeps until an instant its trigger carries, then sends one transactional SMS
+(``wait_until: {date: event.properties.due_at}``), run by ``JourneyRun``; the hand-written
+workflow (``benchmarks/handwritten.py`` with ``until``) sleeps with ``workflow.sleep`` and sends
+through the same ``nurture.send`` activity. One dev server (in memory), one worker subprocess
+(``worker.run``, configured by the environment as ``worker.py`` is, serving both workflows), one
+database (SQLite, or a fresh PostgreSQL database). For each kind, the hand-written one first:
+
+1. **start**: ``--runs`` runs, ``--concurrency`` starts in flight: the hand-written workflow with
+   a plain ``start_workflow`` (the floor: what any Temporal application pays to start a run),
+   ``JourneyRun`` with signal-with-start and its ``trigger`` signal, as the event API starts it;
+2. **settle**: until every run has taken its first workflow task and sleeps (JourneyRun: its
+   ``runs`` row says it waits; the hand-written workflow writes nothing, so: until the worker and
+   the dev server have both been idle for 3 s);
+3. **sleep**: the worker's resident memory (RSS) and CPU, sampled every ``--sample`` seconds;
+4. **wake**: every run of the kind is due in the same minute (evenly over 60 s from one instant);
+   the time from that instant until the last message is in the outbox, then a check that every
+   run sent exactly one message.
+
+Through all four, the worker writes each full garbage collection's pause to a file (``_stack.py``,
+``NURTURE_BENCH_GC_LOG``); they are counted per phase.
+
+The instant is worked out from a warm-up of 200 runs of each kind (their start and settle time
+per run, times 1.3, plus 30 s of sleep). Each phase's figures are printed as it ends. Prints a table per phase, the worker's RSS as the runs
+started (to show it flat in the number of sleeping runs, bounded by the workflow cache), the CPU
+per run, and the ratios against the goals (wake-up within 1.10x of the hand-written workflow).
+``--worker-env`` passes settings to the worker (``NURTURE_MAX_CACHED_WORKFLOWS=1000``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from _stack import GC_LOG, ROOT, Stack, bounded, busy_seconds, cpu_seconds, database, machine
+from handwritten import WORKFLOW_NAME as HANDWRITTEN
+from sqlalchemy import func
+from sqlmodel import col, select
+from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
+
+from nurture.engine.interpreter import workflow_id
+from nurture.engine.model import Event
+from nurture.language.compiler import load_project
+from nurture.language.ir import Journey, journey_to_dict
+from nurture.service.devserver import dev_server
+from nurture.storage.db import Database
+from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
+from workflows.journey import RECORD_STEPS, START_RIDES
+from workflows.journey import WORKFLOW_NAME as GENERIC
+
+WAKE_GOAL = 1.10
+SPREAD = 60.0
+"""Runs are due evenly over this many seconds from the wake-up instant: all in the same minute."""
+WARM_UP = 200
+TEMPLATE = "course_access"
+JOURNEY = """journey: bench_sleepers
+trigger: {event: Bench Started}
+key: "event.properties.order_id"
+steps:
+  - id: until_due
+    wait_until: {date: "event.properties.due_at"}
+  - id: reminder
+    send: sms
+    template: course_access
+    category: transactional
+"""
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class Sample:
+    at: float
+    wall: float
+    phase: str
+    started: int
+    worker_rss: int
+    worker_cpu: float
+    temporal_rss: int
+    temporal_cpu: float
+    busy: float
+
+
+@dataclass
+class Meter:
+    """Samples the worker and the dev server every ``every`` seconds, tagged with the phase."""
+
+    worker: int
+    temporal: int
+    every: float
+    phase: str = "idle"
+    started: int = 0
+    samples: list[Sample] = field(default_factory=list)
+
+    def sample(self) -> Sample:
+        s = Sample(
+            time.perf_counter(),
+            time.time(),
+            self.phase,
+            self.started,
+            rss_bytes(self.worker),
+            cpu_seconds(self.worker),
+            rss_bytes(self.temporal),
+            cpu_seconds(self.temporal),
+            busy_seconds(),
+        )
+        self.samples.append(s)
+        return s
+
+    async def run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.every)
+
+    def idle(self, seconds: float) -> bool:
+        """Whether the worker and the dev server both used under 3% of a core over the last
+        ``seconds`` (a worker starved by a busy server is not idle: the server is not either)."""
+        recent = [s for s in self.samples if s.at >= self.samples[-1].at - seconds]
+        if len(recent) < 2 or recent[-1].at - recent[0].at < seconds * 0.5:
+            return False
+        span = recent[-1].at - recent[0].at
+        worker = (recent[-1].worker_cpu - recent[0].worker_cpu) / span
+        temporal = (recent[-1].temporal_cpu - recent[0].temporal_cpu) / span
+        return worker < 0.03 and temporal < 0.03
+
+
+@dataclass
+class Phase:
+    """What one kind's runs cost, phase by phase."""
+
+    kind: str
+    runs: int
+    start_s: float = 0.0
+    settle_s: float = 0.0
+    wake_s: float = 0.0
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per phase: worker and temporal CPU seconds, other cores' busy seconds, wall seconds."""
+    rss: dict[str, int] = field(default_factory=dict)
+    """The worker's RSS at the end of each phase, and the highest seen."""
+    by_started: list[tuple[int, int]] = field(default_factory=list)
+    """(runs started, worker RSS) through the start and settle phases."""
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Each phase's beginning and end, POSIX seconds."""
+
+
+class Bench:
+    def __init__(self, client: Client, stack: Stack, journey: Journey, meter: Meter, concurrency: int) -> None:
+        self.client = client
+        self.stack = stack
+        self.journey = journey
+        self.payload = journey_to_dict(journey)
+        self.meter = meter
+        self.concurrency = concurrency
+
+    async def start(self, kind: str, user: str, due: datetime) -> None:
+        """Start ``user``'s run of ``kind``, due at ``due``."""
+        key = f"order-{user}"
+        if kind == HANDWRITTEN:
+            params: dict[str, Any] = {
+                "journey": self.journey.id,
+                "user_id": user,
+                "key": key,
+                "event": {"name": "Bench Started", "properties": {"order_id": key, "course_name": "Durable Python"}},
+                "wait_seconds": 0,
+                "until": due.isoformat(),
+                "sends": [{"step_id": "reminder", "channel": "sms", "template": TEMPLATE}],
+            }
+            await self.client.start_workflow(
+                HANDWRITTEN, params, id=f"handwritten/{user}/{key}", task_queue=self.stack.task_queue
+            )
+            return
+        event = Event(
+            name="Bench Started",
+            timestamp=datetime.now(UTC),
+            properties={"order_id": key, "course_name": "Durable Python", "due_at": due.isoformat()},
+            message_id=uuid.uuid4().hex,
+        ).to_dict()
+        # What nurture.service.ingest does for every trigger.
+        await self.client.start_workflow(
+            GENERIC,
+            {"journey": self.payload, "user_id": user, "key": key, "event": event, RECORD_STEPS: True, START_RIDES: True},
+            id=workflow_id(self.journey.id, user, key),
+            task_queue=self.stack.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            start_signal="trigger",
+            start_signal_args=[{"event": event, "journey": self.payload}],
+        )
+
+    def asleep(self, kind: str, users: list[str], db: Database) -> bool:
+        """Every run has taken its first workflow task: JourneyRun's record where it waits (its
+        ``runs`` row at ``until_due``), which the hand-written workflow does not write, so for it
+        the worker and the dev server both idle."""
+        if kind == HANDWRITTEN:
+            return self.meter.idle(3.0)
+        with db.session() as session:
+            query = (
+                select(func.count())
+                .select_from(RunRecord)
+                .where(col(RunRecord.user_id).like(users[0].rsplit("-", 1)[0] + "-%"))
+                .where(col(RunRecord.step) == "until_due")
+            )
+            return int(session.exec(query).one()) == len(users)
+
+    async def phase(self, kind: str, users: list[str], due: datetime | None, lead: float, db: Database) -> Phase:
+        """Start, settle, sleep and wake ``users``' runs; ``due`` None: ``lead`` seconds after the start."""
+        result = Phase(kind, len(users))
+        due = due or datetime.now(UTC) + timedelta(seconds=lead)
+        marks: dict[str, Sample] = {"begin": self.meter.sample()}
+        self.meter.phase, self.meter.started = f"{kind}:start", 0
+
+        async def one(index: int) -> bool:
+            await self.start(kind, users[index], due + timedelta(seconds=SPREAD * index / len(users)))
+            self.meter.started += 1
+            return True
+
+        began = time.perf_counter()
+        await bounded(len(users), self.concurrency, one)
+        result.start_s = time.perf_counter() - began
+        marks["start"] = self.meter.sample()
+        self.meter.phase = f"{kind}:settle"
+        while not self.asleep(kind, users, db):
+            if datetime.now(UTC) >= due:
+                raise SystemExit(f"{kind}: the runs were still being started when they became due; raise the lead")
+            await asyncio.sleep(0.5)
+        result.settle_s = time.perf_counter() - began
+        marks["settle"] = self.meter.sample()
+        print(
+            f"{kind}: {len(users)} started in {result.start_s:.1f} s, all asleep after {result.settle_s:.1f} s; "
+            f"worker RSS {mib(marks['begin'].worker_rss)} -> {mib(marks['settle'].worker_rss)} MiB, CPU "
+            f"{(marks['settle'].worker_cpu - marks['begin'].worker_cpu) * 1000 / len(users):.2f} ms per run",
+            flush=True,
+        )
+        self.meter.phase = f"{kind}:sleep"
+        await asyncio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()))
+        marks["sleep"] = self.meter.sample()
+        self.meter.phase = f"{kind}:wake"
+        deadline = time.monotonic() + max(600.0, len(users) * 0.2)
+        while outbox(db, users)[0] < len(users):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{kind}: {outbox(db, users)[0]} of {len(users)} messages after the wake-up timed out")
+            await asyncio.sleep(0.25)
+        marks["wake"] = self.meter.sample()
+        count, distinct, last = outbox(db, users)
+        if count != len(users) or distinct != len(users):
+            raise SystemExit(f"{kind}: {count} messages for {distinct} of {len(users)} runs: lost or duplicated")
+        result.wake_s = (last - due).total_seconds()
+        self.meter.phase = "idle"
+        print(f"{kind}: {len(users)} messages, the last {result.wake_s:.1f} s after the first run was due", flush=True)
+        previous = marks["begin"]
+        for name in ("start", "settle", "sleep", "wake"):
+            now = marks[name]
+            worker, temporal = now.worker_cpu - previous.worker_cpu, now.temporal_cpu - previous.temporal_cpu
+            result.cpu[name] = {
+                "worker": worker,
+                "temporal": temporal,
+                "other": max(0.0, now.busy - previous.busy - worker - temporal),
+                "wall": now.at - previous.at,
+            }
+            result.rss[name] = now.worker_rss
+            result.bounds[name] = (previous.wall, now.wall)
+            previous = now
+        mine = [s for s in self.meter.samples if s.phase.startswith(f"{kind}:")]
+        result.rss["max"] = max(s.worker_rss for s in mine)
+        result.by_started = [(s.started, s.worker_rss) for s in mine if s.phase in (f"{kind}:start", f"{kind}:settle")]
+        return result
+
+
+def outbox(db: Database, users: list[str]) -> tuple[int, int, datetime]:
+    """Messages sent to ``users``: how many, to how many people, and when the last was written."""
+    with db.session() as session:
+        query = select(
+            func.count(), func.count(func.distinct(MessageRecord.user_id)), func.max(MessageRecord.created_at)
+        ).where(col(MessageRecord.user_id).like(users[0].rsplit("-", 1)[0] + "-%"))
+        count, distinct, last = session.exec(query).one()
+    when = last if last is not None else datetime.now(UTC)
+    return int(count), int(distinct), when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def seed(db: Database, users: list[str]) -> None:
+    """Profiles with a phone number, in batches (not timed)."""
+    for offset in range(0, len(users), 5000):
+        with db.session() as session:
+            session.add_all(
+                ProfileRecord(user_id=user, traits={"phone": f"+86139{offset + i:08d}"}, phone=f"+86139{offset + i:08d}")
+                for i, user in enumerate(users[offset : offset + 5000])
+            )
+
+
+def people(kind: str, count: int) -> list[str]:
+    tag = uuid.uuid4().hex[:6]
+    short = "hw" if kind == HANDWRITTEN else "jr"
+    return [f"{short}{tag}-{i:07d}" for i in range(count)]
+
+
+def mib(value: int) -> str:
+    return f"{value / 2**20:.0f}"
+
+
+def collections(path: Path) -> list[tuple[float, float]]:
+    """The worker's full garbage collections: (when, pause ms)."""
+    if not path.exists():
+        return []
+    return [(float(a), float(b)) for a, b in (line.split() for line in path.read_text().splitlines() if line)]
+
+
+def report_collections(phases: list[Phase], pauses: list[tuple[float, float]]) -> None:
+    print()
+    print(f"{'full GC pauses':<20}{'phase':<8}{'count':>7}{'p50 ms':>9}{'max ms':>9}{'total ms':>10}")
+    for p in phases:
+        for name, (begin, end) in p.bounds.items():
+            mine = sorted(ms for at, ms in pauses if begin <= at < end)
+            if mine:
+                print(f"{p.kind:<20}{name:<8}{len(mine):>7}{mine[len(mine) // 2]:>9.1f}{mine[-1]:>9.1f}{sum(mine):>10.1f}")
+            else:
+                print(f"{p.kind:<20}{name:<8}{0:>7}{'-':>9}{'-':>9}{0:>10.1f}")
+
+
+def report(phases: list[Phase], warm: dict[str, float]) -> None:
+    print()
+    print(f"{'workflow':<20}{'runs':>8}{'start s':>9}{'starts/s':>10}{'settled s':>11}{'wake s':>9}{'msgs/s':>9}")
+    for p in phases:
+        print(
+            f"{p.kind:<20}{p.runs:>8}{p.start_s:>9.1f}{p.runs / p.start_s:>10.1f}{p.settle_s:>11.1f}"
+            f"{p.wake_s:>9.1f}{p.runs / p.wake_s:>9.1f}"
+        )
+    print("(start: the client's starts; settled: until the worker is idle, every run sleeping; wake: from the")
+    print(f" first instant a run is due (they are due over {SPREAD:.0f} s) until the last message is in the outbox)")
+    print()
+    print(f"{'CPU ms per run':<20}{'phase':<8}{'worker':>9}{'temporal':>10}{'other':>8}{'wall s':>8}")
+    for p in phases:
+        for name in ("start", "settle", "sleep", "wake"):
+            c = p.cpu[name]
+            per = 1000 / p.runs
+            print(
+                f"{p.kind:<20}{name:<8}{c['worker'] * per:>9.2f}{c['temporal'] * per:>10.2f}"
+                f"{c['other'] * per:>8.2f}{c['wall']:>8.1f}"
+            )
+    print("(start and settle: until every run sleeps; other: the rest of the machine meanwhile)")
+    print()
+    print(f"{'worker RSS MiB':<20}{'before':>8}{'started':>9}{'settled':>9}{'asleep':>8}{'woken':>8}{'max':>8}")
+    for p in phases:
+        print(
+            f"{p.kind:<20}{mib(p.by_started[0][1] if p.by_started else 0):>8}{mib(p.rss['start']):>9}"
+            f"{mib(p.rss['settle']):>9}{mib(p.rss['sleep']):>8}{mib(p.rss['wake']):>8}{mib(p.rss['max']):>8}"
+        )
+    for p in phases:
+        print(f"worker RSS MiB as {p.kind} runs started: " + ", ".join(rss_by_tenth(p)))
+    for p in phases:
+        c = p.cpu["sleep"]
+        print(f"worker CPU while {p.runs} {p.kind} runs sleep: {c['worker'] / max(c['wall'], 1e-9) * 100:.2f}% of a core")
+    hand = next(p for p in phases if p.kind == HANDWRITTEN)
+    generic = next(p for p in phases if p.kind == GENERIC)
+    print()
+    start = hand.start_s / generic.start_s
+    print(f"start rate JourneyRun/raw start_workflow: {start:.3f} ({generic.runs / generic.start_s:.1f} vs {hand.runs / hand.start_s:.1f} starts/s)")
+    cpu = (generic.cpu["start"]["worker"] + generic.cpu["settle"]["worker"]) / generic.runs
+    cpu_hand = (hand.cpu["start"]["worker"] + hand.cpu["settle"]["worker"]) / hand.runs
+    print(f"worker CPU per start JourneyRun/hand-written: {cpu / cpu_hand:.3f} ({cpu * 1000:.2f} vs {cpu_hand * 1000:.2f} ms)")
+    wake = generic.wake_s / hand.wake_s
+    verdict = "met" if wake <= WAKE_GOAL else "NOT met"
+    print(f"wake-up time JourneyRun/hand-written: {wake:.3f} ({generic.wake_s:.1f} vs {hand.wake_s:.1f} s; goal <= {WAKE_GOAL:.2f}: {verdict})")
+    print(f"messages: {generic.runs} + {hand.runs}, one per run, none lost or duplicated")
+    print("warm-up, start and settle seconds per run: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in warm.items()))
+
+
+def rss_by_tenth(p: Phase) -> list[str]:
+    out = []
+    for tenth in range(1, 11):
+        goal = p.runs * tenth // 10
+        found = next((rss for started, rss in p.by_started if started >= goal), None)
+        if found is not None:
+            out.append(f"{tenth * 10}% {mib(found)}")
+    return out
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100_000, help="runs of each kind")
+    parser.add_argument("--concurrency", type=int, default=64, help="starts in flight")
+    parser.add_argument("--sample", type=float, default=1.0, help="seconds between samples of the worker")
+    parser.add_argument("--database-url", default=None, help="PostgreSQL server; a fresh database is made there")
+    parser.add_argument(
+        "--worker-env", action="append", default=[], metavar="NAME=VALUE", help="a setting for the worker"
+    )
+    parser.add_argument("--timeout", type=float, default=7200.0, help="give up after this many seconds")
+    args = parser.parse_args()
+    if args.runs < 1 or args.concurrency < 1:
+        parser.error("--runs and --concurrency must be at least 1")
+    extra = dict(item.split("=", 1) for item in args.worker_env)
+    with tempfile.TemporaryDirectory(prefix="nurture-sleepers-") as tmp:
+        home = Path(tmp)
+        journeys = home / "journeys"
+        journeys.mkdir()
+        (journeys / "bench_sleepers.yaml").write_text(JOURNEY)
+        journey = load_project(journeys, ROOT / "templates").journeys["bench_sleepers"]
+        with dev_server(home, persist=False) as temporal, database(home, args.database_url) as url:
+            stack = Stack(home, temporal.address, url, journeys=journeys)
+            db = stack.db()
+            engine = "PostgreSQL" if args.database_url else "SQLite"
+            print(f"{machine()}; dev server (store: memory); worker subprocess on {engine}; load {load()}")
+            print(f"journey: wait_until an instant, then one transactional SMS; {args.runs} runs of each kind, "
+                  f"{args.concurrency} starts in flight; worker settings {extra or 'defaults'}")
+            users = {kind: (people(kind, WARM_UP), people(kind, args.runs)) for kind in (HANDWRITTEN, GENERIC)}
+            began = time.perf_counter()
+            for warm_up, measured in users.values():
+                seed(db, warm_up + measured)
+            print(f"seeded {2 * (args.runs + WARM_UP)} profiles in {time.perf_counter() - began:.0f} s", flush=True)
+            os.environ.update(extra)  # the worker's environment is this process's (Stack.env)
+            os.environ[GC_LOG] = str(home / "gc.log")
+            with stack.worker(handwritten=True) as worker:
+                client = await Client.connect(temporal.address)
+                meter = Meter(worker.process.pid, temporal.process.pid, args.sample)
+                sampler = asyncio.create_task(meter.run())
+                try:
+                    bench = Bench(client, stack, journey, meter, args.concurrency)
+                    phases, warm = await asyncio.wait_for(run(bench, users, args.runs, db), args.timeout)
+                finally:
+                    sampler.cancel()
+            db.dispose()
+            print(f"load after: {load()}")
+            pauses = collections(home / "gc.log")
+    report(phases, warm)
+    report_collections(phases, pauses)
+
+
+async def run(
+    bench: Bench, users: dict[str, tuple[list[str], list[str]]], runs: int, db: Database
+) -> tuple[list[Phase], dict[str, float]]:
+    warm: dict[str, float] = {}
+    for kind, (warm_up, _) in users.items():  # warm-up: caches, sticky queues, pools; the time per run
+        done = await bench.phase(kind, warm_up, None, 20.0 + WARM_UP * 0.1, db)
+        warm[kind] = done.settle_s / WARM_UP
+        print(f"warm-up {kind}: settled in {done.settle_s:.1f} s, woken in {done.wake_s:.1f} s", flush=True)
+    phases = []
+    for kind, (_, measured) in users.items():
+        lead = runs * warm[kind] * 1.3 + 30.0
+        print(f"{kind}: {runs} runs due in {lead:.0f} s ({datetime.now(UTC):%H:%M:%S})", flush=True)
+        due = datetime.now(UTC) + timedelta(seconds=lead)
+        phases.append(await bench.phase(kind, measured, due, lead, db))
+    return phases, warm
+
+
+def load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
