@@ -2070,7 +2070,7 @@ def create_app(
         project = load_project(settings.journeys, settings.templates, settings.config)
     owns_db = db is None
     if db is None:
-        db = Database(settings.database)
+        db = settings.open_database()
         db.migrate()
     store_versions(db, list(project.journeys.values()))  # what `nurture migrate` moves runs from
     service = Service(settings, project, db, client)
