@@ -76,21 +76,45 @@ def write_project(root: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database (migrated once, before any service process starts)."""
+def empty_postgres() -> Iterator[str]:
+    """A fresh PostgreSQL database, not migrated; its URL."""
     assert postgres_available(), f"this test needs PostgreSQL at {POSTGRES}"
     name = f"nurture_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"{POSTGRES.rsplit('/', 1)[0]}/{name}"
-    db = Database(database_url({"DATABASE_URL": url}))
     try:
-        db.migrate()
-        db.dispose()
-        yield url
+        yield f"{POSTGRES.rsplit('/', 1)[0]}/{name}"
     finally:
         with psycopg.connect(POSTGRES, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(empty_postgres: str) -> str:
+    """A fresh, migrated PostgreSQL database."""
+    db = Database(database_url({"DATABASE_URL": empty_postgres}))
+    db.migrate()
+    db.dispose()
+    return empty_postgres
+
+
+def test_processes_starting_together_on_an_empty_database_all_migrate_it(empty_postgres: str) -> None:
+    """API processes and workers of a new deployment start at once, each migrating the database
+    first: they take turns, and the ones after the first find it done."""
+    code = "from nurture.storage.db import Database, database_url; Database(database_url()).migrate()"
+    env = {**clean_env(), "DATABASE_URL": empty_postgres}
+    starting = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(3)
+    ]
+    outcomes = [(process.wait(timeout=120), process.stdout.read().decode()[-600:]) for process in starting if process.stdout]
+    assert [code for code, _ in outcomes] == [0, 0, 0], outcomes
+    db = Database(database_url({"DATABASE_URL": empty_postgres}))
+    try:
+        assert scalar(db, "SELECT count(*) FROM alembic_version") == 1
+        assert scalar(db, "SELECT count(*) FROM events") == 0
+    finally:
+        db.dispose()
 
 
 @dataclass
