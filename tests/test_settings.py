@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from nurture.cli.up import TEMPORAL_CONNECTION, UpOptions, stack_settings
 from nurture.service.settings import Settings, SettingsError
 from nurture.storage.db import Pool
 
@@ -181,6 +182,13 @@ def test_tls_is_off_by_default_and_on_when_a_file_or_name_asks_for_it() -> None:
     assert Settings.from_env({}).tls_config() is False
     assert Settings.from_env({"TEMPORAL_TLS": "1"}).tls is True
     assert Settings.from_env({"TEMPORAL_TLS_SERVER_NAME": "t.example"}).tls is True
+
+
+def test_nurture_up_talks_plainly_to_its_own_dev_server(tmp_path: Path) -> None:
+    remote = {name: "1" for name in TEMPORAL_CONNECTION} | {"TEMPORAL_API_KEY": "cloud-key"}
+    settings = stack_settings(UpOptions(home=tmp_path), remote)
+    assert (settings.tls, settings.api_key, settings.tls_server_name) == (False, "", "")
+    assert settings.temporal_address == "127.0.0.1:7233"
 
 
 # -- PostgreSQL: the connection pool ---------------------------------------------------------------
