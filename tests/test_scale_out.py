@@ -33,11 +33,16 @@ import psycopg
 import pytest
 from conftest import POSTGRES, ROOT, postgres_available
 from sqlalchemy import text
-from support import clean_env
+from support import clean_env, eventually, rows, served_settings, uvicorn_thread
 from temporalio.client import Client
 
+from nurture.engine.interpreter import workflow_id
+from nurture.language.compiler import Project
+from nurture.service.api import LeftOver, create_app
 from nurture.service.devserver import free_port, stop, wait_for_port
+from nurture.service.ingest import ROUTING_GRACE
 from nurture.storage.db import Database, database_url
+from nurture.storage.models import EventRecord, Route, utcnow
 
 USERS = 120
 KEY = "scale-out-write-key"
@@ -347,3 +352,40 @@ async def test_two_apis_and_two_workers_lose_and_repeat_nothing_when_one_of_each
     finally:
         processes.stop_all()
         db.dispose()
+
+
+async def test_an_event_a_dead_api_left_unrouted_is_routed_by_one_still_running(
+    dev_server: str, database: Database, project: Project
+) -> None:
+    """An API process killed between storing an event and routing it, whose client never retries
+    (a webhook's event, say), and which is never started again: another API process, running since
+    before the event came, routes it once it is ``age`` seconds old."""
+    settings = served_settings(dev_server, database.url, "left-over", write_keys=(KEY,))
+    temporal = await Client.connect(dev_server)
+    app = create_app(settings, project=project, db=database, client=temporal, left_over=LeftOver(every=0.2, age=1.0))
+    user = f"left-{uuid.uuid4().hex[:10]}"
+    with uvicorn_thread(app) as url:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            identified = await http.post("/v1/identify", json={"userId": user, "traits": {"email": "l@example.com"}})
+        person = identified.json()["person"]
+        left = EventRecord(
+            message_id=f"left-{uuid.uuid4().hex}",
+            kind="track",
+            user_id=person,
+            name="Signed Up",
+            properties={},
+            timestamp=utcnow(),
+            received_at=utcnow(),  # after this process started: its start-up sweep does not see it
+            routed_at=None,
+        )
+        with database.session() as session:
+            session.add(left)
+
+        def routed() -> bool:
+            return rows(database, EventRecord, message_id=left.message_id)[0].routed_at is not None
+
+        await eventually(routed, timeout=ROUTING_GRACE + 15, what="the left-over event routed")
+    wid = workflow_id("welcome_series", person, "")
+    assert [route.workflow_id for route in rows(database, Route, user_id=person)] == [wid]
+    started = await temporal.get_workflow_handle(wid).describe()
+    assert started.id == wid
