@@ -118,7 +118,7 @@ naming the kind needed.
 answers `"duplicate": true`. Without one the API assigns a fresh id, so **a client that retries
 must send its own `messageId`** (the same one on every attempt) to be de-duplicated. After a 503
 (Temporal unreachable), retry with the same `messageId`: an event that was stored but not fully
-routed is routed by the retry (`"rerouted": true`), or else when the API next starts.
+routed is routed by the retry (`"rerouted": true`), or else by the API within a few minutes.
 
 **Differences from Segment.** Identity is resolved here, as described above (Segment leaves it to
 its destinations); `alias` needs `userId` and takes `previousId` as a userId when one is known,
@@ -995,8 +995,8 @@ class Service:
     async def wechat_followed(self, openid: str, at: datetime) -> None:
         """A WeChat follow: the follower's person (created with the ``wechat_openid`` trait when
         the openid is new) gets the track event ``WeChat Followed``, which journeys can trigger
-        on. Never raises: WeChat must get its answer; an event not routed now is routed by the
-        API's next start."""
+        on. Never raises: WeChat must get its answer; an event not routed now is routed later
+        (see :class:`LeftOver`)."""
         follower = [Identifier("wechat_openid", openid)]
         message_id = f"wechat-follow:{openid}:{int(at.timestamp())}"
         event = Event(WECHAT_FOLLOWED, at, {}, message_id)

@@ -16,8 +16,8 @@ that run (signal ``trigger``), so re-entry rules apply to the merged person as o
 Routing is at least once. The event is stored first and marked routed only when every route and
 journey has had it; one that fails part-way (Temporal, the database) or whose process dies stays
 unrouted, and is routed again, whole, by the retry of the call (same ``messageId``) or by
-:meth:`Ingest.route_unrouted` when the API starts. An identity call that merged people stays
-unrouted in the same way until the runs the merge ends have had their stop signal. Routing twice is harmless: a run ignores an
+:meth:`Ingest.route_unrouted`, which every API process calls when it starts and every minute
+after. An identity call that merged people stays unrouted in the same way until the runs the merge ends have had their stop signal. Routing twice is harmless: a run ignores an
 event or trigger it has seen, and a run the event started that has ended since is not started
 again (the ``runs`` table records each run's trigger).
 """
