@@ -36,13 +36,17 @@ from sqlalchemy import text
 from support import clean_env, eventually, rows, served_settings, uvicorn_thread
 from temporalio.client import Client
 
+from nurture.engine.identity import call_identifiers
 from nurture.engine.interpreter import workflow_id
-from nurture.language.compiler import Project
+from nurture.engine.model import Event
+from nurture.language.compiler import Project, load_project
 from nurture.service.api import LeftOver, create_app
 from nurture.service.devserver import free_port, stop, wait_for_port
-from nurture.service.ingest import ROUTING_GRACE
+from nurture.service.ingest import ROUTABLE_FRESH, ROUTING_GRACE, Ingest
 from nurture.storage.db import Database, database_url
+from nurture.storage.identities import DbIdentities
 from nurture.storage.models import EventRecord, Route, utcnow
+from nurture.storage.stores import Routes, store_versions
 
 USERS = 120
 KEY = "scale-out-write-key"
@@ -389,3 +393,45 @@ async def test_an_event_a_dead_api_left_unrouted_is_routed_by_one_still_running(
     assert [route.workflow_id for route in rows(database, Route, user_id=person)] == [wid]
     started = await temporal.get_workflow_handle(wid).describe()
     assert started.id == wid
+
+
+NEW_VERSION = """\
+journey: scale_drill
+trigger:
+  event: Drill Started
+steps:
+  - {id: first_email, send: email, template: drill, category: transactional}
+  - {id: hold, wait_for: Drill Escalated, timeout: 10m}
+  - {id: middle_sms, send: sms, template: drill, category: transactional}
+"""
+
+
+async def test_an_older_api_process_routes_an_event_only_a_newer_version_listens_for(
+    dev_server: str, tmp_path: Path, project: Project
+) -> None:
+    """A rolling upgrade: an API process still on the old journeys takes an event that only the
+    version a newer process stored waits for; the run of the new version gets it."""
+    db = Database(f"sqlite:///{tmp_path / 'nurture.db'}")
+    db.migrate()
+    client = await Client.connect(dev_server)
+    older = Ingest(project, db, client, f"older-{uuid.uuid4().hex[:8]}")
+    journeys, templates = write_project(tmp_path)
+    (journeys / "scale_drill.yaml").write_text(NEW_VERSION, encoding="utf-8")
+    store_versions(db, list(load_project(journeys, templates).journeys.values()))  # the newer process
+    person = DbIdentities(db).apply(call_identifiers("upgrading-user", None), at=utcnow())
+    assert person is not None
+    # The new version's run waits for the event (a workflow no worker runs: its history shows the signal).
+    wid = f"nurture/scale_drill/{person.person}/{uuid.uuid4().hex[:6]}"
+    await client.start_workflow("JourneyRun", {}, id=wid, task_queue=f"nobody-{uuid.uuid4().hex[:8]}")
+    Routes(db).activate(wid, user_id=person.person, journey="scale_drill", key="", listens=["Drill Escalated"])
+    await asyncio.sleep(ROUTABLE_FRESH)
+
+    routed = await older.track("upgrading-user", Event("Drill Escalated", utcnow(), {}, uuid.uuid4().hex))
+
+    assert routed.signalled == [wid]
+    history = await client.get_workflow_handle(wid).fetch_history()
+    signals = [e.workflow_execution_signaled_event_attributes.signal_name for e in history.events if e.HasField(
+        "workflow_execution_signaled_event_attributes"
+    )]
+    assert signals == ["event"]
+    db.dispose()
