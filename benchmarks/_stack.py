@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import os
 import platform
 import subprocess
@@ -25,14 +26,16 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
 
+from nurture.engine.identity import call_identifiers
 from nurture.service.devserver import Service, command_line, free_port, stop, wait_for_port
 from nurture.storage.db import Database, database_url
-from nurture.storage.models import ProfileRecord
+from nurture.storage.identities import DbIdentities
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_QUEUE = "nurture-bench"
@@ -57,11 +60,19 @@ def wait_for_text(path: Path, text: str, process: subprocess.Popen[bytes], timeo
 
 
 def seed(db: Database, users: list[str]) -> None:
-    """Profiles with a phone number (written before a run, not timed), so every SMS is delivered."""
-    with db.session() as session:
-        for index, user in enumerate(users):
-            phone = f"+8613{index:09d}"
-            session.add(ProfileRecord(user_id=user, traits={"phone": phone}, phone=phone))
+    """People with a phone number (written before a run, not timed), so every SMS is delivered.
+
+    Each is made as an identify call naming only the userId makes one, so that events for the
+    userId find that person (a profile row alone is no person: the event would make a new one,
+    without the phone). No phone number is given twice."""
+    identities = DbIdentities(db)
+    now = datetime.now(UTC)
+    for user in users:
+        phone = f"+8613{next(_PHONES):09d}"
+        identities.apply(call_identifiers(user, None), at=now, traits={"phone": phone})
+
+
+_PHONES = itertools.count()
 
 
 @contextlib.contextmanager
@@ -130,28 +141,31 @@ class Stack:
         }
 
     @contextlib.contextmanager
-    def worker(self, *, handwritten: bool = False, unrecorded: bool = False) -> Iterator[Service]:
+    def worker(
+        self, *, handwritten: bool = False, unrecorded: bool = False, name: str = "worker"
+    ) -> Iterator[Service]:
         """The operator's worker (``python worker.py``) as a subprocess, once it polls its queue.
 
         ``handwritten``: the same worker serving ``benchmarks/handwritten.py`` as well;
         ``unrecorded``: the same worker without step-reach recording's writes (see
-        ``_serve_unrecorded``).
+        ``_serve_unrecorded``). ``name`` names its log (one per process).
         """
         if handwritten or unrecorded:
             name = "worker-handwritten" if handwritten else "worker-unrecorded"
             args = [sys.executable, str(Path(__file__)), name]
         else:
-            name, args = "worker", [sys.executable, str(ROOT / "worker.py")]
+            args = [sys.executable, str(ROOT / "worker.py")]
         with self._process(name, args) as (process, log):
             wait_for_text(log, "worker ready", process)
             yield Service(self.task_queue, process)
 
     @contextlib.contextmanager
-    def api(self) -> Iterator[Service]:
-        """The event API (``nurture.service.api.serve``: uvicorn, default options) as a subprocess."""
-        port = free_port()
+    def api(self, name: str = "api", port: int | None = None) -> Iterator[Service]:
+        """The event API (``nurture.service.api.serve``: uvicorn, default options) as a subprocess;
+        ``name`` names its log, ``port`` is where it listens (default: a free one)."""
+        port = port or free_port()
         args = [sys.executable, str(Path(__file__)), "api", "--port", str(port)]
-        with self._process("api", args) as (process, _log):
+        with self._process(name, args) as (process, _log):
             wait_for_port(port, process)
             yield Service(f"http://127.0.0.1:{port}", process)
 

@@ -28,3 +28,8 @@ def test_relative_links_stay_inside_the_repository() -> None:
 def test_the_readme_links_the_language_reference() -> None:
     assert "](docs/journeys.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
     assert (ROOT / "docs" / "journeys.md").stat().st_size > 20_000
+
+
+def test_the_deployment_guide_is_linked_from_the_readme_and_operations() -> None:
+    assert "](docs/deployment.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "](deployment.md)" in (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")

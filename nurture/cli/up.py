@@ -97,14 +97,25 @@ class UpOptions:
         return self.ui_port if self.ui_port is not None else self.temporal_port + 1000
 
 
+TEMPORAL_CONNECTION = (
+    "TEMPORAL_TLS",
+    "TEMPORAL_TLS_CERT",
+    "TEMPORAL_TLS_KEY",
+    "TEMPORAL_TLS_CA",
+    "TEMPORAL_TLS_SERVER_NAME",
+    "TEMPORAL_API_KEY",
+)
+"""How to reach a remote Temporal: ``nurture up`` ignores these for its own dev server."""
+
+
 def stack_settings(options: UpOptions, env: Mapping[str, str] | None = None) -> Settings:
     """Settings for the stack: the home and the local dev server override ``NURTURE_HOME`` and
     ``TEMPORAL_ADDRESS``; ``DATABASE_URL`` still wins over the SQLite default."""
     env = dict(os.environ if env is None else env)
     env["NURTURE_HOME"] = str(options.home)
     env["TEMPORAL_ADDRESS"] = f"{_url_host(options.temporal_host)}:{options.temporal_port}"
-    for name in ("TEMPORAL_TLS", "TEMPORAL_TLS_CERT", "TEMPORAL_TLS_KEY", "TEMPORAL_TLS_CA"):
-        env.pop(name, None)  # the local dev server speaks plain gRPC
+    for name in TEMPORAL_CONNECTION:
+        env.pop(name, None)  # the local dev server speaks plain gRPC and takes no key
     settings = Settings.from_env(env)
     overrides: dict[str, Any] = {}
     if options.journeys is not None:
@@ -265,7 +276,7 @@ class Stack:
     async def start(self) -> None:
         await self.start_temporal()
         assert self.client is not None
-        self.db = Database(self.settings.database)
+        self.db = self.settings.open_database()
         await asyncio.to_thread(self.db.migrate)
         self.tasks["worker"] = asyncio.ensure_future(
             worker.run(

@@ -119,7 +119,7 @@ naming the kind needed.
 answers `"duplicate": true`. Without one the API assigns a fresh id, so **a client that retries
 must send its own `messageId`** (the same one on every attempt) to be de-duplicated. After a 503
 (Temporal unreachable), retry with the same `messageId`: an event that was stored but not fully
-routed is routed by the retry (`"rerouted": true`), or else when the API next starts.
+routed is routed by the retry (`"rerouted": true`), or else by the API within a few minutes.
 
 **Differences from Segment.** Identity is resolved here, as described above (Segment leaves it to
 its destinations); `alias` needs `userId` and takes `previousId` as a userId when one is known,
@@ -850,11 +850,33 @@ def _unavailable(reason: str) -> ApiError:
     )
 
 
+@dataclass(frozen=True)
+class LeftOver:
+    """How an API process looks for events that a process which died left unrouted.
+
+    At start-up it routes those received before it started; and since a deployment runs several
+    API processes, and the one that died may never start again, it looks again every ``every``
+    seconds for those received more than ``age`` seconds ago. Every API process looks: routing an
+    event twice is harmless (see :mod:`nurture.service.ingest`), and ``age`` keeps the looks clear
+    of events a live call is still routing."""
+
+    every: float = 60.0
+    age: float = 120.0
+
+
 class Service:
     """What the endpoints share: the project, the database, the keys and (lazily) Temporal."""
 
-    def __init__(self, settings: Settings, project: Project, db: Database, client: Client | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        project: Project,
+        db: Database,
+        client: Client | None,
+        left_over: LeftOver = LeftOver(),
+    ) -> None:
         self.settings = settings
+        self.left_over = left_over
         self.project = project
         self.db = db
         kinds: dict[KeyKind, Sequence[str]] = {
@@ -908,8 +930,10 @@ class Service:
         return self._ingest
 
     async def route_left_over(self, started: datetime) -> None:
-        """Route the track events an earlier process stored but did not finish routing (it died
-        mid-call), once the requests that might still be routing them elsewhere are done."""
+        """Route the track events a process stored but did not finish routing (it died mid-call):
+        those received before ``started``, once the requests that might still be routing them
+        elsewhere are done; then, for as long as this process runs, those left behind since by
+        any other (see :class:`LeftOver`)."""
         await asyncio.sleep(ROUTING_GRACE)
         while True:
             try:
@@ -917,9 +941,17 @@ class Service:
                 break
             except ApiError:  # Temporal not up yet: the events wait for it
                 await asyncio.sleep(ROUTING_GRACE)
-        routed = await ingest.route_unrouted(before=started)
-        if routed:
-            log.info("routed %d events an earlier process left unrouted", routed)
+        before = started
+        while True:
+            try:
+                routed = await ingest.route_unrouted(before=before)
+            except Exception:  # logged, and looked for again: this task lives as long as the process
+                log.exception("routing left-over events failed")
+                routed = 0
+            if routed:
+                log.info("routed %d events a process that died left unrouted", routed)
+            await asyncio.sleep(self.left_over.every)
+            before = datetime.now(UTC) - timedelta(seconds=self.left_over.age)
 
     def kinds(self, key: str) -> set[KeyKind]:
         """What ``key`` is: a write, read or admin key (a key may be listed as several), or nothing."""
@@ -983,8 +1015,8 @@ class Service:
     async def wechat_followed(self, openid: str, at: datetime) -> None:
         """A WeChat follow: the follower's person (created with the ``wechat_openid`` trait when
         the openid is new) gets the track event ``WeChat Followed``, which journeys can trigger
-        on. Never raises: WeChat must get its answer; an event not routed now is routed by the
-        API's next start."""
+        on. Never raises: WeChat must get its answer; an event not routed now is routed later
+        (see :class:`LeftOver`)."""
         follower = [Identifier("wechat_openid", openid)]
         message_id = f"wechat-follow:{openid}:{int(at.timestamp())}"
         event = Event(WECHAT_FOLLOWED, at, {}, message_id)
@@ -2193,12 +2225,14 @@ def create_app(
     project: Project | None = None,
     db: Database | None = None,
     client: Client | None = None,
+    left_over: LeftOver = LeftOver(),
 ) -> FastAPI:
     """The event API for ``settings``.
 
     Refuses to build without write keys. Compiles the project, and opens and migrates the
     database, unless given; without a ``client`` it connects to Temporal at start-up, or on the
-    first call that needs it when Temporal is not up yet.
+    first call that needs it when Temporal is not up yet. ``left_over`` says how often it looks
+    for events a process that died left unrouted.
     """
     if project is None:
         project = load_project(
@@ -2210,10 +2244,10 @@ def create_app(
         )
     owns_db = db is None
     if db is None:
-        db = Database(settings.database)
+        db = settings.open_database()
         db.migrate()
     store_versions(db, list(project.journeys.values()))  # what `nurture migrate` moves runs from
-    service = Service(settings, project, db, client)
+    service = Service(settings, project, db, client, left_over)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -2222,11 +2256,11 @@ def create_app(
                 await service.ingest()
             except ApiError:
                 log.warning("starting without Temporal; calls will connect when it is reachable")
-        left_over = asyncio.create_task(service.route_left_over(datetime.now(UTC)))
+        sweeping = asyncio.create_task(service.route_left_over(datetime.now(UTC)))
         scheduled = any(b.schedule is not None for b in project.broadcasts.values())
         schedules = asyncio.create_task(service.run_schedules()) if scheduled else None
         yield
-        left_over.cancel()
+        sweeping.cancel()
         if schedules is not None:
             schedules.cancel()
         if owns_db:

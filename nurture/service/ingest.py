@@ -16,8 +16,8 @@ that run (signal ``trigger``), so re-entry rules apply to the merged person as o
 Routing is at least once. The event is stored first and marked routed only when every route and
 journey has had it; one that fails part-way (Temporal, the database) or whose process dies stays
 unrouted, and is routed again, whole, by the retry of the call (same ``messageId``) or by
-:meth:`Ingest.route_unrouted` when the API starts. An identity call that merged people stays
-unrouted in the same way until the runs the merge ends have had their stop signal. Routing twice is harmless: a run ignores an
+:meth:`Ingest.route_unrouted`, which every API process calls when it starts and every minute
+after. An identity call that merged people stays unrouted in the same way until the runs the merge ends have had their stop signal. Routing twice is harmless: a run ignores an
 event or trigger it has seen, and a run the event started that has ended since is not started
 again (the ``runs`` table records each run's trigger).
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -68,6 +69,7 @@ from nurture.storage.stores import (
     last_entry,
     listened_events,
     run_started_by,
+    stored_version_count,
 )
 from workflows.dates import DATE_WORKFLOW, PLAN_SIGNAL, date_params
 from workflows.journey import RECORD_STEPS, START_RIDES, WORKFLOW_NAME
@@ -81,6 +83,12 @@ ROUTING_GRACE = 5.0
 """Seconds after which an unrouted event is taken to be left behind by a process that died, not
 being routed by a live request: the API's start-up routes those received before it started, this
 long after it started."""
+
+ROUTABLE_FRESH = 1.0
+"""Seconds a router trusts its set of listened-for event names. In a rolling upgrade a newer API
+process stores a journey version that may listen for an event no older one did: an event whose
+name is not in the set makes this router count the stored versions (at most once in this time)
+and, when there are more, read what they listen for."""
 
 RE_ENTRY_ONCE = "re_entry_once"
 """Why a matching trigger started nothing: the journey's ``re_entry: once`` and an earlier run."""
@@ -158,6 +166,8 @@ class Ingest:
                 self._goals.setdefault(journey.goal.event, []).append(journey.id)
         self._payloads = {j.id: journey_to_dict(j) for j in project.journeys.values()}
         self._listens = {j.id: sorted(j.listens_for()) for j in project.journeys.values()}
+        self._versions = stored_version_count(db)  # counted first: a version stored meanwhile is read later
+        self._looked = time.monotonic()
         self._routable = frozenset(
             {j.trigger.event for j in project.journeys.values()}
             | {name for listens in self._listens.values() for name in listens}
@@ -200,6 +210,7 @@ class Ingest:
         again only if its routing never finished, once the call that stored it is surely over.
         :class:`NotRouted` when routing fails."""
         assert event.message_id is not None, "the API assigns a message id to every event"
+        listened = event.name in self._routable or await self._newly_listened(event.name)
         record = EventRecord(
             message_id=event.message_id,
             kind="track",
@@ -209,7 +220,7 @@ class Ingest:
             properties=dict(event.properties),
             timestamp=event.timestamp.astimezone(UTC),
             received_at=utcnow(),  # given, as every field: a default factory costs an inspection
-            routed_at=None if event.name in self._routable else utcnow(),
+            routed_at=None if listened else utcnow(),
         )
         if isinstance(identifiers, str):
             identifiers = call_identifiers(identifiers, None)
@@ -231,6 +242,19 @@ class Ingest:
             if datetime.now(UTC) - received_at >= timedelta(seconds=ROUTING_GRACE):
                 return await self._route(stored_user, stored, again=True)
             await asyncio.sleep(0.05)
+
+    async def _newly_listened(self, name: str) -> bool:
+        """Whether a journey version stored since this router last looked (by a newer API
+        process) listens for ``name``; looked up at most once per :data:`ROUTABLE_FRESH`."""
+        now = time.monotonic()
+        if now - self._looked < ROUTABLE_FRESH:
+            return False
+        self._looked = now
+        count = await asyncio.to_thread(stored_version_count, self.db)
+        if count != self._versions:
+            self._routable = self._routable | await asyncio.to_thread(listened_events, self.db)
+            self._versions = count
+        return name in self._routable
 
     async def route_unrouted(self, before: datetime) -> int:
         """Route every track event received before ``before`` whose routing never finished (its

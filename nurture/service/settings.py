@@ -15,7 +15,7 @@ from temporalio.client import Client, TLSConfig
 from temporalio.runtime import Runtime
 
 from nurture.delivery.links import UnsubscribeLinks
-from nurture.storage.db import database_url
+from nurture.storage.db import Database, Pool, database_url
 
 MIN_SECRET = 16
 """Characters ``NURTURE_SECRET`` needs at least: a short secret makes links guessable."""
@@ -27,6 +27,27 @@ class SettingsError(SystemExit):
 
 def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in env.get(name, "").split(",") if key.strip())
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise SettingsError(f"{name} must be a whole number of connections, got {raw!r}")
+    return int(raw)
+
+
+def _tls(env: Mapping[str, str], implied: bool) -> bool:
+    """``TEMPORAL_TLS``: on when set to 1/true/yes, off when set to 0/false/no, else ``implied``."""
+    raw = env.get("TEMPORAL_TLS", "").strip().lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no"):
+        return False
+    if raw:
+        raise SettingsError(f"TEMPORAL_TLS must be 1 or 0, got {raw!r}")
+    return implied
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,10 +68,19 @@ class Settings:
     """``TEMPORAL_TLS_KEY``: the client certificate's private key (PEM)."""
     tls_ca: Path | None = None
     """``TEMPORAL_TLS_CA``: CA bundle that signs the server's certificate."""
+    tls_server_name: str = ""
+    """``TEMPORAL_TLS_SERVER_NAME``: the name the server's certificate is checked against, when it
+    is not the host in ``TEMPORAL_ADDRESS`` (a cluster reached through a private address)."""
+    api_key: str = field(default="", repr=False)
+    """``TEMPORAL_API_KEY``: an API key (Temporal Cloud), sent with every call; implies TLS unless
+    ``TEMPORAL_TLS=0``."""
     home: Path = Path(".nurture")
     """``NURTURE_HOME``: local state (SQLite database, dev server data, logs)."""
     database: str = ""
     """``DATABASE_URL`` (default: SQLite in ``NURTURE_HOME``)."""
+    db_pool: Pool = field(default_factory=Pool)
+    """``NURTURE_DB_POOL_SIZE`` and ``NURTURE_DB_MAX_OVERFLOW``: PostgreSQL connections each process
+    keeps open, and may open beyond those under a burst."""
     journeys: Path = Path("journeys")
     """``NURTURE_JOURNEYS``: directory of journey files."""
     templates: Path = Path("templates")
@@ -90,6 +120,13 @@ class Settings:
         cert, key, ca = path("TEMPORAL_TLS_CERT"), path("TEMPORAL_TLS_KEY"), path("TEMPORAL_TLS_CA")
         if bool(cert) != bool(key):
             raise SettingsError("TEMPORAL_TLS_CERT and TEMPORAL_TLS_KEY go together: set both or neither")
+        server_name = env.get("TEMPORAL_TLS_SERVER_NAME", "").strip()
+        api_key = env.get("TEMPORAL_API_KEY", "").strip()
+        tls = _tls(env, implied=bool(cert or ca or server_name or api_key))
+        if not tls and (cert or ca or server_name):
+            raise SettingsError(
+                "TEMPORAL_TLS=0 contradicts TEMPORAL_TLS_CERT, TEMPORAL_TLS_CA and TEMPORAL_TLS_SERVER_NAME"
+            )
         metrics = env.get("NURTURE_METRICS_PORT", "").strip()
         if metrics and not metrics.isdigit():
             raise SettingsError(f"NURTURE_METRICS_PORT must be a port number, got {metrics!r}")
@@ -107,12 +144,18 @@ class Settings:
             temporal_address=env.get("TEMPORAL_ADDRESS", cls.temporal_address),
             namespace=env.get("TEMPORAL_NAMESPACE", cls.namespace),
             task_queue=env.get("NURTURE_TASK_QUEUE", cls.task_queue),
-            tls=env.get("TEMPORAL_TLS", "").lower() in ("1", "true", "yes") or bool(cert or ca),
+            tls=tls,
             tls_cert=cert,
             tls_key=key,
             tls_ca=ca,
+            tls_server_name=server_name,
+            api_key=api_key,
             home=home,
             database=database_url(env, home),
+            db_pool=Pool(
+                size=_count(env, "NURTURE_DB_POOL_SIZE", Pool.size),
+                overflow=_count(env, "NURTURE_DB_MAX_OVERFLOW", Pool.overflow),
+            ),
             journeys=Path(env.get("NURTURE_JOURNEYS", "journeys")),
             templates=Path(env.get("NURTURE_TEMPLATES", "templates")),
             audiences=path("NURTURE_AUDIENCES"),
@@ -151,10 +194,19 @@ class Settings:
             server_root_ca_cert=self.tls_ca.read_bytes() if self.tls_ca else None,
             client_cert=self.tls_cert.read_bytes() if self.tls_cert else None,
             client_private_key=self.tls_key.read_bytes() if self.tls_key else None,
+            domain=self.tls_server_name or None,
         )
 
     async def connect(self, runtime: Runtime | None = None) -> Client:
         """A Temporal client for these settings (on ``runtime``, else the SDK's default)."""
         return await Client.connect(
-            self.temporal_address, namespace=self.namespace, tls=self.tls_config(), runtime=runtime
+            self.temporal_address,
+            namespace=self.namespace,
+            tls=self.tls_config(),
+            api_key=self.api_key or None,
+            runtime=runtime,
         )
+
+    def open_database(self) -> Database:
+        """An engine on ``DATABASE_URL`` with this process's connection pool."""
+        return Database(self.database, pool=self.db_pool)

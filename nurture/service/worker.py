@@ -256,7 +256,7 @@ async def run(
     )
     for journey in project.journeys.values():
         JOURNEYS.labels(journey.id, journey.version).set(1)
-    db = Database(settings.database)
+    db = settings.open_database()
     metrics_server = None
     channels: Channels | None = None
     try:

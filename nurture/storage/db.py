@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,32 @@ def database_url(env: Mapping[str, str] | None = None, home: Path | None = None)
     return f"sqlite:///{home / 'nurture.db'}"
 
 
+@dataclass(frozen=True)
+class Pool:
+    """How many connections one process holds to a server database (PostgreSQL).
+
+    ``size`` stay open once made; up to ``overflow`` more are opened under a burst and closed when
+    returned. A process uses at most ``size + overflow``: the server's ``max_connections`` must
+    cover that times the number of processes (API processes and workers), plus what else connects.
+    """
+
+    size: int = 5
+    overflow: int = 10
+
+    @property
+    def most(self) -> int:
+        """The most connections one process opens."""
+        return self.size + self.overflow
+
+
 class Database:
     """One engine per process; short sessions per unit of work."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pool: Pool | None = None) -> None:
         self.url = url
         options: dict[str, Any] = {"pool_pre_ping": True}
+        if pool is not None and not url.startswith("sqlite"):
+            options.update(pool_size=pool.size, max_overflow=pool.overflow)
         if url.startswith("sqlite"):
             path = url.removeprefix("sqlite:///")
             if path and path != ":memory:":

@@ -776,6 +776,12 @@ def listened_events(db: Database) -> set[str]:
     return names
 
 
+def stored_version_count(db: Database) -> int:
+    """How many journey versions are stored: it grows when a process with a new version starts."""
+    with db.session() as session:
+        return int(session.execute(select(func.count()).select_from(JourneyVersion)).scalar_one())
+
+
 def stored_version(db: Database, journey: str, version: str) -> ir.Journey | None:
     """A stored journey version (:func:`store_versions`), or ``None``."""
     with db.session() as session:

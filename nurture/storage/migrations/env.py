@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import engine_from_config, pool, text
 from sqlmodel import SQLModel
 
 from nurture.storage import audit, console, models  # noqa: F401  (registers the tables)
 
 config = context.config
 target_metadata = SQLModel.metadata
+
+MIGRATION_LOCK = 7_146_524_610_281_905
+"""The PostgreSQL advisory lock migrations hold: processes that start together (API processes and
+workers of one deployment) migrate one after the other, and those after the first find nothing
+to do. Without it, all of them saw an empty database and all but one failed creating its tables."""
 
 
 def run() -> None:
@@ -25,6 +30,8 @@ def run() -> None:
             render_as_batch=connection.dialect.name == "sqlite",
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":  # held until this transaction ends
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             context.run_migrations()
         connection.commit()
 
