@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import ir
+from .audiences import Audience
 from .diagnostics import CompileError, Diagnostic, DiagnosticSink, describe_value, did_you_mean
 from .document import (
     FORM_TAGS,
@@ -102,6 +103,8 @@ class Project:
     templates: TemplateStore
     settings: Settings
     warnings: list[Diagnostic] = field(default_factory=list)
+    audiences: dict[str, Audience] = field(default_factory=dict)
+    """The project's audiences (``audiences/<id>.yaml``), by id."""
 
     def select(self, ids: list[str] | None) -> list[ir.Journey]:
         """The named journeys (all when ``ids`` is empty); unknown names raise ``KeyError``."""

@@ -1,0 +1,711 @@
+"""Audience membership in the database: kept current as calls arrive, as time passes, and
+evaluated from scratch when an audience (or a new version of one) is deployed.
+
+The rules are :mod:`nurture.engine.audience`'s; this module only feeds them stored data and
+writes what they decide:
+
+- ``audience_members``: who is in each audience now; ``audience_history``: every entry and exit.
+- ``audience_state``: per (audience, person), the tallies and the next moment membership changes
+  with no new input (``changes_at``). It is a cache: a person with no row (or a row of another
+  audience version) has their tallies counted again from their stored events, with one indexed
+  query. So the evaluation from scratch writes rows only for people whose membership will change
+  with time, and the time sweep finds them by ``changes_at``.
+- ``audience_pending``: people whose traits or opt-outs changed outside the event API (a
+  provider's unsubscribe, a journey's profile update); the sweep brings them up to date.
+
+Each entry and exit also stores a track event for the person, ``Audience Entered`` or ``Audience
+Exited`` with ``properties.audience``, in the same transaction: routed like any event, it starts
+the journeys triggered by it. Those events never count towards an audience themselves.
+
+Concurrency: every change to one person's memberships happens while their ``profiles`` row is
+locked (``SELECT ... FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE``), the lock every call of the event
+API takes (:mod:`nurture.storage.identities`). The evaluation from scratch reads the events in one
+set-based pass, then writes a few thousand people at a time under their locks; a person who got an
+event or changed after the pass began is counted again there, under the lock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, case, delete, func, insert, type_coerce
+from sqlmodel import Session, col, select
+
+from nurture.engine.audience import Standing, Tally, empty_tallies, evaluate, event_matches, note
+from nurture.engine.clock import format_instant
+from nurture.engine.model import Event, Profile
+from nurture.language.audiences import ENTERED, EXITED, Audience, audience_to_dict
+
+from .db import Database, upsert
+from .identities import canonical, with_group
+from .models import (
+    AudienceChange,
+    AudienceMember,
+    AudiencePending,
+    AudienceState,
+    AudienceVersion,
+    EventRecord,
+    ProfileRecord,
+    UtcDateTime,
+    utcnow,
+)
+
+AUDIENCE_EVENTS = frozenset({ENTERED, EXITED})
+"""The events membership changes produce: they count towards no audience (no loops)."""
+CHUNK = 2000
+"""People written per transaction by the evaluation from scratch and the sweep."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry or exit, with the track event stored for it."""
+
+    audience: str
+    person: str
+    entered: bool
+    event: Event
+
+
+@dataclass
+class Evaluated:
+    """What an evaluation from scratch did."""
+
+    audience: str
+    version: str
+    members: int = 0
+    changes: list[Change] = field(default_factory=list)
+    recounted: int = 0
+    """People counted again under their lock: they changed while the events were read."""
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _dump(tallies: Sequence[Tally]) -> list[list[str]]:
+    return [[format_instant(t) for t in tally] for tally in tallies]
+
+
+def _load(stored: Sequence[Sequence[str]]) -> tuple[Tally, ...]:
+    return tuple(tuple(_aware(datetime.fromisoformat(t.replace("Z", "+00:00"))) for t in tally) for tally in stored)
+
+
+def _counted_at() -> Any:
+    """An event's time for a tally: its own, or when it arrived if that is earlier (no future)."""
+    ts, received = col(EventRecord.timestamp), col(EventRecord.received_at)
+    return type_coerce(case((ts < received, ts), else_=received), UtcDateTime())
+
+
+class AudienceStore:
+    """The project's audiences kept in the database. ``routable``: event names some journey
+    listens for; an audience event of another name is stored as routed (nothing to route)."""
+
+    def __init__(
+        self, db: Database, audiences: Mapping[str, Audience], *, routable: Iterable[str] = ()
+    ) -> None:
+        self.db = db
+        self.audiences = dict(audiences)
+        self.routable = frozenset(routable)
+        self._by_event: dict[str, list[tuple[Audience, int]]] = {}
+        for audience in self.audiences.values():
+            for index, clause in enumerate(audience.clauses):
+                if clause.event not in AUDIENCE_EVENTS:
+                    self._by_event.setdefault(clause.event, []).append((audience, index))
+        self._by_traits = [a for a in self.audiences.values() if a.reads_traits]
+        self._by_opt_outs = [a for a in self.audiences.values() if a.subscribed]
+        self.events = frozenset(self._by_event)
+        """Event names whose arrival can change some membership."""
+
+    # Upkeep, one person at a time, in the caller's transaction ---------------------------------
+
+    def upkeep(
+        self,
+        session: Session,
+        profile: Profile,
+        *,
+        event: Event | None = None,
+        traits: bool = False,
+        opt_outs: bool = False,
+        now: datetime | None = None,
+    ) -> list[Change]:
+        """Bring the person's memberships up to date after a call, in its transaction (their
+        profile row locked, the call's event stored): a track ``event``, changed ``traits``,
+        changed ``opt_outs``. An event no audience counts costs one dictionary look-up."""
+        noted: dict[str, set[int]] = {}
+        if event is not None and event.name in self._by_event:
+            scope = {"user": dict(profile.traits), "event": event.scope()}
+            for audience, index in self._by_event[event.name]:
+                if event_matches(audience.clauses[index], event.name, scope):
+                    noted.setdefault(audience.id, set()).add(index)
+        touched = {a: set[int]() for a in noted}
+        recount: set[str] = set()
+        if traits:
+            for audience in self._by_traits:
+                touched.setdefault(audience.id, set())
+                if any(c.cond is not None and c.cond.reads_user for c in audience.clauses):
+                    recount.add(audience.id)  # which events counted depends on the traits
+        if opt_outs:
+            for audience in self._by_opt_outs:
+                touched.setdefault(audience.id, set())
+        if not touched:
+            return []
+        now = now or utcnow()
+        at = now if event is None else min(_aware(event.timestamp), now)
+        return self._upkeep(session, profile, [self.audiences[a] for a in sorted(touched)], noted, recount, at, now)
+
+    def _upkeep(
+        self,
+        session: Session,
+        profile: Profile,
+        audiences: Sequence[Audience],
+        noted: Mapping[str, set[int]],
+        recount: set[str],
+        at: datetime,
+        now: datetime,
+    ) -> list[Change]:
+        person = profile.user_id
+        ids = [a.id for a in audiences]
+        states = {
+            row.audience: row
+            for row in session.execute(
+                select(AudienceState)
+                .where(col(AudienceState.person) == person)
+                .where(col(AudienceState.audience).in_(ids))
+            ).scalars()
+        }
+        members = _members_of(session, person, ids)
+        counted: dict[str, tuple[Tally, ...]] | None = None
+        changes: list[Change] = []
+        for audience in audiences:
+            state = states.get(audience.id)
+            if not audience.clauses:
+                tallies: tuple[Tally, ...] = ()
+            elif state is not None and state.version == audience.version and audience.id not in recount:
+                tallies = _load(state.tallies)
+                for index in noted.get(audience.id, ()):
+                    tallies = (*tallies[:index], note(audience.clauses[index], tallies[index], at), *tallies[index + 1 :])
+            else:  # not cached: count the stored events (the call's own is among them)
+                if counted is None:
+                    counted = self._count(session, profile, audiences)
+                tallies = counted[audience.id]
+            standing = evaluate(audience, profile.traits, profile.opted_out, tallies, now)
+            _keep_state(session, audience, person, tallies, standing, state)
+            changes += _settle(session, self.routable, audience.id, person, standing.member, members, now)
+        return changes
+
+    def _count(self, session: Session, profile: Profile, audiences: Sequence[Audience]) -> dict[str, tuple[Tally, ...]]:
+        """The tallies of ``audiences`` for one person, counted from their stored events."""
+        names = sorted({c.event for a in audiences for c in a.clauses} - AUDIENCE_EVENTS)
+        tallies = {a.id: list(empty_tallies(a)) for a in audiences}
+        if not names:
+            return {a: tuple(t) for a, t in tallies.items()}
+        rows = session.execute(
+            select(col(EventRecord.name), _counted_at(), col(EventRecord.properties), col(EventRecord.timestamp))
+            .where(col(EventRecord.user_id) == profile.user_id)
+            .where(col(EventRecord.name).in_(names))
+            .where(col(EventRecord.kind) == "track")
+        ).all()
+        user = dict(profile.traits)
+        for name, at, properties, timestamp in rows:
+            scope = {"user": user, "event": Event(name, _aware(timestamp), properties).scope()}
+            for audience in audiences:
+                for index, clause in enumerate(audience.clauses):
+                    if clause.event in AUDIENCE_EVENTS:
+                        continue
+                    if event_matches(clause, name, scope):
+                        tallies[audience.id][index] = note(clause, tallies[audience.id][index], _aware(at))
+        return {a: tuple(t) for a, t in tallies.items()}
+
+    def evaluate_person(self, session: Session, person: str, now: datetime | None = None) -> list[Change]:
+        """Every audience of ``person`` counted again from their stored data (their profile row
+        locked by the caller): after a merge, or a change outside the event API."""
+        now = now or utcnow()
+        row = session.get(ProfileRecord, person)
+        if row is None or row.merged_into is not None:
+            return self.leave_all(session, [person], now, events=False)
+        profile = with_group(session, row, person)
+        audiences = [self.audiences[a] for a in sorted(self.audiences)]
+        recount = {a.id for a in audiences}
+        return self._upkeep(session, profile, audiences, {}, recount, now, now)
+
+    def leave_all(self, session: Session, persons: Sequence[str], now: datetime, *, events: bool = True) -> list[Change]:
+        """``persons`` leave every audience and lose their upkeep state (merged away, or gone).
+        Their exits are in the history; ``events``: with an ``Audience Exited`` event each."""
+        changes: list[Change] = []
+        for person in persons:
+            for audience in _members_of(session, person, None):
+                if events:
+                    changes += _settle(session, self.routable, audience, person, False, {audience}, now)
+                else:
+                    _history(session, audience, person, False, now)
+            session.execute(delete(AudienceMember).where(col(AudienceMember.person) == person))
+            session.execute(delete(AudienceState).where(col(AudienceState.person) == person))
+        return changes
+
+    def merged(self, session: Session, kept: str, gone: Sequence[str], now: datetime | None = None) -> list[Change]:
+        """After a merge (in its transaction): the merged-away people leave their audiences (no
+        event: they are the survivor now) and the survivor is counted again over the joined data."""
+        now = now or utcnow()
+        self.leave_all(session, gone, now, events=False)
+        return self.evaluate_person(session, kept, now)
+
+    # The time sweep --------------------------------------------------------------------------
+
+    def sweep(self, now: datetime | None = None, *, limit: int = CHUNK) -> list[Change]:
+        """Re-evaluate whoever is due: state rows with ``changes_at <= now`` and people pending
+        (traits or opt-outs changed outside the event API), a chunk per transaction."""
+        now = now or utcnow()
+        changes: list[Change] = []
+        while True:
+            with self.db.session() as session:
+                due: dict[str, set[str]] = {}
+                for audience, person in session.execute(
+                    select(col(AudienceState.audience), col(AudienceState.person))
+                    .where(col(AudienceState.changes_at) <= now)
+                    .order_by(col(AudienceState.changes_at))
+                    .limit(limit)
+                ):
+                    due.setdefault(person, set()).add(audience)
+                pending = list(session.execute(select(col(AudiencePending.person)).limit(limit)).scalars())
+            if not due and not pending:
+                return changes
+            with self.db.write_session() as session:
+                persons = sorted(set(due) | set(pending))
+                _lock(session, persons)
+                for person in persons:
+                    changes += self._sweep_one(session, person, due.get(person, set()), person in pending, now)
+                if pending:
+                    session.execute(delete(AudiencePending).where(col(AudiencePending.person).in_(pending)))
+
+    def _sweep_one(self, session: Session, person: str, due: set[str], pending: bool, now: datetime) -> list[Change]:
+        survivor = canonical(session, person)
+        if survivor != person or session.get(ProfileRecord, person) is None:
+            self.leave_all(session, [person], now, events=False)
+            return []
+        if pending:
+            return self.evaluate_person(session, person, now)
+        gone = sorted(due - set(self.audiences))  # an audience no longer deployed: no timer
+        if gone:
+            session.execute(
+                delete(AudienceState)
+                .where(col(AudienceState.person) == person)
+                .where(col(AudienceState.audience).in_(gone))
+            )
+        audiences = [self.audiences[a] for a in sorted(due & set(self.audiences))]
+        if not audiences:
+            return []
+        row = session.get(ProfileRecord, person)
+        assert row is not None
+        profile = with_group(session, row, person)
+        return self._upkeep(session, profile, audiences, {}, set(), now, now)
+
+    # Evaluation from scratch -----------------------------------------------------------------
+
+    def deploy(self) -> list[Audience]:
+        """Record each audience version (once) and return those not yet evaluated from scratch."""
+        rows: list[dict[str, Any]] = [
+            {
+                "audience": a.id,
+                "version": a.version,
+                "definition": audience_to_dict(a),
+                "deployed_at": utcnow(),
+                "evaluated_at": None,
+                "members": None,
+            }
+            for a in self.audiences.values()
+        ]
+        if not rows:
+            return []
+        with self.db.session() as session:
+            insert_ = upsert(session)
+            if insert_ is not None:
+                session.execute(insert_(AudienceVersion).values(rows).on_conflict_do_nothing())
+            else:
+                for values in rows:
+                    if session.get(AudienceVersion, (values["audience"], values["version"])) is None:
+                        session.add(AudienceVersion(**values))
+            evaluated = {
+                (a, v)
+                for a, v in session.execute(
+                    select(col(AudienceVersion.audience), col(AudienceVersion.version)).where(
+                        col(AudienceVersion.evaluated_at).is_not(None)
+                    )
+                )
+            }
+        return [a for a in self.audiences.values() if (a.id, a.version) not in evaluated]
+
+    def evaluate_all(self, audience_id: str, now: datetime | None = None, *, chunk: int = CHUNK) -> Evaluated:
+        """Evaluate ``audience_id`` over the whole stored population: tallies from the events in
+        one grouped query per clause, ``where`` in Python over the traits; then people are written
+        ``chunk`` at a time under their locks, with entries and exits recorded."""
+        audience = self.audiences[audience_id]
+        now = now or utcnow()
+        result = Evaluated(audience.id, audience.version)
+        with self.db.session() as reader:
+            last = reader.execute(select(func.max(col(EventRecord.id)))).scalar() or 0
+            streams = [_Stream(self._clause_rows(reader, audience, index, last)) for index in range(len(audience.clauses))]
+            people = reader.execute(
+                select(col(ProfileRecord.user_id))
+                .where(col(ProfileRecord.merged_into).is_(None))
+                .order_by(_ordered(reader, col(ProfileRecord.user_id)))
+            ).scalars()
+            batch: list[tuple[str, tuple[Tally, ...]]] = []
+            for person in _with_members(people, self._members_stream(audience.id)):
+                batch.append((person, tuple(stream.upto(person, audience.clauses[i]) for i, stream in enumerate(streams))))
+                if len(batch) >= chunk:
+                    self._write(audience, batch, last, now, result)
+                    batch = []
+            if batch:
+                self._write(audience, batch, last, now, result)
+        with self.db.session() as session:
+            result.members = self.size(audience.id, session=session)
+            version = session.get(AudienceVersion, (audience.id, audience.version))
+            if version is not None:
+                version.evaluated_at = utcnow()
+                version.members = result.members
+        return result
+
+    def _members_stream(self, audience: str) -> Iterator[str]:
+        """Current members, in the order people are read (members with no profile left leave)."""
+        with self.db.session() as session:
+            yield from session.execute(
+                select(col(AudienceMember.person))
+                .where(col(AudienceMember.audience) == audience)
+                .order_by(_ordered(session, col(AudienceMember.person)))
+            ).scalars()
+
+    def _clause_rows(self, session: Session, audience: Audience, index: int, last: int) -> Iterator[tuple[str, datetime]]:
+        """(person, time) of the events counting for one clause, the newest ``at_least`` per
+        person, by person: grouped in SQL when the clause has no condition, else filtered here."""
+        clause = audience.clauses[index]
+        at = _counted_at().label("at")
+        person = col(EventRecord.user_id)
+        base = (
+            select(person, at)
+            .where(col(EventRecord.name) == clause.event)
+            .where(col(EventRecord.kind) == "track")
+            .where(col(EventRecord.id) <= last)
+        )
+        ordered = _ordered(session, person)
+        if clause.cond is None and clause.at_least == 1:
+            grouped = base.subquery()
+            query = (
+                select(grouped.c.user_id, type_coerce(func.max(grouped.c.at), UtcDateTime()))
+                .group_by(grouped.c.user_id)
+                .order_by(_ordered(session, grouped.c.user_id))
+            )
+            for user, when in session.execute(query.execution_options(yield_per=5000)):
+                yield user, _aware(when)
+            return
+        if clause.cond is None:
+            ranked = base.add_columns(
+                func.row_number().over(partition_by=person, order_by=at.desc()).label("rank")
+            ).subquery()
+            query = (
+                select(ranked.c.user_id, type_coerce(ranked.c.at, UtcDateTime()))
+                .where(ranked.c.rank <= clause.at_least)
+                .order_by(_ordered(session, ranked.c.user_id), ranked.c.at)
+            )
+            for user, when in session.execute(query.execution_options(yield_per=5000)):
+                yield user, _aware(when)
+            return
+        # A condition: evaluated here, over each event (and the person's traits when it reads them).
+        filtered = base.add_columns(col(EventRecord.properties), col(EventRecord.timestamp)).order_by(ordered)
+        traits: Mapping[str, Any] = {}
+        current = None
+        for user, when, properties, timestamp in session.execute(filtered.execution_options(yield_per=5000)):
+            if clause.cond.reads_user and user != current:
+                current = user
+                row = session.get(ProfileRecord, user)
+                traits = {} if row is None else with_group(session, row, user).traits
+            scope = {"user": traits, "event": Event(clause.event, _aware(timestamp), properties).scope()}
+            if event_matches(clause, clause.event, scope):
+                yield user, _aware(when)
+
+    def _write(
+        self, audience: Audience, batch: Sequence[tuple[str, tuple[Tally, ...]]], last: int, now: datetime, result: Evaluated
+    ) -> None:
+        persons = [person for person, _ in batch]
+        with self.db.write_session() as session:
+            rows = _lock(session, persons)
+            moved = {
+                person
+                for person in session.execute(
+                    select(col(EventRecord.user_id))
+                    .where(col(EventRecord.id) > last)
+                    .where(col(EventRecord.user_id).in_(persons))
+                    .distinct()
+                ).scalars()
+            }
+            members = set(
+                session.execute(
+                    select(col(AudienceMember.person))
+                    .where(col(AudienceMember.audience) == audience.id)
+                    .where(col(AudienceMember.person).in_(persons))
+                ).scalars()
+            )
+            session.execute(
+                delete(AudienceState)
+                .where(col(AudienceState.audience) == audience.id)
+                .where(col(AudienceState.person).in_(persons))
+            )
+            states: list[dict[str, Any]] = []
+            for person, tallies in batch:
+                row = rows.get(person)
+                if row is None or row.merged_into is not None:  # forgotten or merged meanwhile
+                    if person in members:
+                        _history(session, audience.id, person, False, now)
+                        session.execute(
+                            delete(AudienceMember)
+                            .where(col(AudienceMember.audience) == audience.id)
+                            .where(col(AudienceMember.person) == person)
+                        )
+                    continue
+                profile = with_group(session, row, person) if row.group_id else Profile(person, row.traits, frozenset(row.opted_out))
+                if person in moved or _aware(row.updated_at) > now:
+                    result.recounted += 1
+                    tallies = self._count(session, profile, [audience])[audience.id]
+                standing = evaluate(audience, profile.traits, profile.opted_out, tallies, now)
+                if standing.changes_at is not None:
+                    states.append(_state_values(audience, person, tallies, standing))
+                was = {audience.id} if person in members else set()
+                result.changes += _settle(session, self.routable, audience.id, person, standing.member, was, now)
+            if states:
+                session.execute(insert(AudienceState), states)
+
+    # Queries ---------------------------------------------------------------------------------
+
+    def size(self, audience: str, *, session: Session | None = None) -> int:
+        if session is None:
+            with self.db.session() as own:
+                return self.size(audience, session=own)
+        return int(
+            session.execute(
+                select(func.count()).select_from(AudienceMember).where(col(AudienceMember.audience) == audience)
+            ).scalar()
+            or 0
+        )
+
+
+def _ordered(session: Session, column: Any) -> Any:
+    """``column`` ordered by code point on both databases (PostgreSQL's collation may not be)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column.collate("C")
+    return column
+
+
+class _Stream:
+    """One clause's (person, time) rows, by person: :meth:`upto` takes one person's tally."""
+
+    def __init__(self, rows: Iterator[tuple[str, datetime]]) -> None:
+        self.rows = rows
+        self.head: tuple[str, datetime] | None = next(rows, None)
+
+    def upto(self, person: str, clause: Any) -> Tally:
+        tally: Tally = ()
+        while self.head is not None and self.head[0] <= person:
+            if self.head[0] == person:
+                tally = note(clause, tally, self.head[1])
+            self.head = next(self.rows, None)
+        return tally
+
+
+def _with_members(people: Iterable[str], members: Iterator[str]) -> Iterator[str]:
+    """People in order, with current members who have no surviving profile among them (they
+    leave); both inputs in code point order."""
+    member = next(members, None)
+    for person in people:
+        while member is not None and member < person:
+            yield member
+            member = next(members, None)
+        if member == person:
+            member = next(members, None)
+        yield person
+    while member is not None:
+        yield member
+        member = next(members, None)
+
+
+def _lock(session: Session, persons: Sequence[str]) -> dict[str, ProfileRecord]:
+    """Lock the persons' profile rows (in id order, as every call of the event API does)."""
+    found: dict[str, ProfileRecord] = {}
+    for start in range(0, len(persons), 1000):
+        part = sorted(persons[start : start + 1000])
+        for row in session.execute(
+            select(ProfileRecord)
+            .where(col(ProfileRecord.user_id).in_(part))
+            .order_by(col(ProfileRecord.user_id))
+            .with_for_update()
+        ).scalars():
+            found[row.user_id] = row
+    return found
+
+
+def _members_of(session: Session, person: str, audiences: Sequence[str] | None) -> set[str]:
+    query = select(col(AudienceMember.audience)).where(col(AudienceMember.person) == person)
+    if audiences is not None:
+        query = query.where(col(AudienceMember.audience).in_(audiences))
+    return set(session.execute(query).scalars())
+
+
+def _state_values(audience: Audience, person: str, tallies: Sequence[Tally], standing: Standing) -> dict[str, Any]:
+    return {
+        "audience": audience.id,
+        "person": person,
+        "tallies": _dump(tallies),
+        "changes_at": standing.changes_at,
+        "version": audience.version,
+    }
+
+
+def _keep_state(
+    session: Session,
+    audience: Audience,
+    person: str,
+    tallies: Sequence[Tally],
+    standing: Standing,
+    state: AudienceState | None,
+) -> None:
+    """Cache the tallies (and the timer) of one person; no row when there is nothing to keep."""
+    if not any(tallies) and standing.changes_at is None:
+        if state is not None:
+            session.delete(state)
+        return
+    values = _state_values(audience, person, tallies, standing)
+    if state is not None:
+        state.tallies, state.changes_at, state.version = values["tallies"], values["changes_at"], values["version"]
+        return
+    insert_ = upsert(session)
+    if insert_ is None:
+        session.merge(AudienceState(**values))
+        return
+    statement = insert_(AudienceState).values(**values)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["audience", "person"],
+            set_={name: statement.excluded[name] for name in ("tallies", "changes_at", "version")},
+        )
+    )
+
+
+def _history(session: Session, audience: str, person: str, entered: bool, at: datetime) -> None:
+    session.execute(
+        insert(AudienceChange).values(audience=audience, person=person, change="entered" if entered else "exited", at=at)
+    )
+
+
+def _settle(
+    session: Session, routable: frozenset[str], audience: str, person: str, member: bool, members: set[str], now: datetime
+) -> list[Change]:
+    """Make ``person``'s membership of ``audience`` ``member`` (``members``: the audiences they
+    are in); an entry or exit is recorded, with its event."""
+    if member == (audience in members):
+        return []
+    if member:
+        session.execute(insert(AudienceMember).values(audience=audience, person=person, entered_at=now))
+        members.add(audience)
+    else:
+        session.execute(
+            delete(AudienceMember)
+            .where(col(AudienceMember.audience) == audience)
+            .where(col(AudienceMember.person) == person)
+        )
+        members.discard(audience)
+    _history(session, audience, person, member, now)
+    name = ENTERED if member else EXITED
+    event = Event(name, now, {"audience": audience}, f"audience:{uuid.uuid4()}")
+    session.execute(
+        insert(EventRecord).values(
+            message_id=event.message_id,
+            kind="track",
+            user_id=person,
+            anonymous_id=None,
+            name=name,
+            properties={"audience": audience},
+            timestamp=now,
+            received_at=now,
+            routed_at=None if name in routable else now,
+        )
+    )
+    return [Change(audience, person, member, event)]
+
+
+# Reading ---------------------------------------------------------------------------------------
+
+
+def audiences_of(session: Session, person: str) -> list[str]:
+    """The audiences ``person`` is in now, by id."""
+    return sorted(_members_of(session, person, None))
+
+
+def members(session: Session, audience: str, *, after: str | None = None, limit: int = 100) -> list[Row[Any]]:
+    """Members of ``audience`` by person id (keyset paging: those after ``after``), with the time
+    each entered: rows of (person, entered_at)."""
+    query = select(col(AudienceMember.person), col(AudienceMember.entered_at)).where(
+        col(AudienceMember.audience) == audience
+    )
+    if after is not None:
+        query = query.where(col(AudienceMember.person) > after)
+    return list(session.execute(query.order_by(col(AudienceMember.person)).limit(limit)).all())
+
+
+def sizes(session: Session, audiences: Sequence[str]) -> dict[str, int]:
+    """Members per audience (0 for one with none)."""
+    found = dict.fromkeys(audiences, 0)
+    if audiences:
+        for audience, count in session.execute(
+            select(col(AudienceMember.audience), func.count())
+            .where(col(AudienceMember.audience).in_(audiences))
+            .group_by(col(AudienceMember.audience))
+        ):
+            found[audience] = int(count)
+    return found
+
+
+def history(session: Session, audience: str, *, limit: int = 100) -> list[AudienceChange]:
+    """The latest entries and exits of ``audience``, newest first."""
+    return list(
+        session.execute(
+            select(AudienceChange)
+            .where(col(AudienceChange.audience) == audience)
+            .order_by(col(AudienceChange.at).desc(), col(AudienceChange.id).desc())
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def mark_pending(session: Session, person: str) -> None:
+    """Have the next sweep bring ``person``'s memberships up to date (a change outside the API)."""
+    insert_ = upsert(session)
+    values: dict[str, Any] = {"person": person, "since": utcnow()}
+    if insert_ is None:
+        session.merge(AudiencePending(**values))
+        return
+    session.execute(insert_(AudiencePending).values(**values).on_conflict_do_nothing())
+
+
+def forget(session: Session, persons: Sequence[str]) -> int:
+    """Erase every audience row about ``persons`` (right to erasure); rows deleted."""
+    deleted = 0
+    for model in (AudienceMember, AudienceState, AudienceChange, AudiencePending):
+        result = session.execute(delete(model).where(col(model.person).in_(persons)))
+        deleted += int(getattr(result, "rowcount", 0) or 0)
+    return deleted
+
+
+__all__ = [
+    "AUDIENCE_EVENTS",
+    "AudienceStore",
+    "Change",
+    "Evaluated",
+    "audiences_of",
+    "forget",
+    "history",
+    "mark_pending",
+    "members",
+    "sizes",
+]
