@@ -22,7 +22,7 @@ from nurture.simulation.scenarios import (
     scenario_files,
 )
 
-from . import console, events, preview, privacy, report, runs, service
+from . import audiences, console, events, preview, privacy, report, runs, service
 from .options import project_options
 
 
@@ -225,6 +225,7 @@ for command in (
     runs.runs,
     runs.migrate,
     console.console,
+    audiences.audience,
 ):
     main.add_command(command)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, case, delete, func, insert, type_coerce
+from sqlalchemy import case, delete, func, insert, type_coerce
 from sqlmodel import Session, col, select
 
 from nurture.engine.audience import Standing, Tally, empty_tallies, evaluate, event_matches, note
@@ -642,7 +642,7 @@ def audiences_of(session: Session, person: str) -> list[str]:
     return sorted(_members_of(session, person, None))
 
 
-def members(session: Session, audience: str, *, after: str | None = None, limit: int = 100) -> list[Row[Any]]:
+def members(session: Session, audience: str, *, after: str | None = None, limit: int = 100) -> list[tuple[str, datetime]]:
     """Members of ``audience`` by person id (keyset paging: those after ``after``), with the time
     each entered: rows of (person, entered_at)."""
     query = select(col(AudienceMember.person), col(AudienceMember.entered_at)).where(
@@ -650,7 +650,9 @@ def members(session: Session, audience: str, *, after: str | None = None, limit:
     )
     if after is not None:
         query = query.where(col(AudienceMember.person) > after)
-    return list(session.execute(query.order_by(col(AudienceMember.person)).limit(limit)).all())
+    # The database's own order, as the primary key's index has it (``after`` compares the same way).
+    found = session.execute(query.order_by(col(AudienceMember.person)).limit(limit))
+    return [(person, _aware(entered)) for person, entered in found]
 
 
 def sizes(session: Session, audiences: Sequence[str]) -> dict[str, int]:
@@ -678,6 +680,21 @@ def history(session: Session, audience: str, *, limit: int = 100) -> list[Audien
     )
 
 
+def evaluated_at(session: Session, audience: str, version: str) -> datetime | None:
+    """When ``version`` of ``audience`` was evaluated from scratch (``None``: not yet)."""
+    row = session.get(AudienceVersion, (audience, version))
+    return None if row is None or row.evaluated_at is None else _aware(row.evaluated_at)
+
+
+def describe_audience(audience: Audience) -> str:
+    """What membership needs, in words: ``where user.vip; did Order Completed in the last 30d``."""
+    parts = [] if audience.where is None else [f"where {audience.where.source}"]
+    parts += [f"did {clause.describe}" for clause in audience.did]
+    parts += [f"not did {clause.describe}" for clause in audience.not_did]
+    parts += [f"subscribed to {topic}" for topic in audience.subscribed]
+    return "; ".join(parts) or "everyone"
+
+
 def mark_pending(session: Session, person: str) -> None:
     """Have the next sweep bring ``person``'s memberships up to date (a change outside the API)."""
     insert_ = upsert(session)
@@ -703,6 +720,8 @@ __all__ = [
     "Change",
     "Evaluated",
     "audiences_of",
+    "describe_audience",
+    "evaluated_at",
     "forget",
     "history",
     "mark_pending",
