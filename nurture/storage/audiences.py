@@ -33,12 +33,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import case, delete, func, insert, type_coerce
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from nurture.engine.audience import Standing, Tally, empty_tallies, evaluate, event_matches, note
 from nurture.engine.clock import format_instant
 from nurture.engine.model import Event, Profile
-from nurture.language.audiences import ENTERED, EXITED, Audience, audience_to_dict
+from nurture.language.audiences import ENTERED, EXITED, Activity, Audience, audience_to_dict
 
 from .db import Database, upsert
 from .identities import canonical, with_group
@@ -49,6 +50,7 @@ from .models import (
     AudienceState,
     AudienceVersion,
     EventRecord,
+    GroupRecord,
     ProfileRecord,
     UtcDateTime,
     utcnow,
@@ -170,32 +172,37 @@ class AudienceStore:
         person = profile.user_id
         ids = [a.id for a in audiences]
         states = {
-            row.audience: row
-            for row in session.execute(
-                select(AudienceState)
+            audience: (tallies, version, _aware(changes_at) if changes_at is not None else None)
+            for audience, tallies, version, changes_at in session.execute(
+                select(
+                    col(AudienceState.audience),
+                    col(AudienceState.tallies),
+                    col(AudienceState.version),
+                    col(AudienceState.changes_at),
+                )
                 .where(col(AudienceState.person) == person)
                 .where(col(AudienceState.audience).in_(ids))
-            ).scalars()
+            )
         }
         members = _members_of(session, person, ids)
         counted: dict[str, tuple[Tally, ...]] | None = None
-        changes: list[Change] = []
+        writes = _Writes(self.routable, now)
         for audience in audiences:
             state = states.get(audience.id)
             if not audience.clauses:
                 tallies: tuple[Tally, ...] = ()
-            elif state is not None and state.version == audience.version and audience.id not in recount:
-                tallies = _load(state.tallies)
+            elif state is not None and state[1] == audience.version and audience.id not in recount:
+                tallies = _load(state[0])
                 for index in noted.get(audience.id, ()):
-                    tallies = (*tallies[:index], note(audience.clauses[index], tallies[index], at), *tallies[index + 1 :])
+                    tallies = _noted(audience.clauses[index], tallies, index, at, now)
             else:  # not cached: count the stored events (the call's own is among them)
                 if counted is None:
                     counted = self._count(session, profile, audiences)
                 tallies = counted[audience.id]
             standing = evaluate(audience, profile.traits, profile.opted_out, tallies, now)
-            _keep_state(session, audience, person, tallies, standing, state)
-            changes += _settle(session, self.routable, audience.id, person, standing.member, members, now)
-        return changes
+            writes.state(audience, person, tallies, standing, state)
+            writes.settle(audience.id, person, standing.member, audience.id in members)
+        return writes.flush(session)
 
     def _count(self, session: Session, profile: Profile, audiences: Sequence[Audience]) -> dict[str, tuple[Tally, ...]]:
         """The tallies of ``audiences`` for one person, counted from their stored events."""
@@ -235,15 +242,13 @@ class AudienceStore:
     def leave_all(self, session: Session, persons: Sequence[str], now: datetime, *, events: bool = True) -> list[Change]:
         """``persons`` leave every audience and lose their upkeep state (merged away, or gone).
         Their exits are in the history; ``events``: with an ``Audience Exited`` event each."""
-        changes: list[Change] = []
+        writes = _Writes(self.routable, now, events=events)
         for person in persons:
-            for audience in _members_of(session, person, None):
-                if events:
-                    changes += _settle(session, self.routable, audience, person, False, {audience}, now)
-                else:
-                    _history(session, audience, person, False, now)
-            session.execute(delete(AudienceMember).where(col(AudienceMember.person) == person))
-            session.execute(delete(AudienceState).where(col(AudienceState.person) == person))
+            for audience in sorted(_members_of(session, person, None)):
+                writes.settle(audience, person, False, True)
+        changes = writes.flush(session)
+        if persons:
+            session.execute(delete(AudienceState).where(col(AudienceState.person).in_(persons)))
         return changes
 
     def merged(self, session: Session, kept: str, gone: Sequence[str], now: datetime | None = None) -> list[Change]:
@@ -431,16 +436,15 @@ class AudienceStore:
     ) -> None:
         persons = [person for person, _ in batch]
         with self.db.write_session() as session:
-            rows = _lock(session, persons)
-            moved = {
-                person
-                for person in session.execute(
+            profiles = _lock_profiles(session, persons)
+            moved = set(
+                session.execute(
                     select(col(EventRecord.user_id))
                     .where(col(EventRecord.id) > last)
                     .where(col(EventRecord.user_id).in_(persons))
                     .distinct()
                 ).scalars()
-            }
+            )
             members = set(
                 session.execute(
                     select(col(AudienceMember.person))
@@ -453,29 +457,21 @@ class AudienceStore:
                 .where(col(AudienceState.audience) == audience.id)
                 .where(col(AudienceState.person).in_(persons))
             )
-            states: list[dict[str, Any]] = []
+            writes = _Writes(self.routable, now)
             for person, tallies in batch:
-                row = rows.get(person)
-                if row is None or row.merged_into is not None:  # forgotten or merged meanwhile
-                    if person in members:
-                        _history(session, audience.id, person, False, now)
-                        session.execute(
-                            delete(AudienceMember)
-                            .where(col(AudienceMember.audience) == audience.id)
-                            .where(col(AudienceMember.person) == person)
-                        )
+                found = profiles.get(person)
+                if found is None:  # forgotten or merged meanwhile: no longer a member of anything
+                    writes.settle(audience.id, person, False, person in members, event=False)
                     continue
-                profile = with_group(session, row, person) if row.group_id else Profile(person, row.traits, frozenset(row.opted_out))
-                if person in moved or _aware(row.updated_at) > now:
+                profile, updated = found
+                if person in moved or updated > now:  # changed since the events were read
                     result.recounted += 1
                     tallies = self._count(session, profile, [audience])[audience.id]
                 standing = evaluate(audience, profile.traits, profile.opted_out, tallies, now)
                 if standing.changes_at is not None:
-                    states.append(_state_values(audience, person, tallies, standing))
-                was = {audience.id} if person in members else set()
-                result.changes += _settle(session, self.routable, audience.id, person, standing.member, was, now)
-            if states:
-                session.execute(insert(AudienceState), states)
+                    writes.states.append(_state_values(audience, person, tallies, standing))
+                writes.settle(audience.id, person, standing.member, person in members)
+            result.changes += writes.flush(session, fresh_states=True)
 
     # Queries ---------------------------------------------------------------------------------
 
@@ -530,18 +526,47 @@ def _with_members(people: Iterable[str], members: Iterator[str]) -> Iterator[str
         member = next(members, None)
 
 
-def _lock(session: Session, persons: Sequence[str]) -> dict[str, ProfileRecord]:
+def _lock(session: Session, persons: Sequence[str]) -> None:
     """Lock the persons' profile rows (in id order, as every call of the event API does)."""
-    found: dict[str, ProfileRecord] = {}
     for start in range(0, len(persons), 1000):
         part = sorted(persons[start : start + 1000])
-        for row in session.execute(
-            select(ProfileRecord)
+        session.execute(
+            select(col(ProfileRecord.user_id))
             .where(col(ProfileRecord.user_id).in_(part))
             .order_by(col(ProfileRecord.user_id))
             .with_for_update()
-        ).scalars():
-            found[row.user_id] = row
+        ).all()
+
+
+def _lock_profiles(session: Session, persons: Sequence[str]) -> dict[str, tuple[Profile, datetime]]:
+    """Lock the persons' profile rows (in id order) and read the surviving ones: each one's
+    profile (with its group's traits) and when it last changed."""
+    found: dict[str, tuple[Profile, datetime]] = {}
+    groups: dict[str, Mapping[str, Any]] = {}
+    for start in range(0, len(persons), 1000):
+        part = sorted(persons[start : start + 1000])
+        rows = session.execute(
+            sa_select(
+                col(ProfileRecord.user_id),
+                col(ProfileRecord.traits),
+                col(ProfileRecord.opted_out),
+                col(ProfileRecord.group_id),
+                col(ProfileRecord.merged_into),
+                col(ProfileRecord.updated_at),
+            )
+            .where(col(ProfileRecord.user_id).in_(part))
+            .order_by(col(ProfileRecord.user_id))
+            .with_for_update()
+        ).all()
+        for user, traits, opted_out, group, merged_into, updated in rows:
+            if merged_into is not None:
+                continue
+            if group is not None:
+                if group not in groups:
+                    stored = session.get(GroupRecord, group)
+                    groups[group] = {} if stored is None else stored.traits
+                traits = {**traits, "group": {**groups[group], "id": group}}
+            found[user] = (Profile(user, traits, frozenset(opted_out)), _aware(updated))
     return found
 
 
@@ -562,76 +587,123 @@ def _state_values(audience: Audience, person: str, tallies: Sequence[Tally], sta
     }
 
 
-def _keep_state(
-    session: Session,
-    audience: Audience,
-    person: str,
-    tallies: Sequence[Tally],
-    standing: Standing,
-    state: AudienceState | None,
-) -> None:
-    """Cache the tallies (and the timer) of one person; no row when there is nothing to keep."""
-    if not any(tallies) and standing.changes_at is None:
-        if state is not None:
-            session.delete(state)
-        return
-    values = _state_values(audience, person, tallies, standing)
-    if state is not None:
-        state.tallies, state.changes_at, state.version = values["tallies"], values["changes_at"], values["version"]
-        return
+def _noted(clause: Activity, tallies: tuple[Tally, ...], index: int, at: datetime, now: datetime) -> tuple[Tally, ...]:
+    """``tallies`` with one more event for clause ``index``. A full tally of a clause with no
+    window, none of it in the future, holds for good: it is left as it is (no write)."""
+    tally = tallies[index]
+    if clause.within is None and len(tally) >= clause.at_least and tally[-1] <= now:
+        return tallies
+    return (*tallies[:index], note(clause, tally, at), *tallies[index + 1 :])
+
+
+class _Writes:
+    """The rows one transaction's membership changes write, each kind in one statement."""
+
+    def __init__(self, routable: frozenset[str], now: datetime, *, events: bool = True) -> None:
+        self.routable = routable
+        self.now = now
+        self.events = events
+        self.states: list[dict[str, Any]] = []
+        self.stale: list[tuple[str, str]] = []
+        self.entered: list[dict[str, Any]] = []
+        self.exited: dict[str, list[str]] = {}
+        self.history: list[dict[str, Any]] = []
+        self.stored: list[dict[str, Any]] = []
+        self.changes: list[Change] = []
+
+    def state(
+        self,
+        audience: Audience,
+        person: str,
+        tallies: Sequence[Tally],
+        standing: Standing,
+        cached: tuple[Any, str, datetime | None] | None,
+    ) -> None:
+        """Cache the tallies (and the timer) of one person, when they changed; no row when there
+        is nothing to keep."""
+        if not any(tallies) and standing.changes_at is None:
+            if cached is not None:
+                self.stale.append((audience.id, person))
+            return
+        values = _state_values(audience, person, tallies, standing)
+        if cached is not None and (list(cached[0]), cached[1], cached[2]) == (
+            values["tallies"],
+            values["version"],
+            values["changes_at"],
+        ):
+            return
+        self.states.append(values)
+
+    def settle(self, audience: str, person: str, member: bool, was: bool, *, event: bool = True) -> None:
+        """Make ``person`` a member of ``audience`` or not (``was``: whether they are); an entry
+        or exit is recorded in the history, and (``event``) with its track event."""
+        if member == was:
+            return
+        if member:
+            self.entered.append({"audience": audience, "person": person, "entered_at": self.now})
+        else:
+            self.exited.setdefault(audience, []).append(person)
+        change = "entered" if member else "exited"
+        self.history.append({"audience": audience, "person": person, "change": change, "at": self.now})
+        if not (event and self.events):
+            return
+        name = ENTERED if member else EXITED
+        stored = Event(name, self.now, {"audience": audience}, f"audience:{uuid.uuid4()}")
+        self.stored.append(
+            {
+                "message_id": stored.message_id,
+                "kind": "track",
+                "user_id": person,
+                "anonymous_id": None,
+                "name": name,
+                "properties": {"audience": audience},
+                "timestamp": self.now,
+                "received_at": self.now,
+                "routed_at": None if name in self.routable else self.now,
+            }
+        )
+        self.changes.append(Change(audience, person, member, stored))
+
+    def flush(self, session: Session, *, fresh_states: bool = False) -> list[Change]:
+        """Write it all; ``fresh_states``: the states are new rows (their old ones deleted)."""
+        for audience in sorted({a for a, _ in self.stale}):
+            gone = [p for a, p in self.stale if a == audience]
+            session.execute(
+                delete(AudienceState)
+                .where(col(AudienceState.audience) == audience)
+                .where(col(AudienceState.person).in_(gone))
+            )
+        if self.states:
+            _write_states(session, self.states, fresh=fresh_states)
+        for audience, persons in self.exited.items():
+            for start in range(0, len(persons), 1000):
+                session.execute(
+                    delete(AudienceMember)
+                    .where(col(AudienceMember.audience) == audience)
+                    .where(col(AudienceMember.person).in_(persons[start : start + 1000]))
+                )
+        for model, rows in ((AudienceMember, self.entered), (AudienceChange, self.history), (EventRecord, self.stored)):
+            if rows:
+                session.execute(insert(model), rows)
+        return self.changes
+
+
+def _write_states(session: Session, rows: list[dict[str, Any]], *, fresh: bool) -> None:
     insert_ = upsert(session)
-    if insert_ is None:
-        session.merge(AudienceState(**values))
+    if fresh:
+        session.execute(insert(AudienceState), rows)
         return
-    statement = insert_(AudienceState).values(**values)
+    if insert_ is None:
+        for values in rows:
+            session.merge(AudienceState(**values))
+        return
+    statement = insert_(AudienceState).values(rows)
     session.execute(
         statement.on_conflict_do_update(
             index_elements=["audience", "person"],
             set_={name: statement.excluded[name] for name in ("tallies", "changes_at", "version")},
         )
     )
-
-
-def _history(session: Session, audience: str, person: str, entered: bool, at: datetime) -> None:
-    session.execute(
-        insert(AudienceChange).values(audience=audience, person=person, change="entered" if entered else "exited", at=at)
-    )
-
-
-def _settle(
-    session: Session, routable: frozenset[str], audience: str, person: str, member: bool, members: set[str], now: datetime
-) -> list[Change]:
-    """Make ``person``'s membership of ``audience`` ``member`` (``members``: the audiences they
-    are in); an entry or exit is recorded, with its event."""
-    if member == (audience in members):
-        return []
-    if member:
-        session.execute(insert(AudienceMember).values(audience=audience, person=person, entered_at=now))
-        members.add(audience)
-    else:
-        session.execute(
-            delete(AudienceMember)
-            .where(col(AudienceMember.audience) == audience)
-            .where(col(AudienceMember.person) == person)
-        )
-        members.discard(audience)
-    _history(session, audience, person, member, now)
-    name = ENTERED if member else EXITED
-    event = Event(name, now, {"audience": audience}, f"audience:{uuid.uuid4()}")
-    session.execute(
-        insert(EventRecord).values(
-            message_id=event.message_id,
-            kind="track",
-            user_id=person,
-            anonymous_id=None,
-            name=name,
-            properties={"audience": audience},
-            timestamp=now,
-            received_at=now,
-            routed_at=None if name in routable else now,
-        )
-    )
-    return [Change(audience, person, member, event)]
 
 
 # Reading ---------------------------------------------------------------------------------------
