@@ -26,13 +26,14 @@ event or changed after the pass began is counted again there, under the lock.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, type_coerce
+from sqlalchemy import ARRAY, Text, any_, bindparam, case, delete, func, insert, literal_column, type_coerce
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -82,6 +83,28 @@ class Evaluated:
     changes: list[Change] = field(default_factory=list)
     recounted: int = 0
     """People counted again under their lock: they changed while the events were read."""
+
+
+_VERSIONS: dict[int, tuple[Audience, str]] = {}
+
+
+def _version(audience: Audience) -> str:
+    """``audience.version`` (a hash of its JSON form), computed once per audience object."""
+    found = _VERSIONS.get(id(audience))
+    if found is None or found[0] is not audience:
+        found = _VERSIONS[id(audience)] = (audience, audience.version)
+    return found[1]
+
+
+def _among(session: Session, column: Any, values: Sequence[str]) -> Any:
+    """``column IN values`` with the values as one parameter (an array on PostgreSQL, JSON on
+    SQLite), so a long list costs no statement rendering."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam("among", list(values), type_=ARRAY(Text())))
+    if session.get_bind().dialect.name == "sqlite":
+        listed: Any = sa_select(literal_column("value")).select_from(func.json_each(bindparam("among", json.dumps(list(values)))))
+        return column.in_(listed)
+    return column.in_(values)
 
 
 def _aware(value: datetime) -> datetime:
@@ -191,7 +214,7 @@ class AudienceStore:
             state = states.get(audience.id)
             if not audience.clauses:
                 tallies: tuple[Tally, ...] = ()
-            elif state is not None and state[1] == audience.version and audience.id not in recount:
+            elif state is not None and state[1] == _version(audience) and audience.id not in recount:
                 tallies = _load(state[0])
                 for index in noted.get(audience.id, ()):
                     tallies = _noted(audience.clauses[index], tallies, index, at, now)
@@ -441,7 +464,7 @@ class AudienceStore:
                 session.execute(
                     select(col(EventRecord.user_id))
                     .where(col(EventRecord.id) > last)
-                    .where(col(EventRecord.user_id).in_(persons))
+                    .where(_among(session, col(EventRecord.user_id), persons))
                     .distinct()
                 ).scalars()
             )
@@ -449,13 +472,13 @@ class AudienceStore:
                 session.execute(
                     select(col(AudienceMember.person))
                     .where(col(AudienceMember.audience) == audience.id)
-                    .where(col(AudienceMember.person).in_(persons))
+                    .where(_among(session, col(AudienceMember.person), persons))
                 ).scalars()
             )
             session.execute(
                 delete(AudienceState)
                 .where(col(AudienceState.audience) == audience.id)
-                .where(col(AudienceState.person).in_(persons))
+                .where(_among(session, col(AudienceState.person), persons))
             )
             writes = _Writes(self.routable, now)
             for person, tallies in batch:
@@ -554,7 +577,7 @@ def _lock_profiles(session: Session, persons: Sequence[str]) -> dict[str, tuple[
                 col(ProfileRecord.merged_into),
                 col(ProfileRecord.updated_at),
             )
-            .where(col(ProfileRecord.user_id).in_(part))
+            .where(_among(session, col(ProfileRecord.user_id), part))
             .order_by(col(ProfileRecord.user_id))
             .with_for_update()
         ).all()
@@ -583,7 +606,7 @@ def _state_values(audience: Audience, person: str, tallies: Sequence[Tally], sta
         "person": person,
         "tallies": _dump(tallies),
         "changes_at": standing.changes_at,
-        "version": audience.version,
+        "version": _version(audience),
     }
 
 
@@ -680,29 +703,37 @@ class _Writes:
                 session.execute(
                     delete(AudienceMember)
                     .where(col(AudienceMember.audience) == audience)
-                    .where(col(AudienceMember.person).in_(persons[start : start + 1000]))
+                    .where(_among(session, col(AudienceMember.person), persons[start : start + 1000]))
                 )
-        for model, rows in ((AudienceMember, self.entered), (AudienceChange, self.history), (EventRecord, self.stored)):
+        for table, rows in ((_MEMBERS, self.entered), (_HISTORY, self.history), (_EVENTS, self.stored)):
             if rows:
-                session.execute(insert(model), rows)
+                session.execute(insert(table), rows)
         return self.changes
+
+
+_MEMBERS: Any = AudienceMember.__table__  # type: ignore[attr-defined]
+_HISTORY: Any = AudienceChange.__table__  # type: ignore[attr-defined]
+_EVENTS: Any = EventRecord.__table__  # type: ignore[attr-defined]
+_STATES: Any = AudienceState.__table__  # type: ignore[attr-defined]
+"""The tables, for plain multi-row statements (the ORM's bulk path costs more per call)."""
 
 
 def _write_states(session: Session, rows: list[dict[str, Any]], *, fresh: bool) -> None:
     insert_ = upsert(session)
     if fresh:
-        session.execute(insert(AudienceState), rows)
+        session.execute(insert(_STATES), rows)
         return
     if insert_ is None:
         for values in rows:
             session.merge(AudienceState(**values))
         return
-    statement = insert_(AudienceState).values(rows)
+    statement = insert_(_STATES)
     session.execute(
         statement.on_conflict_do_update(
             index_elements=["audience", "person"],
             set_={name: statement.excluded[name] for name in ("tallies", "changes_at", "version")},
-        )
+        ),
+        rows,
     )
 
 
