@@ -30,7 +30,7 @@ import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ARRAY, Text, any_, bindparam, case, delete, func, insert, literal_column, type_coerce
@@ -375,12 +375,20 @@ class AudienceStore:
         result = Evaluated(audience.id, audience.version)
         with self.db.session() as reader:
             last = reader.execute(select(func.max(col(EventRecord.id)))).scalar() or 0
-            streams = [_Stream(self._clause_rows(reader, audience, index, last)) for index in range(len(audience.clauses))]
-            people = reader.execute(
-                select(col(ProfileRecord.user_id))
-                .where(col(ProfileRecord.merged_into).is_(None))
-                .order_by(_ordered(reader, col(ProfileRecord.user_id)))
-            ).scalars()
+            streams = [
+                _Stream(self._clause_rows(reader, audience, index, last, now)) for index in range(len(audience.clauses))
+            ]
+            # With a `did` clause, only people with its events can be members: they (and the members
+            # now) are all there is to look at. Else everyone is.
+            people: Iterator[str] = (
+                streams[0].people()
+                if audience.did
+                else reader.execute(
+                    select(col(ProfileRecord.user_id))
+                    .where(col(ProfileRecord.merged_into).is_(None))
+                    .order_by(_ordered(reader, col(ProfileRecord.user_id)))
+                ).scalars()
+            )
             batch: list[tuple[str, tuple[Tally, ...]]] = []
             for person in _with_members(people, self._members_stream(audience.id)):
                 batch.append((person, tuple(stream.upto(person, audience.clauses[i]) for i, stream in enumerate(streams))))
@@ -390,6 +398,12 @@ class AudienceStore:
             if batch:
                 self._write(audience, batch, last, now, result)
         with self.db.session() as session:
+            # Another version's cache and timers (people this evaluation did not look at).
+            session.execute(
+                delete(AudienceState)
+                .where(col(AudienceState.audience) == audience.id)
+                .where(col(AudienceState.version) != audience.version)
+            )
             result.members = self.size(audience.id, session=session)
             version = session.get(AudienceVersion, (audience.id, audience.version))
             if version is not None:
@@ -406,11 +420,15 @@ class AudienceStore:
                 .order_by(_ordered(session, col(AudienceMember.person)))
             ).scalars()
 
-    def _clause_rows(self, session: Session, audience: Audience, index: int, last: int) -> Iterator[tuple[str, datetime]]:
+    def _clause_rows(
+        self, session: Session, audience: Audience, index: int, last: int, now: datetime
+    ) -> Iterator[tuple[str, datetime]]:
         """(person, time) of the events counting for one clause, the newest ``at_least`` per
-        person, by person: grouped in SQL when the clause has no condition, else filtered here."""
+        person, by person: grouped in SQL when the clause has no condition, else filtered here.
+        Events before a clause's window never count again: they are not read."""
         clause = audience.clauses[index]
-        at = _counted_at().label("at")
+        counted = _counted_at()
+        at = counted.label("at")
         person = col(EventRecord.user_id)
         base = (
             select(person, at)
@@ -418,6 +436,8 @@ class AudienceStore:
             .where(col(EventRecord.kind) == "track")
             .where(col(EventRecord.id) <= last)
         )
+        if clause.within is not None:
+            base = base.where(counted > now - timedelta(seconds=clause.within))
         ordered = _ordered(session, person)
         if clause.cond is None and clause.at_least == 1:
             grouped = base.subquery()
@@ -459,7 +479,7 @@ class AudienceStore:
     ) -> None:
         persons = [person for person, _ in batch]
         with self.db.write_session() as session:
-            profiles = _lock_profiles(session, persons)
+            profiles = _lock_profiles(session, persons, with_traits=_reads_profile(audience))
             moved = set(
                 session.execute(
                     select(col(EventRecord.user_id))
@@ -475,11 +495,6 @@ class AudienceStore:
                     .where(_among(session, col(AudienceMember.person), persons))
                 ).scalars()
             )
-            session.execute(
-                delete(AudienceState)
-                .where(col(AudienceState.audience) == audience.id)
-                .where(_among(session, col(AudienceState.person), persons))
-            )
             writes = _Writes(self.routable, now)
             for person, tallies in batch:
                 found = profiles.get(person)
@@ -494,7 +509,7 @@ class AudienceStore:
                 if standing.changes_at is not None:
                     writes.states.append(_state_values(audience, person, tallies, standing))
                 writes.settle(audience.id, person, standing.member, person in members)
-            result.changes += writes.flush(session, fresh_states=True)
+            result.changes += writes.flush(session)
 
     # Queries ---------------------------------------------------------------------------------
 
@@ -523,6 +538,11 @@ class _Stream:
     def __init__(self, rows: Iterator[tuple[str, datetime]]) -> None:
         self.rows = rows
         self.head: tuple[str, datetime] | None = next(rows, None)
+
+    def people(self) -> Iterator[str]:
+        """The people of the rows, each once, as :meth:`upto` takes their rows."""
+        while self.head is not None:
+            yield self.head[0]
 
     def upto(self, person: str, clause: Any) -> Tally:
         tally: Tally = ()
@@ -561,19 +581,27 @@ def _lock(session: Session, persons: Sequence[str]) -> None:
         ).all()
 
 
-def _lock_profiles(session: Session, persons: Sequence[str]) -> dict[str, tuple[Profile, datetime]]:
+def _reads_profile(audience: Audience) -> bool:
+    """Whether membership reads the traits or the opt-outs."""
+    return audience.reads_traits or bool(audience.subscribed)
+
+
+def _lock_profiles(session: Session, persons: Sequence[str], *, with_traits: bool) -> dict[str, tuple[Profile, datetime]]:
     """Lock the persons' profile rows (in id order) and read the surviving ones: each one's
-    profile (with its group's traits) and when it last changed."""
+    profile (with its group's traits; ``with_traits``: else none) and when it last changed."""
     found: dict[str, tuple[Profile, datetime]] = {}
     groups: dict[str, Mapping[str, Any]] = {}
+    read = (
+        (col(ProfileRecord.traits), col(ProfileRecord.opted_out), col(ProfileRecord.group_id))
+        if with_traits
+        else (literal_column("NULL"), literal_column("NULL"), literal_column("NULL"))
+    )
     for start in range(0, len(persons), 1000):
         part = sorted(persons[start : start + 1000])
         rows = session.execute(
             sa_select(
                 col(ProfileRecord.user_id),
-                col(ProfileRecord.traits),
-                col(ProfileRecord.opted_out),
-                col(ProfileRecord.group_id),
+                *read,
                 col(ProfileRecord.merged_into),
                 col(ProfileRecord.updated_at),
             )
@@ -589,7 +617,7 @@ def _lock_profiles(session: Session, persons: Sequence[str]) -> dict[str, tuple[
                     stored = session.get(GroupRecord, group)
                     groups[group] = {} if stored is None else stored.traits
                 traits = {**traits, "group": {**groups[group], "id": group}}
-            found[user] = (Profile(user, traits, frozenset(opted_out)), _aware(updated))
+            found[user] = (Profile(user, traits or {}, frozenset(opted_out or ())), _aware(updated))
     return found
 
 
@@ -687,8 +715,8 @@ class _Writes:
         )
         self.changes.append(Change(audience, person, member, stored))
 
-    def flush(self, session: Session, *, fresh_states: bool = False) -> list[Change]:
-        """Write it all; ``fresh_states``: the states are new rows (their old ones deleted)."""
+    def flush(self, session: Session) -> list[Change]:
+        """Write it all."""
         for audience in sorted({a for a, _ in self.stale}):
             gone = [p for a, p in self.stale if a == audience]
             session.execute(
@@ -697,7 +725,7 @@ class _Writes:
                 .where(col(AudienceState.person).in_(gone))
             )
         if self.states:
-            _write_states(session, self.states, fresh=fresh_states)
+            _write_states(session, self.states)
         for audience, persons in self.exited.items():
             for start in range(0, len(persons), 1000):
                 session.execute(
@@ -718,11 +746,8 @@ _STATES: Any = AudienceState.__table__  # type: ignore[attr-defined]
 """The tables, for plain multi-row statements (the ORM's bulk path costs more per call)."""
 
 
-def _write_states(session: Session, rows: list[dict[str, Any]], *, fresh: bool) -> None:
+def _write_states(session: Session, rows: list[dict[str, Any]]) -> None:
     insert_ = upsert(session)
-    if fresh:
-        session.execute(insert(_STATES), rows)
-        return
     if insert_ is None:
         for values in rows:
             session.merge(AudienceState(**values))
