@@ -151,6 +151,12 @@ async def test_the_audience_endpoints_and_commands(
     listing = runner.invoke(main, ["audience", "list", "vip", "--limit", "10"], env=env)
     assert listing.exit_code == 0 and "a***@example.com" in listing.output and "ann@example.com" not in listing.output
     assert all(person in listing.output for person in people)
+    first = runner.invoke(main, ["audience", "list", "vip", "--limit", "4"], env=env)
+    cursor = first.output.splitlines()[-1].removeprefix("more: --after ")
+    assert "@" not in cursor
+    second = runner.invoke(main, ["audience", "list", "vip", "--limit", "4", "--after", cursor], env=env)
+    assert len(second.output.splitlines()) == 2 and "more:" not in second.output  # 6 members: 4, then 2
+    assert runner.invoke(main, ["audience", "list", "vip", "--after", "%%%"], env=env).exit_code == 2
     changes = runner.invoke(main, ["audience", "history", "vip"], env=env)
     assert changes.exit_code == 0 and changes.output.count("entered") == 6
     unknown = runner.invoke(main, ["audience", "size", "vipp"], env=env)

@@ -11,6 +11,7 @@ masked as in `nurture outbox`.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import click
@@ -55,19 +56,33 @@ def size(audience_id: str, home: Path | None) -> None:
 @audience.command(name="list")
 @click.argument("audience_id", metavar="ID")
 @click.option("--limit", type=click.IntRange(1, PAGE_LIMIT), default=50, show_default=True, help="Members to show.")
-@click.option("--after", default=None, help="Continue after this person id (printed under the previous page).")
+@click.option("--after", default=None, help="Continue after this cursor (printed under the previous page).")
 @home_option
 def list_members(audience_id: str, limit: int, after: str | None, home: Path | None) -> None:
     """The members of audience ID, by person id, with when each entered."""
     with worker_database(home) as db, db.session() as session:
         _known(session, audience_id)
-        found = stored.members(session, audience_id, after=after, limit=limit)
+        found = stored.members(session, audience_id, after=_person(after), limit=limit)
     for person, entered in found:
         click.echo(f"{format_instant(entered)}  {mask_user_id(person)}")
     if not found:
         click.echo("no members" if after is None else "no more members")
     elif len(found) == limit:
-        click.echo(f"more: --after {found[-1][0]}")
+        click.echo(f"more: --after {_cursor(found[-1][0])}")
+
+
+def _cursor(person: str) -> str:
+    """The next page's cursor: the last person id, encoded (an id may be an address)."""
+    return base64.urlsafe_b64encode(person.encode()).decode().rstrip("=")
+
+
+def _person(cursor: str | None) -> str | None:
+    if cursor is None:
+        return None
+    try:
+        return base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise click.BadParameter("not a cursor printed by this command", param_hint="--after") from None
 
 
 @audience.command()
