@@ -351,10 +351,12 @@ def main() -> None:
             print(f"{engine}: seeded {args.people:,} people and {events:,} events in {time.perf_counter() - started:.0f} s", flush=True)
             db = Database(full)
             try:
-                scratch += measure_scratch(db, engine, args.repeat)
-                print(scratch[-1], flush=True)
-                upkeep += asyncio.run(measure_upkeep(db, engine, project, args.people, args.calls, args.rounds))
-                print(upkeep[-1], flush=True)
+                found = measure_scratch(db, engine, args.repeat)
+                print("\n".join(found), flush=True)
+                scratch += found
+                found = asyncio.run(measure_upkeep(db, engine, project, args.people, args.calls, args.rounds))
+                print("\n".join(found), flush=True)
+                upkeep += found
             finally:
                 db.dispose()
     print()
