@@ -22,7 +22,7 @@ from nurture.language.compiler import Project
 from nurture.language.expressions import compile_expression
 from nurture.service import privacy
 from nurture.service.ingest import Ingest
-from nurture.storage.audiences import AudienceStore, audiences_of
+from nurture.storage.audiences import AudienceStore, Evaluated, audiences_of
 from nurture.storage.db import Database
 from nurture.storage.models import AudienceChange, AudienceMember, AudiencePending, AudienceState, EventRecord
 from nurture.storage.stores import DbProfiles
@@ -209,3 +209,19 @@ async def test_a_new_version_re_evaluates_and_old_members_leave(database: Databa
     # Upkeep with the new version counts the person's stored events again (another version's tallies).
     await ingest_for(project, database, new).track("fi", Event(BOUGHT, now, {"total": 70}, "m3"))
     assert members(database, "big") == {"fi", "gu"}
+
+
+async def test_people_who_changed_while_the_events_were_read_are_counted_again(
+    database: Database, project: Project
+) -> None:
+    """The evaluation from scratch reads the events in one pass, then writes under the people's
+    locks: someone with an event stored after the pass began is counted again there, so the pass's
+    stale view (here: no events at all) decides nothing for them."""
+    found = {"buyers": Audience("buyers", did=(Activity(BOUGHT),))}
+    await ingest_for(project, database, {}).track("hal", Event(BOUGHT, datetime.now(UTC), {}, "m1"))
+    store = AudienceStore(database, found)
+    store.deploy()
+    evaluated = Evaluated("buyers", found["buyers"].version)
+    stale: tuple[Tally, ...] = ((),)
+    store._write(found["buyers"], [("hal", stale)], 0, datetime.now(UTC), evaluated)  # read before event 1
+    assert evaluated.recounted == 1 and members(database, "buyers") == {"hal"}
