@@ -153,11 +153,11 @@ def raw(url: str) -> Iterator[Any]:
         with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
             yield conn
     else:
-        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        lite = sqlite3.connect(url.removeprefix("sqlite:///"))
         try:
-            yield conn
+            yield lite
         finally:
-            conn.close()
+            lite.close()
 
 
 def seed(url: str, people: int, per_person: int) -> int:
