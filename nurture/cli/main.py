@@ -22,7 +22,7 @@ from nurture.simulation.scenarios import (
     scenario_files,
 )
 
-from . import broadcast, console, events, preview, privacy, report, runs, service
+from . import audiences, broadcast, console, events, preview, privacy, report, runs, service
 from .options import audiences_dir, project_options
 
 
@@ -255,6 +255,7 @@ for command in (
     runs.migrate,
     console.console,
     broadcast.broadcast,
+    audiences.audience,
 ):
     main.add_command(command)
 

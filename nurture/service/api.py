@@ -62,12 +62,15 @@ from channels import mask_address, mask_user_id
 from nurture.engine.clock import format_instant
 from nurture.engine.identity import Identifier, alias_identifiers, call_identifiers
 from nurture.engine.model import Event
+from nurture.language.audiences import Audience
 from nurture.language.compiler import Project, load_project
 from nurture.language.diagnostics import did_you_mean
 from nurture.language.ir import CHANNELS
 from nurture.language.schema import WECHAT_FOLLOWED, properties_problems, traits_problems
 from nurture.reports.report import JourneyCounts, JourneyReport, journey_counts, journey_report, parse_bound
 from nurture.reports.runs import PAGE_LIMIT, RunPage, State, VersionCount, list_runs, version_counts
+from nurture.storage import audiences as audience_rows
+from nurture.storage.audiences import describe_audience
 from nurture.storage.db import Database
 from nurture.storage.identities import DbIdentities
 from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, RunRecord
@@ -750,6 +753,7 @@ class ProfilePublic(_Public):
     )
     created_at: datetime
     updated_at: datetime
+    audiences: list[str] = Field(default_factory=list, description="The audiences the person is in now, by id.")
 
 
 class RunPublic(_Public):
@@ -807,6 +811,33 @@ class JourneyPublic(BaseModel):
     counts: JourneyCounts
 
 
+class AudiencePublic(BaseModel):
+    """An audience of the project and how many people are in it now."""
+
+    id: str
+    name: str
+    description: str
+    version: str = Field(description="A hash of the definition: a changed one is a new version.")
+    size: int = Field(description="Members now.")
+    definition: str = Field(default="", description="What membership needs, in words.")
+    evaluated_at: datetime | None = Field(
+        default=None, description="When this version was evaluated over the stored population (`null`: not yet)."
+    )
+
+
+class AudienceMemberPublic(BaseModel):
+    person: str = Field(description="The person id.")
+    entered_at: datetime
+
+
+class AudienceMembers(BaseModel):
+    """One page of an audience's members, by person id."""
+
+    audience: str
+    members: list[AudienceMemberPublic]
+    next: str | None = Field(description="Pass as `after` for the next page; `null` on the last one.")
+
+
 class Check(BaseModel):
     ok: bool
     error: str | None = None
@@ -819,6 +850,11 @@ class Health(BaseModel):
 
 
 # The service ---------------------------------------------------------------------------------
+
+
+AUDIENCE_SWEEP = 60.0
+"""Seconds between two time sweeps: how late, at most, someone leaves "ordered in the last 30
+days" with no event (or takes a change made outside the API, a provider's unsubscribe)."""
 
 
 class ApiError(Exception):
@@ -890,6 +926,8 @@ class Service:
         self._ingest = None if client is None else self._router(client)
         self.identities = DbIdentities(db, secret=settings.secret)
         self._lock = asyncio.Lock()
+        self.audience_sweep = AUDIENCE_SWEEP
+        """Seconds between two time sweeps of the audiences."""
         self._broadcaster: Broadcaster | None = None
 
     async def broadcaster(self) -> Broadcaster:
@@ -952,6 +990,28 @@ class Service:
                 log.info("routed %d events a process that died left unrouted", routed)
             await asyncio.sleep(self.left_over.every)
             before = datetime.now(UTC) - timedelta(seconds=self.left_over.age)
+
+    async def keep_audiences(self) -> None:
+        """Audience upkeep beyond single calls, for the life of the process: first the evaluation
+        from scratch of every audience version not yet evaluated, then every
+        :attr:`audience_sweep` seconds the time sweep, and the routing of audience events left
+        unrouted (Temporal was down). The database alone keeps membership: without Temporal the
+        entries wait, stored, for their routing."""
+        if not self.project.audiences:
+            return
+        evaluated = False
+        while True:
+            router = self._ingest or self._router(None)
+            try:
+                if not evaluated:
+                    await router.evaluate_audiences()
+                    evaluated = True
+                await router.sweep_audiences()
+                if self._ingest is not None:
+                    await self._ingest.route_audience_events()
+            except TRANSIENT as exc:
+                log.warning("audience upkeep postponed: %s", exc)
+            await asyncio.sleep(self.audience_sweep)
 
     def kinds(self, key: str) -> set[KeyKind]:
         """What ``key`` is: a write, read or admin key (a key may be listed as several), or nothing."""
@@ -1570,6 +1630,7 @@ def user_profile(user_id: str, session: SessionDep, service: ServiceDep) -> Prof
         raise ApiError(404, "not_found", f"no profile for user {user_id!r} (identify the user first)")
     profile = ProfilePublic.model_validate(row, from_attributes=True)
     profile.person_id = row.user_id
+    profile.audiences = audience_rows.audiences_of(session, row.user_id)
     profile.identifiers = [
         IdentifierPublic(kind=i.kind, value=i.value) for i in service.identities.identifiers_of(row.user_id)
     ]
@@ -1920,6 +1981,81 @@ def broadcast_status(
     return _broadcast_status(Broadcaster(service.project, service.db, None, service.settings.task_queue), broadcast_id, occurrence)
 
 
+def _audience(service: Service, audience_id: str) -> Audience:
+    audience = service.project.audiences.get(audience_id)
+    if audience is None:
+        names = service.project.audiences
+        hint = did_you_mean(audience_id, names) if names else " (the project has no audiences)"
+        raise ApiError(404, "not_found", f"no audience {audience_id!r}{hint}")
+    return audience
+
+
+def _audience_public(session: Session, audience: Audience, size: int) -> AudiencePublic:
+    return AudiencePublic(
+        id=audience.id,
+        name=audience.name or audience.id,
+        description=audience.description,
+        version=audience.version,
+        size=size,
+        definition=describe_audience(audience),
+        evaluated_at=audience_rows.evaluated_at(session, audience.id, audience.version),
+    )
+
+
+AUDIENCE_404: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No audience with this id."}}
+
+
+@v1.get("/audiences", response_model=list[AudiencePublic], responses=ERRORS, tags=["audiences"], dependencies=READ)
+def audiences(service: ServiceDep, session: SessionDep) -> list[AudiencePublic]:
+    """The project's audiences, by id, with how many people are in each now."""
+    deployed = service.project.audiences
+    sizes = audience_rows.sizes(session, sorted(deployed))
+    return [_audience_public(session, deployed[name], sizes[name]) for name in sorted(deployed)]
+
+
+@v1.get(
+    "/audiences/{audience_id}",
+    response_model=AudiencePublic,
+    responses={**ERRORS, **AUDIENCE_404},
+    tags=["audiences"],
+    dependencies=READ,
+)
+def audience(
+    service: ServiceDep, session: SessionDep, audience_id: Annotated[str, Path(description="The audience's id.")]
+) -> AudiencePublic:
+    """One audience: its definition and how many people are in it now."""
+    found = _audience(service, audience_id)
+    return _audience_public(session, found, audience_rows.sizes(session, [found.id])[found.id])
+
+
+@v1.get(
+    "/audiences/{audience_id}/members",
+    response_model=AudienceMembers,
+    responses={
+        **ERRORS,
+        **AUDIENCE_404,
+        400: {"model": ErrorBody, "description": "`limit` is not 1 to 500, or `after` is empty."},
+    },
+    tags=["audiences"],
+    dependencies=READ,
+)
+def audience_members(
+    service: ServiceDep,
+    session: SessionDep,
+    audience_id: Annotated[str, Path(description="The audience's id.")],
+    after: Annotated[
+        str | None, Query(min_length=1, max_length=512, description="The previous page's `next`: members after this person id.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=PAGE_LIMIT, description="Members per page.")] = 100,
+) -> AudienceMembers:
+    """The audience's members now, by person id, a page at a time (keyset paging on the person id:
+    people entering or leaving meanwhile never shift a page)."""
+    found = _audience(service, audience_id)
+    rows = audience_rows.members(session, found.id, after=after, limit=limit)
+    page = [AudienceMemberPublic(person=person, entered_at=entered) for person, entered in rows]
+    return AudienceMembers(audience=found.id, members=page, next=page[-1].person if len(page) == limit else None)
+
+
 meta = APIRouter()
 
 
@@ -2257,10 +2393,12 @@ def create_app(
             except ApiError:
                 log.warning("starting without Temporal; calls will connect when it is reachable")
         sweeping = asyncio.create_task(service.route_left_over(datetime.now(UTC)))
+        audiences = asyncio.create_task(service.keep_audiences())
         scheduled = any(b.schedule is not None for b in project.broadcasts.values())
         schedules = asyncio.create_task(service.run_schedules()) if scheduled else None
         yield
         sweeping.cancel()
+        audiences.cancel()
         if schedules is not None:
             schedules.cancel()
         if owns_db:

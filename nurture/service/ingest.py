@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
+from sqlmodel import Session
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -54,6 +55,7 @@ from nurture.engine.interpreter import (
 from nurture.engine.model import Event, Profile
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
+from nurture.storage.audiences import AUDIENCE_EVENTS, AudienceStore, Change, Evaluated
 from nurture.storage.console import PausedJourneys
 from nurture.storage.db import Database
 from nurture.storage.identities import Applied, DbIdentities
@@ -179,6 +181,8 @@ class Ingest:
         flight) triggers on, a run may wait for, or a goal converts on: any other event (most
         page views, say) is stored as routed, with nothing to route."""
         self._triggers = frozenset(j.trigger.event for j in project.journeys.values())
+        self.audiences = AudienceStore(db, project.audiences, routable=self._routable)
+        """Audience membership, kept in the transaction of each call that may change it."""
         self.paused = PausedJourneys(db)
         self._dated_by_event: dict[str, list[Journey]] = {}
         """Journeys whose date trigger reads its date from an event, by that event's name."""
@@ -224,14 +228,19 @@ class Ingest:
         )
         if isinstance(identifiers, str):
             identifiers = call_identifiers(identifiers, None)
-        applied = await asyncio.to_thread(self.identities.apply, identifiers, at=event.timestamp, record=record)
+        applied = await asyncio.to_thread(
+            self.identities.apply, identifiers, at=event.timestamp, record=record, upkeep=self._upkeep
+        )
         if applied is not None:
             await self._end_merged(applied.merged_away)
             if record.routed_at is not None:
                 if applied.merged_away:  # stored unrouted until the runs it ended had their stop
                     await asyncio.to_thread(self.events.routed, event.message_id)
+                await self._route_audience_events(applied.person, applied.events)
                 return Routed(person=applied.person)
-            return await self._route(applied.person, event, again=False, profile=applied.profile)
+            routed = await self._route(applied.person, event, again=False, profile=applied.profile)
+            await self._route_audience_events(applied.person, applied.events)
+            return routed
         while True:
             unrouted = await asyncio.to_thread(self.events.unrouted, message_id=event.message_id)
             if not unrouted:
@@ -377,6 +386,7 @@ class Ingest:
             traits=traits,
             opted_out=opted_out,
             group=group,
+            upkeep=self._upkeep,
         )
         if applied is None:
             left = await asyncio.to_thread(self.events.unrouted, message_id=message_id)
@@ -391,10 +401,92 @@ class Ingest:
             return None
         if applied.merged_away:
             await self._finish_merge(applied.person, message_id, applied.merged_away)
+        if self.client is not None:  # else routed by the API's audience upkeep once it connects
+            await self._route_audience_events(applied.person, applied.events)
         merged = [gone for _, gone in applied.plan.merges]
         if self._dated_by_traits and self.client is not None and (merged or self._touches_dates(traits, group)):
             await self._plan_dates(applied.person, applied.profile, merged)
         return applied
+
+    def _upkeep(
+        self, session: Session, applied: Applied, record: EventRecord | None, *, traits: bool, opt_outs: bool
+    ) -> list[Event]:
+        """Audience upkeep in the call's transaction (:meth:`DbIdentities.apply`): the events of
+        the entries and exits it made, stored, for the caller to route."""
+        if not self.audiences.audiences:
+            return []
+        merged = [gone for _, gone in applied.plan.merges]
+        if merged:
+            changes = self.audiences.merged(session, applied.person, merged)
+        else:
+            tracked = record is not None and record.kind == "track" and record.name in self.audiences.events
+            if not (tracked or traits or opt_outs):
+                return []
+            assert applied.profile is not None
+            event = None
+            if tracked and record is not None and record.name is not None:
+                event = Event(record.name, record.timestamp, record.properties, record.message_id)
+            changes = self.audiences.upkeep(session, applied.profile, event=event, traits=traits, opt_outs=opt_outs)
+        return [change.event for change in changes]
+
+    async def _route_audience_events(self, person: str, events: Sequence[Event]) -> list[Routed]:
+        """Route the entries and exits a call made like any event; one that fails stays stored
+        unrouted, for :meth:`route_audience_events` to route (the call itself succeeded)."""
+        done = []
+        for event in events:
+            if event.name not in self._routable or self.client is None:
+                continue
+            try:
+                done.append(await self._route(person, event, again=False))
+            except NotRouted as exc:
+                log.warning("audience event %s kept unrouted: %s", event.message_id, exc.__cause__)
+        return done
+
+    async def _route_changes(self, changes: Sequence[Change]) -> None:
+        by_person: dict[str, list[Event]] = {}
+        for change in changes:
+            by_person.setdefault(change.person, []).append(change.event)
+        for person, events in by_person.items():
+            await self._route_audience_events(person, events)
+
+    async def sweep_audiences(self, now: datetime | None = None) -> list[Change]:
+        """The time sweep (people whose membership changes with time alone, and people whose
+        traits or opt-outs changed outside the API), then its entries and exits routed."""
+        changes = await asyncio.to_thread(self.audiences.sweep, now)
+        await self._route_changes(changes)
+        return changes
+
+    async def evaluate_audiences(self) -> list[Evaluated]:
+        """Evaluate every audience version not yet evaluated over the stored population (a new
+        audience finds the people who qualified before it existed), then route the entries."""
+        done = []
+        for audience in await asyncio.to_thread(self.audiences.deploy):
+            evaluated = await asyncio.to_thread(self.audiences.evaluate_all, audience.id)
+            log.info(
+                "audience %s (version %s) evaluated from scratch: %d members, %d changes",
+                audience.id,
+                audience.version,
+                evaluated.members,
+                len(evaluated.changes),
+            )
+            await self._route_changes(evaluated.changes)
+            done.append(evaluated)
+        return done
+
+    async def route_audience_events(self) -> int:
+        """Route the audience events left unrouted (Temporal was down, or they were made outside
+        a call), once older than :data:`ROUTING_GRACE`; how many were routed."""
+        before = datetime.now(UTC) - timedelta(seconds=ROUTING_GRACE)
+        left = await asyncio.to_thread(self.events.unrouted, before=before, names=sorted(AUDIENCE_EVENTS))
+        routed = 0
+        for user_id, event, _, _ in left:
+            try:
+                await self._route(user_id, event, again=True)
+            except NotRouted as exc:
+                log.warning("audience event %s still not routed: %s", event.message_id, exc.__cause__)
+                continue
+            routed += 1
+        return routed
 
     async def _finish_merge(self, person: str, message_id: str, ending: Sequence[str] | None = None) -> None:
         """Stop the runs a merge ends (``ending``, else the person's as they are now), then mark

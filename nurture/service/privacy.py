@@ -49,6 +49,7 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from nurture.language.ir import ADDRESS_TRAITS
+from nurture.storage import audiences
 from nurture.storage.audit import AuditAction, AuditRecord, subject_hash, subject_hashes
 from nurture.storage.db import Database
 from nurture.storage.identities import canonical, merged_persons
@@ -509,6 +510,7 @@ def _erase(db: Database, user_id: str, counts: TemporalCounts, actor: str, secre
             ),
             message_events=deleted_feedback,
         )
+        audiences.forget(session, ids)  # memberships, their history and upkeep state
         anonymized = Anonymized(messages=anonymized_messages, runs=anonymized_runs)
         details = {
             "temporal": counts.model_dump(),

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import and_, insert, or_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -39,7 +39,7 @@ from nurture.engine.identity import (
     plan_call,
     stamp,
 )
-from nurture.engine.model import Profile
+from nurture.engine.model import Event, Profile
 
 from .audit import AuditRecord, subject_hash
 from .db import Database
@@ -92,10 +92,21 @@ class Applied:
     merged_away: list[str] = field(default_factory=list)
     """Workflow ids of the survivor's active runs the merge ends (reason ``merged``)."""
     profile: Profile | None = None
+    events: list[Event] = field(default_factory=list)
+    """Events the call's upkeep stored for the person (``Audience Entered`` ...), to route."""
 
     @property
     def person(self) -> str:
         return self.plan.person
+
+
+class Upkeep(Protocol):
+    """What :meth:`DbIdentities.apply` runs last in a call's transaction, with the person locked
+    and the call's record stored: the events it stores for them (audience upkeep)."""
+
+    def __call__(
+        self, session: Session, applied: Applied, record: EventRecord | None, *, traits: bool, opt_outs: bool
+    ) -> list[Event]: ...
 
 
 def usable(identifiers: Iterable[Identifier]) -> list[Identifier]:
@@ -211,11 +222,12 @@ class DbIdentities:
         traits: Mapping[str, Any] | None = None,
         opted_out: OptOutChange | None = None,
         group: tuple[str, Mapping[str, Any]] | None = None,
+        upkeep: Upkeep | None = None,
     ) -> Applied | None:
         """Carry out one call naming ``identifiers`` (at the call's time ``at``) in one
         transaction: create, attach, merge; store ``record`` (its ``user_id`` set to the person),
-        merge ``traits`` (stamped ``at``), change the opt-outs, set the group. ``None`` (and
-        nothing changed) when ``record``'s ``message_id`` was stored before."""
+        merge ``traits`` (stamped ``at``), change the opt-outs, set the group, then ``upkeep``.
+        ``None`` (and nothing changed) when ``record``'s ``message_id`` was stored before."""
         identifiers = usable(identifiers)
         for attempt in range(ATTEMPTS):
             # A repeated message id fails the event's insert (it is unique): only then, and on
@@ -224,9 +236,18 @@ class DbIdentities:
                 return None
             try:
                 with self.db.write_session() as session:
-                    return self._apply(
+                    applied = self._apply(
                         session, identifiers, at, explicit, record, traits, opted_out, group, first=not attempt
                     )
+                    if upkeep is not None:
+                        applied.events = upkeep(
+                            session,
+                            applied,
+                            record,
+                            traits=bool(traits) or group is not None,
+                            opt_outs=opted_out is not None,
+                        )
+                    return applied
             except _Moved:
                 continue
             except DBAPIError as exc:

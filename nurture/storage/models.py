@@ -119,6 +119,7 @@ class EventRecord(SQLModel, table=True):
     """Every accepted track or identify call; ``message_id`` de-duplicates retries."""
 
     __tablename__ = "events"
+    __table_args__ = (Index("ix_events_user_id_name", "user_id", "name"),)  # one person's events of a name
 
     id: int | None = Field(default=None, primary_key=True)
     message_id: str = Field(max_length=255, unique=True)
@@ -368,6 +369,7 @@ class AudienceMember(SQLModel, table=True):
     """A person in an audience now (``audiences/<id>.yaml``); leaving deletes the row."""
 
     __tablename__ = "audience_members"
+    __table_args__ = (Index("ix_audience_members_person", "person"),)  # a person's audiences
 
     audience: str = Field(primary_key=True, max_length=128)
     person: str = Field(primary_key=True, max_length=PERSON_ID)
@@ -392,12 +394,41 @@ class AudienceState(SQLModel, table=True):
     :mod:`nurture.engine.audience` and the next moment it changes with no new input."""
 
     __tablename__ = "audience_state"
+    __table_args__ = (Index("ix_audience_state_person", "person"),)
 
     audience: str = Field(primary_key=True, max_length=128)
     person: str = Field(primary_key=True, max_length=PERSON_ID)
     tallies: list[list[str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     """Per clause, ISO 8601 UTC times, oldest first."""
     changes_at: datetime | None = _when(nullable=True, index=True)
+    version: str = Field(default="", max_length=32, sa_column_kwargs={"server_default": ""})
+    """The audience version the tallies were kept for: another version's are counted again."""
+
+
+class AudienceVersion(SQLModel, table=True):
+    """One audience version a process started with, and when its members were evaluated from
+    scratch over the stored population (``None``: not yet)."""
+
+    __tablename__ = "audience_versions"
+
+    audience: str = Field(primary_key=True, max_length=128)
+    version: str = Field(primary_key=True, max_length=32)
+    definition: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    """The compiled form (:func:`nurture.language.audiences.audience_to_dict`)."""
+    deployed_at: datetime = _when(nullable=False, default=utcnow)
+    evaluated_at: datetime | None = _when(nullable=True)
+    members: int | None = None
+    """Members right after the evaluation."""
+
+
+class AudiencePending(SQLModel, table=True):
+    """A person whose traits or opt-outs changed outside the event API (a provider's unsubscribe,
+    a journey's profile update): the next sweep brings their memberships up to date."""
+
+    __tablename__ = "audience_pending"
+
+    person: str = Field(primary_key=True, max_length=PERSON_ID)
+    since: datetime = _when(nullable=False)
 
 
 class BroadcastOccurrence(SQLModel, table=True):

@@ -23,6 +23,7 @@ from nurture.engine.model import EndedRun, Event, Profile, SendOutcome, SendRequ
 from nurture.language import ir
 from nurture.language.templates import RenderedMessage
 
+from .audiences import mark_pending
 from .db import Database, upsert
 from .identities import canonical, merged_persons, with_group
 from .models import (
@@ -91,6 +92,8 @@ class DbProfiles:
                     elif opted_out is not None:
                         row.opted_out = sorted(set(opted_out))
                     row.updated_at = utcnow()
+                    if traits or opted_out is not None:  # audiences: brought up to date by the sweep
+                        mark_pending(session, user_id)
                     return Profile(user_id, dict(row.traits), frozenset(row.opted_out))
             except IntegrityError:  # the profile was stored concurrently: look again
                 continue
@@ -587,10 +590,14 @@ class Events:
         except IntegrityError:
             return False
 
-    def unrouted(self, *, before: datetime | None = None, message_id: str | None = None) -> list[Unrouted]:
+    def unrouted(
+        self, *, before: datetime | None = None, message_id: str | None = None, names: Sequence[str] | None = None
+    ) -> list[Unrouted]:
         """Calls whose routing never finished, oldest first: those received before ``before``,
-        or the one with ``message_id``."""
+        or the one with ``message_id``; only events named in ``names`` when given."""
         query = select(EventRecord).where(col(EventRecord.routed_at).is_(None)).order_by(col(EventRecord.id))
+        if names is not None:
+            query = query.where(col(EventRecord.name).in_(names))
         if before is not None:
             query = query.where(col(EventRecord.received_at) < before)
         if message_id is not None:
