@@ -161,3 +161,27 @@ async def test_the_audience_endpoints_and_commands(
     assert changes.exit_code == 0 and changes.output.count("entered") == 6
     unknown = runner.invoke(main, ["audience", "size", "vipp"], env=env)
     assert unknown.exit_code != 0 and "no audience 'vipp'" in unknown.output
+
+
+async def test_audience_files_and_the_journey_forms_end_to_end(database: Database, temporal_client: Client) -> None:
+    """The whole path with nothing built by hand: audience files and a journey written
+    `trigger: {audience: python_fans}`, compiled from disk; an identify through the API enters the
+    person and the journey sends its email."""
+    folder = Path(__file__).parent / "projects" / "audiences"
+    project = load_project(folder / "journeys", folder / "templates", folder / "nurture.yaml")
+    assert "python_fans" in project.audiences
+    async with serving(project, database, temporal_client) as api:
+        user = new_user()
+        traits = {"email": f"{user}@example.com", "interest": "python"}
+        answer = await api.post("/v1/identify", {"userId": user, "traits": traits})
+        assert answer.status_code == 200, answer.text
+        entered = rows(api.db, EventRecord, user_id=user, name=ENTERED)
+        assert {e.properties["audience"] for e in entered} >= {"python_fans"}
+        sent = await eventually(
+            lambda: [m for m in messages(api.db, user_id=user) if m.template == "python_launch"],
+            timeout=30,
+            what="the launch email",
+        )
+        assert [m.status for m in sent] == ["sent"]
+        size = (await api.get("/v1/audiences/python_fans")).json()
+        assert size["size"] >= 1
