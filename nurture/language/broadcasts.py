@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,7 +33,6 @@ from .source import SourceError, load_yaml
 from .templates import TemplateStore
 
 if TYPE_CHECKING:
-    from .audiences import Audience
     from .compiler import Settings
 
 PREFIX = "broadcast:"
@@ -307,7 +306,7 @@ def compile_broadcasts(
     checked_templates: set[tuple[str, str]] | None = None,
     *,
     usage: Usage | None = None,
-    audiences: Mapping[str, Audience] | None = None,
+    audiences: Collection[str] | None = None,
 ) -> dict[str, Broadcast]:
     """Every ``*.yaml`` in ``directory`` (none: no broadcasts). ``audiences``, when given, are
     the project's: a broadcast naming another is an error."""
@@ -340,7 +339,7 @@ def compile_broadcast_text(
     checked_templates: set[tuple[str, str]] | None = None,
     *,
     usage: Usage | None = None,
-    audiences: Mapping[str, Audience] | None = None,
+    audiences: Collection[str] | None = None,
 ) -> Broadcast | None:
     """Compile one broadcast file's text; ``path`` names it in messages and gives its id."""
     from .compiler import _check_declared, _check_raw, _validation_diagnostics, build_journey

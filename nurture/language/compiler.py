@@ -191,7 +191,7 @@ def compile_project(
         sink,
         checked_templates,
         usage=usage,
-        audiences=audiences,
+        audiences=known,
     )
     if report_undeclared:
         where = str(config) if config.exists() else str(journeys_dir)
