@@ -25,8 +25,7 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from . import ir
 from .diagnostics import Diagnostic, DiagnosticSink, did_you_mean
-from .document import Doc, Ident, JourneyDoc, RateText, _fail
-from .durations import parse_rate
+from .document import Doc, Ident, RateText, _fail, checked_by
 from .expressions import compile_expression
 from .schema import Usage
 from .source import SourceError, load_yaml
@@ -190,20 +189,8 @@ def parse_at(text: str) -> datetime:
         raise ValueError(f"'{text}' is not a date and time: {exc}") from None
 
 
-def check_at(value: str) -> str:
-    try:
-        parse_at(value)
-    except ValueError as exc:
-        raise _fail("at", str(exc)) from None
-    return value
-
-
-def check_cron(value: str) -> str:
-    try:
-        parse_cron(value)
-    except CronError as exc:
-        raise _fail("cron", str(exc)) from None
-    return value
+check_at = checked_by("at", parse_at, ValueError)
+check_cron = checked_by("cron", parse_cron, CronError)
 
 
 class ScheduleDoc(Doc):
@@ -310,17 +297,12 @@ def compile_broadcasts(
 ) -> dict[str, Broadcast]:
     """Every ``*.yaml`` in ``directory`` (none: no broadcasts). ``audiences``, when given, are
     the project's: a broadcast naming another is an error."""
+    from .compiler import project_files, read_source
+
     found: dict[str, Broadcast] = {}
-    if not directory.is_dir():
-        return found
-    for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            sink.add(Diagnostic(str(path), 0, 0, f"cannot read file: {exc}"))
-            continue
-        if path.stem in found:
-            sink.add(Diagnostic(str(path), 0, 0, f"broadcast '{path.stem}' is also defined in another file: keep one"))
+    for path in project_files(directory, "broadcast", sink):
+        text = read_source(path, sink)
+        if text is None:
             continue
         broadcast = compile_broadcast_text(
             text, str(path), templates, settings, sink, checked_templates, usage=usage, audiences=audiences
@@ -342,7 +324,15 @@ def compile_broadcast_text(
     audiences: Collection[str] | None = None,
 ) -> Broadcast | None:
     """Compile one broadcast file's text; ``path`` names it in messages and gives its id."""
-    from .compiler import _check_declared, _check_raw, _validation_diagnostics, build_journey
+    from .compiler import (
+        _check_declared,
+        _validation_diagnostics,
+        build_journey,
+        check_file_id,
+        compile_rate,
+        title,
+        validate_journey,
+    )
 
     before = len(sink.errors)
     try:
@@ -353,9 +343,7 @@ def compile_broadcast_text(
     if not isinstance(data, dict):
         sink.add(Diagnostic(path, 1, 1, "a broadcast file is a mapping with audience: and steps:"))
         return None
-    broadcast_id = Path(path).stem
-    if not re.match(r"^[a-z][a-z0-9_]*$", broadcast_id):
-        sink.add(Diagnostic(path, 1, 1, f"'{broadcast_id}' is not a valid broadcast id: name the file with lowercase letters, digits and _"))
+    broadcast_id = check_file_id(path, "broadcast", sink)
     allowed = (*_HEAD, *_JOURNEY_KEYS)
     for key in data:
         if key in _JOURNEY_ONLY:
@@ -381,12 +369,7 @@ def compile_broadcast_text(
     journey_data: dict[str, Any] = {k: data[k] for k in _JOURNEY_KEYS if k in data}
     journey_data["journey"] = broadcast_id
     journey_data["trigger"] = {"event": "broadcast"}
-    doc: JourneyDoc | None = None
-    try:
-        doc = JourneyDoc.model_validate(journey_data)
-    except ValidationError as exc:
-        sink.extend(_validation_diagnostics(exc, journey_data, smap))
-    _check_raw(journey_data, smap, path, templates, sink, checked_templates, settings)
+    doc = validate_journey(journey_data, smap, path, templates, sink, checked_templates, settings)
     _check_declared({**journey_data, "trigger": None}, smap, templates, sink, settings, usage or Usage())
     if doc is None or head is None or len(sink.errors) > before:
         return None
@@ -394,7 +377,7 @@ def compile_broadcast_text(
     built = dataclasses.replace(
         built,
         id=journey_id(broadcast_id),
-        name=head.name or broadcast_id.replace("_", " ").capitalize(),
+        name=head.name or title(broadcast_id),
         description=head.description or "",
         trigger=ir.EventRule(event=""),
     )
@@ -405,15 +388,10 @@ def compile_broadcast_text(
         audience=head.audience,
         journey=built,
         schedule=_schedule(head.schedule),
-        rate=None if head.rate is None else _rate(head.rate),
+        rate=compile_rate(head.rate),
         description=built.description,
         source=path,
     )
-
-
-def _rate(text: str) -> ir.Rate:
-    count, per = parse_rate(text)
-    return ir.Rate(count=count, per=per, written=text.strip())
 
 
 def _schedule(doc: ScheduleDoc | None) -> Schedule | None:

@@ -173,7 +173,7 @@ def compile_project(
             sink.add(Diagnostic(str(path), 0, 0, f"journey '{path.stem}' is also defined in {twin.name}: keep one file"))
     checked_templates: set[tuple[str, str]] = set()
     usage = Usage()
-    audience_files = _audience_files(audiences_dir or journeys_dir.parent / "audiences", sink)
+    audience_files = project_files(audiences_dir or journeys_dir.parent / "audiences", "audience", sink)
     audiences = {
         audience.id: audience
         for path in audience_files
@@ -272,10 +272,8 @@ def compile_file(
     audiences: Collection[str] = (),
 ) -> ir.Journey | None:
     """Compile one journey file, adding its diagnostics to ``sink``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        sink.add(Diagnostic(str(path), 0, 0, f"cannot read file: {exc}"))
+    text = read_source(path, sink)
+    if text is None:
         return None
     return compile_text(text, str(path), templates, settings, sink, checked_templates, usage=usage, audiences=audiences)
 
@@ -325,12 +323,7 @@ def _compile_text(
     if not isinstance(data, dict):
         sink.add(Diagnostic(path, 1, 1, "a journey file is a mapping with journey:, trigger: and steps:"))
         return None
-    doc: JourneyDoc | None = None
-    try:
-        doc = JourneyDoc.model_validate(data)
-    except ValidationError as exc:
-        sink.extend(_validation_diagnostics(exc, data, smap))
-    _check_raw(data, smap, path, templates, sink, checked_templates, settings)
+    doc = validate_journey(data, smap, path, templates, sink, checked_templates, settings)
     _check_audiences(data, smap, sink, audiences)
     _check_declared(data, smap, templates, sink, settings, usage)
     if doc is None or len(sink.errors) > before:
@@ -338,27 +331,76 @@ def _compile_text(
     return build_journey(doc, settings, path)
 
 
-# --- audiences ----------------------------------------------------------------------------------
+def validate_journey(
+    data: dict[str, Any],
+    smap: SourceMap,
+    path: str,
+    templates: TemplateStore,
+    sink: DiagnosticSink,
+    checked_templates: set[tuple[str, str]] | None,
+    settings: Settings,
+) -> JourneyDoc | None:
+    """The validated journey document of ``data`` (``None`` when invalid) and the checks of its raw
+    form (steps, templates), their diagnostics added to ``sink``; journeys and broadcasts share it."""
+    doc: JourneyDoc | None = None
+    try:
+        doc = JourneyDoc.model_validate(data)
+    except ValidationError as exc:
+        sink.extend(_validation_diagnostics(exc, data, smap))
+    _check_raw(data, smap, path, templates, sink, checked_templates, settings)
+    return doc
 
 
-def _audience_files(directory: Path, sink: DiagnosticSink) -> list[Path]:
-    """The audience files directly in ``directory`` (none when it does not exist)."""
+# --- project files ------------------------------------------------------------------------------
+
+
+def read_source(path: Path, sink: DiagnosticSink) -> str | None:
+    """The text of a project file; ``None`` (and a diagnostic) when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        sink.add(Diagnostic(str(path), 0, 0, f"cannot read file: {exc}"))
+        return None
+
+
+def project_files(directory: Path, kind: str, sink: DiagnosticSink) -> list[Path]:
+    """The ``kind`` files (audience, broadcast) directly in ``directory``, none when it does not
+    exist; of two files with one id (``a.yaml``, ``a.yml``) the first, the other reported."""
     files = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml"))
     stems: dict[str, Path] = {}
     for path in files:
         if (twin := stems.setdefault(path.stem, path)) is not path:
-            sink.add(Diagnostic(str(path), 0, 0, f"audience '{path.stem}' is also defined in {twin.name}: keep one file"))
+            sink.add(Diagnostic(str(path), 0, 0, f"{kind} '{path.stem}' is also defined in {twin.name}: keep one file"))
     return [path for path in files if stems[path.stem] is path]
+
+
+def check_file_id(path: str, kind: str, sink: DiagnosticSink) -> str:
+    """The id of the ``kind`` file at ``path`` (its stem), reported when it is not a valid one."""
+    stem = Path(path).stem
+    if not IDENT.match(stem):
+        sink.add(
+            Diagnostic(
+                path, 1, 1, f"'{stem}' is not a valid {kind} id: name the file with lowercase letters, digits "
+                "and _, starting with a letter"
+            )
+        )
+    return stem
+
+
+def title(ident: str) -> str:
+    """The display name of an id that has none written: ``lapsed_customers`` → Lapsed customers."""
+    return ident.replace("_", " ").capitalize()
+
+
+# --- audiences ----------------------------------------------------------------------------------
 
 
 def compile_audience_file(
     path: Path, settings: Settings, sink: DiagnosticSink, *, usage: Usage | None = None
 ) -> Audience | None:
     """Compile one audience file (its id is the file name), adding its diagnostics to ``sink``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        sink.add(Diagnostic(str(path), 0, 0, f"cannot read file: {exc}"))
+    text = read_source(path, sink)
+    if text is None:
         return None
     return compile_audience_text(text, str(path), settings, sink, usage=usage)
 
@@ -388,14 +430,7 @@ def _compile_audience_text(
     if not isinstance(data, dict):
         sink.add(Diagnostic(path, 1, 1, "an audience file is a mapping with where:, did:, not_did: or subscribed:"))
         return None
-    stem = Path(path).stem
-    if not IDENT.match(stem):
-        sink.add(
-            Diagnostic(
-                path, 1, 1, f"'{stem}' is not a valid audience id: name the file with lowercase letters, digits "
-                "and _, starting with a letter"
-            )
-        )
+    stem = check_file_id(path, "audience", sink)
     doc: AudienceDoc | None = None
     try:
         doc = AudienceDoc.model_validate(data)
@@ -406,7 +441,7 @@ def _compile_audience_text(
         return None
     return Audience(
         id=stem,
-        name=doc.name or stem.replace("_", " ").capitalize(),
+        name=doc.name or title(stem),
         description=doc.description or "",
         where=compile_expression(doc.where) if doc.where else None,
         did=tuple(_activity(clause) for clause in doc.did),
@@ -1180,7 +1215,8 @@ def _date_trigger(doc: EventRuleDoc | DateTriggerDoc | AudienceTriggerDoc) -> ir
     )
 
 
-def _rate(text: str | None) -> ir.Rate | None:
+def compile_rate(text: str | None) -> ir.Rate | None:
+    """The compiled form of a rate as written (``1000/h``); ``None`` for none."""
     if text is None:
         return None
     count, per = parse_rate(text)
@@ -1218,7 +1254,7 @@ def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journe
     journey = ir.Journey(
         id=doc.journey,
         version="",
-        name=doc.name or doc.journey.replace("_", " ").capitalize(),
+        name=doc.name or title(doc.journey),
         description=doc.description or "",
         trigger=_trigger_rule(doc.trigger),
         date_trigger=_date_trigger(doc.trigger),
@@ -1230,7 +1266,7 @@ def build_journey(doc: JourneyDoc, settings: Settings, source: str) -> ir.Journe
         timezone=doc.timezone or settings.timezone,
         quiet_hours=_quiet(doc.quiet_hours) or settings.quiet_hours,
         policy=_policy(doc, doc.quiet_hours, settings.policy),
-        rate=_rate(doc.rate),
+        rate=compile_rate(doc.rate),
         steps=_Ids(doc).steps(doc.steps, "s"),
         source=source,
     )
@@ -1296,7 +1332,7 @@ def _build_step(doc: StepDoc, step_id: str, ids: _Ids) -> ir.Step:
             fallback=tuple(doc.fallback),
             category=doc.category,
             topic=doc.topic,
-            rate=_rate(doc.rate),
+            rate=compile_rate(doc.rate),
         )
     if isinstance(doc, WaitForDoc):
         if isinstance(doc.wait_for, AudienceWaitDoc):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import zoneinfo
+from collections.abc import Callable
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -56,36 +57,23 @@ def check_ident(value: str) -> str:
     return value
 
 
-def check_duration(value: str) -> str:
-    try:
-        parse_duration(value)
-    except DurationError as exc:
-        raise _fail("duration", str(exc)) from None
-    return value
+def checked_by(kind: str, parse: Callable[[str], object], error: type[Exception] = DurationError) -> Callable[[str], str]:
+    """A field check that ``parse`` reads the value, its ``error`` reported as a ``kind`` error."""
+
+    def check(value: str) -> str:
+        try:
+            parse(value)
+        except error as exc:
+            raise _fail(kind, str(exc)) from None
+        return value
+
+    return check
 
 
-def check_duration_range(value: str) -> str:
-    try:
-        parse_duration_range(value)
-    except DurationError as exc:
-        raise _fail("duration", str(exc)) from None
-    return value
-
-
-def check_offset(value: str) -> str:
-    try:
-        parse_signed_duration(value)
-    except DurationError as exc:
-        raise _fail("duration", str(exc)) from None
-    return value
-
-
-def check_rate(value: str) -> str:
-    try:
-        parse_rate(value)
-    except DurationError as exc:
-        raise _fail("rate", str(exc)) from None
-    return value
+check_duration = checked_by("duration", parse_duration)
+check_duration_range = checked_by("duration", parse_duration_range)
+check_offset = checked_by("duration", parse_signed_duration)
+check_rate = checked_by("rate", parse_rate)
 
 
 RateText = Annotated[str, AfterValidator(check_rate), Field(examples=["1000/h", "50/m"])]
