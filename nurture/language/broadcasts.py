@@ -24,11 +24,10 @@ from zoneinfo import ZoneInfo
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from . import ir
-from .diagnostics import Diagnostic, DiagnosticSink, did_you_mean
+from .diagnostics import DiagnosticSink, did_you_mean
 from .document import Doc, Ident, RateText, _fail, checked_by
 from .expressions import compile_expression
 from .schema import Usage
-from .source import SourceError, load_yaml
 from .templates import TemplateStore
 
 if TYPE_CHECKING:
@@ -330,19 +329,16 @@ def compile_broadcast_text(
         build_journey,
         check_file_id,
         compile_rate,
+        load_mapping,
         title,
         validate_journey,
     )
 
     before = len(sink.errors)
-    try:
-        data, smap = load_yaml(text, path)
-    except SourceError as exc:
-        sink.extend(exc.diagnostics)
+    loaded = load_mapping(text, path, sink, "a broadcast file is a mapping with audience: and steps:")
+    if loaded is None:
         return None
-    if not isinstance(data, dict):
-        sink.add(Diagnostic(path, 1, 1, "a broadcast file is a mapping with audience: and steps:"))
-        return None
+    data, smap = loaded
     broadcast_id = check_file_id(path, "broadcast", sink)
     allowed = (*_HEAD, *_JOURNEY_KEYS)
     for key in data:

@@ -315,40 +315,16 @@ def _compile_text(
     usage: Usage,
     audiences: Collection[str],
 ) -> ir.Journey | None:
-    try:
-        data, smap = load_yaml(text, path)
-    except SourceError as exc:
-        sink.extend(exc.diagnostics)
+    loaded = load_mapping(text, path, sink, "a journey file is a mapping with journey:, trigger: and steps:")
+    if loaded is None:
         return None
-    if not isinstance(data, dict):
-        sink.add(Diagnostic(path, 1, 1, "a journey file is a mapping with journey:, trigger: and steps:"))
-        return None
+    data, smap = loaded
     doc = validate_journey(data, smap, path, templates, sink, checked_templates, settings)
     _check_audiences(data, smap, sink, audiences)
     _check_declared(data, smap, templates, sink, settings, usage)
     if doc is None or len(sink.errors) > before:
         return None
     return build_journey(doc, settings, path)
-
-
-def validate_journey(
-    data: dict[str, Any],
-    smap: SourceMap,
-    path: str,
-    templates: TemplateStore,
-    sink: DiagnosticSink,
-    checked_templates: set[tuple[str, str]] | None,
-    settings: Settings,
-) -> JourneyDoc | None:
-    """The validated journey document of ``data`` (``None`` when invalid) and the checks of its raw
-    form (steps, templates), their diagnostics added to ``sink``; journeys and broadcasts share it."""
-    doc: JourneyDoc | None = None
-    try:
-        doc = JourneyDoc.model_validate(data)
-    except ValidationError as exc:
-        sink.extend(_validation_diagnostics(exc, data, smap))
-    _check_raw(data, smap, path, templates, sink, checked_templates, settings)
-    return doc
 
 
 # --- project files ------------------------------------------------------------------------------
@@ -372,6 +348,25 @@ def project_files(directory: Path, kind: str, sink: DiagnosticSink) -> list[Path
         if (twin := stems.setdefault(path.stem, path)) is not path:
             sink.add(Diagnostic(str(path), 0, 0, f"{kind} '{path.stem}' is also defined in {twin.name}: keep one file"))
     return [path for path in files if stems[path.stem] is path]
+
+
+def load_mapping(
+    text: str, path: str, sink: DiagnosticSink, shape: str, *, empty: bool = False
+) -> tuple[dict[str, Any], SourceMap] | None:
+    """The mapping a project file holds, and where its parts are; ``None`` (and a diagnostic: its
+    YAML errors, or ``shape``, what the file should be) when it holds no mapping. With ``empty``
+    an empty file is an empty mapping."""
+    try:
+        data, smap = load_yaml(text, path)
+    except SourceError as exc:
+        sink.extend(exc.diagnostics)
+        return None
+    if data is None and empty:
+        data = {}
+    if not isinstance(data, dict):
+        sink.add(Diagnostic(path, 1, 1, shape))
+        return None
+    return data, smap
 
 
 def check_file_id(path: str, kind: str, sink: DiagnosticSink) -> str:
@@ -420,16 +415,12 @@ def _compile_audience_text(
     text: str, path: str, settings: Settings, sink: DiagnosticSink, usage: Usage
 ) -> Audience | None:
     before = len(sink.errors)
-    try:
-        data, smap = load_yaml(text, path)
-    except SourceError as exc:
-        sink.extend(exc.diagnostics)
+    loaded = load_mapping(
+        text, path, sink, "an audience file is a mapping with where:, did:, not_did: or subscribed:", empty=True
+    )
+    if loaded is None:
         return None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        sink.add(Diagnostic(path, 1, 1, "an audience file is a mapping with where:, did:, not_did: or subscribed:"))
-        return None
+    data, smap = loaded
     stem = check_file_id(path, "audience", sink)
     doc: AudienceDoc | None = None
     try:
@@ -566,7 +557,7 @@ def _step_lists(data: dict[str, Any]) -> Iterator[tuple[KeyPath, list[Any]]]:
                     yield path + ("variants", name, "steps"), variant["steps"]
 
 
-def _check_raw(
+def validate_journey(
     data: dict[str, Any],
     smap: SourceMap,
     path: str,
@@ -574,7 +565,14 @@ def _check_raw(
     sink: DiagnosticSink,
     checked_templates: set[tuple[str, str]] | None,
     settings: Settings,
-) -> None:
+) -> JourneyDoc | None:
+    """The validated journey document of ``data`` (``None`` when invalid) and the checks of its raw
+    form (ids, steps, templates), their diagnostics added to ``sink``; journeys and broadcasts share it."""
+    doc: JourneyDoc | None = None
+    try:
+        doc = JourneyDoc.model_validate(data)
+    except ValidationError as exc:
+        sink.extend(_validation_diagnostics(exc, data, smap))
     journey_id = data.get("journey")
     stem = Path(path).stem
     if isinstance(journey_id, str) and journey_id != stem:
@@ -635,6 +633,7 @@ def _check_raw(
                     )
                 )
                 break
+    return doc
 
 
 def _audience_refs(data: dict[str, Any]) -> Iterator[tuple[KeyPath, Any]]:
