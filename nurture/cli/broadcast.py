@@ -78,6 +78,17 @@ async def _with_broadcaster(
         raise click.ClickException(str(exc)) from None
 
 
+def _run(
+    project: Project, home: Path | None, work: Callable[[Broadcaster], Any], *, temporal: bool = True
+) -> Any:
+    """``work`` done with a broadcaster on the service's database (closed after)."""
+    db = _open(_settings(home))
+    try:
+        return asyncio.run(_with_broadcaster(project, db, home, work, temporal=temporal))
+    finally:
+        db.dispose()
+
+
 @broadcast.command()
 @click.argument("broadcast_id", metavar="ID")
 @broadcast_options
@@ -96,30 +107,26 @@ def start(
     or does nothing (it is done, or cancelled); while another process is starting it, it is refused.
     """
     project = _project(journeys_dir, templates_dir, config, broadcasts_dir)
-    db = _open(_settings(home))
-    try:
 
-        async def work(broadcaster: Broadcaster) -> Started:
-            chosen = None
-            if occurrence is not None:
-                found = broadcaster.broadcast(broadcast_id)
-                chosen = broadcaster.occurrence(found)
-                if chosen.key != occurrence:
-                    raise BroadcastError(
-                        f"occurrence {occurrence} is not the one due now ({chosen.key}); only that one can be started"
-                    )
+    async def work(broadcaster: Broadcaster) -> Started:
+        chosen = None
+        if occurrence is not None:
+            found = broadcaster.broadcast(broadcast_id)
+            chosen = broadcaster.occurrence(found)
+            if chosen.key != occurrence:
+                raise BroadcastError(
+                    f"occurrence {occurrence} is not the one due now ({chosen.key}); only that one can be started"
+                )
 
-            def shown(row: BroadcastOccurrence) -> None:  # the row only: no count per page
-                click.echo(f"\r{bar(row.started + row.existing, row.selected)}  started {row.started} of {row.selected}", nl=False)
+        def shown(row: BroadcastOccurrence) -> None:  # the row only: no count per page
+            click.echo(f"\r{bar(row.started + row.existing, row.selected)}  started {row.started} of {row.selected}", nl=False)
 
-            done = await broadcaster.start(broadcast_id, occurrence=chosen, on_page=shown)
-            click.echo("")
-            click.echo(render(broadcaster.status(broadcast_id, done.occurrence)), nl=False)
-            return done
+        done = await broadcaster.start(broadcast_id, occurrence=chosen, on_page=shown)
+        click.echo("")
+        click.echo(render(broadcaster.status(broadcast_id, done.occurrence)), nl=False)
+        return done
 
-        done = asyncio.run(_with_broadcaster(project, db, home, work))
-    finally:
-        db.dispose()
+    done = _run(project, home, work)
     if done.status in ("done", "cancelled") and done.started == 0 and done.existing == 0:
         click.echo(f"occurrence {done.occurrence} was already {done.status}: nothing was started")
 
@@ -138,15 +145,11 @@ def cancel(
 ) -> None:
     """Cancel broadcast ID: no more runs start, and runs in flight end with reason broadcast_cancelled."""
     project = _project(journeys_dir, templates_dir, config, broadcasts_dir)
-    db = _open(_settings(home))
-    try:
 
-        async def work(broadcaster: Broadcaster) -> tuple[BroadcastOccurrence, int]:
-            return await broadcaster.cancel(broadcast_id, occurrence)
+    async def work(broadcaster: Broadcaster) -> tuple[BroadcastOccurrence, int]:
+        return await broadcaster.cancel(broadcast_id, occurrence)
 
-        row, stopped = asyncio.run(_with_broadcaster(project, db, home, work))
-    finally:
-        db.dispose()
+    row, stopped = _run(project, home, work)
     click.echo(f"{broadcast_id} ({row.occurrence}) is {row.status}: {stopped} run(s) in flight stopped")
 
 
@@ -166,15 +169,11 @@ def status(
 ) -> None:
     """Progress of broadcast ID: selected, started, sent, and skipped by reason."""
     project = _project(journeys_dir, templates_dir, config, broadcasts_dir)
-    db = _open(_settings(home))
-    try:
 
-        async def work(broadcaster: Broadcaster) -> Progress:
-            return broadcaster.status(broadcast_id, occurrence)
+    async def work(broadcaster: Broadcaster) -> Progress:
+        return broadcaster.status(broadcast_id, occurrence)
 
-        found = asyncio.run(_with_broadcaster(project, db, home, work, temporal=False))
-    finally:
-        db.dispose()
+    found = _run(project, home, work, temporal=False)
     click.echo(json.dumps(found.to_dict(), indent=2) if as_json else render(found), nl=not as_json)
 
 

@@ -9,7 +9,7 @@ writes land (on SQLite and PostgreSQL alike).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -78,33 +78,34 @@ class Occurrences:
 
     def acquire(self, broadcast: str, occurrence: str, owner: str, lease: timedelta) -> bool:
         """Take (or keep) the lease of a running occurrence: free, expired or already ``owner``'s."""
-        now = utcnow()
-        with self.db.session() as session:
-            result = session.execute(
-                update(BroadcastOccurrence)
-                .where(self._where(broadcast, occurrence))
-                .where(col(BroadcastOccurrence.status) == "running")
-                .where(
-                    or_(
-                        col(BroadcastOccurrence.lease_owner).is_(None),
-                        col(BroadcastOccurrence.lease_owner) == owner,
-                        col(BroadcastOccurrence.lease_until) < now,
-                    )
-                )
-                .values(lease_owner=owner, lease_until=now + lease, updated_at=now)
-            )
-            return bool(getattr(result, "rowcount", 0) == 1)
+        return self._lease(
+            broadcast,
+            occurrence,
+            owner,
+            lease,
+            lambda now: or_(
+                col(BroadcastOccurrence.lease_owner).is_(None),
+                col(BroadcastOccurrence.lease_owner) == owner,
+                col(BroadcastOccurrence.lease_until) < now,
+            ),
+        )
 
     def renew(self, broadcast: str, occurrence: str, owner: str, lease: timedelta) -> bool:
         """Extend ``owner``'s lease; ``False`` when it lost it or the occurrence is no longer running."""
+        return self._lease(broadcast, occurrence, owner, lease, lambda now: col(BroadcastOccurrence.lease_owner) == owner)
+
+    def _lease(
+        self, broadcast: str, occurrence: str, owner: str, lease: timedelta, free: Callable[[datetime], Any]
+    ) -> bool:
+        """Give ``owner`` the lease of a running occurrence for ``lease`` where ``free(now)`` holds."""
         now = utcnow()
         with self.db.session() as session:
             result = session.execute(
                 update(BroadcastOccurrence)
                 .where(self._where(broadcast, occurrence))
                 .where(col(BroadcastOccurrence.status) == "running")
-                .where(col(BroadcastOccurrence.lease_owner) == owner)
-                .values(lease_until=now + lease, updated_at=now)
+                .where(free(now))
+                .values(lease_owner=owner, lease_until=now + lease, updated_at=now)
             )
             return bool(getattr(result, "rowcount", 0) == 1)
 
