@@ -1,4 +1,5 @@
-"""Helpers shared by the service tests: polling, table reads, an API served in a thread."""
+"""Helpers shared by the service tests: polling, table reads, an API served in a thread, projects
+written to disk, a fresh PostgreSQL database, a scenario played on both runtimes."""
 
 from __future__ import annotations
 
@@ -15,15 +16,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 import uvicorn
+from conftest import POSTGRES, postgres_available
 from sqlmodel import SQLModel, col, select
 
+from nurture.language.compiler import Project
 from nurture.service.devserver import free_port
-from nurture.simulation.scenarios import Scenario
+from nurture.simulation.scenarios import Observed, Scenario, SimRuntime, compare, load_scenario, observe
 from nurture.simulation.simulator import Outcome
 from nurture.storage.db import Database
+from workflows.runtime import TemporalRuntime
 
 T = TypeVar("T")
 
@@ -156,3 +162,60 @@ def served_settings(dev_server: str, database_url: str, queue: str, **options: A
         database=database_url,
         **{**defaults, **options},
     )
+
+
+DRILL_TEMPLATES = {
+    "email/drill.mjml": """\
+---
+subject: "Drill for {{ user.first_name }}"
+---
+<mjml><mj-body><mj-section><mj-column>
+  <mj-text>Hello {{ user.first_name }}, this is a drill.</mj-text>
+</mj-column></mj-section></mj-body></mjml>
+""",
+    "sms/drill.txt": "Drill SMS for {{ user.first_name }}.\n",
+}
+"""The templates of the drill journeys the process tests (crash, scale-out) run."""
+
+
+def write_project(root: Path, journeys: dict[str, str], templates: dict[str, str]) -> tuple[Path, Path]:
+    """``journeys/<id>.yaml`` and ``templates/<name>`` under ``root``; the two directories."""
+    journey_dir, template_dir = root / "journeys", root / "templates"
+    journey_dir.mkdir()
+    for journey_id, source in journeys.items():
+        (journey_dir / f"{journey_id}.yaml").write_text(source, encoding="utf-8")
+    for name, content in templates.items():
+        (template_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (template_dir / name).write_text(content, encoding="utf-8")
+    return journey_dir, template_dir
+
+
+@contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """A new, empty PostgreSQL database (not migrated) for the block; its URL. Dropped after."""
+    assert postgres_available(), f"this test needs PostgreSQL at {POSTGRES}"
+    name = f"nurture_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{POSTGRES.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with psycopg.connect(POSTGRES, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _canonical(items: list[Observed]) -> list[Observed]:
+    """Outcomes in time order, same-instant ones in a fixed order (they compare as a set)."""
+    return sorted(items, key=lambda o: (o.at, o.user, o.journey, o.exit or "", o.send or "", o.template or ""))
+
+
+async def play_on_both_runtimes(path: Path, project: Project, temporal: TemporalRuntime) -> None:
+    """The scenario file at ``path`` passes in the simulator and on Temporal, with the same outcomes."""
+    scenario = load_scenario(path, project)
+    simulated = await SimRuntime().play(scenario, project)
+    verdict = compare(scenario, simulated)
+    assert verdict.passed, "simulator:\n" + verdict.report()
+    durable = await temporal.play(scenario, project)
+    verdict = compare(scenario, durable)
+    assert verdict.passed, "temporal:\n" + verdict.report()
+    assert _canonical(observe(scenario, simulated)) == _canonical(observe(scenario, durable))

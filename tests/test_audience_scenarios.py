@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support import play_on_both_runtimes
 
 from nurture.language.compiler import Project, load_project
-from nurture.simulation.scenarios import SimRuntime, compare, load_scenario, observe, scenario_files
+from nurture.simulation.scenarios import load_scenario, scenario_files
 from workflows.runtime import TemporalRuntime
 
 PROJECT = Path(__file__).parent / "projects" / "audiences"
@@ -27,14 +28,6 @@ def test_every_journey_of_the_project_has_scenarios(audiences_project: Project) 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 async def test_scenario_on_both_runtimes(path: Path, audiences_project: Project, temporal: TemporalRuntime) -> None:
-    scenario = load_scenario(path, audiences_project)
-    simulated = await SimRuntime().play(scenario, audiences_project)
-    verdict = compare(scenario, simulated)
-    assert verdict.passed, "simulator:\n" + verdict.report()
-    durable = await temporal.play(scenario, audiences_project)
-    verdict = compare(scenario, durable)
-    assert verdict.passed, "temporal:\n" + verdict.report()
-    key = lambda o: (o.at, o.user, o.journey, o.exit or "", o.send or "", o.template or "")  # noqa: E731
-    assert sorted(observe(scenario, simulated), key=key) == sorted(observe(scenario, durable), key=key)
+    await play_on_both_runtimes(path, audiences_project, temporal)
 
 

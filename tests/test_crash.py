@@ -26,12 +26,13 @@ from typing import Any
 
 from conftest import ROOT
 from sqlalchemy import text
-from support import clean_env
+from support import DRILL_TEMPLATES, clean_env, write_project
 from temporalio.client import Client
 
+from nurture.engine.interpreter import workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import load_project
-from nurture.service.ingest import Ingest, workflow_id
+from nurture.service.ingest import Ingest
 from nurture.storage.db import Database
 
 RUNS = 200
@@ -49,33 +50,14 @@ steps:
   - {id: last_email, send: email, template: drill_over, category: transactional}
 """
 TEMPLATES = {
-    "email/drill.mjml": """\
----
-subject: "Drill for {{ user.first_name }}"
----
-<mjml><mj-body><mj-section><mj-column>
-  <mj-text>Hello {{ user.first_name }}, this is a drill.</mj-text>
-</mj-column></mj-section></mj-body></mjml>
-""",
+    **DRILL_TEMPLATES,
     "email/drill_over.mjml": """\
 ---
 subject: "The drill is over, {{ user.first_name }}"
 ---
 <mjml><mj-body><mj-section><mj-column><mj-text>Thank you.</mj-text></mj-column></mj-section></mj-body></mjml>
 """,
-    "sms/drill.txt": "Drill SMS for {{ user.first_name }}.\n",
 }
-
-
-def write_project(root: Path) -> tuple[Path, Path]:
-    journeys, templates = root / "journeys", root / "templates"
-    journeys.mkdir()
-    (journeys / "crash_drill.yaml").write_text(JOURNEY, encoding="utf-8")
-    for name, content in TEMPLATES.items():
-        (templates / name).parent.mkdir(parents=True, exist_ok=True)
-        (templates / name).write_text(content, encoding="utf-8")
-    return journeys, templates
-
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as output:
@@ -106,7 +88,7 @@ def recorded(db: Database, step: str) -> int:
 
 
 async def test_kill_9_mid_journey_sends_every_message_exactly_once(dev_server: str, tmp_path: Path) -> None:
-    journeys, templates = write_project(tmp_path)
+    journeys, templates = write_project(tmp_path, {"crash_drill": JOURNEY}, TEMPLATES)
     project = load_project(journeys, templates)
     queue = f"crash-{uuid.uuid4().hex[:8]}"
     database = f"sqlite:///{tmp_path / 'nurture.db'}"

@@ -7,10 +7,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from support import play_on_both_runtimes
 
 from nurture.language.compiler import Project, load_project
 from nurture.language.diagnostics import CompileError
-from nurture.simulation.scenarios import SimRuntime, compare, load_scenario, observe, scenario_files
+from nurture.simulation.scenarios import SimRuntime, load_scenario, scenario_files
 from workflows.runtime import TemporalRuntime
 
 PROJECT = Path(__file__).parent / "projects" / "dates"
@@ -29,15 +30,7 @@ def test_every_journey_of_the_project_has_scenarios(dates_project: Project) -> N
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 async def test_scenario_on_both_runtimes(path: Path, dates_project: Project, temporal: TemporalRuntime) -> None:
-    scenario = load_scenario(path, dates_project)
-    simulated = await SimRuntime().play(scenario, dates_project)
-    verdict = compare(scenario, simulated)
-    assert verdict.passed, "simulator:\n" + verdict.report()
-    durable = await temporal.play(scenario, dates_project)
-    verdict = compare(scenario, durable)
-    assert verdict.passed, "temporal:\n" + verdict.report()
-    key = lambda o: (o.at, o.user, o.journey, o.exit or "", o.send or "", o.template or "")  # noqa: E731
-    assert sorted(observe(scenario, simulated), key=key) == sorted(observe(scenario, durable), key=key)
+    await play_on_both_runtimes(path, dates_project, temporal)
 
 
 def test_a_yearly_date_trigger_needs_the_scenario_to_end(dates_project: Project, tmp_path: Path) -> None:

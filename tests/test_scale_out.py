@@ -29,11 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
-from conftest import POSTGRES, ROOT, postgres_available
+from conftest import ROOT
 from sqlalchemy import text
-from support import clean_env, eventually, rows, served_settings, uvicorn_thread
+from support import (
+    DRILL_TEMPLATES,
+    clean_env,
+    eventually,
+    fresh_postgres,
+    rows,
+    served_settings,
+    uvicorn_thread,
+    write_project,
+)
 from temporalio.client import Client
 
 from nurture.engine.identity import call_identifiers
@@ -61,41 +69,17 @@ steps:
   - {id: hold, wait_for: Drill Resumed, timeout: 10m}
   - {id: middle_sms, send: sms, template: drill, category: transactional}
 """
-TEMPLATES = {
-    "email/drill.mjml": """\
----
-subject: "Drill for {{ user.first_name }}"
----
-<mjml><mj-body><mj-section><mj-column>
-  <mj-text>Hello {{ user.first_name }}, this is a drill.</mj-text>
-</mj-column></mj-section></mj-body></mjml>
-""",
-    "sms/drill.txt": "Drill SMS for {{ user.first_name }}.\n",
-}
 
 
-def write_project(root: Path) -> tuple[Path, Path]:
-    journeys, templates = root / "journeys", root / "templates"
-    journeys.mkdir()
-    (journeys / "scale_drill.yaml").write_text(JOURNEY, encoding="utf-8")
-    for name, content in TEMPLATES.items():
-        (templates / name).parent.mkdir(parents=True, exist_ok=True)
-        (templates / name).write_text(content, encoding="utf-8")
-    return journeys, templates
+def write_drill(root: Path) -> tuple[Path, Path]:
+    return write_project(root, {"scale_drill": JOURNEY}, DRILL_TEMPLATES)
 
 
 @pytest.fixture
 def empty_postgres() -> Iterator[str]:
     """A fresh PostgreSQL database, not migrated; its URL."""
-    assert postgres_available(), f"this test needs PostgreSQL at {POSTGRES}"
-    name = f"nurture_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{POSTGRES.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with psycopg.connect(POSTGRES, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres() as url:
+        yield url
 
 
 @pytest.fixture
@@ -239,7 +223,7 @@ async def balanced(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
 async def test_two_apis_and_two_workers_lose_and_repeat_nothing_when_one_of_each_is_killed(
     dev_server: str, postgres_url: str, tmp_path: Path, balanced: httpx.AsyncClient
 ) -> None:
-    journeys, templates = write_project(tmp_path)
+    journeys, templates = write_drill(tmp_path)
     queue = f"scale-{uuid.uuid4().hex[:8]}"
     env = clean_env()
     env.update(
@@ -403,16 +387,7 @@ async def test_an_event_a_dead_api_left_unrouted_is_routed_by_one_still_running(
     assert started.id == wid
 
 
-NEW_VERSION = """\
-journey: scale_drill
-trigger:
-  event: Drill Started
-steps:
-  - {id: first_email, send: email, template: drill, category: transactional}
-  - {id: hold, wait_for: Drill Escalated, timeout: 10m}
-  - {id: middle_sms, send: sms, template: drill, category: transactional}
-"""
-
+NEW_VERSION = JOURNEY.replace("wait_for: Drill Resumed", "wait_for: Drill Escalated")
 
 async def test_an_older_api_process_routes_an_event_only_a_newer_version_listens_for(
     dev_server: str, tmp_path: Path, project: Project
@@ -423,7 +398,7 @@ async def test_an_older_api_process_routes_an_event_only_a_newer_version_listens
     db.migrate()
     client = await Client.connect(dev_server)
     older = Ingest(project, db, client, f"older-{uuid.uuid4().hex[:8]}")
-    journeys, templates = write_project(tmp_path)
+    journeys, templates = write_drill(tmp_path)
     (journeys / "scale_drill.yaml").write_text(NEW_VERSION, encoding="utf-8")
     store_versions(db, list(load_project(journeys, templates).journeys.values()))  # the newer process
     person = DbIdentities(db).apply(call_identifiers("upgrading-user", None), at=utcnow())

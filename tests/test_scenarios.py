@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from support import play_on_both_runtimes
 
 from nurture.language.compiler import Project
 from nurture.language.diagnostics import CompileError
@@ -18,7 +19,6 @@ from nurture.simulation.scenarios import (
     SimRuntime,
     compare,
     load_scenario,
-    observe,
     scenario_files,
 )
 from workflows.runtime import TemporalRuntime
@@ -26,11 +26,6 @@ from workflows.runtime import TemporalRuntime
 ROOT = Path(__file__).resolve().parents[1]
 
 SCENARIOS = scenario_files([ROOT / "journeys" / "tests"])
-
-
-def _canonical(items: list[Observed]) -> list[Observed]:
-    """Outcomes in time order, same-instant ones in a fixed order (they compare as a set)."""
-    return sorted(items, key=lambda o: (o.at, o.user, o.journey, o.exit or "", o.send or "", o.template or ""))
 
 
 def test_suite_covers_every_mission_journey(project: Project) -> None:
@@ -45,14 +40,7 @@ def test_suite_covers_every_mission_journey(project: Project) -> None:
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 async def test_scenario_on_both_runtimes(path: Path, project: Project, temporal: TemporalRuntime) -> None:
-    scenario = load_scenario(path, project)
-    simulated = await SimRuntime().play(scenario, project)
-    verdict = compare(scenario, simulated)
-    assert verdict.passed, "simulator:\n" + verdict.report()
-    durable = await temporal.play(scenario, project)
-    verdict = compare(scenario, durable)
-    assert verdict.passed, "temporal:\n" + verdict.report()
-    assert _canonical(observe(scenario, simulated)) == _canonical(observe(scenario, durable))
+    await play_on_both_runtimes(path, project, temporal)
 
 
 # --- every key of an expectation is checked --------------------------------------------------------

@@ -8,18 +8,18 @@ import asyncio
 import contextlib
 import datetime as dt
 import ssl
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import POSTGRES, postgres_available
+from conftest import POSTGRES
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from support import fresh_postgres
 
 from nurture.cli.up import TEMPORAL_CONNECTION, UpOptions, stack_settings
 from nurture.service.settings import Settings, SettingsError
@@ -196,16 +196,8 @@ def test_nurture_up_talks_plainly_to_its_own_dev_server(tmp_path: Path) -> None:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    assert postgres_available(), f"this test needs PostgreSQL at {POSTGRES}"
-    name = f"nurture_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{POSTGRES.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with psycopg.connect(POSTGRES, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
+    with fresh_postgres() as url:
+        yield url
 
 def server_connections(url: str) -> int:
     name = url.rsplit("/", 1)[1]
