@@ -46,7 +46,6 @@ import asyncio
 import functools
 import os
 import random
-import sys
 import tempfile
 import time
 import uuid
@@ -56,11 +55,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-from _stack import (  # noqa: E402
+import httpx
+from _stack import (
+    ROOT,
     WRITE_KEY,
     CommandCpu,
     Stack,
@@ -71,14 +68,14 @@ from _stack import (  # noqa: E402
     machine,
     percentile,
 )
-from sqlalchemy import func  # noqa: E402
-from sqlmodel import col, select  # noqa: E402
+from sqlalchemy import func
+from sqlmodel import col, select
 
-from nurture.delivery.deliverer import Deliverer  # noqa: E402
-from nurture.language.compiler import Project, load_project  # noqa: E402
-from nurture.service.devserver import dev_server  # noqa: E402
-from nurture.simulation.scenarios import Scenario, build_simulator, load_scenario  # noqa: E402
-from nurture.storage.models import DateTriggerRecord  # noqa: E402
+from nurture.delivery.deliverer import Deliverer
+from nurture.language.compiler import Project, load_project
+from nurture.service.devserver import dev_server
+from nurture.simulation.scenarios import Scenario, build_simulator, load_scenario
+from nurture.storage.models import DateTriggerRecord
 
 DATES = ROOT / "tests" / "projects" / "dates"
 FLOOR = "floor: no date trait"
