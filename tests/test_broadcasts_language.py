@@ -237,3 +237,33 @@ def test_a_project_compiles_its_broadcasts_directory(tmp_path: Path) -> None:
     result = compile_it()
     assert result.project is not None and list(result.project.broadcasts) == ["launch"]
     assert result.project.broadcasts["launch"].journey.id == "broadcast:launch"
+
+
+def test_a_broadcast_in_two_files_or_with_a_bad_file_name_is_reported(tmp_path: Path) -> None:
+    """As for an audience: the second file of one id is named with the first, and an id must be a
+    valid one."""
+    broadcasts = tmp_path / "broadcasts"
+    broadcasts.mkdir()
+    source = "audience: python_fans\nsteps:\n  - send: email\n    template: course_launch\n"
+    for name in ("launch.yaml", "launch.yml", "Big-Launch.yaml"):
+        (broadcasts / name).write_text(source, encoding="utf-8")
+    (tmp_path / "audiences").mkdir()
+    (tmp_path / "audiences" / "python_fans.yaml").write_text("where: user.vip\n", encoding="utf-8")
+    result = compile_project(
+        ROOT / "journeys",
+        ROOT / "templates",
+        ROOT / "nurture.yaml",
+        audiences_dir=tmp_path / "audiences",
+        broadcasts_dir=broadcasts,
+    )
+    found = [(Path(e.path).name, e.line, e.message) for e in result.errors]
+    assert found == [
+        (
+            "Big-Launch.yaml",
+            1,
+            "'Big-Launch' is not a valid broadcast id: name the file with lowercase letters, digits and _, "
+            "starting with a letter",
+        ),
+        ("Big-Launch.yaml", 1, "'Big-Launch' is not a valid id: use lowercase letters, digits and _, starting with a letter"),
+        ("launch.yml", 0, "broadcast 'launch' is also defined in launch.yaml: keep one file"),
+    ]
