@@ -17,7 +17,6 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -282,33 +281,6 @@ def occurrence_moment(schedule: Schedule, wall: datetime, project_zone: str) -> 
 
 
 # --- compiling -----------------------------------------------------------------------------------
-
-
-def compile_broadcasts(
-    directory: Path,
-    templates: TemplateStore,
-    settings: Settings,
-    sink: DiagnosticSink,
-    checked_templates: set[tuple[str, str]] | None = None,
-    *,
-    usage: Usage | None = None,
-    audiences: Collection[str] | None = None,
-) -> dict[str, Broadcast]:
-    """Every ``*.yaml`` in ``directory`` (none: no broadcasts). ``audiences``, when given, are
-    the project's: a broadcast naming another is an error."""
-    from .compiler import project_files, read_source
-
-    found: dict[str, Broadcast] = {}
-    for path in project_files(directory, "broadcast", sink):
-        text = read_source(path, sink)
-        if text is None:
-            continue
-        broadcast = compile_broadcast_text(
-            text, str(path), templates, settings, sink, checked_templates, usage=usage, audiences=audiences
-        )
-        if broadcast is not None:
-            found[broadcast.id] = broadcast
-    return found
 
 
 def compile_broadcast_text(

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from . import ir
 from .audiences import ENTERED, EXITED, Activity, Audience, condition_source
-from .broadcasts import Broadcast, ScheduleDoc, compile_broadcasts
+from .broadcasts import Broadcast, ScheduleDoc, compile_broadcast_text
 from .diagnostics import CompileError, Diagnostic, DiagnosticSink, describe_value, did_you_mean
 from .document import (
     FORM_TAGS,
@@ -184,15 +184,19 @@ def compile_project(
         journey = compile_file(path, templates, settings, sink, checked_templates, usage=usage, audiences=known)
         if journey is not None:
             journeys[journey.id] = journey
-    broadcasts = compile_broadcasts(
-        broadcasts_dir if broadcasts_dir is not None else journeys_dir.parent / "broadcasts",
-        templates,
-        settings,
-        sink,
-        checked_templates,
-        usage=usage,
-        audiences=known,
-    )
+    broadcasts = {
+        broadcast.id: broadcast
+        for path in project_files(
+            broadcasts_dir if broadcasts_dir is not None else journeys_dir.parent / "broadcasts", "broadcast", sink
+        )
+        if (text := read_source(path, sink)) is not None
+        and (
+            broadcast := compile_broadcast_text(
+                text, str(path), templates, settings, sink, checked_templates, usage=usage, audiences=known
+            )
+        )
+        is not None
+    }
     if report_undeclared:
         where = str(config) if config.exists() else str(journeys_dir)
         for message in usage.warnings(settings.declarations):
