@@ -1145,3 +1145,13 @@ async def test_identify_takes_traits_timezone_and_locale_from_the_context(api: A
         "timezone": "Asia/Shanghai",
         "locale": "zh-CN",
     }
+
+
+async def test_a_query_parameter_given_twice_is_refused_and_named(api: Api) -> None:
+    """Every parameter takes one value: keeping the last of two would answer another question."""
+    answer = await api.get("/v1/runs?journey=post_purchase&journey=welcome_series&limit=5")
+    assert answer.status_code == 400
+    assert [d["field"] for d in answer.json()["detail"]] == ["journey"]
+    assert (await api.get("/v1/runs?journey=post_purchase&limit=5")).status_code == 200
+    doc = (await api.http.get("/openapi.json", auth=None)).json()
+    assert "400" in doc["paths"]["/v1/runs"]["get"]["responses"]

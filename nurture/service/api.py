@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from typing import Annotated, Any, ClassVar, Literal, NoReturn, TypeVar, cast
+from urllib.parse import parse_qsl
 
 import uvicorn
 from fastapi import Depends, FastAPI, Path, Query, Request, Security
@@ -2241,6 +2242,24 @@ class EncodedSlash:
         await self.app(scope, receive, send)
 
 
+class OneValueEach:
+    """400 for a query parameter given more than once: every parameter of the API takes one value,
+    and quietly keeping the last of several would answer a question that was not asked."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope.get("query_string"):
+            names = [name for name, _ in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                detail = [{"field": name, "message": "given more than once; send one value"} for name in repeated]
+                await _error_response(400, "invalid_request", detail=detail)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 """zlib's framing for each Content-Encoding the tracking libraries send."""
 
@@ -2343,13 +2362,21 @@ class BodyLimit:
 
 
 class NurtureAPI(FastAPI):
-    """FastAPI whose OpenAPI document shows the 400 answers it gives instead of FastAPI's 422."""
+    """FastAPI whose OpenAPI document shows the 400 answers it gives instead of FastAPI's 422
+    (every ``/v1/`` operation may answer 400: :class:`OneValueEach`)."""
 
     def openapi(self) -> dict[str, Any]:
         schema = super().openapi()
-        for operations in schema.get("paths", {}).values():
+        refused = {
+            "description": "Invalid request (a query parameter given more than once, for one).",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        }
+        for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
-                operation.get("responses", {}).pop("422", None)
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                if path.startswith("/v1/"):  # OneValueEach answers any of them 400
+                    responses.setdefault("400", refused)
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         return schema
@@ -2418,6 +2445,7 @@ def create_app(
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_middleware(EncodedSlash)
+    app.add_middleware(OneValueEach)
     app.add_middleware(
         BodyLimit,
         limits={
