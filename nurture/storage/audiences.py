@@ -259,9 +259,13 @@ class AudienceStore:
             if clause.event not in AUDIENCE_EVENTS
         ]
         for name, at, properties, timestamp in rows:
-            scope = {"user": user, "event": Event(name, _aware(timestamp), properties).scope()}
+            scope: Mapping[str, Any] = {}  # built only for a clause with a condition
             for audience_id, index, clause in counting:
-                if clause.event == name and event_matches(clause, name, scope):
+                if clause.event != name:
+                    continue
+                if clause.cond is not None and not scope:
+                    scope = {"user": user, "event": Event(name, _aware(timestamp), properties).scope()}
+                if event_matches(clause, name, scope):
                     tallies[audience_id][index] = note(clause, tallies[audience_id][index], _aware(at))
         return {a: tuple(t) for a, t in tallies.items()}
 
