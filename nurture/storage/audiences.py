@@ -31,9 +31,23 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ARRAY, Text, any_, bindparam, case, delete, func, insert, literal_column, type_coerce
+from sqlalchemy import (
+    ARRAY,
+    Text,
+    any_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal_column,
+    null,
+    type_coerce,
+    union_all,
+)
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -116,12 +130,19 @@ def _dump(tallies: Sequence[Tally]) -> list[list[str]]:
 
 
 def _load(stored: Sequence[Sequence[str]]) -> tuple[Tally, ...]:
-    return tuple(tuple(_aware(datetime.fromisoformat(t.replace("Z", "+00:00"))) for t in tally) for tally in stored)
+    return tuple(tuple(_instant(t) for t in tally) for tally in stored)
+
+
+@lru_cache(maxsize=1 << 16)
+def _instant(stored: str) -> datetime:
+    """One stored tally time, parsed once: the same times come back with every event."""
+    return _aware(datetime.fromisoformat(stored.replace("Z", "+00:00")))
 
 
 def _counted_at() -> Any:
     """An event's time for a tally: its own, or when it arrived if that is earlier (no future)."""
-    ts, received = col(EventRecord.timestamp), col(EventRecord.received_at)
+    columns = EventRecord.__table__.c  # type: ignore[attr-defined]
+    ts, received = columns.timestamp, columns.received_at
     return type_coerce(case((ts < received, ts), else_=received), UtcDateTime())
 
 
@@ -193,21 +214,17 @@ class AudienceStore:
         now: datetime,
     ) -> list[Change]:
         person = profile.user_id
-        ids = [a.id for a in audiences]
-        states = {
-            audience: (tallies, version, _aware(changes_at) if changes_at is not None else None)
-            for audience, tallies, version, changes_at in session.execute(
-                select(
-                    col(AudienceState.audience),
-                    col(AudienceState.tallies),
-                    col(AudienceState.version),
-                    col(AudienceState.changes_at),
-                )
-                .where(col(AudienceState.person) == person)
-                .where(col(AudienceState.audience).in_(ids))
-            )
-        }
-        members = _members_of(session, person, ids)
+        states: dict[str, tuple[Any, str, datetime | None]] = {}
+        members: set[str] = set()
+        ids = {a.id for a in audiences}
+        read = session.connection().execute(_STANDING, {"person": person})
+        for audience_id, member, stored, version, changes_at in read:
+            if audience_id not in ids:
+                continue
+            if member:
+                members.add(audience_id)
+            else:
+                states[audience_id] = (stored, version, changes_at)
         counted: dict[str, tuple[Tally, ...]] | None = None
         writes = _Writes(self.routable, now)
         for audience in audiences:
@@ -233,21 +250,23 @@ class AudienceStore:
         tallies = {a.id: list(empty_tallies(a)) for a in audiences}
         if not names:
             return {a: tuple(t) for a, t in tallies.items()}
-        rows = session.execute(
-            select(col(EventRecord.name), _counted_at(), col(EventRecord.properties), col(EventRecord.timestamp))
-            .where(col(EventRecord.user_id) == profile.user_id)
-            .where(col(EventRecord.name).in_(names))
-            .where(col(EventRecord.kind) == "track")
-        ).all()
+        rows = session.connection().execute(_PERSON_EVENTS, {"person": profile.user_id, "names": names}).all()
         user = dict(profile.traits)
+        counting = [
+            (audience.id, index, clause)
+            for audience in audiences
+            for index, clause in enumerate(audience.clauses)
+            if clause.event not in AUDIENCE_EVENTS
+        ]
         for name, at, properties, timestamp in rows:
-            scope = {"user": user, "event": Event(name, _aware(timestamp), properties).scope()}
-            for audience in audiences:
-                for index, clause in enumerate(audience.clauses):
-                    if clause.event in AUDIENCE_EVENTS:
-                        continue
-                    if event_matches(clause, name, scope):
-                        tallies[audience.id][index] = note(clause, tallies[audience.id][index], _aware(at))
+            scope: Mapping[str, Any] = {}  # built only for a clause with a condition
+            for audience_id, index, clause in counting:
+                if clause.event != name:
+                    continue
+                if clause.cond is not None and not scope:
+                    scope = {"user": user, "event": Event(name, _aware(timestamp), properties).scope()}
+                if event_matches(clause, name, scope):
+                    tallies[audience_id][index] = note(clause, tallies[audience_id][index], _aware(at))
         return {a: tuple(t) for a, t in tallies.items()}
 
     def evaluate_person(self, session: Session, person: str, now: datetime | None = None) -> list[Change]:
@@ -719,11 +738,7 @@ class _Writes:
         """Write it all."""
         for audience in sorted({a for a, _ in self.stale}):
             gone = [p for a, p in self.stale if a == audience]
-            session.execute(
-                delete(AudienceState)
-                .where(col(AudienceState.audience) == audience)
-                .where(col(AudienceState.person).in_(gone))
-            )
+            session.connection().execute(_FORGET_STATES, {"audience": audience, "persons": gone})
         if self.states:
             _write_states(session, self.states)
         for audience, persons in self.exited.items():
@@ -733,9 +748,9 @@ class _Writes:
                     .where(col(AudienceMember.audience) == audience)
                     .where(_among(session, col(AudienceMember.person), persons[start : start + 1000]))
                 )
-        for table, rows in ((_MEMBERS, self.entered), (_HISTORY, self.history), (_EVENTS, self.stored)):
+        for statement, rows in ((_ENTER, self.entered), (_RECORD, self.history), (_STORE, self.stored)):
             if rows:
-                session.execute(insert(table), rows)
+                session.connection().execute(statement, rows)
         return self.changes
 
 
@@ -745,21 +760,54 @@ _EVENTS: Any = EventRecord.__table__  # type: ignore[attr-defined]
 _STATES: Any = AudienceState.__table__  # type: ignore[attr-defined]
 """The tables, for plain multi-row statements (the ORM's bulk path costs more per call)."""
 
+# The statements of the upkeep's hot path, built once: SQLAlchemy then reuses their cache key
+# and compiled form, and they run on the session's connection (no ORM execution step).
+_ENTER: Any = insert(_MEMBERS)
+_RECORD: Any = insert(_HISTORY)
+_STORE: Any = insert(_EVENTS)
+_FORGET_STATES: Any = (
+    delete(_STATES)
+    .where(_STATES.c.audience == bindparam("audience"))
+    .where(_STATES.c.person.in_(bindparam("persons", expanding=True)))
+)
+_STANDING: Any = union_all(
+    # The state first: a union's columns have the types of its first query's (JSON, timestamps).
+    sa_select(
+        _STATES.c.audience, literal_column("0"), _STATES.c.tallies, _STATES.c.version, _STATES.c.changes_at
+    ).where(_STATES.c.person == bindparam("person")),
+    sa_select(_MEMBERS.c.audience, literal_column("1"), null(), null(), null()).where(
+        _MEMBERS.c.person == bindparam("person")
+    ),
+)
+"""One person's upkeep state and memberships, in one read (a few rows per audience at most, and
+no list parameter: the statement's SQL is the same every time): rows of (audience, member,
+tallies, version, changes_at), the last three ``NULL`` on a membership row."""
+_PERSON_EVENTS: Any = sa_select(
+    _EVENTS.c.name, _counted_at(), _EVENTS.c.properties, _EVENTS.c.timestamp
+).where(
+    _EVENTS.c.user_id == bindparam("person"),
+    _EVENTS.c.name.in_(bindparam("names", expanding=True)),
+    _EVENTS.c.kind == "track",
+)
+"""One person's track events of some names, each with its time for a tally."""
+_UPSERT_STATES: dict[str, Any] = {}
+
 
 def _write_states(session: Session, rows: list[dict[str, Any]]) -> None:
-    insert_ = upsert(session)
-    if insert_ is None:
-        for values in rows:
-            session.merge(AudienceState(**values))
-        return
-    statement = insert_(_STATES)
-    session.execute(
-        statement.on_conflict_do_update(
+    dialect = session.get_bind().dialect.name
+    statement = _UPSERT_STATES.get(dialect)
+    if statement is None:
+        insert_ = upsert(session)
+        if insert_ is None:
+            for values in rows:
+                session.merge(AudienceState(**values))
+            return
+        plain = insert_(_STATES)
+        statement = _UPSERT_STATES[dialect] = plain.on_conflict_do_update(
             index_elements=["audience", "person"],
-            set_={name: statement.excluded[name] for name in ("tallies", "changes_at", "version")},
-        ),
-        rows,
-    )
+            set_={name: plain.excluded[name] for name in ("tallies", "changes_at", "version")},
+        )
+    session.connection().execute(statement, rows)
 
 
 # Reading ---------------------------------------------------------------------------------------
