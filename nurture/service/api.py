@@ -1295,7 +1295,8 @@ Basic = HTTPBasicCredentials | None
 Bearer = HTTPAuthorizationCredentials | None
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    """The app's service; ``async`` so that FastAPI calls it on the event loop, not in a thread."""
     service: Service = request.app.state.nurture
     return service
 

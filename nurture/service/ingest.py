@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -52,11 +52,11 @@ from nurture.engine.interpreter import (
     trigger_matches,
     workflow_id,
 )
-from nurture.engine.model import Event, Profile
+from nurture.engine.model import EndedRun, Event, Profile
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.storage.audiences import AUDIENCE_EVENTS, AudienceStore, Change, Evaluated
-from nurture.storage.console import PausedJourneys
+from nurture.storage.console import PausedJourneys, paused_journeys
 from nurture.storage.db import Database
 from nurture.storage.identities import Applied, DbIdentities
 from nurture.storage.models import EventRecord, Route, utcnow
@@ -67,9 +67,14 @@ from nurture.storage.stores import (
     Events,
     OptOuts,
     Routes,
+    activate_route,
+    active_routes,
+    ended_runs_converting,
+    had_run,
     has_run,
     last_entry,
     listened_events,
+    mark_routed,
     run_started_by,
     stored_version_count,
 )
@@ -136,6 +141,27 @@ class Routed:
             "skipped": self.skipped,
             "skip_reasons": self.skip_reasons,
         }
+
+
+class Activation(TypedDict):
+    """A started run's route, to make active (:func:`~nurture.storage.stores.activate_route`)."""
+
+    workflow_id: str
+    user_id: str
+    journey: str
+    key: str
+    listens: Sequence[str]
+
+
+@dataclass
+class RoutingReads:
+    """What routing one event reads before it signals and starts anything."""
+
+    routes: list[Route]
+    paused: frozenset[str]
+    ended: list[EndedRun]
+    ran: dict[tuple[str, str], bool]
+    """Whether the person had a run of each (journey, key) of a ``once`` journey the event triggers."""
 
 
 class Ingest:
@@ -297,16 +323,19 @@ class Ingest:
             if again:  # merged since it was stored, perhaps by this very call
                 user_id = await asyncio.to_thread(self.identities.survivor, user_id)
                 await self._end_merged(await asyncio.to_thread(self.identities.merged_away, user_id))
-            routes = await asyncio.to_thread(self.routes.active_for, user_id)
             if profile is None:  # else as the call that stored the event left it
                 profile = await asyncio.to_thread(self.profiles.read, user_id)
-            paused = await asyncio.to_thread(self.paused.all) if event.name in self._triggers else frozenset()
+            # Once journeys it may start are checked in the same session when this is its first routing
+            # (a retry first asks whether it started the run itself).
+            entries = [] if again else self._entries(event, profile.traits, user_id)
+            reads = await asyncio.to_thread(self._read_routing, user_id, event, entries)
         except TRANSIENT as exc:
             raise NotRouted(f"event {event.message_id} not routed: {exc}") from exc
+        routes = reads.routes
         routed = Routed(rerouted=again, person=user_id)
         if event.name in self._goals:
             try:
-                await self._convert_ended(user_id, event, profile.traits, routed)
+                await self._convert_ended(user_id, event, profile.traits, routed, reads.ended)
             except TRANSIENT as exc:
                 failures.append(exc)
         for route in routes:
@@ -317,15 +346,26 @@ class Ingest:
                     routed.signalled.append(route.workflow_id)
             except TRANSIENT as exc:
                 failures.append(exc)
+        activations: list[Activation] = []
         for journey in self.project.journeys.values():
             if trigger_matches(journey, event, profile.traits, user_id):
-                if journey.id in paused:  # runs in flight got the event above; no new run starts
+                if journey.id in reads.paused:  # runs in flight got the event above; no new run starts
                     routed.skipped.append(journey.id)
                     routed.skip_reasons[journey.id] = JOURNEY_PAUSED
                     continue
                 key = run_key(journey, event, profile.traits, user_id)
                 try:
-                    await self._trigger(journey, user_id, key, payload, routed, again=again, routes=routes)
+                    await self._trigger(
+                        journey,
+                        user_id,
+                        key,
+                        payload,
+                        routed,
+                        again=again,
+                        routes=routes,
+                        ran=reads.ran.get((journey.id, key)),
+                        activations=activations,
+                    )
                 except TRANSIENT as exc:
                     failures.append(exc)
         for journey in self._dated_by_event.get(event.name, ()):
@@ -335,16 +375,53 @@ class Ingest:
                     await self._plan_date(journey, user_id, plan)
                 except TRANSIENT as exc:
                     failures.append(exc)
-        if not failures:
-            try:
-                await asyncio.to_thread(self.events.routed, event.message_id)
-            except TRANSIENT as exc:
-                failures.append(exc)
+        try:
+            await asyncio.to_thread(self._finish_routing, activations, None if failures else event.message_id)
+        except TRANSIENT as exc:
+            failures.append(exc)
         if failures:
             raise NotRouted(
                 f"event {event.message_id} not routed to {len(failures)} run(s): {failures[0]}"
             ) from failures[0]
         return routed
+
+    def _entries(self, event: Event, traits: Mapping[str, Any], user_id: str) -> list[tuple[str, str]]:
+        """The (journey, key) of each ``re_entry: once`` journey the event triggers: whether the
+        person had a run of it is read with the routes."""
+        return [
+            (journey.id, run_key(journey, event, traits, user_id))
+            for journey in self.project.journeys.values()
+            if journey.re_entry == "once" and trigger_matches(journey, event, traits, user_id)
+        ]
+
+    def _read_routing(self, user_id: str, event: Event, entries: Sequence[tuple[str, str]]) -> RoutingReads:
+        """What routing the event reads, in one session: the person's active routes, the paused
+        journeys (when the event triggers some), ended runs it may convert, and for each of
+        ``entries`` whether the person had a run."""
+        with self.db.session() as session:
+            return RoutingReads(
+                routes=active_routes(session, user_id),
+                paused=paused_journeys(session) if event.name in self._triggers else frozenset(),
+                ended=(
+                    ended_runs_converting(session, user_id, self._goals[event.name], event.timestamp)
+                    if event.name in self._goals
+                    else []
+                ),
+                ran={(journey, key): had_run(session, journey, user_id, key) for journey, key in entries},
+            )
+
+    def _finish_routing(self, activations: Sequence[Activation], message_id: str | None) -> None:
+        """The routes of the runs the event started made active, then (``message_id``, when every
+        route and journey had it) the event marked routed: one session, two transactions, so a
+        failure to mark it keeps the routes."""
+        if not activations and message_id is None:
+            return
+        with self.db.session() as session:
+            for activation in activations:
+                activate_route(session, **activation)
+            if message_id is not None:
+                session.commit()
+                mark_routed(session, message_id)
 
     async def identify(
         self,
@@ -573,12 +650,12 @@ class Ingest:
         routes = await asyncio.to_thread(self.routes.active_for, person)
         await self._trigger(deployed, person, key, event.to_dict(), Routed(), again=True, routes=routes)
 
-    async def _convert_ended(self, user_id: str, event: Event, traits: Mapping[str, Any], routed: Routed) -> None:
+    async def _convert_ended(
+        self, user_id: str, event: Event, traits: Mapping[str, Any], routed: Routed, ended: Sequence[EndedRun]
+    ) -> None:
         """Conversions of the user's ended runs whose goal window is still open (no workflow is
-        kept alive for them); each run converts once, so routing the event again adds nothing."""
-        ended = await asyncio.to_thread(
-            self.recorder.ended_runs_converting, user_id, self._goals[event.name], event.timestamp
-        )
+        kept alive for them; ``ended``, read with the routes); each run converts once, so routing
+        the event again adds nothing."""
         for run in ended:
             effect = late_conversion(self._converting[run.journey], run, event, traits)
             if effect is None:
@@ -597,7 +674,13 @@ class Ingest:
         *,
         again: bool,
         routes: Sequence[Route] = (),
+        ran: bool | None = None,
+        activations: list[Activation] | None = None,
     ) -> None:
+        """Trigger ``journey`` for the person: its run started by signal-with-start, unless the
+        re-entry rule keeps them out. ``ran``: whether (journey, person, key) had a run, when read
+        already. ``activations``: where the started run's route goes, for the caller to make
+        active; else it is made active here."""
         wid = workflow_id(journey.id, user_id, key)
         for route in routes:
             # A run that moved to this person in a merge, under the merged-away person's workflow
@@ -616,7 +699,9 @@ class Ingest:
         once = journey.re_entry == "once"
         # A run this event started and that is still active gets its trigger again (it ignores
         # it) and its route; any other earlier run means ``once`` keeps the user out.
-        if once and started is None and await asyncio.to_thread(has_run, self.db, journey.id, user_id, key):
+        if once and started is None and (
+            ran if ran is not None else await asyncio.to_thread(has_run, self.db, journey.id, user_id, key)
+        ):
             routed.skipped.append(journey.id)
             routed.skip_reasons[journey.id] = RE_ENTRY_ONCE
             return
@@ -652,14 +737,13 @@ class Ingest:
             routed.skipped.append(journey.id)
             routed.skip_reasons[journey.id] = RE_ENTRY_ONCE
             return
-        await asyncio.to_thread(
-            self.routes.activate,
-            wid,
-            user_id=user_id,
-            journey=journey.id,
-            key=key,
-            listens=self._listens[journey.id],
+        activation = Activation(
+            workflow_id=wid, user_id=user_id, journey=journey.id, key=key, listens=self._listens[journey.id]
         )
+        if activations is None:
+            await asyncio.to_thread(self.routes.activate, **activation)
+        else:
+            activations.append(activation)
         routed.triggered.append(wid)
 
     async def _signal(self, wid: str, name: str, payload: Mapping[str, Any] | str) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import Column, Index, delete, func
-from sqlmodel import Field, SQLModel, col, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from .db import Database
 from .models import UtcDateTime, utcnow
@@ -82,6 +82,11 @@ class PausedJourney(SQLModel, table=True):
     paused_by: str = Field(max_length=330)
 
 
+def paused_journeys(session: Session) -> frozenset[str]:
+    """The paused journeys' ids, read in the caller's session."""
+    return frozenset(session.exec(select(PausedJourney.journey)).all())
+
+
 class PausedJourneys:
     """Which journeys are paused, for the routers and the console."""
 
@@ -90,7 +95,7 @@ class PausedJourneys:
 
     def all(self) -> frozenset[str]:
         with self.db.session() as session:
-            return frozenset(session.exec(select(PausedJourney.journey)).all())
+            return paused_journeys(session)
 
     def details(self) -> dict[str, PausedJourney]:
         with self.db.session() as session:

@@ -270,24 +270,7 @@ class DbRecorder:
     def ended_runs_converting(self, user_id: str, journeys: Sequence[str], at: datetime) -> list[EndedRun]:
         """The user's ended, unconverted runs of ``journeys`` whose goal window is open at ``at``."""
         with self.db.session() as session:
-            rows = session.execute(
-                select(RunRecord)
-                .where(col(RunRecord.user_id) == user_id, col(RunRecord.journey).in_(journeys))
-                .where(col(RunRecord.status) == "ended", col(RunRecord.converted_at).is_(None))
-                .where(col(RunRecord.goal_until) >= at)
-            ).scalars()
-            return [
-                EndedRun(
-                    run_id=row.run_id,
-                    journey=row.journey,
-                    user_id=row.user_id,
-                    key=row.key,
-                    entered_at=row.entered_at,
-                    last_message_at=row.last_message_at,
-                    variants=dict(row.variants),
-                )
-                for row in rows
-            ]
+            return ended_runs_converting(session, user_id, journeys, at)
 
     def convert(self, run_id: str, at: datetime, value: float | None) -> bool:
         """Record a conversion once; ``False`` when the run had converted already."""
@@ -616,12 +599,17 @@ class Events:
     def routed(self, message_id: str) -> None:
         """Routing ``message_id`` finished: every route and journey has had it."""
         with self.db.session() as session:
-            session.execute(
-                update(EventRecord)
-                .where(col(EventRecord.message_id) == message_id)
-                .where(col(EventRecord.routed_at).is_(None))
-                .values(routed_at=utcnow())
-            )
+            mark_routed(session, message_id)
+
+
+def mark_routed(session: Session, message_id: str) -> None:
+    """:meth:`Events.routed` in the caller's session."""
+    session.execute(
+        update(EventRecord)
+        .where(col(EventRecord.message_id) == message_id)
+        .where(col(EventRecord.routed_at).is_(None))
+        .values(routed_at=utcnow())
+    )
 
 
 class Routes:
@@ -635,27 +623,8 @@ class Routes:
     ) -> None:
         """Mark the route active, creating it; one statement, so concurrent first triggers of one
         workflow id all succeed."""
-        values = {
-            "workflow_id": workflow_id,
-            "user_id": user_id,
-            "journey": journey,
-            "key": key,
-            "listens": sorted(set(listens)),
-            "active": True,
-            "updated_at": utcnow(),
-        }
         with self.db.session() as session:
-            insert = upsert(session)
-            if insert is None:
-                session.merge(Route.model_validate(values))  # other engines: a merge by primary key
-                return
-            statement = insert(Route).values(**values)
-            session.execute(
-                statement.on_conflict_do_update(
-                    index_elements=["workflow_id"],
-                    set_={name: statement.excluded[name] for name in ("listens", "active", "updated_at")},
-                )
-            )
+            activate_route(session, workflow_id, user_id=user_id, journey=journey, key=key, listens=listens)
 
     def deactivate(self, workflow_id: str) -> None:
         with self.db.session() as session:
@@ -675,15 +644,66 @@ class Routes:
 
     def active_for(self, user_id: str) -> list[Route]:
         with self.db.session() as session:
-            rows = session.execute(
-                select(Route).where(col(Route.user_id) == user_id).where(col(Route.active).is_(True))
-            )
-            return list(rows.scalars())
+            return active_routes(session, user_id)
 
     def is_active(self, workflow_id: str) -> bool:
         with self.db.session() as session:
             row = session.get(Route, workflow_id)
             return bool(row and row.active)
+
+
+def activate_route(
+    session: Session, workflow_id: str, *, user_id: str, journey: str, key: str, listens: Sequence[str]
+) -> None:
+    """:meth:`Routes.activate` in the caller's session."""
+    values = {
+        "workflow_id": workflow_id,
+        "user_id": user_id,
+        "journey": journey,
+        "key": key,
+        "listens": sorted(set(listens)),
+        "active": True,
+        "updated_at": utcnow(),
+    }
+    insert = upsert(session)
+    if insert is None:
+        session.merge(Route.model_validate(values))  # other engines: a merge by primary key
+        return
+    statement = insert(Route).values(**values)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["workflow_id"],
+            set_={name: statement.excluded[name] for name in ("listens", "active", "updated_at")},
+        )
+    )
+
+
+def active_routes(session: Session, user_id: str) -> list[Route]:
+    """:meth:`Routes.active_for` in the caller's session."""
+    rows = session.execute(select(Route).where(col(Route.user_id) == user_id).where(col(Route.active).is_(True)))
+    return list(rows.scalars())
+
+
+def ended_runs_converting(session: Session, user_id: str, journeys: Sequence[str], at: datetime) -> list[EndedRun]:
+    """:meth:`DbRecorder.ended_runs_converting` in the caller's session."""
+    rows = session.execute(
+        select(RunRecord)
+        .where(col(RunRecord.user_id) == user_id, col(RunRecord.journey).in_(journeys))
+        .where(col(RunRecord.status) == "ended", col(RunRecord.converted_at).is_(None))
+        .where(col(RunRecord.goal_until) >= at)
+    ).scalars()
+    return [
+        EndedRun(
+            run_id=row.run_id,
+            journey=row.journey,
+            user_id=row.user_id,
+            key=row.key,
+            entered_at=row.entered_at,
+            last_message_at=row.last_message_at,
+            variants=dict(row.variants),
+        )
+        for row in rows
+    ]
 
 
 def run_started_by(db: Database, journey: str, message_id: str) -> str | None:
@@ -701,14 +721,19 @@ def run_started_by(db: Database, journey: str, message_id: str) -> str | None:
 def has_run(db: Database, journey: str, user_id: str, key: str) -> bool:
     """Whether (journey, user, key) ever had a run (the ``once`` re-entry rule)."""
     with db.session() as session:
-        row = session.execute(
-            select(col(RunRecord.run_id))
-            .where(col(RunRecord.journey) == journey)
-            .where(col(RunRecord.user_id) == user_id)
-            .where(col(RunRecord.key) == key)
-            .limit(1)
-        ).first()
-        return row is not None
+        return had_run(session, journey, user_id, key)
+
+
+def had_run(session: Session, journey: str, user_id: str, key: str) -> bool:
+    """:func:`has_run` in the caller's session."""
+    row = session.execute(
+        select(col(RunRecord.run_id))
+        .where(col(RunRecord.journey) == journey)
+        .where(col(RunRecord.user_id) == user_id)
+        .where(col(RunRecord.key) == key)
+        .limit(1)
+    ).first()
+    return row is not None
 
 
 def last_entry(db: Database, journey: str, user_id: str, key: str) -> datetime | None:
