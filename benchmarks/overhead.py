@@ -2,7 +2,7 @@
 or, with ``--compare recording``, the worker's cost of recording the steps runs reach.
 
     python benchmarks/overhead.py [--runs 100] [--sends 3] [--wait 2s] [--rounds 2]
-                                  [--start service|plain] [--database-url postgresql://...]
+                                  [--start service|signal|plain] [--database-url postgresql://...]
                                   [--compare handwritten|recording|writes] [--record-start rides|local]
 
 One journey, "send, wait, send, wait, send" (``--sends`` transactional SMS, ``--wait`` apart),
@@ -11,8 +11,10 @@ same sends through the same ``nurture.send`` activity and the same waits with
 ``workflow.sleep``. Both run on one real dev server (``temporal server start-dev``) and one
 worker subprocess serving both workflows on SQLite (or a fresh PostgreSQL database). Each round
 starts ``--runs`` of one kind at once and waits for all to complete, then the other kind (the
-order alternates by round). ``--start service`` starts JourneyRun the way the event API does
-(signal-with-start with the ``trigger`` signal); ``plain`` uses a plain start. JourneyRun's
+order alternates by round). ``--start service`` starts JourneyRun the way the event API does a
+first trigger (``nurture.service.ingest.start_run``: a plain start, no run being active);
+``signal`` the way it did before, and still does when a run may be active (signal-with-start with
+the ``trigger`` signal); ``plain`` a plain start with no id reuse policy. JourneyRun's
 start record rides on its first recording activity as the event API's runs do (``start_rides``);
 ``--record-start local`` starts runs as before that (a local activity before the first step). Prints wall times,
 history events per run by type, and the two ratios against the goals (<= 1.10 and <= +10%).
@@ -65,6 +67,7 @@ from nurture.language.compiler import load_project
 from nurture.language.durations import parse_duration
 from nurture.language.ir import Journey, Send, journey_to_dict
 from nurture.service.devserver import dev_server
+from nurture.service.ingest import start_run
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, RunRecord, StepReach
 from workflows.journey import RECORD_STEPS, START_RIDES
@@ -141,7 +144,7 @@ class Bench:
         journey: Journey,
         *,
         wait: int,
-        service_start: bool,
+        start: str,
         start_rides: bool = True,
     ) -> None:
         self.client = client
@@ -149,7 +152,7 @@ class Bench:
         self.journey = journey
         self.payload = journey_to_dict(journey)
         self.wait = wait
-        self.service_start = service_start
+        self.start = start
         self.start_rides = start_rides
         self.sends = [
             {"step_id": s.id, "channel": s.channels[0], "template": s.template}
@@ -192,20 +195,19 @@ class Bench:
                 RECORD_STEPS: lane.record_steps,
                 START_RIDES: self.start_rides,
             }
-            extra: dict[str, Any] = {}
-            if self.service_start:  # what nurture.service.ingest does for every trigger
-                extra = {
-                    "id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                    "start_signal": "trigger",
-                    "start_signal_args": [{"event": event.to_dict(), "journey": self.payload}],
-                }
-            handle = await self.client.start_workflow(
-                GENERIC,
-                params,
-                id=workflow_id(self.journey.id, user, key),
-                task_queue=lane.task_queue,
-                **extra,
-            )
+            wid = workflow_id(self.journey.id, user, key)
+            if self.start == "service":
+                await start_run(self.client, params, wid=wid, task_queue=lane.task_queue, once=False, running=False)
+                handle = self.client.get_workflow_handle(wid)
+            else:
+                extra: dict[str, Any] = {}
+                if self.start == "signal":  # what nurture.service.ingest does for a run that may be active
+                    extra = {
+                        "id_reuse_policy": WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                        "start_signal": "trigger",
+                        "start_signal_args": [{"event": event.to_dict(), "journey": self.payload}],
+                    }
+                handle = await self.client.start_workflow(GENERIC, params, id=wid, task_queue=lane.task_queue, **extra)
         else:
             params = {
                 "journey": self.journey.id,
@@ -259,7 +261,7 @@ async def main() -> None:
     parser.add_argument("--wait", default="2s", help="wait between two sends (a journey duration)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; the order of the two kinds alternates")
     parser.add_argument(
-        "--start", choices=("service", "plain"), default="service", help="how JourneyRun starts"
+        "--start", choices=("service", "signal", "plain"), default="service", help="how JourneyRun starts"
     )
     parser.add_argument(
         "--database-url", default=None, help="PostgreSQL server; a fresh database is made there"
@@ -338,7 +340,7 @@ async def main() -> None:
                     lanes,
                     journey,
                     wait=wait,
-                    service_start=args.start == "service",
+                    start=args.start,
                     start_rides=args.record_start == "rides",
                 )
                 batches = await asyncio.wait_for(

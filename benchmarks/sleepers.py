@@ -13,7 +13,8 @@ database (SQLite, or a fresh PostgreSQL database). For each kind, the hand-writt
 
 1. **start**: ``--runs`` runs, ``--concurrency`` starts in flight: the hand-written workflow with
    a plain ``start_workflow`` (the floor: what any Temporal application pays to start a run),
-   ``JourneyRun`` with signal-with-start and its ``trigger`` signal, as the event API starts it;
+   ``JourneyRun`` as the event API starts a person's first run of a journey
+   (``nurture.service.ingest.start_run``);
 2. **settle**: until every run has taken its first workflow task and sleeps (JourneyRun: its
    ``runs`` row says it waits; the hand-written workflow writes nothing, so: until the worker and
    the dev server have both been idle for 3 s);
@@ -50,13 +51,13 @@ from handwritten import WORKFLOW_NAME as HANDWRITTEN
 from sqlalchemy import func
 from sqlmodel import col, select
 from temporalio.client import Client
-from temporalio.common import WorkflowIDReusePolicy
 
 from nurture.engine.interpreter import workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import load_project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.service.devserver import dev_server
+from nurture.service.ingest import start_run
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
 from workflows.journey import RECORD_STEPS, START_RIDES
@@ -198,15 +199,14 @@ class Bench:
             properties={"order_id": key, "course_name": "Durable Python", "due_at": due.isoformat()},
             message_id=uuid.uuid4().hex,
         ).to_dict()
-        # What nurture.service.ingest does for every trigger.
-        await self.client.start_workflow(
-            GENERIC,
+        # What nurture.service.ingest does for a trigger when the person has no run of the journey.
+        await start_run(
+            self.client,
             {"journey": self.payload, "user_id": user, "key": key, "event": event, RECORD_STEPS: True, START_RIDES: True},
-            id=workflow_id(self.journey.id, user, key),
+            wid=workflow_id(self.journey.id, user, key),
             task_queue=self.stack.task_queue,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            start_signal="trigger",
-            start_signal_args=[{"event": event, "journey": self.payload}],
+            once=False,
+            running=False,
         )
 
     def asleep(self, kind: str, users: list[str], db: Database) -> bool:

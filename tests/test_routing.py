@@ -21,7 +21,7 @@ from alembic.config import Config
 from sqlalchemy import text, update
 from sqlmodel import col
 from support import eventually, new_user, rows
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.service import RPCError, RPCStatusCode
 from test_api import KEY, Api, serving
 
@@ -31,7 +31,7 @@ from nurture.engine.model import Event
 from nurture.language import ir
 from nurture.language.compiler import Project, load_project
 from nurture.service.api import create_app
-from nurture.service.ingest import Ingest, NotRouted
+from nurture.service.ingest import Ingest, NotRouted, start_run
 from nurture.service.settings import Settings
 from nurture.storage.db import MIGRATIONS, Database
 from nurture.storage.models import EventRecord, Route, RunRecord
@@ -180,6 +180,59 @@ async def test_concurrent_first_triggers_of_one_run_all_succeed(api: Api) -> Non
     assert [a.status_code for a in answers] == [200] * 16, [a.text for a in answers if a.status_code != 200]
     assert all(a.json()["triggered"] == [wid] for a in answers)
     assert [r.workflow_id for r in rows(api.db, Route, user_id=user)] == [wid]
+
+
+def signals(history: WorkflowHistory) -> list[str]:
+    return [
+        e.workflow_execution_signaled_event_attributes.signal_name
+        for e in history.events
+        if e.HasField("workflow_execution_signaled_event_attributes")
+    ]
+
+
+async def test_a_first_trigger_starts_plainly_and_a_trigger_for_an_active_run_reaches_it(api: Api) -> None:
+    """No active run: a plain start, the trigger in the input alone (no ``trigger`` signal in the
+    history). An active run (``re_entry: restart``): a signal-with-start, which the run gets."""
+    user = new_user()
+    wid = workflow_id("cart_abandonment", user, "c-1")
+
+    def cart(count: int) -> dict[str, Any]:
+        return {"userId": user, "event": "Cart Updated", "properties": {"cart_id": "c-1", "item_count": count}}
+
+    first = await api.post("/v1/track", cart(1))
+    assert first.json()["triggered"] == [wid], first.text
+    started = await api.temporal.get_workflow_handle(wid).describe()
+    assert signals(await api.temporal.get_workflow_handle(wid, run_id=started.run_id).fetch_history()) == []
+
+    second = await api.post("/v1/track", cart(2))
+
+    assert second.json()["triggered"] == [wid], second.text
+    restarted = api.temporal.get_workflow_handle(wid, run_id=started.run_id)
+    for _ in range(300):
+        if (await restarted.describe()).status == WorkflowExecutionStatus.CONTINUED_AS_NEW:
+            break
+        await asyncio.sleep(0.1)
+    assert (await restarted.describe()).status == WorkflowExecutionStatus.CONTINUED_AS_NEW
+    assert signals(await restarted.fetch_history()) == ["trigger"]
+
+
+async def test_a_plain_start_that_finds_a_run_in_flight_signals_the_trigger_to_it(
+    temporal_client: Client, project: Project
+) -> None:
+    """The routes have not shown a run another process started a moment ago: the plain start
+    fails, and the signal-with-start after it reaches that run."""
+    wid = f"nurture/cart_abandonment/{new_user()}/c-1"
+    queue = f"nobody-{uuid.uuid4().hex[:8]}"  # no worker: the history shows what reached the run
+    journey = ir.journey_to_dict(project.journeys["cart_abandonment"])
+    event = Event("Cart Updated", datetime.now(UTC), {"cart_id": "c-1"}, uuid.uuid4().hex).to_dict()
+    params = {"journey": journey, "user_id": "u", "key": "c-1", "event": event}
+    await start_run(temporal_client, params, wid=wid, task_queue=queue, once=False, running=False)
+
+    await start_run(temporal_client, params, wid=wid, task_queue=queue, once=False, running=False)
+
+    history = await temporal_client.get_workflow_handle(wid).fetch_history()
+    assert signals(history) == ["trigger"]
+    await temporal_client.get_workflow_handle(wid).terminate("test over")
 
 
 TWIN = """\

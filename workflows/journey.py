@@ -148,8 +148,9 @@ class JourneyWorkflow:
     def trigger(self, payload: dict[str, Any]) -> None:
         """A triggering event for this run's (journey, user, key), with the journey to run.
 
-        The event API sends it with signal-with-start: it starts the run when none is active,
-        and otherwise reaches the active run, which applies the re-entry rule.
+        The event API sends it with signal-with-start when a run may be active: it reaches the
+        active run, which applies the re-entry rule, or starts one when none is. (When no run is
+        active the API starts the run plainly, and the trigger is the input's event alone.)
         """
         self._signals += 1
         self._inbox.append({"__trigger__": payload})

@@ -2,9 +2,10 @@
 
 A ``track`` event first reaches the user's active runs that listen for its name (goal,
 ``exit_on``, ``wait_for``), found through the ``routes`` table by user id. Then every journey it
-triggers gets a signal-with-start on the workflow id of (journey, user, key): that starts a run
-when none is active, and otherwise reaches the active run, which applies the re-entry rule
-(``restart`` ends itself and continues as a new run; ``after_exit`` and ``once`` ignore it).
+triggers starts a run on the workflow id of (journey, user, key) (:func:`start_run`): a plain
+start when the routes show no active run, and otherwise a signal-with-start, which reaches the
+active run, which applies the re-entry rule (``restart`` ends itself and continues as a new run;
+``after_exit`` and ``once`` ignore it).
 ``once`` is also checked against the ``runs`` table, so it holds beyond Temporal's retention.
 
 Every call first resolves to a person (:class:`~nurture.storage.identities.DbIdentities`, the
@@ -104,6 +105,39 @@ RE_ENTRY_AFTER = "re_entry_after"
 
 TRANSIENT = (RPCError, OperationalError)
 """Failures a later attempt may not meet: Temporal or the database unavailable or timing out."""
+
+
+
+async def start_run(
+    client: Client, params: Mapping[str, Any], *, wid: str, task_queue: str, once: bool, running: bool
+) -> None:
+    """Start the run of a trigger, as the event API does: ``params`` is the workflow input.
+
+    A run of the same workflow id may be in flight (``running``: the person's routes show one);
+    it must get the trigger, to apply the re-entry rule, so the start is a signal-with-start whose
+    ``trigger`` signal repeats the input's event and journey. When the routes show none, which is
+    nearly always, the start is a plain one: the trigger travels in the input alone, saving the
+    run a history event and its first task a signal. A run the routes did not show yet (another
+    process starting it at this moment) fails the plain start, and the signal-with-start follows.
+
+    ``once`` (``re_entry: once``): no start where any run of the id ever was; both starts then
+    raise :class:`WorkflowAlreadyStartedError`."""
+    policy = WorkflowIDReusePolicy.REJECT_DUPLICATE if once else WorkflowIDReusePolicy.ALLOW_DUPLICATE
+    if not running:
+        try:
+            await client.start_workflow(WORKFLOW_NAME, params, id=wid, task_queue=task_queue, id_reuse_policy=policy)
+            return
+        except WorkflowAlreadyStartedError:
+            pass  # in flight after all (or, for ``once``, ever run): as below
+    await client.start_workflow(
+        WORKFLOW_NAME,
+        params,
+        id=wid,
+        task_queue=task_queue,
+        id_reuse_policy=policy,
+        start_signal="trigger",
+        start_signal_args=[{"event": params["event"], "journey": params["journey"]}],
+    )
 
 
 class NotRouted(Exception):
@@ -722,16 +756,13 @@ class Ingest:
         }
         assert self.client is not None, "routing track events needs a Temporal client"
         try:
-            await self.client.start_workflow(
-                WORKFLOW_NAME,
+            await start_run(
+                self.client,
                 params,
-                id=wid,
+                wid=wid,
                 task_queue=self.task_queue,
-                id_reuse_policy=(
-                    WorkflowIDReusePolicy.REJECT_DUPLICATE if once else WorkflowIDReusePolicy.ALLOW_DUPLICATE
-                ),
-                start_signal="trigger",
-                start_signal_args=[{"event": event, "journey": self._payloads[journey.id]}],
+                once=once,
+                running=any(route.workflow_id == wid for route in routes),
             )
         except WorkflowAlreadyStartedError:
             routed.skipped.append(journey.id)
