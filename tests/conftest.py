@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from workflows.runtime import TemporalRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES = os.environ.get("NURTURE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+POSTGRES_BASE = POSTGRES.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 @pytest.fixture(scope="session")
@@ -47,24 +49,58 @@ def postgres_available() -> bool:
         return False
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated to the newest schema, once per test process: each test's database
+    is a copy of it, not the migrations again (tests/test_migration.py runs those)."""
+    path = tmp_path_factory.mktemp("migrated") / "nurture.db"
+    db = Database(f"sqlite:///{path}")
+    db.migrate()
+    db.dispose()  # the last connection closed: the write-ahead log is checkpointed into the file
+    assert not path.with_name(path.name + "-wal").exists()
+    return path
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres() -> Iterator[str | None]:
+    """A PostgreSQL database migrated to the newest schema, once per test process, from which
+    each test's database is created (``CREATE DATABASE ... TEMPLATE``); None when no server."""
+    if not postgres_available():
+        yield None
+        return
+    name = f"nurture_template_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    db = Database(f"{POSTGRES_BASE}/{name}")
+    try:
+        db.migrate()
+        db.dispose()  # a template may have no connections while it is copied
+        yield name
+    finally:
+        db.dispose()
+        with psycopg.connect(POSTGRES, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+def database(
+    request: pytest.FixtureRequest, tmp_path: Path, migrated_sqlite: Path, migrated_postgres: str | None
+) -> Iterator[Database]:
     """A migrated, empty database: SQLite in a temp dir, and a fresh PostgreSQL database."""
     if request.param == "sqlite":
-        db = Database(f"sqlite:///{tmp_path / 'nurture.db'}")
-        db.migrate()
+        path = tmp_path / "nurture.db"
+        shutil.copy2(migrated_sqlite, path)  # with its owner-only mode
+        db = Database(f"sqlite:///{path}")
         yield db
         db.dispose()
         return
-    if not postgres_available():
+    if migrated_postgres is None:
         pytest.skip(f"PostgreSQL NOT REACHABLE at {POSTGRES}: PostgreSQL storage is untested in this run")
     name = f"nurture_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    db = Database(f"{base}/{name}")
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_postgres}"')
+    db = Database(f"{POSTGRES_BASE}/{name}")
     try:
-        db.migrate()
         yield db
     finally:
         db.dispose()

@@ -52,7 +52,7 @@ class Stack:
         return page
 
     async def track(self, user: str, event: str) -> dict[str, object]:
-        async with httpx.AsyncClient(base_url=self.url, auth=(KEY, "")) as http:
+        async with httpx.AsyncClient(base_url=self.url, auth=(KEY, ""), timeout=30.0) as http:
             await http.post("/v1/identify", json={"userId": user, "traits": {"email": f"{user}@example.com"}})
             answer = await http.post("/v1/track", json={"userId": user, "event": event})
         assert answer.status_code == 200, answer.text

@@ -361,7 +361,7 @@ async def test_an_event_a_dead_api_left_unrouted_is_routed_by_one_still_running(
     app = create_app(settings, project=project, db=database, client=temporal, left_over=LeftOver(every=0.2, age=1.0))
     user = f"left-{uuid.uuid4().hex[:10]}"
     with uvicorn_thread(app) as url:
-        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30.0) as http:
             identified = await http.post("/v1/identify", json={"userId": user, "traits": {"email": "l@example.com"}})
         person = identified.json()["person"]
         left = EventRecord(

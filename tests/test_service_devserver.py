@@ -194,7 +194,7 @@ BAD = [
 
 async def test_bad_events_get_4xx_and_change_nothing(service: Service) -> None:
     user = new_user()
-    async with httpx.AsyncClient(base_url=service.url, auth=(KEY, "")) as http:
+    async with httpx.AsyncClient(base_url=service.url, auth=(KEY, ""), timeout=30.0) as http:
         for path, body, status, field in BAD:
             answer = await http.post(path, json=_fill(body, user))
             assert answer.status_code == status, (path, body, answer.text)
@@ -221,7 +221,7 @@ async def test_a_wrong_write_key_gets_401(service: Service) -> None:
     async with AsyncClient("not-the-key", base_url=service.url) as intruder:
         with pytest.raises(NurtureError) as raised:
             await intruder.track(user, "Signed Up")
-    async with httpx.AsyncClient(base_url=service.url) as http:
+    async with httpx.AsyncClient(base_url=service.url, timeout=30.0) as http:
         bearer = await http.post(
             "/v1/track", json={"userId": user, "event": "Signed Up"}, headers={"Authorization": "Bearer nope"}
         )

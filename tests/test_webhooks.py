@@ -955,7 +955,7 @@ async def test_the_access_log_shows_no_link_token_callback_key_or_address(
     level = root.level
     served = asyncio.create_task(serve_api(SETTINGS, port=port, stop=stop, app=app))
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as http:
             for _ in range(200):
                 with contextlib.suppress(httpx.ConnectError):
                     await http.get("/healthz")
