@@ -52,7 +52,7 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from temporalio.client import Client
 
-from nurture.engine.interpreter import workflow_id
+from nurture.engine.interpreter import reads_profile_first, workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import load_project
 from nurture.language.ir import Journey, journey_to_dict
@@ -60,7 +60,7 @@ from nurture.service.devserver import dev_server
 from nurture.service.ingest import start_run
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
-from workflows.journey import RECORD_STEPS, START_RIDES
+from workflows.journey import RECORD_STEPS, START_RIDES, TRAITS
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WAKE_GOAL = 1.10
@@ -168,8 +168,18 @@ class Phase:
 
 
 class Bench:
-    def __init__(self, client: Client, stack: Stack, journey: Journey, meter: Meter, concurrency: int) -> None:
+    def __init__(
+        self,
+        client: Client,
+        stack: Stack,
+        journey: Journey,
+        meter: Meter,
+        concurrency: int,
+        traits: dict[str, dict[str, Any]],
+    ) -> None:
         self.client = client
+        self.traits = traits
+        """Each person's traits as seeded: what the event API has read when it starts a run."""
         self.stack = stack
         self.journey = journey
         self.payload = journey_to_dict(journey)
@@ -198,11 +208,22 @@ class Bench:
             timestamp=datetime.now(UTC),
             properties={"order_id": key, "course_name": "Durable Python", "due_at": due.isoformat()},
             message_id=uuid.uuid4().hex,
-        ).to_dict()
-        # What nurture.service.ingest does for a trigger when the person has no run of the journey.
+        )
+        # What nurture.service.ingest does for a trigger when the person has no run of the journey:
+        # the traits it read go with the start of a run whose first step reads them.
+        params: dict[str, Any] = {
+            "journey": self.payload,
+            "user_id": user,
+            "key": key,
+            "event": event.to_dict(),
+            RECORD_STEPS: True,
+            START_RIDES: True,
+        }
+        if reads_profile_first(self.journey, user_id=user, key=key, event=event, now=event.timestamp):
+            params[TRAITS] = self.traits[user]
         await start_run(
             self.client,
-            {"journey": self.payload, "user_id": user, "key": key, "event": event, RECORD_STEPS: True, START_RIDES: True},
+            params,
             wid=workflow_id(self.journey.id, user, key),
             task_queue=self.stack.task_queue,
             once=False,
@@ -299,14 +320,13 @@ def outbox(db: Database, users: list[str]) -> tuple[int, int, datetime]:
     return int(count), int(distinct), when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def seed(db: Database, users: list[str]) -> None:
-    """Profiles with a phone number, in batches (not timed)."""
+def seed(db: Database, users: list[str], traits: dict[str, dict[str, Any]]) -> None:
+    """Profiles with a phone number, in batches (not timed); ``traits`` gets each one's traits."""
     for offset in range(0, len(users), 5000):
         with db.session() as session:
-            session.add_all(
-                ProfileRecord(user_id=user, traits={"phone": f"+86139{offset + i:08d}"}, phone=f"+86139{offset + i:08d}")
-                for i, user in enumerate(users[offset : offset + 5000])
-            )
+            for i, user in enumerate(users[offset : offset + 5000]):
+                traits[user] = {"phone": f"+86139{offset + i:08d}"}
+                session.add(ProfileRecord(user_id=user, traits=traits[user], phone=traits[user]["phone"]))
 
 
 def people(kind: str, count: int) -> list[str]:
@@ -425,8 +445,9 @@ async def main() -> None:
                   f"{args.concurrency} starts in flight; worker settings {extra or 'defaults'}")
             users = {kind: (people(kind, WARM_UP), people(kind, args.runs)) for kind in (HANDWRITTEN, GENERIC)}
             began = time.perf_counter()
+            traits: dict[str, dict[str, Any]] = {}
             for warm_up, measured in users.values():
-                seed(db, warm_up + measured)
+                seed(db, warm_up + measured, traits)
             print(f"seeded {2 * (args.runs + WARM_UP)} profiles in {time.perf_counter() - began:.0f} s", flush=True)
             os.environ.update(extra)  # the worker's environment is this process's (Stack.env)
             os.environ[GC_LOG] = str(home / "gc.log")
@@ -435,7 +456,7 @@ async def main() -> None:
                 meter = Meter(worker.process.pid, temporal.process.pid, args.sample)
                 sampler = asyncio.create_task(meter.run())
                 try:
-                    bench = Bench(client, stack, journey, meter, args.concurrency)
+                    bench = Bench(client, stack, journey, meter, args.concurrency, traits)
                     phases, warm = await asyncio.wait_for(run(bench, users, args.runs, db), args.timeout)
                 finally:
                     sampler.cancel()

@@ -4,7 +4,8 @@ Run it when a release changes workflow behaviour on purpose (behind ``workflow.p
 new folder (``v1``: the first release; ``v2``: runs record the steps they reach before each wait;
 ``v3``: random waits, waits for a date, send rates, re-entry gaps and the date trigger workflow;
 ``v4``: a run moved to a new version mid-``wait_for`` and a long run that continued as new;
-``v5``: the start record rides on the run's first recording activity, ``start_rides``), and
+``v5``: the start record rides on the run's first recording activity, ``start_rides``; ``v6``:
+a run whose first command reads the profile gets the traits with its start, ``traits``), and
 keep the older ones: each proves that runs started on an older release still replay.
 """
 

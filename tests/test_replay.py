@@ -24,7 +24,29 @@ HISTORIES = sorted((Path(__file__).parent / "histories").rglob("*.json"))
 
 def test_histories_are_recorded() -> None:
     assert len(HISTORIES) >= 6
-    assert {p.parent.name for p in HISTORIES} >= {"v1", "v2", "v3", "v4", "v5"}
+    assert {p.parent.name for p in HISTORIES} >= {"v1", "v2", "v3", "v4", "v5", "v6"}
+
+
+def test_runs_given_the_traits_at_start_read_no_profile_before_their_first_wait() -> None:
+    """v6: a first ``wait_until`` in the person's zone is answered by the traits in the input; the
+    same scenario recorded on v5 read them with a ``nurture.read_profile`` local activity."""
+    folder = Path(__file__).parent / "histories"
+
+    def reads(release: str) -> tuple[bool, int]:
+        events = json.loads((folder / release / "renewal_three_days_before_at_ten-1.json").read_text(encoding="utf-8"))[
+            "events"
+        ]
+        started = events[0]["workflowExecutionStartedEventAttributes"]["input"]["payloads"][0]["data"]
+        activities = [
+            json.loads(base64.b64decode(e["markerRecordedEventAttributes"]["details"]["data"]["payloads"][0]["data"]))
+            for e in events
+            if e.get("markerRecordedEventAttributes", {}).get("markerName") == "core_local_activity"
+        ]
+        reads = sum(a["activity_type"] == "nurture.read_profile" for a in activities)
+        return "traits" in json.loads(base64.b64decode(started)), reads
+
+    assert reads("v5") == (False, 1)
+    assert reads("v6") == (True, 0)
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[f"{p.parent.name}/{p.stem}" for p in HISTORIES])

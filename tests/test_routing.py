@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -233,6 +234,75 @@ async def test_a_plain_start_that_finds_a_run_in_flight_signals_the_trigger_to_i
     history = await temporal_client.get_workflow_handle(wid).fetch_history()
     assert signals(history) == ["trigger"]
     await temporal_client.get_workflow_handle(wid).terminate("test over")
+
+
+DUE = """\
+journey: {name}
+trigger: {{event: Booked}}
+steps:
+  - {{id: until_due, wait_until: {{date: event.properties.due_at, at: "09:00"}}}}
+  - {{id: remind, send: sms, template: hello, category: transactional}}
+"""
+HELLO_FIRST = """\
+journey: {name}
+trigger: {{event: Booked}}
+steps:
+  - {{id: hello, send: sms, template: hello, category: transactional}}
+  - {{id: pause, wait: 30d}}
+"""
+
+
+def profile_reads(history: WorkflowHistory) -> int:
+    """The ``nurture.read_profile`` local activities in the history (their markers)."""
+    return sum(
+        b"nurture.read_profile" in payload.data
+        for e in history.events
+        if e.HasField("marker_recorded_event_attributes")
+        for payloads in e.marker_recorded_event_attributes.details.values()
+        for payload in payloads.payloads
+    )
+
+
+async def test_a_run_whose_first_step_reads_the_profile_gets_the_traits_routing_read(
+    tmp_path: Path, database: Database, temporal_client: Client
+) -> None:
+    """A first ``wait_until`` in the person's time zone: the start carries the traits the router
+    read, and the run waits without a profile read of its own. A run that starts with a send
+    carries no traits (its send reads the profile inside the activity, out of the history)."""
+    (tmp_path / "journeys").mkdir()
+    (tmp_path / "journeys" / "due.yaml").write_text(DUE.format(name="due"))
+    (tmp_path / "journeys" / "hello_first.yaml").write_text(HELLO_FIRST.format(name="hello_first"))
+    (tmp_path / "templates" / "sms").mkdir(parents=True)
+    (tmp_path / "templates" / "sms" / "hello.txt").write_text("Hello")
+    project = load_project(tmp_path / "journeys", tmp_path / "templates")
+    user = new_user()
+    async with serving(project, database, temporal_client) as api:
+        identified = await api.post(
+            "/v1/identify", {"userId": user, "traits": {"timezone": "Asia/Tokyo", "phone": "+15555550100"}}
+        )
+        assert identified.status_code == 200, identified.text
+        booked = await api.post(
+            "/v1/track", {"userId": user, "event": "Booked", "properties": {"due_at": "2099-01-02"}}
+        )
+        assert booked.status_code == 200, booked.text
+        due, hello = workflow_id("due", user, ""), workflow_id("hello_first", user, "")
+        assert sorted(booked.json()["triggered"]) == sorted([due, hello])
+
+        def waiting() -> bool:
+            return sorted(str(r.step) for r in rows(database, RunRecord, user_id=user)) == ["pause", "until_due"]
+
+        await eventually(waiting, timeout=30, what="both runs waiting")
+        due_history = await temporal_client.get_workflow_handle(due).fetch_history()
+        hello_history = await temporal_client.get_workflow_handle(hello).fetch_history()
+
+    started = due_history.events[0].workflow_execution_started_event_attributes.input.payloads[0].data
+    assert json.loads(started)["traits"] == {"timezone": "Asia/Tokyo", "phone": "+15555550100"}
+    assert profile_reads(due_history) == 0
+    timers = [e.timer_started_event_attributes for e in due_history.events if e.HasField("timer_started_event_attributes")]
+    assert len(timers) == 1  # 2099-01-02 09:00 in Tokyo, not in UTC: the traits were read
+    fired_at = due_history.events[0].event_time.ToDatetime(UTC) + timers[0].start_to_fire_timeout.ToTimedelta()
+    assert abs(fired_at - datetime(2099, 1, 2, 0, 0, tzinfo=UTC)) < timedelta(minutes=5)
+    assert "traits" not in json.loads(hello_history.events[0].workflow_execution_started_event_attributes.input.payloads[0].data)
 
 
 TWIN = """\

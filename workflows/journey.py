@@ -42,6 +42,12 @@ activity of its own before the first step, which delayed the first send. Runs st
 it (before this release) replay as they ran. An input flag rather than ``workflow.patched``:
 a patch would add a marker and a search-attribute upsert to every new run."""
 
+TRAITS = "traits"
+"""Workflow input: the person's traits as the router read them with the trigger, given only when
+the run's first command reads the profile (:func:`~nurture.engine.interpreter.reads_profile_first`):
+the run answers that read with them instead of a ``nurture.read_profile`` local activity (one
+marker, one activation and one database read fewer). Runs started without it read as before."""
+
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -81,7 +87,8 @@ class JourneyWorkflow:
     runner uses it to place the time-skipping server's clock on the scenario's start),
     ``record_steps`` (record the steps reached before each wait; every router sets it), and
     optionally ``continue_after`` and ``seen_limit`` (see :data:`HISTORY_LIMIT` and
-    :data:`SEEN_LIMIT`). A run that continued as new also gets ``carried``.
+    :data:`SEEN_LIMIT`) and ``traits`` (:data:`TRAITS`). A run that continued as new also gets
+    ``carried``.
     """
 
     @workflow.init
@@ -199,6 +206,9 @@ class JourneyWorkflow:
                     "nurture.record_start", run.start_record(info.workflow_id), start_to_close_timeout=LOCAL
                 )
             command = run.start()
+            given = params.get(TRAITS)
+            if given is not None and isinstance(command, ReadProfile):
+                command = run.resume(dict(given), self._now())
         while not isinstance(command, Ended):
             if self._inbox:  # events that arrived while the run was sending or reading
                 changed = await self._judge(run, self._inbox.pop(0))

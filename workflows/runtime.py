@@ -53,6 +53,7 @@ from nurture.engine.interpreter import (
     date_plan,
     entry_decision,
     late_record,
+    reads_profile_first,
     run_key,
     trigger_matches,
     workflow_id,
@@ -68,7 +69,7 @@ from nurture.simulation.simulator import Outcome
 
 from .activities import JourneyActivities
 from .dates import PLAN_SIGNAL, DateActivities, DateTriggerWorkflow, date_params
-from .journey import RECORD_STEPS, START_RIDES, JourneyWorkflow
+from .journey import RECORD_STEPS, START_RIDES, TRAITS, JourneyWorkflow
 
 TASK_QUEUE = "nurture-scenarios"
 
@@ -402,18 +403,21 @@ class _Play:
         self.counts[slot] = number
         run_id = f"{journey.id}:{user_id}:{key}:{number}"
         self.entered[run_id] = at
+        params: dict[str, Any] = {
+            "journey": journey_to_dict(journey),
+            "user_id": user_id,
+            "key": key,
+            "event": event.to_dict(),
+            "run_id": run_id,
+            "clock_offset": self.offset.total_seconds(),
+            RECORD_STEPS: True,
+            START_RIDES: True,
+        }
+        if reads_profile_first(journey, user_id=user_id, key=key, event=event, now=at):  # as the event API
+            params[TRAITS] = dict(self.people.profiles.get_now(user_id).traits)
         handle = await self.client.start_workflow(
             JourneyWorkflow.run,
-            {
-                "journey": journey_to_dict(journey),
-                "user_id": user_id,
-                "key": key,
-                "event": event.to_dict(),
-                "run_id": run_id,
-                "clock_offset": self.offset.total_seconds(),
-                RECORD_STEPS: True,
-                START_RIDES: True,
-            },
+            params,
             id=workflow_id(journey.id, user_id, key, prefix=f"scenario-{self.prefix}.{number}"),
             task_queue=TASK_QUEUE,
         )

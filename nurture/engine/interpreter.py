@@ -317,6 +317,15 @@ def too_soon(journey: ir.Journey, last_entered_at: datetime | None, now: datetim
     return now - last_entered_at < timedelta(seconds=journey.re_entry_after)
 
 
+def reads_profile_first(journey: ir.Journey, *, user_id: str, key: str, event: Event, now: datetime) -> bool:
+    """Whether a run of ``journey`` that this trigger starts reads the person's profile before
+    anything else (its first step a ``wait_until``, or a branch or update on ``user``). A router
+    that has just read the profile then hands the traits to the run with its start, which saves
+    the run a profile read of its own; other runs' starts carry no traits."""
+    first = Run(journey, run_id="", user_id=user_id, key=key, event=event, entered_at=now).start()
+    return isinstance(first, ReadProfile)
+
+
 def goal_window_end(goal: ir.Goal, *, entered_at: datetime, last_message_at: datetime | None) -> datetime | None:
     """Until when a goal event converts (inclusive); ``None`` when the window has no end.
 

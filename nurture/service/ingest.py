@@ -48,6 +48,7 @@ from nurture.engine.interpreter import (
     date_plan,
     late_conversion,
     late_record,
+    reads_profile_first,
     run_key,
     too_soon,
     trigger_matches,
@@ -80,7 +81,7 @@ from nurture.storage.stores import (
     stored_version_count,
 )
 from workflows.dates import DATE_WORKFLOW, PLAN_SIGNAL, date_params
-from workflows.journey import RECORD_STEPS, START_RIDES, WORKFLOW_NAME
+from workflows.journey import RECORD_STEPS, START_RIDES, TRAITS, WORKFLOW_NAME
 
 from .observability import count_conversion
 
@@ -399,6 +400,7 @@ class Ingest:
                         routes=routes,
                         ran=reads.ran.get((journey.id, key)),
                         activations=activations,
+                        traits=profile.traits,
                     )
                 except TRANSIENT as exc:
                     failures.append(exc)
@@ -710,11 +712,13 @@ class Ingest:
         routes: Sequence[Route] = (),
         ran: bool | None = None,
         activations: list[Activation] | None = None,
+        traits: Mapping[str, Any] | None = None,
     ) -> None:
         """Trigger ``journey`` for the person: its run started by signal-with-start, unless the
         re-entry rule keeps them out. ``ran``: whether (journey, person, key) had a run, when read
         already. ``activations``: where the started run's route goes, for the caller to make
-        active; else it is made active here."""
+        active; else it is made active here. ``traits``: the person's, as just read; the run
+        gets them when it would read them first (:data:`~workflows.journey.TRAITS`)."""
         wid = workflow_id(journey.id, user_id, key)
         for route in routes:
             # A run that moved to this person in a merge, under the merged-away person's workflow
@@ -754,6 +758,10 @@ class Ingest:
             RECORD_STEPS: True,
             START_RIDES: True,
         }
+        if traits is not None and reads_profile_first(
+            journey, user_id=user_id, key=key, event=Event.from_dict(event), now=datetime.now(UTC)
+        ):
+            params[TRAITS] = dict(traits)
         assert self.client is not None, "routing track events needs a Temporal client"
         try:
             await start_run(

@@ -61,10 +61,14 @@ class Database:
 
     def __init__(self, url: str, *, pool: Pool | None = None) -> None:
         self.url = url
-        options: dict[str, Any] = {"pool_pre_ping": True}
-        if pool is not None and not url.startswith("sqlite"):
-            options.update(pool_size=pool.size, max_overflow=pool.overflow)
-        if url.startswith("sqlite"):
+        options: dict[str, Any] = {}
+        if not url.startswith("sqlite"):
+            # A server may have closed a pooled connection (a restart, an idle timeout): each
+            # checkout checks first. A SQLite connection is a file handle, which nothing closes.
+            options["pool_pre_ping"] = True
+            if pool is not None:
+                options.update(pool_size=pool.size, max_overflow=pool.overflow)
+        else:
             path = url.removeprefix("sqlite:///")
             if path and path != ":memory:":
                 _private_sqlite_file(Path(path))
