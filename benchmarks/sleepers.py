@@ -211,7 +211,7 @@ class Bench:
         )
         # What nurture.service.ingest does for a trigger when the person has no run of the journey:
         # the traits it read go with the start of a run whose first step reads them.
-        params: dict[str, Any] = {
+        params = {
             "journey": self.payload,
             "user_id": user,
             "key": key,
