@@ -23,8 +23,9 @@ Two paths carry the same events:
   input, id-reuse policy and ``trigger`` signal that ``nurture.service.ingest`` uses: the Temporal work
   of an event with nothing in front of it.
 - **api**: ``POST /v1/track`` with a write key (Bearer). The API stores the event, reads the
-  user's routes and profile, checks ``re_entry: once``, makes the same signal-with-start and
-  records the route.
+  user's routes and profile, checks ``re_entry: once``, starts the run (``start_run``: a plain
+  start, as the user has no run; a signal-with-start only reaches a run in flight) and records
+  the route.
 
 Paced runs come first (after a warm-up): ``--paced-rates`` events per second, open loop, for
 ``--paced-seconds`` each, to measure latency below saturation. Then ``--rounds`` load rounds keep

@@ -209,13 +209,38 @@ def _canonical(items: list[Observed]) -> list[Observed]:
     return sorted(items, key=lambda o: (o.at, o.user, o.journey, o.exit or "", o.send or "", o.template or ""))
 
 
+LATE = 3
+"""Seconds the test server's clock may run on between a scenario's instant and a run's first
+workflow task on a loaded machine (see :func:`late_only`)."""
+
+
+def late_only(expected: list[Observed], actual: list[Observed]) -> bool:
+    """Whether ``actual`` is ``expected`` with some outcomes a few seconds late, and nothing else.
+
+    The time-skipping test server's clock runs in real time between skips, so a run that a
+    scenario starts at 2h and whose first workflow task waits a second for a busy CPU enters at
+    2h1s, and every outcome timed from its start is a second late. That is the machine, not the
+    code: such a result is played once more, and must then match exactly."""
+
+    def untimed(o: Observed) -> tuple[str, ...]:
+        return tuple(str(v) for v in dataclasses.astuple(dataclasses.replace(o, at=0)))
+
+    if len(expected) != len(actual):
+        return False
+    pairs = zip(sorted(expected, key=untimed), sorted(actual, key=untimed), strict=True)
+    return all(untimed(e) == untimed(a) and 0 <= a.at - e.at <= LATE for e, a in pairs)
+
+
 async def play_on_both_runtimes(path: Path, project: Project, temporal: TemporalRuntime) -> None:
-    """The scenario file at ``path`` passes in the simulator and on Temporal, with the same outcomes."""
+    """The scenario file at ``path`` passes in the simulator and on Temporal, with the same outcomes
+    (played twice on Temporal only when the first play was late by the machine: :func:`late_only`)."""
     scenario = load_scenario(path, project)
     simulated = await SimRuntime().play(scenario, project)
     verdict = compare(scenario, simulated)
     assert verdict.passed, "simulator:\n" + verdict.report()
     durable = await temporal.play(scenario, project)
+    if not compare(scenario, durable).passed and late_only(observe(scenario, simulated), observe(scenario, durable)):
+        durable = await temporal.play(scenario, project)
     verdict = compare(scenario, durable)
     assert verdict.passed, "temporal:\n" + verdict.report()
     assert _canonical(observe(scenario, simulated)) == _canonical(observe(scenario, durable))

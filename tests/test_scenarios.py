@@ -3,12 +3,13 @@ expectation is checked."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import play_on_both_runtimes
+from support import LATE, late_only, play_on_both_runtimes
 
 from nurture.language.compiler import Project
 from nurture.language.diagnostics import CompileError
@@ -239,3 +240,16 @@ async def test_the_simulated_timeline_shows_identity_calls(project: Project) -> 
     assert re.search(r"u1\s+merged\s+anonymous_id:laptop-22 into u1", text)
     assert re.search(r"anonymous_id:laptop-22 cart_abandonment\s+ended\s+merged", text)
     assert text.endswith("matches the expectations\n")
+
+
+def test_only_a_run_late_by_the_machine_is_played_again() -> None:
+    """``late_only``: the same outcomes, some up to a few seconds late; nothing else qualifies."""
+    sent = Observed(at=7200, user="u1", journey="cart_abandonment", send="email", template="cart_reminder")
+    ended = Observed(at=18000, user="u1", journey="cart_abandonment", exit="exit_on")
+    expected = [sent, ended]
+    assert late_only(expected, [dataclasses.replace(sent, at=7201), ended])
+    assert late_only(expected, [ended, dataclasses.replace(sent, at=7200 + LATE)])
+    assert not late_only(expected, [dataclasses.replace(sent, at=7200 + LATE + 1), ended])
+    assert not late_only(expected, [dataclasses.replace(sent, at=7199), ended])  # early: not the machine
+    assert not late_only(expected, [dataclasses.replace(sent, at=7201, template="cart_last_call"), ended])
+    assert not late_only(expected, [sent])
