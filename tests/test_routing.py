@@ -243,13 +243,6 @@ steps:
   - {{id: until_due, wait_until: {{date: event.properties.due_at, at: "09:00"}}}}
   - {{id: remind, send: sms, template: hello, category: transactional}}
 """
-HELLO_FIRST = """\
-journey: {name}
-trigger: {{event: Booked}}
-steps:
-  - {{id: hello, send: sms, template: hello, category: transactional}}
-  - {{id: pause, wait: 30d}}
-"""
 
 
 def profile_reads(history: WorkflowHistory) -> int:
@@ -271,7 +264,7 @@ async def test_a_run_whose_first_step_reads_the_profile_gets_the_traits_routing_
     carries no traits (its send reads the profile inside the activity, out of the history)."""
     (tmp_path / "journeys").mkdir()
     (tmp_path / "journeys" / "due.yaml").write_text(DUE.format(name="due"))
-    (tmp_path / "journeys" / "hello_first.yaml").write_text(HELLO_FIRST.format(name="hello_first"))
+    (tmp_path / "journeys" / "hello_first.yaml").write_text(TWIN.format(name="hello_first").replace("Joined", "Booked"))
     (tmp_path / "templates" / "sms").mkdir(parents=True)
     (tmp_path / "templates" / "sms" / "hello.txt").write_text("Hello")
     project = load_project(tmp_path / "journeys", tmp_path / "templates")
