@@ -108,7 +108,6 @@ TRANSIENT = (RPCError, OperationalError)
 """Failures a later attempt may not meet: Temporal or the database unavailable or timing out."""
 
 
-
 async def start_run(
     client: Client, params: Mapping[str, Any], *, wid: str, task_queue: str, once: bool, running: bool
 ) -> None:
@@ -714,7 +713,7 @@ class Ingest:
         activations: list[Activation] | None = None,
         traits: Mapping[str, Any] | None = None,
     ) -> None:
-        """Trigger ``journey`` for the person: its run started by signal-with-start, unless the
+        """Trigger ``journey`` for the person: its run started (:func:`start_run`), unless the
         re-entry rule keeps them out. ``ran``: whether (journey, person, key) had a run, when read
         already. ``activations``: where the started run's route goes, for the caller to make
         active; else it is made active here. ``traits``: the person's, as just read; the run
