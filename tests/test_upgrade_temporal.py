@@ -97,12 +97,23 @@ class Stage:
     async def settled(self, handle: WorkflowHandle[Any, Any], state: str) -> dict[str, Any]:
         """Wait until the run has handled every signal and waits (or ended) in ``state``."""
 
-        async def query() -> dict[str, Any]:
-            progress: dict[str, Any] = await handle.query("progress")
+        async def query() -> dict[str, Any] | None:
+            try:
+                progress: dict[str, Any] = await handle.query("progress")
+            except RPCError as exc:
+                # A query the test server gave up on ("Timeout expired": the run's task waited
+                # for a busy worker, or the run was continuing as new) is asked again.
+                if exc.status not in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED):
+                    raise
+                return None
             return progress
 
+        progress: dict[str, Any] | None = None
         for _ in range(400):
             progress = await query()
+            if progress is None:
+                await _pause()
+                continue
             if progress["handled"] >= progress["signals"] and progress["state"] == state:
                 return progress
             await _pause()
