@@ -6,6 +6,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -49,6 +50,21 @@ def postgres_available() -> bool:
         return False
 
 
+@contextmanager
+def postgres_database(template: str | None = None) -> Iterator[str]:
+    """A new PostgreSQL database for the block, a copy of ``template`` when one is named; its
+    name. Dropped after, connections and all."""
+    name = f"nurture_test_{uuid.uuid4().hex[:12]}"
+    copy = "" if template is None else f' TEMPLATE "{template}"'
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"{copy}')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(POSTGRES, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite file migrated to the newest schema, once per test process: each test's database
@@ -68,18 +84,11 @@ def migrated_postgres() -> Iterator[str | None]:
     if not postgres_available():
         yield None
         return
-    name = f"nurture_template_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    db = Database(f"{POSTGRES_BASE}/{name}")
-    try:
+    with postgres_database() as name:
+        db = Database(f"{POSTGRES_BASE}/{name}")
         db.migrate()
         db.dispose()  # a template may have no connections while it is copied
         yield name
-    finally:
-        db.dispose()
-        with psycopg.connect(POSTGRES, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -96,13 +105,9 @@ def database(
         return
     if migrated_postgres is None:
         pytest.skip(f"PostgreSQL NOT REACHABLE at {POSTGRES}: PostgreSQL storage is untested in this run")
-    name = f"nurture_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_postgres}"')
-    db = Database(f"{POSTGRES_BASE}/{name}")
-    try:
-        yield db
-    finally:
-        db.dispose()
-        with psycopg.connect(POSTGRES, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database(template=migrated_postgres) as name:
+        db = Database(f"{POSTGRES_BASE}/{name}")
+        try:
+            yield db
+        finally:
+            db.dispose()
