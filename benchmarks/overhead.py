@@ -70,7 +70,7 @@ from nurture.service.devserver import dev_server
 from nurture.service.ingest import start_run
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, RunRecord, StepReach
-from workflows.journey import RECORD_STEPS, START_RIDES
+from workflows.journey import RECORD_STEPS, RECORDS_RIDE, START_RIDES
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WALL_GOAL = 1.10
@@ -146,6 +146,7 @@ class Bench:
         wait: int,
         start: str,
         start_rides: bool = True,
+        records_ride: bool = True,
     ) -> None:
         self.client = client
         self.lanes = lanes
@@ -154,6 +155,7 @@ class Bench:
         self.wait = wait
         self.start = start
         self.start_rides = start_rides
+        self.records_ride = records_ride
         self.sends = [
             {"step_id": s.id, "channel": s.channels[0], "template": s.template}
             for s in journey.steps
@@ -194,6 +196,7 @@ class Bench:
                 "event": event.to_dict(),
                 RECORD_STEPS: lane.record_steps,
                 START_RIDES: self.start_rides,
+                RECORDS_RIDE: self.records_ride,
             }
             wid = workflow_id(self.journey.id, user, key)
             if self.start == "service":
@@ -285,6 +288,13 @@ async def main() -> None:
         help="JourneyRun's start record: on its first recording activity, as the event API starts runs "
         "(start_rides), or its own local activity before the first step, as runs started before it",
     )
+    parser.add_argument(
+        "--records",
+        choices=("ride", "local"),
+        default="ride",
+        help="the record JourneyRun writes right after a send: on that send's activity, as the event API "
+        "starts runs (records_ride), or a local activity of its own, as runs started before it",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     args = parser.parse_args()
     if args.sends < 1 or args.runs < 1 or args.rounds < 1:
@@ -342,6 +352,7 @@ async def main() -> None:
                     wait=wait,
                     start=args.start,
                     start_rides=args.record_start == "rides",
+                    records_ride=args.records == "ride",
                 )
                 batches = await asyncio.wait_for(
                     run_rounds(bench, db, kinds, args.runs, args.rounds), args.timeout

@@ -60,7 +60,7 @@ from nurture.service.devserver import dev_server
 from nurture.service.ingest import start_run
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
-from workflows.journey import RECORD_STEPS, START_RIDES, TRAITS
+from workflows.journey import RECORD_STEPS, RECORDS_RIDE, START_RIDES, TRAITS
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WAKE_GOAL = 1.10
@@ -176,8 +176,11 @@ class Bench:
         meter: Meter,
         concurrency: int,
         traits: dict[str, dict[str, Any]],
+        *,
+        records_ride: bool = True,
     ) -> None:
         self.client = client
+        self.records_ride = records_ride
         self.traits = traits
         """Each person's traits as seeded: what the event API has read when it starts a run."""
         self.stack = stack
@@ -218,6 +221,7 @@ class Bench:
             "event": event.to_dict(),
             RECORD_STEPS: True,
             START_RIDES: True,
+            RECORDS_RIDE: self.records_ride,
         }
         if reads_profile_first(self.journey, user_id=user, key=key, event=event, now=event.timestamp):
             params[TRAITS] = self.traits[user]
@@ -425,6 +429,13 @@ async def main() -> None:
     parser.add_argument(
         "--worker-env", action="append", default=[], metavar="NAME=VALUE", help="a setting for the worker"
     )
+    parser.add_argument(
+        "--records",
+        choices=("ride", "local"),
+        default="ride",
+        help="JourneyRun's end record: on its send's activity, as the event API starts runs "
+        "(records_ride), or a local activity of its own, as runs started before it",
+    )
     parser.add_argument("--timeout", type=float, default=7200.0, help="give up after this many seconds")
     args = parser.parse_args()
     if args.runs < 1 or args.concurrency < 1:
@@ -456,7 +467,9 @@ async def main() -> None:
                 meter = Meter(worker.process.pid, temporal.process.pid, args.sample)
                 sampler = asyncio.create_task(meter.run())
                 try:
-                    bench = Bench(client, stack, journey, meter, args.concurrency, traits)
+                    bench = Bench(
+                        client, stack, journey, meter, args.concurrency, traits, records_ride=args.records == "ride"
+                    )
                     phases, warm = await asyncio.wait_for(run(bench, users, args.runs, db), args.timeout)
                 finally:
                     sampler.cancel()

@@ -5,7 +5,8 @@ new folder (``v1``: the first release; ``v2``: runs record the steps they reach 
 ``v3``: random waits, waits for a date, send rates, re-entry gaps and the date trigger workflow;
 ``v4``: a run moved to a new version mid-``wait_for`` and a long run that continued as new;
 ``v5``: the start record rides on the run's first recording activity, ``start_rides``; ``v6``:
-a run whose first command reads the profile gets the traits with its start, ``traits``), and
+a run whose first command reads the profile gets the traits with its start, ``traits``; ``v7``:
+the record after a send rides on the send's activity, ``records_ride``), and
 keep the older ones: each proves that runs started on an older release still replay.
 """
 
@@ -34,7 +35,7 @@ from nurture.language.compiler import load_project  # noqa: E402
 from nurture.language.migration import plan_move  # noqa: E402
 from nurture.simulation.scenarios import load_scenario  # noqa: E402
 from workflows.activities import JourneyActivities  # noqa: E402
-from workflows.journey import CONTINUE_AFTER, RECORD_STEPS, START_RIDES, JourneyWorkflow  # noqa: E402
+from workflows.journey import CONTINUE_AFTER, RECORD_STEPS, RECORDS_RIDE, START_RIDES, JourneyWorkflow  # noqa: E402
 from workflows.runtime import MemoryRecorder, TemporalRuntime, binary, quiet_runtime  # noqa: E402
 
 SCENARIOS = {
@@ -101,7 +102,10 @@ async def record_upgrades(dest: Path) -> None:
                 event = Event("Cart Updated", now, {"cart_id": "c-1", "item_count": 1}, message_id=f"m-{user}")
                 params = {"journey": ir.journey_to_dict(old), "user_id": user, "key": "c-1", "event": event.to_dict()}
                 started = await env.client.start_workflow(
-                    JourneyWorkflow.run, {**params, RECORD_STEPS: True, START_RIDES: True, **options}, id=f"record-{user}", task_queue=queue
+                    JourneyWorkflow.run,
+                    {**params, RECORD_STEPS: True, START_RIDES: True, RECORDS_RIDE: True, **options},
+                    id=f"record-{user}",
+                    task_queue=queue,
                 )
                 await env.sleep(timedelta(hours=2))  # past the reminder: waiting for checkout
                 return env.client.get_workflow_handle(started.id)

@@ -1125,3 +1125,94 @@ def test_a_held_out_send_opens_a_window_measured_from_the_last_message(templates
     assert isinstance(run.resume(None, sent_at), Deliver)
     assert run.resume(held, sent_at) == Ended("completed")
     assert run.goal_window_end == sent_at + timedelta(days=2)
+
+
+# --- records that ride on a send (records_ride) ---------------------------------------------------
+
+RIDERS = """
+journey: riders
+trigger: {event: Go}
+goal: {event: Order Completed, within: 3d, from: last_message}
+steps:
+  - {id: first, send: email, template: note}
+  - {id: pause, wait: 1h}
+  - id: pick
+    split: copy
+    variants:
+      a: {weight: 1, steps: [{id: in_a, send: email, template: offer_a}]}
+      b: {weight: 1, steps: [{id: in_b, send: email, template: offer_b}, {id: b_pause, wait: 2h}]}
+  - id: clicked
+    wait_for: Link Clicked
+    timeout: 1d
+    then: [{id: thanks, send: email, template: note}]
+    else:
+      - id: by_plan
+        branch:
+          - if: "user.vip"
+            then: [{id: vip_note, send: email, template: note}]
+          - else: [{id: plain_note, send: email, template: note}, {id: bye, exit: done}]
+  - {id: last, send: email, template: note}
+"""
+
+
+@pytest.mark.parametrize("vip", [True, False])
+@pytest.mark.parametrize("user_id", ["u1", "u2", "u3", "u4"])
+def test_a_record_riding_on_a_send_is_the_record_the_run_writes_after_it(
+    templates: TemplateStore, user_id: str, vip: bool
+) -> None:
+    """Two runs driven alike: one gives each send its rider (:meth:`Run.send_rider`), the other
+    records as a driver does after the send. Every rider equals that record, and ``rode`` takes
+    its steps; a send with no rider is followed by neither a wait nor the run's end."""
+    journey = compile_journey(templates, RIDERS)
+    riding, plain = new_run(journey, user_id=user_id), new_run(journey, user_id=user_id)
+    traits = {"vip": vip}
+    commands = (riding.start(), plain.start())
+    kinds: list[str | None] = []
+    while not isinstance(commands[0], Ended):
+        ours, theirs = commands
+        assert ours == theirs
+        at = riding.now
+        if isinstance(ours, Deliver):
+            rider = riding.send_rider("wf-1", steps=True)
+            kinds.append(None if rider is None else rider["kind"])
+            result = sent(ours.request.step_id, at)
+            ours, theirs = riding.resume(result, at), plain.resume(result, at)
+            if rider is None:
+                assert not isinstance(theirs, (Sleep, AwaitEvent)) and theirs != Ended("completed")
+            elif rider["kind"] == "steps":
+                assert isinstance(theirs, (Sleep, AwaitEvent))
+                assert rider["record"] == plain.steps_record(theirs)
+                assert riding.rode(rider, ours) and riding.reached == []
+            else:
+                assert theirs == Ended("completed")
+                assert rider["record"] == plain.end_record("wf-1", "completed", at, continued=False)
+                assert riding.rode(rider, ours) and riding.reached == []
+            commands = (ours, theirs)
+            continue
+        if isinstance(ours, ReadProfile):
+            commands = (riding.resume(traits, at), plain.resume(traits, at))
+            continue
+        assert isinstance(ours, (Sleep, AwaitEvent)) and isinstance(theirs, (Sleep, AwaitEvent))
+        assert riding.steps_record(ours) == plain.steps_record(theirs)
+        commands = (riding.resume(None, ours.until), plain.resume(None, theirs.until))
+    assert commands[1] == commands[0]
+    # first: the pause; in_a or in_b: the wait_for or b_pause; then the wait_for times out:
+    # vip_note is followed by `last` (a send), which ends the run; plain_note by an exit.
+    assert kinds == (["steps", "steps", None, "end"] if vip else ["steps", "steps", None])
+
+
+def test_a_rider_is_not_taken_when_the_run_went_elsewhere(templates: TemplateStore) -> None:
+    """A send the provider deferred leaves the run sleeping at the send, not at the wait the rider
+    named: nothing is taken, and the driver records as usual. Without ``steps`` a run gets no
+    steps rider at all."""
+    journey = compile_journey(templates, RIDERS)
+    run = new_run(journey)
+    command = run.start()
+    assert isinstance(command, Deliver)
+    assert run.send_rider("wf-1", steps=False) is None
+    rider = run.send_rider("wf-1", steps=True)
+    assert rider is not None and rider["record"]["waiting"] == "pause"
+    held = run.resume(SendResult(defer_until=T0 + timedelta(hours=8), defer_reason="quiet_hours"), T0)
+    assert isinstance(held, Sleep) and held.step_id == "first"
+    assert not run.rode(rider, held)
+    assert [r.step_id for r in run.reached] == ["first"]

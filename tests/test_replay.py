@@ -24,7 +24,7 @@ HISTORIES = sorted((Path(__file__).parent / "histories").rglob("*.json"))
 
 def test_histories_are_recorded() -> None:
     assert len(HISTORIES) >= 6
-    assert {p.parent.name for p in HISTORIES} >= {"v1", "v2", "v3", "v4", "v5", "v6"}
+    assert {p.parent.name for p in HISTORIES} >= {"v1", "v2", "v3", "v4", "v5", "v6", "v7"}
 
 
 def test_runs_given_the_traits_at_start_read_no_profile_before_their_first_wait() -> None:
@@ -126,3 +126,23 @@ def test_histories_include_the_start_record_riding_on_the_first_send() -> None:
     assert new_sends[0]["start"]["journey"] == "welcome_series"
     assert all("start" not in send for send in new_sends[1:])
     assert len(events("v5")) < len(events("v4"))
+
+
+def test_histories_include_the_records_riding_on_the_sends_before_them() -> None:
+    """v6 runs wrote the record before each wait and their end record with local activities;
+    v7 runs (started with ``records_ride``) give them to the send before: each send's input
+    carries the record that follows it, and the run of the welcome series runs none."""
+    folder = Path(__file__).parent / "histories"
+
+    def events(release: str) -> list[dict[str, Any]]:
+        text = (folder / release / "welcome_full_series-1.json").read_text(encoding="utf-8")
+        found: list[dict[str, Any]] = json.loads(text)["events"]
+        return found
+
+    old_local, old_sends = _activity_types(events("v6"))
+    assert old_local.count("nurture.record_steps") == 3 and old_local[-1] == "nurture.record_end"
+    assert all("after" not in send for send in old_sends)
+    new_local, new_sends = _activity_types(events("v7"))
+    assert new_local == []
+    assert [send["after"]["kind"] for send in new_sends] == ["steps", "steps", "steps", "end"]
+    assert len(events("v6")) - len(events("v7")) >= 4

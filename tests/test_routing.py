@@ -35,7 +35,7 @@ from nurture.service.api import create_app
 from nurture.service.ingest import Ingest, NotRouted, start_run
 from nurture.service.settings import Settings
 from nurture.storage.db import MIGRATIONS, Database
-from nurture.storage.models import EventRecord, Route, RunRecord
+from nurture.storage.models import EventRecord, Route, RunRecord, StepReach
 from nurture.storage.stores import Events, Routes, store_versions
 
 
@@ -245,15 +245,19 @@ steps:
 """
 
 
-def profile_reads(history: WorkflowHistory) -> int:
-    """The ``nurture.read_profile`` local activities in the history (their markers)."""
-    return sum(
-        b"nurture.read_profile" in payload.data
+def local_activities(history: WorkflowHistory) -> list[str]:
+    """The local activities a history ran, in order (their markers)."""
+    return [
+        json.loads(e.marker_recorded_event_attributes.details["data"].payloads[0].data)["activity_type"]
         for e in history.events
         if e.HasField("marker_recorded_event_attributes")
-        for payloads in e.marker_recorded_event_attributes.details.values()
-        for payload in payloads.payloads
-    )
+        and e.marker_recorded_event_attributes.marker_name == "core_local_activity"
+    ]
+
+
+def profile_reads(history: WorkflowHistory) -> int:
+    """The ``nurture.read_profile`` local activities in the history."""
+    return local_activities(history).count("nurture.read_profile")
 
 
 async def test_a_run_whose_first_step_reads_the_profile_gets_the_traits_routing_read(
@@ -458,3 +462,66 @@ def test_events_an_older_stored_version_waits_for_are_routed(project: Project, d
     store_versions(database, [older])
 
     assert "Legacy Clicked" in Ingest(project, database, None, "q")._routable
+
+
+SERIES = """\
+journey: series
+trigger: {event: Joined}
+steps:
+  - {id: hello, send: sms, template: hello, category: transactional}
+  - {id: pause, wait: 2s}
+  - {id: again, send: sms, template: hello, category: transactional}
+"""
+
+
+async def test_the_records_after_a_send_ride_on_it_and_a_send_that_goes_nowhere_falls_back(
+    tmp_path: Path, database: Database, temporal_client: Client
+) -> None:
+    """``records_ride``: the record before the wait rides on the send before it and the end record on
+    the last send, so a run of send, wait, send runs no local activity at all, and its records are
+    those of a run that wrote them itself: the wait while it waits, then every step, the end and
+    its last message. A person without a phone gets no message: the run records as before."""
+    (tmp_path / "journeys").mkdir()
+    (tmp_path / "journeys" / "series.yaml").write_text(SERIES)
+    (tmp_path / "templates" / "sms").mkdir(parents=True)
+    (tmp_path / "templates" / "sms" / "hello.txt").write_text("Hello")
+    project = load_project(tmp_path / "journeys", tmp_path / "templates")
+    texted, unreachable = new_user(), new_user()
+    async with serving(project, database, temporal_client) as api:
+        identified = await api.post("/v1/identify", {"userId": texted, "traits": {"phone": "+15555550100"}})
+        assert identified.status_code == 200, identified.text
+        for user in (texted, unreachable):
+            joined = await api.post("/v1/track", {"userId": user, "event": "Joined"})
+            assert joined.status_code == 200, joined.text
+        await eventually(
+            lambda: {str(r.step) for r in rows(database, RunRecord, user_id=texted)} == {"pause"},
+            timeout=30,
+            what="the run waiting at pause",
+        )
+
+        def ended() -> bool:
+            return all(r.status == "ended" for u in (texted, unreachable) for r in rows(database, RunRecord, user_id=u))
+
+        await eventually(ended, timeout=60, what="both runs ended")
+        histories = {
+            user: await temporal_client.get_workflow_handle(workflow_id("series", user, "")).fetch_history()
+            for user in (texted, unreachable)
+        }
+
+    assert local_activities(histories[texted]) == []
+    assert local_activities(histories[unreachable]) == ["nurture.record_steps", "nurture.record_end"]
+    sends = [
+        json.loads(e.activity_task_scheduled_event_attributes.input.payloads[0].data)
+        for e in histories[texted].events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert [s["after"]["kind"] for s in sends] == ["steps", "end"]
+    for user in (texted, unreachable):
+        (run,) = rows(database, RunRecord, user_id=user)
+        assert (run.status, run.end_reason, run.step) == ("ended", "completed", None)
+        reached = {r.step_id: r.reached_at for r in rows(database, StepReach, run_id=run.run_id)}
+        assert set(reached) == {"hello", "pause", "again"}
+        assert reached["hello"] <= reached["pause"] < reached["again"] - timedelta(seconds=1)
+        (route,) = rows(database, Route, user_id=user)
+        assert route.active is False
+        assert (run.last_message_at is not None) == (user == texted)

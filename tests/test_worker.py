@@ -504,3 +504,74 @@ async def test_a_start_record_riding_on_the_first_wait_writes_the_run_before_its
         run = session.get(RunRecord, "r-1")
         assert run is not None and (run.user_id, run.step, run.status) == ("u-1", "day_two", "active")
     db.dispose()
+
+
+# The record after a send riding on it (records_ride) -------------------------------------------
+
+
+async def test_a_send_writes_the_record_riding_on_it_only_when_it_went_out_on_its_first_attempt(
+    tmp_path: Path,
+) -> None:
+    """The send activity writes its rider after the message: a first attempt that sent does, and
+    says so (``rode``); a retried attempt, or a send that reached nobody, leaves it to the run."""
+    import dataclasses
+
+    from sqlmodel import select
+    from temporalio.testing import ActivityEnvironment
+
+    from nurture.delivery.deliverer import Deliverer, MemoryProfiles, for_every_channel
+    from nurture.engine.clock import format_instant
+    from nurture.engine.interpreter import Deliver, Run
+    from nurture.storage.models import RunRecord, StepReach
+    from nurture.storage.stores import DbOutbox, DbRecorder
+    from workflows.activities import JourneyActivities
+
+    (tmp_path / "journeys").mkdir()
+    (tmp_path / "journeys" / "series.yaml").write_text(
+        "journey: series\ntrigger: {event: Joined}\nsteps:\n"
+        "  - {id: hello, send: sms, template: hello, category: transactional}\n"
+        "  - {id: pause, wait: 1d}\n"
+    )
+    (tmp_path / "templates" / "sms").mkdir(parents=True)
+    (tmp_path / "templates" / "sms" / "hello.txt").write_text("Hello")
+    project = load_project(tmp_path / "journeys", tmp_path / "templates")
+    journey = project.journeys["series"]
+    db = Database(f"sqlite:///{tmp_path / 'nurture.db'}")
+    db.migrate()
+    profiles = MemoryProfiles()
+    await profiles.update("texted", {"phone": "+15555550100"})
+    await profiles.update("retried", {"phone": "+15555550101"})
+    activities = JourneyActivities(
+        Deliverer(project.templates, for_every_channel(DbOutbox())), profiles, DbRecorder(db)
+    )
+    now = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+    async def send(user: str, attempt: int) -> dict[str, object]:
+        run = Run(journey, run_id=f"r-{user}", user_id=user, key="", event=Event("Joined", now), entered_at=now)
+        command = run.start()
+        assert isinstance(command, Deliver)
+        payload = {
+            "request": command.request.to_dict(),
+            "now": format_instant(now),
+            "after": run.send_rider(f"w-{user}", steps=True),
+            "start": run.start_record(f"w-{user}"),
+        }
+        env = ActivityEnvironment()
+        env.info = dataclasses.replace(env.info, attempt=attempt)
+        answer: dict[str, object] = await env.run(activities.send, payload)
+        return answer
+
+    assert (await send("texted", 1)).get("rode") is True
+    assert "rode" not in await send("retried", 2)
+    assert "rode" not in await send("nobody", 1)  # no phone: skipped, no message
+    with db.session() as session:
+        steps = {user: session.get(RunRecord, f"r-{user}") for user in ("texted", "retried", "nobody")}
+        assert {user: run.step if run else "-" for user, run in steps.items()} == {
+            "texted": "pause",
+            "retried": None,
+            "nobody": None,
+        }
+        reached = {(r.run_id, r.step_id) for r in session.exec(select(StepReach)).all()}
+    assert reached == {("r-texted", "hello"), ("r-texted", "pause")}
+    db.dispose()
+

@@ -43,7 +43,17 @@ class JourneyActivities:
             raise ApplicationError(str(exc), type=f"transient:{exc.reason}", next_retry_delay=delay) from exc
         if result.outcome is not None:
             await self.recorder.send(request, result.outcome)
-        return result.to_dict()
+        answer = result.to_dict()
+        after = payload.get("after")
+        # The record the run writes next (``records_ride``), when the send went out on its first
+        # attempt: a retried send is late, and the run dates what follows it itself.
+        if after is not None and result.is_message and activity.info().attempt == 1:
+            if after["kind"] == "steps":
+                await self.recorder.steps(after["record"])
+            else:
+                await self.recorder.end(after["record"])
+            answer["rode"] = True
+        return answer
 
     @activity.defn(name="nurture.read_profile")
     async def read_profile(self, user_id: str) -> dict[str, Any]:

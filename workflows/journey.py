@@ -42,6 +42,13 @@ activity of its own before the first step, which delayed the first send. Runs st
 it (before this release) replay as they ran. An input flag rather than ``workflow.patched``:
 a patch would add a marker and a search-attribute upsert to every new run."""
 
+RECORDS_RIDE = "records_ride"
+"""Workflow input flag: the record a run writes right after a send rides on that send's activity
+(:meth:`~nurture.engine.interpreter.Run.send_rider`): the steps and the wait when a ``wait`` or
+``wait_for`` follows the send, the end record when the run completes with it. One local activity
+(and its marker) fewer per such send; runs started without it (before this release) replay as
+they ran. An input flag for the same reason as :data:`START_RIDES`."""
+
 TRAITS = "traits"
 """Workflow input: the person's traits as the router read them with the trigger, given only when
 the run's first command reads the profile (:func:`~nurture.engine.interpreter.reads_profile_first`):
@@ -103,6 +110,10 @@ class JourneyWorkflow:
         self._migration: dict[str, Any] | None = None
         self._start: dict[str, Any] | None = None
         """The start record, until an activity has carried it (:data:`START_RIDES`)."""
+        self._records_ride = bool(params.get(RECORDS_RIDE))
+        self._recorded: str | None = None
+        """``steps`` or ``end`` when the send just answered wrote the record that comes next
+        (:data:`RECORDS_RIDE`), until the run gets there (or goes elsewhere)."""
         self._params = params
         self._seen_limit = int(params.get("seen_limit") or SEEN_LIMIT)
         self._seen: dict[str, float] = {}
@@ -212,14 +223,16 @@ class JourneyWorkflow:
         while not isinstance(command, Ended):
             if self._inbox:  # events that arrived while the run was sending or reading
                 changed = await self._judge(run, self._inbox.pop(0))
-                command = command if changed is None else changed
+                if changed is not None:
+                    command, self._recorded = changed, None
                 continue
             command = await self._execute(run, command)
         self._state = f"ended:{command.reason}"
         if self._restart is None:
             self._restart = self._pending_trigger(run)
-        record = run.end_record(info.workflow_id, command.reason, self._now(), continued=self._restart is not None)
-        await workflow.execute_local_activity("nurture.record_end", self._riding(record), start_to_close_timeout=LOCAL)
+        if self._recorded != "end" or self._restart is not None:  # else the last send wrote it
+            record = run.end_record(info.workflow_id, command.reason, self._now(), continued=self._restart is not None)
+            await workflow.execute_local_activity("nurture.record_end", self._riding(record), start_to_close_timeout=LOCAL)
         if self._restart is not None:
             # Same workflow id, fresh history: the new run takes the journey as deployed now.
             workflow.continue_as_new(
@@ -231,6 +244,7 @@ class JourneyWorkflow:
                     "clock_offset": self._offset.total_seconds(),
                     RECORD_STEPS: True,
                     START_RIDES: True,
+                    RECORDS_RIDE: True,
                 }
             )
         self._waiting = True
@@ -240,6 +254,7 @@ class JourneyWorkflow:
         return workflow.now() + self._offset
 
     async def _execute(self, run: Run, command: Command) -> Command | Ended:
+        recorded, self._recorded = self._recorded, None
         if isinstance(command, ReadProfile):
             traits = await self._traits(run.user_id)
             return run.resume(traits, self._now())
@@ -252,20 +267,29 @@ class JourneyWorkflow:
             return run.resume(None, self._now())
         if isinstance(command, Deliver):
             self._state = f"sending:{command.request.step_id}"
+            payload: dict[str, Any] = {"request": command.request.to_dict(), "now": format_instant(self._now())}
+            rider = run.send_rider(workflow.info().workflow_id, steps=self._record_steps) if self._records_ride else None
+            if rider is not None:
+                payload["after"] = rider
             raw = await workflow.execute_activity(
                 "nurture.send",
-                self._riding({"request": command.request.to_dict(), "now": format_instant(self._now())}),
+                self._riding(payload),
                 # Short: after a worker crash mid-send, the retry starts this much later.
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=SEND_RETRY,
             )
-            return run.resume(SendResult.from_dict(raw), self._now())
-        return await self._wait(run, command)
+            rode = bool(raw.pop("rode", False))
+            after = run.resume(SendResult.from_dict(raw), self._now())
+            if rode and rider is not None and run.rode(rider, after):
+                self._recorded = str(rider["kind"])
+            return after
+        return await self._wait(run, command, recorded=recorded == "steps")
 
-    async def _wait(self, run: Run, command: Sleep | AwaitEvent) -> Command | Ended:
-        """Sleep until the command's instant, judging every event that arrives meanwhile."""
+    async def _wait(self, run: Run, command: Sleep | AwaitEvent, *, recorded: bool = False) -> Command | Ended:
+        """Sleep until the command's instant, judging every event that arrives meanwhile
+        (``recorded``: the send before it wrote the record of the steps and this wait)."""
         self._state = f"waiting:{command.step_id}"
-        if self._record_steps:
+        if self._record_steps and not recorded:
             await workflow.execute_local_activity(
                 "nurture.record_steps", self._riding(run.steps_record(command)), start_to_close_timeout=LOCAL
             )

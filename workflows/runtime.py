@@ -69,7 +69,7 @@ from nurture.simulation.simulator import Outcome
 
 from .activities import JourneyActivities
 from .dates import PLAN_SIGNAL, DateActivities, DateTriggerWorkflow, date_params
-from .journey import RECORD_STEPS, START_RIDES, TRAITS, JourneyWorkflow
+from .journey import RECORD_STEPS, RECORDS_RIDE, START_RIDES, TRAITS, JourneyWorkflow
 
 TASK_QUEUE = "nurture-scenarios"
 
@@ -412,6 +412,7 @@ class _Play:
             "clock_offset": self.offset.total_seconds(),
             RECORD_STEPS: True,
             START_RIDES: True,
+            RECORDS_RIDE: True,
         }
         if reads_profile_first(journey, user_id=user_id, key=key, event=event, now=at):  # as the event API
             params[TRAITS] = dict(self.people.profiles.get_now(user_id).traits)

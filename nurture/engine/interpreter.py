@@ -765,19 +765,39 @@ class Run:
     def steps_record(self, waiting: Sleep | AwaitEvent | None = None) -> dict[str, Any]:
         """The steps reached since the last record and, before a wait, the step it waits at."""
         held = waiting.reason if isinstance(waiting, Sleep) and waiting.reason in HELD else None
+        reached = [reach.to_dict() for reach in self.take_reached()]
+        return self._steps_record(reached, None if waiting is None else waiting.step_id, held)
+
+    def _steps_record(self, reached: list[dict[str, Any]], waiting: str | None, deferred: str | None) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "journey": self.journey.id,
             "version": self.journey.version,
-            "reached": [reach.to_dict() for reach in self.take_reached()],
-            "waiting": None if waiting is None else waiting.step_id,
-            "deferred": held,
+            "reached": reached,
+            "waiting": waiting,
+            "deferred": deferred,
         }
 
     def end_record(self, workflow_id: str, reason: str, at: datetime, *, continued: bool) -> dict[str, Any]:
-        until = self.goal_window_end
+        reached = [reach.to_dict() for reach in self.take_reached()]
+        return self._end_record(reached, workflow_id, reason, at, continued=continued, last_message_at=self.last_message_at)
+
+    def _end_record(
+        self,
+        reached: list[dict[str, Any]],
+        workflow_id: str,
+        reason: str,
+        at: datetime,
+        *,
+        continued: bool,
+        last_message_at: datetime | None,
+    ) -> dict[str, Any]:
+        goal = self.journey.goal
+        until = None if goal is None or self.converted else goal_window_end(
+            goal, entered_at=self.entered_at, last_message_at=last_message_at
+        )
         return {
-            **self.steps_record(),
+            **self._steps_record(reached, None, None),
             "workflow_id": workflow_id,
             "user_id": self.user_id,
             "key": self.key,
@@ -786,9 +806,52 @@ class Run:
             "variants": dict(self.variants),
             "continued": continued,
             "entered_at": format_instant(self.entered_at),
-            "last_message_at": None if self.last_message_at is None else format_instant(self.last_message_at),
+            "last_message_at": None if last_message_at is None else format_instant(last_message_at),
             "goal_until": None if until is None else format_instant(until),
         }
+
+    def send_rider(self, workflow_id: str, *, steps: bool) -> dict[str, Any] | None:
+        """The record this run writes right after the send it is about to make, when that send
+        goes out (:attr:`SendResult.is_message`), for the send's activity to write: the steps
+        reached and the wait the run comes to when a ``wait`` or ``wait_for`` follows the send
+        (only with ``steps``: runs that record their steps), or its end record when the run
+        completes with it. ``None`` when something else follows (the driver then records as
+        usual). Everything in it is known before the send; what is reached with it is dated at
+        the send's time (:meth:`rode` checks, once the send is answered, that the run came where
+        the rider said). The rider's reached steps stay in :attr:`reached` until then."""
+        pending = self.pending
+        if not isinstance(pending, Deliver):
+            return None
+        path = _path_to(self.journey.steps, pending.request.step_id)
+        if path is None:
+            return None
+        following = _step_after(path)
+        reached = [reach.to_dict() for reach in self.reached]
+        if isinstance(following, (ir.Wait, ir.WaitFor)) and steps:
+            reached.append(Reach(following.id, self.now).to_dict())
+            return {"kind": "steps", "record": self._steps_record(reached, following.id, None)}
+        if following is not None:
+            return None
+        end = self._end_record(reached, workflow_id, "completed", self.now, continued=False, last_message_at=self.now)
+        return {"kind": "end", "record": end}
+
+    def rode(self, rider: Mapping[str, Any], command: Command | Ended) -> bool:
+        """Whether the send answered just now left the run where ``rider`` (:meth:`send_rider`,
+        written by the send's activity) said: waiting at its step, or completed, having reached
+        exactly its steps. Then those steps are taken (recorded already) and ``True``; otherwise
+        nothing changes and the driver records as usual (reached steps are recorded once each,
+        so a step the rider wrote is not counted twice)."""
+        record = rider["record"]
+        if [reach.step_id for reach in self.reached] != [reach["step_id"] for reach in record["reached"]]:
+            return False
+        if rider["kind"] == "steps":
+            came = isinstance(command, (Sleep, AwaitEvent)) and command.step_id == record["waiting"]
+            came = came and not (isinstance(command, Sleep) and command.reason in HELD)
+        else:
+            came = isinstance(command, Ended) and command.reason == "completed"
+        if came:
+            self.reached = []
+        return came
 
     def conversion_record(self, event: Event, effect: EventEffect, at: datetime) -> dict[str, Any]:
         return {
@@ -832,10 +895,7 @@ class Run:
             while True:
                 result: SendResult = yield Deliver(request)
                 if result.defer_until is None:
-                    # A held-out user's send counts as the moment the message would have gone out,
-                    # so a goal measured from the last message compares the holdout fairly.
-                    outcome = result.outcome
-                    if outcome is not None and (outcome.status == "sent" or outcome.reason == "holdout"):
+                    if result.is_message:
                         self.last_message_at = self.now
                     return None
                 # Held back by the rate, the send keeps the slot it took; any other deferral
@@ -926,6 +986,15 @@ def _path_to(steps: tuple[ir.Step, ...], step_id: str) -> list[tuple[tuple[ir.St
             found = _path_to(nested, step_id)
             if found is not None:
                 return [(steps, index), *found]
+    return None
+
+
+def _step_after(path: list[tuple[tuple[ir.Step, ...], int]]) -> ir.Step | None:
+    """The step a run comes to when the step at ``path`` (:func:`_path_to`) is done: the next in
+    its block, or after the enclosing step in the block around it; ``None`` at the journey's end."""
+    for block, index in reversed(path):
+        if index + 1 < len(block):
+            return block[index + 1]
     return None
 
 

@@ -215,6 +215,14 @@ class SendResult:
     defer_until: datetime | None = None
     defer_reason: DeferReason = "quiet_hours"
 
+    @property
+    def is_message(self) -> bool:
+        """Whether the send is over and counts as a message: sent, or held out (a held-out
+        user's send counts as the moment the message would have gone out, so a goal measured
+        from the last message compares the holdout fairly)."""
+        outcome = self.outcome
+        return self.defer_until is None and outcome is not None and (outcome.status == "sent" or outcome.reason == "holdout")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "outcome": None if self.outcome is None else self.outcome.to_dict(),

@@ -81,7 +81,7 @@ from nurture.storage.stores import (
     stored_version_count,
 )
 from workflows.dates import DATE_WORKFLOW, PLAN_SIGNAL, date_params
-from workflows.journey import RECORD_STEPS, START_RIDES, TRAITS, WORKFLOW_NAME
+from workflows.journey import RECORD_STEPS, RECORDS_RIDE, START_RIDES, TRAITS, WORKFLOW_NAME
 
 from .observability import count_conversion
 
@@ -756,6 +756,7 @@ class Ingest:
             "event": event,
             RECORD_STEPS: True,
             START_RIDES: True,
+            RECORDS_RIDE: True,
         }
         if traits is not None and reads_profile_first(
             journey, user_id=user_id, key=key, event=Event.from_dict(event), now=datetime.now(UTC)

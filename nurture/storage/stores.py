@@ -224,11 +224,13 @@ class DbRecorder:
             session.execute(
                 update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(**_end_values(record))
             )
-            if not record.get("continued") and record.get("workflow_id"):
+            if record.get("workflow_id"):
+                # A run that continues as new keeps its route active; set again here because a
+                # record written with the last send (``records_ride``) may have ended it first.
                 session.execute(
                     update(Route)
                     .where(col(Route.workflow_id) == record["workflow_id"])
-                    .values(active=False, updated_at=utcnow())
+                    .values(active=bool(record.get("continued")), updated_at=utcnow())
                 )
 
     async def conversion(self, record: Mapping[str, Any]) -> None:
