@@ -445,6 +445,8 @@ async def test_worker_process_counts_masks_and_stops_on_sigterm(dev_server: str,
             assert f"# TYPE {name} " in metrics
         assert 'nurture_sends_total{channel="sms",journey="post_purchase",status="sent"} 1.0' in metrics
         assert 'nurture_runs_started_total{journey="post_purchase"} 1.0' in metrics
+        # The wait after the SMS is recorded with the SMS (records_ride), and counted as reached.
+        assert 'nurture_step_reached_total{journey="post_purchase",step="wait_day_3"} 1.0' in metrics
         assert 'nurture_journey_info{journey="post_purchase",version="' in metrics
         sdk = httpx.get(f"http://127.0.0.1:{sdk_port}/metrics", timeout=10).text
         assert f'task_queue="{settings.task_queue}"' in sdk

@@ -41,18 +41,14 @@ class JourneyActivities:
             # Retried by the workflow's retry policy; a provider's Retry-After sets the next delay.
             delay = None if exc.retry_after is None else timedelta(seconds=exc.retry_after)
             raise ApplicationError(str(exc), type=f"transient:{exc.reason}", next_retry_delay=delay) from exc
-        if result.outcome is not None:
-            await self.recorder.send(request, result.outcome)
         answer = result.to_dict()
-        after = payload.get("after")
-        # The record the run writes next (``records_ride``), when the send went out on its first
-        # attempt: a retried send is late, and the run dates what follows it itself.
-        if after is not None and result.is_message and activity.info().attempt == 1:
-            if after["kind"] == "steps":
-                await self.recorder.steps(after["record"])
-            else:
-                await self.recorder.end(after["record"])
-            answer["rode"] = True
+        # The record the run writes next (``records_ride``), with the message, when the send went
+        # out on its first attempt: a retried send is late, and the run dates what follows it itself.
+        then = payload.get("after") if result.is_message and activity.info().attempt == 1 else None
+        if result.outcome is not None:
+            await self.recorder.send(request, result.outcome, then)
+            if then is not None:
+                answer["rode"] = True
         return answer
 
     @activity.defn(name="nurture.read_profile")

@@ -58,7 +58,7 @@ from nurture.engine.interpreter import (
     trigger_matches,
     workflow_id,
 )
-from nurture.engine.model import Event, Recorder, SendOutcome, SendRequest
+from nurture.engine.model import Event, Recorder, SendOutcome, SendRequest, record_rider
 from nurture.language.compiler import Project
 from nurture.language.ir import Journey, journey_to_dict
 from nurture.language.templates import TemplateStore
@@ -101,10 +101,12 @@ class MemoryRecorder:
     open_goals: OpenGoals = field(default_factory=OpenGoals)
     also: Recorder | None = None
 
-    async def send(self, request: SendRequest, outcome: SendOutcome) -> None:
+    async def send(self, request: SendRequest, outcome: SendOutcome, then: Mapping[str, Any] | None = None) -> None:
         self.outcomes.append(Outcome(outcome.at, request.user_id, request.journey, request.run_id, send=outcome))
         if self.also is not None:
             await self.also.send(request, outcome)
+        if then is not None:  # through this recorder's own steps or end, which tell ``also``
+            await record_rider(self, then)
 
     async def start(self, record: Mapping[str, Any]) -> None:
         self.started.add(record["run_id"])

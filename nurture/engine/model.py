@@ -263,7 +263,10 @@ class Recorder(Protocol):
     request and its one outcome.
     """
 
-    async def send(self, request: SendRequest, outcome: SendOutcome) -> None: ...
+    async def send(self, request: SendRequest, outcome: SendOutcome, then: Mapping[str, Any] | None = None) -> None:
+        """A send's outcome; ``then``, the record its run writes right after the message (a rider of
+        :meth:`~nurture.engine.interpreter.Run.send_rider`: its ``kind``, ``steps`` or ``end``,
+        and its ``record``), written with it as :meth:`steps` or :meth:`end` would write it."""
 
     async def start(self, record: Mapping[str, Any]) -> None: ...
 
@@ -272,3 +275,11 @@ class Recorder(Protocol):
     async def conversion(self, record: Mapping[str, Any]) -> None: ...
 
     async def steps(self, record: Mapping[str, Any]) -> None: ...
+
+
+async def record_rider(recorder: Recorder, rider: Mapping[str, Any]) -> None:
+    """Write a send's rider (see :meth:`Recorder.send`) through ``recorder``'s own methods."""
+    if rider["kind"] == "steps":
+        await recorder.steps(rider["record"])
+    else:
+        await recorder.end(rider["record"])

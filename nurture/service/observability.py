@@ -87,9 +87,11 @@ class InstrumentedRecorder:
     def __init__(self, inner: Recorder) -> None:
         self.inner = inner
 
-    async def send(self, request: SendRequest, outcome: SendOutcome) -> None:
-        await self.inner.send(request, outcome)
+    async def send(self, request: SendRequest, outcome: SendOutcome, then: Mapping[str, Any] | None = None) -> None:
+        await self.inner.send(request, outcome, then)
         SENDS.labels(request.journey, outcome.channel, outcome.status).inc()
+        if then is not None:  # the run's next record, written with the message
+            (self._stepped if then["kind"] == "steps" else self._ended)(then["record"])
 
     async def start(self, record: Mapping[str, Any]) -> None:
         await self.inner.start(record)
@@ -103,6 +105,9 @@ class InstrumentedRecorder:
 
     async def end(self, record: Mapping[str, Any]) -> None:
         await self.inner.end(record)
+        self._ended(record)
+
+    def _ended(self, record: Mapping[str, Any]) -> None:
         RUNS_ENDED.labels(record["journey"], record["reason"]).inc()
         log.info(
             "run ended: %s for %s (%s)",
@@ -126,6 +131,10 @@ class InstrumentedRecorder:
 
     async def steps(self, record: Mapping[str, Any]) -> None:
         await self.inner.steps(record)
+        self._stepped(record)
+
+    @staticmethod
+    def _stepped(record: Mapping[str, Any]) -> None:
         for reach in record.get("reached") or ():
             STEPS_REACHED.labels(record["journey"], reach["step_id"]).inc()
 

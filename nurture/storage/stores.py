@@ -19,7 +19,7 @@ from channels import DeliveryResult, Envelope
 from channels.outbox import outbox_id
 from nurture.delivery.deliverer import AttemptState, Claim, earlier_claim, with_attempt
 from nurture.engine.clock import format_instant, parse_instant
-from nurture.engine.model import EndedRun, Event, Profile, SendOutcome, SendRequest
+from nurture.engine.model import EndedRun, Event, Profile, SendOutcome, SendRequest, record_rider
 from nurture.language import ir
 from nurture.language.templates import RenderedMessage
 
@@ -198,6 +198,38 @@ def _add_reaches(session: Session, record: Mapping[str, Any]) -> None:
             session.add(StepReach(**row))
 
 
+def _write_steps(session: Session, record: Mapping[str, Any]) -> None:
+    """Steps a run reached, and where it now waits (a deferred send counts a deferral)."""
+    _add_reaches(session, record)
+    waiting = record.get("waiting")
+    if waiting is None:
+        return
+    # The version too: a run moved to a newer version records it with its first wait there.
+    session.execute(
+        update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(step=waiting, version=record["version"])
+    )
+    if record.get("deferred"):
+        session.execute(
+            update(StepReach)
+            .where(col(StepReach.run_id) == record["run_id"], col(StepReach.step_id) == waiting)
+            .values(deferrals=col(StepReach.deferrals) + 1, deferral_reason=record["deferred"])
+        )
+
+
+def _write_end(session: Session, record: Mapping[str, Any]) -> None:
+    """A run's end: its last steps, its row's end values, and its route (see :meth:`DbRecorder.end`)."""
+    _add_reaches(session, record)
+    session.execute(update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(**_end_values(record)))
+    if record.get("workflow_id"):
+        # A run that continues as new keeps its route active; set again here because a record
+        # written with the last send (``records_ride``) may have ended it first.
+        session.execute(
+            update(Route)
+            .where(col(Route.workflow_id) == record["workflow_id"])
+            .values(active=bool(record.get("continued")), updated_at=utcnow())
+        )
+
+
 class DbRecorder:
     """Runs, routes and message outcomes, written by the workflow's activities."""
 
@@ -220,18 +252,7 @@ class DbRecorder:
 
     def _end(self, record: Mapping[str, Any]) -> None:
         with self.db.session() as session:
-            _add_reaches(session, record)
-            session.execute(
-                update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(**_end_values(record))
-            )
-            if record.get("workflow_id"):
-                # A run that continues as new keeps its route active; set again here because a
-                # record written with the last send (``records_ride``) may have ended it first.
-                session.execute(
-                    update(Route)
-                    .where(col(Route.workflow_id) == record["workflow_id"])
-                    .values(active=bool(record.get("continued")), updated_at=utcnow())
-                )
+            _write_end(session, record)
 
     async def conversion(self, record: Mapping[str, Any]) -> None:
         await asyncio.to_thread(self._conversion, record)
@@ -252,22 +273,7 @@ class DbRecorder:
 
     def _steps(self, record: Mapping[str, Any]) -> None:
         with self.db.session() as session:
-            _add_reaches(session, record)
-            waiting = record.get("waiting")
-            if waiting is None:
-                return
-            # The version too: a run moved to a newer version records it with its first wait there.
-            session.execute(
-                update(RunRecord)
-                .where(col(RunRecord.run_id) == record["run_id"])
-                .values(step=waiting, version=record["version"])
-            )
-            if record.get("deferred"):
-                session.execute(
-                    update(StepReach)
-                    .where(col(StepReach.run_id) == record["run_id"], col(StepReach.step_id) == waiting)
-                    .values(deferrals=col(StepReach.deferrals) + 1, deferral_reason=record["deferred"])
-                )
+            _write_steps(session, record)
 
     def ended_runs_converting(self, user_id: str, journeys: Sequence[str], at: datetime) -> list[EndedRun]:
         """The user's ended, unconverted runs of ``journeys`` whose goal window is open at ``at``."""
@@ -278,10 +284,10 @@ class DbRecorder:
         """Record a conversion once; ``False`` when the run had converted already."""
         return self._conversion({"run_id": run_id, "at": format_instant(at), "value": value})
 
-    async def send(self, request: SendRequest, outcome: SendOutcome) -> None:
-        await asyncio.to_thread(self._send, request, outcome)
+    async def send(self, request: SendRequest, outcome: SendOutcome, then: Mapping[str, Any] | None = None) -> None:
+        await asyncio.to_thread(self._send, request, outcome, then)
 
-    def _send(self, request: SendRequest, outcome: SendOutcome) -> None:
+    def _send(self, request: SendRequest, outcome: SendOutcome, then: Mapping[str, Any] | None = None) -> None:
         key = request.idempotency_key
         values = _message_values(request, outcome)
         for _ in range(3):
@@ -296,6 +302,8 @@ class DbRecorder:
                     else:
                         for name, value in values.items():
                             setattr(row, name, value)
+                    if then is not None:  # the run's next record, in the same transaction
+                        (_write_steps if then["kind"] == "steps" else _write_end)(session, then["record"])
                 return
             except IntegrityError:
                 continue
@@ -348,9 +356,11 @@ class BatchRecorder:
             reach["deferrals"] = reach.get("deferrals", 0) + 1
             reach["deferral_reason"] = record["deferred"]
 
-    async def send(self, request: SendRequest, outcome: SendOutcome) -> None:
+    async def send(self, request: SendRequest, outcome: SendOutcome, then: Mapping[str, Any] | None = None) -> None:
         key = request.idempotency_key
         self.messages[key] = {"idempotency_key": key, **_message_values(request, outcome)}
+        if then is not None:
+            await record_rider(self, then)
 
     def flush(self) -> None:
         """Write every pending row in one transaction, then forget them."""
