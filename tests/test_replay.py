@@ -109,40 +109,33 @@ def _activity_types(events: list[dict[str, Any]]) -> tuple[list[str], list[dict[
     return local, remote
 
 
+def welcome_events(release: str) -> list[dict[str, Any]]:
+    """The events of the welcome series scenario's run as recorded by ``release``."""
+    text = (Path(__file__).parent / "histories" / release / "welcome_full_series-1.json").read_text(encoding="utf-8")
+    found: list[dict[str, Any]] = json.loads(text)["events"]
+    return found
+
+
 def test_histories_include_the_start_record_riding_on_the_first_send() -> None:
     """v4 runs wrote their start with a local activity before the first send; v5 runs (started
     with ``start_rides``) have none: the first send's input carries the start record instead."""
-    folder = Path(__file__).parent / "histories"
-
-    def events(release: str) -> list[dict[str, Any]]:
-        text = (folder / release / "welcome_full_series-1.json").read_text(encoding="utf-8")
-        found: list[dict[str, Any]] = json.loads(text)["events"]
-        return found
-
-    old_local, old_sends = _activity_types(events("v4"))
+    old_local, old_sends = _activity_types(welcome_events("v4"))
     assert old_local[0] == "nurture.record_start" and "start" not in old_sends[0]
-    new_local, new_sends = _activity_types(events("v5"))
+    new_local, new_sends = _activity_types(welcome_events("v5"))
     assert "nurture.record_start" not in new_local
     assert new_sends[0]["start"]["journey"] == "welcome_series"
     assert all("start" not in send for send in new_sends[1:])
-    assert len(events("v5")) < len(events("v4"))
+    assert len(welcome_events("v5")) < len(welcome_events("v4"))
 
 
 def test_histories_include_the_records_riding_on_the_sends_before_them() -> None:
     """v6 runs wrote the record before each wait and their end record with local activities;
     v7 runs (started with ``records_ride``) give them to the send before: each send's input
     carries the record that follows it, and the run of the welcome series runs none."""
-    folder = Path(__file__).parent / "histories"
-
-    def events(release: str) -> list[dict[str, Any]]:
-        text = (folder / release / "welcome_full_series-1.json").read_text(encoding="utf-8")
-        found: list[dict[str, Any]] = json.loads(text)["events"]
-        return found
-
-    old_local, old_sends = _activity_types(events("v6"))
+    old_local, old_sends = _activity_types(welcome_events("v6"))
     assert old_local.count("nurture.record_steps") == 3 and old_local[-1] == "nurture.record_end"
     assert all("after" not in send for send in old_sends)
-    new_local, new_sends = _activity_types(events("v7"))
+    new_local, new_sends = _activity_types(welcome_events("v7"))
     assert new_local == []
     assert [send["after"]["kind"] for send in new_sends] == ["steps", "steps", "steps", "end"]
-    assert len(events("v6")) - len(events("v7")) >= 4
+    assert len(welcome_events("v6")) - len(welcome_events("v7")) >= 4
