@@ -86,7 +86,7 @@ from nurture.language.ir import Journey, journey_to_dict
 from nurture.service.devserver import dev_server
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord
-from workflows.journey import RECORD_STEPS, RECORDS_RIDE, START_RIDES, WORKFLOW_NAME
+from workflows.journey import WORKFLOW_NAME, run_input
 
 THROUGHPUT_GOAL = 0.80
 LATENCY_GOAL_MS = 250.0
@@ -144,16 +144,7 @@ class Ceiling:
         sent = time.time()
         await self.client.start_workflow(
             WORKFLOW_NAME,
-            # The input the event API gives a run (its flags change what the worker does).
-            {
-                "journey": self.payload,
-                "user_id": user_id,
-                "key": key,
-                "event": event,
-                RECORD_STEPS: True,
-                START_RIDES: True,
-                RECORDS_RIDE: True,
-            },
+            run_input(self.payload, user_id, key, event),  # the event API's: its flags set what the worker does
             id=wid,
             task_queue=self.task_queue,
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,  # post_purchase is re_entry: once

@@ -70,7 +70,7 @@ from nurture.service.devserver import dev_server
 from nurture.service.ingest import start_run
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, RunRecord, StepReach
-from workflows.journey import RECORD_STEPS, RECORDS_RIDE, START_RIDES
+from workflows.journey import RECORD_STEPS, RECORDS_RIDE, START_RIDES, run_input
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WALL_GOAL = 1.10
@@ -190,10 +190,7 @@ class Bench:
         params: dict[str, Any]
         if lane.workflow == GENERIC:
             params = {
-                "journey": self.payload,
-                "user_id": user,
-                "key": key,
-                "event": event.to_dict(),
+                **run_input(self.payload, user, key, event.to_dict()),
                 RECORD_STEPS: lane.record_steps,
                 START_RIDES: self.start_rides,
                 RECORDS_RIDE: self.records_ride,

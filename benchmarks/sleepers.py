@@ -60,7 +60,7 @@ from nurture.service.devserver import dev_server
 from nurture.service.ingest import start_run
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
-from workflows.journey import RECORD_STEPS, RECORDS_RIDE, START_RIDES, TRAITS
+from workflows.journey import RECORDS_RIDE, TRAITS, run_input
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WAKE_GOAL = 1.10
@@ -214,15 +214,7 @@ class Bench:
         )
         # What nurture.service.ingest does for a trigger when the person has no run of the journey:
         # the traits it read go with the start of a run whose first step reads them.
-        params = {
-            "journey": self.payload,
-            "user_id": user,
-            "key": key,
-            "event": event.to_dict(),
-            RECORD_STEPS: True,
-            START_RIDES: True,
-            RECORDS_RIDE: self.records_ride,
-        }
+        params = {**run_input(self.payload, user, key, event.to_dict()), RECORDS_RIDE: self.records_ride}
         if reads_profile_first(self.journey, user_id=user, key=key, event=event, now=event.timestamp):
             params[TRAITS] = self.traits[user]
         await start_run(

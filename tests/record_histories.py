@@ -35,7 +35,7 @@ from nurture.language.compiler import load_project  # noqa: E402
 from nurture.language.migration import plan_move  # noqa: E402
 from nurture.simulation.scenarios import load_scenario  # noqa: E402
 from workflows.activities import JourneyActivities  # noqa: E402
-from workflows.journey import CONTINUE_AFTER, RECORD_STEPS, RECORDS_RIDE, START_RIDES, JourneyWorkflow  # noqa: E402
+from workflows.journey import CONTINUE_AFTER, JourneyWorkflow, run_input  # noqa: E402
 from workflows.runtime import MemoryRecorder, TemporalRuntime, binary, quiet_runtime  # noqa: E402
 
 SCENARIOS = {
@@ -100,10 +100,10 @@ async def record_upgrades(dest: Path) -> None:
             async def start(user: str, **options: Any) -> WorkflowHandle[Any, Any]:
                 now = await env.get_current_time()
                 event = Event("Cart Updated", now, {"cart_id": "c-1", "item_count": 1}, message_id=f"m-{user}")
-                params = {"journey": ir.journey_to_dict(old), "user_id": user, "key": "c-1", "event": event.to_dict()}
+                params = run_input(ir.journey_to_dict(old), user, "c-1", event.to_dict())
                 started = await env.client.start_workflow(
                     JourneyWorkflow.run,
-                    {**params, RECORD_STEPS: True, START_RIDES: True, RECORDS_RIDE: True, **options},
+                    {**params, **options},
                     id=f"record-{user}",
                     task_queue=queue,
                 )

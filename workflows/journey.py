@@ -55,6 +55,22 @@ the run's first command reads the profile (:func:`~nurture.engine.interpreter.re
 the run answers that read with them instead of a ``nurture.read_profile`` local activity (one
 marker, one activation and one database read fewer). Runs started without it read as before."""
 
+def run_input(journey: dict[str, Any], user_id: str, key: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A new run's input as every router gives it: the journey (its intermediate form), whose run
+    it is, its trigger event, and this release's flags for new runs (:data:`RECORD_STEPS`,
+    :data:`START_RIDES`, :data:`RECORDS_RIDE`). Routers add what they know besides (``traits``,
+    and the scenario runtime's ``run_id`` and ``clock_offset``)."""
+    return {
+        "journey": journey,
+        "user_id": user_id,
+        "key": key,
+        "event": event,
+        RECORD_STEPS: True,
+        START_RIDES: True,
+        RECORDS_RIDE: True,
+    }
+
+
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -237,14 +253,8 @@ class JourneyWorkflow:
             # Same workflow id, fresh history: the new run takes the journey as deployed now.
             workflow.continue_as_new(
                 {
-                    "journey": self._restart["journey"],
-                    "user_id": run.user_id,
-                    "key": run.key,
-                    "event": self._restart["event"],
+                    **run_input(self._restart["journey"], run.user_id, run.key, self._restart["event"]),
                     "clock_offset": self._offset.total_seconds(),
-                    RECORD_STEPS: True,
-                    START_RIDES: True,
-                    RECORDS_RIDE: True,
                 }
             )
         self._waiting = True

@@ -69,7 +69,7 @@ from nurture.simulation.simulator import Outcome
 
 from .activities import JourneyActivities
 from .dates import PLAN_SIGNAL, DateActivities, DateTriggerWorkflow, date_params
-from .journey import RECORD_STEPS, RECORDS_RIDE, START_RIDES, TRAITS, JourneyWorkflow
+from .journey import TRAITS, JourneyWorkflow, run_input
 
 TASK_QUEUE = "nurture-scenarios"
 
@@ -405,16 +405,10 @@ class _Play:
         self.counts[slot] = number
         run_id = f"{journey.id}:{user_id}:{key}:{number}"
         self.entered[run_id] = at
-        params: dict[str, Any] = {
-            "journey": journey_to_dict(journey),
-            "user_id": user_id,
-            "key": key,
-            "event": event.to_dict(),
+        params = {
+            **run_input(journey_to_dict(journey), user_id, key, event.to_dict()),
             "run_id": run_id,
             "clock_offset": self.offset.total_seconds(),
-            RECORD_STEPS: True,
-            START_RIDES: True,
-            RECORDS_RIDE: True,
         }
         if reads_profile_first(journey, user_id=user_id, key=key, event=event, now=at):  # as the event API
             params[TRAITS] = dict(self.people.profiles.get_now(user_id).traits)

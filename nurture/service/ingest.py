@@ -81,7 +81,7 @@ from nurture.storage.stores import (
     stored_version_count,
 )
 from workflows.dates import DATE_WORKFLOW, PLAN_SIGNAL, date_params
-from workflows.journey import RECORD_STEPS, RECORDS_RIDE, START_RIDES, TRAITS, WORKFLOW_NAME
+from workflows.journey import TRAITS, WORKFLOW_NAME, run_input
 
 from .observability import count_conversion
 
@@ -749,15 +749,7 @@ class Ingest:
                 routed.skipped.append(journey.id)
                 routed.skip_reasons[journey.id] = RE_ENTRY_AFTER
                 return
-        params = {
-            "journey": self._payloads[journey.id],
-            "user_id": user_id,
-            "key": key,
-            "event": event,
-            RECORD_STEPS: True,
-            START_RIDES: True,
-            RECORDS_RIDE: True,
-        }
+        params = run_input(self._payloads[journey.id], user_id, key, event)
         if traits is not None and reads_profile_first(
             journey, user_id=user_id, key=key, event=Event.from_dict(event), now=datetime.now(UTC)
         ):
