@@ -61,7 +61,7 @@ from nurture.storage.broadcasts import (
 from nurture.storage.db import Database
 from nurture.storage.models import BroadcastOccurrence
 from nurture.storage.stores import store_versions
-from workflows.journey import RECORD_STEPS, WORKFLOW_NAME
+from workflows.journey import WORKFLOW_NAME, run_input
 
 log = logging.getLogger("nurture.broadcast")
 
@@ -428,13 +428,7 @@ class _Drive:
             try:
                 await self.b._client().start_workflow(
                     WORKFLOW_NAME,
-                    {
-                        "journey": self.payload,
-                        "user_id": person,
-                        "key": self.row.occurrence,
-                        "event": self.event,
-                        RECORD_STEPS: True,
-                    },
+                    run_input(self.payload, person, self.row.occurrence, self.event),
                     id=wid,
                     task_queue=self.b.task_queue,
                     id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
