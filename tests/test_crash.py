@@ -161,6 +161,14 @@ async def test_kill_9_mid_journey_sends_every_message_exactly_once(dev_server: s
             90,
             "every run to end after the restart",
         )
+        # A run's end record rides on its last send, so the database can say "ended" a workflow
+        # task before the run completes in Temporal; the worker must finish that task first.
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(client.get_workflow_handle(workflow_id("crash_drill", user, "")).result() for user in users)
+            ),
+            60,
+        )
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=30) == 0
     finally:
