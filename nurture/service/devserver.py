@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import time
@@ -36,9 +37,22 @@ class Service:
     process: subprocess.Popen[bytes]
 
 
+LISTEN_PORTS = range(20_000, 32_000)
+"""Where :func:`free_port` looks: below Linux's ephemeral range (32768 and up), from which the
+kernel picks the local port of every outgoing connection. A port picked from that range (a
+bind to port 0) can be taken by a connection between the pick and the server's own bind."""
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the ephemeral range."""
+    for port in random.sample(LISTEN_PORTS, 50):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # 50 taken in a row: whatever the kernel gives
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
