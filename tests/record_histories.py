@@ -6,7 +6,8 @@ new folder (``v1``: the first release; ``v2``: runs record the steps they reach 
 ``v4``: a run moved to a new version mid-``wait_for`` and a long run that continued as new;
 ``v5``: the start record rides on the run's first recording activity, ``start_rides``; ``v6``:
 a run whose first command reads the profile gets the traits with its start, ``traits``; ``v7``:
-the record after a send rides on the send's activity, ``records_ride``), and
+the record after a send rides on the send's activity, ``records_ride``; ``v8``: a run that
+waits first is opened by its router, ``opened``), and
 keep the older ones: each proves that runs started on an older release still replay.
 """
 

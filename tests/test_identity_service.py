@@ -256,8 +256,12 @@ async def test_a_wechat_follow_is_a_person_joined_by_an_identify(service: Servic
     follower = f"wechat_openid:{openid}"
     [run] = await eventually(lambda: rows(service.db, RunRecord, user_id=follower), what="the welcome run")
     assert run.journey == "wechat_welcome"
-    [followed] = rows(service.db, EventRecord, user_id=follower)
-    assert followed.name == "WeChat Followed" and followed.routed_at is not None
+    # The run's row is written with its route, just before the event is marked routed.
+    [followed] = await eventually(
+        lambda: [e for e in rows(service.db, EventRecord, user_id=follower) if e.routed_at is not None],
+        what="the follow marked routed",
+    )
+    assert followed.name == "WeChat Followed"
 
     joined = await service.post("/v1/identify", {"userId": user, "traits": {"wechat_openid": openid}})
 

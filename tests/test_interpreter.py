@@ -31,6 +31,7 @@ from nurture.engine.interpreter import (
     choose_variant,
     entry_decision,
     late_conversion,
+    opening,
     run_key,
     trigger_matches,
 )
@@ -1216,3 +1217,57 @@ def test_a_rider_is_not_taken_when_the_run_went_elsewhere(templates: TemplateSto
     assert isinstance(held, Sleep) and held.step_id == "first"
     assert not run.rode(rider, held)
     assert [r.step_id for r in run.reached] == ["first"]
+
+
+OPENINGS = {
+    "wait": "steps:\n  - {id: first, wait: 1h}\n  - {id: hi, send: email, template: note}\n",
+    "branch": (
+        "steps:\n  - id: check\n    branch:\n      - if: \"user.vip == true\"\n"
+        "        then: [{id: vip_wait, wait: 2h}]\n"
+        "  - {id: soon, wait_for: Clicked, timeout: 1d}\n  - {id: hi, send: email, template: note}\n"
+    ),
+    "until": "steps:\n  - {id: due, wait_until: {date: event.properties.due_at}}\n  - {id: hi, send: email, template: note}\n",
+    "send": "steps:\n  - {id: hi, send: email, template: note}\n  - {id: later, wait: 1h}\n",
+    "quiet": (
+        "quiet_hours: {start: '00:00', end: '23:59'}\n"
+        "steps:\n  - {id: hi, send: email, template: note, category: marketing}\n"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "traits", "waits", "reads"),
+    [
+        ("wait", None, "first", False),
+        ("until", {"timezone": "Asia/Tokyo"}, "due", True),
+        ("branch", {"vip": True}, "vip_wait", True),
+        ("branch", {"vip": False}, "soon", True),
+        ("branch", None, None, True),  # no traits to answer the read: the run reads them itself
+        ("send", None, None, False),
+        ("quiet", None, None, False),  # a send held by quiet hours is no wait a router writes
+    ],
+)
+def test_an_opening_is_the_start_and_first_steps_the_run_records_itself(
+    templates: TemplateStore, case: str, traits: dict[str, Any] | None, waits: str | None, reads: bool
+) -> None:
+    """A router works out how a run it starts begins (:func:`opening`): the traits it read answer a
+    first profile read, and when the run then comes to a wait its start record and the record of
+    the steps up to that wait equal what the run writes itself before that wait."""
+    journey = compile_journey(templates, f"journey: opens\ntrigger: {{event: Joined}}\n{OPENINGS[case]}")
+    trigger = event("Joined", T0, due_at="2030-01-02")
+
+    opened = opening(journey, user_id="u1", key="", event=trigger, now=T0, traits=traits)
+
+    assert opened.reads_profile is reads
+    assert (None if opened.waits is None else opened.waits.step_id) == waits, opened.first
+    if opened.waits is None:
+        return
+    run = new_run(journey, trigger=trigger, run_id="run-7")
+    first = run.start()
+    if isinstance(first, ReadProfile):
+        first = run.resume(dict(traits or {}), T0)
+    assert first == opened.waits
+    start, steps = opened.records("run-7", "wf-7")
+    assert start == run.start_record("wf-7")
+    assert steps == run.steps_record(first)
+    assert steps["reached"] and steps["waiting"] == waits

@@ -24,7 +24,7 @@ HISTORIES = sorted((Path(__file__).parent / "histories").rglob("*.json"))
 
 def test_histories_are_recorded() -> None:
     assert len(HISTORIES) >= 6
-    assert {p.parent.name for p in HISTORIES} >= {"v1", "v2", "v3", "v4", "v5", "v6", "v7"}
+    assert {p.parent.name for p in HISTORIES} >= {"v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8"}
 
 
 def test_runs_given_the_traits_at_start_read_no_profile_before_their_first_wait() -> None:
@@ -139,3 +139,32 @@ def test_histories_include_the_records_riding_on_the_sends_before_them() -> None
     assert new_local == []
     assert [send["after"]["kind"] for send in new_sends] == ["steps", "steps", "steps", "end"]
     assert len(welcome_events("v6")) - len(welcome_events("v7")) >= 4
+
+
+def test_histories_include_runs_their_router_opened() -> None:
+    """v7 runs that wait first wrote their start and the steps up to that wait with a local
+    activity before their first timer; v8 runs (started with ``opened``: the router wrote those)
+    start the timer in their first task, and their first send carries the start record and those
+    steps again, for the database to keep where the router's write was lost."""
+    folder = Path(__file__).parent / "histories"
+
+    def events(release: str) -> list[dict[str, Any]]:
+        text = (folder / release / "cart_reminder_then_last_call-1.json").read_text(encoding="utf-8")
+        found: list[dict[str, Any]] = json.loads(text)["events"]
+        return found
+
+    def first_task(found: list[dict[str, Any]]) -> str:
+        """What the run's first workflow task did first."""
+        types = [e["eventType"].removeprefix("EVENT_TYPE_") for e in found]
+        return types[types.index("WORKFLOW_TASK_COMPLETED") + 1]
+
+    old_local, old_sends = _activity_types(events("v7"))
+    assert old_local == ["nurture.record_steps"] and "start" not in old_sends[0]
+    assert first_task(events("v7")) == "MARKER_RECORDED"
+    started = events("v8")[0]["workflowExecutionStartedEventAttributes"]["input"]["payloads"][0]["data"]
+    assert json.loads(base64.b64decode(started))["opened"]["waiting"] == "wait_before_reminder"
+    new_local, new_sends = _activity_types(events("v8"))
+    assert new_local == []
+    assert first_task(events("v8")) == "TIMER_STARTED"
+    assert new_sends[0]["start"]["journey"] == "cart_abandonment"
+    assert new_sends[0]["after"]["record"]["reached"][0]["step_id"] == "wait_before_reminder"

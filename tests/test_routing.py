@@ -20,12 +20,15 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import text, update
+from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 from support import eventually, new_user, rows
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.service import RPCError, RPCStatusCode
-from test_api import KEY, Api, serving
+from test_api import KEY, Api, serving, utc
 
+import nurture.service.ingest as ingest_module
+from nurture.engine.clock import parse_instant
 from nurture.engine.identity import call_identifiers
 from nurture.engine.interpreter import WORKFLOW_ID_LIMIT, workflow_id
 from nurture.engine.model import Event
@@ -34,9 +37,11 @@ from nurture.language.compiler import Project, load_project
 from nurture.service.api import create_app
 from nurture.service.ingest import Ingest, NotRouted, start_run
 from nurture.service.settings import Settings
+from nurture.service.worker import build_worker
 from nurture.storage.db import MIGRATIONS, Database
 from nurture.storage.models import EventRecord, Route, RunRecord, StepReach
-from nurture.storage.stores import Events, Routes, store_versions
+from nurture.storage.stores import DbProfiles, Events, Routes, store_versions
+from workflows.journey import OPENED, run_input
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +66,11 @@ def store(db: Database, user: str, name: str, message_id: str, **properties: Any
         timestamp=datetime.now(UTC),
     )
     assert fresh
+    age(db, message_id)
+
+
+def age(db: Database, message_id: str | None) -> None:
+    """The stored event as if received a minute ago: a retry routes it at once (no routing grace)."""
     with db.session() as session:
         session.execute(
             update(EventRecord)
@@ -525,3 +535,100 @@ async def test_the_records_after_a_send_ride_on_it_and_a_send_that_goes_nowhere_
         (route,) = rows(database, Route, user_id=user)
         assert route.active is False
         assert (run.last_message_at is not None) == (user == texted)
+
+
+OPENS = """\
+journey: opens
+trigger: {event: Joined}
+steps:
+  - {id: settle, wait: 2s}
+  - {id: hello, send: sms, template: hello, category: transactional}
+"""
+
+
+async def test_a_run_that_waits_first_is_opened_by_its_router_and_a_lost_opening_rides_on_its_send(
+    tmp_path: Path, database: Database, temporal_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``opened``: the router writes the start and first wait of a run that waits first with its
+    route, before the call is answered, and the run only starts its timer: no local activity in
+    its whole history (its end rides on its send). When the router's write fails after the start
+    (the call then fails and is retried), nothing is lost: the retry finds the run in flight, and
+    the run's send writes its start and first steps where absent."""
+    (tmp_path / "journeys").mkdir()
+    (tmp_path / "journeys" / "opens.yaml").write_text(OPENS)
+    (tmp_path / "templates" / "sms").mkdir(parents=True)
+    (tmp_path / "templates" / "sms" / "hello.txt").write_text("Hello")
+    project = load_project(tmp_path / "journeys", tmp_path / "templates")
+    queue = f"test-opens-{uuid.uuid4().hex[:8]}"
+    ingest = Ingest(project, database, temporal_client, queue)
+    opened, lost = new_user(), new_user()
+    for user in (opened, lost):
+        DbProfiles(database).merge(user, {"phone": "+15555550100"})
+    writes: list[str] = []
+    real = ingest_module.record_opening
+
+    def failing_once(session: Any, start: dict[str, Any], steps: dict[str, Any]) -> None:
+        writes.append(start["user_id"])
+        if start["user_id"] == lost and writes.count(lost) == 1:
+            raise OperationalError("INSERT INTO runs", {}, Exception("connection lost"))
+        real(session, start, steps)
+
+    monkeypatch.setattr(ingest_module, "record_opening", failing_once)
+    async with build_worker(temporal_client, project, database, queue):
+        routed = await ingest.track(call_identifiers(opened, None), Event("Joined", datetime.now(UTC), {}, f"m-{opened}"))
+        assert routed.triggered == [workflow_id("opens", opened, "")]
+        (run,) = rows(database, RunRecord, user_id=opened)  # written before the call is answered
+        assert (run.status, run.step) == ("active", "settle")
+        assert [r.step_id for r in rows(database, StepReach, run_id=run.run_id)] == ["settle"]
+
+        joined = Event("Joined", datetime.now(UTC), {}, f"m-{lost}")
+        with pytest.raises(NotRouted):
+            await ingest.track(call_identifiers(lost, None), joined)
+        assert rows(database, RunRecord, user_id=lost) == []  # the opening and the route rolled back
+        age(database, joined.message_id)  # a client's retry a minute later
+        retried = await ingest.track(call_identifiers(lost, None), joined)
+        assert retried.rerouted and retried.triggered == [workflow_id("opens", lost, "")]
+
+        def ended() -> bool:
+            return [r.status for u in (opened, lost) for r in rows(database, RunRecord, user_id=u)] == ["ended"] * 2
+
+        await eventually(ended, timeout=60, what="both runs ended")
+        histories = {
+            user: await temporal_client.get_workflow_handle(workflow_id("opens", user, "")).fetch_history()
+            for user in (opened, lost)
+        }
+
+    assert writes == [opened, lost]  # the retry started nothing, so it wrote no opening
+    assert local_activities(histories[opened]) == []
+    assert local_activities(histories[lost]) == []
+    started = json.loads(histories[opened].events[0].workflow_execution_started_event_attributes.input.payloads[0].data)
+    assert started["opened"]["waiting"] == "settle"
+    (first,) = rows(database, RunRecord, user_id=opened)
+    assert utc(first.entered_at) == parse_instant(started["opened"]["entered_at"])
+    for user in (opened, lost):
+        (run,) = rows(database, RunRecord, user_id=user)
+        assert (run.status, run.end_reason, run.step) == ("ended", "completed", None)
+        reached = {r.step_id: utc(r.reached_at) for r in rows(database, StepReach, run_id=run.run_id)}
+        assert set(reached) == {"settle", "hello"}
+        assert reached["settle"] == utc(run.entered_at)
+        assert reached["hello"] - reached["settle"] >= timedelta(seconds=2)
+        routes = [route.active for route in rows(database, Route, user_id=user)]
+        # (A retry that came after the run ended would find it ended, and make no route.)
+        assert routes == [False] or (user == lost and routes == [])
+
+
+async def test_a_signal_with_start_never_carries_an_opening(temporal_client: Client, project: Project) -> None:
+    """A start that goes through signal-with-start may start nothing (a run in flight takes the
+    trigger), so the router writes no opening for it, and a run it does start records its own."""
+    wid = f"nurture/cart_abandonment/{new_user()}/c-1"
+    queue = f"nobody-{uuid.uuid4().hex[:8]}"
+    journey = ir.journey_to_dict(project.journeys["cart_abandonment"])
+    event = Event("Cart Updated", datetime.now(UTC), {"cart_id": "c-1"}, uuid.uuid4().hex).to_dict()
+    params = {**run_input(journey, "u", "c-1", event), OPENED: {"entered_at": "2026-01-01T00:00:00Z", "waiting": "w"}}
+
+    assert await start_run(temporal_client, params, wid=wid, task_queue=queue, once=False, running=True) is None
+
+    history = await temporal_client.get_workflow_handle(wid).fetch_history()
+    started = json.loads(history.events[0].workflow_execution_started_event_attributes.input.payloads[0].data)
+    assert OPENED not in started and started["records_ride"] is True
+    await temporal_client.get_workflow_handle(wid).terminate("test over")

@@ -16,8 +16,17 @@ from nurture.engine.model import SendOutcome, SendRequest
 from nurture.language.templates import RenderedMessage
 from nurture.storage.db import Database, database_url
 from nurture.storage.identities import DbIdentities
-from nurture.storage.models import EventRecord, MessageRecord, RunRecord
-from nurture.storage.stores import DbHistory, DbLedger, DbProfiles, DbRecorder, Events, Routes, has_run
+from nurture.storage.models import EventRecord, MessageRecord, RunRecord, StepReach
+from nurture.storage.stores import (
+    DbHistory,
+    DbLedger,
+    DbProfiles,
+    DbRecorder,
+    Events,
+    Routes,
+    has_run,
+    record_opening,
+)
 
 NOW = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
 
@@ -119,6 +128,36 @@ def test_routes_and_runs(database: Database) -> None:
             and run.end_reason == "goal"
             and run.variants == {"x": "a"}
         )
+
+
+def test_a_routers_opening_is_written_once_and_never_over_what_the_run_wrote(database: Database) -> None:
+    """``record_opening``: the run's row waiting at its first wait, with the steps up to it. Written
+    again (a retry), or after the run got further and wrote its own records (a router slower
+    than a short first wait), it changes nothing."""
+    start = {"run_id": "r9", "workflow_id": "wf9", "journey": "j", "version": "v", "user_id": "u9", "key": "k",
+             "trigger_message_id": "m9", "at": "2026-03-02T02:00:00Z", "holdout": False}  # fmt: skip
+    steps = {"run_id": "r9", "journey": "j", "version": "v", "waiting": "pause", "deferred": None,
+             "reached": [{"step_id": "pause", "at": "2026-03-02T02:00:00Z"}]}  # fmt: skip
+    for _ in range(2):
+        with database.session() as session:
+            record_opening(session, start, steps)
+    (run,) = rows(database, RunRecord, run_id="r9")
+    assert (run.status, run.step, run.user_id, run.key, run.trigger_message_id, run.variants) == (
+        "active", "pause", "u9", "k", "m9", {}
+    )
+    assert [(r.step_id, r.deferrals) for r in rows(database, StepReach, run_id="r9")] == [("pause", 0)]
+
+    later = {**start, "run_id": "r10"}
+    recorder = DbRecorder(database)
+    asyncio.run(recorder.start(later))
+    asyncio.run(recorder.end({**later, "reason": "completed", "at": "2026-03-02T02:00:05Z",
+                              "reached": [{"step_id": "pause", "at": "2026-03-02T02:00:00Z"},
+                                          {"step_id": "hi", "at": "2026-03-02T02:00:05Z"}]}))  # fmt: skip
+    with database.session() as session:
+        record_opening(session, later, {**steps, "run_id": "r10"})
+    (ended,) = rows(database, RunRecord, run_id="r10")
+    assert (ended.status, ended.end_reason, ended.step) == ("ended", "completed", None)
+    assert sorted(r.step_id for r in rows(database, StepReach, run_id="r10")) == ["hi", "pause"]
 
 
 def _request(step: str = "s1") -> SendRequest:

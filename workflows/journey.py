@@ -9,6 +9,7 @@ happens in activities.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,16 +17,18 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from nurture.engine.clock import format_instant
+    from nurture.engine.clock import format_instant, parse_instant
     from nurture.engine.interpreter import (
         AwaitEvent,
         Command,
         Deliver,
         Ended,
+        Opening,
         ReadProfile,
         Run,
         Sleep,
         WriteTraits,
+        opening,
         too_soon,
     )
     from nurture.engine.model import Event, SendResult
@@ -49,6 +52,16 @@ RECORDS_RIDE = "records_ride"
 (and its marker) fewer per such send; runs started without it (before this release) replay as
 they ran. An input flag for the same reason as :data:`START_RIDES`."""
 
+OPENED = "opened"
+"""Workflow input of a run whose router wrote its start and the steps it reaches before its first
+wait (:class:`~nurture.engine.interpreter.Opening`): ``entered_at``, the instant the router
+entered it at, and ``waiting``, the step of that wait. The run enters at that instant and, when
+its first command is that wait, starts its timer without a ``nurture.record_steps`` local activity
+(one activation, one marker and two transactions fewer for a journey that sleeps first). Its
+start record and those steps still ride on its next activity, written only where absent, so a
+router that died between the start and its write loses nothing. Runs started without it
+(before this release) replay as they ran."""
+
 TRAITS = "traits"
 """Workflow input: the person's traits as the router read them with the trigger, given only when
 the run's first command reads the profile (:func:`~nurture.engine.interpreter.reads_profile_first`):
@@ -69,6 +82,34 @@ def run_input(journey: dict[str, Any], user_id: str, key: str, event: dict[str, 
         START_RIDES: True,
         RECORDS_RIDE: True,
     }
+
+
+def new_run(
+    journey: ir.Journey,
+    payload: dict[str, Any],
+    user_id: str,
+    key: str,
+    event: dict[str, Any],
+    traits: Mapping[str, Any] | None,
+    now: datetime,
+    *,
+    opens: bool = True,
+) -> tuple[dict[str, Any], Opening | None]:
+    """A new run's input as the event API gives it when the run enters at ``now`` (``payload``: the
+    journey's intermediate form): :func:`run_input`, the ``traits`` when the run reads the profile
+    first (:data:`TRAITS`) and, when it then waits first and ``opens``, the promise that its
+    router writes its start and first steps (:data:`OPENED`); with that run's
+    :class:`~nurture.engine.interpreter.Opening`, whose records the router writes (else ``None``).
+    A plain function (no class here): this module is imported again for every run the worker
+    starts in its sandbox."""
+    params = run_input(payload, user_id, key, event)
+    begins = opening(journey, user_id=user_id, key=key, event=Event.from_dict(event), now=now, traits=traits)
+    if traits is not None and begins.reads_profile:
+        params[TRAITS] = dict(traits)
+    if not opens or begins.waits is None:
+        return params, None
+    params[OPENED] = {"entered_at": format_instant(now), "waiting": begins.waits.step_id}
+    return params, begins
 
 
 SEND_RETRY = RetryPolicy(
@@ -129,7 +170,8 @@ class JourneyWorkflow:
         self._records_ride = bool(params.get(RECORDS_RIDE))
         self._recorded: str | None = None
         """``steps`` or ``end`` when the send just answered wrote the record that comes next
-        (:data:`RECORDS_RIDE`), until the run gets there (or goes elsewhere)."""
+        (:data:`RECORDS_RIDE`), until the run gets there (or goes elsewhere); ``opened`` when the
+        router wrote the steps up to the run's first wait (:data:`OPENED`)."""
         self._params = params
         self._seen_limit = int(params.get("seen_limit") or SEEN_LIMIT)
         self._seen: dict[str, float] = {}
@@ -218,13 +260,15 @@ class JourneyWorkflow:
         if carried is not None:  # a long run continued as new: it goes on waiting where it was
             run, command = Run.restore(journey, carried["run"])
         else:
+            opened = params.get(OPENED)
+            entered = parse_instant(opened["entered_at"]) if opened else self._now()
             run = Run(
                 journey,
                 run_id=params.get("run_id") or info.run_id,
                 user_id=params["user_id"],
                 key=params.get("key", ""),
                 event=Event.from_dict(params["event"]),
-                entered_at=self._now(),
+                entered_at=entered,
             )
             if params.get(START_RIDES):
                 self._start = run.start_record(info.workflow_id)
@@ -235,7 +279,9 @@ class JourneyWorkflow:
             command = run.start()
             given = params.get(TRAITS)
             if given is not None and isinstance(command, ReadProfile):
-                command = run.resume(dict(given), self._now())
+                command = run.resume(dict(given), entered)
+            if opened and isinstance(command, (Sleep, AwaitEvent)) and command.step_id == opened.get("waiting"):
+                self._recorded = OPENED  # the router wrote these steps; they ride again with the next record
         while not isinstance(command, Ended):
             if self._inbox:  # events that arrived while the run was sending or reading
                 changed = await self._judge(run, self._inbox.pop(0))
@@ -293,11 +339,11 @@ class JourneyWorkflow:
             if rode and rider is not None and run.rode(rider, after):
                 self._recorded = str(rider["kind"])
             return after
-        return await self._wait(run, command, recorded=recorded == "steps")
+        return await self._wait(run, command, recorded=recorded in ("steps", OPENED))
 
     async def _wait(self, run: Run, command: Sleep | AwaitEvent, *, recorded: bool = False) -> Command | Ended:
         """Sleep until the command's instant, judging every event that arrives meanwhile
-        (``recorded``: the send before it wrote the record of the steps and this wait)."""
+        (``recorded``: the send before it, or the router, wrote the record of the steps and this wait)."""
         self._state = f"waiting:{command.step_id}"
         if self._record_steps and not recorded:
             await workflow.execute_local_activity(

@@ -53,7 +53,6 @@ from nurture.engine.interpreter import (
     date_plan,
     entry_decision,
     late_record,
-    reads_profile_first,
     run_key,
     trigger_matches,
     workflow_id,
@@ -69,7 +68,7 @@ from nurture.simulation.simulator import Outcome
 
 from .activities import JourneyActivities
 from .dates import PLAN_SIGNAL, DateActivities, DateTriggerWorkflow, date_params
-from .journey import TRAITS, JourneyWorkflow, run_input
+from .journey import JourneyWorkflow, new_run
 
 TASK_QUEUE = "nurture-scenarios"
 
@@ -405,19 +404,15 @@ class _Play:
         self.counts[slot] = number
         run_id = f"{journey.id}:{user_id}:{key}:{number}"
         self.entered[run_id] = at
-        params = {
-            **run_input(journey_to_dict(journey), user_id, key, event.to_dict()),
-            "run_id": run_id,
-            "clock_offset": self.offset.total_seconds(),
-        }
-        if reads_profile_first(journey, user_id=user_id, key=key, event=event, now=at):  # as the event API
-            params[TRAITS] = dict(self.people.profiles.get_now(user_id).traits)
-        handle = await self.client.start_workflow(
-            JourneyWorkflow.run,
-            params,
-            id=workflow_id(journey.id, user_id, key, prefix=f"scenario-{self.prefix}.{number}"),
-            task_queue=TASK_QUEUE,
-        )
+        traits = self.people.profiles.get_now(user_id).traits
+        params, opens = new_run(journey, journey_to_dict(journey), user_id, key, event.to_dict(), traits, at)
+        params.update(run_id=run_id, clock_offset=self.offset.total_seconds())
+        wid = workflow_id(journey.id, user_id, key, prefix=f"scenario-{self.prefix}.{number}")
+        if opens is not None:  # as the event API opens it, but before it starts (its run id is known)
+            start, steps = opens.records(run_id, wid)
+            await self.recorder.start(start)
+            await self.recorder.steps(steps)
+        handle = await self.client.start_workflow(JourneyWorkflow.run, params, id=wid, task_queue=TASK_QUEUE)
         self.handles[run_id] = handle
         self.slots[slot] = run_id
         return run_id

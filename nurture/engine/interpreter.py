@@ -322,8 +322,56 @@ def reads_profile_first(journey: ir.Journey, *, user_id: str, key: str, event: E
     anything else (its first step a ``wait_until``, or a branch or update on ``user``). A router
     that has just read the profile then hands the traits to the run with its start, which saves
     the run a profile read of its own; other runs' starts carry no traits."""
-    first = Run(journey, run_id="", user_id=user_id, key=key, event=event, entered_at=now).start()
-    return isinstance(first, ReadProfile)
+    return opening(journey, user_id=user_id, key=key, event=event, now=now).reads_profile
+
+
+@dataclass
+class Opening:
+    """How a run that a router is about to start begins, worked out by the router (:func:`opening`)
+    from what the run itself will be given: its journey, person, key, trigger, entry instant and,
+    when it reads the profile first, the traits the router read."""
+
+    run: Run
+    first: Command | Ended
+    """The run's first command, once a first profile read is answered with the router's traits."""
+    reads_profile: bool
+    """Whether the run reads the person's profile before anything else."""
+
+    @property
+    def waits(self) -> Sleep | AwaitEvent | None:
+        """The wait the run comes to before any send, read or write (a ``wait``, ``wait_until`` or
+        ``wait_for``; not a send held by its delivery policy), if it does: a router then writes the
+        run's start and those steps itself (:meth:`records`), and the run only starts its timer."""
+        first = self.first
+        if isinstance(first, AwaitEvent) or (isinstance(first, Sleep) and first.reason not in HELD):
+            return first
+        return None
+
+    def records(self, run_id: str, workflow_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The run's start record and the record of the steps it reached up to :attr:`waits`
+        (where it waits), as the run itself would write them (reached at its entry)."""
+        assert self.waits is not None, "only a run that waits first is opened by its router"
+        self.run.run_id = run_id
+        return self.run.start_record(workflow_id), self.run.steps_record(self.waits)
+
+
+def opening(
+    journey: ir.Journey,
+    *,
+    user_id: str,
+    key: str,
+    event: Event,
+    now: datetime,
+    traits: Mapping[str, Any] | None = None,
+) -> Opening:
+    """The :class:`Opening` of a run of ``journey`` that this trigger starts at ``now``; ``traits``
+    answer a first profile read (``None``: the router has none to give)."""
+    run = Run(journey, run_id="", user_id=user_id, key=key, event=event, entered_at=now)
+    first = run.start()
+    reads = isinstance(first, ReadProfile)
+    if reads and traits is not None:
+        first = run.resume(dict(traits), now)
+    return Opening(run, first, reads)
 
 
 def goal_window_end(goal: ir.Goal, *, entered_at: datetime, last_message_at: datetime | None) -> datetime | None:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -48,7 +48,6 @@ from nurture.engine.interpreter import (
     date_plan,
     late_conversion,
     late_record,
-    reads_profile_first,
     run_key,
     too_soon,
     trigger_matches,
@@ -77,11 +76,12 @@ from nurture.storage.stores import (
     last_entry,
     listened_events,
     mark_routed,
+    record_opening,
     run_started_by,
     stored_version_count,
 )
 from workflows.dates import DATE_WORKFLOW, PLAN_SIGNAL, date_params
-from workflows.journey import TRAITS, WORKFLOW_NAME, run_input
+from workflows.journey import OPENED, WORKFLOW_NAME, new_run
 
 from .observability import count_conversion
 
@@ -110,7 +110,7 @@ TRANSIENT = (RPCError, OperationalError)
 
 async def start_run(
     client: Client, params: Mapping[str, Any], *, wid: str, task_queue: str, once: bool, running: bool
-) -> None:
+) -> str | None:
     """Start the run of a trigger, as the event API does: ``params`` is the workflow input.
 
     A run of the same workflow id may be in flight (``running``: the person's routes show one);
@@ -121,23 +121,30 @@ async def start_run(
     process starting it at this moment) fails the plain start, and the signal-with-start follows.
 
     ``once`` (``re_entry: once``): no start where any run of the id ever was; both starts then
-    raise :class:`WorkflowAlreadyStartedError`."""
+    raise :class:`WorkflowAlreadyStartedError`.
+
+    Returns the new run's id when the plain start started it, for the router to write what the
+    input's :data:`~workflows.journey.OPENED` promises; ``None`` after a signal-with-start, which
+    may have started nothing, and whose run (if new) records its opening itself."""
     policy = WorkflowIDReusePolicy.REJECT_DUPLICATE if once else WorkflowIDReusePolicy.ALLOW_DUPLICATE
     if not running:
         try:
-            await client.start_workflow(WORKFLOW_NAME, params, id=wid, task_queue=task_queue, id_reuse_policy=policy)
-            return
+            handle = await client.start_workflow(
+                WORKFLOW_NAME, params, id=wid, task_queue=task_queue, id_reuse_policy=policy
+            )
+            return handle.result_run_id
         except WorkflowAlreadyStartedError:
             pass  # in flight after all (or, for ``once``, ever run): as below
     await client.start_workflow(
         WORKFLOW_NAME,
-        params,
+        {name: value for name, value in params.items() if name != OPENED},
         id=wid,
         task_queue=task_queue,
         id_reuse_policy=policy,
         start_signal="trigger",
         start_signal_args=[{"event": params["event"], "journey": params["journey"]}],
     )
+    return None
 
 
 class NotRouted(Exception):
@@ -177,7 +184,7 @@ class Routed:
         }
 
 
-class Activation(TypedDict):
+class RouteValues(TypedDict):
     """A started run's route, to make active (:func:`~nurture.storage.stores.activate_route`)."""
 
     workflow_id: str
@@ -185,6 +192,23 @@ class Activation(TypedDict):
     journey: str
     key: str
     listens: Sequence[str]
+
+
+class Activation(RouteValues):
+    """A started run's route, and the opening its router writes with it
+    (:func:`~nurture.storage.stores.record_opening`) when the run waits first."""
+
+    opening: NotRequired[tuple[dict[str, Any], dict[str, Any]]]
+
+
+def _route_of(activation: Activation) -> RouteValues:
+    return RouteValues(
+        workflow_id=activation["workflow_id"],
+        user_id=activation["user_id"],
+        journey=activation["journey"],
+        key=activation["key"],
+        listens=activation["listens"],
+    )
 
 
 @dataclass
@@ -453,7 +477,9 @@ class Ingest:
             return
         with self.db.session() as session:
             for activation in activations:
-                activate_route(session, **activation)
+                activate_route(session, **_route_of(activation))
+                if "opening" in activation:
+                    record_opening(session, *activation["opening"])
             if message_id is not None:
                 session.commit()
                 mark_routed(session, message_id)
@@ -749,14 +775,13 @@ class Ingest:
                 routed.skipped.append(journey.id)
                 routed.skip_reasons[journey.id] = RE_ENTRY_AFTER
                 return
-        params = run_input(self._payloads[journey.id], user_id, key, event)
-        if traits is not None and reads_profile_first(
-            journey, user_id=user_id, key=key, event=Event.from_dict(event), now=datetime.now(UTC)
-        ):
-            params[TRAITS] = dict(traits)
+        # A run that waits first is opened here (its start and first steps written with its route).
+        params, opens = new_run(
+            journey, self._payloads[journey.id], user_id, key, event, traits, datetime.now(UTC), opens=activations is not None
+        )
         assert self.client is not None, "routing track events needs a Temporal client"
         try:
-            await start_run(
+            run_id = await start_run(
                 self.client,
                 params,
                 wid=wid,
@@ -771,8 +796,10 @@ class Ingest:
         activation = Activation(
             workflow_id=wid, user_id=user_id, journey=journey.id, key=key, listens=self._listens[journey.id]
         )
+        if opens is not None and run_id is not None:
+            activation["opening"] = opens.records(run_id, wid)
         if activations is None:
-            await asyncio.to_thread(self.routes.activate, **activation)
+            await asyncio.to_thread(self.routes.activate, **_route_of(activation))
         else:
             activations.append(activation)
         routed.triggered.append(wid)

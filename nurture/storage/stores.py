@@ -230,6 +230,20 @@ def _write_end(session: Session, record: Mapping[str, Any]) -> None:
         )
 
 
+def record_opening(session: Session, start: Mapping[str, Any], steps: Mapping[str, Any]) -> None:
+    """A run's start record and the steps it reached before its first wait, written by the router
+    that started it (:class:`~nurture.engine.interpreter.Opening`): its row, with the step it
+    waits at, and those reaches, each only where absent. The run may have got further and
+    written them first: its own records carry them again (``opened`` runs)."""
+    row = {**_defaults(RunRecord), **_run_row(start), "step": steps["waiting"]}
+    insert = upsert(session)
+    if insert is not None:
+        session.execute(insert(RunRecord).values(**row).on_conflict_do_nothing())
+    elif session.get(RunRecord, row["run_id"]) is None:  # other engines: a look-up first
+        session.add(RunRecord(**row))
+    _add_reaches(session, steps)
+
+
 class DbRecorder:
     """Runs, routes and message outcomes, written by the workflow's activities."""
 
