@@ -3,6 +3,7 @@ wake-up of every run in the same minute, against the same journey written by han
 
     python benchmarks/sleepers.py [--runs 100000] [--concurrency 64] [--database-url postgresql://...]
                                   [--worker-env NAME=VALUE ...] [--sample 1.0] [--timeout 7200]
+                                  [--records ride|local] [--opening router|run]
 
 The journey sleeps until an instant its trigger carries, then sends one transactional SMS
 (``wait_until: {date: event.properties.due_at}``), run by ``JourneyRun``; the hand-written
@@ -14,10 +15,13 @@ database (SQLite, or a fresh PostgreSQL database). For each kind, the hand-writt
 1. **start**: ``--runs`` runs, ``--concurrency`` starts in flight: the hand-written workflow with
    a plain ``start_workflow`` (the floor: what any Temporal application pays to start a run),
    ``JourneyRun`` as the event API starts a person's first run of a journey
-   (``nurture.service.ingest.start_run``);
+   (``workflows.journey.new_run``, ``nurture.service.ingest.start_run``, then the router's write
+   of the run's start and first wait, ``record_opening``; ``--opening run``: the run writes them
+   with a local activity of its own, as runs started before ``opened``);
 2. **settle**: until every run has taken its first workflow task and sleeps (JourneyRun: its
-   ``runs`` row says it waits; the hand-written workflow writes nothing, so: until the worker and
-   the dev server have both been idle for 3 s);
+   ``runs`` row says it waits, and for an opened run, whose router wrote that row, the worker and
+   the dev server have both been idle for 3 s; the hand-written workflow writes nothing, so: until
+   they have been idle for 3 s);
 3. **sleep**: the worker's resident memory (RSS) and CPU, sampled every ``--sample`` seconds;
 4. **wake**: every run of the kind is due in the same minute (evenly over 60 s from one instant);
    the time from that instant until the last message is in the outbox, then a check that every
@@ -52,7 +56,7 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from temporalio.client import Client
 
-from nurture.engine.interpreter import reads_profile_first, workflow_id
+from nurture.engine.interpreter import workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import load_project
 from nurture.language.ir import Journey, journey_to_dict
@@ -60,7 +64,8 @@ from nurture.service.devserver import dev_server
 from nurture.service.ingest import start_run
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
-from workflows.journey import RECORDS_RIDE, TRAITS, run_input
+from nurture.storage.stores import record_opening
+from workflows.journey import RECORDS_RIDE, new_run
 from workflows.journey import WORKFLOW_NAME as GENERIC
 
 WAKE_GOAL = 1.10
@@ -176,11 +181,15 @@ class Bench:
         meter: Meter,
         concurrency: int,
         traits: dict[str, dict[str, Any]],
+        db: Database,
         *,
         records_ride: bool = True,
+        opened: bool = True,
     ) -> None:
         self.client = client
+        self.db = db
         self.records_ride = records_ride
+        self.opened = opened
         self.traits = traits
         """Each person's traits as seeded: what the event API has read when it starts a run."""
         self.stack = stack
@@ -213,23 +222,27 @@ class Bench:
             message_id=uuid.uuid4().hex,
         )
         # What nurture.service.ingest does for a trigger when the person has no run of the journey:
-        # the traits it read go with the start of a run whose first step reads them.
-        params = {**run_input(self.payload, user, key, event.to_dict()), RECORDS_RIDE: self.records_ride}
-        if reads_profile_first(self.journey, user_id=user, key=key, event=event, now=event.timestamp):
-            params[TRAITS] = self.traits[user]
-        await start_run(
-            self.client,
-            params,
-            wid=workflow_id(self.journey.id, user, key),
-            task_queue=self.stack.task_queue,
-            once=False,
-            running=False,
+        # the traits it read go with the start of a run whose first step reads them, and a run that
+        # then waits first is opened: its start and first wait written once it has started.
+        params, opens = new_run(
+            self.journey, self.payload, user, key, event.to_dict(), self.traits[user], event.timestamp, opens=self.opened
         )
+        params[RECORDS_RIDE] = self.records_ride
+        wid = workflow_id(self.journey.id, user, key)
+        run_id = await start_run(self.client, params, wid=wid, task_queue=self.stack.task_queue, once=False, running=False)
+        if opens is not None and run_id is not None:
+            await asyncio.to_thread(self.open, *opens.records(run_id, wid))
+
+    def open(self, start: dict[str, Any], steps: dict[str, Any]) -> None:
+        """The router's write of an opening (with the run's route, in the event API)."""
+        with self.db.session() as session:
+            record_opening(session, start, steps)
 
     def asleep(self, kind: str, users: list[str], db: Database) -> bool:
         """Every run has taken its first workflow task: JourneyRun's record where it waits (its
-        ``runs`` row at ``until_due``), which the hand-written workflow does not write, so for it
-        the worker and the dev server both idle."""
+        ``runs`` row at ``until_due``; written by the router for an opened run, so then also the
+        worker and the dev server both idle), which the hand-written workflow does not write, so
+        for it the worker and the dev server both idle."""
         if kind == HANDWRITTEN:
             return self.meter.idle(3.0)
         with db.session() as session:
@@ -239,7 +252,8 @@ class Bench:
                 .where(col(RunRecord.user_id).like(users[0].rsplit("-", 1)[0] + "-%"))
                 .where(col(RunRecord.step) == "until_due")
             )
-            return int(session.exec(query).one()) == len(users)
+            waiting = int(session.exec(query).one()) == len(users)
+        return waiting and (not self.opened or self.meter.idle(3.0))
 
     async def phase(self, kind: str, users: list[str], due: datetime | None, lead: float, db: Database) -> Phase:
         """Start, settle, sleep and wake ``users``' runs; ``due`` None: ``lead`` seconds after the start."""
@@ -428,6 +442,13 @@ async def main() -> None:
         help="JourneyRun's end record: on its send's activity, as the event API starts runs "
         "(records_ride), or a local activity of its own, as runs started before it",
     )
+    parser.add_argument(
+        "--opening",
+        choices=("router", "run"),
+        default="router",
+        help="JourneyRun's start and first wait: written by the router that starts it, as the event API "
+        "does (opened), or by the run's own local activity, as runs started before it",
+    )
     parser.add_argument("--timeout", type=float, default=7200.0, help="give up after this many seconds")
     args = parser.parse_args()
     if args.runs < 1 or args.concurrency < 1:
@@ -460,7 +481,15 @@ async def main() -> None:
                 sampler = asyncio.create_task(meter.run())
                 try:
                     bench = Bench(
-                        client, stack, journey, meter, args.concurrency, traits, records_ride=args.records == "ride"
+                        client,
+                        stack,
+                        journey,
+                        meter,
+                        args.concurrency,
+                        traits,
+                        db,
+                        records_ride=args.records == "ride",
+                        opened=args.opening == "router",
                     )
                     phases, warm = await asyncio.wait_for(run(bench, users, args.runs, db), args.timeout)
                 finally:
