@@ -579,6 +579,8 @@ async def test_a_run_that_waits_first_is_opened_by_its_router_and_a_lost_opening
         assert routed.triggered == [workflow_id("opens", opened, "")]
         (run,) = rows(database, RunRecord, user_id=opened)  # written before the call is answered
         assert (run.status, run.step) == ("active", "settle")
+        described = await temporal_client.get_workflow_handle(workflow_id("opens", opened, "")).describe()
+        assert run.run_id == described.run_id  # Temporal's own run id (what a deletion of the person names)
         assert [r.step_id for r in rows(database, StepReach, run_id=run.run_id)] == ["settle"]
 
         joined = Event("Joined", datetime.now(UTC), {}, f"m-{lost}")

@@ -236,6 +236,7 @@ def record_opening(session: Session, start: Mapping[str, Any], steps: Mapping[st
     waits at, and those reaches, each only where absent. The run may have got further and
     written them first: its own records carry them again (``opened`` runs)."""
     row = {**_defaults(RunRecord), **_run_row(start), "step": steps["waiting"]}
+    row["user_id"] = canonical(session, row["user_id"])  # merged a moment ago, perhaps
     insert = upsert(session)
     if insert is not None:
         session.execute(insert(RunRecord).values(**row).on_conflict_do_nothing())
