@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NotRequired, TypedDict
+from typing import Any, TypedDict
 
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -184,7 +184,7 @@ class Routed:
         }
 
 
-class RouteValues(TypedDict):
+class Activation(TypedDict):
     """A started run's route, to make active (:func:`~nurture.storage.stores.activate_route`)."""
 
     workflow_id: str
@@ -194,21 +194,13 @@ class RouteValues(TypedDict):
     listens: Sequence[str]
 
 
-class Activation(RouteValues):
-    """A started run's route, and the opening its router writes with it
+@dataclass
+class Started:
+    """A run the event started: its route, and the opening its router writes with it
     (:func:`~nurture.storage.stores.record_opening`) when the run waits first."""
 
-    opening: NotRequired[tuple[dict[str, Any], dict[str, Any]]]
-
-
-def _route_of(activation: Activation) -> RouteValues:
-    return RouteValues(
-        workflow_id=activation["workflow_id"],
-        user_id=activation["user_id"],
-        journey=activation["journey"],
-        key=activation["key"],
-        listens=activation["listens"],
-    )
+    route: Activation
+    opening: tuple[dict[str, Any], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -404,7 +396,7 @@ class Ingest:
                     routed.signalled.append(route.workflow_id)
             except TRANSIENT as exc:
                 failures.append(exc)
-        activations: list[Activation] = []
+        activations: list[Started] = []
         for journey in self.project.journeys.values():
             if trigger_matches(journey, event, profile.traits, user_id):
                 if journey.id in reads.paused:  # runs in flight got the event above; no new run starts
@@ -469,17 +461,17 @@ class Ingest:
                 ran={(journey, key): had_run(session, journey, user_id, key) for journey, key in entries},
             )
 
-    def _finish_routing(self, activations: Sequence[Activation], message_id: str | None) -> None:
+    def _finish_routing(self, activations: Sequence[Started], message_id: str | None) -> None:
         """The routes of the runs the event started made active, then (``message_id``, when every
         route and journey had it) the event marked routed: one session, two transactions, so a
         failure to mark it keeps the routes."""
         if not activations and message_id is None:
             return
         with self.db.session() as session:
-            for activation in activations:
-                activate_route(session, **_route_of(activation))
-                if "opening" in activation:
-                    record_opening(session, *activation["opening"])
+            for started in activations:
+                activate_route(session, **started.route)
+                if started.opening is not None:
+                    record_opening(session, *started.opening)
             if message_id is not None:
                 session.commit()
                 mark_routed(session, message_id)
@@ -736,14 +728,16 @@ class Ingest:
         again: bool,
         routes: Sequence[Route] = (),
         ran: bool | None = None,
-        activations: list[Activation] | None = None,
+        activations: list[Started] | None = None,
         traits: Mapping[str, Any] | None = None,
     ) -> None:
         """Trigger ``journey`` for the person: its run started (:func:`start_run`), unless the
         re-entry rule keeps them out. ``ran``: whether (journey, person, key) had a run, when read
-        already. ``activations``: where the started run's route goes, for the caller to make
-        active; else it is made active here. ``traits``: the person's, as just read; the run
-        gets them when it would read them first (:data:`~workflows.journey.TRAITS`)."""
+        already. ``activations``: where the started run's route goes, with its opening when it
+        waits first (:data:`~workflows.journey.OPENED`), for the caller to write; else the route
+        is made active here and the run records its own opening. ``traits``: the person's, as
+        just read; the run gets them when it would read them first
+        (:data:`~workflows.journey.TRAITS`)."""
         wid = workflow_id(journey.id, user_id, key)
         for route in routes:
             # A run that moved to this person in a merge, under the merged-away person's workflow
@@ -796,12 +790,11 @@ class Ingest:
         activation = Activation(
             workflow_id=wid, user_id=user_id, journey=journey.id, key=key, listens=self._listens[journey.id]
         )
-        if opens is not None and run_id is not None:
-            activation["opening"] = opens.records(run_id, wid)
         if activations is None:
-            await asyncio.to_thread(self.routes.activate, **_route_of(activation))
+            await asyncio.to_thread(self.routes.activate, **activation)
         else:
-            activations.append(activation)
+            opened = opens.records(run_id, wid) if opens is not None and run_id is not None else None
+            activations.append(Started(activation, opened))
         routed.triggered.append(wid)
 
     async def _signal(self, wid: str, name: str, payload: Mapping[str, Any] | str) -> bool:
