@@ -32,7 +32,7 @@ from nurture.service.worker import build_worker
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, RunRecord, StepReach
 from nurture.storage.stores import DbProfiles, store_versions
-from workflows.journey import CONTINUE_AFTER, RECORD_STEPS, WORKFLOW_NAME
+from workflows.journey import CONTINUE_AFTER, OPENED, RECORD_STEPS, WORKFLOW_NAME, new_run
 from workflows.runtime import binary, quiet_runtime
 
 __all__ = ["templates"]
@@ -259,3 +259,51 @@ async def test_a_long_run_continues_as_new_with_its_state_and_a_bounded_seen_set
     row = stage.run_of(user)  # one run, one row, whatever the number of histories
     assert row.run_id == first_run and row.status == "ended" and row.variants == {"copy": "a"}
     assert {r.step_id for r in rows(stage.db, StepReach, run_id=first_run)} >= {"hello", "await_click", "thanks"}
+
+
+OPENS_FIRST = """\
+journey: opens_first
+trigger: {event: Joined}
+steps:
+  - {id: await_click, wait_for: Clicked, timeout: 2d}
+  - {id: hi, send: email, template: note}
+"""
+
+
+async def test_an_opened_run_carries_its_start_record_across_a_continue_as_new(
+    stage: Stage, templates: TemplateStore
+) -> None:
+    """A run its router opened (``opened``) whose router never wrote the opening keeps its start
+    record until an activity carries it, across a continue-as-new too: here its first wait
+    outlasts one history (many events), and the new history's first record writes the run's row."""
+    from test_interpreter import compile_journey
+
+    journey = compile_journey(templates, OPENS_FIRST)
+    user = f"u-{uuid.uuid4().hex[:10]}"
+    DbProfiles(stage.db).merge(user, {"email": f"{user}@example.com"})
+    now = await stage.env.get_current_time()
+    trigger = Event(name="Joined", timestamp=now, message_id=f"joined-{user}").to_dict()
+    params, opens = new_run(journey, ir.journey_to_dict(journey), user, "", trigger, None, now)
+    assert opens is not None and params[OPENED]["waiting"] == "await_click"
+    wid = workflow_id(journey.id, user, "", prefix=stage.prefix)
+    started = await stage.client.start_workflow(
+        WORKFLOW_NAME, {**params, CONTINUE_AFTER: 40}, id=wid, task_queue=stage.queue
+    )
+    first_run = (await started.describe()).run_id
+    handle = stage.client.get_workflow_handle(wid)  # whichever run is the latest
+    await stage.settled(handle, "waiting:await_click")
+    for number in range(30):
+        await stage.event(handle, "Browsed", f"m-{number}")
+    await stage.settled(handle, "waiting:await_click")
+    assert (await handle.describe()).run_id != first_run  # continued as new at its first wait
+    # The new history records where it waits, and its first record carries the start with it.
+    [row] = await eventually(lambda: rows(stage.db, RunRecord, user_id=user), what="the run's row")
+    assert (row.run_id, row.status, row.step) == (first_run, "active", "await_click")
+
+    await stage.event(handle, "Clicked", "m-click")
+
+    assert (await handle.result())["reason"] == "completed"
+    row = stage.run_of(user)
+    assert (row.run_id, row.status, row.end_reason) == (first_run, "ended", "completed")
+    assert {r.step_id for r in rows(stage.db, StepReach, run_id=first_run)} == {"await_click", "hi"}
+    assert stage.sends(user) == ["hi"]

@@ -58,9 +58,9 @@ wait (:class:`~nurture.engine.interpreter.Opening`): ``entered_at``, the instant
 entered it at, and ``waiting``, the step of that wait. The run enters at that instant and, when
 its first command is that wait, starts its timer without a ``nurture.record_steps`` local activity
 (one activation, one marker and two transactions fewer for a journey that sleeps first). Its
-start record and those steps still ride on its next activity, written only where absent, so a
-router that died between the start and its write loses nothing. Runs started without it
-(before this release) replay as they ran."""
+start record and those steps still ride on its next activity (across a continue-as-new too),
+written only where absent, so a router that died between the start and its write loses nothing.
+Runs started without it (before this release) replay as they ran."""
 
 TRAITS = "traits"
 """Workflow input: the person's traits as the router read them with the trigger, given only when
@@ -182,6 +182,7 @@ class JourneyWorkflow:
             self._inbox = list(carried["inbox"])
             self._signals = len(self._inbox)
             self._migration = carried.get("migration")
+            self._start = carried.get("start")  # not yet carried by an activity (an opened run)
 
     @workflow.signal(name="event")
     def event(self, event: dict[str, Any]) -> None:
@@ -426,6 +427,7 @@ class JourneyWorkflow:
                 "seen": seen[-self._seen_limit :],
                 "inbox": self._inbox,
                 "migration": self._migration,
+                "start": self._start,
             },
         }
 
