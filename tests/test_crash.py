@@ -202,6 +202,9 @@ async def test_kill_9_mid_journey_sends_every_message_exactly_once(dev_server: s
         ("middle_sms", "sms", RUNS),
     ]
     assert scalar(db, "SELECT count(*) FROM messages WHERE provider = 'outbox'") == len(STEPS) * RUNS
-    completed = await client.count_workflows(f'TaskQueue = "{queue}" AND ExecutionStatus = "Completed"')
-    assert completed.count == RUNS
+    query = f'TaskQueue = "{queue}" AND ExecutionStatus = "Completed"'
+    deadline = time.monotonic() + 20  # every run completed (awaited above); visibility follows
+    while (completed := (await client.count_workflows(query)).count) != RUNS and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert completed == RUNS
     db.dispose()
