@@ -64,7 +64,7 @@ Runs started without it (before this release) replay as they ran."""
 
 TRAITS = "traits"
 """Workflow input: the person's traits as the router read them with the trigger, given only when
-the run's first command reads the profile (:func:`~nurture.engine.interpreter.reads_profile_first`):
+the run's first command reads the profile (:attr:`~nurture.engine.interpreter.Opening.reads_profile`):
 the run answers that read with them instead of a ``nurture.read_profile`` local activity (one
 marker, one activation and one database read fewer). Runs started without it read as before."""
 

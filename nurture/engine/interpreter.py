@@ -317,14 +317,6 @@ def too_soon(journey: ir.Journey, last_entered_at: datetime | None, now: datetim
     return now - last_entered_at < timedelta(seconds=journey.re_entry_after)
 
 
-def reads_profile_first(journey: ir.Journey, *, user_id: str, key: str, event: Event, now: datetime) -> bool:
-    """Whether a run of ``journey`` that this trigger starts reads the person's profile before
-    anything else (its first step a ``wait_until``, or a branch or update on ``user``). A router
-    that has just read the profile then hands the traits to the run with its start, which saves
-    the run a profile read of its own; other runs' starts carry no traits."""
-    return opening(journey, user_id=user_id, key=key, event=event, now=now).reads_profile
-
-
 @dataclass
 class Opening:
     """How a run that a router is about to start begins, worked out by the router (:func:`opening`)
@@ -335,7 +327,10 @@ class Opening:
     first: Command | Ended
     """The run's first command, once a first profile read is answered with the router's traits."""
     reads_profile: bool
-    """Whether the run reads the person's profile before anything else."""
+    """Whether the run reads the person's profile before anything else (its first step a
+    ``wait_until``, or a branch or update on ``user``): a router that has just read the profile
+    then hands the traits to the run with its start, which saves the run a profile read of its
+    own; other runs' starts carry no traits."""
 
     @property
     def waits(self) -> Sleep | AwaitEvent | None:
