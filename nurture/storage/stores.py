@@ -235,14 +235,22 @@ def record_opening(session: Session, start: Mapping[str, Any], steps: Mapping[st
     that started it (:class:`~nurture.engine.interpreter.Opening`): its row, with the step it
     waits at, and those reaches, each only where absent. The run may have got further and
     written them first: its own records carry them again (``opened`` runs)."""
-    row = {**_defaults(RunRecord), **_run_row(start), "step": steps["waiting"]}
-    row["user_id"] = canonical(session, row["user_id"])  # merged a moment ago, perhaps
-    insert = upsert(session)
-    if insert is not None:
-        session.execute(insert(RunRecord).values(**row).on_conflict_do_nothing())
-    elif session.get(RunRecord, row["run_id"]) is None:  # other engines: a look-up first
-        session.add(RunRecord(**row))
+    _add_run(session, start, step=steps["waiting"])
     _add_reaches(session, steps)
+
+
+def _add_run(session: Session, start: Mapping[str, Any], *, step: str | None = None) -> None:
+    """A run's row from its start record (``step``: where it waits), unless it has one (a retried
+    activity; an opened run's row, written by its router or by the run)."""
+    if session.get(RunRecord, start["run_id"]) is not None:
+        return  # the usual case for a retry or an opened run: no more statements
+    row = {**_defaults(RunRecord), **_run_row(start), "step": step}
+    row["user_id"] = canonical(session, row["user_id"])  # a run of a person merged since
+    insert = upsert(session)
+    if insert is not None:  # the other writer may insert it meanwhile
+        session.execute(insert(RunRecord).values(**row).on_conflict_do_nothing())
+    else:
+        session.add(RunRecord(**row))
 
 
 class DbRecorder:
@@ -256,11 +264,7 @@ class DbRecorder:
 
     def _start(self, record: Mapping[str, Any]) -> None:
         with self.db.session() as session:
-            if session.get(RunRecord, record["run_id"]) is not None:
-                return  # a retried activity
-            row = _run_row(record)
-            row["user_id"] = canonical(session, row["user_id"])  # a run of a person merged since
-            session.add(RunRecord(**row))
+            _add_run(session, record)
 
     async def end(self, record: Mapping[str, Any]) -> None:
         await asyncio.to_thread(self._end, record)
