@@ -38,6 +38,7 @@ from nurture.simulation.scenarios import load_scenario  # noqa: E402
 from workflows.activities import JourneyActivities  # noqa: E402
 from workflows.journey import CONTINUE_AFTER, JourneyWorkflow, run_input  # noqa: E402
 from workflows.runtime import MemoryRecorder, TemporalRuntime, binary, quiet_runtime  # noqa: E402
+from workflows.sandbox import workflow_runner  # noqa: E402
 
 SCENARIOS = {
     ROOT: [
@@ -96,7 +97,13 @@ async def record_upgrades(dest: Path) -> None:
         Deliverer(project.templates, for_every_channel(Outbox())), MemoryProfiles(), MemoryRecorder()
     )
     try:
-        async with Worker(env.client, task_queue=queue, workflows=[JourneyWorkflow], activities=list(activities.all())):
+        async with Worker(
+            env.client,
+            task_queue=queue,
+            workflows=[JourneyWorkflow],
+            activities=list(activities.all()),
+            workflow_runner=workflow_runner(),
+        ):
 
             async def start(user: str, **options: Any) -> WorkflowHandle[Any, Any]:
                 now = await env.get_current_time()

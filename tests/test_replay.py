@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from workflows.dates import DateTriggerWorkflow
 from workflows.journey import JourneyWorkflow
+from workflows.sandbox import workflow_runner
 
 HISTORIES = sorted((Path(__file__).parent / "histories").rglob("*.json"))
 
@@ -49,11 +51,19 @@ def test_runs_given_the_traits_at_start_read_no_profile_before_their_first_wait(
     assert reads("v6") == (True, 0)
 
 
+RUNNERS = {"worker": workflow_runner, "default-sandbox": SandboxedWorkflowRunner}
+"""The worker's runner (the workflow modules passed through), and the SDK's default sandbox, which
+imports them again for every run under its restrictions."""
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("path", HISTORIES, ids=[f"{p.parent.name}/{p.stem}" for p in HISTORIES])
-async def test_history_replays(path: Path) -> None:
+async def test_history_replays(path: Path, runner: str) -> None:
     text = path.read_text(encoding="utf-8")
     history = WorkflowHistory.from_json(f"replay-{path.stem}", text)
-    result = await Replayer(workflows=[JourneyWorkflow, DateTriggerWorkflow]).replay_workflow(history)
+    sandbox: WorkflowRunner = RUNNERS[runner]()
+    replayer = Replayer(workflows=[JourneyWorkflow, DateTriggerWorkflow], workflow_runner=sandbox)
+    result = await replayer.replay_workflow(history)
     assert result.replay_failure is None
     assert json.loads(text)["events"][0]["eventType"] in ("EVENT_TYPE_WORKFLOW_EXECUTION_STARTED", "WorkflowExecutionStarted")
 
@@ -91,7 +101,8 @@ async def test_changed_workflow_code_fails_replay(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(interpreter.Run, "_step", skip_waits)
     path = next(p for p in HISTORIES if "welcome_full_series" in p.name)
     history = WorkflowHistory.from_json("replay-changed", path.read_text(encoding="utf-8"))
-    result = await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history, raise_on_replay_failure=False)
+    replayer = Replayer(workflows=[JourneyWorkflow], workflow_runner=workflow_runner())
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is not None
 
 

@@ -69,6 +69,7 @@ from nurture.simulation.simulator import Outcome
 from .activities import JourneyActivities
 from .dates import PLAN_SIGNAL, DateActivities, DateTriggerWorkflow, date_params
 from .journey import JourneyWorkflow, new_run
+from .sandbox import workflow_runner
 
 TASK_QUEUE = "nurture-scenarios"
 
@@ -162,6 +163,7 @@ class TemporalRuntime:
             task_queue=TASK_QUEUE,
             workflows=[JourneyWorkflow, DateTriggerWorkflow],
             activities=[*self._activities.all(), *self._dates.all()],
+            workflow_runner=workflow_runner(),
         )
         await self._worker.__aenter__()
         return self

@@ -46,6 +46,7 @@ from nurture.storage.stores import DbHistory, DbLedger, DbOutbox, DbProfiles, Db
 from workflows.activities import JourneyActivities
 from workflows.dates import DateActivities, DateTriggerWorkflow
 from workflows.journey import JourneyWorkflow
+from workflows.sandbox import workflow_runner
 
 from .ingest import Ingest
 from .observability import JOURNEYS, ActivityMetrics, InstrumentedRecorder, configure_logging
@@ -209,6 +210,7 @@ def build_worker(
         interceptors=[ActivityMetrics()],
         graceful_shutdown_timeout=timedelta(seconds=shutdown_timeout),
         max_cached_workflows=max_cached_workflows,
+        workflow_runner=workflow_runner(),
     )
 
 
