@@ -41,6 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TASK_QUEUE = "nurture-bench"
 GC_LOG = "NURTURE_BENCH_GC_LOG"
 """Set for ``worker-handwritten``: the file its full garbage collections are written to."""
+FLOOR_PASSTHROUGH = "NURTURE_BENCH_FLOOR_PASSTHROUGH"
+"""Set (to 1) for ``worker-handwritten``: the hand-written workflow's module is passed through the
+sandbox as Nurture's are (``workflows/sandbox.py``), not imported again for every run."""
 WRITE_KEY = "bench-write-key"
 
 T = TypeVar("T")
@@ -288,6 +291,10 @@ def _serve_handwritten() -> None:
     from nurture.service.settings import Settings
 
     def with_handwritten(client: Any, **options: Any) -> Worker:
+        if os.environ.get(FLOOR_PASSTHROUGH) == "1":
+            runner = options["workflow_runner"]
+            restrictions = runner.restrictions.with_passthrough_modules(HandwrittenJourney.__module__)
+            options["workflow_runner"] = type(runner)(restrictions=restrictions)
         return Worker(client, **{**options, "workflows": [*options["workflows"], HandwrittenJourney]})
 
     # build_worker takes no extra workflows; the Worker it builds gets one more, so both workflows

@@ -3,7 +3,7 @@ wake-up of every run in the same minute, against the same journey written by han
 
     python benchmarks/sleepers.py [--runs 100000] [--concurrency 64] [--database-url postgresql://...]
                                   [--worker-env NAME=VALUE ...] [--sample 1.0] [--timeout 7200]
-                                  [--records ride|local] [--opening router|run]
+                                  [--records ride|local] [--opening router|run] [--floor default|passthrough]
 
 The journey sleeps until an instant its trigger carries, then sends one transactional SMS
 (``wait_until: {date: event.properties.due_at}``), run by ``JourneyRun``; the hand-written
@@ -35,6 +35,9 @@ per run, times 1.3, plus 30 s of sleep). Each phase's figures are printed as it 
 started (to show it flat in the number of sleeping runs, bounded by the workflow cache), the CPU
 per run, and the ratios against the goals (wake-up within 1.10x of the hand-written workflow).
 ``--worker-env`` passes settings to the worker (``NURTURE_MAX_CACHED_WORKFLOWS=1000``, ...).
+``--floor passthrough`` passes the hand-written workflow's module through the sandbox as the worker
+passes Nurture's (``workflows/sandbox.py``); by default it is imported again for every run, as the
+SDK does for any workflow module not configured otherwise.
 """
 
 from __future__ import annotations
@@ -50,7 +53,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from _stack import GC_LOG, ROOT, Stack, bounded, busy_seconds, cpu_seconds, database, machine
+from _stack import (
+    FLOOR_PASSTHROUGH,
+    GC_LOG,
+    ROOT,
+    Stack,
+    bounded,
+    busy_seconds,
+    cpu_seconds,
+    database,
+    machine,
+)
 from handwritten import WORKFLOW_NAME as HANDWRITTEN
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -449,6 +462,13 @@ async def main() -> None:
         help="JourneyRun's start and first wait: written by the router that starts it, as the event API "
         "does (opened), or by the run's own local activity, as runs started before it",
     )
+    parser.add_argument(
+        "--floor",
+        choices=("default", "passthrough"),
+        default="default",
+        help="the hand-written workflow's module in the worker's sandbox: imported again for every run, "
+        "the SDK's default (the floor of the goals), or passed through as Nurture's workflow modules are",
+    )
     parser.add_argument("--timeout", type=float, default=7200.0, help="give up after this many seconds")
     args = parser.parse_args()
     if args.runs < 1 or args.concurrency < 1:
@@ -466,7 +486,8 @@ async def main() -> None:
             engine = "PostgreSQL" if args.database_url else "SQLite"
             print(f"{machine()}; dev server (store: memory); worker subprocess on {engine}; load {load()}")
             print(f"journey: wait_until an instant, then one transactional SMS; {args.runs} runs of each kind, "
-                  f"{args.concurrency} starts in flight; worker settings {extra or 'defaults'}")
+                  f"{args.concurrency} starts in flight; worker settings {extra or 'defaults'}; "
+                  f"hand-written module: {'passed through' if args.floor == 'passthrough' else 'imported per run'}")
             users = {kind: (people(kind, WARM_UP), people(kind, args.runs)) for kind in (HANDWRITTEN, GENERIC)}
             began = time.perf_counter()
             traits: dict[str, dict[str, Any]] = {}
@@ -475,6 +496,8 @@ async def main() -> None:
             print(f"seeded {2 * (args.runs + WARM_UP)} profiles in {time.perf_counter() - began:.0f} s", flush=True)
             os.environ.update(extra)  # the worker's environment is this process's (Stack.env)
             os.environ[GC_LOG] = str(home / "gc.log")
+            if args.floor == "passthrough":
+                os.environ[FLOOR_PASSTHROUGH] = "1"
             with stack.worker(handwritten=True) as worker:
                 client = await Client.connect(temporal.address)
                 meter = Meter(worker.process.pid, temporal.process.pid, args.sample)
