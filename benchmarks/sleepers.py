@@ -575,7 +575,8 @@ async def run(
     phases = []
     for kind, (_, measured) in users.items():
         lead = runs * warm[kind] * 1.3 + 30.0
-        print(f"{kind}: {runs} runs due in {lead:.0f} s ({datetime.now(UTC):%H:%M:%S})", flush=True)
+        when = f"due in {lead:.0f} s" if wake else "not to be woken (--no-wake)"
+        print(f"{kind}: {runs} runs {when} ({datetime.now(UTC):%H:%M:%S})", flush=True)
         due = datetime.now(UTC) + timedelta(seconds=lead)
         phases.append(await bench.phase(kind, measured, due, lead, db, wake=wake))
     return phases, warm
