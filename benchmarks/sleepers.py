@@ -4,7 +4,7 @@ wake-up of every run in the same minute, against the same journey written by han
     python benchmarks/sleepers.py [--runs 100000] [--concurrency 64] [--database-url postgresql://...]
                                   [--worker-env NAME=VALUE ...] [--sample 1.0] [--timeout 7200]
                                   [--records ride|local] [--opening router|run] [--floor default|passthrough]
-                                  [--kinds both|HandwrittenJourney|JourneyRun] [--no-wake]
+                                  [--kinds both|HandwrittenJourney|JourneyRun] [--no-wake] [--temporal-store memory|file]
 
 The journey sleeps until an instant its trigger carries, then sends one transactional SMS
 (``wait_until: {date: event.properties.due_at}``), run by ``JourneyRun``; the hand-written
@@ -285,9 +285,13 @@ class Bench:
         marks: dict[str, Sample] = {"begin": self.meter.sample()}
         self.meter.phase, self.meter.started = f"{kind}:start", 0
 
+        tenth = max(1, len(users) // 10)
+
         async def one(index: int) -> bool:
             await self.start(kind, users[index], due + timedelta(seconds=SPREAD * index / len(users)))
             self.meter.started += 1
+            if len(users) >= 10_000 and self.meter.started % tenth == 0:
+                print(f"{kind}: {self.meter.started} started ({datetime.now(UTC):%H:%M:%S})", flush=True)
             return True
 
         began = time.perf_counter()
@@ -499,6 +503,12 @@ async def main() -> None:
         "the SDK's default (the floor of the goals), or passed through as Nurture's workflow modules are",
     )
     parser.add_argument(
+        "--temporal-store",
+        choices=("memory", "file"),
+        default="memory",
+        help="the dev server's store: in memory, or a SQLite file in WAL mode (as `nurture up` keeps it)",
+    )
+    parser.add_argument(
         "--kinds", choices=("both", HANDWRITTEN, GENERIC), default="both", help="which workflows to measure"
     )
     parser.add_argument(
@@ -519,11 +529,11 @@ async def main() -> None:
         journeys.mkdir()
         (journeys / "bench_sleepers.yaml").write_text(JOURNEY)
         journey = load_project(journeys, ROOT / "templates").journeys["bench_sleepers"]
-        with dev_server(home, persist=False) as temporal, database(home, args.database_url) as url:
+        with dev_server(home, persist=args.temporal_store == "file") as temporal, database(home, args.database_url) as url:
             stack = Stack(home, temporal.address, url, journeys=journeys)
             db = stack.db()
             engine = "PostgreSQL" if args.database_url else "SQLite"
-            print(f"{machine()}; dev server (store: memory); worker subprocess on {engine}; load {load()}")
+            print(f"{machine()}; dev server (store: {args.temporal_store}); worker subprocess on {engine}; load {load()}")
             print(f"journey: wait_until an instant, then one transactional SMS; {args.runs} runs of each kind, "
                   f"{args.concurrency} starts in flight; worker settings {extra or 'defaults'}; "
                   f"hand-written module: {'passed through' if args.floor == 'passthrough' else 'imported per run'}")
