@@ -314,12 +314,12 @@ class Bench:
         self.meter.phase = f"{kind}:sleep"
         await asyncio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()) if wake else ASLEEP_ONLY)
         marks["sleep"] = self.meter.sample()
-        if not wake:
-            print(f"{kind}: {len(users)} asleep for {ASLEEP_ONLY:.0f} s; worker RSS {mib(marks['sleep'].worker_rss)} MiB; "
-                  "not woken (--no-wake)", flush=True)
         if wake:
             await self.wake(kind, users, due, db, result)
-        result.wake_s = result.wake_s if wake else float("nan")
+        else:
+            result.wake_s = float("nan")
+            print(f"{kind}: {len(users)} asleep for {ASLEEP_ONLY:.0f} s; worker RSS {mib(marks['sleep'].worker_rss)} MiB; "
+                  "not woken (--no-wake)", flush=True)
         marks["wake"] = self.meter.sample()
         self.meter.phase = "idle"
         previous = marks["begin"]
@@ -339,7 +339,6 @@ class Bench:
         result.rss["max"] = max(s.worker_rss for s in mine)
         result.by_started = [(s.started, s.worker_rss) for s in mine if s.phase in (f"{kind}:start", f"{kind}:settle")]
         return result
-
 
     async def wake(self, kind: str, users: list[str], due: datetime, db: Database, result: Phase) -> None:
         """Until every run has sent its message; then each run must have sent exactly one."""
@@ -443,14 +442,21 @@ def report(phases: list[Phase], warm: dict[str, float]) -> None:
     print()
     if hand is None or generic is None:
         for p in phases:
-            cpu_start = (p.cpu["start"]["worker"] + p.cpu["settle"]["worker"]) / p.runs
-            print(f"{p.kind}: {p.runs / p.start_s:.1f} starts/s, worker CPU per start {cpu_start * 1000:.2f} ms")
-        print("warm-up, start and settle seconds per run: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in warm.items()))
-        return
+            print(f"{p.kind}: {p.runs / p.start_s:.1f} starts/s, worker CPU per start {start_cpu(p) * 1000:.2f} ms")
+    else:
+        report_ratios(hand, generic)
+    print("warm-up, start and settle seconds per run: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in warm.items()))
+
+
+def start_cpu(p: Phase) -> float:
+    """The worker's CPU seconds per run, from the first start until every run sleeps."""
+    return (p.cpu["start"]["worker"] + p.cpu["settle"]["worker"]) / p.runs
+
+
+def report_ratios(hand: Phase, generic: Phase) -> None:
     start = hand.start_s / generic.start_s
     print(f"start rate JourneyRun/raw start_workflow: {start:.3f} ({generic.runs / generic.start_s:.1f} vs {hand.runs / hand.start_s:.1f} starts/s)")
-    cpu = (generic.cpu["start"]["worker"] + generic.cpu["settle"]["worker"]) / generic.runs
-    cpu_hand = (hand.cpu["start"]["worker"] + hand.cpu["settle"]["worker"]) / hand.runs
+    cpu, cpu_hand = start_cpu(generic), start_cpu(hand)
     print(f"worker CPU per start JourneyRun/hand-written: {cpu / cpu_hand:.3f} ({cpu * 1000:.2f} vs {cpu_hand * 1000:.2f} ms)")
     if math.isnan(generic.wake_s):
         print("wake-up: not measured (--no-wake)")
@@ -459,7 +465,6 @@ def report(phases: list[Phase], warm: dict[str, float]) -> None:
         verdict = "met" if wake <= WAKE_GOAL else "NOT met"
         print(f"wake-up time JourneyRun/hand-written: {wake:.3f} ({generic.wake_s:.1f} vs {hand.wake_s:.1f} s; goal <= {WAKE_GOAL:.2f}: {verdict})")
         print(f"messages: {generic.runs} + {hand.runs}, one per run, none lost or duplicated")
-    print("warm-up, start and settle seconds per run: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in warm.items()))
 
 
 def rss_by_tenth(p: Phase) -> list[str]:

@@ -99,9 +99,7 @@ def new_run(
     journey's intermediate form): :func:`run_input`, the ``traits`` when the run reads the profile
     first (:data:`TRAITS`) and, when it then waits first and ``opens``, the promise that its
     router writes its start and first steps (:data:`OPENED`); with that run's
-    :class:`~nurture.engine.interpreter.Opening`, whose records the router writes (else ``None``).
-    A plain function (no class here): this module is imported again for every run the worker
-    starts in its sandbox."""
+    :class:`~nurture.engine.interpreter.Opening`, whose records the router writes (else ``None``)."""
     params = run_input(payload, user_id, key, event)
     begins = opening(journey, user_id=user_id, key=key, event=Event.from_dict(event), now=now, traits=traits)
     if traits is not None and begins.reads_profile:
