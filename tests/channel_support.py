@@ -91,6 +91,12 @@ FAULT_CASES: list[tuple[str, str, bool]] = [
     ("drop", "connection", True),
 ]
 
+# The provider adapters' timeout in these tests. A loaded CI machine can take more than a few
+# hundred milliseconds to validate a request against the OpenAPI spec and answer, so a shorter
+# timeout turns a scripted answer into a "timeout"; the mock holds a ``timeout`` fault for
+# ``OpenApiMock.timeout_hold`` (5 s), well past this.
+CLIENT_TIMEOUT = 2.0
+
 # (how the answer is lost, reason): the mock accepts the request, then closes the connection
 # without answering, or holds the answer past the client's timeout.
 LOST_ANSWERS: list[tuple[str, str]] = [("accept_then_drop", "connection"), ("hold", "timeout")]

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from channel_support import (
+    CLIENT_TIMEOUT,
     FAULT_CASES,
     LOST_ANSWERS,
     assert_wait,
@@ -67,7 +68,7 @@ def adapter(mock: OpenApiMock, **options: Any) -> SendGridEmail:
         "from_email": "hello@n.example",
         "from_name": "Nurture",
         "host": mock.url,
-        "timeout": 0.3,
+        "timeout": CLIENT_TIMEOUT,
     }
     settings.update(options)
     return SendGridEmail(**settings)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import requests
 from channel_support import (
+    CLIENT_TIMEOUT,
     FAULT_CASES,
     LOST_ANSWERS,
     assert_wait,
@@ -75,7 +76,7 @@ def adapter(mock: OpenApiMock, **options: Any) -> TwilioSms:
         "from_number": SENDER,
         "status_callback": CALLBACK,
         "base_url": mock.url,
-        "timeout": 0.3,
+        "timeout": CLIENT_TIMEOUT,
     }
     settings.update(options)
     return TwilioSms(**settings)
