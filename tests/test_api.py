@@ -20,7 +20,9 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+import psycopg
 import pytest
+from conftest import POSTGRES, POSTGRES_BASE, postgres_database
 from support import eventually, messages, new_user, rows
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -126,6 +128,39 @@ async def test_track_runs_the_journey_into_the_outbox(api: Api) -> None:
         "outbox",
     )
     assert "o-1" in message.content["text"] and "Python 101" in message.content["text"]
+
+
+async def test_a_call_after_postgresql_dropped_the_connections_is_a_503_and_its_retry_lands(
+    project: Project, migrated_postgres: str | None, temporal_client: Client
+) -> None:
+    # A server restart closes every connection in the pool; those used moments ago are handed
+    # out unchecked, so the next call's first statement fails. Its answer must tell the tracking
+    # library to retry (a 503), and the retry must land once.
+    assert migrated_postgres is not None, f"this test needs PostgreSQL at {POSTGRES}"
+    with postgres_database(template=migrated_postgres) as name:
+        db = Database(f"{POSTGRES_BASE}/{name}")
+        try:
+            async with serving(project, db, temporal_client) as api:
+                user = await buyer(api)
+                with psycopg.connect(POSTGRES, autocommit=True) as admin:
+                    dropped = admin.execute(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s", (name,)
+                    ).fetchone()
+                assert dropped is not None and dropped[0] >= 1
+                call = {**order(user, "o-1"), "messageId": f"m-{user}"}
+
+                first = await api.post("/v1/track", call)
+                second = await api.post("/v1/track", call)
+
+                assert first.status_code == 503, first.text
+                assert first.json()["code"] == "unavailable" and first.headers["Retry-After"] == "5"
+                assert second.status_code == 200, second.text
+                assert second.json()["triggered"] == [workflow_id("post_purchase", user, "o-1")]
+                [message] = await eventually(lambda: messages(db, user_id=user), what="the SMS")
+                assert message.status == "sent"
+                assert len(rows(db, EventRecord, message_id=f"m-{user}")) == 1
+        finally:
+            db.dispose()
 
 
 JOURNEY = """\

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import inspect
+from conftest import POSTGRES
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import OperationalError
 from sqlmodel import select
-from support import rows, send_request
+from support import fresh_postgres, rows, send_request
 
 from nurture.delivery.deliverer import Claim
 from nurture.engine.identity import call_identifiers
 from nurture.engine.model import SendOutcome, SendRequest
 from nurture.language.templates import RenderedMessage
-from nurture.storage.db import Database, database_url
+from nurture.storage.db import Database, Pool, database_url
 from nurture.storage.identities import DbIdentities
 from nurture.storage.models import EventRecord, MessageRecord, RunRecord, StepReach
 from nurture.storage.stores import (
@@ -313,3 +319,69 @@ def test_the_upgrade_marks_the_feedback_messages_already_had(database: Database)
 
     bits = {row.idempotency_key: row.feedback for row in rows(database, MessageRecord)}
     assert bits == {"r1:s1": feedback_bit("delivered") | feedback_bit("open"), "r2:s1": 0}
+
+
+# -- pooled PostgreSQL connections ----------------------------------------------------------------
+
+
+IDLE = 0.3
+"""The idle time after which these tests' pools check a connection before handing it out."""
+
+
+def backend_pid(db: Database) -> int:
+    with db.session() as session:
+        return int(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def terminate(pid: int) -> None:
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+@pytest.fixture
+def pinged(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Database, list[object]]]:
+    """A PostgreSQL database with a pool of one connection, checked after ``IDLE`` seconds idle,
+    and the list of the pings its dialect made."""
+    with fresh_postgres() as url:
+        db = Database(database_url({"DATABASE_URL": url}), pool=Pool(size=1, overflow=0), idle_check=IDLE)
+        pings: list[object] = []
+        ping = db.engine.dialect.do_ping
+
+        def counted(connection: Any) -> bool:
+            pings.append(connection)
+            return ping(connection)
+
+        monkeypatch.setattr(db.engine.dialect, "do_ping", counted)
+        try:
+            yield db, pings
+        finally:
+            db.dispose()
+
+
+def test_a_connection_returned_moments_ago_is_handed_out_unchecked(pinged: tuple[Database, list[object]]) -> None:
+    db, pings = pinged
+    pids = {backend_pid(db) for _ in range(20)}
+    assert len(pids) == 1 and pings == []  # one connection, twenty checkouts, no round trip added
+    time.sleep(IDLE * 2)
+    assert backend_pid(db) in pids and len(pings) == 1  # idle past the limit: checked once, kept
+
+
+def test_an_idle_connection_the_server_closed_is_replaced_unseen(pinged: tuple[Database, list[object]]) -> None:
+    db, pings = pinged
+    first = backend_pid(db)
+    terminate(first)
+    time.sleep(IDLE * 2)
+    assert backend_pid(db) != first  # the ping failed, so a new connection served the session
+    assert len(pings) == 1
+
+
+def test_a_busy_connection_the_server_closed_fails_once_as_a_transient_error(
+    pinged: tuple[Database, list[object]],
+) -> None:
+    db, pings = pinged
+    first = backend_pid(db)
+    terminate(first)
+    with pytest.raises(OperationalError) as failed:  # what callers treat as transient (a retry)
+        backend_pid(db)
+    assert failed.value.connection_invalidated
+    assert backend_pid(db) != first and pings == []  # the retry gets a new connection

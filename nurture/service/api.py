@@ -51,6 +51,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, col, select
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -1380,7 +1381,7 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "Body over 32 KB (500 KB for a batch or import), sent or decompressed.",
     },
     415: {"model": ErrorBody, "description": "A Content-Encoding other than gzip, deflate or identity."},
-    503: {"model": ErrorBody, "description": "Temporal unreachable; retry with the same messageId."},
+    503: {"model": ErrorBody, "description": "Temporal or the database unreachable; retry with the same messageId."},
 }
 
 
@@ -1900,7 +1901,7 @@ BROADCAST_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     404: {"model": ErrorBody, "description": "No broadcast with this id, or (status) none started yet."},
     409: {"model": ErrorBody, "description": "Another process is starting this occurrence now, or none is due."},
-    503: {"model": ErrorBody, "description": "Temporal unreachable."},
+    503: {"model": ErrorBody, "description": "Temporal or the database unreachable."},
 }
 
 
@@ -2180,6 +2181,20 @@ async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(exc.status, exc.error, exc.message, exc.detail, exc.headers)
 
 
+async def _on_database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database did not answer, or dropped the connection (a restart): the statement's
+    transaction rolled back, and a retry will help. An event stored before is kept and routed by
+    the retry with the same messageId."""
+    assert isinstance(exc, OperationalError)
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, type(exc.orig).__name__)
+    return _error_response(
+        503,
+        "unavailable",
+        "the database did not answer; nothing was lost: retry the call (an event with the same messageId)",
+        headers={"Retry-After": "5"},
+    )
+
+
 _HTTP_ERRORS = {
     400: "invalid_request",
     401: "unauthorized",
@@ -2445,6 +2460,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(OperationalError, _on_database_unavailable)
     app.add_middleware(EncodedSlash)
     app.add_middleware(OneValueEach)
     app.add_middleware(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+IDLE_CHECK = 5.0
+"""Seconds a pooled server connection may sit idle before its next checkout checks it first."""
 
 
 def database_url(env: Mapping[str, str] | None = None, home: Path | None = None) -> str:
@@ -59,13 +63,11 @@ class Pool:
 class Database:
     """One engine per process; short sessions per unit of work."""
 
-    def __init__(self, url: str, *, pool: Pool | None = None) -> None:
+    def __init__(self, url: str, *, pool: Pool | None = None, idle_check: float = IDLE_CHECK) -> None:
+        """``idle_check``: see :func:`_check_idle_connections` (server databases only)."""
         self.url = url
         options: dict[str, Any] = {}
         if not url.startswith("sqlite"):
-            # A server may have closed a pooled connection (a restart, an idle timeout): each
-            # checkout checks first. A SQLite connection is a file handle, which nothing closes.
-            options["pool_pre_ping"] = True
             if pool is not None:
                 options.update(pool_size=pool.size, max_overflow=pool.overflow)
         else:
@@ -76,6 +78,8 @@ class Database:
         self.engine: Engine = create_engine(url, **options)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            _check_idle_connections(self.engine, idle_check)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -123,6 +127,30 @@ def _private_sqlite_file(path: Path) -> None:
     # locks on it, SQLite's included.
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _check_idle_connections(engine: Engine, idle: float) -> None:
+    """A server may have closed a pooled connection (a restart, an idle timeout, a proxy): a
+    checkout of one that sat idle for more than ``idle`` seconds pings it first, and takes a new
+    one if the ping fails. A connection returned moments ago is handed out as it is: under load
+    that saves a round trip per checkout, several per event. One closed within ``idle`` seconds of
+    its last use fails its next statement instead (a transient error, which the caller's retry
+    rides out), and marks every older connection of the pool stale. A SQLite connection is a file
+    handle, which nothing closes: it is never checked."""
+
+    @event.listens_for(engine, "checkin")
+    def returned(_dbapi_connection: Any, record: Any) -> None:
+        record.info["returned"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def handed_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.pop("returned", None)
+        if returned is None or time.monotonic() - returned <= idle:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as failed:  # whatever the driver raises for a closed connection
+            raise exc.DisconnectionError(f"a pooled connection idle for over {idle:g}s was closed") from failed
 
 
 def upsert(session: Session) -> Callable[..., Any] | None:
