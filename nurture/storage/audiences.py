@@ -56,7 +56,7 @@ from nurture.engine.clock import format_instant
 from nurture.engine.model import Event, Profile
 from nurture.language.audiences import ENTERED, EXITED, Activity, Audience, audience_to_dict
 
-from .db import Database, upsert
+from .db import Database, upsert, upsert_statement
 from .identities import canonical, with_group
 from .models import (
     AudienceChange,
@@ -790,23 +790,12 @@ _PERSON_EVENTS: Any = sa_select(
     _EVENTS.c.kind == "track",
 )
 """One person's track events of some names, each with its time for a tally."""
-_UPSERT_STATES: dict[str, Any] = {}
-
-
 def _write_states(session: Session, rows: list[dict[str, Any]]) -> None:
-    dialect = session.get_bind().dialect.name
-    statement = _UPSERT_STATES.get(dialect)
+    statement = upsert_statement(session, _STATES, ("audience", "person"), ("tallies", "changes_at", "version"))
     if statement is None:
-        insert_ = upsert(session)
-        if insert_ is None:
-            for values in rows:
-                session.merge(AudienceState(**values))
-            return
-        plain = insert_(_STATES)
-        statement = _UPSERT_STATES[dialect] = plain.on_conflict_do_update(
-            index_elements=["audience", "person"],
-            set_={name: plain.excluded[name] for name in ("tallies", "changes_at", "version")},
-        )
+        for values in rows:
+            session.merge(AudienceState(**values))
+        return
     session.connection().execute(statement, rows)
 
 

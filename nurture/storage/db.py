@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +158,27 @@ def upsert(session: Session) -> Callable[..., Any] | None:
     ``None``: the caller falls back to a merge."""
     dialect = session.get_bind().dialect.name
     return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+
+
+_UPSERTS: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
+
+
+def upsert_statement(session: Session, table: Any, keys: Sequence[str], updates: Sequence[str]) -> Any | None:
+    """``INSERT INTO table ... ON CONFLICT (keys) DO UPDATE SET updates`` (from the inserted row)
+    for the session's database, or ``None`` where :func:`upsert` is. Built once per database kind
+    and run on the session's connection with each call's values: SQLAlchemy reuses its compiled
+    form, and no ORM step or per-call construction is paid on a hot path."""
+    found = (session.get_bind().dialect.name, table.name, tuple(keys), tuple(updates))
+    statement = _UPSERTS.get(found)
+    if statement is None:
+        insert = upsert(session)
+        if insert is None:
+            return None
+        plain = insert(table)
+        statement = _UPSERTS[found] = plain.on_conflict_do_update(
+            index_elements=list(keys), set_={name: plain.excluded[name] for name in updates}
+        )
+    return statement
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, or_, update
+from sqlalchemy import bindparam, func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -24,7 +24,7 @@ from nurture.language import ir
 from nurture.language.templates import RenderedMessage
 
 from .audiences import mark_pending
-from .db import Database, upsert
+from .db import Database, upsert, upsert_statement
 from .identities import canonical, merged_persons, with_group
 from .models import (
     DateTriggerRecord,
@@ -635,12 +635,19 @@ class Events:
 
 def mark_routed(session: Session, message_id: str) -> None:
     """:meth:`Events.routed` in the caller's session."""
-    session.execute(
-        update(EventRecord)
-        .where(col(EventRecord.message_id) == message_id)
-        .where(col(EventRecord.routed_at).is_(None))
-        .values(routed_at=utcnow())
-    )
+    session.connection().execute(_MARK_ROUTED, {"event": message_id, "at": utcnow()})
+
+
+_EVENTS: Any = EventRecord.__table__  # type: ignore[attr-defined]
+_ROUTES: Any = Route.__table__  # type: ignore[attr-defined]
+"""The tables, for the plain statements of the event API's hot path: built once, run on the
+session's connection (no ORM step; SQLAlchemy reuses their compiled form)."""
+_MARK_ROUTED: Any = (
+    update(_EVENTS)
+    .where(_EVENTS.c.message_id == bindparam("event"))
+    .where(_EVENTS.c.routed_at.is_(None))
+    .values(routed_at=bindparam("at"))
+)
 
 
 class Routes:
@@ -696,17 +703,11 @@ def activate_route(
         "active": True,
         "updated_at": utcnow(),
     }
-    insert = upsert(session)
-    if insert is None:
+    statement = upsert_statement(session, _ROUTES, ("workflow_id",), ("listens", "active", "updated_at"))
+    if statement is None:
         session.merge(Route.model_validate(values))  # other engines: a merge by primary key
         return
-    statement = insert(Route).values(**values)
-    session.execute(
-        statement.on_conflict_do_update(
-            index_elements=["workflow_id"],
-            set_={name: statement.excluded[name] for name in ("listens", "active", "updated_at")},
-        )
-    )
+    session.connection().execute(statement, values)
 
 
 def active_routes(session: Session, user_id: str) -> list[Route]:
