@@ -642,6 +642,22 @@ _EVENTS: Any = EventRecord.__table__  # type: ignore[attr-defined]
 _ROUTES: Any = Route.__table__  # type: ignore[attr-defined]
 """The tables, for the plain statements of the event API's hot path: built once, run on the
 session's connection (no ORM step; SQLAlchemy reuses their compiled form)."""
+# The event API's reads, with their parameters bound per call.
+_ACTIVE_ROUTES: Any = select(Route).where(col(Route.user_id) == bindparam("user")).where(col(Route.active).is_(True))
+_CONVERTING: Any = (
+    select(RunRecord)
+    .where(col(RunRecord.user_id) == bindparam("user"))
+    .where(col(RunRecord.journey).in_(bindparam("journeys", expanding=True)))
+    .where(col(RunRecord.status) == "ended", col(RunRecord.converted_at).is_(None))
+    .where(col(RunRecord.goal_until) >= bindparam("at"))
+)
+_HAD_RUN: Any = (
+    select(col(RunRecord.run_id))
+    .where(col(RunRecord.journey) == bindparam("journey"))
+    .where(col(RunRecord.user_id) == bindparam("user"))
+    .where(col(RunRecord.key) == bindparam("key"))
+    .limit(1)
+)
 _MARK_ROUTED: Any = (
     update(_EVENTS)
     .where(_EVENTS.c.message_id == bindparam("event"))
@@ -712,18 +728,12 @@ def activate_route(
 
 def active_routes(session: Session, user_id: str) -> list[Route]:
     """:meth:`Routes.active_for` in the caller's session."""
-    rows = session.execute(select(Route).where(col(Route.user_id) == user_id).where(col(Route.active).is_(True)))
-    return list(rows.scalars())
+    return list(session.execute(_ACTIVE_ROUTES, {"user": user_id}).scalars())
 
 
 def ended_runs_converting(session: Session, user_id: str, journeys: Sequence[str], at: datetime) -> list[EndedRun]:
     """:meth:`DbRecorder.ended_runs_converting` in the caller's session."""
-    rows = session.execute(
-        select(RunRecord)
-        .where(col(RunRecord.user_id) == user_id, col(RunRecord.journey).in_(journeys))
-        .where(col(RunRecord.status) == "ended", col(RunRecord.converted_at).is_(None))
-        .where(col(RunRecord.goal_until) >= at)
-    ).scalars()
+    rows = session.execute(_CONVERTING, {"user": user_id, "journeys": list(journeys), "at": at}).scalars()
     return [
         EndedRun(
             run_id=row.run_id,
@@ -758,14 +768,7 @@ def has_run(db: Database, journey: str, user_id: str, key: str) -> bool:
 
 def had_run(session: Session, journey: str, user_id: str, key: str) -> bool:
     """:func:`has_run` in the caller's session."""
-    row = session.execute(
-        select(col(RunRecord.run_id))
-        .where(col(RunRecord.journey) == journey)
-        .where(col(RunRecord.user_id) == user_id)
-        .where(col(RunRecord.key) == key)
-        .limit(1)
-    ).first()
-    return row is not None
+    return session.execute(_HAD_RUN, {"journey": journey, "user": user_id, "key": key}).first() is not None
 
 
 def last_entry(db: Database, journey: str, user_id: str, key: str) -> datetime | None:
