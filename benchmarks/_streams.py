@@ -17,11 +17,14 @@ the API, that parses each JSON body and inserts it as one row of the ``events`` 
 database (``python benchmarks/_stack.py floor``): what any web service storing these events pays.
 The goal: the API ingests the mixed stream at 80% or more of the floor's rate, and a call of the
 quiet stream costs the API under 2 ms of CPU. The worker is stopped (SIGSTOP) while the calls are
-made, so the numbers are ingestion alone.
+made, so the numbers are ingestion alone, and runs for ``RESUMED`` seconds after: stopped inside a
+transaction, it holds row locks the next stream's calls may need. A failed call is reported with
+its status or the client's exception.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import random
@@ -38,6 +41,8 @@ from _stack import WRITE_KEY, CommandCpu, Service, Stack, bounded, busy_seconds,
 
 FLOOR_GOAL = 0.80
 QUIET_CPU_GOAL_MS = 2.0
+RESUMED = 2.0
+"""Seconds the worker runs after a stream that stopped it, before anything else is measured."""
 KNOWN = 2000
 """Known users seeded before the streams (each with a phone), so identifies and triggers find them."""
 
@@ -123,6 +128,9 @@ class StreamRun:
     answer_ms: list[float]
     cpu_ms: dict[str, float]
     failed: int
+    reasons: list[str]
+    """Why calls failed: the status and the answer's start, or the client's exception, with the
+    seconds the call took (the first few)."""
 
     @property
     def rate(self) -> float:
@@ -141,18 +149,24 @@ async def run_stream(
     """Send ``calls``; CPU per call by process from the meters (the worker stopped meanwhile)."""
     answers: list[float] = []
     failed = 0
+    reasons: list[str] = []
 
     async def one(index: int) -> float:
         nonlocal failed
         path, body = calls[index]
         started = time.perf_counter()
+        reason = None
         try:
             response = await http.post(path, json=body)
             if response.status_code != 200:
-                failed += 1
-        except httpx.HTTPError:
-            failed += 1
+                reason = f"{path} answered {response.status_code}: {response.text[:120]}"
+        except httpx.HTTPError as exc:
+            reason = f"{path}: {type(exc).__name__} {exc}"
         answered = time.perf_counter()
+        if reason is not None:
+            failed += 1
+            if len(reasons) < 3:
+                reasons.append(f"{reason} (after {answered - started:.1f} s)")
         answers.append((answered - started) * 1000)
         return answered
 
@@ -168,7 +182,12 @@ async def run_stream(
             os.kill(pause, signal.SIGCONT)
     used = {name: (meter() - before[name]) * 1000 / len(calls) for name, meter in meters.items()}
     used["other"] = max(0.0, used.pop("machine") - sum(used.values()))
-    return StreamRun(stream, target, len(calls), seconds, answers, used, failed)
+    if pause is not None:
+        # The worker may have been stopped inside a transaction, holding row locks (a profile's)
+        # that the next stream's calls need: it finishes that before it can be stopped again, or
+        # those calls would wait for it until the client gives up.
+        await asyncio.sleep(RESUMED)
+    return StreamRun(stream, target, len(calls), seconds, answers, used, failed, reasons)
 
 
 async def seed_known(http: httpx.AsyncClient, known: int) -> None:
@@ -281,3 +300,6 @@ def report_streams(runs: list[StreamRun]) -> None:
     failed = sum(r.failed for r in runs)
     if failed:
         print(f"WARNING: {failed} calls failed (not 200)")
+        for run in runs:
+            for reason in run.reasons:
+                print(f"  {run.stream} to {run.target}: {reason}")

@@ -790,6 +790,8 @@ _PERSON_EVENTS: Any = sa_select(
     _EVENTS.c.kind == "track",
 )
 """One person's track events of some names, each with its time for a tally."""
+
+
 def _write_states(session: Session, rows: list[dict[str, Any]]) -> None:
     statement = upsert_statement(session, _STATES, ("audience", "person"), ("tallies", "changes_at", "version"))
     if statement is None:
