@@ -138,7 +138,9 @@ async def test_a_call_after_postgresql_dropped_the_connections_is_a_503_and_its_
     # library to retry (a 503), and the retry must land once.
     assert migrated_postgres is not None, f"this test needs PostgreSQL at {POSTGRES}"
     with postgres_database(template=migrated_postgres) as name:
-        db = Database(f"{POSTGRES_BASE}/{name}")
+        # Checked only after a minute idle, so a loaded machine's pause before the call cannot
+        # have its connection checked (and replaced) first.
+        db = Database(f"{POSTGRES_BASE}/{name}", idle_check=60.0)
         try:
             async with serving(project, db, temporal_client) as api:
                 user = await buyer(api)

@@ -324,8 +324,9 @@ def test_the_upgrade_marks_the_feedback_messages_already_had(database: Database)
 # -- pooled PostgreSQL connections ----------------------------------------------------------------
 
 
-IDLE = 0.3
-"""The idle time after which these tests' pools check a connection before handing it out."""
+IDLE = 2.0
+"""The idle time after which these tests' pools check a connection before handing it out: long
+enough that a loaded machine never pauses that long between two back-to-back sessions."""
 
 
 def backend_pid(db: Database) -> int:
