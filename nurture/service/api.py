@@ -879,12 +879,16 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
+RETRY_LATER = {"Retry-After": "5"}
+"""The headers of a 503: when a client should try again."""
+
+
 def _unavailable(reason: str) -> ApiError:
     return ApiError(
         503,
         "unavailable",
         f"{reason}; nothing was lost: retry the call with the same messageId",
-        headers={"Retry-After": "5"},
+        headers=RETRY_LATER,
     )
 
 
@@ -1738,7 +1742,7 @@ async def forget_user(user_id: str, service: ServiceDep, key: AdminKey) -> Forge
     except privacy.TemporalUnavailable as exc:
         log.warning("forget refused, nothing changed: %s", exc)
         raise ApiError(
-            503, "unavailable", f"{exc}; nothing was forgotten: retry the call", headers={"Retry-After": "5"}
+            503, "unavailable", f"{exc}; nothing was forgotten: retry the call", headers=RETRY_LATER
         ) from exc
 
 
@@ -2191,7 +2195,7 @@ async def _on_database_unavailable(request: Request, exc: Exception) -> JSONResp
         503,
         "unavailable",
         "the database did not answer; nothing was lost: retry the call (an event with the same messageId)",
-        headers={"Retry-After": "5"},
+        headers=RETRY_LATER,
     )
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import and_, insert, or_, update
+from sqlalchemy import and_, bindparam, insert, or_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
@@ -364,6 +364,8 @@ class DbIdentities:
 
 _INSERT_EVENT: Any = insert(EventRecord.__table__)  # type: ignore[attr-defined]
 """An event's insert, built once and run on the session's connection (the event API's hot path)."""
+ACTIVE_ROUTES: Any = select(Route).where(col(Route.user_id) == bindparam("user")).where(col(Route.active).is_(True))
+"""A person's active routes (parameter ``user``), built once: the event API reads them for every event."""
 
 
 def _aware(value: datetime) -> datetime:
@@ -440,9 +442,7 @@ def _merged_away(session: Session, person_id: str) -> list[str]:
     and key: each active route (or run) with its run's entry time, or the route's time when the
     run's start is not recorded yet."""
     slots: dict[str, RunSlot] = {}
-    for route in session.execute(
-        select(Route).where(col(Route.user_id) == person_id).where(col(Route.active).is_(True))
-    ).scalars():
+    for route in session.execute(ACTIVE_ROUTES, {"user": person_id}).scalars():
         slots[route.workflow_id] = RunSlot(
             route.journey, route.key, route.workflow_id, _aware(route.updated_at)
         )

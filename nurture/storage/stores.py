@@ -25,7 +25,7 @@ from nurture.language.templates import RenderedMessage
 
 from .audiences import mark_pending
 from .db import Database, upsert, upsert_statement
-from .identities import canonical, merged_persons, with_group
+from .identities import ACTIVE_ROUTES, canonical, merged_persons, with_group
 from .models import (
     DateTriggerRecord,
     EventRecord,
@@ -643,7 +643,6 @@ _ROUTES: Any = Route.__table__  # type: ignore[attr-defined]
 """The tables, for the plain statements of the event API's hot path: built once, run on the
 session's connection (no ORM step; SQLAlchemy reuses their compiled form)."""
 # The event API's reads, with their parameters bound per call.
-_ACTIVE_ROUTES: Any = select(Route).where(col(Route.user_id) == bindparam("user")).where(col(Route.active).is_(True))
 _CONVERTING: Any = (
     select(RunRecord)
     .where(col(RunRecord.user_id) == bindparam("user"))
@@ -728,7 +727,7 @@ def activate_route(
 
 def active_routes(session: Session, user_id: str) -> list[Route]:
     """:meth:`Routes.active_for` in the caller's session."""
-    return list(session.execute(_ACTIVE_ROUTES, {"user": user_id}).scalars())
+    return list(session.execute(ACTIVE_ROUTES, {"user": user_id}).scalars())
 
 
 def ended_runs_converting(session: Session, user_id: str, journeys: Sequence[str], at: datetime) -> list[EndedRun]:
