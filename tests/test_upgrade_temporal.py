@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from support import eventually, rows
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowHistory
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from test_interpreter import templates
@@ -232,6 +232,17 @@ async def test_migrate_end_ends_only_runs_of_that_version(stage: Stage, project_
     assert both.exit_code == 2 and "either --to VERSION" in both.output
 
 
+async def closed_history(handle: WorkflowHandle[Any, Any], timeout: float = 10.0) -> WorkflowHistory:
+    """The history of a run that has closed. The test server can start a continued run a moment
+    before it writes the old run's closing event, so the old run is read once it reports closed."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"run {handle.run_id} still running after {timeout}s")
+        await asyncio.sleep(0.05)
+    return await handle.fetch_history()
+
+
 async def test_a_long_run_continues_as_new_with_its_state_and_a_bounded_seen_set(stage: Stage) -> None:
     old = stage.old
     user = user_in(old, "a", 5)
@@ -246,7 +257,7 @@ async def test_a_long_run_continues_as_new_with_its_state_and_a_bounded_seen_set
     await stage.settled(handle, "waiting:await_click")
 
     assert (await handle.describe()).run_id != first_run  # continued as new, same workflow id
-    history = await stage.client.get_workflow_handle(handle.id, run_id=first_run).fetch_history()
+    history = await closed_history(stage.client.get_workflow_handle(handle.id, run_id=first_run))
     assert history.events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
     current = handle
     await stage.event(current, "Clicked", "m-35")  # seen lately: a retried call, ignored
