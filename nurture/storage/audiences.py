@@ -68,6 +68,7 @@ from .models import (
     GroupRecord,
     ProfileRecord,
     UtcDateTime,
+    core_table,
     utcnow,
 )
 
@@ -141,7 +142,7 @@ def _instant(stored: str) -> datetime:
 
 def _counted_at() -> Any:
     """An event's time for a tally: its own, or when it arrived if that is earlier (no future)."""
-    columns = EventRecord.__table__.c  # type: ignore[attr-defined]
+    columns = core_table(EventRecord).c
     ts, received = columns.timestamp, columns.received_at
     return type_coerce(case((ts < received, ts), else_=received), UtcDateTime())
 
@@ -754,10 +755,10 @@ class _Writes:
         return self.changes
 
 
-_MEMBERS: Any = AudienceMember.__table__  # type: ignore[attr-defined]
-_HISTORY: Any = AudienceChange.__table__  # type: ignore[attr-defined]
-_EVENTS: Any = EventRecord.__table__  # type: ignore[attr-defined]
-_STATES: Any = AudienceState.__table__  # type: ignore[attr-defined]
+_MEMBERS = core_table(AudienceMember)
+_HISTORY = core_table(AudienceChange)
+_EVENTS = core_table(EventRecord)
+_STATES = core_table(AudienceState)
 """The tables, for plain multi-row statements (the ORM's bulk path costs more per call)."""
 
 # The statements of the upkeep's hot path, built once: SQLAlchemy then reuses their cache key

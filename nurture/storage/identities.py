@@ -53,6 +53,7 @@ from .models import (
     ProfileRecord,
     Route,
     RunRecord,
+    core_table,
     utcnow,
 )
 
@@ -362,7 +363,7 @@ class DbIdentities:
         )
 
 
-_INSERT_EVENT: Any = insert(EventRecord.__table__)  # type: ignore[attr-defined]
+_INSERT_EVENT = insert(core_table(EventRecord))
 """An event's insert, built once and run on the session's connection (the event API's hot path)."""
 ACTIVE_ROUTES: Any = select(Route).where(col(Route.user_id) == bindparam("user")).where(col(Route.active).is_(True))
 """A person's active routes (parameter ``user``), built once: the event API reads them for every event."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, Integer, Text, TypeDecorator, text
+from sqlalchemy import JSON, Column, DateTime, Index, Integer, Table, Text, TypeDecorator, text
 from sqlmodel import Field, SQLModel
 
 FEEDBACK: dict[str, tuple[str, ...]] = {
@@ -34,6 +34,13 @@ def feedback_bit(event: str) -> int:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def core_table(model: type[SQLModel]) -> Table:
+    """The Core table of a table model, for statements built once and run without the ORM."""
+    found = getattr(model, "__table__", None)
+    assert isinstance(found, Table), f"{model.__name__} is not a table model"
+    return found
 
 
 class UtcDateTime(TypeDecorator[datetime]):

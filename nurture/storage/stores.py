@@ -36,6 +36,7 @@ from .models import (
     Route,
     RunRecord,
     StepReach,
+    core_table,
     utcnow,
 )
 
@@ -393,7 +394,7 @@ class BatchRecorder:
                 defaults = _defaults(model)
                 values = [{**defaults, **row} for row in rows]
                 if values:
-                    session.execute(model.__table__.insert(), values)  # type: ignore[union-attr]
+                    session.execute(core_table(model).insert(), values)
         self.runs, self.reaches, self.messages = {}, {}, {}
 
 
@@ -638,8 +639,8 @@ def mark_routed(session: Session, message_id: str) -> None:
     session.connection().execute(_MARK_ROUTED, {"event": message_id, "at": utcnow()})
 
 
-_EVENTS: Any = EventRecord.__table__  # type: ignore[attr-defined]
-_ROUTES: Any = Route.__table__  # type: ignore[attr-defined]
+_EVENTS = core_table(EventRecord)
+_ROUTES = core_table(Route)
 """The tables, for the plain statements of the event API's hot path: built once, run on the
 session's connection (no ORM step; SQLAlchemy reuses their compiled form)."""
 # The event API's reads, with their parameters bound per call.
