@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import and_, bindparam, insert, or_, update
+from sqlalchemy import bindparam, insert, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
@@ -274,12 +274,16 @@ class DbIdentities:
     ) -> Applied:
         """``first``: the first attempt assumes what is almost always true and costs a query
         each when checked: that identifiers point at surviving persons (a merge re-points them;
-        :func:`_lock` finds out otherwise) and that a new person's id is free (its insert finds
+        :func:`_owned` finds out otherwise) and that a new person's id is free (its insert finds
         out otherwise). A retry checks both."""
         now = utcnow()
-        owners = self._owners(session, identifiers)
-        survivors = {p: p if first else canonical(session, p) for p in set(owners.values())}
-        rows = _lock(session, set(survivors.values()))
+        if first:
+            owners, rows = _owned(session, identifiers)
+            survivors = {p: p for p in rows}
+        else:
+            owners = self._owners(session, identifiers)
+            survivors = {p: canonical(session, p) for p in set(owners.values())}
+            rows = _lock(session, set(survivors.values()))
         # The userIds only decide conflicts between persons: a call naming one known person and
         # nothing new (most calls) needs no look-up of them.
         simple = len(rows) == 1 and len(owners) == len(identifiers)
@@ -346,14 +350,8 @@ class DbIdentities:
     def _owners(self, session: Session, identifiers: Sequence[Identifier]) -> dict[Identifier, str]:
         if not identifiers:
             return {}
-        matches = or_(
-            *(
-                and_(col(IdentityRecord.kind) == i.kind, col(IdentityRecord.value) == i.value)
-                for i in identifiers
-            )
-        )
-        rows = session.execute(select(IdentityRecord).where(matches)).scalars()
-        return {Identifier(r.kind, r.value): r.person_id for r in rows}
+        found = session.connection().execute(_OWNERS, {"pairs": [(i.kind, i.value) for i in identifiers]})
+        return {Identifier(kind, value): person for kind, value, person in found}
 
     def _audit(self, session: Session, action: str, person_id: str, details: dict[str, Any]) -> None:
         session.add(
@@ -364,6 +362,25 @@ class DbIdentities:
 
 
 _INSERT_EVENT = insert(core_table(EventRecord))
+# Built once, run with their parameters bound (see ``upsert_statement``): the owners of a call's
+# identifiers; the persons' rows locked in id order; both at once, for a call's first attempt.
+_IDENTITIES = core_table(IdentityRecord)
+_OWNERS = select(_IDENTITIES.c.kind, _IDENTITIES.c.value, _IDENTITIES.c.person_id).where(
+    tuple_(_IDENTITIES.c.kind, _IDENTITIES.c.value).in_(bindparam("pairs", expanding=True))
+)
+_OWNED = (
+    select(_IDENTITIES.c.kind, _IDENTITIES.c.value, ProfileRecord)
+    .join(ProfileRecord, col(ProfileRecord.user_id) == _IDENTITIES.c.person_id)
+    .where(tuple_(_IDENTITIES.c.kind, _IDENTITIES.c.value).in_(bindparam("pairs", expanding=True)))
+    .order_by(col(ProfileRecord.user_id))
+    .with_for_update(of=ProfileRecord)
+)
+_LOCK = (
+    select(ProfileRecord)
+    .where(col(ProfileRecord.user_id).in_(bindparam("persons", expanding=True)))
+    .order_by(col(ProfileRecord.user_id))
+    .with_for_update()
+)
 """An event's insert, built once and run on the session's connection (the event API's hot path)."""
 ACTIVE_ROUTES: Any = select(Route).where(col(Route.user_id) == bindparam("user")).where(col(Route.active).is_(True))
 """A person's active routes (parameter ``user``), built once: the event API reads them for every event."""
@@ -373,17 +390,25 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def _owned(session: Session, identifiers: Sequence[Identifier]) -> tuple[dict[Identifier, str], dict[str, ProfileRecord]]:
+    """The owners of ``identifiers`` and their rows, locked in id order, in one statement;
+    :class:`_Moved` if one was merged meanwhile."""
+    if not identifiers:
+        return {}, {}
+    owners: dict[Identifier, str] = {}
+    locked: dict[str, ProfileRecord] = {}
+    for kind, value, row in session.execute(_OWNED, {"pairs": [(i.kind, i.value) for i in identifiers]}):
+        if row.merged_into is not None:
+            raise _Moved
+        owners[Identifier(kind, value)] = locked.setdefault(row.user_id, row).user_id
+    return owners, locked
+
+
 def _lock(session: Session, persons: set[str]) -> dict[str, ProfileRecord]:
     """Lock the persons' rows, in id order; :class:`_Moved` if one was merged meanwhile."""
     if not persons:
         return {}
-    rows = session.execute(
-        select(ProfileRecord)
-        .where(col(ProfileRecord.user_id).in_(sorted(persons)))
-        .order_by(col(ProfileRecord.user_id))
-        .with_for_update()
-    ).scalars()
-    locked = {row.user_id: row for row in rows}
+    locked = {row.user_id: row for row in session.execute(_LOCK, {"persons": list(persons)}).scalars()}
     if set(locked) != persons or any(row.merged_into is not None for row in locked.values()):
         raise _Moved
     return locked
