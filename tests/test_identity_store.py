@@ -19,6 +19,7 @@ from nurture.storage.db import Database
 from nurture.storage.identities import DbIdentities
 from nurture.storage.models import (
     EventRecord,
+    EventRow,
     IdentityRecord,
     MessageEvent,
     MessageRecord,
@@ -39,10 +40,8 @@ def ids(user: str | None = None, anon: str | None = None, **traits: Any) -> list
     return call_identifiers(user, anon, traits)
 
 
-def call(message_id: str, kind: str = "identify") -> EventRecord:
-    return EventRecord(
-        message_id=message_id, kind=kind, user_id="", properties={}, timestamp=T0, routed_at=T0
-    )
+def call(message_id: str, kind: str = "identify") -> EventRow:
+    return EventRow(message_id=message_id, kind=kind, timestamp=T0, routed_at=T0)
 
 
 def test_a_new_visitor_is_a_person_and_resolves_by_each_identifier(database: Database) -> None:

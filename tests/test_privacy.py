@@ -43,6 +43,7 @@ from nurture.storage.db import Database
 from nurture.storage.identities import DbIdentities
 from nurture.storage.models import (
     EventRecord,
+    EventRow,
     IdentityRecord,
     MessageEvent,
     MessageRecord,
@@ -321,8 +322,8 @@ async def test_export_then_forget_leaves_nothing_but_counts(database: Database, 
     # A visitor who browsed before signing in, merged into p: forgetting p forgets them too.
     anon, visitor_name = f"anon-{uuid.uuid4().hex}", f"Visitor{uuid.uuid4().hex[:8]}"
     store = DbIdentities(database, secret=SECRET)
-    page = EventRecord(
-        message_id=f"p-{anon}", kind="track", user_id="", name="Page Viewed", properties={"who": visitor_name},
+    page = EventRow(
+        message_id=f"p-{anon}", kind="track", name="Page Viewed", properties={"who": visitor_name},
         timestamp=NOW, anonymous_id=anon,
     )
     store.apply(call_identifiers(None, anon), at=NOW, record=page, traits={"nickname": visitor_name})

@@ -22,7 +22,7 @@ from nurture.engine.model import SendOutcome, SendRequest
 from nurture.language.templates import RenderedMessage
 from nurture.storage.db import Database, Pool, database_url
 from nurture.storage.identities import DbIdentities
-from nurture.storage.models import EventRecord, MessageRecord, RunRecord, StepReach
+from nurture.storage.models import EventRecord, EventRow, MessageRecord, RunRecord, StepReach
 from nurture.storage.stores import (
     DbHistory,
     DbLedger,
@@ -69,8 +69,8 @@ def test_profiles_merge_traits_and_opt_outs(database: Database) -> None:
 def test_an_identify_call_and_its_merge_are_kept_together_or_not_at_all(database: Database) -> None:
     store, profiles = DbIdentities(database), DbProfiles(database)
 
-    def call() -> EventRecord:
-        return EventRecord(message_id="id-1", kind="identify", user_id="", properties={}, timestamp=NOW)
+    def call() -> EventRow:
+        return EventRow(message_id="id-1", kind="identify", timestamp=NOW)
 
     def crash(current: set[str]) -> set[str]:
         raise RuntimeError("the process died here")

@@ -75,7 +75,7 @@ from nurture.storage import audiences as audience_rows
 from nurture.storage.audiences import describe_audience
 from nurture.storage.db import Database
 from nurture.storage.identities import DbIdentities
-from nurture.storage.models import EventRecord, MessageRecord, ProfileRecord, RunRecord
+from nurture.storage.models import EventRow, MessageRecord, ProfileRecord, RunRecord
 from nurture.storage.stores import OptOuts, store_versions
 
 from . import privacy
@@ -1092,9 +1092,7 @@ class Service:
             try:
                 ingest = await self.ingest()
             except ApiError:  # Temporal is down: kept unrouted for the next start
-                record = EventRecord(
-                    message_id=message_id, kind="track", user_id="", name=WECHAT_FOLLOWED, timestamp=at
-                )
+                record = EventRow(message_id=message_id, kind="track", name=WECHAT_FOLLOWED, timestamp=at)
                 await asyncio.to_thread(self.identities.apply, follower, at=at, record=record)
                 return
             routed = await ingest.track(follower, event)

@@ -60,7 +60,7 @@ from nurture.storage.audiences import AUDIENCE_EVENTS, AudienceStore, Change, Ev
 from nurture.storage.console import PausedJourneys, paused_journeys
 from nurture.storage.db import Database
 from nurture.storage.identities import Applied, DbIdentities
-from nurture.storage.models import EventRecord, Route, utcnow
+from nurture.storage.models import EventRow, Route, utcnow
 from nurture.storage.stores import (
     DateTriggers,
     DbProfiles,
@@ -291,16 +291,16 @@ class Ingest:
         :class:`NotRouted` when routing fails."""
         assert event.message_id is not None, "the API assigns a message id to every event"
         listened = event.name in self._routable or await self._newly_listened(event.name)
-        record = EventRecord(
+        received = utcnow()
+        record = EventRow(
             message_id=event.message_id,
             kind="track",
-            user_id="",
             anonymous_id=anonymous_id,
             name=event.name,
             properties=dict(event.properties),
             timestamp=event.timestamp.astimezone(UTC),
-            received_at=utcnow(),  # given, as every field: a default factory costs an inspection
-            routed_at=None if listened else utcnow(),
+            received_at=received,
+            routed_at=None if listened else received,
         )
         if isinstance(identifiers, str):
             identifiers = call_identifiers(identifiers, None)
@@ -497,10 +497,9 @@ class Ingest:
         :class:`NotRouted` when a run could not be stopped: the retry finishes it."""
         if isinstance(identifiers, str):
             identifiers = call_identifiers(identifiers, None, traits)
-        call = EventRecord(
+        call = EventRow(
             message_id=message_id,
             kind=kind,
-            user_id="",
             anonymous_id=anonymous_id,
             name=None if group is None else group[0],
             properties=dict(traits if group is None else group[1]),
@@ -539,7 +538,7 @@ class Ingest:
         return applied
 
     def _upkeep(
-        self, session: Session, applied: Applied, record: EventRecord | None, *, traits: bool, opt_outs: bool
+        self, session: Session, applied: Applied, record: EventRow | None, *, traits: bool, opt_outs: bool
     ) -> list[Event]:
         """Audience upkeep in the call's transaction (:meth:`DbIdentities.apply`): the events of
         the entries and exits it made, stored, for the caller to route."""

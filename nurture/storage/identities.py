@@ -46,6 +46,7 @@ from .db import Database
 from .models import (
     DateTriggerRecord,
     EventRecord,
+    EventRow,
     GroupRecord,
     IdentityRecord,
     MessageEvent,
@@ -106,7 +107,7 @@ class Upkeep(Protocol):
     and the call's record stored: the events it stores for them (audience upkeep)."""
 
     def __call__(
-        self, session: Session, applied: Applied, record: EventRecord | None, *, traits: bool, opt_outs: bool
+        self, session: Session, applied: Applied, record: EventRow | None, *, traits: bool, opt_outs: bool
     ) -> list[Event]: ...
 
 
@@ -219,7 +220,7 @@ class DbIdentities:
         *,
         at: datetime,
         explicit: bool = False,
-        record: EventRecord | None = None,
+        record: EventRow | None = None,
         traits: Mapping[str, Any] | None = None,
         opted_out: OptOutChange | None = None,
         group: tuple[str, Mapping[str, Any]] | None = None,
@@ -265,7 +266,7 @@ class DbIdentities:
         identifiers: Sequence[Identifier],
         at: datetime,
         explicit: bool,
-        record: EventRecord | None,
+        record: EventRow | None,
         traits: Mapping[str, Any] | None,
         opted_out: OptOutChange | None,
         group: tuple[str, Mapping[str, Any]] | None,
@@ -340,8 +341,7 @@ class DbIdentities:
         session.flush()
         ending = _merged_away(session, plan.person) if plan.merges else []
         if record is not None:
-            values = record.model_dump(exclude={"id"})
-            values["user_id"] = plan.person
+            values = record.values(plan.person)
             if ending:
                 values["routed_at"] = None  # routed once the runs it ends have had their stop
             session.connection().execute(_INSERT_EVENT, values)

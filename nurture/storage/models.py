@@ -7,6 +7,7 @@ rendered content) is JSON, which SQLite and PostgreSQL both store natively.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -145,6 +146,38 @@ class EventRecord(SQLModel, table=True):
     a retry of the call, or the API's next start, routes it again. Identity calls have it at once,
     unless they merged persons: then once the runs the merge ends have had their stop signal."""
 
+
+
+@dataclass(slots=True)
+class EventRow:
+    """A call's event as the event API stores it: the columns of :class:`EventRecord` but its id
+    and person, inserted as they are in the call's transaction. A plain record, because building
+    a table model (an ORM instance) costs more than the rest of a quiet call's bookkeeping."""
+
+    message_id: str
+    kind: str
+    """As :attr:`EventRecord.kind`."""
+    timestamp: datetime
+    name: str | None = None
+    anonymous_id: str | None = None
+    properties: dict[str, Any] = field(default_factory=dict)
+    received_at: datetime = field(default_factory=utcnow)
+    routed_at: datetime | None = None
+    """As :attr:`EventRecord.routed_at`: set when there is nothing to route."""
+
+    def values(self, user_id: str) -> dict[str, Any]:
+        """The row's columns, for ``user_id``."""
+        return {
+            "message_id": self.message_id,
+            "kind": self.kind,
+            "user_id": user_id,
+            "anonymous_id": self.anonymous_id,
+            "name": self.name,
+            "properties": self.properties,
+            "timestamp": self.timestamp,
+            "received_at": self.received_at,
+            "routed_at": self.routed_at,
+        }
 
 class RunRecord(SQLModel, table=True):
     """One journey run (one workflow run), written by the workflow's own activities."""
