@@ -23,11 +23,13 @@ import httpx
 import psycopg
 import pytest
 from conftest import POSTGRES, POSTGRES_BASE, postgres_database
+from sqlalchemy.exc import OperationalError
 from support import eventually, messages, new_user, rows
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from nurture.language.compiler import Project, load_project
+from nurture.service import ingest as ingest_module
 from nurture.service.api import create_app
 from nurture.service.ingest import workflow_id
 from nurture.service.settings import Settings, SettingsError
@@ -163,6 +165,46 @@ async def test_a_call_after_postgresql_dropped_the_connections_is_a_503_and_its_
                 assert len(rows(db, EventRecord, message_id=f"m-{user}")) == 1
         finally:
             db.dispose()
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+async def test_a_routing_read_that_fails_after_the_event_is_stored_is_read_again_or_retried(
+    api: Api, monkeypatch: pytest.MonkeyPatch, failures: int
+) -> None:
+    # The call's routing reads ride on its identity transaction's trip to a thread. One that fails
+    # there is read again by routing; one that fails again is a 503, and the retry routes the
+    # event the first attempt stored.
+    user = await buyer(api)
+    read = ingest_module.Ingest._read_routing
+    left = [failures]
+
+    def flaky(self: ingest_module.Ingest, *args: Any) -> Any:
+        if left[0]:
+            left[0] -= 1
+            raise OperationalError("SELECT routes", {}, ConnectionError("server closed the connection"))
+        return read(self, *args)
+
+    monkeypatch.setattr(ingest_module.Ingest, "_read_routing", flaky)
+    monkeypatch.setattr(ingest_module, "ROUTING_GRACE", 0.2)
+    call = {**order(user, "o-1"), "messageId": f"m-{user}"}
+    first = await api.post("/v1/track", call)
+    if failures == 1:
+        assert first.status_code == 200, first.text
+        answer = first.json()
+    else:
+        assert first.status_code == 503, first.text
+        [stored] = rows(api.db, EventRecord, message_id=f"m-{user}")
+        assert stored.routed_at is None  # kept, unrouted, for the retry
+        second = await api.post("/v1/track", call)
+        assert second.status_code == 200, second.text
+        answer = second.json()
+        assert answer["rerouted"] is True
+    assert left == [0]
+    assert answer["triggered"] == [workflow_id("post_purchase", user, "o-1")]
+    [message] = await eventually(lambda: messages(api.db, user_id=user), what="the SMS")
+    assert message.status == "sent"
+    [stored] = rows(api.db, EventRecord, message_id=f"m-{user}")
+    assert stored.routed_at is not None
 
 
 JOURNEY = """\

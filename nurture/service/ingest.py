@@ -304,9 +304,7 @@ class Ingest:
         )
         if isinstance(identifiers, str):
             identifiers = call_identifiers(identifiers, None)
-        applied = await asyncio.to_thread(
-            self.identities.apply, identifiers, at=event.timestamp, record=record, upkeep=self._upkeep
-        )
+        applied, reads = await asyncio.to_thread(self._store, identifiers, event, record)
         if applied is not None:
             await self._end_merged(applied.merged_away)
             if record.routed_at is not None:
@@ -314,7 +312,7 @@ class Ingest:
                     await asyncio.to_thread(self.events.routed, event.message_id)
                 await self._route_audience_events(applied.person, applied.events)
                 return Routed(person=applied.person)
-            routed = await self._route(applied.person, event, again=False, profile=applied.profile)
+            routed = await self._route(applied.person, event, again=False, profile=applied.profile, reads=reads)
             await self._route_audience_events(applied.person, applied.events)
             return routed
         while True:
@@ -327,6 +325,23 @@ class Ingest:
             if datetime.now(UTC) - received_at >= timedelta(seconds=ROUTING_GRACE):
                 return await self._route(stored_user, stored, again=True)
             await asyncio.sleep(0.05)
+
+    def _store(
+        self, identifiers: Sequence[Identifier], event: Event, record: EventRow
+    ) -> tuple[Applied | None, RoutingReads | None]:
+        """The track call applied with its event stored (:meth:`DbIdentities.apply`), then what
+        routing reads, when the event is routed right away: one trip to a thread for both (a trip
+        costs 0.1 to 0.15 ms of CPU). No reads when the event is a repeat, needs no routing or
+        merged persons (the runs the merge ends are ended first), or when reading fails (routing
+        reads again, and reports it)."""
+        applied = self.identities.apply(identifiers, at=event.timestamp, record=record, upkeep=self._upkeep)
+        if applied is None or record.routed_at is not None or applied.merged_away or applied.profile is None:
+            return applied, None
+        person, traits = applied.person, applied.profile.traits
+        try:
+            return applied, self._read_routing(person, event, self._entries(event, traits, person))
+        except TRANSIENT:
+            return applied, None
 
     async def _newly_listened(self, name: str) -> bool:
         """Whether a journey version stored since this router last looked (by a newer API
@@ -363,9 +378,18 @@ class Ingest:
             routed += 1
         return routed
 
-    async def _route(self, user_id: str, event: Event, *, again: bool, profile: Profile | None = None) -> Routed:
+    async def _route(
+        self,
+        user_id: str,
+        event: Event,
+        *,
+        again: bool,
+        profile: Profile | None = None,
+        reads: RoutingReads | None = None,
+    ) -> Routed:
         """Every route and journey gets the event, each on its own: one failing leaves the others
-        routed, and the event unrouted, so routing it again reaches the one that failed."""
+        routed, and the event unrouted, so routing it again reaches the one that failed.
+        ``profile`` and ``reads``: as the call that stored the event found them, when it did."""
         assert event.message_id is not None, "the API assigns a message id to every event"
         failures: list[Exception] = []
         payload = event.to_dict()
@@ -375,10 +399,11 @@ class Ingest:
                 await self._end_merged(await asyncio.to_thread(self.identities.merged_away, user_id))
             if profile is None:  # else as the call that stored the event left it
                 profile = await asyncio.to_thread(self.profiles.read, user_id)
-            # Once journeys it may start are checked in the same session when this is its first routing
-            # (a retry first asks whether it started the run itself).
-            entries = [] if again else self._entries(event, profile.traits, user_id)
-            reads = await asyncio.to_thread(self._read_routing, user_id, event, entries)
+            if reads is None:
+                # Once journeys it may start are checked in the same session when this is its first
+                # routing (a retry first asks whether it started the run itself).
+                entries = [] if again else self._entries(event, profile.traits, user_id)
+                reads = await asyncio.to_thread(self._read_routing, user_id, event, entries)
         except TRANSIENT as exc:
             raise NotRouted(f"event {event.message_id} not routed: {exc}") from exc
         routes = reads.routes
