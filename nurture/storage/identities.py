@@ -350,7 +350,7 @@ class DbIdentities:
     def _owners(self, session: Session, identifiers: Sequence[Identifier]) -> dict[Identifier, str]:
         if not identifiers:
             return {}
-        found = session.connection().execute(_OWNERS, {"pairs": [(i.kind, i.value) for i in identifiers]})
+        found = session.connection().execute(_OWNERS, _pairs(identifiers))
         return {Identifier(kind, value): person for kind, value, person in found}
 
     def _audit(self, session: Session, action: str, person_id: str, details: dict[str, Any]) -> None:
@@ -365,13 +365,12 @@ _INSERT_EVENT = insert(core_table(EventRecord))
 # Built once, run with their parameters bound (see ``upsert_statement``): the owners of a call's
 # identifiers; the persons' rows locked in id order; both at once, for a call's first attempt.
 _IDENTITIES = core_table(IdentityRecord)
-_OWNERS = select(_IDENTITIES.c.kind, _IDENTITIES.c.value, _IDENTITIES.c.person_id).where(
-    tuple_(_IDENTITIES.c.kind, _IDENTITIES.c.value).in_(bindparam("pairs", expanding=True))
-)
+_NAMED = tuple_(_IDENTITIES.c.kind, _IDENTITIES.c.value).in_(bindparam("pairs", expanding=True))
+_OWNERS = select(_IDENTITIES.c.kind, _IDENTITIES.c.value, _IDENTITIES.c.person_id).where(_NAMED)
 _OWNED = (
     select(_IDENTITIES.c.kind, _IDENTITIES.c.value, ProfileRecord)
     .join(ProfileRecord, col(ProfileRecord.user_id) == _IDENTITIES.c.person_id)
-    .where(tuple_(_IDENTITIES.c.kind, _IDENTITIES.c.value).in_(bindparam("pairs", expanding=True)))
+    .where(_NAMED)
     .order_by(col(ProfileRecord.user_id))
     .with_for_update(of=ProfileRecord)
 )
@@ -397,11 +396,16 @@ def _owned(session: Session, identifiers: Sequence[Identifier]) -> tuple[dict[Id
         return {}, {}
     owners: dict[Identifier, str] = {}
     locked: dict[str, ProfileRecord] = {}
-    for kind, value, row in session.execute(_OWNED, {"pairs": [(i.kind, i.value) for i in identifiers]}):
+    for kind, value, row in session.execute(_OWNED, _pairs(identifiers)):
         if row.merged_into is not None:
             raise _Moved
         owners[Identifier(kind, value)] = locked.setdefault(row.user_id, row).user_id
     return owners, locked
+
+
+def _pairs(identifiers: Sequence[Identifier]) -> dict[str, list[tuple[str, str]]]:
+    """The parameters of :data:`_NAMED`."""
+    return {"pairs": [(i.kind, i.value) for i in identifiers]}
 
 
 def _lock(session: Session, persons: set[str]) -> dict[str, ProfileRecord]:
