@@ -17,9 +17,9 @@ the API, that parses each JSON body and inserts it as one row of the ``events`` 
 database (``python benchmarks/_stack.py floor``): what any web service storing these events pays.
 The goal: the API ingests the mixed stream at 80% or more of the floor's rate, and a call of the
 quiet stream costs the API under 2 ms of CPU. The worker is stopped (SIGSTOP) while the calls are
-made, so the numbers are ingestion alone, and runs for ``RESUMED`` seconds after: stopped inside a
-transaction, it holds row locks the next stream's calls may need. A failed call is reported with
-its status or the client's exception.
+made, so the numbers are ingestion alone, and after each stream it runs until it is idle (the
+runs the stream started, started): stopped inside a transaction, it would hold row locks the next
+stream's calls need. A failed call is reported with its status or the client's exception.
 """
 
 from __future__ import annotations
@@ -41,8 +41,13 @@ from _stack import WRITE_KEY, CommandCpu, Service, Stack, bounded, busy_seconds,
 
 FLOOR_GOAL = 0.80
 QUIET_CPU_GOAL_MS = 2.0
-RESUMED = 2.0
-"""Seconds the worker runs after a stream that stopped it, before anything else is measured."""
+IDLE = 1.0
+"""After a stream that stopped the worker, it runs until it used under :data:`IDLE_SHARE` of a core
+for this many seconds: done with what the stream gave it, so in no transaction when stopped again
+(a fixed 2 s was too short after the mixed stream, which leaves it hundreds of runs to start)."""
+IDLE_SHARE = 0.05
+IDLE_LIMIT = 600.0
+"""Seconds after which the benchmark stops waiting for the worker to be idle, and says so."""
 KNOWN = 2000
 """Known users seeded before the streams (each with a phone), so identifies and triggers find them."""
 
@@ -184,10 +189,26 @@ async def run_stream(
     used["other"] = max(0.0, used.pop("machine") - sum(used.values()))
     if pause is not None:
         # The worker may have been stopped inside a transaction, holding row locks (a profile's)
-        # that the next stream's calls need: it finishes that before it can be stopped again, or
-        # those calls would wait for it until the client gives up.
-        await asyncio.sleep(RESUMED)
+        # that the next stream's calls need: it finishes that, and the rest of its backlog, before
+        # it is stopped again, or those calls would wait for it until the client gives up.
+        await until_idle(pause)
     return StreamRun(stream, target, len(calls), seconds, answers, used, failed, reasons)
+
+
+async def until_idle(pid: int) -> float:
+    """Wait until process ``pid`` used under :data:`IDLE_SHARE` of a core over :data:`IDLE`
+    seconds (at most :data:`IDLE_LIMIT`); the seconds waited."""
+    began = time.perf_counter()
+    used = cpu_seconds(pid)
+    while True:
+        await asyncio.sleep(IDLE)
+        now = cpu_seconds(pid)
+        if now - used < IDLE_SHARE * IDLE:
+            return time.perf_counter() - began
+        used = now
+        if time.perf_counter() - began > IDLE_LIMIT:
+            print(f"the worker was still busy {IDLE_LIMIT:.0f} s after a stream; going on", flush=True)
+            return time.perf_counter() - began
 
 
 async def seed_known(http: httpx.AsyncClient, known: int) -> None:
