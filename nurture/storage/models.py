@@ -147,12 +147,11 @@ class EventRecord(SQLModel, table=True):
     unless they merged persons: then once the runs the merge ends have had their stop signal."""
 
 
-
 @dataclass(slots=True)
 class EventRow:
     """A call's event as the event API stores it: the columns of :class:`EventRecord` but its id
-    and person, inserted as they are in the call's transaction. A plain record, because building
-    a table model (an ORM instance) costs more than the rest of a quiet call's bookkeeping."""
+    and person, inserted as they are in the call's transaction. A plain record: building the
+    table model (an ORM instance) cost about 95 us per call, some fifty times as much."""
 
     message_id: str
     kind: str
