@@ -362,6 +362,7 @@ class DbIdentities:
 
 
 _INSERT_EVENT = insert(core_table(EventRecord))
+"""An event's insert, built once and run on the session's connection (the event API's hot path)."""
 # Built once, run with their parameters bound (see ``upsert_statement``): the owners of a call's
 # identifiers; the persons' rows locked in id order; both at once, for a call's first attempt.
 _IDENTITIES = core_table(IdentityRecord)
@@ -380,7 +381,6 @@ _LOCK = (
     .order_by(col(ProfileRecord.user_id))
     .with_for_update()
 )
-"""An event's insert, built once and run on the session's connection (the event API's hot path)."""
 ACTIVE_ROUTES: Any = select(Route).where(col(Route.user_id) == bindparam("user")).where(col(Route.active).is_(True))
 """A person's active routes (parameter ``user``), built once: the event API reads them for every event."""
 
