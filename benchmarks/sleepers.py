@@ -5,6 +5,7 @@ wake-up of every run in the same minute, against the same journey written by han
                                   [--worker-env NAME=VALUE ...] [--sample 1.0] [--timeout 7200]
                                   [--records ride|local] [--opening router|run] [--floor default|passthrough]
                                   [--kinds both|HandwrittenJourney|JourneyRun] [--no-wake] [--temporal-store memory|file]
+                                  [--temporal-config KEY=VALUE ...]
 
 The journey sleeps until an instant its trigger carries, then sends one transactional SMS
 (``wait_until: {date: event.properties.due_at}``), run by ``JourneyRun``; the hand-written
@@ -514,6 +515,14 @@ async def main() -> None:
         help="the dev server's store: in memory, or a SQLite file in WAL mode (as `nurture up` keeps it)",
     )
     parser.add_argument(
+        "--temporal-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dynamic configuration value for the dev server, the value in JSON "
+        "(history.taskSchedulerMaxQPS=1000, ...)",
+    )
+    parser.add_argument(
         "--kinds", choices=("both", HANDWRITTEN, GENERIC), default="both", help="which workflows to measure"
     )
     parser.add_argument(
@@ -528,17 +537,18 @@ async def main() -> None:
     if args.runs < 1 or args.concurrency < 1:
         parser.error("--runs and --concurrency must be at least 1")
     extra = dict(item.split("=", 1) for item in args.worker_env)
+    server = dict(item.split("=", 1) for item in args.temporal_config)
     with tempfile.TemporaryDirectory(prefix="nurture-sleepers-") as tmp:
         home = Path(tmp)
         journeys = home / "journeys"
         journeys.mkdir()
         (journeys / "bench_sleepers.yaml").write_text(JOURNEY)
         journey = load_project(journeys, ROOT / "templates").journeys["bench_sleepers"]
-        with dev_server(home, persist=args.temporal_store == "file") as temporal, database(home, args.database_url) as url:
+        with dev_server(home, persist=args.temporal_store == "file", config=server) as temporal, database(home, args.database_url) as url:
             stack = Stack(home, temporal.address, url, journeys=journeys)
             db = stack.db()
             engine = "PostgreSQL" if args.database_url else "SQLite"
-            print(f"{machine()}; dev server (store: {args.temporal_store}); worker subprocess on {engine}; load {load()}")
+            print(f"{machine()}; dev server (store: {args.temporal_store}; settings {server or 'defaults'}); worker subprocess on {engine}; load {load()}")
             print(f"journey: wait_until an instant, then one transactional SMS; {args.runs} runs of each kind, "
                   f"{args.concurrency} starts in flight; worker settings {extra or 'defaults'}; "
                   f"hand-written module: {'passed through' if args.floor == 'passthrough' else 'imported per run'}")

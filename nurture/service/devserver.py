@@ -11,7 +11,7 @@ import random
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
@@ -87,11 +87,12 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def dev_server(home: Path, *, persist: bool = True) -> Iterator[Service]:
+def dev_server(home: Path, *, persist: bool = True, config: Mapping[str, str] | None = None) -> Iterator[Service]:
     """``temporal server start-dev`` on free loopback ports, its log in ``home``.
 
     ``persist``: its store is the SQLite file ``home/temporal.db`` (in WAL mode, as durable as a
     laptop needs and far faster than the default journal); otherwise it keeps everything in memory.
+    ``config``: dynamic configuration values, each a key and a JSON value (``--dynamic-config-value``).
     """
     port = free_port()
     store = (
@@ -106,6 +107,7 @@ def dev_server(home: Path, *, persist: bool = True) -> Iterator[Service]:
         if persist
         else []
     )
+    dynamic = [part for key, value in (config or {}).items() for part in ("--dynamic-config-value", f"{key}={value}")]
     log = private_file(home / "temporal.log")
     process = subprocess.Popen(
         [
@@ -122,6 +124,7 @@ def dev_server(home: Path, *, persist: bool = True) -> Iterator[Service]:
             "--metrics-port",
             str(free_port()),
             *store,
+            *dynamic,
             "--log-level",
             "error",
         ],
