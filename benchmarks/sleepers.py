@@ -357,11 +357,16 @@ class Bench:
 
 
 def outbox(db: Database, users: list[str]) -> tuple[int, int, datetime]:
-    """Messages sent to ``users``: how many, to how many people, and when the last was written."""
+    """Messages sent to ``users``: how many, to how many people, and when the last was written.
+
+    The kind's people share a prefix ending in ``-``; a range on it reads only their rows through
+    the ``user_id`` index (``LIKE`` reads the whole table on SQLite, so the second kind's polls
+    cost more than the first's)."""
+    prefix = users[0].rsplit("-", 1)[0]
     with db.session() as session:
         query = select(
             func.count(), func.count(func.distinct(MessageRecord.user_id)), func.max(MessageRecord.created_at)
-        ).where(col(MessageRecord.user_id).like(users[0].rsplit("-", 1)[0] + "-%"))
+        ).where(col(MessageRecord.user_id) >= prefix + "-", col(MessageRecord.user_id) < prefix + ".")
         count, distinct, last = session.exec(query).one()
     when = last if last is not None else datetime.now(UTC)
     return int(count), int(distinct), when if when.tzinfo else when.replace(tzinfo=UTC)
