@@ -35,7 +35,6 @@ from typing import IO, Any, TypeVar
 
 import uvicorn
 from sqlalchemy.engine import make_url
-from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 from temporalio.runtime import Runtime
 
@@ -44,7 +43,7 @@ from nurture.console.app import PREFIX, create_app
 from nurture.language.compiler import Project
 from nurture.service import worker
 from nurture.service.api import KEEP_ALIVE
-from nurture.service.devserver import PRIVATE_UMASK, private_file
+from nurture.service.devserver import PRIVATE_UMASK, answering, private_file
 from nurture.service.settings import Settings
 from nurture.storage.db import Database
 from workflows.runtime import binary
@@ -383,16 +382,7 @@ class Stack:
 
     async def _connect(self) -> Client:
         """A client once the frontend answers and the namespace exists."""
-        client = await Client.connect(
-            self.settings.temporal_address, namespace=self.settings.namespace, runtime=self.runtime
-        )
-        try:
-            await client.workflow_service.describe_namespace(
-                DescribeNamespaceRequest(namespace=self.settings.namespace)
-            )
-        except Exception as exc:  # RPCError while the server is still registering namespaces
-            raise RuntimeError(f"namespace {self.settings.namespace} is not ready: {exc}") from exc
-        return client
+        return await answering(self.settings.temporal_address, self.settings.namespace, self.runtime)
 
     def _orphan(self) -> int | None:
         """The pid in ``temporal.pid`` when it is still a dev server on this home's database.

@@ -5,6 +5,7 @@ For the test suite and the benchmarks; ``nurture up`` manages its own long-lived
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -12,9 +13,14 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
+
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+from temporalio.client import Client
+from temporalio.runtime import Runtime
 
 from workflows.runtime import binary
 
@@ -68,6 +74,43 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, tim
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+async def answering(address: str, namespace: str = "default", runtime: Runtime | None = None) -> Client:
+    """A client once the frontend at ``address`` answers and ``namespace`` exists.
+
+    Raises ``RuntimeError`` until then: a dev server accepts connections a moment before its
+    frontend reports healthy ("Frontend is not healthy yet") and before it registers its namespaces.
+    """
+    client = await Client.connect(address, namespace=namespace, runtime=runtime)
+    try:
+        await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=namespace))
+    except Exception as exc:  # RPCError while the server is still registering namespaces
+        raise RuntimeError(f"namespace {namespace} is not ready: {exc}") from exc
+    return client
+
+
+def wait_until_answering(address: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Until the dev server at ``address`` answers (:func:`answering`); fails early if it exits.
+
+    Safe to call from inside a running event loop: each attempt runs in a thread of its own.
+    """
+
+    async def attempt() -> None:
+        await asyncio.wait_for(answering(address), timeout=5)
+
+    deadline = time.monotonic() + timeout
+    with ThreadPoolExecutor(1) as pool:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command_line(process)} exited with {process.returncode} before answering")
+            try:
+                pool.submit(asyncio.run, attempt()).result()
+                return
+            except (RuntimeError, TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the Temporal dev server on {address} did not answer within {timeout}s: {exc}") from exc
+            time.sleep(0.1)
 
 
 def command_line(process: subprocess.Popen[bytes]) -> str:
@@ -134,7 +177,9 @@ def dev_server(home: Path, *, persist: bool = True, config: Mapping[str, str] | 
     )
     try:
         wait_for_port(port, process)
-        yield Service(f"127.0.0.1:{port}", process)
+        address = f"127.0.0.1:{port}"
+        wait_until_answering(address, process)
+        yield Service(address, process)
     finally:
         stop(process)
         log.close()
