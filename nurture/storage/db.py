@@ -164,10 +164,11 @@ _UPSERTS: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
 
 
 def upsert_statement(session: Session, table: Any, keys: Sequence[str], updates: Sequence[str]) -> Any | None:
-    """``INSERT INTO table ... ON CONFLICT (keys) DO UPDATE SET updates`` (from the inserted row)
-    for the session's database, or ``None`` where :func:`upsert` is. Built once per database kind
-    and run on the session's connection with each call's values: SQLAlchemy reuses its compiled
-    form, and no ORM step or per-call construction is paid on a hot path."""
+    """``INSERT INTO table ... ON CONFLICT (keys) DO UPDATE SET updates`` (from the inserted row),
+    or ``DO NOTHING`` when ``updates`` is empty, for the session's database, or ``None`` where
+    :func:`upsert` is. Built once per database kind and run on the session's connection with each
+    call's values: SQLAlchemy reuses its compiled form, and no ORM step or per-call construction
+    is paid on a hot path."""
     found = (session.get_bind().dialect.name, table.name, tuple(keys), tuple(updates))
     statement = _UPSERTS.get(found)
     if statement is None:
@@ -175,8 +176,10 @@ def upsert_statement(session: Session, table: Any, keys: Sequence[str], updates:
         if insert is None:
             return None
         plain = insert(table)
-        statement = _UPSERTS[found] = plain.on_conflict_do_update(
-            index_elements=list(keys), set_={name: plain.excluded[name] for name in updates}
+        statement = _UPSERTS[found] = (
+            plain.on_conflict_do_update(index_elements=list(keys), set_={name: plain.excluded[name] for name in updates})
+            if updates
+            else plain.on_conflict_do_nothing(index_elements=list(keys))
         )
     return statement
 

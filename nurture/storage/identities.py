@@ -121,9 +121,7 @@ def canonical(session: Session, person_id: str) -> str:
     keeps chains one link long, so this is one or two primary-key look-ups."""
     seen = {person_id}
     while True:
-        into = session.execute(
-            select(col(ProfileRecord.merged_into)).where(col(ProfileRecord.user_id) == person_id)
-        ).scalar()
+        into = session.execute(_MERGED_INTO, {"person": person_id}).scalar()
         if into is None or into in seen:
             return person_id
         seen.add(into)
@@ -363,6 +361,8 @@ class DbIdentities:
 
 _INSERT_EVENT = insert(core_table(EventRecord))
 """An event's insert, built once and run on the session's connection (the event API's hot path)."""
+_MERGED_INTO: Any = select(col(ProfileRecord.merged_into)).where(col(ProfileRecord.user_id) == bindparam("person"))
+"""Who a person was merged into (:func:`canonical`: every send and every event asks)."""
 # Built once, run with their parameters bound (see ``upsert_statement``): the owners of a call's
 # identifiers; the persons' rows locked in id order; both at once, for a call's first attempt.
 _IDENTITIES = core_table(IdentityRecord)

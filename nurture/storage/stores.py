@@ -185,14 +185,32 @@ def _message_values(request: SendRequest, outcome: SendOutcome) -> dict[str, Any
     }
 
 
+_RUNS = core_table(RunRecord)
+_REACHES = core_table(StepReach)
+_MESSAGES = core_table(MessageRecord)
+_ROUTES = core_table(Route)
+# A run's records and its messages' outcomes, written with every send and wait: built once and run
+# on the session's connection with each call's values (see ``upsert_statement``). Built per call,
+# the ORM statements cost as much CPU as running them. Without ``values()``, an update sets the
+# columns its call's values name.
+_RUN_ROW: Any = update(_RUNS).where(_RUNS.c.run_id == bindparam("run"))
+_ROUTE_ROW: Any = update(_ROUTES).where(_ROUTES.c.workflow_id == bindparam("workflow"))
+_MESSAGE_ROW: Any = update(_MESSAGES).where(_MESSAGES.c.idempotency_key == bindparam("key"))
+_DEFERRAL: Any = (
+    update(_REACHES)
+    .where(_REACHES.c.run_id == bindparam("run"), _REACHES.c.step_id == bindparam("step"))
+    .values(deferrals=_REACHES.c.deferrals + 1, deferral_reason=bindparam("reason"))
+)
+
+
 def _add_reaches(session: Session, record: Mapping[str, Any]) -> None:
     """Insert the record's ``reached`` steps, once each: a retried activity adds nothing."""
     rows = _reach_rows(record)
     if not rows:
         return
-    insert = upsert(session)
-    if insert is not None:
-        session.execute(insert(StepReach).values(rows).on_conflict_do_nothing())
+    statement = upsert_statement(session, _REACHES, ("run_id", "step_id"), ())
+    if statement is not None:
+        session.connection().execute(statement, rows)
         return
     for row in rows:  # other databases: one look-up per row
         if session.get(StepReach, (row["run_id"], row["step_id"])) is None:
@@ -205,29 +223,24 @@ def _write_steps(session: Session, record: Mapping[str, Any]) -> None:
     waiting = record.get("waiting")
     if waiting is None:
         return
+    connection = session.connection()
     # The version too: a run moved to a newer version records it with its first wait there.
-    session.execute(
-        update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(step=waiting, version=record["version"])
-    )
+    connection.execute(_RUN_ROW, {"run": record["run_id"], "step": waiting, "version": record["version"]})
     if record.get("deferred"):
-        session.execute(
-            update(StepReach)
-            .where(col(StepReach.run_id) == record["run_id"], col(StepReach.step_id) == waiting)
-            .values(deferrals=col(StepReach.deferrals) + 1, deferral_reason=record["deferred"])
-        )
+        connection.execute(_DEFERRAL, {"run": record["run_id"], "step": waiting, "reason": record["deferred"]})
 
 
 def _write_end(session: Session, record: Mapping[str, Any]) -> None:
     """A run's end: its last steps, its row's end values, and its route (see :meth:`DbRecorder.end`)."""
     _add_reaches(session, record)
-    session.execute(update(RunRecord).where(col(RunRecord.run_id) == record["run_id"]).values(**_end_values(record)))
+    connection = session.connection()
+    connection.execute(_RUN_ROW, {"run": record["run_id"], **_end_values(record)})
     if record.get("workflow_id"):
         # A run that continues as new keeps its route active; set again here because a record
         # written with the last send (``records_ride``) may have ended it first.
-        session.execute(
-            update(Route)
-            .where(col(Route.workflow_id) == record["workflow_id"])
-            .values(active=bool(record.get("continued")), updated_at=utcnow())
+        connection.execute(
+            _ROUTE_ROW,
+            {"workflow": record["workflow_id"], "active": bool(record.get("continued")), "updated_at": utcnow()},
         )
 
 
@@ -314,14 +327,13 @@ class DbRecorder:
             try:
                 with self.db.session() as session:
                     values["user_id"] = canonical(session, request.user_id)
-                    row = session.execute(
-                        select(MessageRecord).where(col(MessageRecord.idempotency_key) == key)
-                    ).scalar_one_or_none()
-                    if row is None:
-                        session.add(MessageRecord.model_validate({"idempotency_key": key, **values}))
-                    else:
-                        for name, value in values.items():
-                            setattr(row, name, value)
+                    connection = session.connection()
+                    # The ledger wrote the row before the provider was called; a send that never
+                    # reached a provider (skipped, held back) has none yet.
+                    if connection.execute(_MESSAGE_ROW, {"key": key, **values}).rowcount == 0:
+                        connection.execute(
+                            _MESSAGES.insert(), {**_defaults(MessageRecord), "idempotency_key": key, **values}
+                        )
                     if then is not None:  # the run's next record, in the same transaction
                         (_write_steps if then["kind"] == "steps" else _write_end)(session, then["record"])
                 return
@@ -640,9 +652,8 @@ def mark_routed(session: Session, message_id: str) -> None:
 
 
 _EVENTS = core_table(EventRecord)
-_ROUTES = core_table(Route)
-"""The tables, for the plain statements of the event API's hot path: built once, run on the
-session's connection (no ORM step; SQLAlchemy reuses their compiled form)."""
+"""The events table (and ``_ROUTES``, above), for the plain statements of the event API's hot
+path: built once, run on the session's connection (no ORM step; SQLAlchemy reuses their compiled form)."""
 # The event API's reads, with their parameters bound per call.
 _CONVERTING: Any = (
     select(RunRecord)
