@@ -424,6 +424,24 @@ class DbOutbox:
         return DeliveryResult(provider=self.provider, provider_id=outbox_id(envelope.idempotency_key))
 
 
+class _LedgerRow(NamedTuple):
+    """What :class:`DbLedger` decides on: a message row's id, revision and attempts."""
+
+    id: int
+    revision: int
+    attempts: list[dict[str, Any]]
+
+
+# Every send claims its row and settles it (both by compare-and-set): built once, as the statements
+# above, for the same reason.
+_LEDGER_ROW: Any = select(_MESSAGES.c.id, _MESSAGES.c.revision, _MESSAGES.c.attempts).where(
+    _MESSAGES.c.idempotency_key == bindparam("key")
+)
+_LEDGER_SWAP: Any = update(_MESSAGES).where(
+    _MESSAGES.c.id == bindparam("row"), _MESSAGES.c.revision == bindparam("seen")
+)
+
+
 class DbLedger:
     """The engine's :class:`~nurture.delivery.deliverer.SendLedger` on the ``messages`` table.
 
@@ -467,17 +485,19 @@ class DbLedger:
             if row is None:
                 try:
                     with self.db.session() as session:
-                        session.add(
-                            MessageRecord(
-                                idempotency_key=key,
-                                run_id=request.run_id,
-                                user_id=canonical(session, request.user_id),
-                                journey=request.journey,
-                                step_id=request.step_id,
-                                variant=request.variant,
-                                attempts=with_attempt([], channel, **attempt),
+                        session.connection().execute(
+                            _MESSAGES.insert(),
+                            {
+                                **_defaults(MessageRecord),
+                                "idempotency_key": key,
+                                "run_id": request.run_id,
+                                "user_id": canonical(session, request.user_id),
+                                "journey": request.journey,
+                                "step_id": request.step_id,
+                                "variant": request.variant,
+                                "attempts": with_attempt([], channel, **attempt),
                                 **content,
-                            )
+                            },
                         )
                     return Claim("new", channel)
                 except IntegrityError:  # inserted concurrently: decide on that row
@@ -515,22 +535,19 @@ class DbLedger:
                 return
         raise RuntimeError(f"could not record the attempt of message {key}: too much contention")
 
-    def _read(self, key: str) -> MessageRecord | None:
+    def _read(self, key: str) -> _LedgerRow | None:
         with self.db.session() as session:
-            return session.execute(
-                select(MessageRecord).where(col(MessageRecord.idempotency_key) == key)
-            ).scalar_one_or_none()
+            found = session.connection().execute(_LEDGER_ROW, {"key": key}).first()
+            return None if found is None else _LedgerRow(*found)
 
-    def _swap(self, row: MessageRecord, attempts: list[dict[str, Any]], values: Mapping[str, Any]) -> bool:
+    def _swap(self, row: _LedgerRow, attempts: list[dict[str, Any]], values: Mapping[str, Any]) -> bool:
         """Write ``attempts`` (and ``values``) if nobody changed the row since it was read."""
         with self.db.session() as session:
-            done = session.execute(
-                update(MessageRecord)
-                .where(col(MessageRecord.id) == row.id)
-                .where(col(MessageRecord.revision) == row.revision)
-                .values(attempts=attempts, revision=row.revision + 1, **values)
+            done = session.connection().execute(
+                _LEDGER_SWAP,
+                {"row": row.id, "seen": row.revision, "attempts": attempts, "revision": row.revision + 1, **values},
             )
-            return bool(getattr(done, "rowcount", 0))
+            return bool(done.rowcount)
 
 
 class DbHistory:
