@@ -29,6 +29,12 @@ database (SQLite, or a fresh PostgreSQL database). For each kind, the hand-writt
    the time from that instant until the last message is in the outbox, then a check that every
    run sent exactly one message.
 
+At the end of each phase the benchmark reads two counters of the Temporal SDK's own metrics
+(``NURTURE_TEMPORAL_METRICS_PORT``, on a free port unless ``--worker-env`` names one): the
+workflow tasks the worker ran, and its cache misses (``temporal_sticky_cache_miss``: a task for a
+run no longer in the worker's cache, so the run's whole history is fetched and replayed before the
+task). Per run and phase, they show where a wake-up under a backlog replays runs.
+
 Through all four, the worker writes each full garbage collection's pause to a file (``_stack.py``,
 ``NURTURE_BENCH_GC_LOG``); they are counted per phase.
 
@@ -50,6 +56,7 @@ import math
 import os
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -76,7 +83,7 @@ from nurture.engine.interpreter import workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import load_project
 from nurture.language.ir import Journey, journey_to_dict
-from nurture.service.devserver import dev_server
+from nurture.service.devserver import dev_server, free_port
 from nurture.service.ingest import start_run
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, ProfileRecord, RunRecord
@@ -188,6 +195,30 @@ class Phase:
     """(runs started, worker RSS) through the start and settle phases."""
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Each phase's beginning and end, POSIX seconds."""
+    sdk: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per phase: the worker's workflow tasks (of this kind) and cache misses, from the SDK's metrics."""
+
+
+SDK_COUNTERS = {
+    "tasks": "temporal_workflow_task_execution_latency_count",
+    "misses": "temporal_sticky_cache_miss",
+}
+"""The SDK metrics read per phase (Prometheus names): workflow tasks run, per workflow type, and
+tasks that found their run evicted from the cache (for every type; the phases of the two kinds
+do not overlap)."""
+
+
+def sdk_counters(port: int, kind: str) -> dict[str, float]:
+    """:data:`SDK_COUNTERS` from the worker's SDK metrics on ``port`` (0 for a counter not yet
+    exported): ``tasks`` of workflow type ``kind``, ``misses`` of every type."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found = dict.fromkeys(SDK_COUNTERS, 0.0)
+    for line in text.splitlines():
+        for name, metric in SDK_COUNTERS.items():
+            if line.startswith(metric + "{") and (name == "misses" or f'workflow_type="{kind}"' in line):
+                found[name] += float(line.rsplit(" ", 1)[1])
+    return found
 
 
 class Bench:
@@ -201,10 +232,13 @@ class Bench:
         traits: dict[str, dict[str, Any]],
         db: Database,
         *,
+        sdk_port: int,
         records_ride: bool = True,
         opened: bool = True,
     ) -> None:
         self.client = client
+        self.sdk_port = sdk_port
+        """Where the worker serves the Temporal SDK's metrics."""
         self.db = db
         self.records_ride = records_ride
         self.opened = opened
@@ -284,6 +318,7 @@ class Bench:
         if not wake:
             due += timedelta(days=1)
         marks: dict[str, Sample] = {"begin": self.meter.sample()}
+        counters = {"begin": sdk_counters(self.sdk_port, kind)}
         self.meter.phase, self.meter.started = f"{kind}:start", 0
 
         tenth = max(1, len(users) // 10)
@@ -299,6 +334,7 @@ class Bench:
         await bounded(len(users), self.concurrency, one)
         result.start_s = time.perf_counter() - began
         marks["start"] = self.meter.sample()
+        counters["start"] = sdk_counters(self.sdk_port, kind)
         self.meter.phase = f"{kind}:settle"
         while not self.asleep(kind, users, db):
             if datetime.now(UTC) >= due:
@@ -306,6 +342,7 @@ class Bench:
             await asyncio.sleep(0.5)
         result.settle_s = time.perf_counter() - began
         marks["settle"] = self.meter.sample()
+        counters["settle"] = sdk_counters(self.sdk_port, kind)
         print(
             f"{kind}: {len(users)} started in {result.start_s:.1f} s, all asleep after {result.settle_s:.1f} s; "
             f"worker RSS {mib(marks['begin'].worker_rss)} -> {mib(marks['settle'].worker_rss)} MiB, CPU "
@@ -315,6 +352,7 @@ class Bench:
         self.meter.phase = f"{kind}:sleep"
         await asyncio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()) if wake else ASLEEP_ONLY)
         marks["sleep"] = self.meter.sample()
+        counters["sleep"] = sdk_counters(self.sdk_port, kind)
         if wake:
             await self.wake(kind, users, due, db, result)
         else:
@@ -322,8 +360,9 @@ class Bench:
             print(f"{kind}: {len(users)} asleep for {ASLEEP_ONLY:.0f} s; worker RSS {mib(marks['sleep'].worker_rss)} MiB; "
                   "not woken (--no-wake)", flush=True)
         marks["wake"] = self.meter.sample()
+        counters["wake"] = sdk_counters(self.sdk_port, kind)
         self.meter.phase = "idle"
-        previous = marks["begin"]
+        previous, before = marks["begin"], "begin"
         for name in ("start", "settle", "sleep", "wake"):
             now = marks[name]
             worker, temporal = now.worker_cpu - previous.worker_cpu, now.temporal_cpu - previous.temporal_cpu
@@ -335,7 +374,8 @@ class Bench:
             }
             result.rss[name] = now.worker_rss
             result.bounds[name] = (previous.wall, now.wall)
-            previous = now
+            result.sdk[name] = {key: counters[name][key] - counters[before][key] for key in SDK_COUNTERS}
+            previous, before = now, name
         mine = [s for s in self.meter.samples if s.phase.startswith(f"{kind}:")]
         result.rss["max"] = max(s.worker_rss for s in mine)
         result.by_started = [(s.started, s.worker_rss) for s in mine if s.phase in (f"{kind}:start", f"{kind}:settle")]
@@ -431,6 +471,14 @@ def report(phases: list[Phase], warm: dict[str, float]) -> None:
                 f"{c['other'] * per:>8.2f}{c['wall']:>8.1f}"
             )
     print("(start and settle: until every run sleeps; other: the rest of the machine meanwhile)")
+    print()
+    print(f"{'SDK per run':<20}{'phase':<8}{'wf tasks':>9}{'misses':>8}")
+    for p in phases:
+        for name in ("start", "settle", "sleep", "wake"):
+            c = p.sdk[name]
+            print(f"{p.kind:<20}{name:<8}{c['tasks'] / p.runs:>9.2f}{c['misses'] / p.runs:>8.2f}")
+    print("(wf tasks: workflow tasks the worker ran; misses: tasks whose run was no longer in its cache,")
+    print(" so its whole history was fetched and replayed first)")
     print()
     print(f"{'worker RSS MiB':<20}{'before':>8}{'started':>9}{'settled':>9}{'asleep':>8}{'woken':>8}{'max':>8}")
     for p in phases:
@@ -542,6 +590,7 @@ async def main() -> None:
     if args.runs < 1 or args.concurrency < 1:
         parser.error("--runs and --concurrency must be at least 1")
     extra = dict(item.split("=", 1) for item in args.worker_env)
+    extra.setdefault("NURTURE_TEMPORAL_METRICS_PORT", str(free_port()))
     server = dict(item.split("=", 1) for item in args.temporal_config)
     with tempfile.TemporaryDirectory(prefix="nurture-sleepers-") as tmp:
         home = Path(tmp)
@@ -581,6 +630,7 @@ async def main() -> None:
                         args.concurrency,
                         traits,
                         db,
+                        sdk_port=int(extra["NURTURE_TEMPORAL_METRICS_PORT"]),
                         records_ride=args.records == "ride",
                         opened=args.opening == "router",
                     )
