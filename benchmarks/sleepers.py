@@ -376,7 +376,8 @@ class Bench:
             result.bounds[name] = (previous.wall, now.wall)
             result.sdk[name] = {key: counters[name][key] - counters[before][key] for key in SDK_COUNTERS}
             previous, before = now, name
-        mine = [s for s in self.meter.samples if s.phase.startswith(f"{kind}:")]
+        # This phase's samples only: a warm-up of the same kind came before it.
+        mine = [s for s in self.meter.samples if s.phase.startswith(f"{kind}:") and s.at >= marks["begin"].at]
         result.rss["max"] = max(s.worker_rss for s in mine)
         result.by_started = [(s.started, s.worker_rss) for s in mine if s.phase in (f"{kind}:start", f"{kind}:settle")]
         return result
