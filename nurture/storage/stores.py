@@ -203,6 +203,12 @@ _DEFERRAL: Any = (
 )
 
 
+def _insert_message(session: Session, values: Mapping[str, Any]) -> None:
+    """A new ``messages`` row from ``values`` and the model's defaults; ``IntegrityError`` when its
+    idempotency key is taken."""
+    session.connection().execute(_MESSAGES.insert(), {**_defaults(MessageRecord), **values})
+
+
 def _add_reaches(session: Session, record: Mapping[str, Any]) -> None:
     """Insert the record's ``reached`` steps, once each: a retried activity adds nothing."""
     rows = _reach_rows(record)
@@ -331,9 +337,7 @@ class DbRecorder:
                     # The ledger wrote the row before the provider was called; a send that never
                     # reached a provider (skipped, held back) has none yet.
                     if connection.execute(_MESSAGE_ROW, {"key": key, **values}).rowcount == 0:
-                        connection.execute(
-                            _MESSAGES.insert(), {**_defaults(MessageRecord), "idempotency_key": key, **values}
-                        )
+                        _insert_message(session, {"idempotency_key": key, **values})
                     if then is not None:  # the run's next record, in the same transaction
                         (_write_steps if then["kind"] == "steps" else _write_end)(session, then["record"])
                 return
@@ -485,10 +489,9 @@ class DbLedger:
             if row is None:
                 try:
                     with self.db.session() as session:
-                        session.connection().execute(
-                            _MESSAGES.insert(),
+                        _insert_message(
+                            session,
                             {
-                                **_defaults(MessageRecord),
                                 "idempotency_key": key,
                                 "run_id": request.run_id,
                                 "user_id": canonical(session, request.user_id),
