@@ -43,7 +43,7 @@ from nurture.console.app import PREFIX, create_app
 from nurture.language.compiler import Project
 from nurture.service import worker
 from nurture.service.api import KEEP_ALIVE
-from nurture.service.devserver import PRIVATE_UMASK, answering, private_file
+from nurture.service.devserver import PRIVATE_UMASK, ServerExited, answering, private_file, until_answering
 from nurture.service.settings import Settings
 from nurture.storage.db import Database
 from workflows.runtime import binary
@@ -366,19 +366,17 @@ class Stack:
         with private_file(self.pid_file) as pid_file:
             pid_file.write(f"{self.dev_server.pid}\n".encode())
         self.tasks["Temporal dev server"] = asyncio.ensure_future(asyncio.to_thread(self.dev_server.wait))
-        deadline = time.monotonic() + 60
-        while True:
-            if self.dev_server.poll() is not None:
-                raise UpError(
-                    f"the Temporal dev server exited with code {self.dev_server.returncode}; "
-                    f"its log ({log_path}) ends with:\n{_tail(log_path)}"
-                )
-            with contextlib.suppress(RuntimeError, TimeoutError):
-                self.client = await asyncio.wait_for(self._connect(), timeout=5)
-                return
-            if time.monotonic() > deadline:
-                raise UpError(f"the Temporal dev server did not answer on {address} within 60s")
-            await asyncio.sleep(0.25)
+        try:
+            self.client = await until_answering(
+                address, self.dev_server, namespace=self.settings.namespace, runtime=self.runtime
+            )
+        except ServerExited as exc:
+            raise UpError(
+                f"the Temporal dev server exited with code {exc.returncode}; "
+                f"its log ({log_path}) ends with:\n{_tail(log_path)}"
+            ) from None
+        except TimeoutError:
+            raise UpError(f"the Temporal dev server did not answer on {address} within 60s") from None
 
     async def _connect(self) -> Client:
         """A client once the frontend answers and the namespace exists."""

@@ -90,27 +90,50 @@ async def answering(address: str, namespace: str = "default", runtime: Runtime |
     return client
 
 
-def wait_until_answering(address: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    """Until the dev server at ``address`` answers (:func:`answering`); fails early if it exits.
+class ServerExited(RuntimeError):
+    """The dev server's process exited before its frontend answered."""
 
-    Safe to call from inside a running event loop: each attempt runs in a thread of its own.
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        super().__init__(f"{command_line(process)} exited with {process.returncode} before answering")
+        self.returncode = process.returncode
+
+
+async def until_answering(
+    address: str,
+    process: subprocess.Popen[bytes],
+    *,
+    namespace: str = "default",
+    runtime: Runtime | None = None,
+    timeout: float = 60.0,
+) -> Client:
+    """A client once the dev server ``process`` at ``address`` answers (:func:`answering`).
+
+    Raises :class:`ServerExited` as soon as the process exits, and ``TimeoutError`` after
+    ``timeout`` seconds; each attempt has 5 of them.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise ServerExited(process)
+        try:
+            return await asyncio.wait_for(answering(address, namespace, runtime), timeout=5)
+        except (RuntimeError, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Temporal dev server on {address} did not answer within {timeout:g}s: {exc}") from exc
+        await asyncio.sleep(0.1)
+
+
+def wait_until_answering(address: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """:func:`until_answering` from synchronous code.
+
+    Safe to call from inside a running event loop: it waits in a thread of its own.
     """
 
-    async def attempt() -> None:
-        await asyncio.wait_for(answering(address), timeout=5)
+    async def wait() -> None:
+        await until_answering(address, process, timeout=timeout)
 
-    deadline = time.monotonic() + timeout
     with ThreadPoolExecutor(1) as pool:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{command_line(process)} exited with {process.returncode} before answering")
-            try:
-                pool.submit(asyncio.run, attempt()).result()
-                return
-            except (RuntimeError, TimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the Temporal dev server on {address} did not answer within {timeout}s: {exc}") from exc
-            time.sleep(0.1)
+        pool.submit(asyncio.run, wait()).result()
 
 
 def command_line(process: subprocess.Popen[bytes]) -> str:
