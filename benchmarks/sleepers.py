@@ -197,6 +197,9 @@ class Phase:
     """Each phase's beginning and end, POSIX seconds."""
     sdk: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per phase: the worker's workflow tasks (of this kind) and cache misses, from the SDK's metrics."""
+    history: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Per run, from :data:`HISTORY_SAMPLE` runs' histories once woken: events, bytes, and the
+    bytes a cache miss at the wake-up's second task fetches (the events before the send completed)."""
 
 
 SDK_COUNTERS = {
@@ -206,6 +209,26 @@ SDK_COUNTERS = {
 """The SDK metrics read per phase (Prometheus names): workflow tasks run, per workflow type, and
 tasks that found their run evicted from the cache (for every type; the phases of the two kinds
 do not overlap)."""
+
+
+HISTORY_SAMPLE = 20
+"""Runs per kind whose histories are fetched after the wake-up, for their size."""
+
+
+async def history_size(client: Client, workflow_ids: list[str]) -> tuple[float, float, float]:
+    """Mean events and bytes per history of ``workflow_ids``, and the bytes of the events before the
+    first ``ActivityTaskCompleted``: what a task after the send fetches when its run was evicted."""
+    events = size = before = 0
+    for wid in workflow_ids:
+        history = await client.get_workflow_handle(wid).fetch_history()
+        events += len(history.events)
+        size += sum(e.ByteSize() for e in history.events)
+        for e in history.events:
+            if e.HasField("activity_task_completed_event_attributes"):
+                break
+            before += e.ByteSize()
+    n = max(1, len(workflow_ids))
+    return events / n, size / n, before / n
 
 
 def sdk_counters(port: int, kind: str) -> dict[str, float]:
@@ -250,6 +273,10 @@ class Bench:
         self.meter = meter
         self.concurrency = concurrency
 
+    def workflow_id(self, kind: str, user: str) -> str:
+        key = f"order-{user}"
+        return f"handwritten/{user}/{key}" if kind == HANDWRITTEN else workflow_id(self.journey.id, user, key)
+
     async def start(self, kind: str, user: str, due: datetime) -> None:
         """Start ``user``'s run of ``kind``, due at ``due``."""
         key = f"order-{user}"
@@ -264,7 +291,7 @@ class Bench:
                 "sends": [{"step_id": "reminder", "channel": "sms", "template": TEMPLATE}],
             }
             await self.client.start_workflow(
-                HANDWRITTEN, params, id=f"handwritten/{user}/{key}", task_queue=self.stack.task_queue
+                HANDWRITTEN, params, id=self.workflow_id(kind, user), task_queue=self.stack.task_queue
             )
             return
         event = Event(
@@ -280,7 +307,7 @@ class Bench:
             self.journey, self.payload, user, key, event.to_dict(), self.traits[user], event.timestamp, opens=self.opened
         )
         params[RECORDS_RIDE] = self.records_ride
-        wid = workflow_id(self.journey.id, user, key)
+        wid = self.workflow_id(kind, user)
         run_id = await start_run(self.client, params, wid=wid, task_queue=self.stack.task_queue, once=False, running=False)
         if opens is not None and run_id is not None:
             await asyncio.to_thread(self.open, *opens.records(run_id, wid))
@@ -355,6 +382,8 @@ class Bench:
         counters["sleep"] = sdk_counters(self.sdk_port, kind)
         if wake:
             await self.wake(kind, users, due, db, result)
+            step = max(1, len(users) // HISTORY_SAMPLE)
+            result.history = await history_size(self.client, [self.workflow_id(kind, u) for u in users[::step][:HISTORY_SAMPLE]])
         else:
             result.wake_s = float("nan")
             print(f"{kind}: {len(users)} asleep for {ASLEEP_ONLY:.0f} s; worker RSS {mib(marks['sleep'].worker_rss)} MiB; "
@@ -480,6 +509,12 @@ def report(phases: list[Phase], warm: dict[str, float]) -> None:
             print(f"{p.kind:<20}{name:<8}{c['tasks'] / p.runs:>9.2f}{c['misses'] / p.runs:>8.2f}")
     print("(wf tasks: workflow tasks the worker ran; misses: tasks whose run was no longer in its cache,")
     print(" so its whole history was fetched and replayed first)")
+    print()
+    print(f"{'history per run':<20}{'events':>8}{'bytes':>9}{'to send':>9}")
+    for p in phases:
+        print(f"{p.kind:<20}{p.history[0]:>8.1f}{p.history[1]:>9.0f}{p.history[2]:>9.0f}")
+    print(f"(from {HISTORY_SAMPLE} woken runs of each kind; to send: the bytes before the send's activity completed,")
+    print(" what a cache miss at the wake-up's second task fetches and replays)")
     print()
     print(f"{'worker RSS MiB':<20}{'before':>8}{'started':>9}{'settled':>9}{'asleep':>8}{'woken':>8}{'max':>8}")
     for p in phases:
