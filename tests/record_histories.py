@@ -7,7 +7,9 @@ new folder (``v1``: the first release; ``v2``: runs record the steps they reach 
 ``v5``: the start record rides on the run's first recording activity, ``start_rides``; ``v6``:
 a run whose first command reads the profile gets the traits with its start, ``traits``; ``v7``:
 the record after a send rides on the send's activity, ``records_ride``; ``v8``: a run that
-waits first is opened by its router, ``opened``), and
+waits first is opened by its router, ``opened``; ``v9``: the journey in a run's input, its
+continue-as-new and a migration's signal leaves out the fields at their defaults,
+``journey_payload``), and
 keep the older ones: each proves that runs started on an older release still replay.
 """
 
@@ -108,7 +110,7 @@ async def record_upgrades(dest: Path) -> None:
             async def start(user: str, **options: Any) -> WorkflowHandle[Any, Any]:
                 now = await env.get_current_time()
                 event = Event("Cart Updated", now, {"cart_id": "c-1", "item_count": 1}, message_id=f"m-{user}")
-                params = run_input(ir.journey_to_dict(old), user, "c-1", event.to_dict())
+                params = run_input(ir.journey_payload(old), user, "c-1", event.to_dict())
                 started = await env.client.start_workflow(
                     JourneyWorkflow.run,
                     {**params, **options},

@@ -76,6 +76,32 @@ def test_journey_round_trips_through_json(compiled: CompileResult, journey_id: s
     assert ir.content_version(back) == journey.version
 
 
+@pytest.mark.parametrize("journey_id", PROJECT_JOURNEYS)
+def test_a_runs_compact_journey_round_trips_and_leaves_out_only_defaults(compiled: CompileResult, journey_id: str) -> None:
+    assert compiled.project is not None
+    journey = compiled.project.journeys[journey_id]
+    full, compact = ir.journey_to_dict(journey), ir.journey_payload(journey)
+
+    assert ir.journey_from_dict(json.loads(json.dumps(compact))) == journey
+    assert len(json.dumps(compact)) < len(json.dumps(full))
+
+    def left_out(whole: Any, part: Any, at: str) -> list[str]:
+        """The paths of keys ``part`` lacks, each after checking it holds what decoding gives back."""
+        if isinstance(whole, dict):
+            missing = [f"{at}.{k}" for k in whole if k not in part]
+            return missing + [m for k in part for m in left_out(whole[k], part[k], f"{at}.{k}")]
+        if isinstance(whole, list):
+            assert len(whole) == len(part), at
+            return [m for i, (w, p) in enumerate(zip(whole, part, strict=True)) for m in left_out(w, p, f"{at}[{i}]")]
+        assert whole == part, at
+        return []
+
+    # Only fields left at their defaults are dropped: the journey's own settings all stay.
+    dropped = left_out(full, compact, "journey")
+    assert dropped, "nothing left out"
+    assert not {"journey.id", "journey.version", "journey.steps", "journey.trigger"} & set(dropped)
+
+
 def test_versions_are_stable_across_compiles(compiled: CompileResult) -> None:
     again = compile_project(ROOT / "journeys", ROOT / "templates")
     assert compiled.project is not None and again.project is not None

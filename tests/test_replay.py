@@ -17,6 +17,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
+from nurture.language import ir
 from workflows.dates import DateTriggerWorkflow
 from workflows.journey import JourneyWorkflow
 from workflows.sandbox import workflow_runner
@@ -26,7 +27,7 @@ HISTORIES = sorted((Path(__file__).parent / "histories").rglob("*.json"))
 
 def test_histories_are_recorded() -> None:
     assert len(HISTORIES) >= 6
-    assert {p.parent.name for p in HISTORIES} >= {"v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8"}
+    assert {p.parent.name for p in HISTORIES} >= {"v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9"}
 
 
 def test_runs_given_the_traits_at_start_read_no_profile_before_their_first_wait() -> None:
@@ -179,3 +180,31 @@ def test_histories_include_runs_their_router_opened() -> None:
     assert first_task(events("v8")) == "TIMER_STARTED"
     assert new_sends[0]["start"]["journey"] == "cart_abandonment"
     assert new_sends[0]["after"]["record"]["reached"][0]["step_id"] == "wait_before_reminder"
+
+
+def test_histories_include_runs_whose_journey_leaves_out_its_defaults() -> None:
+    """v9 runs carry the journey in their input, their continue-as-new and a migration's signal
+    in the compact form (``journey_payload``): the same journey, without the fields at their
+    defaults, which every v8 input spelled out."""
+    folder = Path(__file__).parent / "histories"
+
+    def journeys(release: str, name: str) -> list[dict[str, Any]]:
+        """The journeys in the started event's input and the signals' inputs of a recorded run."""
+        found = []
+        for event in json.loads((folder / release / name).read_text(encoding="utf-8"))["events"]:
+            attributes = event.get("workflowExecutionStartedEventAttributes") or event.get(
+                "workflowExecutionSignaledEventAttributes"
+            )
+            for payload in (attributes or {}).get("input", {}).get("payloads", []):
+                data = json.loads(base64.b64decode(payload["data"]))
+                if isinstance(data, dict) and "journey" in data and isinstance(data["journey"], dict):
+                    found.append(data["journey"])
+        return found
+
+    for name in ("welcome_full_series-1.json", "continued-2.json", "migrated-1.json"):
+        old, new = journeys("v8", name), journeys("v9", name)
+        assert len(old) == len(new) >= 1, name
+        for before, after in zip(old, new, strict=True):
+            assert ir.journey_from_dict(after) == ir.journey_from_dict(before)
+            assert "date_trigger" in before and "date_trigger" not in after  # None: no date trigger
+            assert len(json.dumps(after)) < len(json.dumps(before))

@@ -418,7 +418,7 @@ class JourneyWorkflow:
         seen = [[m, at] for m, at in self._seen.items() if at >= now - SEEN_FOR.total_seconds()]
         return {
             **{k: v for k, v in self._params.items() if k != CARRIED},
-            "journey": ir.journey_to_dict(run.journey),
+            "journey": ir.journey_payload(run.journey),
             "run_id": run.run_id,
             CARRIED: {
                 "run": run.snapshot(),

@@ -59,7 +59,7 @@ from nurture.engine.interpreter import (
 )
 from nurture.engine.model import Event, Recorder, SendOutcome, SendRequest, record_rider
 from nurture.language.compiler import Project
-from nurture.language.ir import Journey, journey_to_dict
+from nurture.language.ir import Journey, journey_payload
 from nurture.language.templates import TemplateStore
 from nurture.simulation.audiences import Change, Upkeep
 from nurture.simulation.people import Call, People, SlotKey, join_counts, join_slots
@@ -407,7 +407,7 @@ class _Play:
         run_id = f"{journey.id}:{user_id}:{key}:{number}"
         self.entered[run_id] = at
         traits = self.people.profiles.get_now(user_id).traits
-        params, opens = new_run(journey, journey_to_dict(journey), user_id, key, event.to_dict(), traits, at)
+        params, opens = new_run(journey, journey_payload(journey), user_id, key, event.to_dict(), traits, at)
         params.update(run_id=run_id, clock_offset=self.offset.total_seconds())
         wid = workflow_id(journey.id, user_id, key, prefix=f"scenario-{self.prefix}.{number}")
         if opens is not None:  # as the event API opens it, but before it starts (its run id is known)

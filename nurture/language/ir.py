@@ -4,8 +4,8 @@ Frozen dataclasses, one per step kind, joined by :data:`Step`. Everything is res
 are seconds (their spelling kept beside them, for display only), times are minutes after
 midnight, weekdays are 0 (Monday) to 6, expressions are compiled trees, time zone and quiet hours
 are filled in from project defaults. It round-trips
-through JSON (:func:`journey_to_dict`, :func:`journey_from_dict`), which is how the Temporal
-workflow receives the exact version a user entered.
+through JSON (:func:`journey_to_dict`, :func:`journey_from_dict`); the Temporal workflow receives
+the exact version a user entered in the compact form of :func:`journey_payload`.
 """
 
 from __future__ import annotations
@@ -382,22 +382,32 @@ def walk(steps: tuple[Step, ...]) -> Iterator[Step]:
 # --- JSON round trip ---------------------------------------------------------------------------
 
 
-def _encode(value: Any, *, as_written: bool = True) -> Any:
+def _encode(value: Any, *, as_written: bool = True, compact: bool = False) -> Any:
     if isinstance(value, Expr):
         return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out = {
-            f.name: _encode(getattr(value, f.name), as_written=as_written)
+            f.name: _encode(getattr(value, f.name), as_written=as_written, compact=compact)
             for f in dataclasses.fields(value)
-            if as_written or not (f.metadata.get("as_written") or _unused_optional(f, value))
+            if (as_written or not (f.metadata.get("as_written") or _unused_optional(f, value)))
+            and not (compact and _at_default(f, value))
         }
         kind = getattr(type(value), "kind", None)
         if isinstance(kind, str):
             out = {"kind": kind, **out}
         return out
     if isinstance(value, (tuple, list)):
-        return [_encode(item, as_written=as_written) for item in value]
+        return [_encode(item, as_written=as_written, compact=compact) for item in value]
     return value
+
+
+def _at_default(f: dataclasses.Field[Any], value: Any) -> bool:
+    """Whether ``value``'s field ``f`` holds its default (decoding a form without it gives it back)."""
+    if f.default is not dataclasses.MISSING:
+        return bool(getattr(value, f.name) == f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return bool(getattr(value, f.name) == f.default_factory())
+    return False
 
 
 def _unused_optional(f: dataclasses.Field[Any], value: Any) -> bool:
@@ -457,8 +467,17 @@ def journey_to_dict(journey: Journey) -> dict[str, Any]:
     return to_dict(journey)
 
 
+def journey_payload(journey: Journey) -> dict[str, Any]:
+    """The journey as a run's input carries it: :func:`journey_to_dict` without the fields that
+    hold their defaults (a third to a half smaller for most journeys, and every byte of a run's
+    input is stored in its history). :func:`journey_from_dict` reads both forms."""
+    result = _encode(journey, compact=True)
+    assert isinstance(result, dict)
+    return result
+
+
 def journey_from_dict(data: Mapping[str, Any]) -> Journey:
-    """The journey back from :func:`journey_to_dict`."""
+    """The journey back from :func:`journey_to_dict` or :func:`journey_payload`."""
     return from_dict(Journey, data)
 
 

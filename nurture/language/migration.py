@@ -52,7 +52,7 @@ class Migration:
         assert target is not None and target.version == self.to_version
         return {
             "from_version": self.from_version,
-            "journey": ir.journey_to_dict(target),
+            "journey": ir.journey_payload(target),
             "steps": dict(self.steps),
         }
 

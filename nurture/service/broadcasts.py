@@ -334,7 +334,7 @@ class _Drive:
         self.owner = owner
         self.on_page = on_page
         self.journey = ir.journey_from_dict(row.journey)
-        self.payload = row.journey
+        self.payload = ir.journey_payload(self.journey)  # a run's input: the compact form
         self.listens = sorted(self.journey.listens_for())
         self.pacer = Pacer(broadcast.rate.spacing if broadcast.rate is not None else 0.0)
         self.slots = asyncio.Semaphore(broadcaster.concurrency)

@@ -55,7 +55,7 @@ from nurture.engine.interpreter import (
 )
 from nurture.engine.model import EndedRun, Event, Profile
 from nurture.language.compiler import Project
-from nurture.language.ir import Journey, journey_to_dict
+from nurture.language.ir import Journey, journey_payload
 from nurture.storage.audiences import AUDIENCE_EVENTS, AudienceStore, Change, Evaluated
 from nurture.storage.console import PausedJourneys, paused_journeys
 from nurture.storage.db import Database
@@ -242,7 +242,7 @@ class Ingest:
         for journey in self._converting.values():
             if journey.goal is not None and journey.goal.within is not None:
                 self._goals.setdefault(journey.goal.event, []).append(journey.id)
-        self._payloads = {j.id: journey_to_dict(j) for j in project.journeys.values()}
+        self._payloads = {j.id: journey_payload(j) for j in project.journeys.values()}
         self._listens = {j.id: sorted(j.listens_for()) for j in project.journeys.values()}
         self._versions = stored_version_count(db)  # counted first: a version stored meanwhile is read later
         self._looked = time.monotonic()
