@@ -5,14 +5,17 @@ wake-up of every run in the same minute, against the same journey written by han
                                   [--worker-env NAME=VALUE ...] [--sample 1.0] [--timeout 7200]
                                   [--records ride|local] [--opening router|run] [--floor default|passthrough]
                                   [--kinds both|HandwrittenJourney|JourneyRun] [--no-wake] [--temporal-store memory|file]
-                                  [--temporal-config KEY=VALUE ...]
+                                  [--temporal-config KEY=VALUE ...] [--shared]
 
 The journey sleeps until an instant its trigger carries, then sends one transactional SMS
 (``wait_until: {date: event.properties.due_at}``), run by ``JourneyRun``; the hand-written
 workflow (``benchmarks/handwritten.py`` with ``until``) sleeps with ``workflow.sleep`` and sends
-through the same ``nurture.send`` activity. One dev server (in memory), one worker subprocess
-(``worker.run``, configured by the environment as ``worker.py`` is, serving both workflows), one
-database (SQLite, or a fresh PostgreSQL database). For each kind, the hand-written one first:
+through the same ``nurture.send`` activity. Each kind, the hand-written one first, has a dev server
+(in memory, or a SQLite file), a worker subprocess (``worker.run``, configured by the environment
+as ``worker.py`` is, serving both workflows) and a database (SQLite, or a fresh PostgreSQL
+database) of its own, so the kind measured second does not wake against the first's finished
+runs (``--shared``: one of each for both kinds, as before 2026-12-07, 10:00 UTC). For each kind, a
+warm-up, then:
 
 1. **start**: ``--runs`` runs, ``--concurrency`` starts in flight: the hand-written workflow with
    a plain ``start_workflow`` (the floor: what any Temporal application pays to start a run),
@@ -621,12 +624,38 @@ async def main() -> None:
         help=f"start, settle and sleep only: the measured runs are not woken (the phase ends {ASLEEP_ONLY:.0f} s "
         "after they all sleep), for sizes whose wake-up would outlast the session; the warm-up still wakes",
     )
-    parser.add_argument("--timeout", type=float, default=7200.0, help="give up after this many seconds")
+    parser.add_argument(
+        "--shared",
+        action="store_true",
+        help="both kinds on one dev server, database and worker, the hand-written one first (by default "
+        "each kind has its own, so neither wakes against the other's finished runs)",
+    )
+    parser.add_argument("--timeout", type=float, default=7200.0, help="give up after this many seconds (per kind)")
     args = parser.parse_args()
     if args.runs < 1 or args.concurrency < 1:
         parser.error("--runs and --concurrency must be at least 1")
-    extra = dict(item.split("=", 1) for item in args.worker_env)
-    extra.setdefault("NURTURE_TEMPORAL_METRICS_PORT", str(free_port()))
+    given = dict(item.split("=", 1) for item in args.worker_env)
+    kinds = (HANDWRITTEN, GENERIC) if args.kinds == "both" else (args.kinds,)
+    phases: list[Phase] = []
+    warm: dict[str, float] = {}
+    pauses: list[tuple[float, float]] = []
+    # Each kind on a dev server, database and worker of its own (unless --shared): a kind measured
+    # second would otherwise wake against the first kind's finished runs in the same stores.
+    for group in [kinds] if args.shared else [(kind,) for kind in kinds]:
+        extra = {"NURTURE_TEMPORAL_METRICS_PORT": str(free_port()), **given}  # each worker's own port
+        done, seconds, collected = await measure(group, args, extra)
+        phases += done
+        warm.update(seconds)
+        pauses += collected
+    report(phases, warm)
+    report_collections(phases, pauses)
+
+
+async def measure(
+    kinds: tuple[str, ...], args: argparse.Namespace, extra: dict[str, str]
+) -> tuple[list[Phase], dict[str, float], list[tuple[float, float]]]:
+    """``kinds``' warm-ups, then their measured phases, on one fresh dev server, database and
+    worker: the phases, the warm-ups' seconds per run, and the worker's full collections."""
     server = dict(item.split("=", 1) for item in args.temporal_config)
     with tempfile.TemporaryDirectory(prefix="nurture-sleepers-") as tmp:
         home = Path(tmp)
@@ -638,17 +667,17 @@ async def main() -> None:
             stack = Stack(home, temporal.address, url, journeys=journeys)
             db = stack.db()
             engine = "PostgreSQL" if args.database_url else "SQLite"
-            print(f"{machine()}; dev server (store: {args.temporal_store}; settings {server or 'defaults'}); worker subprocess on {engine}; load {load()}")
+            print(f"{' and '.join(kinds)}: {machine()}; dev server (store: {args.temporal_store}; settings {server or 'defaults'}); "
+                  f"worker subprocess on {engine}; load {load()}")
             print(f"journey: wait_until an instant, then one transactional SMS; {args.runs} runs of each kind, "
                   f"{args.concurrency} starts in flight; worker settings {extra or 'defaults'}; "
                   f"hand-written module: {'passed through' if args.floor == 'passthrough' else 'imported per run'}")
-            kinds = (HANDWRITTEN, GENERIC) if args.kinds == "both" else (args.kinds,)
             users = {kind: (people(kind, WARM_UP), people(kind, args.runs)) for kind in kinds}
             began = time.perf_counter()
             traits: dict[str, dict[str, Any]] = {}
             for warm_up, measured in users.values():
                 seed(db, warm_up + measured, traits)
-            print(f"seeded {2 * (args.runs + WARM_UP)} profiles in {time.perf_counter() - began:.0f} s", flush=True)
+            print(f"seeded {len(kinds) * (args.runs + WARM_UP)} profiles in {time.perf_counter() - began:.0f} s", flush=True)
             os.environ.update(extra)  # the worker's environment is this process's (Stack.env)
             os.environ[GC_LOG] = str(home / "gc.log")
             if args.floor == "passthrough":
@@ -674,10 +703,8 @@ async def main() -> None:
                 finally:
                     sampler.cancel()
             db.dispose()
-            print(f"load after: {load()}")
-            pauses = collections(home / "gc.log")
-    report(phases, warm)
-    report_collections(phases, pauses)
+            print(f"load after: {load()}", flush=True)
+            return phases, warm, collections(home / "gc.log")
 
 
 async def run(
