@@ -245,7 +245,7 @@ class Bench:
     async def floor(self, number: int) -> Leg:
         people = self.args.floor_people or self.args.people
         journey = occurrence_journey(self.project.broadcasts[f"bench{number}"], None)
-        payload = {**ir.journey_to_dict(journey), "id": f"floor{number}"}
+        payload = {**ir.journey_payload(journey), "id": f"floor{number}"}
         event = {"name": EVENT, "timestamp": datetime.now(UTC).isoformat(), "properties": {}, "message_id": "floor"}
 
         async def start(index: int) -> None:

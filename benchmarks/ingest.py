@@ -82,7 +82,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from nurture.engine.interpreter import workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import load_project
-from nurture.language.ir import Journey, journey_to_dict
+from nurture.language.ir import Journey, journey_payload
 from nurture.service.devserver import dev_server
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord
@@ -134,7 +134,7 @@ class Ceiling:
     def __init__(self, client: Client, journey: Journey, task_queue: str) -> None:
         self.client = client
         self.journey = journey
-        self.payload = journey_to_dict(journey)
+        self.payload = journey_payload(journey)
         self.task_queue = task_queue
 
     async def send(self, user_id: str) -> Sample:

@@ -65,7 +65,7 @@ from nurture.engine.interpreter import workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import load_project
 from nurture.language.durations import parse_duration
-from nurture.language.ir import Journey, Send, journey_to_dict
+from nurture.language.ir import Journey, Send, journey_payload
 from nurture.service.devserver import dev_server
 from nurture.service.ingest import start_run
 from nurture.storage.db import Database
@@ -151,7 +151,7 @@ class Bench:
         self.client = client
         self.lanes = lanes
         self.journey = journey
-        self.payload = journey_to_dict(journey)
+        self.payload = journey_payload(journey)
         self.wait = wait
         self.start = start
         self.start_rides = start_rides

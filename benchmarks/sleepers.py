@@ -85,7 +85,7 @@ from temporalio.client import Client
 from nurture.engine.interpreter import workflow_id
 from nurture.engine.model import Event
 from nurture.language.compiler import load_project
-from nurture.language.ir import Journey, journey_to_dict
+from nurture.language.ir import Journey, journey_payload
 from nurture.service.devserver import dev_server, free_port
 from nurture.service.ingest import start_run
 from nurture.storage.db import Database
@@ -272,7 +272,7 @@ class Bench:
         """Each person's traits as seeded: what the event API has read when it starts a run."""
         self.stack = stack
         self.journey = journey
-        self.payload = journey_to_dict(journey)
+        self.payload = journey_payload(journey)
         self.meter = meter
         self.concurrency = concurrency
 

@@ -457,6 +457,7 @@ class JourneyWorkflow:
         """A trigger that arrived while the run was finishing starts the next run right away."""
         for raw in self._inbox:
             payload = raw.get("__trigger__")
+            # The journey as a router sends it (full, or compact: a key at its default left out).
             if payload is None or payload["journey"].get("re_entry") == "once":
                 continue
             # re_entry: {after}: the next run may not enter this soon after this one did
