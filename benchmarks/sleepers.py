@@ -247,6 +247,11 @@ def sdk_counters(port: int, kind: str) -> dict[str, float]:
     return found
 
 
+def order_key(user: str) -> str:
+    """The key of ``user``'s run (its trigger's ``order_id``), of either kind."""
+    return f"order-{user}"
+
+
 class Bench:
     def __init__(
         self,
@@ -277,12 +282,12 @@ class Bench:
         self.concurrency = concurrency
 
     def workflow_id(self, kind: str, user: str) -> str:
-        key = f"order-{user}"
+        key = order_key(user)
         return f"handwritten/{user}/{key}" if kind == HANDWRITTEN else workflow_id(self.journey.id, user, key)
 
     async def start(self, kind: str, user: str, due: datetime) -> None:
         """Start ``user``'s run of ``kind``, due at ``due``."""
-        key = f"order-{user}"
+        key = order_key(user)
         if kind == HANDWRITTEN:
             params: dict[str, Any] = {
                 "journey": self.journey.id,

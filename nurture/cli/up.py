@@ -53,6 +53,8 @@ log = logging.getLogger("nurture.up")
 T = TypeVar("T")
 
 PID_FILE = "temporal.pid"
+DEV_SERVER_WAIT = 60.0
+"""Seconds a started dev server has to answer before `nurture up` gives up."""
 KEY_KINDS = ("write", "read", "admin")
 STATE_FILES = frozenset({"nurture.db", "temporal.db", "temporal.log", PID_FILE, *(f"{kind}_key" for kind in KEY_KINDS)})
 """What ``nurture up`` keeps in its home (SQLite adds ``-wal``, ``-shm`` and ``-journal`` files)."""
@@ -368,7 +370,7 @@ class Stack:
         self.tasks["Temporal dev server"] = asyncio.ensure_future(asyncio.to_thread(self.dev_server.wait))
         try:
             self.client = await until_answering(
-                address, self.dev_server, namespace=self.settings.namespace, runtime=self.runtime
+                address, self.dev_server, namespace=self.settings.namespace, runtime=self.runtime, timeout=DEV_SERVER_WAIT
             )
         except ServerExited as exc:
             raise UpError(
@@ -376,7 +378,7 @@ class Stack:
                 f"its log ({log_path}) ends with:\n{_tail(log_path)}"
             ) from None
         except TimeoutError:
-            raise UpError(f"the Temporal dev server did not answer on {address} within 60s") from None
+            raise UpError(f"the Temporal dev server did not answer on {address} within {DEV_SERVER_WAIT:g}s") from None
 
     async def _connect(self) -> Client:
         """A client once the frontend answers and the namespace exists."""
