@@ -42,6 +42,7 @@ from nurture.service.observability import (
     JsonFormatter,
     MaskingFilter,
     configure_logging,
+    log_fields,
     mask_text,
 )
 from nurture.service.settings import Settings, SettingsError
@@ -182,6 +183,34 @@ def test_a_configured_provider_without_its_secrets_stops_the_worker(tmp_path: Pa
         assert f"{variable} (" in message
     assert "TWILIO_ACCOUNT_SID" not in message
     assert "cannot connect" not in done.stderr  # refused before trying Temporal
+
+
+def test_logged_fields_are_masked_once_in_the_message_and_the_fields(
+    captured: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, stream = captured
+
+    log_fields(logger, {"call": "track", "event": f"Invited {EMAIL}", "to": [PHONE], "triggered": 2})
+
+    (line,) = lines(stream)
+    assert line["message"] == 'call="track" event="Invited a***@example.com" to=["+86*******8000"] triggered=2'
+    assert line["nurture"] == {
+        "call": "track",
+        "event": "Invited a***@example.com",
+        "to": ["+86*******8000"],
+        "triggered": 2,
+    }
+    assert "_nurture_masked" not in line
+    assert EMAIL not in stream.getvalue() and PHONE not in stream.getvalue()
+
+
+def test_logged_fields_cost_nothing_below_the_level(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = captured
+    logger.setLevel(logging.WARNING)
+
+    log_fields(logger, {"call": "track", "event": object()})  # json.dumps would fail on it
+
+    assert stream.getvalue() == ""
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,7 @@ from nurture.storage.stores import OptOuts, store_versions
 from . import privacy
 from .broadcasts import Broadcaster, BroadcastError
 from .ingest import ROUTING_GRACE, TRANSIENT, Ingest, NotRouted, Routed
-from .observability import configure_logging
+from .observability import configure_logging, log_fields
 from .privacy import ForgetReport, UserExport
 from .settings import Settings
 from .webhooks import BODY_LIMITS as WEBHOOK_LIMITS
@@ -1233,7 +1233,7 @@ def _log_track(user_id: str, event: Event, routed: Routed) -> None:
         "signalled": len(routed.signalled),
         "skipped": len(routed.skipped),
     }
-    log.info(" ".join(f"{k}={json.dumps(v)}" for k, v in fields.items()), extra={"nurture": fields})
+    log_fields(log, fields)
 
 
 def _log_identify(
@@ -1255,7 +1255,7 @@ def _log_identify(
         "subscribe": None if given is None else given.subscribe,
         "unsubscribe": None if given is None else given.unsubscribe,
     }
-    log.info(" ".join(f"{k}={json.dumps(v)}" for k, v in fields.items()), extra={"nurture": fields})
+    log_fields(log, fields)
 
 
 # Dependencies --------------------------------------------------------------------------------

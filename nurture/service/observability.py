@@ -205,6 +205,19 @@ def mask_value(value: Any) -> Any:
     return value
 
 
+def log_fields(logger: logging.Logger, fields: Mapping[str, Any]) -> None:
+    """Log ``fields`` at INFO as ``name=<json>`` pairs, and as the record's ``nurture`` extra.
+
+    Masked here, once, as :class:`MaskingFilter` would mask them: the filter then passes the
+    record as it is, instead of masking the message and every field again (the event API logs
+    each call this way; masking twice was a tenth of a quiet call's CPU)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    masked = {name: mask_value(value) for name, value in fields.items()}
+    message = " ".join(f"{name}={json.dumps(value)}" for name, value in masked.items())
+    logger.info(message, extra={"nurture": masked, "_nurture_masked": True})
+
+
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _SKIPPED = frozenset({"temporal_log", "color_message"})
 """Extras never written: Core's raw log object (its fields are in the message already) and
