@@ -133,6 +133,33 @@ def test_repeating_a_call_changes_nothing(database: Database) -> None:
     assert len(rows(database, ProfileRecord)) == 1  # u1 joined the visitor: no person of its own
 
 
+def test_an_event_changes_no_person_and_a_change_is_written(database: Database) -> None:
+    store = DbIdentities(database)
+    store.apply(ids("u1"), at=at(0), traits={"plan": "pro"}, group=("acme", {"seats": 5}), opted_out=["sms"])
+    [before] = rows(database, ProfileRecord)
+
+    event = store.apply(ids("u1"), at=at(1), record=call("m1", "track"))
+
+    assert event is not None and event.plan.person == "u1" and event.plan.attach == ()
+    assert event.profile.traits == {"plan": "pro", "group": {"id": "acme", "seats": 5}}
+    assert event.profile.opted_out == {"sms"}
+    [after] = rows(database, ProfileRecord)
+    assert after.updated_at == before.updated_at and after.traits == before.traits
+    assert [e.user_id for e in rows(database, EventRecord)] == ["u1"]
+
+    # A new identifier on the same person: its row is changed (and only written), not read again.
+    given = {"name": "Li", "email": "li@example.com"}
+    changed = store.apply(ids("u1", **given), at=at(2), traits=given)
+
+    assert changed is not None and [i.kind for i in changed.plan.attach] == ["email"]
+    assert changed.profile.traits["name"] == "Li" and changed.profile.traits["plan"] == "pro"
+    [written] = rows(database, ProfileRecord)
+    assert written.updated_at > before.updated_at
+    assert written.traits == {"plan": "pro", "name": "Li", "email": "li@example.com"}
+    assert written.email == "li@example.com" and written.opted_out == ["sms"] and written.group_id == "acme"
+    assert DbIdentities(database).resolve("email", "li@example.com") == "u1"
+
+
 @pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
 def test_merges_are_commutative(database: Database, order: Sequence[str]) -> None:
     store = DbIdentities(database)

@@ -17,13 +17,14 @@ processes merging the same people at once thus end with one survivor and every i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, insert, tuple_, update
+from sqlalchemy import Row, bindparam, insert, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, col, select
 
 from nurture.engine.identity import (
@@ -138,11 +139,18 @@ def merged_persons(session: Session, person_id: str) -> list[str]:
 
 def with_group(session: Session, row: ProfileRecord, person_id: str) -> Profile:
     """The engine's profile of ``row``: its traits with ``group`` (``id`` and the group's traits)."""
-    traits = dict(row.traits)
-    if row.group_id is not None:
-        group = session.get(GroupRecord, row.group_id)
-        traits["group"] = {**(group.traits if group is not None else {}), "id": row.group_id}
-    return Profile(person_id, traits, frozenset(row.opted_out))
+    return profile_of(session, row.traits, row.group_id, row.opted_out, person_id)
+
+
+def profile_of(
+    session: Session, traits: Mapping[str, Any], group_id: str | None, opted_out: Iterable[str], person_id: str
+) -> Profile:
+    """The engine's profile of a person's stored ``traits``, group and opt-outs (see :func:`with_group`)."""
+    given = dict(traits)
+    if group_id is not None:
+        group = session.get(GroupRecord, group_id)
+        given["group"] = {**(group.traits if group is not None else {}), "id": group_id}
+    return Profile(person_id, given, frozenset(opted_out))
 
 
 def _retryable(exc: DBAPIError) -> bool:
@@ -276,21 +284,25 @@ class DbIdentities:
         :func:`_owned` finds out otherwise) and that a new person's id is free (its insert finds
         out otherwise). A retry checks both."""
         now = utcnow()
+        # The first attempt reads the persons' rows as plain rows: a call that changes none of
+        # them (most calls: an event of a known person) never builds the unit of work's objects.
+        stored: dict[str, Row[Any]] = {}
+        rows: dict[str, ProfileRecord] = {}
         if first:
-            owners, rows = _owned(session, identifiers)
-            survivors = {p: p for p in rows}
+            owners, stored = _owned(session, identifiers)
+            survivors = {p: p for p in stored}
+            created = {p: row.created_at for p, row in stored.items()}
         else:
             owners = self._owners(session, identifiers)
             survivors = {p: canonical(session, p) for p in set(owners.values())}
             rows = _lock(session, set(survivors.values()))
+            created = {p: _aware(row.created_at) for p, row in rows.items()}
         # The userIds only decide conflicts between persons: a call naming one known person and
         # nothing new (most calls) needs no look-up of them.
-        simple = len(rows) == 1 and len(owners) == len(identifiers)
-        user_ids = {} if simple else _user_ids(session, rows)
+        simple = len(created) == 1 and len(owners) == len(identifiers)
+        user_ids = {} if simple else _user_ids(session, created)
         found = {
-            ident: Person(
-                survivors[p], _aware(rows[survivors[p]].created_at), user_ids.get(survivors[p], frozenset())
-            )
+            ident: Person(survivors[p], created[survivors[p]], user_ids.get(survivors[p], frozenset()))
             for ident, p in owners.items()
         }
 
@@ -298,6 +310,11 @@ class DbIdentities:
             return not first and session.get(ProfileRecord, person_id) is not None
 
         plan = plan_call(identifiers, found, now=now, taken=taken, explicit=explicit)
+        changes = bool(
+            plan.merges or plan.created or plan.attach or traits or opted_out is not None or group is not None
+        )
+        if changes and stored:
+            rows = {p: _attached(session, row) for p, row in stored.items()}
         if plan.created is not None:
             # Every field given: a default factory costs a signature inspection per row. Kept out
             # of the session: it is inserted as it stands once the call has changed it (below).
@@ -309,7 +326,10 @@ class DbIdentities:
             self._audit(session, "merge", kept, {"merged": subject_hash(merged, self.secret)})
         if plan.conflicts:
             self._audit(session, "conflict", plan.person, {"kinds": sorted({i.kind for i in plan.conflicts})})
-        row = rows[plan.person]
+        row = rows.get(plan.person)
+        if row is None:  # a call that changes no person
+            assert not changes
+            return self._stored(session, stored[plan.person], plan, record)
         if traits:
             row.traits = {**row.traits, **traits}
             row.trait_times = stamp(traits, at, row.trait_times)
@@ -320,19 +340,19 @@ class DbIdentities:
             row.opted_out = sorted(set(opted_out))
         if group is not None:
             group_id, group_traits = group
-            stored = session.get(GroupRecord, group_id, with_for_update=True)
-            if stored is None:
+            kept_group = session.get(GroupRecord, group_id, with_for_update=True)
+            if kept_group is None:
                 session.add(GroupRecord(group_id=group_id, traits=dict(group_traits), updated_at=now))
             else:
-                stored.traits = {**stored.traits, **group_traits}
-                stored.updated_at = now
+                kept_group.traits = {**kept_group.traits, **group_traits}
+                kept_group.updated_at = now
             row.group_id = group_id
             row.trait_times = stamp([GROUP_TIME], at, row.trait_times)
-        if plan.merges or plan.created or plan.attach or traits or opted_out is not None or group is not None:
+        if changes:
             row.updated_at = now
         # A new person and identifiers are plain inserts, not the unit of work's (a new visitor's
-        # call's transaction: 1.4 to 1.7 ms of CPU down to 0.9 to 1.2). An id or identifier taken concurrently fails
-        # here: plan again.
+        # transaction: 1.4 to 1.7 ms of CPU down to 0.9 to 1.2). An id or identifier taken
+        # concurrently fails here: plan again.
         connection = session.connection()
         if plan.created is not None:
             connection.execute(_INSERT_PROFILE, {name: getattr(row, name) for name in _PROFILE_COLUMNS})
@@ -347,6 +367,13 @@ class DbIdentities:
                 values["routed_at"] = None  # routed once the runs it ends have had their stop
             connection.execute(_INSERT_EVENT, values)
         return Applied(plan, ending, with_group(session, row, plan.person))
+
+    @staticmethod
+    def _stored(session: Session, stored: Row[Any], plan: Plan, record: EventRow | None) -> Applied:
+        """The end of :meth:`_apply` for a call that changes no person: its event stored."""
+        if record is not None:
+            session.connection().execute(_INSERT_EVENT, record.values(plan.person))
+        return Applied(plan, [], profile_of(session, stored.traits, stored.group_id, stored.opted_out, plan.person))
 
     def _owners(self, session: Session, identifiers: Sequence[Identifier]) -> dict[Identifier, str]:
         if not identifiers:
@@ -375,12 +402,13 @@ _MERGED_INTO: Any = select(col(ProfileRecord.merged_into)).where(col(ProfileReco
 _IDENTITIES = core_table(IdentityRecord)
 _NAMED = tuple_(_IDENTITIES.c.kind, _IDENTITIES.c.value).in_(bindparam("pairs", expanding=True))
 _OWNERS = select(_IDENTITIES.c.kind, _IDENTITIES.c.value, _IDENTITIES.c.person_id).where(_NAMED)
+_PROFILES = core_table(ProfileRecord)
 _OWNED = (
-    select(_IDENTITIES.c.kind, _IDENTITIES.c.value, ProfileRecord)
-    .join(ProfileRecord, col(ProfileRecord.user_id) == _IDENTITIES.c.person_id)
+    select(_IDENTITIES.c.kind, _IDENTITIES.c.value, *_PROFILES.columns)
+    .join(_PROFILES, _PROFILES.c.user_id == _IDENTITIES.c.person_id)
     .where(_NAMED)
-    .order_by(col(ProfileRecord.user_id))
-    .with_for_update(of=ProfileRecord)
+    .order_by(_PROFILES.c.user_id)
+    .with_for_update(of=_PROFILES)
 )
 _LOCK = (
     select(ProfileRecord)
@@ -396,18 +424,27 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _owned(session: Session, identifiers: Sequence[Identifier]) -> tuple[dict[Identifier, str], dict[str, ProfileRecord]]:
-    """The owners of ``identifiers`` and their rows, locked in id order, in one statement;
-    :class:`_Moved` if one was merged meanwhile."""
+def _owned(session: Session, identifiers: Sequence[Identifier]) -> tuple[dict[Identifier, str], dict[str, Row[Any]]]:
+    """The owners of ``identifiers`` and their rows (plain rows of ``profiles``' columns), locked
+    in id order, in one statement; :class:`_Moved` if one was merged meanwhile."""
     if not identifiers:
         return {}, {}
     owners: dict[Identifier, str] = {}
-    locked: dict[str, ProfileRecord] = {}
-    for kind, value, row in session.execute(_OWNED, _pairs(identifiers)):
+    locked: dict[str, Row[Any]] = {}
+    for row in session.connection().execute(_OWNED, _pairs(identifiers)):
         if row.merged_into is not None:
             raise _Moved
-        owners[Identifier(kind, value)] = locked.setdefault(row.user_id, row).user_id
+        owners[Identifier(row.kind, row.value)] = locked.setdefault(row.user_id, row).user_id
     return owners, locked
+
+
+def _attached(session: Session, stored: Row[Any]) -> ProfileRecord:
+    """The unit of work's object of a person's row read (and locked) by :func:`_owned`, without
+    reading it again: the changes made to it are written at the flush."""
+    record = ProfileRecord(**{name: getattr(stored, name) for name in _PROFILE_COLUMNS})
+    make_transient_to_detached(record)
+    session.add(record)
+    return record
 
 
 def _pairs(identifiers: Sequence[Identifier]) -> dict[str, list[tuple[str, str]]]:
@@ -425,14 +462,14 @@ def _lock(session: Session, persons: set[str]) -> dict[str, ProfileRecord]:
     return locked
 
 
-def _user_ids(session: Session, rows: Mapping[str, ProfileRecord]) -> dict[str, frozenset[str]]:
-    if not rows:
+def _user_ids(session: Session, persons: Collection[str]) -> dict[str, frozenset[str]]:
+    if not persons:
         return {}
     found: dict[str, set[str]] = {}
     for person, value in session.execute(
         select(col(IdentityRecord.person_id), col(IdentityRecord.value))
         .where(col(IdentityRecord.kind) == "user_id")
-        .where(col(IdentityRecord.person_id).in_(sorted(rows)))
+        .where(col(IdentityRecord.person_id).in_(sorted(persons)))
     ):
         found.setdefault(person, set()).add(value)
     return {person: frozenset(values) for person, values in found.items()}
