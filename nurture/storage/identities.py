@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 from sqlalchemy import Row, bindparam, insert, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session, col, select
 
 from nurture.engine.identity import (
@@ -284,25 +283,19 @@ class DbIdentities:
         :func:`_owned` finds out otherwise) and that a new person's id is free (its insert finds
         out otherwise). A retry checks both."""
         now = utcnow()
-        # The first attempt reads the persons' rows as plain rows: a call that changes none of
-        # them (most calls: an event of a known person) never builds the unit of work's objects.
-        stored: dict[str, Row[Any]] = {}
-        rows: dict[str, ProfileRecord] = {}
         if first:
-            owners, stored = _owned(session, identifiers)
-            survivors = {p: p for p in stored}
-            created = {p: row.created_at for p, row in stored.items()}
+            owners, rows = _owned(session, identifiers)
+            survivors = {p: p for p in rows}
         else:
             owners = self._owners(session, identifiers)
             survivors = {p: canonical(session, p) for p in set(owners.values())}
             rows = _lock(session, set(survivors.values()))
-            created = {p: _aware(row.created_at) for p, row in rows.items()}
         # The userIds only decide conflicts between persons: a call naming one known person and
         # nothing new (most calls) needs no look-up of them.
-        simple = len(created) == 1 and len(owners) == len(identifiers)
-        user_ids = {} if simple else _user_ids(session, created)
+        simple = len(rows) == 1 and len(owners) == len(identifiers)
+        user_ids = {} if simple else _user_ids(session, rows)
         found = {
-            ident: Person(survivors[p], created[survivors[p]], user_ids.get(survivors[p], frozenset()))
+            ident: Person(survivors[p], rows[survivors[p]].created_at, user_ids.get(survivors[p], frozenset()))
             for ident, p in owners.items()
         }
 
@@ -310,26 +303,14 @@ class DbIdentities:
             return not first and session.get(ProfileRecord, person_id) is not None
 
         plan = plan_call(identifiers, found, now=now, taken=taken, explicit=explicit)
-        changes = bool(
-            plan.merges or plan.created or plan.attach or traits or opted_out is not None or group is not None
-        )
-        if changes and stored:
-            rows = {p: _attached(session, row) for p, row in stored.items()}
         if plan.created is not None:
-            # Every field given: a default factory costs a signature inspection per row. Kept out
-            # of the session: it is inserted as it stands once the call has changed it (below).
-            rows[plan.created.id] = ProfileRecord(
-                user_id=plan.created.id, traits={}, opted_out=[], trait_times={}, created_at=now, updated_at=now
-            )
+            rows[plan.created.id] = _Person(plan.created.id, {}, [], {}, now, now)
         for kept, merged in plan.merges:
             _merge(session, rows[kept], rows[merged])
             self._audit(session, "merge", kept, {"merged": subject_hash(merged, self.secret)})
         if plan.conflicts:
             self._audit(session, "conflict", plan.person, {"kinds": sorted({i.kind for i in plan.conflicts})})
-        row = rows.get(plan.person)
-        if row is None:  # a call that changes no person
-            assert not changes
-            return self._stored(session, stored[plan.person], plan, record)
+        row = rows[plan.person]
         if traits:
             row.traits = {**row.traits, **traits}
             row.trait_times = stamp(traits, at, row.trait_times)
@@ -340,22 +321,28 @@ class DbIdentities:
             row.opted_out = sorted(set(opted_out))
         if group is not None:
             group_id, group_traits = group
-            kept_group = session.get(GroupRecord, group_id, with_for_update=True)
-            if kept_group is None:
+            stored = session.get(GroupRecord, group_id, with_for_update=True)
+            if stored is None:
                 session.add(GroupRecord(group_id=group_id, traits=dict(group_traits), updated_at=now))
             else:
-                kept_group.traits = {**kept_group.traits, **group_traits}
-                kept_group.updated_at = now
+                stored.traits = {**stored.traits, **group_traits}
+                stored.updated_at = now
             row.group_id = group_id
             row.trait_times = stamp([GROUP_TIME], at, row.trait_times)
-        if changes:
-            row.updated_at = now
-        # A new person and identifiers are plain inserts, not the unit of work's (a new visitor's
-        # transaction: 1.4 to 1.7 ms of CPU down to 0.9 to 1.2). An id or identifier taken
-        # concurrently fails here: plan again.
+        # The persons' rows are written with plain statements built once, not by the unit of
+        # work: a call that changes no person (an event of a known one) writes none. A person id
+        # or identifier taken concurrently fails its insert here: plan again.
         connection = session.connection()
+        changed = {p for pair in plan.merges for p in pair}
+        if plan.merges or plan.attach or traits or opted_out is not None or group is not None:
+            row.updated_at = now
+            changed.add(plan.person)
         if plan.created is not None:
-            connection.execute(_INSERT_PROFILE, {name: getattr(row, name) for name in _PROFILE_COLUMNS})
+            connection.execute(_INSERT_PROFILE, vars(row))
+            changed.discard(plan.person)
+        for person in sorted(changed):
+            written = vars(rows[person])
+            connection.execute(_UPDATE_PROFILE, {"person": person, **{f"new_{n}": written[n] for n in _WRITTEN}})
         if plan.attach:
             attached = [{"kind": i.kind, "value": i.value, "person_id": plan.person, "created_at": now} for i in plan.attach]
             connection.execute(_INSERT_IDENTITY, attached[0] if len(attached) == 1 else attached)
@@ -366,14 +353,7 @@ class DbIdentities:
             if ending:
                 values["routed_at"] = None  # routed once the runs it ends have had their stop
             connection.execute(_INSERT_EVENT, values)
-        return Applied(plan, ending, with_group(session, row, plan.person))
-
-    @staticmethod
-    def _stored(session: Session, stored: Row[Any], plan: Plan, record: EventRow | None) -> Applied:
-        """The end of :meth:`_apply` for a call that changes no person: its event stored."""
-        if record is not None:
-            session.connection().execute(_INSERT_EVENT, record.values(plan.person))
-        return Applied(plan, [], profile_of(session, stored.traits, stored.group_id, stored.opted_out, plan.person))
+        return Applied(plan, ending, profile_of(session, row.traits, row.group_id, row.opted_out, plan.person))
 
     def _owners(self, session: Session, identifiers: Sequence[Identifier]) -> dict[Identifier, str]:
         if not identifiers:
@@ -389,9 +369,15 @@ class DbIdentities:
         )
 
 
-_INSERT_PROFILE = insert(core_table(ProfileRecord))
-_PROFILE_COLUMNS = tuple(core_table(ProfileRecord).columns.keys())
-"""A new person's insert and the columns it sets (all of them), built once."""
+_PROFILES = core_table(ProfileRecord)
+_WRITTEN = tuple(column.name for column in _PROFILES.columns if column.name != "user_id")
+_INSERT_PROFILE = insert(_PROFILES)
+_UPDATE_PROFILE = (
+    update(_PROFILES)
+    .where(_PROFILES.c.user_id == bindparam("person"))
+    .values({name: bindparam(f"new_{name}") for name in _WRITTEN})
+)
+"""A person's row inserted, and written back, as :class:`_Person` holds it (every column), built once."""
 _INSERT_IDENTITY = insert(core_table(IdentityRecord))
 _INSERT_EVENT = insert(core_table(EventRecord))
 """An event's insert, built once and run on the session's connection (the event API's hot path)."""
@@ -402,7 +388,6 @@ _MERGED_INTO: Any = select(col(ProfileRecord.merged_into)).where(col(ProfileReco
 _IDENTITIES = core_table(IdentityRecord)
 _NAMED = tuple_(_IDENTITIES.c.kind, _IDENTITIES.c.value).in_(bindparam("pairs", expanding=True))
 _OWNERS = select(_IDENTITIES.c.kind, _IDENTITIES.c.value, _IDENTITIES.c.person_id).where(_NAMED)
-_PROFILES = core_table(ProfileRecord)
 _OWNED = (
     select(_IDENTITIES.c.kind, _IDENTITIES.c.value, *_PROFILES.columns)
     .join(_PROFILES, _PROFILES.c.user_id == _IDENTITIES.c.person_id)
@@ -411,9 +396,9 @@ _OWNED = (
     .with_for_update(of=_PROFILES)
 )
 _LOCK = (
-    select(ProfileRecord)
-    .where(col(ProfileRecord.user_id).in_(bindparam("persons", expanding=True)))
-    .order_by(col(ProfileRecord.user_id))
+    select(*_PROFILES.columns)
+    .where(_PROFILES.c.user_id.in_(bindparam("persons", expanding=True)))
+    .order_by(_PROFILES.c.user_id)
     .with_for_update()
 )
 ACTIVE_ROUTES: Any = select(Route).where(col(Route.user_id) == bindparam("user")).where(col(Route.active).is_(True))
@@ -424,27 +409,54 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _owned(session: Session, identifiers: Sequence[Identifier]) -> tuple[dict[Identifier, str], dict[str, Row[Any]]]:
-    """The owners of ``identifiers`` and their rows (plain rows of ``profiles``' columns), locked
-    in id order, in one statement; :class:`_Moved` if one was merged meanwhile."""
+@dataclass
+class _Person:
+    """A person's ``profiles`` row as the identity transaction reads and changes it (the fields
+    are its columns); written back by :data:`_UPDATE_PROFILE`, or :data:`_INSERT_PROFILE` when new."""
+
+    user_id: str
+    traits: dict[str, Any]
+    opted_out: list[str]
+    trait_times: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+    group_id: str | None = None
+    merged_into: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    wechat_openid: str | None = None
+
+
+def _person(row: Row[Any]) -> _Person:
+    return _Person(
+        row.user_id,
+        row.traits,
+        row.opted_out,
+        row.trait_times,
+        _aware(row.created_at),
+        _aware(row.updated_at),
+        row.group_id,
+        row.merged_into,
+        row.email,
+        row.phone,
+        row.wechat_openid,
+    )
+
+
+def _owned(session: Session, identifiers: Sequence[Identifier]) -> tuple[dict[Identifier, str], dict[str, _Person]]:
+    """The owners of ``identifiers`` and their rows, locked in id order, in one statement;
+    :class:`_Moved` if one was merged meanwhile."""
     if not identifiers:
         return {}, {}
     owners: dict[Identifier, str] = {}
-    locked: dict[str, Row[Any]] = {}
+    locked: dict[str, _Person] = {}
     for row in session.connection().execute(_OWNED, _pairs(identifiers)):
         if row.merged_into is not None:
             raise _Moved
-        owners[Identifier(row.kind, row.value)] = locked.setdefault(row.user_id, row).user_id
+        if row.user_id not in locked:
+            locked[row.user_id] = _person(row)
+        owners[Identifier(row.kind, row.value)] = row.user_id
     return owners, locked
-
-
-def _attached(session: Session, stored: Row[Any]) -> ProfileRecord:
-    """The unit of work's object of a person's row read (and locked) by :func:`_owned`, without
-    reading it again: the changes made to it are written at the flush."""
-    record = ProfileRecord(**{name: getattr(stored, name) for name in _PROFILE_COLUMNS})
-    make_transient_to_detached(record)
-    session.add(record)
-    return record
 
 
 def _pairs(identifiers: Sequence[Identifier]) -> dict[str, list[tuple[str, str]]]:
@@ -452,11 +464,11 @@ def _pairs(identifiers: Sequence[Identifier]) -> dict[str, list[tuple[str, str]]
     return {"pairs": [(i.kind, i.value) for i in identifiers]}
 
 
-def _lock(session: Session, persons: set[str]) -> dict[str, ProfileRecord]:
+def _lock(session: Session, persons: set[str]) -> dict[str, _Person]:
     """Lock the persons' rows, in id order; :class:`_Moved` if one was merged meanwhile."""
     if not persons:
         return {}
-    locked = {row.user_id: row for row in session.execute(_LOCK, {"persons": list(persons)}).scalars()}
+    locked = {row.user_id: _person(row) for row in session.connection().execute(_LOCK, {"persons": list(persons)})}
     if set(locked) != persons or any(row.merged_into is not None for row in locked.values()):
         raise _Moved
     return locked
@@ -475,14 +487,14 @@ def _user_ids(session: Session, persons: Collection[str]) -> dict[str, frozenset
     return {person: frozenset(values) for person, values in found.items()}
 
 
-def _mirror(row: ProfileRecord) -> None:
+def _mirror(row: _Person) -> None:
     """The address traits mirrored into their indexed columns."""
     for name in ADDRESS_KINDS:
         value = row.traits.get(name)
         setattr(row, name, str(value)[:320] if value else None)
 
 
-def _merge(session: Session, kept: ProfileRecord, merged: ProfileRecord) -> None:
+def _merge(session: Session, kept: _Person, merged: _Person) -> None:
     """Join ``merged`` into ``kept``: traits (the later wins), opt-outs (joined), group (the
     later group call's), identifiers, and every row of the person tables."""
     ours, theirs = kept.trait_times.get(GROUP_TIME, ""), merged.trait_times.get(GROUP_TIME, "")
