@@ -173,6 +173,22 @@ def test_merges_are_commutative(database: Database, order: Sequence[str]) -> Non
     assert DbProfiles(database).read("u1").traits == {"x": "first", "y": "second"}  # u1 merged away
 
 
+def test_three_people_merged_by_one_call_point_straight_at_the_survivor(database: Database) -> None:
+    store = DbIdentities(database)
+    store.apply(ids(anon="a-old", email="li@example.com"), at=at(0))
+    store.apply(ids(anon="a-2"), at=at(1))
+    store.apply(ids("u1"), at=at(2))
+
+    # u1's person (the newest) first joins a-2's, which then joins the oldest: a chain of two.
+    applied = store.apply(ids("u1", "a-2", email="li@example.com"), at=at(3))
+
+    assert applied is not None and applied.person == "anonymous_id:a-old"
+    assert applied.plan.merges == (("anonymous_id:a-2", "u1"), ("anonymous_id:a-old", "anonymous_id:a-2"))
+    merged = {row.user_id: row.merged_into for row in rows(database, ProfileRecord)}
+    assert merged == {"anonymous_id:a-old": None, "anonymous_id:a-2": "anonymous_id:a-old", "u1": "anonymous_id:a-old"}
+    assert {store.resolve("user_id", "u1"), store.resolve("anonymous_id", "a-2")} == {"anonymous_id:a-old"}
+
+
 def test_two_known_users_stay_apart_unless_aliased(database: Database) -> None:
     store = DbIdentities(database)
     store.apply(ids("mum", email="family@example.com"), at=at(0))

@@ -341,6 +341,10 @@ class DbIdentities:
             connection.execute(_INSERT_PROFILE, vars(row))
             changed.discard(plan.person)
         for person in sorted(changed):
+            survivor = rows[person].merged_into
+            while survivor is not None and rows[survivor].merged_into is not None:
+                survivor = rows[survivor].merged_into  # a chain merged in this call: one link
+            rows[person].merged_into = survivor
             written = vars(rows[person])
             connection.execute(_UPDATE_PROFILE, {"person": person, **{f"new_{n}": written[n] for n in _WRITTEN}})
         if plan.attach:
