@@ -306,7 +306,7 @@ class DbIdentities:
         if plan.created is not None:
             rows[plan.created.id] = _Person(plan.created.id, {}, [], {}, now, now)
         for kept, merged in plan.merges:
-            _merge(session, rows[kept], rows[merged])
+            _merge(session, rows, rows[kept], rows[merged])
             self._audit(session, "merge", kept, {"merged": subject_hash(merged, self.secret)})
         if plan.conflicts:
             self._audit(session, "conflict", plan.person, {"kinds": sorted({i.kind for i in plan.conflicts})})
@@ -341,10 +341,6 @@ class DbIdentities:
             connection.execute(_INSERT_PROFILE, vars(row))
             changed.discard(plan.person)
         for person in sorted(changed):
-            survivor = rows[person].merged_into
-            while survivor is not None and rows[survivor].merged_into is not None:
-                survivor = rows[survivor].merged_into  # a chain merged in this call: one link
-            rows[person].merged_into = survivor
             written = vars(rows[person])
             connection.execute(_UPDATE_PROFILE, {"person": person, **{f"new_{n}": written[n] for n in _WRITTEN}})
         if plan.attach:
@@ -498,9 +494,11 @@ def _mirror(row: _Person) -> None:
         setattr(row, name, str(value)[:320] if value else None)
 
 
-def _merge(session: Session, kept: _Person, merged: _Person) -> None:
+def _merge(session: Session, held: Mapping[str, _Person], kept: _Person, merged: _Person) -> None:
     """Join ``merged`` into ``kept``: traits (the later wins), opt-outs (joined), group (the
-    later group call's), identifiers, and every row of the person tables."""
+    later group call's), identifiers, and every row of the person tables. Whoever was merged
+    into ``merged`` now names ``kept``, both stored and among the call's ``held`` rows (which it
+    writes back later), so a chain merged in one call stays one link long."""
     ours, theirs = kept.trait_times.get(GROUP_TIME, ""), merged.trait_times.get(GROUP_TIME, "")
     kept.traits, kept.trait_times = merge_traits(
         kept.traits, kept.trait_times, merged.traits, merged.trait_times
@@ -511,6 +509,9 @@ def _merge(session: Session, kept: _Person, merged: _Person) -> None:
         kept.trait_times = {**kept.trait_times, GROUP_TIME: theirs}
     _mirror(kept)
     merged.merged_into = kept.user_id
+    for row in held.values():
+        if row.merged_into == merged.user_id:
+            row.merged_into = kept.user_id
     session.execute(
         update(ProfileRecord)
         .where(col(ProfileRecord.merged_into) == merged.user_id)
