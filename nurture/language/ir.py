@@ -470,7 +470,8 @@ def journey_to_dict(journey: Journey) -> dict[str, Any]:
 def journey_payload(journey: Journey) -> dict[str, Any]:
     """The journey as a run's input carries it: :func:`journey_to_dict` without the fields that
     hold their defaults (a tenth to two fifths smaller for the journeys of this repository and
-    its benchmarks, and every byte of a run's input is stored in its history). :func:`journey_from_dict` reads both forms."""
+    its benchmarks, and every byte of a run's input is stored in its history).
+    :func:`journey_from_dict` reads both forms."""
     result = _encode(journey, compact=True)
     assert isinstance(result, dict)
     return result
