@@ -59,8 +59,8 @@ from nurture.language.ir import Journey, journey_payload
 from nurture.storage.audiences import AUDIENCE_EVENTS, AudienceStore, Change, Evaluated
 from nurture.storage.console import PausedJourneys, paused_journeys
 from nurture.storage.db import Database
-from nurture.storage.identities import Applied, DbIdentities
-from nurture.storage.models import EventRow, Route, utcnow
+from nurture.storage.identities import ActiveRoute, Applied, DbIdentities, active_routes
+from nurture.storage.models import EventRow, utcnow
 from nurture.storage.stores import (
     DateTriggers,
     DbProfiles,
@@ -69,7 +69,6 @@ from nurture.storage.stores import (
     OptOuts,
     Routes,
     activate_route,
-    active_routes,
     ended_runs_converting,
     had_run,
     has_run,
@@ -207,7 +206,7 @@ class Started:
 class RoutingReads:
     """What routing one event reads before it signals and starts anything."""
 
-    routes: list[Route]
+    routes: list[ActiveRoute]
     paused: frozenset[str]
     ended: list[EndedRun]
     ran: dict[tuple[str, str], bool]
@@ -750,7 +749,7 @@ class Ingest:
         routed: Routed,
         *,
         again: bool,
-        routes: Sequence[Route] = (),
+        routes: Sequence[ActiveRoute] = (),
         ran: bool | None = None,
         activations: list[Started] | None = None,
         traits: Mapping[str, Any] | None = None,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Column, Index, delete, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from .db import Database
-from .models import UtcDateTime, utcnow
+from .models import UtcDateTime, core_table, utcnow
 
 ROLES = ("viewer", "operator", "admin")
 """Console roles, least to most: viewers read (addresses masked), operators also pause and resume
@@ -82,9 +83,14 @@ class PausedJourney(SQLModel, table=True):
     paused_by: str = Field(max_length=330)
 
 
+_PAUSED: Any = select(core_table(PausedJourney).c.journey)
+"""The paused journeys' ids: built once."""
+
+
 def paused_journeys(session: Session) -> frozenset[str]:
-    """The paused journeys' ids, read in the caller's session."""
-    return frozenset(session.exec(select(PausedJourney.journey)).all())
+    """The paused journeys' ids, read in the caller's session (the event API reads them for every
+    event that triggers a journey)."""
+    return frozenset(session.connection().execute(_PAUSED).scalars())
 
 
 class PausedJourneys:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import Row, bindparam, insert, tuple_, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -401,8 +401,28 @@ _LOCK = (
     .order_by(_PROFILES.c.user_id)
     .with_for_update()
 )
-ACTIVE_ROUTES: Any = select(Route).where(col(Route.user_id) == bindparam("user")).where(col(Route.active).is_(True))
-"""A person's active routes (parameter ``user``), built once: the event API reads them for every event."""
+class ActiveRoute(NamedTuple):
+    """An active route as routing reads it: where a person's events go (the fields are its columns)."""
+
+    workflow_id: str
+    journey: str
+    key: str
+    listens: list[str]
+    """The event names the run waits for."""
+    updated_at: datetime
+
+
+_ROUTES = core_table(Route)
+ACTIVE_ROUTES: Any = select(*(_ROUTES.c[name] for name in ActiveRoute._fields)).where(
+    _ROUTES.c.user_id == bindparam("user"), _ROUTES.c.active.is_(True)
+)
+"""A person's active routes (parameter ``user``), built once and run on the session's connection:
+the event API reads them for every event it routes."""
+
+
+def active_routes(session: Session, user_id: str) -> list[ActiveRoute]:
+    """The person's active routes, read in the caller's session."""
+    return [ActiveRoute(*row) for row in session.connection().execute(ACTIVE_ROUTES, {"user": user_id})]
 
 
 def _aware(value: datetime) -> datetime:
@@ -533,7 +553,7 @@ def _merged_away(session: Session, person_id: str) -> list[str]:
     and key: each active route (or run) with its run's entry time, or the route's time when the
     run's start is not recorded yet."""
     slots: dict[str, RunSlot] = {}
-    for route in session.execute(ACTIVE_ROUTES, {"user": person_id}).scalars():
+    for route in active_routes(session, person_id):
         slots[route.workflow_id] = RunSlot(
             route.journey, route.key, route.workflow_id, _aware(route.updated_at)
         )

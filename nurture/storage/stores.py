@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -25,7 +26,7 @@ from nurture.language.templates import RenderedMessage
 
 from .audiences import mark_pending
 from .db import Database, upsert, upsert_statement
-from .identities import ACTIVE_ROUTES, canonical, merged_persons, with_group
+from .identities import ActiveRoute, active_routes, canonical, merged_persons, with_group
 from .models import (
     DateTriggerRecord,
     EventRecord,
@@ -676,17 +677,15 @@ _EVENTS = core_table(EventRecord)
 path: built once, run on the session's connection (no ORM step; SQLAlchemy reuses their compiled form)."""
 # The event API's reads, with their parameters bound per call.
 _CONVERTING: Any = (
-    select(RunRecord)
-    .where(col(RunRecord.user_id) == bindparam("user"))
-    .where(col(RunRecord.journey).in_(bindparam("journeys", expanding=True)))
-    .where(col(RunRecord.status) == "ended", col(RunRecord.converted_at).is_(None))
-    .where(col(RunRecord.goal_until) >= bindparam("at"))
+    select(*(_RUNS.c[f.name] for f in fields(EndedRun)))
+    .where(_RUNS.c.user_id == bindparam("user"), _RUNS.c.journey.in_(bindparam("journeys", expanding=True)))
+    .where(_RUNS.c.status == "ended", _RUNS.c.converted_at.is_(None), _RUNS.c.goal_until >= bindparam("at"))
 )
+"""A person's ended runs whose goal window is open: :class:`EndedRun`'s fields are its columns."""
 _HAD_RUN: Any = (
-    select(col(RunRecord.run_id))
-    .where(col(RunRecord.journey) == bindparam("journey"))
-    .where(col(RunRecord.user_id) == bindparam("user"))
-    .where(col(RunRecord.key) == bindparam("key"))
+    select(_RUNS.c.run_id)
+    .where(_RUNS.c.journey == bindparam("journey"), _RUNS.c.user_id == bindparam("user"))
+    .where(_RUNS.c.key == bindparam("key"))
     .limit(1)
 )
 _MARK_ROUTED: Any = (
@@ -727,7 +726,7 @@ class Routes:
                     route.listens = sorted(set(route.listens) | set(names))
                     route.updated_at = utcnow()
 
-    def active_for(self, user_id: str) -> list[Route]:
+    def active_for(self, user_id: str) -> list[ActiveRoute]:
         with self.db.session() as session:
             return active_routes(session, user_id)
 
@@ -757,26 +756,10 @@ def activate_route(
     session.connection().execute(statement, values)
 
 
-def active_routes(session: Session, user_id: str) -> list[Route]:
-    """:meth:`Routes.active_for` in the caller's session."""
-    return list(session.execute(ACTIVE_ROUTES, {"user": user_id}).scalars())
-
-
 def ended_runs_converting(session: Session, user_id: str, journeys: Sequence[str], at: datetime) -> list[EndedRun]:
     """:meth:`DbRecorder.ended_runs_converting` in the caller's session."""
-    rows = session.execute(_CONVERTING, {"user": user_id, "journeys": list(journeys), "at": at}).scalars()
-    return [
-        EndedRun(
-            run_id=row.run_id,
-            journey=row.journey,
-            user_id=row.user_id,
-            key=row.key,
-            entered_at=row.entered_at,
-            last_message_at=row.last_message_at,
-            variants=dict(row.variants),
-        )
-        for row in rows
-    ]
+    rows = session.connection().execute(_CONVERTING, {"user": user_id, "journeys": list(journeys), "at": at})
+    return [EndedRun(*row) for row in rows]
 
 
 def run_started_by(db: Database, journey: str, message_id: str) -> str | None:
@@ -799,7 +782,7 @@ def has_run(db: Database, journey: str, user_id: str, key: str) -> bool:
 
 def had_run(session: Session, journey: str, user_id: str, key: str) -> bool:
     """:func:`has_run` in the caller's session."""
-    return session.execute(_HAD_RUN, {"journey": journey, "user": user_id, "key": key}).first() is not None
+    return session.connection().execute(_HAD_RUN, {"journey": journey, "user": user_id, "key": key}).first() is not None
 
 
 def last_entry(db: Database, journey: str, user_id: str, key: str) -> datetime | None:
