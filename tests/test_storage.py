@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import POSTGRES
-from sqlalchemy import inspect, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import insert, inspect, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import select
 from support import fresh_postgres, rows, send_request
 
@@ -22,7 +22,15 @@ from nurture.engine.model import SendOutcome, SendRequest
 from nurture.language.templates import RenderedMessage
 from nurture.storage.db import Database, Pool, database_url
 from nurture.storage.identities import DbIdentities
-from nurture.storage.models import EventRecord, EventRow, MessageRecord, RunRecord, StepReach
+from nurture.storage.models import (
+    EventRecord,
+    EventRow,
+    MessageRecord,
+    Route,
+    RunRecord,
+    StepReach,
+    core_table,
+)
 from nurture.storage.stores import (
     DbHistory,
     DbLedger,
@@ -30,6 +38,7 @@ from nurture.storage.stores import (
     DbRecorder,
     Events,
     Routes,
+    activate_route,
     has_run,
     record_opening,
 )
@@ -134,6 +143,22 @@ def test_routes_and_runs(database: Database) -> None:
             and run.end_reason == "goal"
             and run.variants == {"x": "a"}
         )
+
+
+def test_an_autocommit_session_commits_each_statement_on_its_own(database: Database) -> None:
+    routes = Routes(database)
+    with database.autocommit() as session:
+        activate_route(session, "wf1", user_id="u1", journey="j", key="", listens=["A"])
+        # Read on another connection while the session is open: the write committed by itself.
+        assert [r.workflow_id for r in routes.active_for("u1")] == ["wf1"]
+    with pytest.raises(IntegrityError), database.autocommit() as session:
+        activate_route(session, "wf2", user_id="u2", journey="j", key="", listens=["A"])
+        session.connection().execute(insert(core_table(Route)), {"workflow_id": "wf2", "user_id": "u2", "journey": "j"})
+    assert routes.is_active("wf2"), "the statement before the failed one stays"
+    with pytest.raises(IntegrityError), database.session() as session:  # a transaction, for contrast
+        activate_route(session, "wf3", user_id="u3", journey="j", key="", listens=["A"])
+        session.connection().execute(insert(core_table(Route)), {"workflow_id": "wf3", "user_id": "u3", "journey": "j"})
+    assert not routes.is_active("wf3")
 
 
 def test_a_routers_opening_is_written_once_and_never_over_what_the_run_wrote(database: Database) -> None:

@@ -470,10 +470,10 @@ class Ingest:
         ]
 
     def _read_routing(self, user_id: str, event: Event, entries: Sequence[tuple[str, str]]) -> RoutingReads:
-        """What routing the event reads, in one session: the person's active routes, the paused
-        journeys (when the event triggers some), ended runs it may convert, and for each of
-        ``entries`` whether the person had a run."""
-        with self.db.session() as session:
+        """What routing the event reads, on one connection without a transaction (each read is one
+        statement): the person's active routes, the paused journeys (when the event triggers
+        some), ended runs it may convert, and for each of ``entries`` whether the person had a run."""
+        with self.db.autocommit() as session:
             return RoutingReads(
                 routes=active_routes(session, user_id),
                 paused=paused_journeys(session) if event.name in self._triggers else frozenset(),
@@ -486,12 +486,15 @@ class Ingest:
             )
 
     def _finish_routing(self, activations: Sequence[Started], message_id: str | None) -> None:
-        """The routes of the runs the event started made active, then (``message_id``, when every
-        route and journey had it) the event marked routed: one session, two transactions, so a
-        failure to mark it keeps the routes."""
+        """The routes of the runs the event started made active, with the openings of those that
+        wait first, then (``message_id``, when every route and journey had it) the event marked
+        routed, committed after them, so a failure to mark it keeps the routes. Without openings
+        each write is one statement and commits on its own (no ``BEGIN`` and ``COMMIT`` round
+        trips); with them, the routes and openings commit together."""
         if not activations and message_id is None:
             return
-        with self.db.session() as session:
+        opening = any(started.opening is not None for started in activations)
+        with self.db.session() if opening else self.db.autocommit() as session:
             for started in activations:
                 activate_route(session, **started.route)
                 if started.opening is not None:

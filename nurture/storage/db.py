@@ -93,6 +93,18 @@ class Database:
                 raise
 
     @contextmanager
+    def autocommit(self) -> Iterator[Session]:
+        """A session whose every statement commits on its own, for work that needs no transaction:
+        reads that need no snapshot shared between them (under READ COMMITTED each statement sees
+        its own anyway), and writes of one statement each. It saves a transaction's ``BEGIN`` and
+        ``COMMIT``, on PostgreSQL each a round trip to the server."""
+        with (
+            self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection,
+            Session(bind=connection, expire_on_commit=False) as session,
+        ):
+            yield session
+
+    @contextmanager
     def write_session(self) -> Iterator[Session]:
         """A :meth:`session` for read-modify-write: it takes the write lock before it reads.
 
