@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -255,15 +255,63 @@ class CommandCpu:
 
     def __call__(self) -> float:
         now = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if (entry / "comm").read_text().strip() == self.name:
-                        now[int(entry.name)] = cpu_seconds(int(entry.name))
+        for pid in processes_named(self.name):
+            with contextlib.suppress(OSError):
+                now[pid] = cpu_seconds(pid)
         if self.seen is not None:  # a process that appeared since the last call counts in full
             self.total += sum(used - self.seen.get(pid, 0.0) for pid, used in now.items())
         self.seen = now
         return self.total
+
+
+def processes_named(name: str) -> list[int]:
+    """The ids of every process whose command is ``name`` (e.g. ``postgres``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+    return found
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and every process descended from it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], ()))
+    return found
+
+
+@contextlib.contextmanager
+def pinned(cores: Mapping[int, Callable[[], Iterable[int]]]) -> Iterator[None]:
+    """The processes each core's callable lists (``core -> lambda: [pid, ...]``), every thread of
+    them, kept to that one core; threads and processes they start meanwhile inherit it. At the end
+    the callables list them again (a server's children started meanwhile included), and all are
+    free on every core again. Setting another user's processes (PostgreSQL's) needs root."""
+    every = os.sched_getaffinity(0)
+
+    def set_all(processes: Iterable[int], allowed: set[int]) -> None:
+        for pid in processes:
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.sched_setaffinity(int(task.name), allowed)
+
+    try:
+        for core, processes in cores.items():
+            set_all(processes(), {core})
+        yield
+    finally:
+        for processes in cores.values():
+            set_all(processes(), every)
 
 
 def machine() -> str:

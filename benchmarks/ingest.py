@@ -3,6 +3,7 @@
     python benchmarks/ingest.py [--events 2000] [--concurrency 32] [--rounds 2] [--warmup 200]
                                 [--paced-rates 5 20] [--paced-seconds 15] [--load-worker both]
                                 [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
+                                [--http-client aiohttp|httpx] [--pin]
     python benchmarks/ingest.py --streams [--stream-events 3000] [--concurrency 32] [--rounds 2]
                                 [--database-url ...]
 
@@ -39,12 +40,21 @@ reply), both wall-clock UTC on this machine. The paced runs' latency is split in
 from each run's history. CPU per event is read from /proc for every process, from the first call
 of a run until its last message is stored; "other" is what the rest of the machine used meanwhile
 (other people's work on a shared machine slows every row).
+
+The api path's calls are made with aiohttp (``--http-client httpx``: the client used before
+2026-12-07, which costs this process three to four times as much CPU per call, all of it taken
+from the services on the same cores). ``--pin`` (root, two cores or more) gives the two tiers a
+core each, as a deployment gives them machines of their own: the dev server and the worker on the
+first core; the API, PostgreSQL (every process of the server, its new connections included) and
+this script on the second. The ceiling is then what one core of Temporal takes, and the api path
+reaches it only if the API, its database and the calls' client keep up on the other core.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -70,9 +80,12 @@ from _stack import (
     busy_seconds,
     cpu_seconds,
     database,
+    family,
     machine,
     paced,
     percentile,
+    pinned,
+    processes_named,
     seed,
 )
 from _streams import measure_streams, report_streams
@@ -508,6 +521,11 @@ async def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="Temporal (and the worker) on one core; the API, PostgreSQL and this client on another",
+    )
+    parser.add_argument(
         "--http-client",
         choices=("aiohttp", "httpx"),
         default="aiohttp",
@@ -520,6 +538,8 @@ async def main() -> None:
     args = parser.parse_args()
     if min(args.rounds, args.concurrency, args.warmup, args.paced_seconds, *args.paced_rates) <= 0:
         parser.error("--rounds, --concurrency, --warmup, --paced-seconds and --paced-rates must be positive")
+    if args.pin and (len(os.sched_getaffinity(0)) < 2 or os.geteuid() != 0):
+        parser.error("--pin needs two cores, and root (it sets PostgreSQL's processes too)")
 
     with tempfile.TemporaryDirectory(prefix="nurture-ingest-") as tmp:
         home = Path(tmp)
@@ -534,7 +554,9 @@ async def main() -> None:
                 f"{'PostgreSQL' if args.database_url else 'SQLite'}; journey {JOURNEY}; warm-up "
                 f"{args.warmup}; paced {', '.join(f'{r:g}/s' for r in args.paced_rates)} for "
                 f"{args.paced_seconds:g} s; load {args.events} events per path, {args.concurrency} "
-                f"in flight, {args.rounds} rounds, worker {args.load_worker}"
+                f"in flight, {args.rounds} rounds, worker {args.load_worker}; the api path's client: "
+                f"{args.http_client}"
+                + ("; pinned: Temporal and the worker on one core, the rest on another" if args.pin else "")
             )
             if args.streams:
                 with stack.worker() as worker, stack.api() as api, stack.floor() as floor:
@@ -576,9 +598,15 @@ async def main() -> None:
                 meters[BUSY] = busy_seconds
                 client = await Client.connect(temporal.address)
                 bench = Bench(db, meters, args.timeout)
-                runs = await asyncio.wait_for(
-                    measure(args, stack, bench, client, api, worker.process.pid), args.timeout
-                )
+                first, second, *_ = sorted(os.sched_getaffinity(0))
+                cores = {
+                    first: lambda: [*family(temporal.process.pid), *family(worker.process.pid)],
+                    second: lambda: [*family(api.process.pid), os.getpid(), *processes_named("postgres")],
+                }
+                with pinned(cores) if args.pin else contextlib.nullcontext():
+                    runs = await asyncio.wait_for(
+                        measure(args, stack, bench, client, api, worker.process.pid), args.timeout
+                    )
             db.dispose()
     report(runs, args, [name for name in meters if name != BUSY] + ["other"])
 
