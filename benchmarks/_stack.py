@@ -275,14 +275,18 @@ def processes_named(name: str) -> list[int]:
     return found
 
 
+def parent_of(pid: int) -> int:
+    """The id of ``pid``'s parent process (``OSError`` when ``pid`` is gone)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def family(pid: int) -> list[int]:
     """``pid`` and every process descended from it."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry.name))
+                children.setdefault(parent_of(int(entry.name)), []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
         found.append(todo.pop())
@@ -294,24 +298,38 @@ def family(pid: int) -> list[int]:
 def pinned(cores: Mapping[int, Callable[[], Iterable[int]]]) -> Iterator[None]:
     """The processes each core's callable lists (``core -> lambda: [pid, ...]``), every thread of
     them, kept to that one core; threads and processes they start meanwhile inherit it. At the end
-    the callables list them again (a server's children started meanwhile included), and all are
-    free on every core again. Setting another user's processes (PostgreSQL's) needs root."""
-    every = os.sched_getaffinity(0)
+    the callables list them again, and each is given back the cores it had (one started meanwhile,
+    such as a new PostgreSQL connection's process, those of its parent). Setting another user's
+    processes (PostgreSQL's: every one on the machine, not only the benchmark's database) needs
+    root, and a script killed before the end leaves them pinned."""
+    own = os.sched_getaffinity(0)
+    had: dict[int, set[int]] = {}
+    """Each listed process's cores before it was pinned."""
 
-    def set_all(processes: Iterable[int], allowed: set[int]) -> None:
-        for pid in processes:
-            with contextlib.suppress(OSError):
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.sched_setaffinity(int(task.name), allowed)
+    def had_before(pid: int) -> set[int]:
+        if pid in had:
+            return had[pid]
+        with contextlib.suppress(OSError):  # started meanwhile: its parent's
+            return had.get(parent_of(pid), own)
+        return own
+
+    def set_threads(pid: int, allowed: set[int]) -> None:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(task.name), allowed)
 
     try:
         for core, processes in cores.items():
-            set_all(processes(), {core})
+            for pid in processes():
+                with contextlib.suppress(OSError):
+                    had[pid] = os.sched_getaffinity(pid)
+                    set_threads(pid, {core})
         yield
     finally:
         for processes in cores.values():
-            set_all(processes(), every)
+            for pid in processes():
+                set_threads(pid, had_before(pid))
 
 
 def machine() -> str:

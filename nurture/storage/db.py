@@ -103,6 +103,7 @@ class Database:
             Session(bind=connection, expire_on_commit=False) as session,
         ):
             yield session
+            session.commit()  # writes what the ORM holds (its flush); sends no COMMIT of its own
 
     @contextmanager
     def write_session(self) -> Iterator[Session]:
