@@ -244,6 +244,27 @@ def busy_seconds() -> float:
     return sum(ticks) / os.sysconf("SC_CLK_TCK")  # user, nice, system
 
 
+def core_ticks() -> list[tuple[int, int]]:
+    """Each core's (busy, all) clock ticks since boot, from /proc/stat; busy is user, nice and
+    system. Empty without /proc."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return []
+    cores = []
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            ticks = [int(x) for x in fields]
+            cores.append((sum(ticks[:3]), sum(ticks[:8])))  # user nice system idle iowait irq softirq steal
+    return cores
+
+
+def busy_shares(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[float]:
+    """How busy each core was between two :func:`core_ticks` readings, from 0 to 1."""
+    return [(b1 - b0) / max(1, a1 - a0) for (b0, a0), (b1, a1) in zip(before, after, strict=True)]
+
+
 class CommandCpu:
     """CPU time used by every process whose command is ``name`` (e.g. ``postgres``), counted from
     the first call; a meter that never goes down as processes come and go."""

@@ -39,7 +39,8 @@ stores it) minus the instant the client got its answer (the HTTP 200 or the sign
 reply), both wall-clock UTC on this machine. The paced runs' latency is split into stages read
 from each run's history. CPU per event is read from /proc for every process, from the first call
 of a run until its last message is stored; "other" is what the rest of the machine used meanwhile
-(other people's work on a shared machine slows every row).
+(other people's work on a shared machine slows every row). Each core's busy share while the calls
+are made (user, nice and system time, from /proc/stat) shows whether the cores were saturated.
 
 The api path's calls are made with aiohttp (``--http-client httpx``: the client used before
 2026-12-07; on 2026-12-07 this process's CPU per event was 6 to 11 ms with it and 2 to 3 ms with
@@ -79,6 +80,8 @@ from _stack import (
     Stack,
     bounded,
     busy_seconds,
+    busy_shares,
+    core_ticks,
     cpu_seconds,
     database,
     family,
@@ -255,6 +258,8 @@ class Run:
     stages: dict[str, list[float]] = field(default_factory=dict)
     failed: int = 0
     """Calls that failed (reported; their events are not counted or waited for)."""
+    cores_busy: list[float] = field(default_factory=list)
+    """How busy each core was while the calls were made (0 to 1; user, nice and system time)."""
     """For paced runs: milliseconds per event in each of :data:`STAGES`."""
 
     @property
@@ -296,9 +301,11 @@ class Bench:
         if pause is not None:
             os.kill(pause, signal.SIGSTOP)
         try:
+            ticks = core_ticks()
             start = time.perf_counter()
             samples = await drive(count, lambda i: path.send(users[i]))
             seconds = time.perf_counter() - start
+            cores_busy = busy_shares(ticks, core_ticks())
         finally:
             if pause is not None:
                 os.kill(pause, signal.SIGCONT)
@@ -311,7 +318,9 @@ class Bench:
         used = {name: (meter() - before[name]) * 1000 / count for name, meter in self.meters.items()}
         # Whatever else ran on the machine meanwhile (it competes for the same cores).
         used["other"] = max(0.0, used.pop(BUSY) - sum(used.values()))
-        return Run(group, phase, path.name, samples, seconds, created, used, elapsed, failed=len(failed))
+        return Run(
+            group, phase, path.name, samples, seconds, created, used, elapsed, failed=len(failed), cores_busy=cores_busy
+        )
 
     async def drain(self, tag: str, count: int) -> dict[str, float]:
         """Wait until every user's SMS is in the outbox; each one's ``created_at``."""
@@ -450,6 +459,12 @@ def report(runs: list[Run], args: argparse.Namespace, meters: list[str]) -> None
         cells = [run.cpu_ms[name] for name in meters]
         label = f"{run.phase} {run.path.split(' ')[0]}"
         print(f"{label:<30}" + "".join(f"{c:>10.2f}" for c in [*cells, sum(cells)]))
+    print()
+    heads = [f"cpu{i}" for i in range(len(runs[0].cores_busy))]
+    print(f"{'each core busy during the calls':<30}" + "".join(f"{head:>10}" for head in heads))
+    for run in runs:
+        label = f"{run.phase} {run.path.split(' ')[0]}"
+        print(f"{label:<30}" + "".join(f"{share * 100:>9.0f}%" for share in run.cores_busy))
     split_runs = [r for r in runs if r.stages]
     if split_runs:
         print()
@@ -555,8 +570,8 @@ async def main() -> None:
                 f"{'PostgreSQL' if args.database_url else 'SQLite'}; journey {JOURNEY}; warm-up "
                 f"{args.warmup}; paced {', '.join(f'{r:g}/s' for r in args.paced_rates)} for "
                 f"{args.paced_seconds:g} s; load {args.events} events per path, {args.concurrency} "
-                f"in flight, {args.rounds} rounds, worker {args.load_worker}; the api path's client: "
-                f"{args.http_client}"
+                f"in flight, {args.rounds} rounds, worker {args.load_worker}"
+                + ("" if args.streams else f"; the api path's client: {args.http_client}")
                 + ("; pinned: Temporal and the worker on one core, the rest on another" if args.pin else "")
             )
             if args.streams:
