@@ -233,15 +233,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def busy_seconds() -> float:
-    """CPU time all processes have used (user and system, all cores); 0 without /proc.
+    """CPU time all processes have used (user, nice and system, all cores: :func:`core_ticks`);
+    0 without /proc.
 
     Interrupt time is left out: the kernel's loopback networking for our own traffic lands there.
     """
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:4]]
-    except OSError:
-        return 0.0
-    return sum(ticks) / os.sysconf("SC_CLK_TCK")  # user, nice, system
+    return sum(busy for busy, _ in core_ticks()) / os.sysconf("SC_CLK_TCK")
 
 
 def core_ticks() -> list[tuple[int, int]]:

@@ -184,8 +184,8 @@ HTTP_ERRORS = (httpx.HTTPError, aiohttp.ClientError, TimeoutError)
 @asynccontextmanager
 async def http_client(kind: str, address: str, concurrency: int) -> AsyncIterator[Post]:
     """The load generator's HTTP client, with the write key and ``concurrency`` connections kept
-    alive: ``aiohttp`` (its parser is compiled), or ``httpx``, which costs this process about
-    several times the CPU per call and so leaves the services less of the machine."""
+    alive: ``aiohttp`` (its parser is compiled), or ``httpx``, which costs this process three to
+    four times the CPU per call and so leaves the services less of the machine."""
     headers = {"Authorization": f"Bearer {WRITE_KEY}"}
     if kind == "httpx":
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -256,11 +256,11 @@ class Run:
     elapsed: float
     """Seconds from the first call until the last message."""
     stages: dict[str, list[float]] = field(default_factory=dict)
+    """For paced runs: milliseconds per event in each of :data:`STAGES`."""
     failed: int = 0
     """Calls that failed (reported; their events are not counted or waited for)."""
     cores_busy: list[float] = field(default_factory=list)
     """How busy each core was while the calls were made (0 to 1; user, nice and system time)."""
-    """For paced runs: milliseconds per event in each of :data:`STAGES`."""
 
     @property
     def outbox_ms(self) -> list[float]:
