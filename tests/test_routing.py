@@ -370,6 +370,81 @@ async def test_one_journeys_failure_leaves_the_others_routed_and_the_retry_route
     assert [e.routed_at is not None for e in rows(database, EventRecord, user_id=user)] == [True]
 
 
+async def test_events_finishing_together_write_their_routes_and_marks_together(
+    project: Project, database: Database, temporal_client: Client
+) -> None:
+    """Routing's last writes of events whose runs started while another event's writes were
+    being made go together in one write; every route is active and every event routed."""
+    ingest = Ingest(project, database, temporal_client, f"test-routing-{uuid.uuid4().hex[:8]}")
+    users = [new_user() for _ in range(12)]
+    batches: list[list[str]] = []
+    write = ingest._finishing._write
+
+    def held(finished: Any) -> None:
+        batches.append(sorted(message_id for _, message_id in finished))
+        if len(batches) == 1:  # the first write waits until every other event is waiting for one
+            for _ in range(1000):
+                if len(ingest._finishing._waiting) == len(users) - 1:
+                    break
+                threading.Event().wait(0.01)
+        write(finished)
+
+    ingest._finishing._write = held
+    routed = await asyncio.gather(
+        *(
+            ingest.track(
+                call_identifiers(user, None),
+                Event("Order Completed", datetime.now(UTC), {"order_id": f"o-{user}", "total": 20}, f"m-{user}"),
+            )
+            for user in users
+        )
+    )
+
+    assert [r.triggered for r in routed] == [[workflow_id("post_purchase", user, f"o-{user}")] for user in users]
+    assert sorted(len(batch) for batch in batches) == [1, len(users) - 1]
+    assert sorted(m for batch in batches for m in batch) == sorted(f"m-{user}" for user in users)
+    for user in users:
+        [route] = rows(database, Route, user_id=user)
+        assert route.active and route.workflow_id == workflow_id("post_purchase", user, f"o-{user}")
+        assert [e.routed_at is not None for e in rows(database, EventRecord, user_id=user)] == [True]
+
+
+async def test_a_failed_write_of_events_finishing_together_leaves_each_unrouted_for_its_retry(
+    project: Project, database: Database, temporal_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingest = Ingest(project, database, temporal_client, f"test-routing-{uuid.uuid4().hex[:8]}")
+    users = [new_user() for _ in range(6)]
+    write, failed = ingest._finishing._write, []
+
+    def failing_once(finished: Any) -> None:
+        if not failed:
+            failed.append(len(finished))
+            raise OperationalError("UPDATE events", {}, Exception("the server closed the connection"))
+        write(finished)
+
+    ingest._finishing._write = failing_once
+
+    def order(user: str) -> Event:
+        return Event("Order Completed", datetime.now(UTC), {"order_id": f"o-{user}", "total": 20}, f"m-{user}")
+
+    first = await asyncio.gather(
+        *(ingest.track(call_identifiers(user, None), order(user)) for user in users), return_exceptions=True
+    )
+    refused = [user for user, result in zip(users, first, strict=True) if isinstance(result, NotRouted)]
+    assert len(refused) == failed[0] >= 1
+    for user in refused:
+        assert [e.routed_at for e in rows(database, EventRecord, user_id=user)] == [None]
+
+    monkeypatch.setattr(ingest_module, "ROUTING_GRACE", 0.0)  # the retries come at once
+    again = [await ingest.track(call_identifiers(user, None), order(user)) for user in refused]
+
+    for user, retried in zip(refused, again, strict=True):
+        assert retried.rerouted and retried.triggered == [workflow_id("post_purchase", user, f"o-{user}")]
+    for user in users:
+        assert [e.routed_at is not None for e in rows(database, EventRecord, user_id=user)] == [True]
+        assert [r.active for r in rows(database, Route, user_id=user)] == [True]
+
+
 # Workflow ids ---------------------------------------------------------------------------------
 
 

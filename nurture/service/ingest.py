@@ -68,7 +68,7 @@ from nurture.storage.stores import (
     Events,
     OptOuts,
     Routes,
-    activate_route,
+    activate_routes,
     ended_runs_converting,
     had_run,
     has_run,
@@ -82,6 +82,7 @@ from nurture.storage.stores import (
 from workflows.dates import DATE_WORKFLOW, PLAN_SIGNAL, date_params
 from workflows.journey import OPENED, WORKFLOW_NAME, new_run
 
+from .groupcommit import GroupCommit
 from .observability import count_conversion
 
 log = logging.getLogger("nurture.ingest")
@@ -184,7 +185,7 @@ class Routed:
 
 
 class Activation(TypedDict):
-    """A started run's route, to make active (:func:`~nurture.storage.stores.activate_route`)."""
+    """A started run's route, to make active (:func:`~nurture.storage.stores.activate_routes`)."""
 
     workflow_id: str
     user_id: str
@@ -231,6 +232,8 @@ class Ingest:
         self.profiles = DbProfiles(db)
         self.identities = DbIdentities(db, secret=secret)
         self.recorder = DbRecorder(db)
+        self._finishing: GroupCommit[tuple[Sequence[Started], str | None]] = GroupCommit(self._finish_together)
+        """Routing's last writes of events finishing at the same time, made together."""
         self._goals: dict[str, list[str]] = {}
         """Journeys (and broadcasts) by goal event name: which ended runs an event may still convert."""
         self._converting = {
@@ -451,7 +454,7 @@ class Ingest:
                 except TRANSIENT as exc:
                     failures.append(exc)
         try:
-            await asyncio.to_thread(self._finish_routing, activations, None if failures else event.message_id)
+            await self._finish_routing(activations, None if failures else event.message_id)
         except TRANSIENT as exc:
             failures.append(exc)
         if failures:
@@ -485,23 +488,38 @@ class Ingest:
                 ran={(journey, key): had_run(session, journey, user_id, key) for journey, key in entries},
             )
 
-    def _finish_routing(self, activations: Sequence[Started], message_id: str | None) -> None:
+    async def _finish_routing(self, activations: Sequence[Started], message_id: str | None) -> None:
         """The routes of the runs the event started made active, with the openings of those that
         wait first, then (``message_id``, when every route and journey had it) the event marked
         routed, committed after them, so a failure to mark it keeps the routes. Without openings
-        each write is one statement and commits on its own (no ``BEGIN`` and ``COMMIT`` round
-        trips); with them, the routes and openings commit together."""
+        (most events) these writes go with those of the other events finishing meanwhile
+        (:meth:`_finish_together`); with them, the routes and openings commit together, on their own."""
         if not activations and message_id is None:
             return
-        opening = any(started.opening is not None for started in activations)
-        with self.db.session() if opening else self.db.autocommit() as session:
+        if all(started.opening is None for started in activations):
+            await self._finishing.submit((activations, message_id))
+            return
+        await asyncio.to_thread(self._finish_opened, activations, message_id)
+
+    def _finish_together(self, finished: Sequence[tuple[Sequence[Started], str | None]]) -> None:
+        """Routing's last writes for ``finished`` events, with no openings among them: each write
+        one statement that commits on its own (no ``BEGIN`` and ``COMMIT`` round trips), every
+        route before any mark."""
+        with self.db.autocommit() as session:
+            activate_routes(session, [started.route for activations, _ in finished for started in activations])
+            mark_routed(session, [message_id for _, message_id in finished if message_id is not None])
+
+    def _finish_opened(self, activations: Sequence[Started], message_id: str | None) -> None:
+        """:meth:`_finish_routing` where some run waits first: its routes and openings in one
+        transaction, then the mark."""
+        with self.db.session() as session:
+            activate_routes(session, [started.route for started in activations])
             for started in activations:
-                activate_route(session, **started.route)
                 if started.opening is not None:
                     record_opening(session, *started.opening)
             if message_id is not None:
                 session.commit()
-                mark_routed(session, message_id)
+                mark_routed(session, [message_id])
 
     async def identify(
         self,

@@ -18,7 +18,8 @@ from sqlalchemy import func, or_, select, update
 from sqlmodel import col
 
 from .db import Database, upsert
-from .models import AudienceMember, BroadcastOccurrence, MessageRecord, Route, RunRecord, StepReach, utcnow
+from .models import AudienceMember, BroadcastOccurrence, MessageRecord, RunRecord, StepReach, utcnow
+from .stores import activate_routes as activate_many
 
 
 class Occurrences:
@@ -194,28 +195,13 @@ def members_after(db: Database, audience: str, after: str | None, limit: int) ->
 
 
 def activate_routes(db: Database, rows: Sequence[tuple[str, str]], *, journey: str, key: str, listens: Sequence[str]) -> None:
-    """Routes for a page of started runs, ``(workflow id, person)`` each, in one statement: the
-    person's events reach their run (goal, ``exit_on``, ``wait_for``)."""
-    if not rows:
-        return
-    now = utcnow()
-    values = [
-        {"workflow_id": wid, "user_id": person, "journey": journey, "key": key, "listens": sorted(set(listens)),
-         "active": True, "updated_at": now}
-        for wid, person in rows
-    ]
+    """Routes for a page of started runs, ``(workflow id, person)`` each
+    (:func:`~nurture.storage.stores.activate_routes`): the person's events reach their run (goal,
+    ``exit_on``, ``wait_for``)."""
     with db.session() as session:
-        insert = upsert(session)
-        if insert is None:
-            for value in values:
-                session.merge(Route.model_validate(value))
-            return
-        statement = insert(Route).values(values)
-        session.execute(
-            statement.on_conflict_do_update(
-                index_elements=["workflow_id"],
-                set_={name: statement.excluded[name] for name in ("listens", "active", "updated_at")},
-            )
+        activate_many(
+            session,
+            [{"workflow_id": wid, "user_id": person, "journey": journey, "key": key, "listens": listens} for wid, person in rows],
         )
 
 

@@ -664,12 +664,14 @@ class Events:
     def routed(self, message_id: str) -> None:
         """Routing ``message_id`` finished: every route and journey has had it."""
         with self.db.session() as session:
-            mark_routed(session, message_id)
+            mark_routed(session, [message_id])
 
 
-def mark_routed(session: Session, message_id: str) -> None:
-    """:meth:`Events.routed` in the caller's session."""
-    session.connection().execute(_MARK_ROUTED, {"event": message_id, "at": utcnow()})
+def mark_routed(session: Session, message_ids: Sequence[str]) -> None:
+    """:meth:`Events.routed` for each of ``message_ids``, in the caller's session."""
+    if message_ids:
+        now = utcnow()
+        session.connection().execute(_MARK_ROUTED, [{"event": message_id, "at": now} for message_id in message_ids])
 
 
 _EVENTS = core_table(EventRecord)
@@ -740,18 +742,23 @@ def activate_route(
     session: Session, workflow_id: str, *, user_id: str, journey: str, key: str, listens: Sequence[str]
 ) -> None:
     """:meth:`Routes.activate` in the caller's session."""
-    values = {
-        "workflow_id": workflow_id,
-        "user_id": user_id,
-        "journey": journey,
-        "key": key,
-        "listens": sorted(set(listens)),
-        "active": True,
-        "updated_at": utcnow(),
-    }
+    activate_routes(
+        session, [{"workflow_id": workflow_id, "user_id": user_id, "journey": journey, "key": key, "listens": listens}]
+    )
+
+
+def activate_routes(session: Session, routes: Sequence[Mapping[str, Any]]) -> None:
+    """Routes made active, created where missing, in the caller's session: each of ``routes``
+    names ``workflow_id``, ``user_id``, ``journey``, ``key`` and ``listens``. One statement, run
+    with each route's values (on PostgreSQL the driver sends them in one pipeline)."""
+    if not routes:
+        return
+    now = utcnow()
+    values = [{**route, "listens": sorted(set(route["listens"])), "active": True, "updated_at": now} for route in routes]
     statement = upsert_statement(session, _ROUTES, ("workflow_id",), ("listens", "active", "updated_at"))
     if statement is None:
-        session.merge(Route.model_validate(values))  # other engines: a merge by primary key
+        for value in values:  # other engines: a merge by primary key
+            session.merge(Route.model_validate(value))
         return
     session.connection().execute(statement, values)
 

@@ -1,0 +1,90 @@
+"""Group commit: writes that arrive while one is in flight go together in the next; a lone write
+goes at once; a failed write fails each of its callers and no other."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from nurture.service.groupcommit import GroupCommit
+
+
+class Writes:
+    """A write that records each batch, and holds the first one until released."""
+
+    def __init__(self, fail: set[int] | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.first_started = threading.Event()
+        self.release = threading.Event()
+        self.fail = fail or set()
+
+    def __call__(self, items: Sequence[int]) -> None:
+        self.batches.append(list(items))
+        if len(self.batches) == 1:
+            self.first_started.set()
+            assert self.release.wait(10)
+        if self.fail & set(items):
+            raise ConnectionError(f"lost the connection writing {sorted(items)}")
+
+
+async def test_a_lone_write_goes_at_once_with_its_item_alone() -> None:
+    writes = Writes()
+    writes.release.set()
+    commit = GroupCommit(writes)
+
+    await commit.submit(1)
+    await commit.submit(2)
+
+    assert writes.batches == [[1], [2]]
+
+
+async def test_items_submitted_while_a_write_is_in_flight_go_together_in_the_next() -> None:
+    writes = Writes()
+    commit = GroupCommit(writes)
+    first = asyncio.create_task(commit.submit(0))
+    assert await asyncio.to_thread(writes.first_started.wait, 10)
+
+    waiting = [asyncio.create_task(commit.submit(item)) for item in range(1, 11)]
+    await asyncio.sleep(0.05)
+    assert not any(task.done() for task in waiting)  # none returns before its own write
+    writes.release.set()
+    await asyncio.gather(first, *waiting)
+
+    assert writes.batches == [[0], list(range(1, 11))]
+
+
+async def test_a_failed_write_fails_each_of_its_callers_and_the_next_write_is_made() -> None:
+    writes = Writes(fail={3})
+    commit = GroupCommit(writes)
+    first = asyncio.create_task(commit.submit(0))
+    assert await asyncio.to_thread(writes.first_started.wait, 10)
+    failing = [asyncio.create_task(commit.submit(item)) for item in (2, 3, 4)]
+    await asyncio.sleep(0.01)
+    writes.release.set()
+
+    await first
+    results = await asyncio.gather(*failing, return_exceptions=True)
+    await commit.submit(5)
+
+    assert [type(result) for result in results] == [ConnectionError] * 3
+    assert writes.batches == [[0], [2, 3, 4], [5]]
+
+
+async def test_a_caller_that_gave_up_does_not_stop_the_others() -> None:
+    writes = Writes()
+    commit = GroupCommit(writes)
+    first = asyncio.create_task(commit.submit(0))
+    assert await asyncio.to_thread(writes.first_started.wait, 10)
+    gone, staying = asyncio.create_task(commit.submit(1)), asyncio.create_task(commit.submit(2))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    writes.release.set()
+
+    await asyncio.gather(first, staying)
+
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert writes.batches == [[0], [1, 2]]  # its item was written all the same
