@@ -414,7 +414,7 @@ async def test_a_failed_write_of_events_finishing_together_leaves_each_unrouted_
 ) -> None:
     ingest = Ingest(project, database, temporal_client, f"test-routing-{uuid.uuid4().hex[:8]}")
     users = [new_user() for _ in range(6)]
-    write, failed = ingest._finishing._write, []
+    write, failed = ingest._finishing._write, list[int]()
 
     def failing_once(finished: Any) -> None:
         if not failed:
