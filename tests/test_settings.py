@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from sqlalchemy import event, text
 from support import fresh_postgres
 
 from nurture.cli.up import TEMPORAL_CONNECTION, UpOptions, stack_settings
 from nurture.service.settings import Settings, SettingsError
-from nurture.storage.db import Pool
+from nurture.storage.db import THREADS, Pool
 
 SERVER_NAME = "temporal.nurture.internal"
 """The name on the TLS front's certificate: not the address dialled (127.0.0.1)."""
@@ -208,7 +210,7 @@ def server_connections(url: str) -> int:
 
 
 def test_the_pool_settings_bound_the_connections_a_process_opens(postgres_url: str) -> None:
-    assert Settings.from_env({}).db_pool == Pool(size=5, overflow=10)
+    assert Settings.from_env({}).db_pool == Pool(size=THREADS, overflow=10)
     settings = Settings.from_env(
         {"DATABASE_URL": postgres_url, "NURTURE_DB_POOL_SIZE": "2", "NURTURE_DB_MAX_OVERFLOW": "1"}
     )
@@ -224,3 +226,40 @@ def test_the_pool_settings_bound_the_connections_a_process_opens(postgres_url: s
         assert server_connections(postgres_url) == 2
     finally:
         db.dispose()
+
+
+async def busy_threads(settings: Settings) -> int:
+    """New server connections while every thread of the default executor runs short sessions at
+    once, as the event API's calls do under load."""
+    db = settings.open_database()
+    opened = []
+    event.listen(db.engine, "connect", lambda *_: opened.append(1))
+    try:
+
+        def sessions() -> None:
+            for _ in range(20):
+                with db.session() as session:  # held a moment, as a call's transaction is
+                    session.execute(text("SELECT pg_sleep(0.003)"))
+                time.sleep(0.003)  # then the call's other work: a start, the answer
+
+        await asyncio.gather(*(asyncio.to_thread(sessions) for _ in range(THREADS)))
+        return len(opened)
+    finally:
+        db.dispose()
+
+
+async def test_the_default_pool_keeps_a_connection_for_every_thread_and_a_smaller_one_is_warned_of(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = Settings.from_env({"DATABASE_URL": postgres_url})
+    small = Settings.from_env({"DATABASE_URL": postgres_url, "NURTURE_DB_POOL_SIZE": "1"})
+    assert kept.pool_advice() is None
+    assert Settings.from_env({"NURTURE_DB_POOL_SIZE": "1"}).pool_advice() is None  # SQLite: no pool
+
+    assert await busy_threads(kept) <= THREADS  # each opened once, then kept
+    with caplog.at_level("WARNING", logger="nurture.settings"):
+        opened = await busy_threads(small)
+
+    assert opened > THREADS  # opened and closed again and again
+    assert [r.getMessage() for r in caplog.records] == [small.pool_advice()]
+    assert f"NURTURE_DB_POOL_SIZE=1 keeps fewer connections than the {THREADS} threads" in str(small.pool_advice())

@@ -6,6 +6,7 @@ fails fast, naming the variable, when a value it needs is missing or malformed.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from temporalio.client import Client, TLSConfig
 from temporalio.runtime import Runtime
 
 from nurture.delivery.links import UnsubscribeLinks
-from nurture.storage.db import Database, Pool, database_url
+from nurture.storage.db import THREADS, Database, Pool, database_url
+
+log = logging.getLogger("nurture.settings")
 
 MIN_SECRET = 16
 """Characters ``NURTURE_SECRET`` needs at least: a short secret makes links guessable."""
@@ -208,5 +211,21 @@ class Settings:
         )
 
     def open_database(self) -> Database:
-        """An engine on ``DATABASE_URL`` with this process's connection pool."""
+        """An engine on ``DATABASE_URL`` with this process's connection pool (logging
+        :meth:`pool_advice`, if any)."""
+        advice = self.pool_advice()
+        if advice is not None:
+            log.warning("%s", advice)
         return Database(self.database, pool=self.db_pool)
+
+    def pool_advice(self) -> str | None:
+        """A warning for the log when ``NURTURE_DB_POOL_SIZE`` keeps fewer PostgreSQL connections
+        than the process has threads for database work: under load it would open and close the
+        rest for much of its work."""
+        if self.database.startswith("sqlite") or self.db_pool.size >= THREADS:
+            return None
+        return (
+            f"NURTURE_DB_POOL_SIZE={self.db_pool.size} keeps fewer connections than the {THREADS} threads "
+            "this process runs database work on: under load it opens and closes a connection for much of "
+            f"the work beyond {self.db_pool.size}, a new PostgreSQL backend each time (default: {THREADS})"
+        )

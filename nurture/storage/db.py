@@ -42,6 +42,11 @@ def database_url(env: Mapping[str, str] | None = None, home: Path | None = None)
     return f"sqlite:///{home / 'nurture.db'}"
 
 
+THREADS = min(32, (os.cpu_count() or 1) + 4)
+"""The threads of a process's default executor (``asyncio.to_thread``; Python's own default: the
+cores + 4, at most 32), on which the API and the worker run their database work."""
+
+
 @dataclass(frozen=True)
 class Pool:
     """How many connections one process holds to a server database (PostgreSQL).
@@ -49,9 +54,13 @@ class Pool:
     ``size`` stay open once made; up to ``overflow`` more are opened under a burst and closed when
     returned. A process uses at most ``size + overflow``: the server's ``max_connections`` must
     cover that times the number of processes (API processes and workers), plus what else connects.
+
+    ``size`` is :data:`THREADS` by default, so that every thread doing database work at once keeps
+    its connection. With a smaller pool, a loaded process opens and closes a connection for much
+    of the work beyond its size, and each costs the server a new backend process.
     """
 
-    size: int = 5
+    size: int = THREADS
     overflow: int = 10
 
     @property
