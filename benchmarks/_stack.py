@@ -223,13 +223,15 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[rank - 1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) a process has used so far; 0 where /proc is missing."""
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """CPU time (user + system, all threads) a process has used so far, with ``children`` that of
+    the children it has waited for; 0 where /proc is missing."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    used = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children else 0)
+    return used / os.sysconf("SC_CLK_TCK")
 
 
 def busy_seconds() -> float:
@@ -264,22 +266,25 @@ def busy_shares(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> 
 
 class CommandCpu:
     """CPU time used by every process whose command is ``name`` (e.g. ``postgres``), counted from
-    the first call; a meter that never goes down as processes come and go."""
+    the first call, including processes that started and exited in between.
+
+    The meter reads each such process's own CPU plus that of its children it has reaped. A
+    PostgreSQL backend that exits (a connection closed) moves its whole CPU into the postmaster's
+    reaped-children count, so nothing is lost or counted twice as connections come and go. (A
+    process whose parent has another name takes its CPU with it when it exits.)"""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.total = 0.0
-        self.seen: dict[int, float] | None = None
+        self.first: float | None = None
 
     def __call__(self) -> float:
-        now = {}
+        level = 0.0
         for pid in processes_named(self.name):
             with contextlib.suppress(OSError):
-                now[pid] = cpu_seconds(pid)
-        if self.seen is not None:  # a process that appeared since the last call counts in full
-            self.total += sum(used - self.seen.get(pid, 0.0) for pid, used in now.items())
-        self.seen = now
-        return self.total
+                level += cpu_seconds(pid, children=True)
+        if self.first is None:
+            self.first = level
+        return level - self.first
 
 
 def processes_named(name: str) -> list[int]:
