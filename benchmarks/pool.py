@@ -1,0 +1,145 @@
+"""Connections kept against threads: routing's CPU and PostgreSQL's per event, with the pool as
+large as the threads that do database work, against a smaller pool (the floor: 5, the default
+before 2026-12-07).
+
+    python benchmarks/pool.py [--threads 12] [--pools 12 5] [--events 2000] [--rounds 2]
+                              [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
+
+The event router (``nurture.service.ingest.Ingest``) runs in this process, as in an API process,
+without HTTP: ``--events`` ``Order Completed`` events of new persons, 32 in flight, each starting
+a ``post_purchase`` run on a dev server (no worker, so the runs only wait). Its database work
+runs on a default executor of ``--threads`` threads (an API process has the machine's cores + 4,
+32 at most: 12 on 8 cores). Each round runs every pool size of ``--pools`` in turn, each on a
+fresh engine, after a warm-up of 300 events.
+
+For each, it prints the connections the engine opened (its ``connect`` event), this
+process's CPU per event, every ``postgres`` process's CPU per event (backends that exited
+included: :class:`_stack.CommandCpu`), and the events per second; then the ratios of each pool
+to the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from _stack import ROOT, CommandCpu, database, machine
+from sqlalchemy import event
+from temporalio.client import Client
+
+from nurture.engine.identity import call_identifiers
+from nurture.engine.model import Event
+from nurture.language.compiler import load_project
+from nurture.service.devserver import dev_server
+from nurture.service.ingest import Ingest
+from nurture.storage.db import Database, Pool, database_url
+
+SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@dataclass
+class Pass:
+    pool: int
+    connections: int
+    router_ms: float
+    postgres_ms: float
+    rate: float
+
+
+def order(user: str) -> Event:
+    key = f"order-{user}"
+    properties = {"order_id": key, "course_name": "Durable Python", "total": 199}
+    return Event("Order Completed", datetime.now(UTC), properties, f"m-{user}")
+
+
+async def measure(ingest: Ingest, users: list[str]) -> float:
+    """Route one event per user, 32 in flight; the seconds it took."""
+    lanes = asyncio.Semaphore(32)
+
+    async def one(user: str) -> None:
+        async with lanes:
+            await ingest.track(call_identifiers(user, None), order(user))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(user) for user in users))
+    return time.perf_counter() - started
+
+
+async def run_pool(args: argparse.Namespace, url: str, temporal: Client, size: int) -> Pass:
+    project = load_project(ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml")
+    db = Database(database_url({"DATABASE_URL": url}), pool=Pool(size=size))
+    opened: list[int] = []
+    event.listen(db.engine, "connect", lambda *_: opened.append(1))
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(args.threads))
+    try:
+        ingest = Ingest(project, db, temporal, f"pool-{uuid.uuid4().hex[:8]}")
+        await measure(ingest, [f"warm-{uuid.uuid4().hex}" for _ in range(300)])
+        users = [f"p{size}-{uuid.uuid4().hex}" for _ in range(args.events)]
+        postgres, before = CommandCpu("postgres"), len(opened)
+        postgres()
+        cpu = time.process_time()
+        seconds = await measure(ingest, users)
+        cpu = time.process_time() - cpu
+        used = postgres()
+        return Pass(
+            size,
+            len(opened) - before,
+            1000 * cpu / args.events,
+            1000 * used / args.events,
+            args.events / seconds,
+        )
+    finally:
+        db.dispose()
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(machine())
+    print(f"{args.events} events per pass, 32 in flight, {args.threads} threads, pools {args.pools}, {args.rounds} rounds")
+    passes: list[Pass] = []
+    with tempfile.TemporaryDirectory(prefix="nurture-pool-") as tmp:
+        home = Path(tmp)
+        with dev_server(home) as temporal, database(home, args.database_url) as url:
+            client = await Client.connect(temporal.address)
+            for round_ in range(args.rounds):
+                for size in args.pools:
+                    found = await run_pool(args, url, client, size)
+                    passes.append(found)
+                    print(
+                        f"round {round_ + 1}, pool {size:>2}: {found.connections:>4} connections opened, "
+                        f"router {found.router_ms:.2f} ms/event, postgres {found.postgres_ms:.2f} ms/event, "
+                        f"{found.rate:.0f} events/s",
+                        flush=True,
+                    )
+    floor = args.pools[-1]
+    print(f"\nmeans, and ratios to the pool of {floor}:")
+    base = [p for p in passes if p.pool == floor]
+    for size in args.pools:
+        mine = [p for p in passes if p.pool == size]
+
+        def mean(name: str, of: list[Pass]) -> float:
+            return sum(getattr(p, name) for p in of) / len(of)
+
+        print(
+            f"pool {size:>2}: connections {mean('connections', mine):.0f}, "
+            f"router {mean('router_ms', mine):.2f} ms ({mean('router_ms', mine) / mean('router_ms', base):.2f}x), "
+            f"postgres {mean('postgres_ms', mine):.2f} ms ({mean('postgres_ms', mine) / mean('postgres_ms', base):.2f}x), "
+            f"{mean('rate', mine):.0f} events/s ({mean('rate', mine) / mean('rate', base):.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=12, help="threads of the default executor")
+    parser.add_argument("--pools", type=int, nargs="+", default=[12, 5], help="pool sizes; the last is the floor")
+    parser.add_argument("--events", type=int, default=2000, help="events per pass")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of every pool size")
+    parser.add_argument("--database-url", default=SERVER, help="a PostgreSQL server: a fresh database is made there")
+    asyncio.run(main(parser.parse_args()))
