@@ -1,5 +1,5 @@
 """Group commit: writes that arrive while one is in flight go together in the next; a lone write
-goes at once; a failed write fails each of its callers and no other."""
+goes at once; a failed group is written again item by item, so only a faulty item's caller fails."""
 
 from __future__ import annotations
 
@@ -56,21 +56,33 @@ async def test_items_submitted_while_a_write_is_in_flight_go_together_in_the_nex
     assert writes.batches == [[0], list(range(1, 11))]
 
 
-async def test_a_failed_write_fails_each_of_its_callers_and_the_next_write_is_made() -> None:
+async def test_a_failed_write_of_several_is_made_again_one_by_one_and_fails_only_its_faulty_item() -> None:
     writes = Writes(fail={3})
     commit = GroupCommit(writes)
     first = asyncio.create_task(commit.submit(0))
     assert await asyncio.to_thread(writes.first_started.wait, 10)
-    failing = [asyncio.create_task(commit.submit(item)) for item in (2, 3, 4)]
+    grouped = [asyncio.create_task(commit.submit(item)) for item in (2, 3, 4)]
     await asyncio.sleep(0.01)
     writes.release.set()
 
     await first
-    results = await asyncio.gather(*failing, return_exceptions=True)
+    results = await asyncio.gather(*grouped, return_exceptions=True)
     await commit.submit(5)
 
-    assert [type(result) for result in results] == [ConnectionError] * 3
-    assert writes.batches == [[0], [2, 3, 4], [5]]
+    assert [type(result) for result in results] == [type(None), ConnectionError, type(None)]
+    assert writes.batches == [[0], [2, 3, 4], [2], [3], [4], [5]]
+
+
+async def test_a_lone_failed_write_fails_its_caller_and_the_next_write_is_made() -> None:
+    writes = Writes(fail={1})
+    writes.release.set()
+    commit = GroupCommit(writes)
+
+    with pytest.raises(ConnectionError):
+        await commit.submit(1)
+    await commit.submit(2)
+
+    assert writes.batches == [[1], [2]]
 
 
 async def test_a_caller_that_gave_up_does_not_stop_the_others() -> None:

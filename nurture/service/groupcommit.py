@@ -6,7 +6,7 @@ pooled connection and a round trip per statement, on the API's CPU and the datab
 many calls finish within the same millisecond: :class:`GroupCommit` makes their writes one write,
 so that cost is paid once for all of them. A write that arrives while none is in flight starts at
 once, so a quiet API waits no longer than before; each caller's ``submit`` returns when its own
-items are written, and raises what their write raised.
+item is written, and raises what its own item's write raised.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ T = TypeVar("T")
 
 class GroupCommit(Generic[T]):
     """One write in flight at a time (``write``, run on a worker thread with every item submitted
-    since the previous write began); the items of a failed write all get its exception."""
+    since the previous write began). When a write of several items fails, each is written again
+    on its own, so one item's fault (or a moment's outage) fails only the calls it has to: each
+    caller gets its own item's outcome. ``write`` must therefore be safe to repeat."""
 
     def __init__(self, write: Callable[[Sequence[T]], None]) -> None:
         self._write = write
@@ -36,27 +38,39 @@ class GroupCommit(Generic[T]):
         await done
 
     async def _drain(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            try:
-                await asyncio.to_thread(self._write, [item for item, _ in batch])
-            except BaseException as exc:
-                for _, done in batch:
-                    _settle(done, exc)
-                if not isinstance(exc, Exception):  # cancelled (the loop is closing): so are its callers
-                    raise
-            else:
-                for _, done in batch:
-                    _settle(done, None)
+        batch: list[tuple[T, asyncio.Future[None]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    await asyncio.to_thread(self._write, [item for item, _ in batch])
+                except Exception as exc:
+                    if len(batch) == 1:
+                        _settle(batch[0][1], exc)
+                        continue
+                    for item, done in batch:  # each on its own: only what fails again fails
+                        try:
+                            await asyncio.to_thread(self._write, [item])
+                        except Exception as alone:
+                            _settle(done, alone)
+                        else:
+                            _settle(done, None)
+                else:
+                    for _, done in batch:
+                        _settle(done, None)
+        except BaseException:  # cancelled (the loop is closing): so is every call still waiting
+            for _, done in [*batch, *self._waiting]:
+                if not done.done():
+                    done.cancel()
+            self._waiting = []
+            raise
 
 
-def _settle(done: asyncio.Future[None], failure: BaseException | None) -> None:
+def _settle(done: asyncio.Future[None], failure: Exception | None) -> None:
     """``done`` given its outcome, unless its caller has gone (cancelled, or its loop closed)."""
     if done.done() or done.get_loop().is_closed():
         return
     if failure is None:
         done.set_result(None)
-    elif isinstance(failure, Exception):
-        done.set_exception(failure)
     else:
-        done.cancel()
+        done.set_exception(failure)

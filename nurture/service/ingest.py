@@ -504,10 +504,15 @@ class Ingest:
     def _finish_together(self, finished: Sequence[tuple[Sequence[Started], str | None]]) -> None:
         """Routing's last writes for ``finished`` events, with no openings among them: each write
         one statement that commits on its own (no ``BEGIN`` and ``COMMIT`` round trips), every
-        route before any mark."""
+        route before any mark, so an event marked routed always has its routes. Safe to repeat
+        (:class:`~nurture.service.groupcommit.GroupCommit` writes a failed group's events again
+        one by one)."""
+        routes = [started.route for activations, _ in finished for started in activations]
+        marks = [message_id for _, message_id in finished if message_id is not None]
         with self.db.autocommit() as session:
-            activate_routes(session, [started.route for activations, _ in finished for started in activations])
-            mark_routed(session, [message_id for _, message_id in finished if message_id is not None])
+            # In key order, as every API process writes them: two never wait on each other's rows.
+            activate_routes(session, sorted(routes, key=lambda route: route["workflow_id"]))
+            mark_routed(session, sorted(marks))
 
     def _finish_opened(self, activations: Sequence[Started], message_id: str | None) -> None:
         """:meth:`_finish_routing` where some run waits first: its routes and openings in one

@@ -42,9 +42,9 @@ def database_url(env: Mapping[str, str] | None = None, home: Path | None = None)
     return f"sqlite:///{home / 'nurture.db'}"
 
 
-THREADS = min(32, (os.cpu_count() or 1) + 4)
+THREADS = min(32, ((getattr(os, "process_cpu_count", None) or os.cpu_count)() or 1) + 4)
 """The threads of a process's default executor (``asyncio.to_thread``; Python's own default: the
-cores + 4, at most 32), on which the API and the worker run their database work."""
+cores this process may use + 4, at most 32), on which the API and the worker run their database work."""
 
 
 @dataclass(frozen=True)

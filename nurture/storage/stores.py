@@ -757,8 +757,9 @@ def activate_routes(session: Session, routes: Sequence[Mapping[str, Any]]) -> No
     values = [{**route, "listens": sorted(set(route["listens"])), "active": True, "updated_at": now} for route in routes]
     statement = upsert_statement(session, _ROUTES, ("workflow_id",), ("listens", "active", "updated_at"))
     if statement is None:
-        for value in values:  # other engines: a merge by primary key
+        for value in values:  # other engines: a merge by primary key, written before what follows
             session.merge(Route.model_validate(value))
+        session.flush()
         return
     session.connection().execute(statement, values)
 
