@@ -77,8 +77,8 @@ async def run_pool(args: argparse.Namespace, url: str, temporal: Client, size: i
     db = Database(database_url({"DATABASE_URL": url}), pool=Pool(size=size))
     opened: list[int] = []
     event.listen(db.engine, "connect", lambda *_: opened.append(1))
-    loop = asyncio.get_running_loop()
-    loop.set_default_executor(ThreadPoolExecutor(args.threads))
+    threads = ThreadPoolExecutor(args.threads)
+    asyncio.get_running_loop().set_default_executor(threads)
     try:
         ingest = Ingest(project, db, temporal, f"pool-{uuid.uuid4().hex[:8]}")
         await measure(ingest, [f"warm-{uuid.uuid4().hex}" for _ in range(300)])
@@ -98,6 +98,7 @@ async def run_pool(args: argparse.Namespace, url: str, temporal: Client, size: i
         )
     finally:
         db.dispose()
+        threads.shutdown(wait=False)  # the next pass sets its own
 
 
 async def main(args: argparse.Namespace) -> None:

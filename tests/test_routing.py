@@ -371,14 +371,27 @@ async def test_one_journeys_failure_leaves_the_others_routed_and_the_retry_route
 
 
 async def test_events_finishing_together_write_their_routes_and_marks_together(
-    project: Project, database: Database, temporal_client: Client
+    project: Project, database: Database, temporal_client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Routing's last writes of events whose runs started while another event's writes were
-    being made go together in one write; every route is active and every event routed."""
+    being made go together in one write, routes before marks; every route is active and every
+    event routed."""
     ingest = Ingest(project, database, temporal_client, f"test-routing-{uuid.uuid4().hex[:8]}")
     users = [new_user() for _ in range(12)]
     batches: list[list[str]] = []
-    write = ingest._finishing._write
+    write, statements = ingest._finishing._write, list[tuple[str, int]]()
+
+    def recording(name: str) -> Any:
+        real = getattr(ingest_module, name)
+
+        def recorded(session: Any, values: Any) -> None:
+            statements.append((name, len(values)))
+            real(session, values)
+
+        return recorded
+
+    for name in ("activate_routes", "mark_routed"):
+        monkeypatch.setattr(ingest_module, name, recording(name))
 
     def held(finished: Any) -> None:
         batches.append(sorted(message_id for _, message_id in finished))
@@ -402,6 +415,8 @@ async def test_events_finishing_together_write_their_routes_and_marks_together(
 
     assert [r.triggered for r in routed] == [[workflow_id("post_purchase", user, f"o-{user}")] for user in users]
     assert len(batches) == 2  # the first event's write (with any that came at once), then all the others'
+    assert [name for name, _ in statements] == ["activate_routes", "mark_routed"] * 2
+    assert [size for _, size in statements] == [len(batch) for batch in batches for _ in (1, 2)]
     assert sorted(m for batch in batches for m in batch) == sorted(f"m-{user}" for user in users)
     for user in users:
         [route] = rows(database, Route, user_id=user)
