@@ -602,10 +602,11 @@ async def test_the_records_after_a_send_ride_on_it_and_a_send_that_goes_nowhere_
             return all(r.status == "ended" for u in (texted, unreachable) for r in rows(database, RunRecord, user_id=u))
 
         await eventually(ended, timeout=60, what="both runs ended")
-        histories = {
-            user: await temporal_client.get_workflow_handle(workflow_id("series", user, "")).fetch_history()
-            for user in (texted, unreachable)
-        }
+        handles = [temporal_client.get_workflow_handle(workflow_id("series", user, "")) for user in (texted, unreachable)]
+        # A local activity writes its record before the workflow task that ran it completes and
+        # puts its marker in the history: the history is read once each run has completed.
+        await asyncio.wait_for(asyncio.gather(*(handle.result() for handle in handles)), timeout=30)
+        histories = {user: await handle.fetch_history() for user, handle in zip((texted, unreachable), handles, strict=True)}
 
     assert local_activities(histories[texted]) == []
     assert local_activities(histories[unreachable]) == ["nurture.record_steps", "nurture.record_end"]
