@@ -30,6 +30,13 @@ class Writes:
             raise ConnectionError(f"lost the connection writing {sorted(items)}")
 
 
+async def first_in_flight(commit: GroupCommit[int], writes: Writes) -> asyncio.Task[None]:
+    """Item 0 submitted, its write started and held until ``writes.release`` is set."""
+    first = asyncio.create_task(commit.submit(0))
+    assert await asyncio.to_thread(writes.first_started.wait, 10)
+    return first
+
+
 async def test_a_lone_write_goes_at_once_with_its_item_alone() -> None:
     writes = Writes()
     writes.release.set()
@@ -44,8 +51,7 @@ async def test_a_lone_write_goes_at_once_with_its_item_alone() -> None:
 async def test_items_submitted_while_a_write_is_in_flight_go_together_in_the_next() -> None:
     writes = Writes()
     commit = GroupCommit(writes)
-    first = asyncio.create_task(commit.submit(0))
-    assert await asyncio.to_thread(writes.first_started.wait, 10)
+    first = await first_in_flight(commit, writes)
 
     waiting = [asyncio.create_task(commit.submit(item)) for item in range(1, 11)]
     await asyncio.sleep(0.05)
@@ -59,8 +65,7 @@ async def test_items_submitted_while_a_write_is_in_flight_go_together_in_the_nex
 async def test_a_failed_write_of_several_is_made_again_one_by_one_and_fails_only_its_faulty_item() -> None:
     writes = Writes(fail={3})
     commit = GroupCommit(writes)
-    first = asyncio.create_task(commit.submit(0))
-    assert await asyncio.to_thread(writes.first_started.wait, 10)
+    first = await first_in_flight(commit, writes)
     grouped = [asyncio.create_task(commit.submit(item)) for item in (2, 3, 4)]
     await asyncio.sleep(0.01)
     writes.release.set()
@@ -88,8 +93,7 @@ async def test_a_lone_failed_write_fails_its_caller_and_the_next_write_is_made()
 async def test_a_caller_that_gave_up_does_not_stop_the_others() -> None:
     writes = Writes()
     commit = GroupCommit(writes)
-    first = asyncio.create_task(commit.submit(0))
-    assert await asyncio.to_thread(writes.first_started.wait, 10)
+    first = await first_in_flight(commit, writes)
     gone, staying = asyncio.create_task(commit.submit(1)), asyncio.create_task(commit.submit(2))
     await asyncio.sleep(0.01)
     gone.cancel()
