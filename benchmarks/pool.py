@@ -31,12 +31,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from _stack import ROOT, CommandCpu, database, machine
+from ingest import EVENT, order
 from sqlalchemy import event
 from temporalio.client import Client
 
 from nurture.engine.identity import call_identifiers
 from nurture.engine.model import Event
-from nurture.language.compiler import load_project
+from nurture.language.compiler import Project, load_project
 from nurture.service.devserver import dev_server
 from nurture.service.ingest import Ingest
 from nurture.storage.db import Database, Pool, database_url
@@ -53,27 +54,21 @@ class Pass:
     rate: float
 
 
-def order(user: str) -> Event:
-    key = f"order-{user}"
-    properties = {"order_id": key, "course_name": "Durable Python", "total": 199}
-    return Event("Order Completed", datetime.now(UTC), properties, f"m-{user}")
-
-
 async def measure(ingest: Ingest, users: list[str]) -> float:
     """Route one event per user, 32 in flight; the seconds it took."""
     lanes = asyncio.Semaphore(32)
 
     async def one(user: str) -> None:
         async with lanes:
-            await ingest.track(call_identifiers(user, None), order(user))
+            _, properties = order(user)
+            await ingest.track(call_identifiers(user, None), Event(EVENT, datetime.now(UTC), properties, f"m-{user}"))
 
     started = time.perf_counter()
     await asyncio.gather(*(one(user) for user in users))
     return time.perf_counter() - started
 
 
-async def run_pool(args: argparse.Namespace, url: str, temporal: Client, size: int) -> Pass:
-    project = load_project(ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml")
+async def run_pool(args: argparse.Namespace, project: Project, url: str, temporal: Client, size: int) -> Pass:
     db = Database(database_url({"DATABASE_URL": url}), pool=Pool(size=size))
     opened: list[int] = []
     event.listen(db.engine, "connect", lambda *_: opened.append(1))
@@ -109,9 +104,10 @@ async def main(args: argparse.Namespace) -> None:
         home = Path(tmp)
         with dev_server(home) as temporal, database(home, args.database_url) as url:
             client = await Client.connect(temporal.address)
+            project = load_project(ROOT / "journeys", ROOT / "templates", ROOT / "nurture.yaml")
             for round_ in range(args.rounds):
                 for size in args.pools:
-                    found = await run_pool(args, url, client, size)
+                    found = await run_pool(args, project, url, client, size)
                     passes.append(found)
                     print(
                         f"round {round_ + 1}, pool {size:>2}: {found.connections:>4} connections opened, "
