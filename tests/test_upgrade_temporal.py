@@ -232,15 +232,29 @@ async def test_migrate_end_ends_only_runs_of_that_version(stage: Stage, project_
     assert both.exit_code == 2 and "either --to VERSION" in both.output
 
 
+CLOSING_EVENTS = frozenset({
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
+})
+
+
 async def closed_history(handle: WorkflowHandle[Any, Any], timeout: float = 10.0) -> WorkflowHistory:
-    """The history of a run that has closed. The test server can start a continued run a moment
-    before it writes the old run's closing event, so the old run is read once it reports closed."""
+    """The history of a run that has closed, read once it ends with its closing event. The test
+    server can start a continued run, and even report the old one closed, a moment before the old
+    run's history holds its last workflow task's completion and closing event."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+    while True:
+        if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+            history = await handle.fetch_history()
+            if history.events and history.events[-1].event_type in CLOSING_EVENTS:
+                return history
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"run {handle.run_id} still running after {timeout}s")
+            raise AssertionError(f"run {handle.run_id} has no closing event after {timeout}s")
         await asyncio.sleep(0.05)
-    return await handle.fetch_history()
 
 
 async def test_a_long_run_continues_as_new_with_its_state_and_a_bounded_seen_set(stage: Stage) -> None:
