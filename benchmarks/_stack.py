@@ -355,6 +355,77 @@ def pinned(cores: Mapping[int, Callable[[], Iterable[int]]]) -> Iterator[None]:
                 set_threads(pid, had_before(pid))
 
 
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+"""Where cgroup v1's ``cpu`` controller is mounted on most Linux machines (``cpu.cfs_quota_us``)."""
+CGROUP_V2 = Path("/sys/fs/cgroup")
+"""Where the unified cgroup v2 tree is mounted (``cpu.max``), when the machine uses it."""
+CFS_PERIOD_US = 100_000
+
+
+def cgroup_cpu_root() -> Path | None:
+    """The cgroup directory under which a CPU-limited group can be made, or ``None`` (no cpu
+    controller that this process may write to: not root, or a container without one)."""
+    if (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists() and os.access(CGROUP_V1_CPU, os.W_OK):
+        return CGROUP_V1_CPU
+    controllers = CGROUP_V2 / "cgroup.controllers"
+    if controllers.exists() and "cpu" in controllers.read_text().split() and os.access(CGROUP_V2, os.W_OK):
+        return CGROUP_V2
+    return None
+
+
+@dataclass
+class CpuLimit:
+    """A cgroup holding one process (every thread, and the processes it starts) to ``cores`` of
+    CPU time, as a container's CPU limit or a machine of that size would: the kernel's CFS
+    bandwidth control gives it ``cores`` times 100 ms of CPU per 100 ms period, then stops it until
+    the next (:meth:`periods`)."""
+
+    group: Path
+    cores: float
+
+    def periods(self) -> tuple[int, int]:
+        """How many 100 ms periods the group has run in so far, and in how many of them its limit
+        stopped it (the kernel's ``nr_periods`` and ``nr_throttled``, in cgroup v1 and v2 alike)."""
+        counts = dict.fromkeys(("nr_periods", "nr_throttled"), 0)
+        with contextlib.suppress(OSError):
+            for line in (self.group / "cpu.stat").read_text().splitlines():
+                name, value = line.split()
+                if name in counts:
+                    counts[name] = int(value)
+        return counts["nr_periods"], counts["nr_throttled"]
+
+
+@contextlib.contextmanager
+def cpu_limited(pid: int, cores: float, name: str) -> Iterator[CpuLimit]:
+    """``pid`` held to ``cores`` of CPU (:class:`CpuLimit`) until the end, when it is moved back to
+    the root group (if still alive) and the group removed. Needs root and a cpu controller
+    (:func:`cgroup_cpu_root`)."""
+    root = cgroup_cpu_root()
+    if root is None:
+        raise SystemExit("a CPU limit needs root and a cgroup cpu controller (/sys/fs/cgroup/cpu or cgroup v2)")
+    group = root / f"nurture-bench-{name}-{pid}"
+    group.mkdir()
+    quota = max(1000, round(cores * CFS_PERIOD_US))
+    try:
+        if root == CGROUP_V1_CPU:
+            (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            with contextlib.suppress(OSError):  # already enabled for the root's children
+                (root / "cgroup.subtree_control").write_text("+cpu")
+            (group / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+        for process in family(pid):
+            (group / "cgroup.procs").write_text(str(process))
+        yield CpuLimit(group, cores)
+    finally:
+        with contextlib.suppress(OSError):
+            for left in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    (root / "cgroup.procs").write_text(left)
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
 def machine() -> str:
     """One line naming the machine, for the printed results."""
     model = "unknown CPU"

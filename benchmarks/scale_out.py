@@ -1,7 +1,7 @@
 """Scale-out: one event API and one worker against two of each, then one of each killed mid-load.
 
     python benchmarks/scale_out.py [--events 600] [--concurrency 32] [--rounds 2] [--warmup 100]
-                                   [--kill-events 400]
+                                   [--kill-events 400] [--cores-each 0.25]
                                    [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
 
 Everything runs on this machine, on loopback: one Temporal dev server (in-memory store), one
@@ -26,6 +26,15 @@ do). A third of the way through the calls one API is killed (SIGKILL) and, as a 
 started again on its port; once a quarter of the messages are out, one worker is killed for good.
 Counted at the end: events stored twice or missing, users with more or fewer than one run, and
 messages sent twice or missing.
+
+On one machine, two of each share the cores one of each had, so 2+2 can only go faster than 1+1
+where those cores were idle. ``--cores-each N`` (root, and a cgroup cpu controller) gives every
+API and worker process a cgroup of its own held to N cores of CPU time, as a container's CPU limit
+or a machine of that size would: 2+2 then has twice the service CPU of 1+1, as two more machines
+would give it, while the dev server and PostgreSQL, the shared back end, are not limited. Each
+process's "throttled" share (of the 100 ms periods it ran in, those in which its limit stopped it:
+an API's while the calls are made, a worker's until the last message is out) shows whether its
+limit was what bounded the set.
 """
 
 from __future__ import annotations
@@ -49,9 +58,12 @@ import httpx
 from _stack import (
     WRITE_KEY,
     CommandCpu,
+    CpuLimit,
     Stack,
     bounded,
     busy_seconds,
+    cgroup_cpu_root,
+    cpu_limited,
     cpu_seconds,
     database,
     machine,
@@ -74,6 +86,8 @@ class Set:
     label: str
     apis: list[Service]
     workers: list[Service]
+    limits: dict[str, CpuLimit] = field(default_factory=dict)
+    """Each process's CPU limit, by the names of :meth:`pids`, with ``--cores-each``."""
 
     def pids(self) -> dict[str, int]:
         return {
@@ -125,6 +139,17 @@ class Result:
     outbox_seconds: float
     cpu_ms: dict[str, float]
     retried: int
+    throttled: dict[str, float] = field(default_factory=dict)
+    """With ``--cores-each``: for each limited process, the share of the periods it ran in in which
+    its limit stopped it (near 100%: the limit bounded it): an API's while the calls were made, a
+    worker's until the last message was out."""
+
+
+def throttled_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the periods between two :meth:`CpuLimit.periods` readings in which the limit
+    stopped the process."""
+    periods, throttled = after[0] - before[0], after[1] - before[1]
+    return throttled / periods if periods else 0.0
 
 
 async def drain(db: Database, tag: str, count: int, timeout: float) -> None:
@@ -155,16 +180,23 @@ async def one_run(
     meter = meters(services, temporal)
     meter["postgres"]()  # the postgres meter counts from its first call
     before = {name: read() for name, read in meter.items()}
+    stopped = {name: limit.periods() for name, limit in services.limits.items()}
     start = time.perf_counter()
     accepted = await bounded(count, args.concurrency, lambda i: lb.track(users[i], f"{tag}-{i}"))
     calls = time.perf_counter() - start
+    calling = {name: limit.periods() for name, limit in services.limits.items()}
     if lb.failed or not all(accepted):
         raise SystemExit(f"{services.label}: calls failed: {lb.failed[:3]}")
     await drain(db, tag, count, args.timeout)
     outbox = time.perf_counter() - start
     used = {name: (read() - before[name]) * 1000 / count for name, read in meter.items()}
     used["other"] = max(0.0, used.pop(BUSY) - sum(used.values()))
-    return Result(services.label, number, count, calls, outbox, used, lb.retried)
+    throttled = {
+        # An API works while the calls are made, a worker until the last message is out.
+        name: throttled_share(stopped[name], calling[name] if name.startswith("api") else limit.periods())
+        for name, limit in services.limits.items()
+    }
+    return Result(services.label, number, count, calls, outbox, used, lb.retried, throttled)
 
 
 @dataclass
@@ -207,7 +239,9 @@ async def kill_run(
         victim.process.wait()
         await asyncio.sleep(1.0)
         port = int(victim.address.rsplit(":", 1)[1])
-        await asyncio.to_thread(exits.enter_context, stack.api(name="b-api-0-again", port=port))
+        again = await asyncio.to_thread(exits.enter_context, stack.api(name="b-api-0-again", port=port))
+        if args.cores_each:  # on a machine of the same size as the one it replaces
+            exits.enter_context(cpu_limited(again.process.pid, args.cores_each, "b-api-0-again"))
 
     async def kill_worker() -> None:
         while sent_count(db, tag) < count // 4:
@@ -261,6 +295,15 @@ def report(results: list[Result], damage: Damage | None) -> None:
     for r in results:
         cells = [r.cpu_ms.get(name, 0.0) for name in names]
         print(f"{r.label + ' round ' + str(r.round):<18}" + "".join(f"{c:>10.2f}" for c in [*cells, sum(cells)]))
+    if any(r.throttled for r in results):
+        print()
+        limited = sorted({name for r in results for name in r.throttled}, key=_order)
+        print(f"{'throttled (share)':<18}" + "".join(f"{name:>10}" for name in limited))
+        for r in results:
+            print(
+                f"{r.label + ' round ' + str(r.round):<18}"
+                + "".join(f"{r.throttled[name]:>10.0%}" if name in r.throttled else f"{'':>10}" for name in limited)
+            )
     print()
     rates: dict[str, tuple[float, float]] = {}
     for label in ("1+1", "2+2"):
@@ -306,9 +349,17 @@ async def main() -> None:
     parser.add_argument("--kill-events", type=int, default=400, help="events of the kill run (0: none)")
     parser.add_argument("--database-url", default=POSTGRES, help="the PostgreSQL server to make a database on")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait for the outbox")
+    parser.add_argument(
+        "--cores-each",
+        type=float,
+        default=None,
+        help="hold every API and worker process to this many cores of CPU (a cgroup each; needs root)",
+    )
     args = parser.parse_args()
     if min(args.events, args.concurrency, args.rounds, args.warmup) <= 0:
         parser.error("--events, --concurrency, --rounds and --warmup must be positive")
+    if args.cores_each is not None and (args.cores_each <= 0 or cgroup_cpu_root() is None):
+        parser.error("--cores-each needs a positive number of cores, root and a cgroup cpu controller")
 
     with tempfile.TemporaryDirectory(prefix="nurture-scale-") as tmp, contextlib.ExitStack() as exits:
         home = Path(tmp)
@@ -319,6 +370,11 @@ async def main() -> None:
             f"dev server (memory store), PostgreSQL; journey post_purchase; warm-up {args.warmup}; "
             f"{args.events} events per set and round, {args.concurrency} in flight, {args.rounds} rounds; "
             f"kill run {args.kill_events} events"
+            + (
+                f"; every API and worker held to {args.cores_each:g} cores (a cgroup each)"
+                if args.cores_each
+                else "; no CPU limits"
+            )
         )
         stacks = {label: Stack(home, temporal.address, url, task_queue=f"scale-{label}") for label in ("1+1", "2+2")}
         sets = {}
@@ -329,6 +385,11 @@ async def main() -> None:
                 apis=[exits.enter_context(stack.api(name=f"{prefix}-api-{i}", port=free_port())) for i in range(size)],
                 workers=[exits.enter_context(stack.worker(name=f"{prefix}-worker-{i}")) for i in range(size)],
             )
+            if args.cores_each:
+                sets[label].limits = {
+                    name: exits.enter_context(cpu_limited(pid, args.cores_each, f"{prefix}-{name}"))
+                    for name, pid in sets[label].pids().items()
+                }
         db = stacks["1+1"].db()
         exits.callback(db.dispose)
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
