@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from _stack import ROOT, CommandCpu, database, machine
+from _stack import ROOT, CommandCpu, bounded, database, machine
 from ingest import EVENT, order
 from sqlalchemy import event
 from temporalio.client import Client
@@ -56,15 +56,14 @@ class Pass:
 
 async def measure(ingest: Ingest, users: list[str]) -> float:
     """Route one event per user, 32 in flight; the seconds it took."""
-    lanes = asyncio.Semaphore(32)
 
-    async def one(user: str) -> None:
-        async with lanes:
-            _, properties = order(user)
-            await ingest.track(call_identifiers(user, None), Event(EVENT, datetime.now(UTC), properties, f"m-{user}"))
+    async def one(index: int) -> None:
+        user = users[index]
+        _, properties = order(user)
+        await ingest.track(call_identifiers(user, None), Event(EVENT, datetime.now(UTC), properties, f"m-{user}"))
 
     started = time.perf_counter()
-    await asyncio.gather(*(one(user) for user in users))
+    await bounded(len(users), 32, one)
     return time.perf_counter() - started
 
 
