@@ -178,11 +178,11 @@ async def test_a_routing_read_that_fails_after_the_event_is_stored_is_read_again
     read = ingest_module.Ingest._read_routing
     left = [failures]
 
-    def flaky(self: ingest_module.Ingest, *args: Any) -> Any:
+    def flaky(self: ingest_module.Ingest, *args: Any, **options: Any) -> Any:
         if left[0]:
             left[0] -= 1
             raise OperationalError("SELECT routes", {}, ConnectionError("server closed the connection"))
-        return read(self, *args)
+        return read(self, *args, **options)
 
     monkeypatch.setattr(ingest_module.Ingest, "_read_routing", flaky)
     monkeypatch.setattr(ingest_module, "ROUTING_GRACE", 0.2)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import text, update
+from sqlalchemy import event, text, update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 from support import eventually, new_user, rows
@@ -38,6 +38,7 @@ from nurture.service.api import create_app
 from nurture.service.ingest import Ingest, NotRouted, start_run
 from nurture.service.settings import Settings
 from nurture.service.worker import build_worker
+from nurture.storage.console import PausedJourneys
 from nurture.storage.db import MIGRATIONS, Database
 from nurture.storage.models import EventRecord, Route, RunRecord, StepReach
 from nurture.storage.stores import DbProfiles, Events, Routes, store_versions
@@ -460,6 +461,46 @@ async def test_events_whose_last_writes_fail_stay_unrouted_and_their_retries_rou
 
 
 # Workflow ids ---------------------------------------------------------------------------------
+
+
+async def test_a_persons_first_event_reads_only_the_paused_journeys_and_their_next_reads_all(
+    project: Project, database: Database, temporal_client: Client
+) -> None:
+    """A person created by the call that stored their event has no routes or runs to read: routing
+    reads only the paused journeys, and starts the run; the same person's next trigger reads their
+    routes, the ended runs it may convert and whether they had the run. A paused journey keeps a
+    new person out as it keeps a known one."""
+    ingest = Ingest(project, database, temporal_client, f"test-routing-{uuid.uuid4().hex[:8]}")
+    user, other = new_user(), new_user()
+    selects: list[str] = []
+
+    def seen(_connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(" ".join(statement.split()))
+
+    async def order(person: str, order_id: str) -> tuple[list[str], list[str]]:
+        selects.clear()
+        routed = await ingest.track(
+            call_identifiers(person, None),
+            Event("Order Completed", datetime.now(UTC), {"order_id": order_id, "total": 20}, f"m-{person}-{order_id}"),
+        )
+        return routed.triggered, [s for s in selects if "FROM identities" not in s]  # the identity look-up
+
+    event.listen(database.engine, "before_cursor_execute", seen)
+    try:
+        first_triggered, first_reads = await order(user, "o-1")
+        next_triggered, next_reads = await order(user, "o-2")
+        PausedJourneys(database).pause("post_purchase", by="test")
+        paused_triggered, paused_reads = await order(other, "o-1")
+    finally:
+        event.remove(database.engine, "before_cursor_execute", seen)
+
+    assert first_triggered == [workflow_id("post_purchase", user, "o-1")]
+    assert [" FROM paused_journeys" in s for s in first_reads] == [True], first_reads
+    assert next_triggered == [workflow_id("post_purchase", user, "o-2")]
+    assert sorted(s.split(" FROM ")[1].split()[0] for s in next_reads) == ["paused_journeys", "routes", "runs", "runs"]
+    assert paused_triggered == [] and len(paused_reads) == 1
+    assert [r.workflow_id for r in rows(database, Route, user_id=other)] == []
 
 
 def test_workflow_ids_are_readable_when_they_fit_and_always_fit() -> None:

@@ -340,8 +340,9 @@ class Ingest:
         if applied is None or record.routed_at is not None or applied.merged_away or applied.profile is None:
             return applied, None
         person, traits = applied.person, applied.profile.traits
+        entries = self._entries(event, traits, person)
         try:
-            return applied, self._read_routing(person, event, self._entries(event, traits, person))
+            return applied, self._read_routing(person, event, entries, new=applied.plan.created is not None)
         except TRANSIENT:
             return applied, None
 
@@ -472,14 +473,28 @@ class Ingest:
             if journey.re_entry == "once" and trigger_matches(journey, event, traits, user_id)
         ]
 
-    def _read_routing(self, user_id: str, event: Event, entries: Sequence[tuple[str, str]]) -> RoutingReads:
+    def _read_routing(
+        self, user_id: str, event: Event, entries: Sequence[tuple[str, str]], *, new: bool = False
+    ) -> RoutingReads:
         """What routing the event reads, on one connection without a transaction (each read is one
         statement): the person's active routes, the paused journeys (when the event triggers
-        some), ended runs it may convert, and for each of ``entries`` whether the person had a run."""
+        some), ended runs it may convert, and for each of ``entries`` whether the person had a run.
+
+        ``new``: the person was created by the call that stored the event (a first contact: a
+        sign-up, a guest's order). Routes and runs are only ever written for a person who exists,
+        and forgetting a person deletes their routes and takes their id off their runs, so such a
+        person has none: only the paused journeys are read."""
+        triggers = event.name in self._triggers
+        if new and not triggers:
+            return RoutingReads(routes=[], paused=frozenset(), ended=[], ran={})
         with self.db.autocommit() as session:
+            if new:
+                return RoutingReads(
+                    routes=[], paused=paused_journeys(session), ended=[], ran=dict.fromkeys(entries, False)
+                )
             return RoutingReads(
                 routes=active_routes(session, user_id),
-                paused=paused_journeys(session) if event.name in self._triggers else frozenset(),
+                paused=paused_journeys(session) if triggers else frozenset(),
                 ended=(
                     ended_runs_converting(session, user_id, self._goals[event.name], event.timestamp)
                     if event.name in self._goals
