@@ -13,12 +13,19 @@ from click.testing import CliRunner
 
 from nurture.cli.main import main
 from nurture.language.compiler import Project
-from nurture.reports.runs import active_runs, decode_cursor, list_runs, version_counts
+from nurture.reports.runs import (
+    UnknownFilter,
+    active_runs,
+    check_filters,
+    decode_cursor,
+    list_runs,
+    version_counts,
+)
 from nurture.service.api import create_app
 from nurture.service.settings import Settings
 from nurture.storage.db import Database
 from nurture.storage.models import RunRecord
-from nurture.storage.stores import Routes
+from nurture.storage.stores import Routes, store_versions
 
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 READ_KEY = "read-key-0123456789"
@@ -98,6 +105,28 @@ def test_counts_per_version_say_where_active_runs_wait(database: Database) -> No
     assert version_counts(database, "nobody") == []
 
 
+def test_a_journey_version_or_step_no_run_or_stored_version_has_is_refused(database: Database, project: Project) -> None:
+    """A typo must not look like "no runs": the filter is named, with the closest known name."""
+    seed(database)  # runs of versions stored nowhere (older than the versions' store)
+    journey = project.journeys["welcome_series"]
+    store_versions(database, [journey])
+
+    def refused(name: str, **filters: str) -> UnknownFilter:
+        with pytest.raises(UnknownFilter) as caught:
+            check_filters(database, name, **filters)
+        return caught.value
+
+    check_filters(database, "welcome", version="v1", step="first_wait")  # known by their runs alone
+    check_filters(database, "welcome_series", version=journey.version, step="wait_day_1")
+    typo = refused("welcome_serie")
+    assert typo.field == "journey" and "did you mean 'welcome_series'?" in str(typo)
+    assert refused("welcome", version="v3").field == "version"
+    version = refused("welcome_series", version=journey.version[:-1] + "x")
+    assert version.field == "version" and journey.version in str(version)
+    step = refused("welcome_series", step="wait_day1")
+    assert step.field == "step" and "did you mean 'wait_day_1'?" in str(step)
+
+
 async def test_the_api_lists_and_counts_runs_with_a_read_key(project: Project, tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path / 'nurture.db'}")
     db.migrate()
@@ -126,6 +155,13 @@ async def test_the_api_lists_and_counts_runs_with_a_read_key(project: Project, t
         assert too_many.status_code == 400 and too_many.json()["detail"][0]["field"] == "limit"
         writer = await http.get("/v1/runs", auth=("write-key-0123456789", ""))
         assert writer.status_code == 403
+        for path in ("/v1/runs", "/v1/runs/counts"):
+            unknown = await http.get(path, params={"journey": "welcom"})
+            assert unknown.status_code == 404 and unknown.json()["detail"][0]["field"] == "journey", unknown.text
+        no_version = await http.get("/v1/runs", params={"journey": "welcome", "version": "v3"})
+        assert no_version.status_code == 400 and no_version.json()["detail"][0]["field"] == "version"
+        no_step = await http.get("/v1/runs", params={"journey": "welcome_series", "step": "nowhere"})
+        assert no_step.status_code == 400 and no_step.json()["detail"][0]["field"] == "step"
     db.dispose()
 
 
@@ -155,9 +191,19 @@ def test_the_command_lists_and_counts_runs(tmp_path: Path) -> None:
     assert rest.splitlines()[1].endswith("ended completed")
     doc = json.loads(run("runs", "welcome", "--step", "first_wait", "--json"))
     assert [r["run_id"] for r in doc["runs"]] == ["run-0", "run-1", "run-4"]
+    assert (doc["runs"][0]["user_id"], doc["runs"][0]["workflow_id"]) == ("u***@example.com", "nurture/welcome/u%2A%2A%2A%40example.com/")
+    assert "u0@" not in run("runs", "welcome", "--json")
     assert json.loads(run("runs", "welcome", "--counts", "--json"))[1]["waiting"] == {"first_wait": 1}
-    bad = runner.invoke(main, ["runs", "welcome", "--after", "x", "--home", str(tmp_path)], env={"DATABASE_URL": ""})
-    assert bad.exit_code == 2 and "--after" in bad.output
+    def refused(*argv: str) -> str:
+        result = runner.invoke(main, [*argv, "--home", str(tmp_path)], env={"DATABASE_URL": ""})
+        assert result.exit_code == 2, result.output
+        return result.output
+
+    assert "--after" in refused("runs", "welcome", "--after", "x")
+    assert "no run or stored version of a journey welcom (did you mean 'welcome'?" in refused("runs", "welcom", "--counts")
+    assert "welcome has no version v3" in refused("runs", "welcome", "--version", "v3")
+    assert "--version, --step apply to the listing" in refused("runs", "welcome", "--counts", "--version", "v1", "--step", "x")
+    assert "--limit apply to the listing" in refused("runs", "welcome", "--counts", "--limit", "5")
 
 
 def test_moved_runs_routes_listen_for_the_new_versions_events(database: Database) -> None:

@@ -28,6 +28,7 @@ from nurture.engine.model import Event
 from nurture.language import ir
 from nurture.language.compiler import Project, Settings
 from nurture.language.templates import TemplateStore
+from nurture.service.devserver import free_port
 from nurture.service.worker import build_worker
 from nurture.storage.db import Database
 from nurture.storage.models import MessageRecord, RunRecord, StepReach
@@ -154,9 +155,9 @@ def project_dir(tmp_path: Any, templates: TemplateStore) -> Iterator[tuple[str, 
     yield str(journeys), str(templates.root)
 
 
-async def cli(stage: Stage, project_dir: tuple[str, str], *argv: str) -> Any:
-    """The command, in a thread: it runs its own event loop."""
-    target = stage.client.service_client.config.target_host
+async def cli(stage: Stage, project_dir: tuple[str, str], *argv: str, temporal: str | None = None) -> Any:
+    """The command, in a thread: it runs its own event loop. ``temporal``: another address."""
+    target = temporal or stage.client.service_client.config.target_host
     return await asyncio.to_thread(
         CliRunner().invoke,
         main,
@@ -220,6 +221,13 @@ async def test_migrate_end_ends_only_runs_of_that_version(stage: Stage, project_
 
     ended = await cli(stage, project_dir, "migrate", old.id, "--from", new.version, "--end")
     assert ended.exit_code == 0 and "0 active run(s)" in ended.output
+    # Temporal out of reach: the error, and no plan printed as if it were carried out.
+    outage = await cli(stage, project_dir, "migrate", old.id, "--from", old.version, "--end", temporal=f"127.0.0.1:{free_port()}")
+    assert outage.exit_code == 1 and "unreachable" in outage.output and "nothing was changed" in outage.output
+    assert "active run(s)" not in outage.output
+    assert stage.run_of(user).status == "active"
+    typo = await cli(stage, project_dir, "migrate", "onbording", "--from", old.version, "--end")
+    assert typo.exit_code == 2 and "no run or stored version of a journey onbording (did you mean 'onboarding'?)" in typo.output
     ended = await cli(stage, project_dir, "migrate", old.id, "--from", old.version, "--end", "--reason", "replaced")
 
     assert ended.exit_code == 0, ended.output
@@ -242,18 +250,19 @@ CLOSING_EVENTS = frozenset({
 })
 
 
-async def closed_history(handle: WorkflowHandle[Any, Any], timeout: float = 10.0) -> WorkflowHistory:
+async def closed_history(handle: WorkflowHandle[Any, Any], timeout: float = 30.0) -> WorkflowHistory:
     """The history of a run that has closed, read once it ends with its closing event. The test
     server can start a continued run, and even report the old one closed, a moment before the old
     run's history holds its last workflow task's completion and closing event."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
-            history = await handle.fetch_history()
-            if history.events and history.events[-1].event_type in CLOSING_EVENTS:
-                return history
+        status = (await handle.describe()).status
+        history = await handle.fetch_history()
+        if status != WorkflowExecutionStatus.RUNNING and history.events[-1].event_type in CLOSING_EVENTS:
+            return history
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"run {handle.run_id} has no closing event after {timeout}s")
+            last = [EventType.Name(e.event_type) for e in history.events[-3:]]
+            raise AssertionError(f"run {handle.run_id} is {status} and its history ends {last} after {timeout}s")
         await asyncio.sleep(0.05)
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import click
+from click.core import ParameterSource
 from temporalio.service import RPCError, RPCStatusCode
 
 from channels import mask_user_id
@@ -23,8 +25,10 @@ from nurture.reports.runs import (
     PAGE_LIMIT,
     RunPage,
     RunRow,
+    UnknownFilter,
     VersionCount,
     active_runs,
+    check_filters,
     list_runs,
     version_counts,
 )
@@ -46,10 +50,19 @@ from .report import worker_database
     "--limit", type=click.IntRange(1, PAGE_LIMIT), default=50, show_default=True, help="Runs per page."
 )
 @click.option("--after", default=None, help="Continue after this cursor (printed under the previous page).")
-@click.option("--counts", is_flag=True, help="Print the counts per version instead of runs.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (the body of GET /v1/runs or /v1/runs/counts).")
+@click.option(
+    "--counts", is_flag=True, help="Print the counts per version instead of runs (no other filter applies)."
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON: the body of GET /v1/runs or /v1/runs/counts, with user ids masked.",
+)
 @home_option
+@click.pass_context
 def runs(
+    ctx: click.Context,
     journey: str,
     version: str | None,
     state: str | None,
@@ -63,9 +76,20 @@ def runs(
     """List the runs of JOURNEY: version, state, where active runs wait; or --counts per version.
 
     Reads the worker's database only (DATABASE_URL, else SQLite in --home); user ids are masked
-    as in `nurture outbox`.
+    as in `nurture outbox`, in the JSON too. A journey, version or step that no run or stored
+    version has is an error, not an empty list.
     """
+    if counts:
+        listing = [f"--{name}" for name, value in (("version", version), ("state", state), ("step", step), ("after", after)) if value]
+        if ctx.get_parameter_source("limit") is not ParameterSource.DEFAULT:
+            listing.append("--limit")
+        if listing:
+            raise click.UsageError(f"--counts counts every version, state and step; {', '.join(listing)} apply to the listing")
     with worker_database(home) as db:
+        try:
+            check_filters(db, journey, version=version, step=step)
+        except UnknownFilter as exc:
+            raise click.BadParameter(str(exc), param_hint="JOURNEY" if exc.field == "journey" else f"--{exc.field}") from None
         if counts:
             found = version_counts(db, journey)
             if as_json:
@@ -85,7 +109,20 @@ def runs(
             )
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--after") from None
+    if as_json:
+        page = page.model_copy(update={"runs": [masked(run) for run in page.runs]})
     click.echo(page.model_dump_json(indent=2) if as_json else render_page(page))
+
+
+def masked(run: RunRow) -> RunRow:
+    """``run`` with its user id masked, in its workflow id too (``nurture/<journey>/<user>/<key>``)."""
+    user = mask_user_id(run.user_id)
+    if user == run.user_id:
+        return run
+    parts = run.workflow_id.split("/")
+    if len(parts) == 4:
+        parts[2] = quote(user, safe="")
+    return run.model_copy(update={"user_id": user, "workflow_id": "/".join(parts) if len(parts) == 4 else "***"})
 
 
 def render_counts(journey: str, found: list[VersionCount]) -> str:
@@ -172,6 +209,10 @@ def migrate(
     try:
         current = project.journeys.get(journey)
         store_versions(db, [current] if current is not None else [])
+        try:
+            check_filters(db, journey)
+        except UnknownFilter as exc:
+            raise click.BadParameter(str(exc), param_hint="JOURNEY") from None
         old = _version(db, journey, from_version, "--from")
         target = None if to_version is None else _version(db, journey, to_version, "--to")
         try:
@@ -180,8 +221,8 @@ def migrate(
             lines = [f"the plan for {journey} {from_version} has {len(exc.problems)} problem(s):"]
             raise click.ClickException("\n".join([*lines, *(f"  {p}" for p in exc.problems)])) from None
         runs = active_runs(db, journey, from_version)
-        click.echo(render_plan(plan, runs), nl=False)
         if dry_run or not runs:
+            click.echo(render_plan(plan, runs), nl=False)
             return
         sent, gone = asyncio.run(_signal(settings, plan, target, runs))
         if target is not None:
@@ -232,13 +273,14 @@ def render_plan(plan: Migration, runs: Sequence[RunRow]) -> str:
 async def _signal(
     settings: Settings, plan: Migration, target: ir.Journey | None, runs: Sequence[RunRow]
 ) -> tuple[int, int]:
-    """Send each run the plan; (signalled, already ended)."""
+    """Send each run the plan, printed once Temporal is reached; (signalled, already ended)."""
     client = await _connect(settings)
     if client is None:
         raise click.ClickException(
             f"Temporal at {settings.temporal_address} is unreachable: start it or set TEMPORAL_ADDRESS; "
             "nothing was changed"
         )
+    click.echo(render_plan(plan, runs), nl=False)
     payload = plan.signal(target)
     sent = gone = 0
     for run in runs:

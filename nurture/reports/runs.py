@@ -19,8 +19,11 @@ from sqlalchemy import and_, case, func, or_, select
 from sqlmodel import col
 
 from nurture.engine.clock import format_instant, parse_instant
+from nurture.language.diagnostics import did_you_mean
+from nurture.language.migration import waiting_steps
 from nurture.storage.db import Database
-from nurture.storage.models import RunRecord
+from nurture.storage.models import JourneyVersion, RunRecord
+from nurture.storage.stores import stored_version, stored_versions
 
 State = Literal["active", "ended"]
 PAGE_LIMIT = 500
@@ -81,6 +84,60 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return parse_instant(entered), run_id
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise ValueError("not a cursor of this listing (use the `next` value of the previous page)") from exc
+
+
+class UnknownFilter(ValueError):
+    """A journey, version or step no run or stored version has: listing it would show nothing,
+    which a typo must not look like. ``field`` names the filter."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_filters(db: Database, journey: str, *, version: str | None = None, step: str | None = None) -> None:
+    """:class:`UnknownFilter` when no run or stored version has ``journey``, when ``version`` is
+    none of its versions, or when ``step`` is no step where a run of a stored version of it (of
+    ``version``, when given) can wait. Versions are stored when a worker or the API starts with
+    them; a run's own version counts too, for runs older than that store."""
+    versions = stored_versions(db, journey)
+    if not versions and not _has_runs(db, journey):
+        with db.session() as session:  # an error's path: a scan of the runs' journeys is affordable
+            known = sorted(
+                set(session.execute(select(col(JourneyVersion.journey))).scalars())
+                | set(session.execute(select(col(RunRecord.journey)).distinct()).scalars())
+            )
+        listed = ", ".join(known) or "none"
+        raise UnknownFilter(
+            "journey",
+            f"no run or stored version of a journey {journey}{did_you_mean(journey, known)} (journeys: {listed})",
+        )
+    if version is not None and version not in versions and not _has_runs(db, journey, version):
+        raise UnknownFilter(
+            "version",
+            f"{journey} has no version {version}{did_you_mean(version, versions)} "
+            f"(stored, first deployed first: {', '.join(versions) or 'none'})",
+        )
+    if step is None or not versions:
+        return
+    read = [version] if version in versions else versions
+    steps = sorted(
+        {s.id for v in read if (found := stored_version(db, journey, v)) is not None for s in waiting_steps(found)}
+    )
+    if step not in steps:
+        raise UnknownFilter(
+            "step",
+            f"no version of {journey} waits at a step {step}{did_you_mean(step, steps)} "
+            f"(steps where its runs can wait: {', '.join(steps) or 'none'})",
+        )
+
+
+def _has_runs(db: Database, journey: str, version: str | None = None) -> bool:
+    query = select(col(RunRecord.run_id)).where(col(RunRecord.journey) == journey)
+    if version is not None:
+        query = query.where(col(RunRecord.version) == version)
+    with db.session() as session:
+        return session.execute(query.limit(1)).first() is not None
 
 
 def list_runs(

@@ -70,7 +70,16 @@ from nurture.language.diagnostics import did_you_mean
 from nurture.language.ir import CHANNELS
 from nurture.language.schema import WECHAT_FOLLOWED, properties_problems, traits_problems
 from nurture.reports.report import JourneyCounts, JourneyReport, journey_counts, journey_report, parse_bound
-from nurture.reports.runs import PAGE_LIMIT, RunPage, State, VersionCount, list_runs, version_counts
+from nurture.reports.runs import (
+    PAGE_LIMIT,
+    RunPage,
+    State,
+    UnknownFilter,
+    VersionCount,
+    check_filters,
+    list_runs,
+    version_counts,
+)
 from nurture.storage import audiences as audience_rows
 from nurture.storage.audiences import describe_audience
 from nurture.storage.db import Database
@@ -1767,7 +1776,12 @@ def journeys(service: ServiceDep) -> list[JourneyPublic]:
     response_model=RunPage,
     responses={
         **ERRORS,
-        400: {"model": ErrorBody, "description": "`state` or `limit` is out of range, or `after` is no cursor."},
+        400: {
+            "model": ErrorBody,
+            "description": "`state` or `limit` is out of range, `after` is no cursor, or the journey has no "
+            "such `version` or `step`.",
+        },
+        404: {"model": ErrorBody, "description": "No run or stored version of the `journey`."},
     },
     tags=["reports"],
     dependencies=READ,
@@ -1783,6 +1797,8 @@ def runs(
 ) -> RunPage:
     """Runs by journey, version, state and step, oldest entry first, a page at a time (from the
     database: where each active run waits, which version it follows)."""
+    if journey is not None:
+        _check_runs_filters(service.db, journey, version=version, step=step)
     try:
         return list_runs(
             service.db, journey, version=version, state=state, step=step, limit=limit, after=after
@@ -1794,16 +1810,32 @@ def runs(
 @v1.get(
     "/runs/counts",
     response_model=list[VersionCount],
-    responses={**ERRORS, 400: {"model": ErrorBody, "description": "`journey` is missing."}},
+    responses={
+        **ERRORS,
+        400: {"model": ErrorBody, "description": "`journey` is missing."},
+        404: {"model": ErrorBody, "description": "No run or stored version of the `journey`."},
+    },
     tags=["reports"],
     dependencies=READ,
 )
 def run_counts(
     service: ServiceDep, journey: Annotated[str, Query(description="The journey's id.")]
 ) -> list[VersionCount]:
-    """Per version of the journey, oldest first: active and ended runs, and active runs by the
-    step they wait at (what a migration would move)."""
+    """Per version of the journey, the version whose first run entered earliest first: active and
+    ended runs, and active runs by the step they wait at (what a migration would move). It takes
+    no other filter."""
+    _check_runs_filters(service.db, journey)
     return version_counts(service.db, journey)
+
+
+def _check_runs_filters(db: Database, journey: str, *, version: str | None = None, step: str | None = None) -> None:
+    """404 for a journey no run or stored version has; 400 naming a version or step it lacks."""
+    try:
+        check_filters(db, journey, version=version, step=step)
+    except UnknownFilter as exc:
+        status = 404 if exc.field == "journey" else 400
+        code = "not_found" if status == 404 else "invalid_request"
+        raise ApiError(status, code, str(exc), detail=[{"field": exc.field, "message": str(exc)}]) from None
 
 
 def _bound(name: str, text: str | None, *, end: bool) -> datetime | None:
