@@ -120,9 +120,8 @@ def masked(run: RunRow) -> RunRow:
     if user == run.user_id:
         return run
     parts = run.workflow_id.split("/")
-    if len(parts) == 4:
-        parts[2] = quote(user, safe="")
-    return run.model_copy(update={"user_id": user, "workflow_id": "/".join(parts) if len(parts) == 4 else "***"})
+    workflow = "/".join([*parts[:2], quote(user, safe=""), parts[3]]) if len(parts) == 4 else "***"
+    return run.model_copy(update={"user_id": user, "workflow_id": workflow})
 
 
 def render_counts(journey: str, found: list[VersionCount]) -> str:

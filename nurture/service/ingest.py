@@ -485,22 +485,15 @@ class Ingest:
         and forgetting a person deletes their routes and takes their id off their runs, so such a
         person has none: only the paused journeys are read."""
         triggers = event.name in self._triggers
-        if new and not triggers:
-            return RoutingReads(routes=[], paused=frozenset(), ended=[], ran={})
+        goals = None if new else self._goals.get(event.name)
+        if new and not triggers:  # nothing to read: no connection taken
+            return RoutingReads(routes=[], paused=frozenset(), ended=[], ran=dict.fromkeys(entries, False))
         with self.db.autocommit() as session:
-            if new:
-                return RoutingReads(
-                    routes=[], paused=paused_journeys(session), ended=[], ran=dict.fromkeys(entries, False)
-                )
             return RoutingReads(
-                routes=active_routes(session, user_id),
+                routes=[] if new else active_routes(session, user_id),
                 paused=paused_journeys(session) if triggers else frozenset(),
-                ended=(
-                    ended_runs_converting(session, user_id, self._goals[event.name], event.timestamp)
-                    if event.name in self._goals
-                    else []
-                ),
-                ran={(journey, key): had_run(session, journey, user_id, key) for journey, key in entries},
+                ended=ended_runs_converting(session, user_id, goals, event.timestamp) if goals else [],
+                ran={(journey, key): not new and had_run(session, journey, user_id, key) for journey, key in entries},
             )
 
     async def _finish_routing(self, activations: Sequence[Started], message_id: str | None) -> None:
